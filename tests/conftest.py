@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random BERT with a WordPiece tokenizer trained offline (< 1 s)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+from weighted_lowrank.hf import ModelBundle
+
+TOY_POSITIVE = ["good great fine film", "a wonderful lovely movie", "great acting and fine story"]
+TOY_NEGATIVE = ["bad awful boring film", "a terrible dull movie", "awful acting and bad story"]
+TOY_CORPUS = TOY_POSITIVE + TOY_NEGATIVE + ["the of and a is it this that was with plot"]
+
+
+def make_tokenizer(corpus: list[str] = TOY_CORPUS) -> PreTrainedTokenizerFast:
+    """Train a lower-casing WordPiece tokenizer with BERT's special tokens on ``corpus``."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    )
+    tok.train_from_iterator(corpus, trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def make_tiny_bundle(num_labels: int = 2, seed: int = 0, hidden: int = 32, layers: int = 2) -> ModelBundle:
+    """A randomly initialised BERT classifier small enough for unit tests."""
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = BertForSequenceClassification(config)
+    model.eval()
+    return ModelBundle(model=model, tokenizer=tokenizer)
+
+
+@pytest.fixture
+def tiny_bundle() -> ModelBundle:
+    return make_tiny_bundle()

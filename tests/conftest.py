@@ -9,7 +9,7 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
 from weighted_lowrank.hf import ModelBundle
@@ -20,14 +20,19 @@ TOY_CORPUS = TOY_POSITIVE + TOY_NEGATIVE + ["the of and a is it this that was wi
 
 
 def make_tokenizer(corpus: list[str] = TOY_CORPUS) -> PreTrainedTokenizerFast:
-    """Train a lower-casing WordPiece tokenizer with BERT's special tokens on ``corpus``."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    """A lower-casing WordPiece tokenizer with BERT's special tokens, built offline from ``corpus``.
+
+    The vocabulary is derived deterministically (whole words, then characters and ``##``
+    continuations, sorted): the ``tokenizers`` trainer breaks ties differently between runs,
+    which would make seeded models differ.
+    """
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = sorted({word for line in corpus for word in line.lower().split()})
+    chars = sorted({char for word in words for char in word})
+    tokens = specials + words + [c for c in chars if c not in words] + [f"##{c}" for c in chars]
+    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(tokens)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    )
-    tok.train_from_iterator(corpus, trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -41,6 +46,7 @@ def make_tokenizer(corpus: list[str] = TOY_CORPUS) -> PreTrainedTokenizerFast:
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
 
 

@@ -1,0 +1,25 @@
+"""Project settings: config loader resolvers, hooks and the session store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kedro.config import OmegaConfigLoader
+from kedro.utils import find_kedro_project
+
+
+def _project_root() -> str:
+    """The Kedro project root, whatever the current working directory inside it.
+
+    Relative sqlite URIs follow the cwd, so the MLflow store is pinned to this path instead.
+    """
+    found = find_kedro_project(Path.cwd())
+    return str(Path(found) if found else Path(__file__).resolve().parents[2])
+
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    "custom_resolvers": {"project_root": _project_root},
+}

@@ -1,0 +1,236 @@
+"""Fine-tuning and evaluation loops for sequence classification (plain torch, no Kedro).
+
+Shared by the ``fine_tuning`` pipeline and post-compression refinement.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+REQUIRED_SPLIT_COLUMNS = ("text", "label")
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """Knobs of :func:`train_classifier` (all exposed as Kedro parameters)."""
+
+    epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_length: int = 64
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    eval_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"training option {name}={value!r}: expected a positive integer")
+        if not self.learning_rate > 0:
+            raise ValueError(f"training option learning_rate={self.learning_rate!r}: expected > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"training option warmup_ratio={self.warmup_ratio!r}: expected in [0, 1)")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise ValueError("training options weight_decay must be >= 0 and max_grad_norm > 0")
+
+
+def check_split(frame: pd.DataFrame, name: str) -> None:
+    """Raise a clear error if ``frame`` is not a usable split (standard columns, non-empty)."""
+    missing = [column for column in REQUIRED_SPLIT_COLUMNS if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{name} lacks columns {missing}; it has {list(frame.columns)}")
+    if frame.empty:
+        raise ValueError(f"{name} is empty")
+
+
+def encode_split(
+    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenize a split into one unpadded example dict per row (label included)."""
+    texts = frame["text"].astype(str).tolist()
+    pairs = frame["text_pair"].astype(str).tolist() if "text_pair" in frame.columns else None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    label_dtype = torch.float32 if pd.api.types.is_float_dtype(frame["label"]) else torch.long
+    labels = torch.as_tensor(frame["label"].to_numpy(copy=True), dtype=label_dtype)
+    keys = [key for key in encoded.keys() if key in ("input_ids", "attention_mask", "token_type_ids")]
+    return [
+        {**{key: torch.as_tensor(encoded[key][i]) for key in keys}, "labels": labels[i]}
+        for i in range(len(texts))
+    ]
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad a list of encoded examples to the longest one in the list."""
+    length = max(example["input_ids"].numel() for example in examples)
+    batch: dict[str, torch.Tensor] = {}
+    for key in examples[0]:
+        if key == "labels":
+            batch[key] = torch.stack([example[key] for example in examples])
+            continue
+        fill = pad_token_id if key == "input_ids" else 0
+        batch[key] = torch.stack(
+            [nn.functional.pad(example[key], (0, length - example[key].numel()), value=fill) for example in examples]
+        )
+    return batch
+
+
+def iterate_batches(
+    examples: list[dict[str, torch.Tensor]],
+    batch_size: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    sort_by_length: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield padded batches; shuffled with ``generator``, or length-sorted to avoid padding waste."""
+    order = list(range(len(examples)))
+    if generator is not None:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+    elif sort_by_length:
+        order.sort(key=lambda i: examples[i]["input_ids"].numel())
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def predict(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    frame: pd.DataFrame,
+    max_length: int,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, float]:
+    """Logits for every row of ``frame`` (in row order) and the mean task loss."""
+    check_split(frame, "evaluation split")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval().to(device)
+    examples = encode_split(frame, tokenizer, max_length)
+    order = sorted(range(len(examples)), key=lambda i: examples[i]["input_ids"].numel())
+    logits = np.zeros((len(examples), model.config.num_labels), dtype=np.float32)
+    total_loss = 0.0
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = _to_device(collate([examples[i] for i in rows], tokenizer.pad_token_id), device)
+        output = model(**batch)
+        total_loss += float(output.loss) * len(rows)
+        logits[rows] = output.logits.float().cpu().numpy()
+    model.train(was_training)
+    return logits, total_loss / len(examples)
+
+
+def task_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro F1 and MCC for classification; Pearson/Spearman for regression."""
+    if logits.shape[1] == 1:
+        predictions = logits[:, 0]
+        return {
+            "pearson": float(stats.pearsonr(predictions, labels).statistic),
+            "spearman": float(stats.spearmanr(predictions, labels).statistic),
+        }
+    predictions = logits.argmax(axis=1)
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "f1": float(f1_score(labels, predictions, average="macro")),
+        "mcc": float(matthews_corrcoef(labels, predictions)),
+    }
+
+
+def evaluate_classifier(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    frame: pd.DataFrame,
+    max_length: int,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Task metrics plus mean loss of ``model`` on a split."""
+    logits, loss = predict(model, tokenizer, frame, max_length, batch_size, device)
+    return {**task_metrics(logits, frame["label"].to_numpy()), "loss": loss}
+
+
+def train_classifier(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    options: TrainingOptions,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Fine-tune ``model`` in place with AdamW and linear warm-up/decay.
+
+    Returns one record per epoch: train loss, validation metrics and cumulative seconds.
+    Only parameters with ``requires_grad`` are trained, so callers can freeze parts.
+    """
+    check_split(train, "train split")
+    check_split(validation, "validation split")
+    device = torch.device(device)
+    torch.manual_seed(options.seed)
+    model.to(device)
+    examples = encode_split(train, tokenizer, options.max_length)
+    steps_per_epoch = math.ceil(len(examples) / options.batch_size)
+    total_steps = steps_per_epoch * options.epochs
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or "LayerNorm" in name else decay).append(parameter)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=options.learning_rate,
+    )
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(options.warmup_ratio * total_steps), total_steps
+    )
+    generator = torch.Generator().manual_seed(options.seed)
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    for epoch in range(options.epochs):
+        model.train()
+        running_loss, seen = 0.0, 0
+        batches = iterate_batches(examples, options.batch_size, tokenizer.pad_token_id, generator)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{options.epochs}", disable=not progress)
+        for batch in bar:
+            batch = _to_device(batch, device)
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise ValueError(f"training loss became {float(loss)} at epoch {epoch + 1}; lower learning_rate")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], options.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running_loss += float(loss.detach()) * batch["labels"].shape[0]
+            seen += batch["labels"].shape[0]
+            bar.set_postfix(loss=f"{running_loss / seen:.4f}")
+        scores = evaluate_classifier(
+            model, tokenizer, validation, options.max_length, options.eval_batch_size, device
+        )
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": running_loss / seen,
+                **{f"val_{key}": value for key, value in scores.items()},
+                "seconds": time.perf_counter() - started,
+            }
+        )
+    model.eval()
+    return history

@@ -1,0 +1,109 @@
+"""Fine-tuning loop: learns a separable toy task; option and split validation."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import make_tiny_bundle
+from weighted_lowrank.training import (
+    TrainingOptions,
+    collate,
+    encode_split,
+    evaluate_classifier,
+    predict,
+    task_metrics,
+    train_classifier,
+)
+
+POSITIVE = ["good", "great", "fine", "wonderful", "lovely"]
+NEGATIVE = ["bad", "awful", "boring", "terrible", "dull"]
+FILLER = ["the", "film", "movie", "plot", "acting", "story", "a", "and"]
+
+
+def toy_split(n: int, seed: int) -> pd.DataFrame:
+    """Sentences whose label is decided by one sentiment word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return pd.DataFrame(rows)
+
+
+def test_fine_tuning_learns_a_separable_task() -> None:
+    bundle = make_tiny_bundle(seed=1)
+    train, validation = toy_split(256, seed=0), toy_split(128, seed=1)
+    before = evaluate_classifier(bundle.model, bundle.tokenizer, validation, max_length=16)
+    options = TrainingOptions(epochs=4, batch_size=16, learning_rate=2e-3, max_length=16, seed=3)
+    history = train_classifier(bundle.model, bundle.tokenizer, train, validation, options, progress=False)
+    assert [record["epoch"] for record in history] == [1, 2, 3, 4]
+    assert history[-1]["val_accuracy"] >= 0.9 > before["accuracy"] + 0.2
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(np.diff([record["seconds"] for record in history]) > 0)
+    assert not bundle.model.training
+
+
+def test_training_is_deterministic_for_a_seed() -> None:
+    train, validation = toy_split(64, seed=0), toy_split(32, seed=1)
+    options = TrainingOptions(epochs=1, batch_size=16, learning_rate=1e-3, max_length=16, seed=5)
+    weights = []
+    for _ in range(2):
+        bundle = make_tiny_bundle(seed=1)
+        train_classifier(bundle.model, bundle.tokenizer, train, validation, options, progress=False)
+        weights.append(bundle.model.classifier.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
+def test_predict_keeps_row_order_despite_length_sorting() -> None:
+    bundle = make_tiny_bundle()
+    frame = pd.DataFrame({"text": ["good", "a terrible dull movie and bad plot", "fine film"], "label": [1, 0, 1]})
+    logits, _ = predict(bundle.model, bundle.tokenizer, frame, max_length=16)
+    for row in range(len(frame)):
+        single = predict(bundle.model, bundle.tokenizer, frame.iloc[[row]], max_length=16)[0]
+        np.testing.assert_allclose(logits[row], single[0], atol=1e-5)
+
+
+def test_collate_pads_and_pairs_get_segment_ids() -> None:
+    bundle = make_tiny_bundle()
+    frame = pd.DataFrame({"text": ["good", "a dull movie"], "text_pair": ["bad plot", "fine"], "label": [0, 1]})
+    examples = encode_split(frame, bundle.tokenizer, max_length=16)
+    batch = collate(examples, bundle.tokenizer.pad_token_id)
+    lengths = [example["input_ids"].numel() for example in examples]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    assert batch["attention_mask"].sum(dim=1).tolist() == lengths
+    assert set(batch["token_type_ids"][0, : lengths[0]].tolist()) == {0, 1}
+    assert batch["labels"].tolist() == [0, 1]
+
+
+def test_task_metrics_classification_and_regression() -> None:
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    scores = task_metrics(logits, np.array([0, 1, 0, 0]))
+    assert scores["accuracy"] == pytest.approx(0.75)
+    assert -1 <= scores["mcc"] <= 1 and 0 <= scores["f1"] <= 1
+    regression = task_metrics(np.array([[0.1], [0.5], [0.9]]), np.array([1.0, 2.0, 3.0]))
+    assert regression["pearson"] == pytest.approx(1.0) and regression["spearman"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epochs", 0), ("batch_size", -1), ("learning_rate", 0.0), ("warmup_ratio", 1.0), ("max_length", 2.5)],
+)
+def test_bad_training_options_raise(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        TrainingOptions(**{field: value})
+
+
+def test_split_without_label_column_raises() -> None:
+    bundle = make_tiny_bundle()
+    with pytest.raises(ValueError, match="lacks columns \\['label'\\]"):
+        train_classifier(
+            bundle.model, bundle.tokenizer, pd.DataFrame({"text": ["a"]}), toy_split(4, 0),
+            TrainingOptions(epochs=1), progress=False,
+        )

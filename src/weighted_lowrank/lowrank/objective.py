@@ -1,0 +1,128 @@
+"""The element-wise weighted low-rank objective shared by every solver.
+
+For a Linear weight ``W`` (out × in), an importance ``I >= 0`` of the same shape and a rank ``r``,
+every solver minimises ``L(A, B) = Σ_ij I_ij (W − A B)²_ij`` over ``A`` (out × r) and ``B`` (r × in).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class FactorizationResult:
+    """Factors of one weight, ``left @ right ≈ weight``, and how the solver got there.
+
+    ``loss`` is the weighted loss of the returned factors accumulated in float64;
+    ``history`` holds ``(seconds since the solver started, loss)`` from the initial point on.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    loss: float
+    history: list[tuple[float, float]]
+    solver: str
+    rank: int
+    iterations: int
+    seconds: float
+    initial_loss: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def weighted_loss(
+    weight: torch.Tensor,
+    importance: torch.Tensor | None,
+    left: torch.Tensor,
+    right: torch.Tensor,
+) -> float:
+    """``Σ I (W − left @ right)²`` in float64; ``importance=None`` means uniform importance 1."""
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if left.ndim != 2 or right.ndim != 2:
+        raise ValueError(
+            f"left and right must be 2-D, got shapes {tuple(left.shape)} and {tuple(right.shape)}"
+        )
+    out_features, in_features = weight.shape
+    if (
+        left.shape[0] != out_features
+        or right.shape[1] != in_features
+        or left.shape[1] != right.shape[0]
+    ):
+        raise ValueError(
+            f"left {tuple(left.shape)} @ right {tuple(right.shape)} does not give the weight's "
+            f"shape {tuple(weight.shape)}"
+        )
+    if importance is not None and importance.shape != weight.shape:
+        raise ValueError(
+            f"importance shape {tuple(importance.shape)} differs from weight shape {tuple(weight.shape)}"
+        )
+    device = weight.device
+    with torch.no_grad():
+        residual = weight.to(torch.float64) - left.to(device, torch.float64) @ right.to(
+            device, torch.float64
+        )
+        squared = residual.square()
+        if importance is not None:
+            squared = squared * importance.to(device, torch.float64)
+    return float(squared.sum())
+
+
+def rank_for_budget(shape: tuple[int, int], fraction: float) -> int:
+    """Rank that keeps ``fraction`` of a dense (out × in) layer's parameters: ⌊f·out·in/(out+in)⌋.
+
+    The budget counts only the factored layer's weight parameters (``r·(out+in)`` against
+    ``out·in``), not its bias.
+    """
+    if len(shape) != 2 or any(int(size) < 1 for size in shape):
+        raise ValueError(f"shape must be two positive sizes (out, in), got {shape!r}")
+    if not (isinstance(fraction, int | float) and math.isfinite(fraction) and 0 < fraction <= 1):
+        raise ValueError(f"budget fraction must be a number in (0, 1], got {fraction!r}")
+    out_features, in_features = (int(size) for size in shape)
+    exact = fraction * out_features * in_features / (out_features + in_features)
+    # A tiny slack so that budgets hitting an integer exactly are not floored one below it.
+    rank = math.floor(exact + 1e-9)
+    if rank < 1:
+        raise ValueError(
+            f"budget fraction {fraction} leaves rank {exact:.3g} < 1 for a {out_features}×{in_features} layer"
+        )
+    return rank
+
+
+def validate_problem(weight: torch.Tensor, importance: torch.Tensor | None, rank: int) -> None:
+    """Raise ``ValueError`` unless (weight, importance, rank) is a well-formed problem."""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight contains NaN or inf")
+    if importance is not None:
+        if not isinstance(importance, torch.Tensor):
+            raise ValueError(
+                f"importance must be a torch.Tensor or None, got {type(importance).__name__}"
+            )
+        if importance.shape != weight.shape:
+            raise ValueError(
+                f"importance shape {tuple(importance.shape)} differs from weight shape "
+                f"{tuple(weight.shape)}"
+            )
+        if not bool(torch.isfinite(importance).all()):
+            raise ValueError("importance contains NaN or inf; expected finite values >= 0")
+        if bool((importance < 0).any()):
+            raise ValueError(
+                f"importance has negative entries (min {float(importance.min()):.3g}); expected >= 0"
+            )
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"rank must be an int, got {rank!r}")
+    smallest = min(weight.shape)
+    if rank < 1 or rank >= smallest:
+        raise ValueError(
+            f"rank must satisfy 1 <= rank < min(out, in) = {smallest} for weight shape "
+            f"{tuple(weight.shape)}, got {rank}"
+        )

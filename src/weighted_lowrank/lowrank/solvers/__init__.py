@@ -1,0 +1,165 @@
+"""Registry of weighted low-rank solvers and the two entry points ``factorize`` / ``factorize_batch``.
+
+Each solver family lives in its own module and works on batches of same-shape layers;
+``factorize_batch`` groups layers by (shape, rank) so the layers of one group share batched
+matmuls, and returns the same results as one ``factorize`` call per layer (up to time caps).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from weighted_lowrank.lowrank.objective import FactorizationResult, validate_problem, weighted_loss
+from weighted_lowrank.lowrank.solvers._common import (
+    Problem,
+    SolverOutput,
+    build_problem,
+    resolve_device,
+    resolve_options,
+)
+from weighted_lowrank.lowrank.solvers.closed_form import (
+    FWSVD_OPTIONS,
+    SVD_OPTIONS,
+    solve_fwsvd,
+    solve_svd,
+)
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A solver: its batched implementation and its options with their defaults."""
+
+    solve: Callable[[Problem, dict[str, Any], float], list[SolverOutput]]
+    options: dict[str, Any]
+    iterative: bool
+
+
+_REGISTRY: dict[str, SolverSpec] = {
+    "svd": SolverSpec(solve_svd, SVD_OPTIONS, iterative=False),
+    "fwsvd": SolverSpec(solve_fwsvd, FWSVD_OPTIONS, iterative=False),
+}
+
+#: Names accepted by ``factorize(..., solver=...)``.
+SOLVERS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def solver_options(solver: str) -> dict[str, Any]:
+    """The options ``solver`` accepts, with their defaults."""
+    return dict(_spec(solver).options)
+
+
+def _spec(solver: str) -> SolverSpec:
+    if solver not in _REGISTRY:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+    return _REGISTRY[solver]
+
+
+def factorize(
+    weight: torch.Tensor,
+    importance: torch.Tensor | None,
+    rank: int,
+    solver: str = "svd",
+    **options: Any,
+) -> FactorizationResult:
+    """Factorize ``weight ≈ left @ right`` with rank ``rank`` minimising ``Σ I (W − left@right)²``.
+
+    ``importance`` has the weight's shape and is ``>= 0`` (``None`` = uniform). Options depend on
+    the solver (see :func:`solver_options`); unknown ones raise ``ValueError``.
+    """
+    return factorize_batch([weight], [importance], [rank], solver=solver, **options)[0]
+
+
+def factorize_batch(
+    weights: list[torch.Tensor],
+    importances: list[torch.Tensor | None],
+    ranks: list[int],
+    solver: str = "svd",
+    **options: Any,
+) -> list[FactorizationResult]:
+    """``factorize`` for many layers at once; layers of equal (shape, rank) share batched matmuls.
+
+    Results come back in input order. Time caps (``max_seconds``) apply per group of layers.
+    """
+    spec = _spec(solver)
+    resolved = resolve_options(solver, options, spec.options)
+    if not (len(weights) == len(importances) == len(ranks)):
+        raise ValueError(
+            f"weights, importances and ranks must have equal lengths, got "
+            f"{len(weights)}, {len(importances)}, {len(ranks)}"
+        )
+    if not weights:
+        raise ValueError("factorize_batch needs at least one weight")
+    for index, (weight, importance, rank) in enumerate(
+        zip(weights, importances, ranks, strict=True)
+    ):
+        try:
+            validate_problem(weight, importance, rank)
+        except ValueError as exc:
+            if len(weights) == 1:
+                raise
+            raise ValueError(f"layer {index}: {exc}") from None
+    groups: dict[tuple, list[int]] = {}
+    for index, (weight, rank) in enumerate(zip(weights, ranks, strict=True)):
+        groups.setdefault((tuple(weight.shape), rank, weight.device), []).append(index)
+    results: list[FactorizationResult | None] = [None] * len(weights)
+    for (_, rank, source_device), indices in groups.items():
+        device = resolve_device(resolved["device"], source_device)
+        started = time.perf_counter()
+        problem = build_problem(
+            [weights[i] for i in indices], [importances[i] for i in indices], rank, device
+        )
+        outputs = spec.solve(problem, resolved, started)
+        seconds = time.perf_counter() - started
+        for position, (index, output) in enumerate(zip(indices, outputs, strict=True)):
+            results[index] = _to_result(
+                weights[index], importances[index], rank, solver, problem, position, output, seconds
+            )
+    return [result for result in results if result is not None]
+
+
+def _to_result(
+    weight: torch.Tensor,
+    importance: torch.Tensor | None,
+    rank: int,
+    solver: str,
+    problem: Problem,
+    position: int,
+    output: SolverOutput,
+    seconds: float,
+) -> FactorizationResult:
+    """Undo the normalisation, measure the loss in float64 and keep the better of final/initial."""
+    scale = float(problem.scale[position])
+    factor_scale = float(problem.weight_scale[position]) ** 0.5
+
+    def original(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            (left * factor_scale).to(weight.device, weight.dtype),
+            (right * factor_scale).to(weight.device, weight.dtype),
+        )
+
+    left, right = original(output.left, output.right)
+    loss = weighted_loss(weight, importance, left, right)
+    history = [(seconds_at, value * scale) for seconds_at, value in output.history]
+    initial_loss = history[0][1] if history else loss
+    if output.initial is not None:
+        initial_left, initial_right = original(*output.initial)
+        initial_loss = weighted_loss(weight, importance, initial_left, initial_right)
+        if initial_loss < loss:
+            left, right, loss = initial_left, initial_right, initial_loss
+    return FactorizationResult(
+        left=left,
+        right=right,
+        loss=loss,
+        history=history,
+        solver=solver,
+        rank=rank,
+        iterations=output.iterations,
+        seconds=seconds,
+        initial_loss=initial_loss,
+        info=output.info,
+    )

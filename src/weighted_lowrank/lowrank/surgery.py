@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,10 @@ def compress_model(
 
     Report rows: module, shape, out_features, in_features, rank, params_before, params_after
     (weight + bias of that layer), weighted_loss, svd_loss (plain SVD at the same rank under the
-    same importance), loss_rel_svd, initial_loss, seconds, iterations, solver, history (JSON list of
-    [seconds, loss]) and info (JSON).
+    same importance), loss_rel_svd, initial_loss, seconds (the layer's share of the wall time of its
+    batched group of same-shape layers), total_seconds (wall time of the whole factorization, the
+    same on every row; the SVD reference is not included), iterations, solver, history (JSON list
+    of [seconds since its group started, loss]) and info (JSON).
     """
     if not isinstance(budget, int | float) or isinstance(budget, bool) or not 0 < budget < 1:
         raise ValueError(
@@ -222,7 +225,16 @@ def compress_model(
         for name in names
     ]
     rank_list = [ranks[name] for name in names]
+    started = time.perf_counter()
     results = factorize_batch(weights, importances, rank_list, solver=solver, **solver_options)
+    total_seconds = time.perf_counter() - started
+    # factorize_batch times each group of same-(shape, rank) layers together; a layer's share is
+    # its group's time divided by the group size.
+    group_sizes: dict[tuple[tuple[int, int], int], int] = {}
+    for name in names:
+        group_sizes[(shapes[name], ranks[name])] = (
+            group_sizes.get((shapes[name], ranks[name]), 0) + 1
+        )
     if solver == "svd":
         svd_losses = [result.loss for result in results]
     else:
@@ -270,7 +282,8 @@ def compress_model(
                 "svd_loss": float(svd_loss),
                 "loss_rel_svd": _relative(float(result.loss), float(svd_loss)),
                 "initial_loss": float(result.initial_loss),
-                "seconds": float(result.seconds),
+                "seconds": float(result.seconds) / group_sizes[(shapes[name], rank)],
+                "total_seconds": total_seconds,
                 "iterations": int(result.iterations),
                 "solver": solver,
                 "history": json.dumps([[float(s), float(v)] for s, v in result.history]),

@@ -1,0 +1,420 @@
+"""Nodes of the data_processing pipeline: pick a source, clean, encode labels, split.
+
+Every split has the columns ``text``, optionally ``text_pair``, and ``label`` (int ``0..k-1`` for
+classification, float for regression). ``label_names[i]`` names label id ``i``; an empty list
+means a regression task (GLUE STS-B).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SOURCE_TYPES = ("catalog", "csv", "parquet", "glue")
+TASK_TYPES = ("classification", "regression")
+STANDARD_COLUMNS = ("text", "text_pair", "label")
+SPLIT_NAMES = ("train", "validation", "test")
+_REGRESSION_STRATA = 5
+
+#: GLUE tasks with labels: (text column, text-pair column, label names by id; None = regression).
+GLUE_TASKS: dict[str, tuple[str, str | None, list[str] | None]] = {
+    "cola": ("sentence", None, ["unacceptable", "acceptable"]),
+    "sst2": ("sentence", None, ["negative", "positive"]),
+    "mrpc": ("sentence1", "sentence2", ["not_equivalent", "equivalent"]),
+    "qqp": ("question1", "question2", ["not_duplicate", "duplicate"]),
+    "stsb": ("sentence1", "sentence2", None),
+    "mnli": ("premise", "hypothesis", ["entailment", "neutral", "contradiction"]),
+    "qnli": ("question", "sentence", ["entailment", "not_entailment"]),
+    "rte": ("sentence1", "sentence2", ["entailment", "not_entailment"]),
+    "wnli": ("sentence1", "sentence2", ["not_entailment", "entailment"]),
+}
+#: Labelled GLUE splits pooled before our own split (GLUE's test labels are hidden, -1).
+_GLUE_LABELLED_SPLITS = {"mnli": ["train", "validation_matched", "validation_mismatched"]}
+_FILE_BUILDERS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".json": "json",
+    ".jsonl": "json",
+}
+
+
+def resolve_source(data: dict[str, Any]) -> dict[str, Any]:
+    """Validate the ``data`` parameters and resolve them into one flat source description.
+
+    The result names the source (``type``, ``path``, GLUE ``task``/``data_files``), the raw column
+    names, the accepted raw label values with their display names, and the task type. Checking
+    it here means a bad setting fails before any file is read.
+    """
+    source_type = data.get("source")
+    if source_type not in SOURCE_TYPES:
+        raise ValueError(f"data.source is {source_type!r}; expected one of {list(SOURCE_TYPES)}")
+    if source_type == "glue":
+        return _resolve_glue(data.get("glue") or {})
+    block_name = "catalog" if source_type == "catalog" else "local_file"
+    block = data.get(block_name) or {}
+    spec = {
+        "type": source_type,
+        "text_column": block.get("text_column"),
+        "text_pair_column": block.get("text_pair_column"),
+        "label_column": block.get("label_column"),
+        "label_values": block.get("label_values"),
+        "label_names": block.get("label_names"),
+        "task_type": block.get("task_type", "classification"),
+        "read_args": dict(block.get("read_args") or {}),
+        "unescape_html": bool(block.get("unescape_html", False)),
+    }
+    if source_type != "catalog":
+        path = block.get("path")
+        if not path:
+            raise ValueError(f"data.source is {source_type!r} but data.local_file.path is not set")
+        spec["path"] = str(path)
+    for key in ("text_column", "label_column"):
+        if not isinstance(spec[key], str) or not spec[key]:
+            raise ValueError(f"data.{block_name}.{key} must be a column name, got {spec[key]!r}")
+    _check_labels(spec, f"data.{block_name}")
+    return spec
+
+
+def _resolve_glue(glue: dict[str, Any]) -> dict[str, Any]:
+    task = str(glue.get("task", "")).lower().replace("-", "")
+    if task not in GLUE_TASKS:
+        raise ValueError(
+            f"data.glue.task is {glue.get('task')!r}; expected one of {sorted(GLUE_TASKS)}"
+        )
+    text_column, pair_column, names = GLUE_TASKS[task]
+    spec = {
+        "type": "glue",
+        "task": task,
+        "data_files": glue.get("data_files"),
+        "splits": glue.get("splits"),
+        "cache_dir": glue.get("cache_dir"),
+        "text_column": text_column,
+        "text_pair_column": pair_column,
+        "label_column": "label",
+        "label_values": None if names is None else list(range(len(names))),
+        "label_names": names,
+        "task_type": "regression" if names is None else "classification",
+        "read_args": {},
+        "unescape_html": False,
+    }
+    _check_labels(spec, "data.glue")
+    return spec
+
+
+def _check_labels(spec: dict[str, Any], where: str) -> None:
+    if spec["task_type"] not in TASK_TYPES:
+        raise ValueError(
+            f"{where}.task_type is {spec['task_type']!r}; expected one of {list(TASK_TYPES)}"
+        )
+    values, names = spec["label_values"], spec["label_names"]
+    if spec["task_type"] == "regression":
+        if values is not None or names is not None:
+            raise ValueError(f"{where}: a regression task takes no label_values/label_names")
+        return
+    if values is not None:
+        if not isinstance(values, list | tuple) or len(values) < 2:
+            raise ValueError(f"{where}.label_values must list at least two labels, got {values!r}")
+        keys = [_label_key(value) for value in values]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"{where}.label_values has duplicates: {values!r}")
+    if names is not None:
+        if values is None or len(names) != len(values):
+            raise ValueError(
+                f"{where}.label_names ({names!r}) needs label_values of the same length ({values!r})"
+            )
+        if len({str(name) for name in names}) != len(names):
+            raise ValueError(f"{where}.label_names has duplicates: {names!r}")
+
+
+def load_source_records(reviews_raw: pd.DataFrame, source: dict[str, Any]) -> pd.DataFrame:
+    """Return the chosen source's rows with standard columns ``text``[, ``text_pair``], ``label``.
+
+    ``reviews_raw`` (the catalog entry) is used when the source type is ``catalog``; CSV/Parquet
+    files and GLUE tasks are read here because which one to read is itself a parameter.
+    """
+    if source["type"] == "catalog":
+        frame, origin = reviews_raw, "catalog entry reviews_raw"
+    elif source["type"] == "glue":
+        frame, origin = _read_glue(source), f"GLUE task {source['task']!r}"
+    else:
+        frame, origin = _read_local_file(source), f"file {source['path']!r}"
+    if len(frame) == 0:
+        raise ValueError(f"the {origin} has no rows")
+    columns = {"text": source["text_column"]}
+    if source["text_pair_column"]:
+        columns["text_pair"] = source["text_pair_column"]
+    columns["label"] = source["label_column"]
+    missing = [name for name in columns.values() if name not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"the {origin} lacks the configured column(s) {missing}; "
+            f"it has {[str(column) for column in frame.columns]}"
+        )
+    records = frame[list(columns.values())].copy()
+    records.columns = list(columns)
+    return records.reset_index(drop=True)
+
+
+def _read_local_file(source: dict[str, Any]) -> pd.DataFrame:
+    path = Path(source["path"]).expanduser()
+    if not path.is_file():
+        raise ValueError(f"data.local_file.path {str(path)!r} does not exist or is not a file")
+    if source["type"] == "parquet":
+        return pd.read_parquet(path, **source["read_args"])
+    read_args = dict(source["read_args"])
+    if path.suffix == ".tsv":
+        read_args.setdefault("sep", "\t")
+    return pd.read_csv(path, **read_args)
+
+
+def _read_glue(source: dict[str, Any]) -> pd.DataFrame:
+    import datasets
+
+    data_files = source["data_files"]
+    if data_files:
+        builder, data_files = _local_data_files(data_files)
+        kwargs: dict[str, Any] = {"data_files": data_files, "cache_dir": source["cache_dir"]}
+        if builder == "csv" and _all_suffix(data_files, ".tsv"):
+            kwargs["delimiter"] = "\t"
+        loaded = datasets.load_dataset(builder, **kwargs)
+        default_splits = list(loaded)
+    else:
+        try:
+            loaded = datasets.load_dataset(
+                "nyu-mll/glue", source["task"], cache_dir=source["cache_dir"]
+            )
+        except Exception as exc:
+            exc.add_note(
+                "GLUE is read from the Hugging Face hub: this needs the network (HF_HUB_OFFLINE "
+                "unset) or a warm cache; offline, point data.glue.data_files at local copies"
+            )
+            raise
+        default_splits = _GLUE_LABELLED_SPLITS.get(source["task"], ["train", "validation"])
+    splits = source["splits"] or default_splits
+    unknown = [split for split in splits if split not in loaded]
+    if unknown:
+        raise ValueError(f"data.glue.splits {unknown} not found; available: {list(loaded)}")
+    return pd.concat([loaded[split].to_pandas() for split in splits], ignore_index=True)
+
+
+def _local_data_files(data_files: Any) -> tuple[str, Any]:
+    """Check local GLUE files exist and pick the ``datasets`` builder from their suffix."""
+    if isinstance(data_files, str):
+        paths = [data_files]
+    elif isinstance(data_files, list | tuple):
+        paths = list(data_files)
+    elif isinstance(data_files, dict):
+        paths = [
+            p
+            for value in data_files.values()
+            for p in ([value] if isinstance(value, str) else value)
+        ]
+    else:
+        raise ValueError(
+            f"data.glue.data_files must be a path, a list or a {{split: path}} dict, got {data_files!r}"
+        )
+    missing = [p for p in paths if not Path(p).expanduser().is_file()]
+    if missing:
+        raise ValueError(f"data.glue.data_files: file(s) {missing} do not exist")
+    builders = {_FILE_BUILDERS.get(Path(p).suffix.lower()) for p in paths}
+    if None in builders or len(builders) != 1:
+        raise ValueError(
+            f"data.glue.data_files must all be one of {sorted(_FILE_BUILDERS)} (same kind), got {paths}"
+        )
+    if isinstance(data_files, dict):
+        return builders.pop(), {split: value for split, value in data_files.items()}
+    return builders.pop(), paths
+
+
+def _all_suffix(data_files: Any, suffix: str) -> bool:
+    paths = data_files.values() if isinstance(data_files, dict) else data_files
+    flat = [p for value in paths for p in ([value] if isinstance(value, str) else value)]
+    return all(Path(p).suffix.lower() == suffix for p in flat)
+
+
+def clean_records(records: pd.DataFrame, source: dict[str, Any]) -> pd.DataFrame:
+    """Drop missing or empty texts/labels, labels outside ``label_values``, and duplicate texts.
+
+    HTML entities (``&amp;``) are decoded first when the source sets ``unescape_html``.
+
+    Texts that occur with different labels are dropped entirely (the label is ambiguous);
+    remaining duplicates keep their first row. A pair's identity is (text, text_pair).
+    """
+    text_columns = [column for column in ("text", "text_pair") if column in records.columns]
+    cleaned = records.dropna(subset=[*text_columns, "label"]).copy()
+    for column in text_columns:
+        cleaned[column] = cleaned[column].astype(str)
+        if source["unescape_html"]:
+            cleaned[column] = cleaned[column].map(html.unescape)
+        cleaned[column] = cleaned[column].str.strip()
+        cleaned = cleaned[cleaned[column] != ""]
+    if source["task_type"] == "regression":
+        cleaned["label"] = pd.to_numeric(cleaned["label"], errors="coerce")
+        cleaned = cleaned.dropna(subset=["label"])
+    elif source["label_values"] is not None:
+        wanted = {_label_key(value) for value in source["label_values"]}
+        cleaned = cleaned[cleaned["label"].map(_label_key).isin(wanted)]
+    if source["task_type"] == "classification":
+        label_keys = cleaned["label"].map(_label_key)
+        labels_per_text = label_keys.groupby([cleaned[c] for c in text_columns]).transform(
+            "nunique"
+        )
+        cleaned = cleaned[labels_per_text == 1]
+    cleaned = cleaned.drop_duplicates(subset=text_columns, keep="first")
+    if len(cleaned) == 0:
+        raise ValueError(
+            f"no usable rows left after cleaning {len(records)} rows (missing texts/labels, or "
+            f"labels outside label_values={source['label_values']!r})"
+        )
+    return cleaned.reset_index(drop=True)
+
+
+def encode_labels(records: pd.DataFrame, source: dict[str, Any]) -> tuple[pd.DataFrame, list[str]]:
+    """Map raw labels to ids ``0..k-1`` in the configured order; return the data and label names.
+
+    Without configured ``label_values`` the distinct labels are used in sorted order. Regression
+    targets become float32 and the label names are empty.
+    """
+    encoded = records.copy()
+    if source["task_type"] == "regression":
+        if encoded["label"].nunique() < 2:
+            raise ValueError(
+                f"the regression target is constant ({encoded['label'].iloc[0]!r}) after cleaning"
+            )
+        encoded["label"] = encoded["label"].astype("float32")
+        return encoded, []
+    values = source["label_values"]
+    if values is None:
+        values = sorted(encoded["label"].unique().tolist(), key=_sort_key)
+    names = [str(name) for name in (source["label_names"] or values)]
+    ids = {_label_key(value): index for index, value in enumerate(values)}
+    encoded["label"] = encoded["label"].map(_label_key).map(ids).astype("int64")
+    present = sorted(encoded["label"].unique().tolist())
+    if len(present) < 2:
+        only = names[present[0]] if present else None
+        raise ValueError(
+            f"only one class ({only!r}) is left after cleaning; classification needs at least two"
+        )
+    absent = [names[index] for index in range(len(names)) if index not in present]
+    if absent:
+        raise ValueError(f"configured label(s) {absent} have no rows after cleaning; remove them")
+    return encoded, names
+
+
+def split_records(
+    records: pd.DataFrame, split: dict[str, Any], label_names: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Stratified train/validation/test split of the given sizes with a seeded shuffle.
+
+    Sizes are counts (int) or fractions of the cleaned rows (float in (0, 1]). Every split keeps
+    each class within one example of its overall proportion (regression: within one example per
+    quantile bin of the target). Rows not needed by the three sizes are left out.
+    """
+    sizes = _split_sizes(split, len(records))
+    strata = _strata(records["label"], regression=not label_names)
+    rng = np.random.default_rng(_seed(split))
+    class_counts = strata.value_counts().sort_index()
+    allocation = _allocate(sizes, class_counts.to_numpy())
+    chosen: dict[str, list[np.ndarray]] = {name: [] for name in SPLIT_NAMES}
+    for column, stratum in enumerate(class_counts.index):
+        members = rng.permutation(np.flatnonzero(strata.to_numpy() == stratum))
+        start = 0
+        for row, name in enumerate(SPLIT_NAMES):
+            stop = start + allocation[row, column]
+            chosen[name].append(members[start:stop])
+            start = stop
+    frames = []
+    for name in SPLIT_NAMES:
+        index = rng.permutation(np.concatenate(chosen[name]))
+        frames.append(records.iloc[index].reset_index(drop=True))
+    return frames[0], frames[1], frames[2]
+
+
+def _seed(split: dict[str, Any]) -> int:
+    seed = split.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"data.split.seed must be a non-negative integer, got {seed!r}")
+    return seed
+
+
+def _split_sizes(split: dict[str, Any], available: int) -> list[int]:
+    """Turn configured sizes (counts or fractions) into counts that fit ``available`` rows."""
+    raw = [split.get(name) for name in SPLIT_NAMES]
+    for name, size in zip(SPLIT_NAMES, raw, strict=True):
+        valid_count = isinstance(size, int) and not isinstance(size, bool) and size >= 1
+        valid_fraction = isinstance(size, float) and 0.0 < size <= 1.0
+        if not (valid_count or valid_fraction):
+            raise ValueError(
+                f"data.split.{name} must be a count >= 1 or a fraction in (0, 1], got {size!r}"
+            )
+    fractions = [size for size in raw if isinstance(size, float)]
+    if sum(fractions) > 1.0 + 1e-9:
+        raise ValueError(f"data.split fractions add up to {sum(fractions):.4g} > 1")
+    counts = [
+        size if isinstance(size, int) else math.floor(size * available + 1e-9) for size in raw
+    ]
+    if len(fractions) == len(raw) and math.isclose(sum(fractions), 1.0):
+        counts[0] = available - counts[1] - counts[2]  # all rows used: rounding goes to train
+    too_small = [name for name, count in zip(SPLIT_NAMES, counts, strict=True) if count < 1]
+    if too_small:
+        raise ValueError(
+            f"data.split sizes give no rows to {too_small} with {available} rows available"
+        )
+    if sum(counts) > available:
+        raise ValueError(
+            f"data.split sizes {dict(zip(SPLIT_NAMES, counts, strict=True))} need {sum(counts)} rows "
+            f"but only {available} are left after cleaning; lower them or use fractions"
+        )
+    return counts
+
+
+def _strata(labels: pd.Series, regression: bool) -> pd.Series:
+    if not regression:
+        return labels.reset_index(drop=True)
+    ranks = labels.rank(method="first").to_numpy()
+    bins = min(_REGRESSION_STRATA, len(labels))
+    return pd.Series(np.ceil(ranks * bins / len(labels)).astype(int) - 1)
+
+
+def _allocate(sizes: list[int], class_counts: np.ndarray) -> np.ndarray:
+    """Rows per (split, class): each split's share of each class rounded to floor or ceil.
+
+    Largest-remainder rounding per split, never taking more rows of a class than exist; when a
+    class runs out, the unit goes to the class with the next largest remainder that has rows.
+    """
+    total = class_counts.sum()
+    targets = np.outer(sizes, class_counts) / total
+    allocation = np.floor(targets + 1e-9).astype(int)
+    for row, size in enumerate(sizes):
+        remainders = targets[row] - allocation[row]
+        for column in np.argsort(-remainders, kind="stable"):
+            if allocation[row].sum() >= size:
+                break
+            if allocation[:, column].sum() < class_counts[column]:
+                allocation[row, column] += 1
+        while allocation[row].sum() < size:  # only when every class with a remainder ran out
+            spare = np.flatnonzero(allocation.sum(axis=0) < class_counts)
+            allocation[row, spare[0]] += 1
+    return allocation
+
+
+def _label_key(value: Any) -> str:
+    """Compare labels across int/float/str spellings: 1, 1.0 and "1" are the same label."""
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    if isinstance(value, np.integer):
+        return str(int(value))
+    return str(value)
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    try:
+        return (0, float(value))
+    except (TypeError, ValueError):
+        return (1, str(value))

@@ -41,7 +41,7 @@ class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
           versioned: true
     """
 
-    def __init__(  # noqa: PLR0913
+    def __init__(
         self,
         filepath: str | os.PathLike,
         compressed: bool = False,
@@ -111,7 +111,6 @@ class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
                 f"HFModelDataset saves a weighted_lowrank.hf.ModelBundle, got {type(data).__name__}"
             )
         target = Path(get_filepath_str(self._get_save_path(), self._protocol))
-        target.parent.mkdir(parents=True, exist_ok=True)
         # The staging directory sits next to the dataset root, outside the `<root>/*/<name>`
         # glob Kedro uses to find versions, so a half-written save is never listed.
         staging = Path(self._filepath.parent.as_posix()) / (
@@ -119,6 +118,7 @@ class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
         )
         try:
             self._write_directory(data, staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
                 # Only reachable unversioned: swap the old directory out, then delete it.
                 retired = staging.with_name(staging.name + "-old")

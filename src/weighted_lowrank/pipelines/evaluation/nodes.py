@@ -1,0 +1,208 @@
+"""Nodes of the ``evaluation`` pipeline: task metrics, parameter counts, size, latency.
+
+Every namespace (``dense`` and one per solver) returns a flat ``{name: float}`` with the same keys:
+the task metrics (accuracy, f1, mcc for classification; pearson, spearman for regression),
+test_loss, weighted_loss_rel_svd, params_kept, params_model, params_ratio_layers,
+params_ratio_model, size_on_disk_bytes, latency_ms, latency_dense_ms, latency_ratio,
+factorization_seconds.
+
+Parameter counts are element counts of the tensors ``save_compressed`` writes
+(:func:`~weighted_lowrank.lowrank.surgery.tensors_for_saving`: the state dict, tied tensors once);
+for a model reloaded by ``load_compressed`` these are exactly the tensors of its
+``model.safetensors`` (the load is strict). "layers" counts the targeted layers (weights and
+biases), "model" every tensor. ``size_on_disk_bytes`` is the exact size of that
+``model.safetensors``, serialized in memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from weighted_lowrank.hf import ModelBundle, resolve_device
+from weighted_lowrank.lowrank.surgery import (
+    lowrank_modules,
+    parameter_counts,
+    serialized_size_bytes,
+    tensors_for_saving,
+)
+from weighted_lowrank.lowrank.targets import select_linear_modules
+from weighted_lowrank.training import check_split, predict, task_metrics
+
+LATENCY_KEYS = ("batch_size", "sequence_length", "repeats", "warmup", "threads", "seed")
+EVALUATION_KEYS = ("batch_size", "device", "latency")
+
+
+def _check_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(evaluation) - set(EVALUATION_KEYS))
+    latency = evaluation.get("latency")
+    if unknown or not isinstance(latency, dict):
+        raise ValueError(
+            f"parameters evaluation={evaluation!r}: expected keys {list(EVALUATION_KEYS)} with a "
+            f"latency block; unknown {unknown}"
+        )
+    unknown = sorted(set(latency) - set(LATENCY_KEYS))
+    for key in ("batch_size", "sequence_length", "repeats"):
+        value = latency.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"parameter evaluation.latency.{key}={value!r}: expected a positive int"
+            )
+    if unknown:
+        raise ValueError(
+            f"parameters evaluation.latency has unknown keys {unknown}; expected {list(LATENCY_KEYS)}"
+        )
+    return latency
+
+
+def measure_latency_ms(
+    models: Mapping[str, nn.Module],
+    vocab_size: int,
+    batch_size: int,
+    sequence_length: int,
+    repeats: int,
+    warmup: int = 3,
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Median CPU milliseconds of one forward pass per model, on the same random full-length batch.
+
+    The models are timed in turns within each repeat so that load from other processes on a
+    shared machine hits them alike. ``threads`` sets torch's intra-op threads for the measurement.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {
+        "input_ids": torch.randint(
+            0, vocab_size, (batch_size, sequence_length), generator=generator
+        ),
+        "attention_mask": torch.ones(batch_size, sequence_length, dtype=torch.long),
+    }
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    timings: dict[str, list[float]] = {name: [] for name in models}
+    try:
+        with torch.inference_mode():
+            for model in models.values():
+                model.eval()
+                for _ in range(warmup):
+                    model(**inputs)
+            for _ in range(repeats):
+                for name, model in models.items():
+                    started = time.perf_counter()
+                    model(**inputs)
+                    timings[name].append((time.perf_counter() - started) * 1000.0)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+def _task_metrics(
+    bundle: ModelBundle, test_split: pd.DataFrame, max_length: int, evaluation: dict[str, Any]
+) -> dict[str, float]:
+    device = resolve_device(str(evaluation.get("device", "cpu")))
+    logits, loss = predict(
+        bundle.model,
+        bundle.tokenizer,
+        test_split,
+        max_length,
+        batch_size=int(evaluation.get("batch_size", 128)),
+        device=device,
+    )
+    bundle.model.to("cpu")
+    return {**task_metrics(logits, test_split["label"].to_numpy()), "test_loss": float(loss)}
+
+
+def _relative(loss: float, reference: float) -> float:
+    if reference > 0:
+        return loss / reference
+    return 1.0 if loss <= 0 else float("inf")
+
+
+def evaluate_dense(
+    fine_tuned_model: ModelBundle,
+    test_split: pd.DataFrame,
+    model: dict[str, Any],
+    evaluation: dict[str, Any],
+    compression: dict[str, Any],
+) -> dict[str, float]:
+    """Metrics of the dense fine-tuned model, with the same keys as :func:`evaluate_compressed`.
+
+    Its targeted layers are those ``compression.targets`` selects; ratios are 1, its weighted loss
+    relative to SVD 0 (nothing is approximated) and its factorization time 0.
+    """
+    latency = _check_evaluation(evaluation)
+    check_split(test_split, "test_split")
+    dense = fine_tuned_model.model.to("cpu")
+    layers = list(select_linear_modules(dense, compression.get("targets")))
+    counts = parameter_counts(tensors_for_saving(dense)[0], layers)
+    latency_ms = measure_latency_ms(
+        {"dense": dense}, dense.config.vocab_size, **{"warmup": 3, "seed": 0, **latency}
+    )["dense"]
+    return {
+        **_task_metrics(fine_tuned_model, test_split, int(model["max_length"]), evaluation),
+        "weighted_loss_rel_svd": 0.0,
+        "params_kept": float(counts["layers"]),
+        "params_model": float(counts["model"]),
+        "params_ratio_layers": 1.0,
+        "params_ratio_model": 1.0,
+        "size_on_disk_bytes": float(serialized_size_bytes(dense)),
+        "latency_ms": latency_ms,
+        "latency_dense_ms": latency_ms,
+        "latency_ratio": 1.0,
+        "factorization_seconds": 0.0,
+    }
+
+
+def evaluate_compressed(
+    compressed_model: ModelBundle,
+    fine_tuned_model: ModelBundle,
+    layer_report: pd.DataFrame,
+    test_split: pd.DataFrame,
+    model: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> dict[str, float]:
+    """Metrics of one compressed model; latency measured against the dense model in this process.
+
+    The targeted layers are the compressed model's ``LowRankLinear`` modules, which must be the
+    layer report's modules with the report's ranks (else the two come from different runs).
+    """
+    latency = _check_evaluation(evaluation)
+    check_split(test_split, "test_split")
+    compressed = compressed_model.model.to("cpu")
+    dense = fine_tuned_model.model.to("cpu")
+    ranks = {name: module.rank for name, module in lowrank_modules(compressed).items()}
+    reported = dict(zip(layer_report["module"], layer_report["rank"].astype(int), strict=True))
+    if ranks != reported:
+        raise ValueError(
+            "compressed_model's low-rank modules and ranks differ from its layer_report "
+            f"(model has {len(ranks)} layers, report {len(reported)}); load matching versions"
+        )
+    counts = parameter_counts(tensors_for_saving(compressed)[0], ranks)
+    dense_counts = parameter_counts(tensors_for_saving(dense)[0], ranks)
+    timings = measure_latency_ms(
+        {"dense": dense, "compressed": compressed},
+        compressed.config.vocab_size,
+        **{"warmup": 3, "seed": 0, **latency},
+    )
+    return {
+        **_task_metrics(compressed_model, test_split, int(model["max_length"]), evaluation),
+        "weighted_loss_rel_svd": _relative(
+            float(layer_report["weighted_loss"].sum()), float(layer_report["svd_loss"].sum())
+        ),
+        "params_kept": float(counts["layers"]),
+        "params_model": float(counts["model"]),
+        "params_ratio_layers": counts["layers"] / dense_counts["layers"],
+        "params_ratio_model": counts["model"] / dense_counts["model"],
+        "size_on_disk_bytes": float(serialized_size_bytes(compressed)),
+        "latency_ms": timings["compressed"],
+        "latency_dense_ms": timings["dense"],
+        "latency_ratio": timings["compressed"] / timings["dense"],
+        "factorization_seconds": float(layer_report["total_seconds"].iloc[0]),
+    }

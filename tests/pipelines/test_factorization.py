@@ -1,0 +1,131 @@
+"""The factorization pipeline: one namespace per solver on a tiny random BERT, in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+
+from tests.conftest import make_tiny_bundle
+from weighted_lowrank.lowrank.fisher import model_fingerprint
+from weighted_lowrank.lowrank.objective import rank_for_budget, weighted_loss
+from weighted_lowrank.lowrank.solvers import SOLVERS, solver_options
+from weighted_lowrank.lowrank.surgery import lowrank_modules
+from weighted_lowrank.lowrank.targets import select_linear_modules
+from weighted_lowrank.pipelines.factorization import create_pipeline
+from weighted_lowrank.pipelines.factorization.nodes import compress
+
+BUDGET = 0.4
+
+
+def make_fisher_information(model, seed: int = 3) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        f"{name}.weight": torch.rand(module.weight.shape, generator=generator) ** 4 + 1e-3
+        for name, module in select_linear_modules(model).items()
+    }
+    return {
+        "tensors": tensors,
+        "metadata": {
+            "mode": "test",
+            "num_examples": "1",
+            "model_fingerprint": model_fingerprint(model),
+        },
+    }
+
+
+def fast_options(solver: str) -> dict:
+    """A few iterations only: the pipeline's wiring is under test, not the solvers' convergence."""
+    return {"max_iters": 3} if "max_iters" in solver_options(solver) else {}
+
+
+def factorization_catalog(bundle, fisher_information, budget: float = BUDGET) -> DataCatalog:
+    catalog = DataCatalog(
+        {
+            "fine_tuned_model": MemoryDataset(bundle),
+            "fisher_information": MemoryDataset(fisher_information),
+            "params:compression": MemoryDataset(
+                {"budget": budget, "targets": None, "seed": 0, "device": "cpu"}
+            ),
+        }
+    )
+    for solver in SOLVERS:
+        catalog[f"params:{solver}.options"] = fast_options(solver)
+    return catalog
+
+
+def run_factorization(bundle, fisher_information) -> DataCatalog:
+    catalog = factorization_catalog(bundle, fisher_information)
+    SequentialRunner().run(create_pipeline(), catalog)
+    return catalog
+
+
+@pytest.fixture(scope="module")
+def factorized():
+    bundle = make_tiny_bundle(seed=1)
+    fisher_information = make_fisher_information(bundle.model)
+    return bundle, fisher_information, run_factorization(bundle, fisher_information)
+
+
+def test_one_namespace_per_solver_sharing_model_fisher_and_budget():
+    pipeline = create_pipeline()
+    assert {node.name for node in pipeline.nodes} == {f"{solver}.compress" for solver in SOLVERS}
+    assert pipeline.inputs() == {"fine_tuned_model", "fisher_information", "params:compression"} | {
+        f"params:{solver}.options" for solver in SOLVERS
+    }
+    assert pipeline.outputs() == {
+        f"{solver}.{name}" for solver in SOLVERS for name in ("compressed_model", "layer_report")
+    }
+
+
+def test_every_solver_compresses_every_target_at_the_budget_rank(factorized):
+    bundle, fisher_information, catalog = factorized
+    targets = select_linear_modules(bundle.model)
+    fisher = fisher_information["tensors"]
+    for solver in SOLVERS:
+        compressed = catalog.load(f"{solver}.compressed_model")
+        report = catalog.load(f"{solver}.layer_report")
+        layers = lowrank_modules(compressed.model)
+        assert list(layers) == list(targets) == report["module"].tolist(), solver
+        assert compressed.tokenizer is not None
+        for row in report.itertuples():
+            dense = targets[row.module]
+            rank = rank_for_budget(tuple(dense.weight.shape), BUDGET)
+            assert layers[row.module].rank == row.rank == rank, (solver, row.module)
+            assert row.budget == BUDGET and row.solver == solver
+            recomputed = weighted_loss(
+                dense.weight,
+                fisher[f"{row.module}.weight"],
+                layers[row.module].left.weight,
+                layers[row.module].right.weight,
+            )
+            assert row.weighted_loss == pytest.approx(recomputed, rel=1e-4), (solver, row.module)
+            assert row.weighted_loss <= row.initial_loss * (1 + 1e-6), (solver, row.module)
+            assert row.loss_rel_svd == pytest.approx(row.weighted_loss / row.svd_loss)
+        if solver == "svd":
+            assert report["loss_rel_svd"].tolist() == pytest.approx([1.0] * len(report))
+
+
+def test_the_fine_tuned_model_is_left_dense(factorized):
+    bundle, _, catalog = factorized
+    assert not lowrank_modules(catalog.load("fine_tuned_model").model)
+    assert not lowrank_modules(bundle.model)
+
+
+def test_fisher_of_another_model_is_rejected():
+    bundle = make_tiny_bundle(seed=1)
+    stale = make_fisher_information(make_tiny_bundle(seed=2).model)
+    compression = {"budget": BUDGET, "targets": None, "seed": 0, "device": "cpu"}
+    with pytest.raises(ValueError, match="fisher_information was estimated on model"):
+        compress(bundle, stale, compression, {}, solver="svd")
+    with pytest.raises(ValueError, match="compression"):
+        compress(
+            bundle,
+            make_fisher_information(bundle.model),
+            {"budget": BUDGET, "rank": 3},
+            {},
+            solver="svd",
+        )
+    with pytest.raises(ValueError, match="fisher_information must be"):
+        compress(bundle, {"bert.pooler.dense.weight": torch.ones(1)}, compression, {}, solver="svd")

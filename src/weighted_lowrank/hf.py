@@ -65,7 +65,8 @@ def resolve_model_source(source: str) -> str:
 def load_base_model(source: str, num_labels: int, id2label: dict[int, str] | None = None) -> ModelBundle:
     """Load a base model for sequence classification with a fresh head of ``num_labels``."""
     resolved = resolve_model_source(source)
-    kwargs = {"num_labels": num_labels}
+    # A checkpoint may carry a head for another task: it is re-initialised at the new size.
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
     if id2label is not None:
         kwargs["id2label"] = {int(k): str(v) for k, v in id2label.items()}
         kwargs["label2id"] = {str(v): int(k) for k, v in id2label.items()}

@@ -50,7 +50,7 @@ def fine_tune(
     )
     base.model.to("cpu")
     metrics = {
-        f"fine_tuning.{key}": [{"value": float(record[key]), "step": int(record["epoch"])} for record in history]
+        key: [{"value": float(record[key]), "step": int(record["epoch"])} for record in history]
         for key in history[0]
         if key != "epoch"
     }

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
@@ -129,3 +132,32 @@ def test_fisher_of_another_model_is_rejected():
         )
     with pytest.raises(ValueError, match="fisher_information must be"):
         compress(bundle, {"bert.pooler.dense.weight": torch.ones(1)}, compression, {}, solver="svd")
+
+
+def test_catalog_patterns_persist_each_solver_separately(factorized, tmp_path, monkeypatch):
+    config = yaml.safe_load(
+        (Path(__file__).parents[2] / "conf" / "base" / "catalog_factorization.yml").read_text()
+    )
+    monkeypatch.chdir(tmp_path)
+    catalog = DataCatalog.from_config(config)
+    bundle, _, memory = factorized
+    texts = bundle.tokenizer(["good film", "awful plot"], return_tensors="pt", padding=True)
+    for solver in ("svd", "fwsvd"):
+        catalog.save(f"{solver}.compressed_model", memory.load(f"{solver}.compressed_model"))
+        catalog.save(f"{solver}.layer_report", memory.load(f"{solver}.layer_report"))
+    for solver in ("svd", "fwsvd"):
+        reloaded = catalog.load(f"{solver}.compressed_model").model
+        expected = memory.load(f"{solver}.compressed_model").model
+        with torch.no_grad():
+            torch.testing.assert_close(
+                reloaded(**texts).logits, expected(**texts).logits, atol=1e-5, rtol=0
+            )
+        assert {name: m.rank for name, m in lowrank_modules(reloaded).items()} == dict(
+            zip(*catalog.load(f"{solver}.layer_report")[["module", "rank"]].T.values, strict=True)
+        )
+    assert sorted(
+        path.name for path in (tmp_path / "data" / "06_models" / "compressed").iterdir()
+    ) == [
+        "fwsvd",
+        "svd",
+    ]

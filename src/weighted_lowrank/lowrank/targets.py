@@ -48,3 +48,24 @@ def select_linear_modules(
             f"Linear modules are e.g. {sorted(linear)[:5]}"
         )
     return {name: linear[name] for name in names}
+
+
+def describe_module(name: str) -> tuple[int | None, str]:
+    """``(layer index, kind)`` of a BERT-style Linear name, for tables and plots.
+
+    Kinds: query, key, value, attention_output, ffn_in, ffn_out; other names keep their last
+    component (layer None when the name has no ``layer.<i>``).
+    """
+    match = re.search(r"layer\.(\d+)\.", name)
+    layer = int(match.group(1)) if match else None
+    for suffix, kind in (
+        ("attention.self.query", "query"),
+        ("attention.self.key", "key"),
+        ("attention.self.value", "value"),
+        ("attention.output.dense", "attention_output"),
+        ("intermediate.dense", "ffn_in"),
+        ("output.dense", "ffn_out"),
+    ):
+        if name.endswith(suffix):
+            return layer, kind
+    return layer, name.rsplit(".", 1)[-1]

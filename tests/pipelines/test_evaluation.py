@@ -13,14 +13,11 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from tests.conftest import TOY_NEGATIVE, TOY_POSITIVE, make_tiny_bundle
 from tests.pipelines.test_factorization import factorization_catalog, make_fisher_information
+from weighted_lowrank.latency import measure_latency_ms
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.lowrank.surgery import WEIGHTS_FILE, compress_model, save_compressed
 from weighted_lowrank.pipelines.evaluation import create_pipeline as create_evaluation
-from weighted_lowrank.pipelines.evaluation.nodes import (
-    evaluate_compressed,
-    evaluate_dense,
-    measure_latency_ms,
-)
+from weighted_lowrank.pipelines.evaluation.nodes import evaluate_compressed, evaluate_dense
 from weighted_lowrank.pipelines.factorization import create_pipeline as create_factorization
 
 MAX_LENGTH = 16

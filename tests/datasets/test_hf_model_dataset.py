@@ -83,6 +83,7 @@ def test_failed_save_leaves_no_visible_version_and_no_staging_directory(tmp_path
     assert dataset.list_versions() == []
     assert not dataset.exists()
     assert not any(path.name.startswith(".") for path in tmp_path.iterdir())
+    assert not (tmp_path / "model").exists(), "no empty version directory either"
 
 
 def test_exists_is_false_before_and_true_after_a_save(tmp_path):
@@ -120,3 +121,26 @@ def test_bad_configuration_raises_value_error(tmp_path):
 def test_describe_names_path_and_mode(tmp_path):
     description = str(HFModelDataset(str(tmp_path / "model"), compressed=True))
     assert "compressed=True" in description and "model" in description
+
+
+def test_compressed_round_trip_keeps_low_rank_layers_and_logits(tmp_path):
+    from weighted_lowrank.lowrank.surgery import LowRankLinear
+
+    bundle = make_tiny_bundle(seed=2)
+    name = "bert.encoder.layer.0.intermediate.dense"
+    dense = bundle.model.get_submodule(name)
+    u, s, vh = torch.linalg.svd(dense.weight.detach(), full_matrices=False)
+    low_rank = LowRankLinear.from_factors(u[:, :4] * s[:4], vh[:4], dense.bias.detach())
+    parent, child = name.rsplit(".", 1)
+    setattr(bundle.model.get_submodule(parent), child, low_rank)
+
+    dataset = HFModelDataset(
+        str(tmp_path / "compressed"), compressed=True, version=Version(None, None)
+    )
+    dataset.save(bundle)
+    loaded = dataset.load()
+
+    restored = loaded.model.get_submodule(name)
+    assert isinstance(restored, LowRankLinear) and restored.rank == 4
+    assert torch.equal(_logits(loaded), _logits(bundle))
+    assert loaded.tokenizer(SENTENCES)["input_ids"] == bundle.tokenizer(SENTENCES)["input_ids"]

@@ -1,0 +1,111 @@
+"""Time the Fisher estimators on the default model and data: per-example vs minibatch vs bs-1 loop.
+
+    python benchmarks/fisher.py --examples 1000 --repeats 3
+
+The three estimators run interleaved (so a load spike on a shared machine hits all of them) on
+the same length-bucketed batches; the table reports the median wall time of each and its ratio
+to the minibatch estimator, plus the per-example result's relative error against the bs-1 loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pandas as pd
+import torch
+from transformers.utils import logging as hf_logging
+
+from weighted_lowrank.hf import EMBEDDED_MODEL, load_base_model
+from weighted_lowrank.lowrank.batching import make_batches
+from weighted_lowrank.lowrank.fisher import empirical_fisher
+
+RAW_DATA = (
+    Path(__file__).resolve().parents[1] / "data" / "01_raw" / "rotten_tomatoes_corpus_full.csv.bz2"
+)
+
+
+def load_reviews(examples: int, seed: int) -> pd.DataFrame:
+    """``examples`` Rotten Tomatoes snippets (fresh = 1, rotten = 0), sampled with ``seed``."""
+    frame = pd.read_csv(RAW_DATA)
+    frame = frame[frame["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
+    frame = frame.drop_duplicates(subset="text")
+    frame = frame.assign(label=(frame["category"] == "fresh").astype(int))
+    return frame.sample(n=examples, random_state=seed)[["text", "label"]]
+
+
+def relative_error(estimate: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """Largest per-tensor ‖estimate − reference‖ / ‖reference‖."""
+    return max(
+        float((estimate[key] - reference[key]).norm() / reference[key].norm()) for key in reference
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--loop-repeats", type=int, default=None, help="bs-1 loop runs (default: --repeats)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+
+    frame = load_reviews(args.examples, args.seed)
+    bundle = load_base_model(EMBEDDED_MODEL, num_labels=2)
+    batches = make_batches(
+        frame, bundle.tokenizer, batch_size=args.batch_size, max_length=args.max_length
+    )
+    singles = make_batches(frame, bundle.tokenizer, batch_size=1, max_length=args.max_length)
+    real_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    padded_tokens = sum(batch["attention_mask"].numel() for batch in batches)
+
+    estimators = {
+        "minibatch": lambda: empirical_fisher(bundle.model, batches, mode="minibatch"),
+        "per_example": lambda: empirical_fisher(bundle.model, batches, mode="per_example"),
+        "bs1_loop": lambda: empirical_fisher(bundle.model, singles, mode="minibatch"),
+    }
+    loop_repeats = args.repeats if args.loop_repeats is None else args.loop_repeats
+    seconds: dict[str, list[float]] = {name: [] for name in estimators}
+    results = {}
+    for repeat in range(max(args.repeats, loop_repeats)):
+        for name, estimate in estimators.items():
+            if repeat >= (loop_repeats if name == "bs1_loop" else args.repeats):
+                continue
+            start = time.perf_counter()
+            results[name] = estimate()
+            seconds[name].append(time.perf_counter() - start)
+            print(f"run {repeat + 1} {name}: {seconds[name][-1]:.1f} s", flush=True)
+
+    base = statistics.median(seconds["minibatch"])
+    print(
+        f"\n{args.examples} examples, batch size {args.batch_size}, max_length {args.max_length}, "
+        f"{torch.get_num_threads()} torch threads; real/padded tokens {real_tokens}/{padded_tokens}"
+    )
+    print("| estimator | median s | runs (s) | × minibatch |")
+    print("|---|---|---|---|")
+    for name, runs in seconds.items():
+        median = statistics.median(runs)
+        listed = ", ".join(f"{run:.1f}" for run in runs)
+        print(f"| {name} | {median:.1f} | {listed} | {median / base:.2f} |")
+    print(
+        "per-example vs bs-1 loop: max relative error "
+        f"{relative_error(results['per_example'], results['bs1_loop']):.2e}"
+    )
+
+
+if __name__ == "__main__":
+    main()

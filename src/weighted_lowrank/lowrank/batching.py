@@ -1,0 +1,118 @@
+"""Length-bucketed batches of tokenized text for sequence-classification models.
+
+Batches are padded only to their own longest example; sorting examples by token length first
+makes them nearly unpadded, so per-token work (Fisher estimation, training) is not wasted on
+padding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+REQUIRED_COLUMNS = ("text", "label")
+
+
+def make_batches(
+    frame: pd.DataFrame,
+    tokenizer,
+    *,
+    batch_size: int = 32,
+    max_length: int = 64,
+    bucket_by_length: bool = True,
+    shuffle: bool = False,
+    seed: int = 0,
+    pool_batches: int = 50,
+    label_dtype: torch.dtype | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenize ``frame`` and group it into padded batches accepted by ``model(**batch)``.
+
+    ``frame`` has a ``"text"`` column, an optional ``"text_pair"`` column (sentence pairs) and a
+    ``"label"`` column (integer class ids, or floats for regression). Each batch holds
+    ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer makes them),
+    right-padded to the batch's longest example, plus ``labels``.
+
+    ``bucket_by_length`` sorts examples by token length so batches are nearly unpadded. Without
+    ``shuffle`` the whole frame is sorted (deterministic, best for inference and Fisher passes);
+    with ``shuffle`` examples are permuted with ``seed``, sorted within pools of
+    ``pool_batches × batch_size`` examples, and the batch order is shuffled (for training).
+    ``label_dtype`` defaults to ``torch.long`` for integer labels and ``torch.float32`` otherwise.
+    """
+    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"frame lacks columns {missing}; expected 'text', optional 'text_pair', and 'label'"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+    if pool_batches < 1:
+        raise ValueError(f"pool_batches must be a positive integer, got {pool_batches}")
+    if len(frame) == 0:
+        raise ValueError("frame has no rows; expected at least one example")
+    if frame["label"].isna().any():
+        raise ValueError("column 'label' has missing values")
+    if frame["text"].isna().any():
+        raise ValueError("column 'text' has missing values")
+
+    texts = frame["text"].astype(str).tolist()
+    pairs = frame["text_pair"].astype(str).tolist() if "text_pair" in frame.columns else None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    labels_np = frame["label"].to_numpy()
+    if label_dtype is None:
+        label_dtype = torch.long if np.issubdtype(labels_np.dtype, np.integer) else torch.float32
+    labels = torch.tensor(labels_np.tolist(), dtype=label_dtype)
+
+    order = _batch_order(
+        lengths=np.array([len(ids) for ids in encoded["input_ids"]]),
+        batch_size=batch_size,
+        bucket_by_length=bucket_by_length,
+        shuffle=shuffle,
+        seed=seed,
+        pool_batches=pool_batches,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
+    batches = []
+    for indices in order:
+        lengths = [len(encoded["input_ids"][i]) for i in indices]
+        longest = max(lengths)
+        batch = {}
+        for key in keys:
+            fill = pad_id if key == "input_ids" else 0
+            rows = [encoded[key][i] + [fill] * (longest - len(encoded[key][i])) for i in indices]
+            batch[key] = torch.tensor(rows, dtype=torch.long)
+        batch["attention_mask"] = torch.tensor(
+            [[1] * length + [0] * (longest - length) for length in lengths], dtype=torch.long
+        )
+        batch["labels"] = labels[indices]
+        batches.append(batch)
+    return batches
+
+
+def _batch_order(
+    lengths: np.ndarray,
+    batch_size: int,
+    bucket_by_length: bool,
+    shuffle: bool,
+    seed: int,
+    pool_batches: int,
+) -> list[list[int]]:
+    """Indices of the examples of each batch."""
+    rng = np.random.default_rng(seed)
+    indices = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    if bucket_by_length:
+        pool = len(lengths) if not shuffle else pool_batches * batch_size
+        chunks = [indices[start : start + pool] for start in range(0, len(indices), pool)]
+        # stable sort keeps the original (or shuffled) order among equal lengths
+        indices = np.concatenate(
+            [chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in chunks]
+        )
+    batches = [
+        indices[start : start + batch_size].tolist() for start in range(0, len(indices), batch_size)
+    ]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches

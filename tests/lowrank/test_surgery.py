@@ -263,3 +263,32 @@ def test_load_rejects_an_inconsistent_rank_map(tmp_path, tiny_bundle):
 def test_save_rejects_a_model_transformers_cannot_rebuild(tmp_path):
     with pytest.raises(ValueError, match="PreTrainedModel"):
         save_compressed(nn.Linear(2, 2), tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_solvers_match_cpu_and_factors_follow_the_model(tmp_path, tiny_bundle):
+    from weighted_lowrank.lowrank.solvers import SOLVERS, solver_options
+
+    fisher = random_fisher(tiny_bundle.model)
+    for solver in SOLVERS:
+        options = {"max_iters": 3} if "max_iters" in solver_options(solver) else {}
+        on_cpu, cpu_report = compress_model(tiny_bundle.model, fisher, 0.5, solver, **options)
+        on_cuda, cuda_report = compress_model(
+            tiny_bundle.model, fisher, 0.5, solver, device="cuda", **options
+        )
+        assert all(p.device.type == "cpu" for p in on_cuda.parameters()), solver
+        for cpu_row, cuda_row in zip(cpu_report, cuda_report, strict=True):
+            assert cuda_row["rank"] == cpu_row["rank"]
+            assert cuda_row["weighted_loss"] == pytest.approx(cpu_row["weighted_loss"], rel=1e-2), (
+                solver
+            )
+    model = tiny_bundle.model.to("cuda")
+    compressed, _ = compress_model(model, fisher, 0.5, "svd")
+    assert all(p.device.type == "cuda" for p in compressed.parameters())
+    save_compressed(compressed, tmp_path, tiny_bundle.tokenizer)
+    reloaded = load_compressed(tmp_path, device="cuda")
+    batch = tiny_bundle.tokenizer(TEXTS, return_tensors="pt", padding=True).to("cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(**batch).logits, compressed(**batch).logits, atol=1e-5, rtol=0
+        )

@@ -13,7 +13,7 @@ from kedro.runner import SequentialRunner
 from tests.conftest import make_tiny_bundle
 from weighted_lowrank.lowrank.fisher import model_fingerprint
 from weighted_lowrank.lowrank.objective import rank_for_budget, weighted_loss
-from weighted_lowrank.lowrank.solvers import SOLVERS, solver_options
+from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, solver_options
 from weighted_lowrank.lowrank.surgery import lowrank_modules
 from weighted_lowrank.lowrank.targets import select_linear_modules
 from weighted_lowrank.pipelines.factorization import create_pipeline
@@ -161,3 +161,15 @@ def test_catalog_patterns_persist_each_solver_separately(factorized, tmp_path, m
         "fwsvd",
         "svd",
     ]
+
+
+def test_every_solver_has_an_options_block_its_solver_accepts():
+    parameters = yaml.safe_load(
+        (Path(__file__).parents[2] / "conf" / "base" / "parameters_factorization.yml").read_text()
+    )
+    weight = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    for solver in SOLVERS:
+        options = parameters[solver]["options"]
+        assert set(options) <= set(solver_options(solver)), solver
+        result = factorize(weight, torch.rand(6, 5) + 0.1, 2, solver=solver, **options)
+        assert result.left.shape == (6, 2) and result.right.shape == (2, 5), solver

@@ -1,0 +1,93 @@
+"""reporting pipeline: child-run records, comparison table and figures from fake evaluations."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+from kedro_datasets.pandas import ParquetDataset
+from matplotlib.figure import Figure
+
+from weighted_lowrank.lowrank.solvers import SOLVERS
+from weighted_lowrank.pipelines.reporting import create_pipeline
+from weighted_lowrank.pipelines.reporting.nodes import comparison_table, markdown_table
+
+MODULES = [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)] + ["bert.encoder.layer.0.output.dense"]
+
+
+def fake_metrics(index: int) -> dict[str, float]:
+    return {
+        "accuracy": 0.7 + index / 100,
+        "f1": 0.6,
+        "mcc": 0.3,
+        "weighted_loss_rel_svd": 1.0 / (1 + index),
+        "params_kept": 1000.0 - index,
+        "params_ratio_layers": 0.5,
+        "params_ratio_model": 0.8,
+        "size_on_disk_bytes": 4000.0,
+        "latency_ms": 10.0 + index,
+        "factorization_seconds": 0.1 * index,
+    }
+
+
+def fake_report(index: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "module": MODULES,
+            "loss_rel_svd": [1.0 / (1 + index + layer) for layer in range(len(MODULES))],
+            "history": [json.dumps([[0.0, 2.0], [0.1 * (1 + index), 1.0 / (1 + index)]]) for _ in MODULES],
+        }
+    )
+
+
+def test_reporting_pipeline_on_fake_evaluations(tmp_path) -> None:
+    namespaces = ["dense", *SOLVERS]
+    catalog = DataCatalog(
+        {
+            "params:compression": MemoryDataset({"budget": 0.5, "targets": None}),
+            "params:model": MemoryDataset({"source": "embedded:all-MiniLM-L6-v2", "max_length": 64}),
+            "params:data": MemoryDataset({"source": "catalog"}),
+            "params:seed": MemoryDataset(7),
+            "params:reporting": MemoryDataset({"convergence_layers": 2}),
+        }
+    )
+    for index, namespace in enumerate(namespaces):
+        catalog[f"{namespace}.evaluation_metrics"] = fake_metrics(index)
+        catalog[f"{namespace}.mlflow_run"] = MemoryDataset()
+        if namespace != "dense":
+            catalog[f"{namespace}.layer_report"] = fake_report(index)
+    # Persisted as in the project: the runner releases in-memory data once its consumers ran.
+    catalog["comparison_table"] = ParquetDataset(filepath=str(tmp_path / "comparison.parquet"))
+    for name in ("comparison_markdown", "accuracy_vs_params_plot", "layer_loss_plot", "convergence_plot"):
+        catalog[name] = MemoryDataset(copy_mode="assign")
+    SequentialRunner().run(create_pipeline(), catalog)
+
+    records = {namespace: catalog.load(f"{namespace}.mlflow_run") for namespace in namespaces}
+    assert len({tuple(sorted(r["params"])) for r in records.values()}) == 1
+    assert len({tuple(sorted(r["metrics"])) for r in records.values()}) == 1
+    assert records["dense"]["params"]["budget"] == 1.0 and records["als"]["params"]["budget"] == 0.5
+    assert records["als"]["params"]["seed"] == 7 and records["als"]["params"]["solver"] == "als"
+
+    table = catalog.load("comparison_table")
+    assert table["namespace"].tolist() == ["dense", *sorted(SOLVERS)]
+    assert table.loc[0, "latency_ratio"] == pytest.approx(1.0)
+    als = table.set_index("namespace").loc["als"]
+    assert als["latency_ratio"] == pytest.approx(fake_metrics(namespaces.index("als"))["latency_ms"] / 10.0)
+    markdown = catalog.load("comparison_markdown")
+    assert "budget 0.5" in markdown and markdown.count("\n| ") == len(namespaces) + 1
+    for name in ("accuracy_vs_params_plot", "layer_loss_plot", "convergence_plot"):
+        assert isinstance(catalog.load(name), Figure)
+    assert len(catalog.load("convergence_plot").axes) == 2
+
+
+def test_comparison_needs_the_dense_baseline() -> None:
+    with pytest.raises(ValueError, match="dense evaluation"):
+        comparison_table(svd=fake_metrics(0))
+
+
+def test_markdown_table_formats_floats() -> None:
+    text = markdown_table(pd.DataFrame({"a": ["x"], "b": [0.123456]}))
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| x | 0.1235 |"]

@@ -279,7 +279,7 @@ def _squared_per_example_gradients(
     """``Σ_n (G_nᵀ X_n)²`` for G (batch, tokens, out) and X (batch, tokens, in), in float64."""
     # Token positions whose output gradient is zero in every example add nothing: padding, and
     # in a classifier's last layer every token but the pooled one (query, FFN, output dense).
-    live = output_grad.abs().amax(dim=(0, 2)) != 0  # NaN stays live and gets reported
+    live = output_grad.any(dim=0).any(dim=1)  # NaN counts as non-zero: it stays and is reported
     if not bool(live.all()):
         positions = live.nonzero().squeeze(1)
         output_grad, activation = output_grad[:, positions], activation[:, positions]
@@ -313,9 +313,10 @@ def _accumulate_minibatch(
     for name, gradient in zip(modules, gradients, strict=True):
         if gradient is None:
             continue
-        if not torch.isfinite(gradient).all():
+        squared = gradient.double().square()
+        if not torch.isfinite(squared.sum()):
             non_finite.append(name)
-        sums[name] += gradient.double().square()
+        sums[name] += squared
     if non_finite:
         raise ValueError(
             f"non-finite minibatch gradient of {non_finite[-1]}.weight on batch {batch_index} "

@@ -22,4 +22,6 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "custom_resolvers": {"project_root": _project_root},
+    # Environments (conf/local, conf/smoke) override single keys, not whole parameter blocks.
+    "merge_strategy": {"parameters": "soft"},
 }

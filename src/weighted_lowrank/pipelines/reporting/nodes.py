@@ -29,6 +29,7 @@ _TABLE_COLUMNS = [
     "size_on_disk_bytes",
     "latency_ms",
     "latency_ratio",
+    "latency_dense_ms",
     "factorization_seconds",
 ]
 
@@ -57,15 +58,13 @@ def child_run_record(
 
 
 def comparison_table(**evaluations: dict[str, float]) -> pd.DataFrame:
-    """One row per namespace (dense first), the metrics side by side, plus latency vs dense."""
+    """One row per namespace (dense first), the evaluation metrics side by side."""
     if "dense" not in evaluations:
         raise ValueError(f"comparison needs the dense evaluation; got namespaces {sorted(evaluations)}")
     rows = [{"namespace": name, **metrics} for name, metrics in evaluations.items()]
     table = pd.DataFrame(rows)
     order = ["dense"] + sorted(name for name in evaluations if name != "dense")
     table = table.set_index("namespace").loc[order].reset_index()
-    if "latency_ms" in table:
-        table["latency_ratio"] = table["latency_ms"] / float(evaluations["dense"]["latency_ms"])
     columns = [column for column in _TABLE_COLUMNS if column in table.columns]
     return table[columns + [column for column in table.columns if column not in columns]]
 

@@ -12,13 +12,12 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from tests.conftest import TOY_NEGATIVE, TOY_POSITIVE, make_tiny_bundle
-from tests.pipelines.test_factorization import factorization_catalog, make_fisher_information
+from tests.pipelines.test_factorization import factorized  # noqa: F401  (shared fixture)
 from weighted_lowrank.latency import measure_latency_ms
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.lowrank.surgery import WEIGHTS_FILE, compress_model, save_compressed
 from weighted_lowrank.pipelines.evaluation import create_pipeline as create_evaluation
 from weighted_lowrank.pipelines.evaluation.nodes import evaluate_compressed, evaluate_dense
-from weighted_lowrank.pipelines.factorization import create_pipeline as create_factorization
 
 MAX_LENGTH = 16
 EVALUATION = {
@@ -57,6 +56,15 @@ COMMON_KEYS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run many times faster on one thread, above all on a busy shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def logits_by_hand(bundle, frame: pd.DataFrame) -> np.ndarray:
     batch = bundle.tokenizer(
         frame["text"].tolist(),
@@ -70,18 +78,11 @@ def logits_by_hand(bundle, frame: pd.DataFrame) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def evaluated():
-    bundle = make_tiny_bundle(seed=4)
-    # A head with a strong bias towards one class on random features would make every metric
-    # trivially equal; scaling the classifier spreads the predictions over both classes.
-    with torch.no_grad():
-        bundle.model.classifier.weight.mul_(40.0)
-    catalog = factorization_catalog(bundle, make_fisher_information(bundle.model))
+def evaluated(request):
+    bundle, _, catalog = request.getfixturevalue("factorized")
     catalog["test_split"] = TEST_SPLIT
     catalog["params:model"] = {"source": "unused", "max_length": MAX_LENGTH}
     catalog["params:evaluation"] = EVALUATION
-    # Two runs: within one, the runner would release the compressed models once evaluated.
-    SequentialRunner().run(create_factorization(), catalog)
     SequentialRunner().run(create_evaluation(), catalog)
     return bundle, catalog
 

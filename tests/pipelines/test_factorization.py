@@ -22,6 +22,15 @@ from weighted_lowrank.pipelines.factorization.nodes import compress
 BUDGET = 0.4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run many times faster on one thread, above all on a busy shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make_fisher_information(model, seed: int = 3) -> dict:
     generator = torch.Generator().manual_seed(seed)
     tensors = {
@@ -64,11 +73,22 @@ def run_factorization(bundle, fisher_information) -> DataCatalog:
     return catalog
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def factorized():
+    """Every solver run once on a tiny BERT; shared with the evaluation tests."""
     bundle = make_tiny_bundle(seed=1)
+    # A random head on random features predicts one class for every input; a larger head spreads
+    # the predictions over both classes, so the evaluation tests' metrics are not trivial.
+    with torch.no_grad():
+        bundle.model.classifier.weight.mul_(40.0)
     fisher_information = make_fisher_information(bundle.model)
-    return bundle, fisher_information, run_factorization(bundle, fisher_information)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        catalog = run_factorization(bundle, fisher_information)
+    finally:
+        torch.set_num_threads(previous)
+    return bundle, fisher_information, catalog
 
 
 def test_one_namespace_per_solver_sharing_model_fisher_and_budget():

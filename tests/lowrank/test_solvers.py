@@ -109,8 +109,197 @@ def test_factorize_batch_equals_per_layer_calls_for_closed_forms():
 
 
 def test_registry_lists_every_required_solver():
-    for name in ("svd", "fwsvd"):
+    for name in ("svd", "fwsvd", "adam", "sgd", "adam_sgd", "als", "em", "tfwsvd"):
         assert name in SOLVERS
+
+
+def test_public_package_exports_the_solver_api():
+    import weighted_lowrank.lowrank as lowrank
+
+    if not hasattr(lowrank, "factorize"):
+        pytest.skip("weighted_lowrank.lowrank is being assembled (a sibling module is missing)")
+    assert lowrank.factorize is factorize and lowrank.SOLVERS == SOLVERS
+    assert lowrank.weighted_loss is weighted_loss
+
+
+ITERATIVE = ("adam", "sgd", "adam_sgd", "als", "em", "tfwsvd")
+#: Enough iterations for each solver to converge on the small test problems below.
+CONVERGED = {
+    "adam": {"max_iters": 4000, "tol": 1e-12, "lr": 1e-2},
+    "sgd": {"max_iters": 4000, "tol": 1e-12},
+    "adam_sgd": {"max_iters": 4000, "tol": 1e-12, "lr": 1e-2},
+    "als": {"max_iters": 3000, "tol": 1e-14},
+    "em": {"max_iters": 3000, "tol": 1e-14},
+    "tfwsvd": {"max_iters": 500, "tol": 1e-14},
+}
+
+
+@pytest.mark.parametrize("solver", ITERATIVE)
+def test_uniform_importance_reaches_the_svd_optimum_from_a_random_start(solver):
+    weight, _ = _problem(16, 12, seed=3)
+    optimum = factorize(weight, None, 3, solver="svd").loss
+    result = factorize(weight, None, 3, solver=solver, init="random", seed=1, **CONVERGED[solver])
+    assert result.initial_loss > 1.5 * optimum
+    assert result.loss <= optimum * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("solver", ["als", "tfwsvd"])
+def test_separable_importance_reaches_the_two_sided_closed_form(solver):
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(18, 14, generator=generator, dtype=torch.float64)
+    rows = torch.rand(18, generator=generator, dtype=torch.float64) ** 3 + 0.01
+    cols = torch.rand(14, generator=generator, dtype=torch.float64) ** 3 + 0.01
+    importance = torch.outer(rows, cols)
+    exact = factorize(weight, importance, 4, solver="fwsvd", axis="both").loss
+    optimum = _trailing_energy(rows.sqrt()[:, None] * weight * cols.sqrt()[None, :], 4)
+    assert exact == pytest.approx(optimum, rel=1e-9)
+    result = factorize(weight, importance, 4, solver=solver, init="svd", **CONVERGED[solver])
+    assert result.initial_loss > 1.05 * exact
+    assert result.loss <= exact * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("solver", ["als", "em", "tfwsvd"])
+def test_monotone_solvers_never_increase_the_loss(solver):
+    weight, importance = _problem()
+    importance[2] = 0
+    importance[:, 7] = 0
+    result = factorize(weight, importance, 4, solver=solver, max_iters=60, tol=0.0)
+    losses = [loss for _, loss in result.history]
+    assert len(losses) == 61
+    assert all(
+        later <= earlier * (1 + 1e-12) for earlier, later in zip(losses, losses[1:], strict=False)
+    )
+    assert losses[-1] < losses[0]
+    times = [seconds for seconds, _ in result.history]
+    assert times == sorted(times)
+
+
+@pytest.mark.parametrize("solver", ITERATIVE)
+@pytest.mark.parametrize("init", ["fwsvd", "svd"])
+def test_iterative_solvers_end_at_or_below_their_initialisation(solver, init):
+    weight, importance = _problem(seed=5)
+    result = factorize(weight, importance, 4, solver=solver, init=init, max_iters=40)
+    start = factorize(weight, importance, 4, solver="svd" if init == "svd" else "fwsvd")
+    assert result.initial_loss == pytest.approx(start.loss, rel=1e-6)
+    assert result.loss <= result.initial_loss
+    assert result.loss == pytest.approx(
+        weighted_loss(weight, importance, result.left, result.right), rel=1e-12
+    )
+    assert result.history[0][1] == pytest.approx(result.initial_loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("solver", ITERATIVE)
+def test_iterative_solvers_improve_on_every_closed_form_for_a_peaked_importance(solver):
+    weight, importance = _problem(seed=6)
+    closed = [factorize(weight, importance, 4, solver="svd").loss] + [
+        factorize(weight, importance, 4, solver="fwsvd", axis=axis).loss
+        for axis in ("in", "out", "both")
+    ]
+    options = {"max_iters": 300} if solver != "adam" else {"max_iters": 300, "lr": 1e-2}
+    result = factorize(weight, importance, 4, solver=solver, init="best", **options)
+    assert result.loss < min(closed)
+
+
+def test_tfwsvd_is_the_default_and_matches_a_long_als_run():
+    # Fisher-like importance: a row × column profile times element-wise log-normal noise.
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(30, 20, generator=generator, dtype=torch.float64)
+    profile = torch.outer(
+        torch.rand(30, generator=generator, dtype=torch.float64) ** 2 + 0.05,
+        torch.rand(20, generator=generator, dtype=torch.float64) ** 2 + 0.05,
+    )
+    importance = profile * torch.exp(
+        0.7 * torch.randn(30, 20, generator=generator, dtype=torch.float64)
+    )
+    default = factorize(weight, importance, 5)
+    assert default.solver == "tfwsvd"
+    reference = factorize(weight, importance, 5, solver="als", max_iters=5000, tol=1e-14)
+    two_sided = factorize(weight, importance, 5, solver="fwsvd").loss
+    assert default.loss < two_sided
+    assert default.loss <= reference.loss * (1 + 1e-3)
+
+
+def test_adam_sgd_switches_to_sgd_and_records_the_switch():
+    weight, importance = _problem(seed=8)
+    result = factorize(weight, importance, 4, solver="adam_sgd", max_iters=1500, tol=0.0, lr=1e-2)
+    switch = result.info["switch_iteration"]
+    assert switch is not None and 20 <= switch < 1500
+    assert 0 < result.info["sgd_lr"] <= result.info["swats_lr"]
+    assert result.info["sgd_lr"] <= 1 / result.info["lambda_max"] * (1 + 1e-9)
+    assert result.loss < result.initial_loss
+
+
+def test_adam_sgd_without_a_switch_reports_none():
+    weight, importance = _problem(seed=8)
+    result = factorize(weight, importance, 4, solver="adam_sgd", max_iters=5, switch_eps=0.0)
+    assert result.info["switch_iteration"] is None
+
+
+def test_sgd_step_is_bounded_by_the_curvature():
+    weight, importance = _problem(seed=9)
+    importance[0, 0] = 500.0
+    bounded = factorize(weight, importance, 4, solver="sgd", max_iters=200, tol=0.0)
+    reckless = factorize(weight, importance, 4, solver="sgd", max_iters=200, tol=0.0, lr=10.0)
+    assert bounded.loss < bounded.initial_loss
+    assert reckless.loss <= reckless.initial_loss
+    assert all(torch.isfinite(t).all() for t in (reckless.left, reckless.right))
+
+
+@pytest.mark.parametrize("solver", ITERATIVE)
+def test_same_seed_gives_identical_factors(solver):
+    weight, importance = _problem(seed=10)
+    runs = [
+        factorize(weight, importance, 3, solver=solver, init="random", seed=seed, max_iters=25)
+        for seed in (4, 4, 5)
+    ]
+    torch.testing.assert_close(runs[0].left, runs[1].left, rtol=0, atol=0)
+    torch.testing.assert_close(runs[0].right, runs[1].right, rtol=0, atol=0)
+    assert not torch.equal(runs[0].left, runs[2].left)
+
+
+def test_als_keeps_rows_without_importance_where_they_are():
+    weight, importance = _problem()
+    importance[4] = 0
+    start = factorize(weight, importance, 4, solver="als", max_iters=0)
+    result = factorize(weight, importance, 4, solver="als", max_iters=20, tol=0.0)
+    torch.testing.assert_close(result.left[4], start.left[4], rtol=1e-6, atol=1e-9)
+    assert torch.isfinite(result.left).all() and torch.isfinite(result.right).all()
+
+
+def test_als_satisfies_the_first_order_condition_at_convergence():
+    weight, importance = _problem(seed=11)
+    result = factorize(weight, importance, 4, solver="als", max_iters=2000, tol=1e-14)
+    weighted = importance * (result.left @ result.right - weight)
+    gradient_left = weighted @ result.right.T
+    gradient_right = result.left.T @ weighted
+    scale = float((importance * weight.square()).sum()) ** 0.5
+    assert float(gradient_left.norm()) < 1e-5 * scale
+    assert float(gradient_right.norm()) < 1e-5 * scale
+
+
+@pytest.mark.parametrize("solver", ITERATIVE)
+def test_factorize_batch_equals_per_layer_calls_for_iterative_solvers(solver):
+    problems = [_problem(20, 12, seed) for seed in (12, 13)]
+    weights = [w for w, _ in problems] + [problems[0][0].T.contiguous()]
+    importances = [imp for _, imp in problems] + [problems[0][1].T.contiguous()]
+    ranks = [3, 3, 3]
+    batched = factorize_batch(weights, importances, ranks, solver=solver, max_iters=15, tol=0.0)
+    for weight, importance, result in zip(weights, importances, batched, strict=True):
+        single = factorize(weight, importance, 3, solver=solver, max_iters=15, tol=0.0)
+        assert result.iterations == single.iterations
+        assert result.loss == pytest.approx(single.loss, rel=1e-8)
+
+
+def test_stopping_rules_cap_iterations_and_time():
+    weight, importance = _problem(seed=14)
+    capped = factorize(weight, importance, 4, solver="adam", max_iters=7, tol=0.0)
+    assert capped.iterations == 7 and len(capped.history) == 8
+    timed = factorize(
+        weight, importance, 4, solver="adam", max_iters=10**6, tol=0.0, max_seconds=0.2
+    )
+    assert timed.iterations < 10**6 and timed.history[-1][0] < 5.0
+    tolerant = factorize(weight, importance, 4, solver="als", max_iters=10**6, tol=1e-3)
+    assert tolerant.iterations < 10**6
 
 
 @pytest.mark.parametrize(
@@ -127,6 +316,16 @@ def test_registry_lists_every_required_solver():
         (lambda w, i: factorize(w, i, 16, solver="svd"), "rank"),
         (lambda w, i: factorize_batch([w, w], [i], [3, 3], solver="svd"), "equal lengths"),
         (lambda w, i: factorize_batch([w, w[:, :4]], [i, i], [3, 3], solver="svd"), "layer 1"),
+        (lambda w, i: factorize(w, i, 3, solver="als", axis="in"), "unknown option"),
+        (lambda w, i: factorize(w, i, 3, solver="adam", init="zeros"), "init"),
+        (lambda w, i: factorize(w, i, 3, solver="adam", max_iters=-1), "max_iters"),
+        (lambda w, i: factorize(w, i, 3, solver="adam", tol=-1.0), "tol"),
+        (lambda w, i: factorize(w, i, 3, solver="adam", max_seconds=0), "max_seconds"),
+        (lambda w, i: factorize(w, i, 3, solver="als", damping=0.0), "damping"),
+        (lambda w, i: factorize(w, i, 3, solver="sgd", lr=-1.0), "lr"),
+        (lambda w, i: factorize(w, i, 3, solver="tfwsvd", restart=0), "restart"),
+        (lambda w, i: factorize(w, i, 3, solver="tfwsvd", seed="a"), "seed"),
+        (lambda w, i: factorize(w, i, 3, solver="tfwsvd", device="tpu"), "device"),
     ],
 )
 def test_bad_input_raises_value_error(call, message):

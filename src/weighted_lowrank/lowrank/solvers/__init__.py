@@ -22,12 +22,23 @@ from weighted_lowrank.lowrank.solvers._common import (
     resolve_device,
     resolve_options,
 )
+from weighted_lowrank.lowrank.solvers.als import ALS_OPTIONS, solve_als
 from weighted_lowrank.lowrank.solvers.closed_form import (
     FWSVD_OPTIONS,
     SVD_OPTIONS,
     solve_fwsvd,
     solve_svd,
 )
+from weighted_lowrank.lowrank.solvers.em import EM_OPTIONS, solve_em
+from weighted_lowrank.lowrank.solvers.gradient import (
+    ADAM_OPTIONS,
+    ADAM_SGD_OPTIONS,
+    SGD_OPTIONS,
+    solve_adam,
+    solve_adam_sgd,
+    solve_sgd,
+)
+from weighted_lowrank.lowrank.solvers.tfwsvd import TFWSVD_OPTIONS, solve_tfwsvd
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,12 @@ class SolverSpec:
 _REGISTRY: dict[str, SolverSpec] = {
     "svd": SolverSpec(solve_svd, SVD_OPTIONS, iterative=False),
     "fwsvd": SolverSpec(solve_fwsvd, FWSVD_OPTIONS, iterative=False),
+    "adam": SolverSpec(solve_adam, ADAM_OPTIONS, iterative=True),
+    "sgd": SolverSpec(solve_sgd, SGD_OPTIONS, iterative=True),
+    "adam_sgd": SolverSpec(solve_adam_sgd, ADAM_SGD_OPTIONS, iterative=True),
+    "als": SolverSpec(solve_als, ALS_OPTIONS, iterative=True),
+    "em": SolverSpec(solve_em, EM_OPTIONS, iterative=True),
+    "tfwsvd": SolverSpec(solve_tfwsvd, TFWSVD_OPTIONS, iterative=True),
 }
 
 #: Names accepted by ``factorize(..., solver=...)``.
@@ -63,7 +80,7 @@ def factorize(
     weight: torch.Tensor,
     importance: torch.Tensor | None,
     rank: int,
-    solver: str = "svd",
+    solver: str = "tfwsvd",
     **options: Any,
 ) -> FactorizationResult:
     """Factorize ``weight ≈ left @ right`` with rank ``rank`` minimising ``Σ I (W − left@right)²``.
@@ -78,7 +95,7 @@ def factorize_batch(
     weights: list[torch.Tensor],
     importances: list[torch.Tensor | None],
     ranks: list[int],
-    solver: str = "svd",
+    solver: str = "tfwsvd",
     **options: Any,
 ) -> list[FactorizationResult]:
     """``factorize`` for many layers at once; layers of equal (shape, rank) share batched matmuls.

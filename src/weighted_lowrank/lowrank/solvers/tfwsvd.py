@@ -1,0 +1,216 @@
+"""TFWSVD, the default element-wise solver: preconditioned nonlinear conjugate gradients on (A, B).
+
+* **Start** from the two-sided closed form (``init="fwsvd"``), already 2–7 % above the optimum on
+  the default model's Fisher (docs/METHOD.md).
+* **Preconditioner** from the same separable approximation ``I ≈ u vᵀ`` (row sums × column
+  sums / total): the Hessian block of row ``a_i`` is ``2 B diag(I_i) Bᵀ ≈ 2 u_i B D_v Bᵀ`` and
+  that of column ``b_j`` is ``≈ 2 v_j Aᵀ D_u A``. Applying their inverses costs two r × r
+  Cholesky factorisations per layer — no per-row r × r systems as in ALS — and for a separable
+  importance it turns each half of the gradient into the exact ALS step, so the method inherits
+  ALS's scale invariance while moving A and B *jointly* (ALS's slow "swamps" come from moving
+  them one at a time).
+* **Direction**: Polak–Ribière+ conjugation of the preconditioned gradients, restarted every
+  ``restart`` iterations.
+* **Exact line search**: along ``(dA, dB)`` the loss is a quartic polynomial in the step ``t``
+  (``W − (A + t dA)(B + t dB) = R − t P − t² Q``); its five coefficients cost three matmuls
+  and the global minimiser is a root of a cubic. So every iteration decreases the loss, with no
+  step size to tune.
+
+One iteration costs five (out × r × in) matmuls, all batched over the layers of a group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from weighted_lowrank.lowrank.solvers._common import (
+    ITERATIVE_OPTIONS,
+    Problem,
+    SolverOutput,
+    initial_factors,
+    run_iterations,
+)
+
+TFWSVD_OPTIONS: dict[str, Any] = {
+    **ITERATIVE_OPTIONS,
+    "max_iters": 60,
+    "tol": 1e-5,
+    "restart": 50,
+    "refresh_every": 10,
+}
+#: Iterations over which ``tol`` is measured.
+TFWSVD_WINDOW = 3
+
+
+def separable_weights(importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column factors of ``I ≈ u vᵀ`` (marginal product), made strictly positive."""
+    rows = importance.sum(dim=2)
+    cols = importance.sum(dim=1) / importance.sum(dim=(1, 2)).clamp_min(1e-30)[:, None]
+    rows = rows + 1e-6 * rows.mean(dim=1, keepdim=True).clamp_min(1e-30)
+    cols = cols + 1e-6 * cols.mean(dim=1, keepdim=True).clamp_min(1e-30)
+    return rows, cols
+
+
+def _inverse_gram(matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of each PSD r × r matrix with a small relative ridge (factorised in float64).
+
+    Only a preconditioner: any SPD approximation keeps the method convergent, so the ridge just
+    keeps it finite when a factor is rank-deficient.
+    """
+    matrix64 = matrix.double()
+    rank = matrix.shape[-1]
+    diagonal = matrix64.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
+    identity = torch.eye(rank, dtype=torch.float64, device=matrix.device)
+    ridge = 1e-7
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(
+            matrix64 + (ridge * diagonal)[:, None, None] * identity
+        )
+        if not bool((info > 0).any()):
+            break
+        ridge *= 100
+    return torch.cholesky_inverse(factor).to(matrix.dtype)
+
+
+def precondition(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    grad_left: torch.Tensor,
+    grad_right: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(D_u⁻¹ ∇_A (B D_v Bᵀ)⁻¹, (Aᵀ D_u A)⁻¹ ∇_B D_v⁻¹)``."""
+    right_inverse = _inverse_gram((right * cols[:, None, :]) @ right.transpose(1, 2))
+    left_inverse = _inverse_gram(left.transpose(1, 2) @ (left * rows[:, :, None]))
+    direction_left = (grad_left / rows[:, :, None]) @ right_inverse
+    direction_right = left_inverse @ (grad_right / cols[:, None, :])
+    return direction_left, direction_right
+
+
+def quartic_minimiser(coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global minimiser ``t`` and minimum of ``Σ_k c_k t^k`` (k = 0..4) for each row (float64).
+
+    The candidates are the real roots of the derivative (a cubic, via its companion matrix) and
+    ``t = 0``; when the quartic term vanishes the cubic degenerates and the companion matrix is
+    built from the highest non-zero term.
+    """
+    c = coefficients.double().cpu()
+    derivative = torch.stack([c[:, 1], 2 * c[:, 2], 3 * c[:, 3], 4 * c[:, 4]], dim=1)
+    batch = c.shape[0]
+    candidates = [torch.zeros(batch, dtype=torch.float64)]
+    scale = derivative.abs().amax(dim=1).clamp_min(1e-300)
+    lead = derivative[:, 3]
+    cubic = lead.abs() > 1e-12 * scale
+    companion = torch.zeros(batch, 3, 3, dtype=torch.float64)
+    safe_lead = torch.where(cubic, lead, torch.ones_like(lead))
+    companion[:, 0, :] = -derivative[:, [2, 1, 0]] / safe_lead[:, None]
+    companion[:, 1, 0] = 1
+    companion[:, 2, 1] = 1
+    roots = torch.linalg.eigvals(companion)
+    real = roots.imag.abs() <= 1e-7 * roots.abs().clamp_min(1.0)
+    for k in range(3):
+        usable = cubic & real[:, k]
+        candidates.append(torch.where(usable, roots[:, k].real, 0.0))
+    # Quadratic fallback (no quartic/cubic term): the vertex when it is a minimum.
+    curvature = derivative[:, 1]
+    vertex = torch.where(curvature > 0, -derivative[:, 0] / curvature.clamp_min(1e-300), 0.0)
+    candidates.append(torch.where(cubic, 0.0, vertex))
+    steps = torch.stack(candidates, dim=1)
+    powers = torch.stack([steps**k for k in range(5)], dim=2)
+    values = (powers * c[:, None, :]).sum(dim=2)
+    best = values.argmin(dim=1)
+    index = torch.arange(batch)
+    return steps[index, best], values[index, best]
+
+
+def solve_tfwsvd(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
+    """Preconditioned nonlinear CG with exact quartic line search (see the module docstring)."""
+    restart, refresh_every = options["restart"], options["refresh_every"]
+    for name in ("restart", "refresh_every"):
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"solver 'tfwsvd': {name} must be an int >= 1, got {value!r}")
+    weight, importance = problem.weight, problem.importance
+    left, right = initial_factors(problem, options["init"], options["seed"])
+    rows, cols = separable_weights(importance)
+    state = {"left": left, "right": right, "rows": rows, "cols": cols}
+    state.update(
+        _gradient_state(weight, importance, left, right, left @ right - weight, rows, cols)
+    )
+    state["dir_left"], state["dir_right"] = -state["pre_left"], -state["pre_right"]
+    counter = {"count": 0}
+
+    def step(state):
+        counter["count"] += 1
+        importance = state["importance"]
+        left, right = state["left"], state["right"]
+        residual, weighted = state["residual"], state["weighted"]
+        dir_left, dir_right = state["dir_left"], state["dir_right"]
+        linear = torch.baddbmm(dir_left @ right, left, dir_right)
+        quadratic = dir_left @ dir_right
+        weighted_linear = importance * linear
+        coefficients = torch.stack(
+            [
+                _dot(weighted, residual),
+                2 * _dot(weighted, linear),
+                _dot(weighted_linear, linear) + 2 * _dot(weighted, quadratic),
+                2 * _dot(weighted_linear, quadratic),
+                _dot(importance * quadratic, quadratic),
+            ],
+            dim=1,
+        )
+        step_size, _ = quartic_minimiser(coefficients)
+        t = step_size.to(left.device, left.dtype)[:, None, None]
+        left = left + t * dir_left
+        right = right + t * dir_right
+        if counter["count"] % refresh_every == 0:
+            # The running residual drifts in float32; recompute it now and then.
+            residual = left @ right - state["weight"]
+        else:
+            residual = residual.addcmul(t, linear).addcmul_(t * t, quadratic)
+        gradient = _gradient_state(
+            state["weight"], importance, left, right, residual, state["rows"], state["cols"]
+        )
+        # Polak–Ribière+: β = g_newᵀ(z_new − z_old) / g_oldᵀ z_old, clipped at 0.
+        cross = _dot(gradient["grad_left"], state["pre_left"]) + _dot(
+            gradient["grad_right"], state["pre_right"]
+        )
+        beta = (
+            (gradient["grad_dot_pre"] - cross) / state["grad_dot_pre"].clamp_min(1e-300)
+        ).clamp_min(0)
+        if counter["count"] % restart == 0:
+            beta = torch.zeros_like(beta)
+        beta = beta.to(left.dtype)[:, None, None]
+        new_state = {**state, **gradient, "left": left, "right": right}
+        new_state["dir_left"] = beta * dir_left - gradient["pre_left"]
+        new_state["dir_right"] = beta * dir_right - gradient["pre_right"]
+        return new_state, coefficients[:, 0]
+
+    return run_iterations(problem, state, step, options, started, window=TFWSVD_WINDOW)
+
+
+def _gradient_state(
+    weight, importance, left, right, residual, rows, cols
+) -> dict[str, torch.Tensor]:
+    """Residual ``AB − W``, weighted residual, gradients and preconditioned gradients."""
+    weighted = importance * residual
+    grad_left = 2 * weighted @ right.transpose(1, 2)
+    grad_right = 2 * left.transpose(1, 2) @ weighted
+    pre_left, pre_right = precondition(left, right, grad_left, grad_right, rows, cols)
+    return {
+        "residual": residual,
+        "weighted": weighted,
+        "grad_left": grad_left,
+        "grad_right": grad_right,
+        "pre_left": pre_left,
+        "pre_right": pre_right,
+        "grad_dot_pre": _dot(grad_left, pre_left) + _dot(grad_right, pre_right),
+    }
+
+
+def _dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Per-layer Frobenius inner product: float32 row sums, float64 total (fast and accurate)."""
+    return (first * second).sum(dim=2).sum(dim=1, dtype=torch.float64)

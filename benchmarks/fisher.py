@@ -19,9 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pandas as pd
 import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from weighted_lowrank.hf import EMBEDDED_MODEL, load_base_model
+from weighted_lowrank.hf import EMBEDDED_MODEL, ModelBundle, load_base_model, resolve_model_source
 from weighted_lowrank.lowrank.batching import make_batches
 from weighted_lowrank.lowrank.fisher import empirical_fisher
 
@@ -59,13 +60,29 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="model source (embedded, dir, hub)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="same architecture and tokenizer, randomly initialised (a directory without weights)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
 
     frame = load_reviews(args.examples, args.seed)
-    bundle = load_base_model(EMBEDDED_MODEL, num_labels=2)
+    if args.random_weights:
+        # Timing depends on the architecture and the token counts, not on the weight values.
+        source = resolve_model_source(args.model)
+        torch.manual_seed(args.seed)
+        config = AutoConfig.from_pretrained(source, num_labels=2)
+        bundle = ModelBundle(
+            model=AutoModelForSequenceClassification.from_config(config),
+            tokenizer=AutoTokenizer.from_pretrained(source),
+        )
+    else:
+        bundle = load_base_model(args.model, num_labels=2)
     batches = make_batches(
         frame, bundle.tokenizer, batch_size=args.batch_size, max_length=args.max_length
     )
@@ -93,7 +110,8 @@ def main() -> None:
     base = statistics.median(seconds["minibatch"])
     print(
         f"\n{args.examples} examples, batch size {args.batch_size}, max_length {args.max_length}, "
-        f"{torch.get_num_threads()} torch threads; real/padded tokens {real_tokens}/{padded_tokens}"
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+        f"real/padded tokens {real_tokens}/{padded_tokens}"
     )
     print("| estimator | median s | runs (s) | × minibatch |")
     print("|---|---|---|---|")

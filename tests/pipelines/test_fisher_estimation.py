@@ -75,7 +75,7 @@ def test_targets_parameter_limits_the_tensors() -> None:
     bundle = make_tiny_bundle()
     params = {
         "num_examples": None,
-        "targets": [f"bert.encoder.layer.1.intermediate.dense"],
+        "targets": ["bert.encoder.layer.1.intermediate.dense"],
         "progress": False,
     }
     catalog = run_pipeline(bundle, varied_split(10, seed=1), params)

@@ -22,9 +22,11 @@ from weighted_lowrank.lowrank.targets import select_linear_modules
 
 FISHER_MODES = ("per_example", "minibatch")
 
-#: Elements of the per-example gradient block materialised at once (float32: 16 MiB, inside a
-#: typical L3 cache); bounds memory and keeps the squared-sum reduction cache friendly.
-_BLOCK_ELEMENTS = 1 << 22
+#: Scratch elements for a block of per-example gradients (float32). On CPU 4 MiB: the block stays
+#: in cache while each example's square is added, so the per-example products cost about what the
+#: weight-gradient GEMM they replace costs. On CUDA larger blocks amortise kernel launches.
+_CPU_WORKSPACE_ELEMENTS = 1 << 20
+_CUDA_WORKSPACE_ELEMENTS = 1 << 26
 
 
 def empirical_fisher(
@@ -76,7 +78,9 @@ def empirical_fisher(
             name: torch.zeros(module.weight.shape, dtype=torch.float64, device=target_device)
             for name, module in modules.items()
         }
+        per_example = None
         if mode == "per_example":
+            per_example = _PerExampleAccumulator(modules, target_device)
             handles = [
                 module.register_forward_hook(_capture_hook(name, captured))
                 for name, module in modules.items()
@@ -97,7 +101,7 @@ def empirical_fisher(
                         "check the model weights and labels for NaN/inf"
                     )
                 if mode == "per_example":
-                    _accumulate_per_example(modules, captured, loss, sums, batch_index)
+                    per_example.accumulate(captured, loss, sums, batch_index)
                 else:
                     _accumulate_minibatch(modules, loss, sums, batch_index)
             examples += labels.shape[0]
@@ -236,68 +240,94 @@ def _capture_hook(name: str, captured: dict[str, list[tuple[torch.Tensor, torch.
     return hook
 
 
-def _accumulate_per_example(
-    modules: dict[str, nn.Linear],
-    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
-    loss: torch.Tensor,
-    sums: dict[str, torch.Tensor],
-    batch_index: int,
-) -> None:
-    unused = [name for name in modules if name not in captured]
-    if unused:
-        raise ValueError(f"targeted modules {unused[:5]} were not called in the forward pass")
-    outputs = [output for name in modules for _, output in captured[name]]
-    gradients = iter(torch.autograd.grad(loss, outputs, allow_unused=True))
-    non_finite = []
-    for name, module in modules.items():
-        calls = captured[name]
-        activations, output_grads = [], []
-        for activation, output in calls:
-            gradient = next(gradients)
-            if gradient is None:
-                gradient = torch.zeros_like(output)
-            batch_size = activation.shape[0]
-            activations.append(activation.reshape(batch_size, -1, module.in_features))
-            output_grads.append(gradient.reshape(batch_size, -1, module.out_features))
-        # Several calls of one module add up per example: concatenate along the token axis.
-        activation = activations[0] if len(calls) == 1 else torch.cat(activations, dim=1)
-        output_grad = output_grads[0] if len(calls) == 1 else torch.cat(output_grads, dim=1)
-        contribution = _squared_per_example_gradients(output_grad, activation)
-        if not torch.isfinite(contribution.sum()):
-            non_finite.append(name)
-        sums[name] += contribution
-    if non_finite:
-        raise ValueError(
-            f"non-finite per-example gradient of {non_finite[-1]}.weight on batch {batch_index} "
-            f"(the targeted module nearest the loss; {len(non_finite)} targeted modules affected)"
-        )
+class _PerExampleAccumulator:
+    """Adds ``Σ_n (G_nᵀ X_n)²`` of one batch to the running sums, with reused buffers.
 
+    Buffers are allocated once: fresh multi-megabyte tensors per block would cost a page fault
+    per page on every batch, which on CPU is as expensive as the products themselves.
+    """
 
-def _squared_per_example_gradients(
-    output_grad: torch.Tensor, activation: torch.Tensor
-) -> torch.Tensor:
-    """``Σ_n (G_nᵀ X_n)²`` for G (batch, tokens, out) and X (batch, tokens, in), in float64."""
-    # Token positions whose output gradient is zero in every example add nothing: padding, and
-    # in a classifier's last layer every token but the pooled one (query, FFN, output dense).
-    live = output_grad.any(dim=0).any(dim=1)  # NaN counts as non-zero: it stays and is reported
-    if not bool(live.all()):
-        positions = live.nonzero().squeeze(1)
-        output_grad, activation = output_grad[:, positions], activation[:, positions]
-    batch_size, tokens, out_features = output_grad.shape
-    in_features = activation.shape[2]
-    if tokens == 0:
-        return torch.zeros(out_features, in_features, dtype=torch.float64, device=activation.device)
-    if tokens == 1:
-        # Rank-one per-example gradients: Σ_n (g_n x_nᵀ)² = (G²)ᵀ(X²), one GEMM, nothing materialised.
-        return output_grad[:, 0].double().square().t() @ activation[:, 0].double().square()
-    block = max(1, _BLOCK_ELEMENTS // (out_features * in_features))
-    grads_t = output_grad.transpose(1, 2)
-    total = None
-    for start in range(0, batch_size, block):
-        per_example = torch.bmm(grads_t[start : start + block], activation[start : start + block])
-        squared_sum = per_example.square_().sum(dim=0)
-        total = squared_sum if total is None else total.add_(squared_sum)
-    return total.double()
+    def __init__(self, modules: dict[str, nn.Linear], device: torch.device) -> None:
+        self.modules = modules
+        self.on_cuda = device.type == "cuda"
+        elements = _CUDA_WORKSPACE_ELEMENTS if self.on_cuda else _CPU_WORKSPACE_ELEMENTS
+        largest = max(module.weight.numel() for module in modules.values())
+        self.workspace = torch.empty(max(elements, largest), dtype=torch.float32, device=device)
+        self.batch_sums = {
+            name: torch.zeros(module.weight.shape, dtype=torch.float32, device=device)
+            for name, module in modules.items()
+        }
+
+    def accumulate(
+        self,
+        captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+        loss: torch.Tensor,
+        sums: dict[str, torch.Tensor],
+        batch_index: int,
+    ) -> None:
+        unused = [name for name in self.modules if name not in captured]
+        if unused:
+            raise ValueError(f"targeted modules {unused[:5]} were not called in the forward pass")
+        outputs = [output for name in self.modules for _, output in captured[name]]
+        gradients = iter(torch.autograd.grad(loss, outputs, allow_unused=True))
+        non_finite = []
+        for name, module in self.modules.items():
+            calls = captured[name]
+            activations, output_grads = [], []
+            for activation, output in calls:
+                gradient = next(gradients)
+                if gradient is None:
+                    gradient = torch.zeros_like(output)
+                batch_size = activation.shape[0]
+                activations.append(activation.reshape(batch_size, -1, module.in_features))
+                output_grads.append(gradient.reshape(batch_size, -1, module.out_features))
+            # Several calls of one module add up per example: concatenate along the token axis.
+            activation = activations[0] if len(calls) == 1 else torch.cat(activations, dim=1)
+            output_grad = output_grads[0] if len(calls) == 1 else torch.cat(output_grads, dim=1)
+            batch_sum = self.batch_sums[name]
+            batch_sum.zero_()
+            self._add_squared_per_example(output_grad.float(), activation.float(), batch_sum)
+            if not torch.isfinite(batch_sum.sum()):
+                non_finite.append(name)
+            sums[name] += batch_sum
+        if non_finite:
+            raise ValueError(
+                f"non-finite per-example gradient of {non_finite[-1]}.weight on batch {batch_index} "
+                f"(the targeted module nearest the loss; {len(non_finite)} targeted modules affected)"
+            )
+
+    def _add_squared_per_example(
+        self, output_grad: torch.Tensor, activation: torch.Tensor, total: torch.Tensor
+    ) -> None:
+        """``total += Σ_n (G_nᵀ X_n)²`` for G (batch, tokens, out) and X (batch, tokens, in)."""
+        # Token positions whose output gradient is zero in every example add nothing: padding, and
+        # in a classifier's last layer every token but the pooled one (query, FFN, output dense).
+        live = output_grad.any(dim=0).any(dim=1)  # NaN counts as non-zero: it stays and is reported
+        if not bool(live.all()):
+            positions = live.nonzero().squeeze(1)
+            output_grad, activation = output_grad[:, positions], activation[:, positions]
+        batch_size, tokens, out_features = output_grad.shape
+        in_features = activation.shape[2]
+        if tokens == 0:
+            return
+        if tokens == 1:
+            # Rank-one per-example gradients: Σ_n (g_n x_nᵀ)² = (G²)ᵀ(X²), one GEMM, nothing materialised.
+            total.addmm_(output_grad[:, 0].square().t(), activation[:, 0].square())
+            return
+        block = max(1, self.workspace.numel() // (out_features * in_features))
+        grads_t = output_grad.transpose(1, 2)
+        for start in range(0, batch_size, block):
+            count = min(block, batch_size - start)
+            products = self.workspace[: count * out_features * in_features]
+            products = products.view(count, out_features, in_features)
+            torch.bmm(
+                grads_t[start : start + count], activation[start : start + count], out=products
+            )
+            if self.on_cuda:
+                total.add_(products.square_().sum(dim=0))
+            else:
+                for product in products:
+                    total.addcmul_(product, product)
 
 
 def _accumulate_minibatch(

@@ -14,8 +14,8 @@ from matplotlib.patches import Rectangle
 
 from weighted_lowrank.hf import ModelBundle, resolve_device
 from weighted_lowrank.lowrank.fisher import model_fingerprint, validate_fisher
-from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS
 from weighted_lowrank.lowrank.risk import DEFAULT_PHI_THRESHOLD, layer_statistics, risk_summary
+from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS
 
 #: Heatmap column order for BERT-style layers (other kinds follow alphabetically).
 KIND_ORDER = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
@@ -99,13 +99,20 @@ def plot_risk_heatmap(layer_risk: pd.DataFrame, svd_risk: dict[str, Any]) -> Fig
         norm=LogNorm(vmin=low, vmax=max(high, low * 1.001)),
         aspect="auto",
     )
-    for row, layer in enumerate(layers):
-        for column, kind in enumerate(kinds):
+    for row in range(len(layers)):
+        for column in range(len(kinds)):
             phi = values[row, column]
             if math.isnan(phi):
                 continue
+            bright = phi > 0 and image.norm(phi) > 0.6  # dark text on the yellow end
             axes.text(
-                column, row, f"{phi:.3g}", ha="center", va="center", fontsize=8, color="white"
+                column,
+                row,
+                f"{phi:.3g}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if bright else "white",
             )
             if phi >= threshold:
                 axes.add_patch(

@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--refresh", action="store_true", help="recompute the cached fine-tune and Fisher"
     )
+    parser.add_argument(
+        "--timing", action="store_true", help="only time the default tfwsvd (all selected layers)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.layers = args.layers or "0"

@@ -60,6 +60,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="model source (embedded, dir, hub)")
     parser.add_argument(
         "--random-weights",
@@ -91,9 +92,15 @@ def main() -> None:
     padded_tokens = sum(batch["attention_mask"].numel() for batch in batches)
 
     estimators = {
-        "minibatch": lambda: empirical_fisher(bundle.model, batches, mode="minibatch"),
-        "per_example": lambda: empirical_fisher(bundle.model, batches, mode="per_example"),
-        "bs1_loop": lambda: empirical_fisher(bundle.model, singles, mode="minibatch"),
+        "minibatch": lambda: empirical_fisher(
+            bundle.model, batches, mode="minibatch", device=args.device
+        ),
+        "per_example": lambda: empirical_fisher(
+            bundle.model, batches, mode="per_example", device=args.device
+        ),
+        "bs1_loop": lambda: empirical_fisher(
+            bundle.model, singles, mode="minibatch", device=args.device
+        ),
     }
     loop_repeats = args.repeats if args.loop_repeats is None else args.loop_repeats
     seconds: dict[str, list[float]] = {name: [] for name in estimators}
@@ -110,7 +117,7 @@ def main() -> None:
     base = statistics.median(seconds["minibatch"])
     print(
         f"\n{args.examples} examples, batch size {args.batch_size}, max_length {args.max_length}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+        f"device {args.device}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
         f"real/padded tokens {real_tokens}/{padded_tokens}"
     )
     print("| estimator | median s | runs (s) | × minibatch |")

@@ -3,6 +3,8 @@ batch gradients; eval mode, restored state, and clear errors."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
 import torch
@@ -266,3 +268,36 @@ def test_make_batches_buckets_by_length_and_keeps_every_example():
     )
     with pytest.raises(ValueError, match="lacks columns"):
         make_batches(frame.drop(columns="label"), bundle.tokenizer)
+
+
+class SharedLinearClassifier(torch.nn.Module):
+    """Applies one Linear twice (weight sharing): per-example gradients of both calls add up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, features):
+        hidden = torch.tanh(self.shared(features))
+        hidden = torch.tanh(self.shared(hidden))
+        return SimpleNamespace(logits=self.head(hidden.mean(dim=1)))
+
+
+def test_per_example_sums_calls_of_a_shared_module_before_squaring():
+    model = SharedLinearClassifier()
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(5, 4, 6, generator=generator)
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    batches = [
+        {"features": features[:3], "labels": labels[:3]},
+        {"features": features[3:], "labels": labels[3:]},
+    ]
+    fisher = empirical_fisher(model, batches, targets=["shared"])
+    reference = torch.zeros(6, 6, dtype=torch.float64)
+    for n in range(5):
+        model.zero_grad()
+        cross_entropy_sum(model(features[n : n + 1]).logits, labels[n : n + 1]).backward()
+        reference += model.shared.weight.grad.double() ** 2
+    assert float((fisher["shared.weight"].double() - reference).norm() / reference.norm()) <= 1e-5

@@ -219,9 +219,14 @@ def compress_model(
     run_device = resolve_device(device) if isinstance(device, str) else device
 
     names = list(modules)
-    weights = [modules[name].weight.detach().to(run_device, torch.float32) for name in names]
+    # Half-precision weights are factorized in float32; float64 ones keep their precision.
+    dtypes = {
+        name: torch.float64 if modules[name].weight.dtype == torch.float64 else torch.float32
+        for name in names
+    }
+    weights = [modules[name].weight.detach().to(run_device, dtypes[name]) for name in names]
     importances = [
-        None if fisher is None else fisher[f"{name}.weight"].detach().to(run_device, torch.float32)
+        None if fisher is None else fisher[f"{name}.weight"].detach().to(run_device, dtypes[name])
         for name in names
     ]
     rank_list = [ranks[name] for name in names]
@@ -235,16 +240,16 @@ def compress_model(
         group_sizes[(shapes[name], ranks[name])] = (
             group_sizes.get((shapes[name], ranks[name]), 0) + 1
         )
+    if len(results) != len(names):
+        raise ValueError(
+            f"solver {solver!r} returned {len(results)} results for {len(names)} layers"
+        )
     if solver == "svd":
         svd_losses = [result.loss for result in results]
     else:
         svd_losses = [
             result.loss for result in factorize_batch(weights, importances, rank_list, solver="svd")
         ]
-    if len(results) != len(names):
-        raise ValueError(
-            f"solver {solver!r} returned {len(results)} results for {len(names)} layers"
-        )
 
     compressed = copy.deepcopy(model)
     report = []

@@ -24,7 +24,8 @@ from transformers.utils import logging as hf_logging
 
 from weighted_lowrank.hf import EMBEDDED_MODEL, ModelBundle, load_base_model, resolve_model_source
 from weighted_lowrank.lowrank.batching import make_batches
-from weighted_lowrank.lowrank.fisher import empirical_fisher
+from weighted_lowrank.lowrank.fisher import empirical_fisher, validate_fisher
+from weighted_lowrank.lowrank.risk import layer_statistics
 
 RAW_DATA = (
     Path(__file__).resolve().parents[1] / "data" / "01_raw" / "rotten_tomatoes_corpus_full.csv.bz2"
@@ -61,6 +62,12 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument(
+        "--risk",
+        action="store_true",
+        help="also print how φ(W) of the per-example Fisher predicts SVD's loss vs FWSVD's",
+    )
+    parser.add_argument("--budget", type=float, default=0.5, help="budget of the --risk study")
     parser.add_argument(
         "--clock",
         choices=("wall", "process"),
@@ -130,13 +137,43 @@ def main() -> None:
     print(f"| estimator | median {args.clock} s | runs (s) | × minibatch |")
     print("|---|---|---|---|")
     for name, runs in seconds.items():
+        if not runs:
+            continue
         median = statistics.median(runs)
         listed = ", ".join(f"{run:.1f}" for run in runs)
         print(f"| {name} | {median:.1f} | {listed} | {median / base:.2f} |")
-    print(
-        "per-example vs bs-1 loop: max relative error "
-        f"{relative_error(results['per_example'], results['bs1_loop']):.2e}"
-    )
+    if "bs1_loop" in results:
+        print(
+            "per-example vs bs-1 loop: max relative error "
+            f"{relative_error(results['per_example'], results['bs1_loop']):.2e}"
+        )
+    if args.risk:
+        print_risk_study(bundle.model, results["per_example"], args.budget)
+
+
+def print_risk_study(model, fisher: dict[str, torch.Tensor], budget: float) -> None:
+    """How well φ and the other cheap statistics predict where SVD loses to FWSVD."""
+    modules = validate_fisher(model, fisher)
+    weights = {f"{name}.weight": module.weight.detach() for name, module in modules.items()}
+    table = pd.DataFrame(layer_statistics(weights, fisher, budget=budget))
+    print(f"\nrisk study at budget {budget}: Spearman correlation with svd_loss_rel_fwsvd")
+    for column in ("phi", "top_share", "max_to_mean", "svd_error_alignment"):
+        correlation = table[column].rank().corr(table["svd_loss_rel_fwsvd"].rank())
+        print(f"  {column}: {correlation:.3f}")
+    hurt = table["svd_loss_rel_fwsvd"] >= 2.0
+    print(f"layers where SVD's weighted loss is ≥ 2× FWSVD's: {int(hurt.sum())} of {len(table)}")
+    print("| φ threshold | layers flagged | accuracy | precision | recall |")
+    print("|---|---|---|---|---|")
+    for threshold in (3, 10, 20, 50, 100, 200):
+        flagged = table["phi"] >= threshold
+        precision = hurt[flagged].mean() if flagged.any() else float("nan")
+        recall = flagged[hurt].mean() if hurt.any() else float("nan")
+        accuracy = (flagged == hurt).mean()
+        print(
+            f"| {threshold} | {int(flagged.sum())} | {accuracy:.2f} | {precision:.2f} | {recall:.2f} |"
+        )
+    columns = ["module", "phi", "top_share", "svd_loss_rel_fwsvd", "svd_error_alignment"]
+    print(table[columns].sort_values("phi").round(3).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import nbformat
 import pandas as pd
 import pytest
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from mlflow.tracking import MlflowClient
+from nbclient import NotebookClient
 
 from tests.conftest import make_tiny_bundle
 from weighted_lowrank.lowrank.solvers import SOLVERS
@@ -44,7 +46,7 @@ def tmp_project(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(previous_uri)
 
 
-def test_default_pipeline_smoke_run_logs_one_child_per_solver(tmp_project) -> None:
+def test_default_pipeline_smoke_run_logs_one_child_per_solver(tmp_project, monkeypatch) -> None:
     project, model_dir = tmp_project
     tracking_uri = f"sqlite:///{project / 'mlflow.db'}"
     bootstrap_project(project)
@@ -77,3 +79,13 @@ def test_default_pipeline_smoke_run_logs_one_child_per_solver(tmp_project) -> No
     assert (project / "data" / "08_reporting" / "comparison.md").is_file()
     versions = list((project / "data" / "06_models" / "fine_tuned_model").iterdir())
     assert len(versions) == 1 and (versions[0] / "fine_tuned_model" / "model.safetensors").is_file()
+
+    # notebooks/compare_runs.ipynb executes top to bottom against the smoke run's store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    notebook = nbformat.read(PROJECT_ROOT / "notebooks" / "compare_runs.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(project)}}).execute()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+    assert not [output for output in outputs if output.get("output_type") == "error"]
+    summary = outputs[-2]["data"]["text/plain"]
+    assert all(solver in summary for solver in SOLVERS)
+    assert outputs[-1]["output_type"] == "display_data" and "image/png" in outputs[-1]["data"]

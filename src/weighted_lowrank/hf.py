@@ -6,7 +6,6 @@ import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -73,16 +72,3 @@ def load_base_model(source: str, num_labels: int, id2label: dict[int, str] | Non
     tokenizer = AutoTokenizer.from_pretrained(resolved)
     model = AutoModelForSequenceClassification.from_pretrained(resolved, **kwargs)
     return ModelBundle(model=model, tokenizer=tokenizer)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → CUDA when available else CPU; ``"cpu"``/``"cuda[:i]"`` verbatim (checked)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not a torch device; expected cpu, cuda or auto") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use cpu or auto")
-    return resolved

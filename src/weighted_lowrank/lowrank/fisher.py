@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.targets import select_linear_modules
 
 FISHER_MODES = ("per_example", "minibatch")
@@ -58,7 +59,7 @@ def empirical_fisher(
     if mode not in FISHER_MODES:
         raise ValueError(f"mode {mode!r} is not a Fisher mode; expected one of {FISHER_MODES}")
     modules = select_linear_modules(model, targets)
-    target_device = _resolve_device(device)
+    target_device = resolve_device(device)
     loss_of = _loss_function(model)
 
     parameters = list(model.parameters())
@@ -175,20 +176,6 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}|{values.dtype}|{tuple(values.shape)}".encode())
         digest.update(values.view(torch.uint8).numpy().tobytes() if values.numel() else b"")
     return digest.hexdigest()[:16]
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device {device!r} is not a torch device; expected cpu, cuda or auto"
-        ) from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return resolved
 
 
 def _loss_function(model: nn.Module):

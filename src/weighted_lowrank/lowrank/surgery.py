@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from weighted_lowrank.hf import resolve_device
+from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.objective import rank_for_budget
 from weighted_lowrank.lowrank.solvers import SOLVERS, factorize_batch
 from weighted_lowrank.lowrank.targets import select_linear_modules
@@ -216,7 +216,7 @@ def compress_model(
         if wrong:
             raise ValueError(f"fisher tensors {wrong} do not have the shape of their weights")
     ranks = _check_ranks(shapes, budget)
-    run_device = resolve_device(device) if isinstance(device, str) else device
+    run_device = resolve_device(device)
 
     names = list(modules)
     # Half-precision weights are factorized in float32; float64 ones keep their precision.
@@ -473,4 +473,4 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu") -
         tensors[alias] = tensors[source]
     model.load_state_dict(tensors, strict=True)
     model.eval()
-    return model.to(resolve_device(device) if isinstance(device, str) else device)
+    return model.to(resolve_device(device))

@@ -20,8 +20,9 @@ from typing import Any
 
 import pandas as pd
 
-from weighted_lowrank.hf import ModelBundle, resolve_device
+from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.latency import measure_latency_ms
+from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.surgery import (
     lowrank_modules,
     parameter_counts,

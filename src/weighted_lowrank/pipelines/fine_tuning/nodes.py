@@ -6,7 +6,8 @@ from typing import Any
 
 import pandas as pd
 
-from weighted_lowrank.hf import ModelBundle, load_base_model, resolve_device
+from weighted_lowrank.hf import ModelBundle, load_base_model
+from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.training import TrainingOptions, check_split, train_classifier
 
 

@@ -9,8 +9,9 @@ from typing import Any
 
 import pandas as pd
 
-from weighted_lowrank.hf import ModelBundle, resolve_device
+from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lowrank.batching import make_batches
+from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fisher import FISHER_MODES, empirical_fisher, model_fingerprint
 from weighted_lowrank.training import check_split
 

@@ -12,7 +12,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from weighted_lowrank.hf import ModelBundle, resolve_device
+from weighted_lowrank.hf import ModelBundle
+from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fisher import model_fingerprint, validate_fisher
 from weighted_lowrank.lowrank.risk import DEFAULT_PHI_THRESHOLD, layer_statistics, risk_summary
 from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS

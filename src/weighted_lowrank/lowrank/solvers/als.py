@@ -25,55 +25,63 @@ from weighted_lowrank.lowrank.solvers._common import (
 ALS_OPTIONS: dict[str, Any] = {**ITERATIVE_OPTIONS, "damping": 1e-6, "chunk_elements": 2**25}
 
 
-def row_grams(importance: torch.Tensor, basis: torch.Tensor, chunk_elements: int) -> torch.Tensor:
-    """``G[b, i] = Σ_j importance[b, i, j] · basis[b, :, j] basis[b, :, j]ᵀ`` as (b, rows, r, r).
+def solve_rows(
+    importance: torch.Tensor,
+    basis: torch.Tensor,
+    rhs: torch.Tensor,
+    previous: torch.Tensor,
+    damping: float,
+    chunk_elements: int,
+) -> torch.Tensor:
+    """Damped weighted least squares for every row of every layer in the batch.
 
-    One matmul per chunk against the upper-triangle products of the basis columns (half the
-    work of the full r × r outer products), mirrored afterwards.
+    Row ``i`` of layer ``b`` solves ``(G_i + δ_i Id) x_i = rhs_i + δ_i x_i^prev`` with
+    ``G_i = Σ_j importance[b, i, j] · basis[b, :, j] basis[b, :, j]ᵀ`` (r × r), in float64.
+    ``δ_i = damping · (tr G_i / r + mean_k tr G_k / r)``: relative to the row's own curvature,
+    with a floor from the layer's average so all-zero rows get a positive δ too. A Cholesky
+    failure (float32 products can leave a Gram slightly indefinite) retries that row with 100×
+    the damping.
+
+    Grams are built and solved a chunk of rows at a time (one matmul against the upper-triangle
+    products of the basis columns, half the work of full outer products), so only about
+    ``chunk_elements`` Gram entries exist at once: holding every row's Gram of a batch of FFN
+    weights (6 × 1536 × 153² in float64) took 8.5 GB.
     """
     batch, rows, _ = importance.shape
     rank = basis.shape[1]
     upper_rows, upper_cols = torch.triu_indices(rank, rank, device=basis.device)
-    grams = torch.empty(batch, rows, rank, rank, dtype=basis.dtype, device=basis.device)
-    pairs = len(upper_rows)
-    row_chunk = max(1, chunk_elements // max(pairs, 1))
+    # tr G_i = Σ_j I_ij ‖b_j‖², without forming G_i.
+    traces = (importance @ (basis * basis).sum(dim=1, dtype=basis.dtype)[..., None])[
+        ..., 0
+    ].double()
+    diagonal = traces / rank
+    floor = diagonal.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    deltas = damping * (diagonal + floor)
+    identity = torch.eye(rank, dtype=torch.float64, device=basis.device)
+    row_chunk = max(1, chunk_elements // (4 * rank * rank))
+    solution = torch.empty(batch, rows, rank, dtype=basis.dtype, device=basis.device)
     for b in range(batch):
         products = (basis[b, upper_rows, :] * basis[b, upper_cols, :]).transpose(0, 1)
         for start in range(0, rows, row_chunk):
             stop = min(rows, start + row_chunk)
-            upper = importance[b, start:stop] @ products
-            block = grams[b, start:stop]
-            block[:, upper_rows, upper_cols] = upper
-            block[:, upper_cols, upper_rows] = upper
-    return grams
-
-
-def damped_solve(
-    grams: torch.Tensor, rhs: torch.Tensor, previous: torch.Tensor, damping: float
-) -> torch.Tensor:
-    """Solve ``(G + δ Id) x = rhs + δ x_prev`` for every row at once, in float64.
-
-    ``δ_i = damping · (tr G_i / r + mean_k tr G_k / r)``: relative to the row's own curvature,
-    with a floor from the layer's average so all-zero rows get a positive δ too. A Cholesky
-    failure (float32 Grams can be slightly indefinite) retries that row with 100× the damping.
-    """
-    rank = grams.shape[-1]
-    grams64 = grams.double()
-    diagonal = grams64.diagonal(dim1=-2, dim2=-1).sum(-1) / rank
-    floor = diagonal.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    delta = damping * (diagonal + floor)
-    identity = torch.eye(rank, dtype=torch.float64, device=grams.device)
-    rhs64 = rhs.double()
-    previous64 = previous.double()
-    for _ in range(8):
-        system = grams64 + delta[..., None, None] * identity
-        factor, info = torch.linalg.cholesky_ex(system)
-        failed = info > 0
-        if not bool(failed.any()):
-            break
-        delta = torch.where(failed, delta * 100, delta)
-    solution = torch.cholesky_solve((rhs64 + delta[..., None] * previous64)[..., None], factor)
-    return solution[..., 0].to(grams.dtype)
+            upper = (importance[b, start:stop] @ products).double()
+            grams = torch.empty(stop - start, rank, rank, dtype=torch.float64, device=basis.device)
+            grams[:, upper_rows, upper_cols] = upper
+            grams[:, upper_cols, upper_rows] = upper
+            delta = deltas[b, start:stop]
+            for _ in range(8):
+                factor, info = torch.linalg.cholesky_ex(grams + delta[:, None, None] * identity)
+                failed = info > 0
+                if not bool(failed.any()):
+                    break
+                delta = torch.where(failed, delta * 100, delta)
+            right_side = (
+                rhs[b, start:stop].double() + delta[:, None] * previous[b, start:stop].double()
+            )
+            solution[b, start:stop] = torch.cholesky_solve(right_side[..., None], factor)[
+                ..., 0
+            ].to(basis.dtype)
+    return solution
 
 
 def als_sweep(
@@ -86,11 +94,16 @@ def als_sweep(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One damped ALS sweep (A then B) for a batch; never increases the loss."""
     weighted = importance * weight
-    left_grams = row_grams(importance, right, chunk_elements)
-    left = damped_solve(left_grams, weighted @ right.transpose(1, 2), left, damping)
-    right_grams = row_grams(importance.transpose(1, 2), left.transpose(1, 2), chunk_elements)
-    right_t = damped_solve(
-        right_grams, weighted.transpose(1, 2) @ left, right.transpose(1, 2), damping
+    left = solve_rows(
+        importance, right, weighted @ right.transpose(1, 2), left, damping, chunk_elements
+    )
+    right_t = solve_rows(
+        importance.transpose(1, 2),
+        left.transpose(1, 2),
+        weighted.transpose(1, 2) @ left,
+        right.transpose(1, 2),
+        damping,
+        chunk_elements,
     )
     return left, right_t.transpose(1, 2).contiguous()
 

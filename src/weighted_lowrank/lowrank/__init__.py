@@ -6,7 +6,7 @@ No Kedro import anywhere below this package, so it is usable from a notebook or 
 from weighted_lowrank.lowrank.fisher import empirical_fisher
 from weighted_lowrank.lowrank.objective import FactorizationResult, rank_for_budget, weighted_loss
 from weighted_lowrank.lowrank.risk import fisher_variance
-from weighted_lowrank.lowrank.solvers import SOLVERS, factorize
+from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, factorize_batch
 from weighted_lowrank.lowrank.surgery import (
     LowRankLinear,
     compress_model,
@@ -23,6 +23,7 @@ __all__ = [
     "compress_model",
     "empirical_fisher",
     "factorize",
+    "factorize_batch",
     "fisher_variance",
     "load_compressed",
     "rank_for_budget",

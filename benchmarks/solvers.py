@@ -37,7 +37,10 @@ from weighted_lowrank.lowrank.targets import select_linear_modules  # noqa: E402
 
 CACHE_DIR = REPO_ROOT / "benchmarks" / ".cache"
 RAW_REVIEWS = REPO_ROOT / "data" / "01_raw" / "rotten_tomatoes_corpus_full.csv.bz2"
-DRAFT_PATH = REPO_ROOT / "docs" / "drafts" / "BENCHMARKS_solvers.md"
+BENCHMARKS_PATH = REPO_ROOT / "docs" / "BENCHMARKS.md"
+#: The generated tables live between these markers in docs/BENCHMARKS.md; the rest is prose.
+SECTION_START = "<!-- solvers:start (written by benchmarks/solvers.py) -->"
+SECTION_END = "<!-- solvers:end -->"
 
 FINE_TUNE_EXAMPLES = 800
 FISHER_EXAMPLES = 512
@@ -278,7 +281,7 @@ def _fmt(value, pattern="{:.4f}"):
 def render_case(label, budget, names, records) -> str:
     """Markdown tables for one case: solver summary, then per-layer-type medians."""
     lines = [
-        f"#### {label}, budget {budget} ({len(names)} layers)",
+        f"### {label}, budget {budget} ({len(names)} layers)",
         "",
         "| solver | loss / SVD (median) | loss / best FWSVD (median) | worst gap to best | "
         "layers within 0.1 % of best | never above every FWSVD form | time to 1 % of best, median (s) | "
@@ -346,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         "--layers", default=None, help='encoder layer indices ("0,5") or a name regex'
     )
     parser.add_argument("--quick", action="store_true", help="layer 0 only, short caps (smoke run)")
-    parser.add_argument("--output", default=str(DRAFT_PATH), help="markdown file to write")
+    parser.add_argument(
+        "--output",
+        default=str(BENCHMARKS_PATH),
+        help="markdown file whose solver section is replaced",
+    )
     parser.add_argument(
         "--seconds", type=float, default=40.0, help="time cap per solver and layer group"
     )
@@ -391,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/solvers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     sections = [
-        "### Solver benchmark (element-wise weighted low-rank)",
+        "## Solver benchmark (element-wise weighted low-rank)",
         "",
         f"Command: `{command.strip()}`  ",
         f"Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}  ",
@@ -423,10 +430,22 @@ def main(argv: list[str] | None = None) -> int:
         print(table, flush=True)
         sections.append(table)
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("\n".join(sections) + "\n")
-    print(f"wrote {output}")
+    write_section(output, "\n".join(sections))
+    print(f"wrote the solver section of {output}")
     return 0
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace the text between the solver markers of ``path`` (or write a new file)."""
+    section = f"{SECTION_START}\n{text.strip()}\n{SECTION_END}"
+    existing = path.read_text() if path.exists() else ""
+    if SECTION_START in existing and SECTION_END in existing:
+        before = existing.split(SECTION_START, 1)[0]
+        after = existing.split(SECTION_END, 1)[1]
+        path.write_text(before + section + after)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(existing + ("\n" if existing else "") + section + "\n")
 
 
 if __name__ == "__main__":

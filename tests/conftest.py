@@ -33,7 +33,9 @@ def make_tokenizer(corpus: list[str] = TOY_CORPUS) -> PreTrainedTokenizerFast:
     words = sorted({word for line in corpus for word in line.lower().split()})
     chars = sorted({char for word in words for char in word})
     tokens = specials + words + [c for c in chars if c not in words] + [f"##{c}" for c in chars]
-    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(tokens)}, unk_token="[UNK]"))
+    tok = Tokenizer(
+        models.WordPiece({token: i for i, token in enumerate(tokens)}, unk_token="[UNK]")
+    )
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
@@ -53,7 +55,9 @@ def make_tokenizer(corpus: list[str] = TOY_CORPUS) -> PreTrainedTokenizerFast:
     )
 
 
-def make_tiny_bundle(num_labels: int = 2, seed: int = 0, hidden: int = 32, layers: int = 2) -> ModelBundle:
+def make_tiny_bundle(
+    num_labels: int = 2, seed: int = 0, hidden: int = 32, layers: int = 2
+) -> ModelBundle:
     """A randomly initialised BERT classifier small enough for unit tests."""
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
@@ -70,6 +74,15 @@ def make_tiny_bundle(num_labels: int = 2, seed: int = 0, hidden: int = 32, layer
     model = BertForSequenceClassification(config)
     model.eval()
     return ModelBundle(model=model, tokenizer=tokenizer)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models run many times faster on one thread, above all on a busy shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -24,15 +24,27 @@ from tests.conftest import make_tiny_bundle
 from weighted_lowrank.lowrank.solvers import SOLVERS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-COMMON_METRICS = {"accuracy", "f1", "mcc", "weighted_loss_rel_svd", "params_kept", "params_ratio_layers",
-                  "params_ratio_model", "size_on_disk_bytes", "latency_ms", "factorization_seconds"}
+COMMON_METRICS = {
+    "accuracy",
+    "f1",
+    "mcc",
+    "weighted_loss_rel_svd",
+    "params_kept",
+    "params_ratio_layers",
+    "params_ratio_model",
+    "size_on_disk_bytes",
+    "latency_ms",
+    "factorization_seconds",
+}
 
 
 @pytest.fixture
 def tmp_project(tmp_path, monkeypatch):
     for name in ("pyproject.toml", ".telemetry"):
         shutil.copy(PROJECT_ROOT / name, tmp_path / name)
-    shutil.copytree(PROJECT_ROOT / "conf", tmp_path / "conf", ignore=shutil.ignore_patterns("local"))
+    shutil.copytree(
+        PROJECT_ROOT / "conf", tmp_path / "conf", ignore=shutil.ignore_patterns("local")
+    )
     (tmp_path / "conf" / "local").mkdir()
     (tmp_path / "src").mkdir()  # bootstrap_project wants it; the package itself is installed
     shutil.copytree(PROJECT_ROOT / "data" / "01_raw", tmp_path / "data" / "01_raw")
@@ -64,8 +76,14 @@ def test_default_pipeline_smoke_run_logs_one_child_per_solver(tmp_project, monke
     assert len(parents) == 1
     parent = parents[0]
     assert parent.data.params["model.source"] == str(model_dir)
-    assert {"fine_tuning.val_accuracy", "fine_tuning.train_loss", "fine_tuning.seconds"} <= set(parent.data.metrics)
-    children = {run.info.run_name: run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"fine_tuning.val_accuracy", "fine_tuning.train_loss", "fine_tuning.seconds"} <= set(
+        parent.data.metrics
+    )
+    children = {
+        run.info.run_name: run
+        for run in runs
+        if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert set(children) == {"dense", *SOLVERS}
     for name, child in children.items():
         assert set(child.data.metrics) >= COMMON_METRICS, name
@@ -83,8 +101,15 @@ def test_default_pipeline_smoke_run_logs_one_child_per_solver(tmp_project, monke
     # notebooks/compare_runs.ipynb executes top to bottom against the smoke run's store.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     notebook = nbformat.read(PROJECT_ROOT / "notebooks" / "compare_runs.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(project)}}).execute()
-    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+    NotebookClient(
+        notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(project)}}
+    ).execute()
+    outputs = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+    ]
     assert not [output for output in outputs if output.get("output_type") == "error"]
     summary = outputs[-2]["data"]["text/plain"]
     assert all(solver in summary for solver in SOLVERS)

@@ -42,7 +42,9 @@ def test_fine_tuning_learns_a_separable_task() -> None:
     train, validation = toy_split(256, seed=0), toy_split(128, seed=1)
     before = evaluate_classifier(bundle.model, bundle.tokenizer, validation, max_length=16)
     options = TrainingOptions(epochs=4, batch_size=16, learning_rate=2e-3, max_length=16, seed=3)
-    history = train_classifier(bundle.model, bundle.tokenizer, train, validation, options, progress=False)
+    history = train_classifier(
+        bundle.model, bundle.tokenizer, train, validation, options, progress=False
+    )
     assert [record["epoch"] for record in history] == [1, 2, 3, 4]
     assert history[-1]["val_accuracy"] >= 0.9 > before["accuracy"] + 0.2
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -63,7 +65,9 @@ def test_training_is_deterministic_for_a_seed() -> None:
 
 def test_predict_keeps_row_order_despite_length_sorting() -> None:
     bundle = make_tiny_bundle()
-    frame = pd.DataFrame({"text": ["good", "a terrible dull movie and bad plot", "fine film"], "label": [1, 0, 1]})
+    frame = pd.DataFrame(
+        {"text": ["good", "a terrible dull movie and bad plot", "fine film"], "label": [1, 0, 1]}
+    )
     logits, _ = predict(bundle.model, bundle.tokenizer, frame, max_length=16)
     for row in range(len(frame)):
         single = predict(bundle.model, bundle.tokenizer, frame.iloc[[row]], max_length=16)[0]
@@ -72,7 +76,9 @@ def test_predict_keeps_row_order_despite_length_sorting() -> None:
 
 def test_collate_pads_and_pairs_get_segment_ids() -> None:
     bundle = make_tiny_bundle()
-    frame = pd.DataFrame({"text": ["good", "a dull movie"], "text_pair": ["bad plot", "fine"], "label": [0, 1]})
+    frame = pd.DataFrame(
+        {"text": ["good", "a dull movie"], "text_pair": ["bad plot", "fine"], "label": [0, 1]}
+    )
     examples = encode_split(frame, bundle.tokenizer, max_length=16)
     batch = collate(examples, bundle.tokenizer.pad_token_id)
     lengths = [example["input_ids"].numel() for example in examples]
@@ -88,12 +94,20 @@ def test_task_metrics_classification_and_regression() -> None:
     assert scores["accuracy"] == pytest.approx(0.75)
     assert -1 <= scores["mcc"] <= 1 and 0 <= scores["f1"] <= 1
     regression = task_metrics(np.array([[0.1], [0.5], [0.9]]), np.array([1.0, 2.0, 3.0]))
-    assert regression["pearson"] == pytest.approx(1.0) and regression["spearman"] == pytest.approx(1.0)
+    assert regression["pearson"] == pytest.approx(1.0) and regression["spearman"] == pytest.approx(
+        1.0
+    )
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("epochs", 0), ("batch_size", -1), ("learning_rate", 0.0), ("warmup_ratio", 1.0), ("max_length", 2.5)],
+    [
+        ("epochs", 0),
+        ("batch_size", -1),
+        ("learning_rate", 0.0),
+        ("warmup_ratio", 1.0),
+        ("max_length", 2.5),
+    ],
 )
 def test_bad_training_options_raise(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
@@ -104,6 +118,10 @@ def test_split_without_label_column_raises() -> None:
     bundle = make_tiny_bundle()
     with pytest.raises(ValueError, match="lacks columns \\['label'\\]"):
         train_classifier(
-            bundle.model, bundle.tokenizer, pd.DataFrame({"text": ["a"]}), toy_split(4, 0),
-            TrainingOptions(epochs=1), progress=False,
+            bundle.model,
+            bundle.tokenizer,
+            pd.DataFrame({"text": ["a"]}),
+            toy_split(4, 0),
+            TrainingOptions(epochs=1),
+            progress=False,
         )

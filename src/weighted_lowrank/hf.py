@@ -54,14 +54,20 @@ def resolve_model_source(source: str) -> str:
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ValueError(f"model directory {path} has no config.json (expected an HF model directory)")
+            raise ValueError(
+                f"model directory {path} has no config.json (expected an HF model directory)"
+            )
         return str(path)
     if source.count("/") > 1 or not source.strip():
-        raise ValueError(f"model source {source!r} is neither an existing local directory nor a hub name")
+        raise ValueError(
+            f"model source {source!r} is neither an existing local directory nor a hub name"
+        )
     return source
 
 
-def load_base_model(source: str, num_labels: int, id2label: dict[int, str] | None = None) -> ModelBundle:
+def load_base_model(
+    source: str, num_labels: int, id2label: dict[int, str] | None = None
+) -> ModelBundle:
     """Load a base model for sequence classification with a fresh head of ``num_labels``."""
     resolved = resolve_model_source(source)
     # A checkpoint may carry a head for another task: it is re-initialised at the new size.

@@ -44,7 +44,9 @@ class TrainingOptions:
         if not self.learning_rate > 0:
             raise ValueError(f"training option learning_rate={self.learning_rate!r}: expected > 0")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"training option warmup_ratio={self.warmup_ratio!r}: expected in [0, 1)")
+            raise ValueError(
+                f"training option warmup_ratio={self.warmup_ratio!r}: expected in [0, 1)"
+            )
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise ValueError("training options weight_decay must be >= 0 and max_grad_norm > 0")
 
@@ -67,7 +69,9 @@ def encode_split(
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     label_dtype = torch.float32 if pd.api.types.is_float_dtype(frame["label"]) else torch.long
     labels = torch.as_tensor(frame["label"].to_numpy(copy=True), dtype=label_dtype)
-    keys = [key for key in encoded.keys() if key in ("input_ids", "attention_mask", "token_type_ids")]
+    keys = [
+        key for key in encoded.keys() if key in ("input_ids", "attention_mask", "token_type_ids")
+    ]
     return [
         {**{key: torch.as_tensor(encoded[key][i]) for key in keys}, "labels": labels[i]}
         for i in range(len(texts))
@@ -84,7 +88,10 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[
             continue
         fill = pad_token_id if key == "input_ids" else 0
         batch[key] = torch.stack(
-            [nn.functional.pad(example[key], (0, length - example[key].numel()), value=fill) for example in examples]
+            [
+                nn.functional.pad(example[key], (0, length - example[key].numel()), value=fill)
+                for example in examples
+            ]
         )
     return batch
 
@@ -194,7 +201,10 @@ def train_classifier(
         if parameter.requires_grad:
             (no_decay if parameter.ndim < 2 or "LayerNorm" in name else decay).append(parameter)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": options.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=options.learning_rate,
     )
     scheduler = get_linear_schedule_with_warmup(
@@ -207,14 +217,23 @@ def train_classifier(
         model.train()
         running_loss, seen = 0.0, 0
         batches = iterate_batches(examples, options.batch_size, tokenizer.pad_token_id, generator)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{options.epochs}", disable=not progress)
+        bar = tqdm(
+            batches,
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{options.epochs}",
+            disable=not progress,
+        )
         for batch in bar:
             batch = _to_device(batch, device)
             loss = model(**batch).loss
             if not torch.isfinite(loss):
-                raise ValueError(f"training loss became {float(loss)} at epoch {epoch + 1}; lower learning_rate")
+                raise ValueError(
+                    f"training loss became {float(loss)} at epoch {epoch + 1}; lower learning_rate"
+                )
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], options.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], options.max_grad_norm
+            )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -29,11 +29,16 @@ def test_children_nest_under_the_active_run(tmp_tracking) -> None:
     with mlflow.start_run(run_name="parent") as parent:
         for solver, accuracy in (("svd", 0.7), ("als", 0.8)):
             MlflowChildRunDataset(run_name=solver).save(
-                {"params": {"solver": solver, "budget": 0.5}, "metrics": {"accuracy": accuracy}, "tags": {"kind": "solver"}}
+                {
+                    "params": {"solver": solver, "budget": 0.5},
+                    "metrics": {"accuracy": accuracy},
+                    "tags": {"kind": "solver"},
+                }
             )
         assert mlflow.active_run().info.run_id == parent.info.run_id
     children = tmp_tracking.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
     )
     by_name = {run.info.run_name: run for run in children}
     assert set(by_name) == {"svd", "als"}

@@ -28,15 +28,6 @@ from weighted_lowrank.lowrank.targets import select_linear_modules
 TEXTS = ["good great fine film", "a terrible dull movie", "the plot was awful", "wonderful acting"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run many times faster on one thread, above all on a busy shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def logits_of(bundle_model, tokenizer) -> torch.Tensor:
     batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
     with torch.no_grad():

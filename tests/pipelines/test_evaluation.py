@@ -56,15 +56,6 @@ COMMON_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run many times faster on one thread, above all on a busy shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def logits_by_hand(bundle, frame: pd.DataFrame) -> np.ndarray:
     batch = bundle.tokenizer(
         frame["text"].tolist(),

@@ -22,15 +22,6 @@ from weighted_lowrank.pipelines.factorization.nodes import compress
 BUDGET = 0.4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run many times faster on one thread, above all on a busy shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_fisher_information(model, seed: int = 3) -> dict:
     generator = torch.Generator().manual_seed(seed)
     tensors = {

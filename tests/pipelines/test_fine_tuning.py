@@ -21,7 +21,13 @@ def tiny_model_dir(tmp_path):
 
 
 def test_pipeline_fine_tunes_a_local_model_and_reports_each_epoch(tiny_model_dir) -> None:
-    fine_tuning = {"epochs": 3, "batch_size": 8, "learning_rate": 3e-3, "warmup_ratio": 0.0, "progress": False}
+    fine_tuning = {
+        "epochs": 3,
+        "batch_size": 8,
+        "learning_rate": 3e-3,
+        "warmup_ratio": 0.0,
+        "progress": False,
+    }
     catalog = DataCatalog(
         {
             "label_names": MemoryDataset(["negative", "positive"]),

@@ -15,7 +15,9 @@ from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.pipelines.reporting import create_pipeline
 from weighted_lowrank.pipelines.reporting.nodes import comparison_table, markdown_table
 
-MODULES = [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)] + ["bert.encoder.layer.0.output.dense"]
+MODULES = [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)] + [
+    "bert.encoder.layer.0.output.dense"
+]
 
 
 def fake_metrics(index: int) -> dict[str, float]:
@@ -40,7 +42,9 @@ def fake_report(index: int) -> pd.DataFrame:
         {
             "module": MODULES,
             "loss_rel_svd": [1.0 / (1 + index + layer) for layer in range(len(MODULES))],
-            "history": [json.dumps([[0.0, 2.0], [0.1 * (1 + index), 1.0 / (1 + index)]]) for _ in MODULES],
+            "history": [
+                json.dumps([[0.0, 2.0], [0.1 * (1 + index), 1.0 / (1 + index)]]) for _ in MODULES
+            ],
         }
     )
 
@@ -50,7 +54,9 @@ def test_reporting_pipeline_on_fake_evaluations(tmp_path) -> None:
     catalog = DataCatalog(
         {
             "params:compression": MemoryDataset({"budget": 0.5, "targets": None}),
-            "params:model": MemoryDataset({"source": "embedded:all-MiniLM-L6-v2", "max_length": 64}),
+            "params:model": MemoryDataset(
+                {"source": "embedded:all-MiniLM-L6-v2", "max_length": 64}
+            ),
             "params:data": MemoryDataset({"source": "catalog"}),
             "params:seed": MemoryDataset(7),
             "params:reporting": MemoryDataset({"convergence_layers": 2}),
@@ -63,7 +69,12 @@ def test_reporting_pipeline_on_fake_evaluations(tmp_path) -> None:
             catalog[f"{namespace}.layer_report"] = fake_report(index)
     # Persisted as in the project: the runner releases in-memory data once its consumers ran.
     catalog["comparison_table"] = ParquetDataset(filepath=str(tmp_path / "comparison.parquet"))
-    for name in ("comparison_markdown", "accuracy_vs_params_plot", "layer_loss_plot", "convergence_plot"):
+    for name in (
+        "comparison_markdown",
+        "accuracy_vs_params_plot",
+        "layer_loss_plot",
+        "convergence_plot",
+    ):
         catalog[name] = MemoryDataset(copy_mode="assign")
     SequentialRunner().run(create_pipeline(), catalog)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def resolve_device(device: str | torch.device | None, fallback: torch.device | None = None) -> torch.device:
+def resolve_device(
+    device: str | torch.device | None, fallback: torch.device | None = None
+) -> torch.device:
     """``None`` → ``fallback`` (CPU if none); ``"auto"`` → CUDA when available, else CPU;
     anything else verbatim, checked: a malformed name or CUDA without a GPU is a ``ValueError``.
     """
@@ -16,7 +18,9 @@ def resolve_device(device: str | torch.device | None, fallback: torch.device | N
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a torch device; expected cpu, cuda or auto") from exc
+        raise ValueError(
+            f"device {device!r} is not a torch device; expected cpu, cuda or auto"
+        ) from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use cpu or auto")
     return resolved

@@ -24,7 +24,9 @@ def select_linear_modules(
     iterable of exact module names, or ``None`` for :data:`DEFAULT_TARGETS`.
     Raises ``ValueError`` when nothing matches or a named module is missing / not Linear.
     """
-    linear = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    linear = {
+        name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)
+    }
     if targets is None or isinstance(targets, str):
         pattern = DEFAULT_TARGETS if targets is None else targets
         try:

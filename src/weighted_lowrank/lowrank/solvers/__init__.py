@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
+from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.objective import FactorizationResult, validate_problem, weighted_loss
 from weighted_lowrank.lowrank.solvers._common import (
     Problem,
     SolverOutput,
     build_problem,
-    resolve_device,
     resolve_options,
 )
 from weighted_lowrank.lowrank.solvers.als import ALS_OPTIONS, solve_als

@@ -91,23 +91,6 @@ def resolve_options(
     return merged
 
 
-def resolve_device(device: str | torch.device | None, fallback: torch.device) -> torch.device:
-    """``None`` → where the weight lives; ``"auto"`` → CUDA if available; else verbatim (checked)."""
-    if device is None:
-        return fallback
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device {device!r} is not a torch device; expected cpu, cuda or auto"
-        ) from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use cpu or auto")
-    return resolved
-
-
 def build_problem(
     weights: list[torch.Tensor],
     importances: list[torch.Tensor | None],

@@ -18,7 +18,9 @@ def initialise_model(model: dict[str, Any], label_names: list[str]) -> ModelBund
     """
     source = model.get("source")
     if not isinstance(source, str) or not source:
-        raise ValueError(f"parameter model.source={source!r}: expected a model directory, hub name or 'embedded:…'")
+        raise ValueError(
+            f"parameter model.source={source!r}: expected a model directory, hub name or 'embedded:…'"
+        )
     id2label = dict(enumerate(label_names)) if label_names else None
     return load_base_model(source, num_labels=len(label_names) or 1, id2label=id2label)
 

@@ -54,13 +54,19 @@ def child_run_record(
         "task": task,
         "seed": seed,
     }
-    return {"params": params, "metrics": dict(metrics), "tags": {"kind": "dense" if is_dense else "solver"}}
+    return {
+        "params": params,
+        "metrics": dict(metrics),
+        "tags": {"kind": "dense" if is_dense else "solver"},
+    }
 
 
 def comparison_table(**evaluations: dict[str, float]) -> pd.DataFrame:
     """One row per namespace (dense first), the evaluation metrics side by side."""
     if "dense" not in evaluations:
-        raise ValueError(f"comparison needs the dense evaluation; got namespaces {sorted(evaluations)}")
+        raise ValueError(
+            f"comparison needs the dense evaluation; got namespaces {sorted(evaluations)}"
+        )
     rows = [{"namespace": name, **metrics} for name, metrics in evaluations.items()]
     table = pd.DataFrame(rows)
     order = ["dense"] + sorted(name for name in evaluations if name != "dense")
@@ -90,7 +96,10 @@ def markdown_table(table: pd.DataFrame) -> str:
         return str(value)
 
     lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in table.itertuples(index=False)]
+    lines += [
+        "| " + " | ".join(cell(value) for value in row) + " |"
+        for row in table.itertuples(index=False)
+    ]
     return "\n".join(lines)
 
 
@@ -102,7 +111,12 @@ def accuracy_vs_params_figure(table: pd.DataFrame) -> Figure:
     axis.axhline(dense[metric], color="black", linestyle="--", label="dense")
     for _, row in table[table["namespace"] != "dense"].iterrows():
         axis.scatter(row["params_ratio_model"], row[metric], s=40)
-        axis.annotate(row["namespace"], (row["params_ratio_model"], row[metric]), xytext=(4, 4), textcoords="offset points")
+        axis.annotate(
+            row["namespace"],
+            (row["params_ratio_model"], row[metric]),
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     axis.set_xlabel("parameters kept (whole model, fraction of dense)")
     axis.set_ylabel(f"test {metric}")
     axis.set_title("Task quality vs size, no re-fine-tuning")
@@ -131,7 +145,9 @@ def convergence_figure(reporting: dict[str, Any], **layer_reports: pd.DataFrame)
     """Loss vs seconds of every solver on the ``layers`` layers with the largest SVD gap."""
     layers = int(reporting["convergence_layers"])
     reference = next(iter(layer_reports.values()))
-    gap = pd.concat([report.set_index("module")["loss_rel_svd"] for report in layer_reports.values()], axis=1).min(axis=1)
+    gap = pd.concat(
+        [report.set_index("module")["loss_rel_svd"] for report in layer_reports.values()], axis=1
+    ).min(axis=1)
     chosen = gap.sort_values().index[: max(1, min(layers, len(reference)))]
     figure, axes = plt.subplots(1, len(chosen), figsize=(4.5 * len(chosen), 4), squeeze=False)
     for axis, module in zip(axes[0], chosen, strict=True):

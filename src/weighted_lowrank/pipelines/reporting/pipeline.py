@@ -24,7 +24,13 @@ def _child_run_pipeline(namespace: str) -> Pipeline:
         [
             Node(
                 record,
-                inputs=["evaluation_metrics", "params:compression", "params:model", "params:data", "params:seed"],
+                inputs=[
+                    "evaluation_metrics",
+                    "params:compression",
+                    "params:model",
+                    "params:data",
+                    "params:seed",
+                ],
                 outputs="mlflow_run",
                 name="record_child_run",
             )
@@ -40,7 +46,12 @@ def create_pipeline(**kwargs) -> Pipeline:
     layer_reports = {solver: f"{solver}.layer_report" for solver in SOLVERS}
     summary = Pipeline(
         [
-            Node(comparison_table, inputs=evaluations, outputs="comparison_table", name="comparison_table"),
+            Node(
+                comparison_table,
+                inputs=evaluations,
+                outputs="comparison_table",
+                name="comparison_table",
+            ),
             Node(
                 comparison_markdown,
                 inputs=["comparison_table", "params:compression"],
@@ -53,7 +64,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="accuracy_vs_params_plot",
                 name="accuracy_vs_params_plot",
             ),
-            Node(layer_loss_figure, inputs=layer_reports, outputs="layer_loss_plot", name="layer_loss_plot"),
+            Node(
+                layer_loss_figure,
+                inputs=layer_reports,
+                outputs="layer_loss_plot",
+                name="layer_loss_plot",
+            ),
             Node(
                 convergence_figure,
                 inputs={"reporting": "params:reporting", **layer_reports},

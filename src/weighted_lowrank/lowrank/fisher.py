@@ -277,11 +277,7 @@ class _PerExampleAccumulator:
             if not torch.isfinite(batch_sum.sum()):
                 non_finite.append(name)
             sums[name] += batch_sum
-        if non_finite:
-            raise ValueError(
-                f"non-finite per-example gradient of {non_finite[-1]}.weight on batch {batch_index} "
-                f"(the targeted module nearest the loss; {len(non_finite)} targeted modules affected)"
-            )
+        _raise_if_non_finite(non_finite, "per-example", batch_index)
 
     def _add_squared_per_example(
         self, output_grad: torch.Tensor, activation: torch.Tensor, total: torch.Tensor
@@ -334,8 +330,13 @@ def _accumulate_minibatch(
         if not torch.isfinite(squared.sum()):
             non_finite.append(name)
         sums[name] += squared
+    _raise_if_non_finite(non_finite, "minibatch", batch_index)
+
+
+def _raise_if_non_finite(non_finite: list[str], kind: str, batch_index: int) -> None:
+    """Name the targeted module nearest the loss (the last in model order) whose gradient broke."""
     if non_finite:
         raise ValueError(
-            f"non-finite minibatch gradient of {non_finite[-1]}.weight on batch {batch_index} "
+            f"non-finite {kind} gradient of {non_finite[-1]}.weight on batch {batch_index} "
             f"(the targeted module nearest the loss; {len(non_finite)} targeted modules affected)"
         )

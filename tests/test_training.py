@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_bundle
+from weighted_lowrank.lowrank.batching import encode_examples, pad_examples
 from weighted_lowrank.training import (
     TrainingOptions,
-    collate,
-    encode_split,
     evaluate_classifier,
     predict,
     task_metrics,
@@ -79,8 +78,8 @@ def test_collate_pads_and_pairs_get_segment_ids() -> None:
     frame = pd.DataFrame(
         {"text": ["good", "a dull movie"], "text_pair": ["bad plot", "fine"], "label": [0, 1]}
     )
-    examples = encode_split(frame, bundle.tokenizer, max_length=16)
-    batch = collate(examples, bundle.tokenizer.pad_token_id)
+    examples = encode_examples(frame, bundle.tokenizer, max_length=16)
+    batch = pad_examples(examples, bundle.tokenizer.pad_token_id)
     lengths = [example["input_ids"].numel() for example in examples]
     assert batch["input_ids"].shape == (2, max(lengths))
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths

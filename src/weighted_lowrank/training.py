@@ -15,9 +15,10 @@ import pandas as pd
 import torch
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from weighted_lowrank.lowrank.batching import encode_examples, pad_examples
 
 REQUIRED_SPLIT_COLUMNS = ("text", "label")
 
@@ -60,57 +61,16 @@ def check_split(frame: pd.DataFrame, name: str) -> None:
         raise ValueError(f"{name} is empty")
 
 
-def encode_split(
-    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> list[dict[str, torch.Tensor]]:
-    """Tokenize a split into one unpadded example dict per row (label included)."""
-    texts = frame["text"].astype(str).tolist()
-    pairs = frame["text_pair"].astype(str).tolist() if "text_pair" in frame.columns else None
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    label_dtype = torch.float32 if pd.api.types.is_float_dtype(frame["label"]) else torch.long
-    labels = torch.as_tensor(frame["label"].to_numpy(copy=True), dtype=label_dtype)
-    keys = [
-        key for key in encoded.keys() if key in ("input_ids", "attention_mask", "token_type_ids")
-    ]
-    return [
-        {**{key: torch.as_tensor(encoded[key][i]) for key in keys}, "labels": labels[i]}
-        for i in range(len(texts))
-    ]
-
-
-def collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad a list of encoded examples to the longest one in the list."""
-    length = max(example["input_ids"].numel() for example in examples)
-    batch: dict[str, torch.Tensor] = {}
-    for key in examples[0]:
-        if key == "labels":
-            batch[key] = torch.stack([example[key] for example in examples])
-            continue
-        fill = pad_token_id if key == "input_ids" else 0
-        batch[key] = torch.stack(
-            [
-                nn.functional.pad(example[key], (0, length - example[key].numel()), value=fill)
-                for example in examples
-            ]
-        )
-    return batch
-
-
 def iterate_batches(
     examples: list[dict[str, torch.Tensor]],
     batch_size: int,
     pad_token_id: int,
-    generator: torch.Generator | None = None,
-    sort_by_length: bool = False,
+    generator: torch.Generator,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield padded batches; shuffled with ``generator``, or length-sorted to avoid padding waste."""
-    order = list(range(len(examples)))
-    if generator is not None:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-    elif sort_by_length:
-        order.sort(key=lambda i: examples[i]["input_ids"].numel())
+    """Yield padded batches in an order shuffled by ``generator``."""
+    order = torch.randperm(len(examples), generator=generator).tolist()
     for start in range(0, len(order), batch_size):
-        yield collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
+        yield pad_examples([examples[i] for i in order[start : start + batch_size]], pad_token_id)
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -131,13 +91,15 @@ def predict(
     device = torch.device(device)
     was_training = model.training
     model.eval().to(device)
-    examples = encode_split(frame, tokenizer, max_length)
+    examples = encode_examples(frame, tokenizer, max_length)
     order = sorted(range(len(examples)), key=lambda i: examples[i]["input_ids"].numel())
     logits = np.zeros((len(examples), model.config.num_labels), dtype=np.float32)
     total_loss = 0.0
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        batch = _to_device(collate([examples[i] for i in rows], tokenizer.pad_token_id), device)
+        batch = _to_device(
+            pad_examples([examples[i] for i in rows], tokenizer.pad_token_id), device
+        )
         output = model(**batch)
         total_loss += float(output.loss) * len(rows)
         logits[rows] = output.logits.float().cpu().numpy()
@@ -193,7 +155,7 @@ def train_classifier(
     device = torch.device(device)
     torch.manual_seed(options.seed)
     model.to(device)
-    examples = encode_split(train, tokenizer, options.max_length)
+    examples = encode_examples(train, tokenizer, options.max_length)
     steps_per_epoch = math.ceil(len(examples) / options.batch_size)
     total_steps = steps_per_epoch * options.epochs
     decay, no_decay = [], []

@@ -57,16 +57,12 @@ def make_batches(
     if frame["text"].isna().any():
         raise ValueError("column 'text' has missing values")
 
-    texts = frame["text"].astype(str).tolist()
-    pairs = frame["text_pair"].astype(str).tolist() if "text_pair" in frame.columns else None
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     labels_np = frame["label"].to_numpy()
     if label_dtype is None:
         label_dtype = torch.long if np.issubdtype(labels_np.dtype, np.integer) else torch.float32
-    labels = torch.tensor(labels_np.tolist(), dtype=label_dtype)
-
+    examples = encode_examples(frame, tokenizer, max_length, label_dtype)
     order = _batch_order(
-        lengths=np.array([len(ids) for ids in encoded["input_ids"]]),
+        lengths=np.array([example["input_ids"].numel() for example in examples]),
         batch_size=batch_size,
         bucket_by_length=bucket_by_length,
         shuffle=shuffle,
@@ -74,22 +70,55 @@ def make_batches(
         pool_batches=pool_batches,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
-    batches = []
-    for indices in order:
-        lengths = [len(encoded["input_ids"][i]) for i in indices]
-        longest = max(lengths)
-        batch = {}
-        for key in keys:
-            fill = pad_id if key == "input_ids" else 0
-            rows = [encoded[key][i] + [fill] * (longest - len(encoded[key][i])) for i in indices]
-            batch[key] = torch.tensor(rows, dtype=torch.long)
-        batch["attention_mask"] = torch.tensor(
-            [[1] * length + [0] * (longest - length) for length in lengths], dtype=torch.long
+    return [pad_examples([examples[i] for i in indices], pad_id) for indices in order]
+
+
+def encode_examples(
+    frame: pd.DataFrame, tokenizer, max_length: int, label_dtype: torch.dtype | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenize ``frame`` into one unpadded example dict per row, ``labels`` included.
+
+    ``label_dtype`` defaults to ``torch.float32`` for float labels (regression), else ``torch.long``.
+    """
+    texts = frame["text"].astype(str).tolist()
+    pairs = frame["text_pair"].astype(str).tolist() if "text_pair" in frame.columns else None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    if label_dtype is None:
+        label_dtype = torch.float32 if pd.api.types.is_float_dtype(frame["label"]) else torch.long
+    labels = torch.as_tensor(frame["label"].to_numpy(copy=True), dtype=label_dtype)
+    if "attention_mask" not in encoded:
+        encoded["attention_mask"] = [[1] * len(ids) for ids in encoded["input_ids"]]
+    keys = [key for key in ("input_ids", "token_type_ids", "attention_mask") if key in encoded]
+    return [
+        {
+            **{key: torch.as_tensor(encoded[key][i], dtype=torch.long) for key in keys},
+            "labels": labels[i],
+        }
+        for i in range(len(texts))
+    ]
+
+
+def pad_examples(
+    examples: list[dict[str, torch.Tensor]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad encoded examples to the longest one: ``input_ids`` with ``pad_token_id``, the
+    other token columns with 0; labels are stacked."""
+    length = max(example["input_ids"].numel() for example in examples)
+    batch: dict[str, torch.Tensor] = {}
+    for key in examples[0]:
+        if key == "labels":
+            batch[key] = torch.stack([example[key] for example in examples])
+            continue
+        fill = pad_token_id if key == "input_ids" else 0
+        batch[key] = torch.stack(
+            [
+                torch.nn.functional.pad(
+                    example[key], (0, length - example[key].numel()), value=fill
+                )
+                for example in examples
+            ]
         )
-        batch["labels"] = labels[indices]
-        batches.append(batch)
-    return batches
+    return batch
 
 
 def _batch_order(

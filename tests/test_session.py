@@ -22,6 +22,7 @@ from nbclient import NotebookClient
 
 from tests.conftest import make_tiny_bundle
 from weighted_lowrank.lowrank.solvers import SOLVERS
+from weighted_lowrank.lowrank.surgery import load_compressed, lowrank_modules
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 COMMON_METRICS = {
@@ -65,7 +66,11 @@ def test_default_pipeline_smoke_run_logs_one_child_per_solver(tmp_project, monke
     with KedroSession.create(
         project_path=project,
         env="smoke",
-        runtime_params={"mlflow_tracking_uri": tracking_uri, "model": {"source": str(model_dir)}},
+        runtime_params={
+            "mlflow_tracking_uri": tracking_uri,
+            "model": {"source": str(model_dir)},
+            "refinement": {"enabled": True},
+        },
     ) as session:
         session.run()
 
@@ -90,6 +95,14 @@ def test_default_pipeline_smoke_run_logs_one_child_per_solver(tmp_project, monke
         assert set(child.data.metrics) == set(children["dense"].data.metrics), name
         assert set(child.data.params) == set(children["dense"].data.params), name
     assert children["svd"].data.metrics["weighted_loss_rel_svd"] == pytest.approx(1.0)
+    for name, child in children.items():
+        assert {"accuracy_refined", "test_loss_refined", "refinement_seconds"} <= set(
+            child.data.metrics
+        ), name
+        assert child.data.params["refinement"] == "all, 1 epoch(s)", name
+    refined_versions = list((project / "data" / "06_models" / "refined" / "svd").iterdir())
+    refined = load_compressed(refined_versions[0] / "svd")
+    assert lowrank_modules(refined)
     assert 0.4 < children["als"].data.metrics["params_ratio_layers"] <= 0.5
 
     table = pd.read_parquet(project / "data" / "08_reporting" / "comparison.parquet")

@@ -7,6 +7,8 @@ from pathlib import Path
 from kedro.config import OmegaConfigLoader
 from kedro.utils import find_kedro_project
 
+from weighted_lowrank.hooks import EarlyParameterChecks
+
 
 def _project_root() -> str:
     """The Kedro project root, whatever the current working directory inside it.
@@ -16,6 +18,8 @@ def _project_root() -> str:
     found = find_kedro_project(Path.cwd())
     return str(Path(found) if found else Path(__file__).resolve().parents[2])
 
+
+HOOKS = (EarlyParameterChecks(),)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

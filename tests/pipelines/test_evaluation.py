@@ -18,6 +18,7 @@ from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.lowrank.surgery import WEIGHTS_FILE, compress_model, save_compressed
 from weighted_lowrank.pipelines.evaluation import create_pipeline as create_evaluation
 from weighted_lowrank.pipelines.evaluation.nodes import evaluate_compressed, evaluate_dense
+from weighted_lowrank.pipelines.refinement import create_pipeline as create_refinement
 
 MAX_LENGTH = 16
 EVALUATION = {
@@ -40,6 +41,8 @@ TEST_SPLIT = pd.DataFrame(
         "label": [1, 1, 1, 0, 0, 0, 1, 0, 1, 0],
     }
 )
+REFINEMENT_OFF = {"enabled": False}
+NOT_REFINED = {"enabled": False, "trainable": "all", "epochs": []}
 CLASSIFICATION_KEYS = {"accuracy", "f1", "mcc"}
 COMMON_KEYS = {
     "test_loss",
@@ -74,7 +77,11 @@ def evaluated(request):
     catalog["test_split"] = TEST_SPLIT
     catalog["params:model"] = {"source": "unused", "max_length": MAX_LENGTH}
     catalog["params:evaluation"] = EVALUATION
-    SequentialRunner().run(create_evaluation(), catalog)
+    catalog["params:refinement"] = REFINEMENT_OFF
+    catalog["params:seed"] = 0
+    catalog["params:device"] = "cpu"
+    catalog["train_split"] = catalog["validation_split"] = TEST_SPLIT
+    SequentialRunner().run(create_refinement() + create_evaluation(), catalog)
     return bundle, catalog
 
 
@@ -84,6 +91,7 @@ def test_namespaces_for_dense_and_every_solver():
         f"{name}.evaluate" for name in ("dense", *SOLVERS)
     }
     assert pipeline.outputs() == {f"{name}.evaluation_metrics" for name in ("dense", *SOLVERS)}
+    assert {f"{solver}.refined_model" for solver in SOLVERS} <= pipeline.inputs()
 
 
 def test_every_namespace_reports_the_same_flat_float_keys(evaluated):
@@ -158,6 +166,9 @@ def test_a_report_from_another_run_is_rejected(evaluated):
             TEST_SPLIT,
             {"max_length": MAX_LENGTH},
             EVALUATION,
+            catalog.load("svd.compressed_model"),
+            NOT_REFINED,
+            REFINEMENT_OFF,
         )
 
 
@@ -167,9 +178,19 @@ def test_regression_reports_pearson_and_spearman():
     compressed, report = compress_model(bundle.model, None, 0.5, "svd")
     compressed_bundle = type(bundle)(model=compressed, tokenizer=bundle.tokenizer)
     model_params = {"max_length": MAX_LENGTH}
-    dense = evaluate_dense(bundle, frame, model_params, EVALUATION, {"targets": None})
+    dense = evaluate_dense(
+        bundle, frame, model_params, EVALUATION, {"targets": None}, REFINEMENT_OFF
+    )
     metrics = evaluate_compressed(
-        compressed_bundle, bundle, pd.DataFrame(report), frame, model_params, EVALUATION
+        compressed_bundle,
+        bundle,
+        pd.DataFrame(report),
+        frame,
+        model_params,
+        EVALUATION,
+        compressed_bundle,
+        NOT_REFINED,
+        REFINEMENT_OFF,
     )
     assert set(dense) == set(metrics) == {"pearson", "spearman"} | COMMON_KEYS
     predictions = logits_by_hand(compressed_bundle, frame)[:, 0]
@@ -195,8 +216,15 @@ def test_latency_is_a_positive_median_per_model(tiny_bundle):
 def test_bad_evaluation_parameters_are_rejected(tiny_bundle):
     with pytest.raises(ValueError, match="latency"):
         evaluate_dense(
-            tiny_bundle, TEST_SPLIT, {"max_length": 8}, {"batch_size": 4}, {"targets": None}
+            tiny_bundle,
+            TEST_SPLIT,
+            {"max_length": 8},
+            {"batch_size": 4},
+            {"targets": None},
+            REFINEMENT_OFF,
         )
     bad = {**EVALUATION, "latency": {**EVALUATION["latency"], "repeats": 0}}
     with pytest.raises(ValueError, match="repeats"):
-        evaluate_dense(tiny_bundle, TEST_SPLIT, {"max_length": 8}, bad, {"targets": None})
+        evaluate_dense(
+            tiny_bundle, TEST_SPLIT, {"max_length": 8}, bad, {"targets": None}, REFINEMENT_OFF
+        )

@@ -49,8 +49,10 @@ def fake_report(index: int) -> pd.DataFrame:
     )
 
 
-def test_reporting_pipeline_on_fake_evaluations(tmp_path) -> None:
+@pytest.mark.parametrize("refined", [False, True])
+def test_reporting_pipeline_on_fake_evaluations(tmp_path, refined) -> None:
     namespaces = ["dense", *SOLVERS]
+    refinement = {"enabled": refined, "trainable": "factors", "epochs": 2}
     catalog = DataCatalog(
         {
             "params:compression": MemoryDataset({"budget": 0.5, "targets": None}),
@@ -60,10 +62,15 @@ def test_reporting_pipeline_on_fake_evaluations(tmp_path) -> None:
             "params:data": MemoryDataset({"source": "catalog"}),
             "params:seed": MemoryDataset(7),
             "params:reporting": MemoryDataset({"convergence_layers": 2}),
+            "params:refinement": MemoryDataset(refinement),
         }
     )
+    evaluations = {}
     for index, namespace in enumerate(namespaces):
-        catalog[f"{namespace}.evaluation_metrics"] = fake_metrics(index)
+        evaluations[namespace] = fake_metrics(index)
+        if refined:
+            evaluations[namespace]["accuracy_refined"] = 0.95 - 0.01 * index
+        catalog[f"{namespace}.evaluation_metrics"] = evaluations[namespace]
         catalog[f"{namespace}.mlflow_run"] = MemoryDataset()
         if namespace != "dense":
             catalog[f"{namespace}.layer_report"] = fake_report(index)
@@ -83,17 +90,23 @@ def test_reporting_pipeline_on_fake_evaluations(tmp_path) -> None:
     assert len({tuple(sorted(r["metrics"])) for r in records.values()}) == 1
     assert records["dense"]["params"]["budget"] == 1.0 and records["als"]["params"]["budget"] == 0.5
     assert records["als"]["params"]["seed"] == 7 and records["als"]["params"]["solver"] == "als"
+    expected = "factors, 2 epoch(s)" if refined else "off"
+    assert {record["params"]["refinement"] for record in records.values()} == {expected}
 
     table = catalog.load("comparison_table")
     assert table["namespace"].tolist() == ["dense", *sorted(SOLVERS)]
     als = table.set_index("namespace").loc["als"]
-    assert als.to_dict() == pytest.approx(fake_metrics(namespaces.index("als")))
-    assert table.columns[:4].tolist() == ["namespace", "accuracy", "f1", "mcc"]
+    assert als.to_dict() == pytest.approx(evaluations["als"])
+    columns = ["namespace", "accuracy", *(["accuracy_refined"] if refined else []), "f1", "mcc"]
+    assert table.columns[: len(columns)].tolist() == columns
     markdown = catalog.load("comparison_markdown")
     assert "budget 0.5" in markdown and markdown.count("\n| ") == len(namespaces) + 1
     for name in ("accuracy_vs_params_plot", "layer_loss_plot", "convergence_plot"):
         assert isinstance(catalog.load(name), Figure)
     assert len(catalog.load("convergence_plot").axes) == 2
+    # One marker per solver, and with refinement a hollow one for its refined model.
+    markers = catalog.load("accuracy_vs_params_plot").axes[0].collections
+    assert len(markers) == len(SOLVERS) * (2 if refined else 1)
 
 
 def test_comparison_needs_the_dense_baseline() -> None:

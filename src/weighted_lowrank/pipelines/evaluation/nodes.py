@@ -4,7 +4,9 @@ Every namespace (``dense`` and one per solver) returns a flat ``{name: float}`` 
 the task metrics (accuracy, f1, mcc for classification; pearson, spearman for regression),
 test_loss, weighted_loss_rel_svd, params_kept, params_model, params_ratio_layers,
 params_ratio_model, size_on_disk_bytes, latency_ms, latency_dense_ms, latency_ratio,
-factorization_seconds.
+factorization_seconds. With ``refinement.enabled`` every namespace also has ``<task metric>_refined``
+and ``test_loss_refined`` (the model fine-tuned after compression; for ``dense``, which is not
+compressed, the same values as without the suffix) and ``refinement_seconds``.
 
 Parameter counts are element counts of the tensors ``save_compressed`` writes
 (:func:`~weighted_lowrank.lowrank.surgery.tensors_for_saving`: the state dict, tied tensors once);
@@ -74,6 +76,32 @@ def _task_metrics(
     return {**task_metrics(logits, test_split["label"].to_numpy()), "test_loss": float(loss)}
 
 
+def _refined_metrics(metrics: dict[str, float], refinement_seconds: float) -> dict[str, float]:
+    refined = {f"{key}_refined": value for key, value in metrics.items()}
+    return {**refined, "refinement_seconds": refinement_seconds}
+
+
+def _check_refined(
+    refined_model: ModelBundle, refinement_history: dict[str, Any], ranks: dict[str, int]
+) -> float:
+    """Seconds the refinement took; raises if the refined model does not belong to this run."""
+    epochs = refinement_history.get("epochs") if isinstance(refinement_history, dict) else None
+    if not (refinement_history.get("enabled") and epochs):
+        raise ValueError(
+            "refinement.enabled is true but refinement_history records no training; run the "
+            "refinement pipeline with refinement.enabled=true before evaluation"
+        )
+    refined_ranks = {
+        name: module.rank for name, module in lowrank_modules(refined_model.model).items()
+    }
+    if refined_ranks != ranks:
+        raise ValueError(
+            "refined_model's low-rank modules and ranks differ from compressed_model's "
+            f"({len(refined_ranks)} vs {len(ranks)} layers); load matching versions"
+        )
+    return float(epochs[-1]["seconds"])
+
+
 def _relative(loss: float, reference: float) -> float:
     if reference > 0:
         return loss / reference
@@ -86,11 +114,12 @@ def evaluate_dense(
     model: dict[str, Any],
     evaluation: dict[str, Any],
     compression: dict[str, Any],
+    refinement: dict[str, Any],
 ) -> dict[str, float]:
     """Metrics of the dense fine-tuned model, with the same keys as :func:`evaluate_compressed`.
 
     Its targeted layers are those ``compression.targets`` selects; ratios are 1, its weighted loss
-    relative to SVD 0 (nothing is approximated) and its factorization time 0.
+    relative to SVD 0 (nothing is approximated), its factorization and refinement times 0.
     """
     latency = _check_evaluation(evaluation)
     check_split(test_split, "test_split")
@@ -100,8 +129,11 @@ def evaluate_dense(
     latency_ms = measure_latency_ms(
         {"dense": dense}, dense.config.vocab_size, **{"warmup": 3, "seed": 0, **latency}
     )["dense"]
+    scores = _task_metrics(fine_tuned_model, test_split, int(model["max_length"]), evaluation)
+    refined = _refined_metrics(scores, 0.0) if refinement.get("enabled") else {}
     return {
-        **_task_metrics(fine_tuned_model, test_split, int(model["max_length"]), evaluation),
+        **scores,
+        **refined,
         "weighted_loss_rel_svd": 0.0,
         "params_kept": float(counts["layers"]),
         "params_model": float(counts["model"]),
@@ -122,11 +154,15 @@ def evaluate_compressed(
     test_split: pd.DataFrame,
     model: dict[str, Any],
     evaluation: dict[str, Any],
+    refined_model: ModelBundle,
+    refinement_history: dict[str, Any],
+    refinement: dict[str, Any],
 ) -> dict[str, float]:
     """Metrics of one compressed model; latency measured against the dense model in this process.
 
     The targeted layers are the compressed model's ``LowRankLinear`` modules, which must be the
-    layer report's modules with the report's ranks (else the two come from different runs).
+    layer report's modules with the report's ranks (else the two come from different runs). With
+    ``refinement.enabled`` the refined model (same modules and ranks) is scored too.
     """
     latency = _check_evaluation(evaluation)
     check_split(test_split, "test_split")
@@ -139,6 +175,13 @@ def evaluate_compressed(
             "compressed_model's low-rank modules and ranks differ from its layer_report "
             f"(model has {len(ranks)} layers, report {len(reported)}); load matching versions"
         )
+    refined = {}
+    if refinement.get("enabled"):
+        seconds = _check_refined(refined_model, refinement_history, ranks)
+        refined_scores = _task_metrics(
+            refined_model, test_split, int(model["max_length"]), evaluation
+        )
+        refined = _refined_metrics(refined_scores, seconds)
     counts = parameter_counts(tensors_for_saving(compressed)[0], ranks)
     dense_counts = parameter_counts(tensors_for_saving(dense)[0], ranks)
     timings = measure_latency_ms(
@@ -148,6 +191,7 @@ def evaluate_compressed(
     )
     return {
         **_task_metrics(compressed_model, test_split, int(model["max_length"]), evaluation),
+        **refined,
         "weighted_loss_rel_svd": _relative(
             float(layer_report["weighted_loss"].sum()), float(layer_report["svd_loss"].sum())
         ),

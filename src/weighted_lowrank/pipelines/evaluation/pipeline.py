@@ -1,7 +1,8 @@
 """``evaluation``: test-split metrics, parameter counts, size and CPU latency of every model.
 
 Namespace ``dense`` evaluates the fine-tuned model; one namespace per solver in ``SOLVERS``
-evaluates ``<solver>.compressed_model`` (with ``<solver>.layer_report``) against it. Each writes
+evaluates ``<solver>.compressed_model`` (with ``<solver>.layer_report``) against it, and
+``<solver>.refined_model`` when ``refinement.enabled``. Each writes
 ``<namespace>.evaluation_metrics``, a flat dict of floats with the same keys everywhere.
 """
 
@@ -12,7 +13,12 @@ from weighted_lowrank.lowrank.solvers import SOLVERS
 from .nodes import evaluate_compressed, evaluate_dense
 
 SHARED_INPUTS = {"fine_tuned_model", "test_split"}
-SHARED_PARAMETERS = {"params:model", "params:evaluation", "params:compression"}
+SHARED_PARAMETERS = {
+    "params:model",
+    "params:evaluation",
+    "params:compression",
+    "params:refinement",
+}
 
 
 def create_solver_template() -> Pipeline:
@@ -28,6 +34,9 @@ def create_solver_template() -> Pipeline:
                     "test_split",
                     "params:model",
                     "params:evaluation",
+                    "refined_model",
+                    "refinement_history",
+                    "params:refinement",
                 ],
                 outputs="evaluation_metrics",
                 name="evaluate",
@@ -48,6 +57,7 @@ def create_dense_pipeline() -> Pipeline:
                     "params:model",
                     "params:evaluation",
                     "params:compression",
+                    "params:refinement",
                 ],
                 outputs="evaluation_metrics",
                 name="evaluate",
@@ -67,7 +77,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             create_solver_template(),
             namespace=solver,
             inputs=SHARED_INPUTS,
-            parameters={"params:model", "params:evaluation"},
+            parameters={"params:model", "params:evaluation", "params:refinement"},
             tags=[solver],
         )
         for solver in SOLVERS

@@ -18,10 +18,15 @@ from weighted_lowrank.lowrank.targets import describe_module
 _TABLE_COLUMNS = [
     "namespace",
     "accuracy",
+    "accuracy_refined",
     "f1",
+    "f1_refined",
     "mcc",
+    "mcc_refined",
     "pearson",
+    "pearson_refined",
     "spearman",
+    "spearman_refined",
     "weighted_loss_rel_svd",
     "params_kept",
     "params_ratio_layers",
@@ -41,8 +46,13 @@ def child_run_record(
     model: dict[str, Any],
     data: dict[str, Any],
     seed: int,
+    refinement: dict[str, Any],
 ) -> dict[str, Any]:
-    """Params + metrics of one MLflow child run; the same names for every solver and ``dense``."""
+    """Params + metrics of one MLflow child run; the same names for every solver and ``dense``.
+
+    ``refinement`` says what the ``*_refined`` metrics measure: ``off``, or which parameters were
+    trained for how many epochs (``dense`` is never refined; its ``*_refined`` are its own).
+    """
     task = data["glue"]["task"] if data.get("source") == "glue" else data.get("source", "catalog")
     is_dense = namespace == "dense"
     params = {
@@ -53,6 +63,11 @@ def child_run_record(
         "model": model["source"],
         "task": task,
         "seed": seed,
+        "refinement": (
+            f"{refinement.get('trainable', 'all')}, {refinement.get('epochs')} epoch(s)"
+            if refinement.get("enabled")
+            else "off"
+        ),
     }
     return {
         "params": params,
@@ -104,13 +119,29 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def accuracy_vs_params_figure(table: pd.DataFrame) -> Figure:
-    """Task metric against whole-model parameters kept, one point per solver, dense as a line."""
+    """Task metric against whole-model parameters kept, one point per solver, dense as a line.
+
+    When the table has ``<metric>_refined`` (refinement enabled), each solver also gets a hollow
+    marker for its model fine-tuned after compression, joined to the unrefined one.
+    """
     metric = "accuracy" if "accuracy" in table else "pearson"
+    refined = f"{metric}_refined"
     figure, axis = plt.subplots(figsize=(7, 4.5))
     dense = table[table["namespace"] == "dense"].iloc[0]
     axis.axhline(dense[metric], color="black", linestyle="--", label="dense")
     for _, row in table[table["namespace"] != "dense"].iterrows():
-        axis.scatter(row["params_ratio_model"], row[metric], s=40)
+        points = axis.scatter(row["params_ratio_model"], row[metric], s=40)
+        if refined in table:
+            colour = points.get_facecolor()[0]
+            axis.scatter(
+                row["params_ratio_model"], row[refined], s=40, facecolors="none", edgecolors=colour
+            )
+            axis.plot(
+                [row["params_ratio_model"]] * 2,
+                [row[metric], row[refined]],
+                color=colour,
+                linewidth=0.8,
+            )
         axis.annotate(
             row["namespace"],
             (row["params_ratio_model"], row[metric]),
@@ -119,7 +150,11 @@ def accuracy_vs_params_figure(table: pd.DataFrame) -> Figure:
         )
     axis.set_xlabel("parameters kept (whole model, fraction of dense)")
     axis.set_ylabel(f"test {metric}")
-    axis.set_title("Task quality vs size, no re-fine-tuning")
+    axis.set_title(
+        "Task quality vs size (hollow: fine-tuned after compression)"
+        if refined in table
+        else "Task quality vs size, no re-fine-tuning"
+    )
     axis.legend(loc="lower right")
     figure.tight_layout()
     return figure

@@ -30,6 +30,7 @@ def _child_run_pipeline(namespace: str) -> Pipeline:
                     "params:model",
                     "params:data",
                     "params:seed",
+                    "params:refinement",
                 ],
                 outputs="mlflow_run",
                 name="record_child_run",
@@ -37,7 +38,13 @@ def _child_run_pipeline(namespace: str) -> Pipeline:
         ],
         namespace=namespace,
         inputs={"evaluation_metrics": f"{namespace}.evaluation_metrics"},
-        parameters={"params:compression", "params:model", "params:data", "params:seed"},
+        parameters={
+            "params:compression",
+            "params:model",
+            "params:data",
+            "params:seed",
+            "params:refinement",
+        },
     )
 
 

@@ -23,6 +23,7 @@ from nbclient import NotebookClient
 from tests.conftest import make_tiny_bundle
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.lowrank.surgery import load_compressed, lowrank_modules
+from weighted_lowrank.run_history import budget_table, child_runs, latest_per_budget
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 COMMON_METRICS = {
@@ -110,6 +111,15 @@ def test_default_pipeline_smoke_run_logs_one_child_per_solver(tmp_project, monke
     assert (project / "data" / "08_reporting" / "comparison.md").is_file()
     versions = list((project / "data" / "06_models" / "fine_tuned_model").iterdir())
     assert len(versions) == 1 and (versions[0] / "fine_tuned_model" / "model.safetensors").is_file()
+
+    runs = child_runs(tracking_uri)
+    assert sorted(runs["solver"]) == sorted(["dense", *SOLVERS])
+    summary = budget_table(latest_per_budget(runs, refined_only=True))
+    assert list(summary.columns) == [("accuracy", 0.5), ("accuracy", 1.0)] + [
+        ("accuracy_refined", 0.5),
+        ("accuracy_refined", 1.0),
+    ]
+    assert summary.loc["svd", ("accuracy", 0.5)] == children["svd"].data.metrics["accuracy"]
 
     # notebooks/compare_runs.ipynb executes top to bottom against the smoke run's store.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)

@@ -30,6 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT / "src") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
+from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
+
 from weighted_lowrank.hf import EMBEDDED_MODEL, load_base_model  # noqa: E402
 from weighted_lowrank.lowrank.objective import rank_for_budget  # noqa: E402
 from weighted_lowrank.lowrank.solvers import factorize_batch  # noqa: E402
@@ -38,9 +40,6 @@ from weighted_lowrank.lowrank.targets import select_linear_modules  # noqa: E402
 CACHE_DIR = REPO_ROOT / "benchmarks" / ".cache"
 RAW_REVIEWS = REPO_ROOT / "data" / "01_raw" / "rotten_tomatoes_corpus_full.csv.bz2"
 BENCHMARKS_PATH = REPO_ROOT / "docs" / "BENCHMARKS.md"
-#: The generated tables live between these markers in docs/BENCHMARKS.md; the rest is prose.
-SECTION_START = "<!-- solvers:start (written by benchmarks/solvers.py) -->"
-SECTION_END = "<!-- solvers:end -->"
 
 FINE_TUNE_EXAMPLES = 800
 FISHER_EXAMPLES = 512
@@ -430,22 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         print(table, flush=True)
         sections.append(table)
     output = Path(args.output)
-    write_section(output, "\n".join(sections))
+    write_section(output, "solvers", "\n".join(sections), "benchmarks/solvers.py")
     print(f"wrote the solver section of {output}")
     return 0
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace the text between the solver markers of ``path`` (or write a new file)."""
-    section = f"{SECTION_START}\n{text.strip()}\n{SECTION_END}"
-    existing = path.read_text() if path.exists() else ""
-    if SECTION_START in existing and SECTION_END in existing:
-        before = existing.split(SECTION_START, 1)[0]
-        after = existing.split(SECTION_END, 1)[1]
-        path.write_text(before + section + after)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(existing + ("\n" if existing else "") + section + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,172 @@
+"""Write the measured tables of docs/RESULTS.md from the project's MLflow store.
+
+Run ``python benchmarks/results.py`` after the budget sweep (docs/RESULTS.md gives the whole
+command). It takes the newest refined child run of every (solver, budget) — ``kedro run`` with
+``refinement.enabled=true`` — and, when present, the risk validation written by
+``kedro run --pipelines risk_validation``, and rewrites the ``results`` section of docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+
+from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
+
+from weighted_lowrank.run_history import child_runs, latest_per_budget, task_metric  # noqa: E402
+
+RESULTS_PATH = REPO_ROOT / "docs" / "RESULTS.md"
+RISK_SUMMARY = REPO_ROOT / "data" / "08_reporting" / "risk_validation_summary.json"
+#: Element-wise (TFWSVD-objective) solvers, as opposed to svd and the one-sided fwsvd.
+ELEMENT_WISE = ("tfwsvd", "als", "em", "adam", "sgd", "adam_sgd")
+
+
+def _cell(value: float, digits: int = 3) -> str:
+    return (
+        "–"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else (f"{value:.{digits}f}")
+    )
+
+
+def results_table(latest: pd.DataFrame, metric: str) -> str:
+    """Solvers × budgets: metric without / with refinement, weighted loss vs SVD, params kept."""
+    budgets = sorted(latest.loc[latest["solver"] != "dense", "budget"].unique())
+    header = ["solver"]
+    for budget in budgets:
+        header += [f"{budget:g}: {metric}", f"{budget:g}: refined", f"{budget:g}: loss/SVD"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    dense = latest[latest["solver"] == "dense"].iloc[-1]
+    lines.append(
+        "| dense | " + " | ".join(f"{_cell(dense[metric])} | – | –" for _ in budgets) + " |"
+    )
+    for solver in sorted(set(latest["solver"]) - {"dense"}):
+        cells = []
+        for budget in budgets:
+            row = latest[(latest["solver"] == solver) & (latest["budget"] == budget)]
+            if row.empty:
+                cells.append("– | – | –")
+                continue
+            row = row.iloc[-1]
+            cells.append(
+                f"{_cell(row[metric])} | {_cell(row.get(f'{metric}_refined'))} | "
+                f"{_cell(row['weighted_loss_rel_svd'])}"
+            )
+        lines.append(f"| {solver} | " + " | ".join(cells) + " |")
+    kept = []
+    for budget in budgets:
+        rows = latest[(latest["budget"] == budget) & (latest["solver"] != "dense")]
+        kept.append(
+            f"{rows['params_ratio_model'].iloc[0]:.3f} of the model, "
+            f"{rows['params_ratio_layers'].iloc[0]:.3f} of the targeted layers"
+        )
+    footer = "Parameters kept: " + "; ".join(
+        f"budget {budget:g}: {text}" for budget, text in zip(budgets, kept, strict=True)
+    )
+    return "\n".join(lines) + "\n\n" + footer + "."
+
+
+def claim_evidence(latest: pd.DataFrame, metric: str) -> str:
+    """Per budget: the differences each research claim is about."""
+    dense = float(latest.loc[latest["solver"] == "dense", metric].iloc[-1])
+    header = [
+        "budget",
+        "best element-wise",
+        "best elem. − fwsvd",
+        "fwsvd − svd",
+        "dense − best (no refinement)",
+        "mean gain of refinement",
+        "dense − best refined",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    refined_metric = f"{metric}_refined"
+    for budget, rows in latest[latest["solver"] != "dense"].groupby("budget"):
+        rows = rows.set_index("solver")
+        elementwise = rows.loc[rows.index.intersection(ELEMENT_WISE), metric]
+        best = elementwise.idxmax()
+        gain = (rows[refined_metric] - rows[metric]).mean() if refined_metric in rows else math.nan
+        best_refined = rows[refined_metric].max() if refined_metric in rows else math.nan
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"{budget:g}",
+                    f"{best} {elementwise[best]:.3f}",
+                    f"{elementwise[best] - rows.loc['fwsvd', metric]:+.3f}",
+                    f"{rows.loc['fwsvd', metric] - rows.loc['svd', metric]:+.3f}",
+                    f"{dense - rows[metric].max():+.3f}",
+                    f"{gain:+.3f}",
+                    f"{dense - best_refined:+.3f}",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def risk_section(path: Path) -> str:
+    """Spearman correlations of the risk validation, or how to produce them."""
+    if not path.is_file():
+        return f"(no {path.relative_to(REPO_ROOT)}: run `kedro run --pipelines risk_validation`)"
+    summary = json.loads(path.read_text())
+    correlations = summary.get("correlations", {})
+    lines = [
+        "| statistic | ρ vs SVD damage | p | ρ vs weighted gain | p |",
+        "|---|---|---|---|---|",
+    ]
+    for statistic, values in correlations.items():
+        damage, gain = values.get("svd_damage", {}), values.get("weighted_gain", {})
+        lines.append(
+            f"| {statistic} | {_cell(damage.get('rho'), 2)} | {_cell(damage.get('p'), 3)} | "
+            f"{_cell(gain.get('rho'), 2)} | {_cell(gain.get('p'), 3)} |"
+        )
+    extra = {key: value for key, value in summary.items() if key != "correlations"}
+    return "\n".join(lines) + "\n\n" + ", ".join(f"{k}: {v}" for k, v in extra.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tracking-uri",
+        default=f"sqlite:///{REPO_ROOT / 'mlflow.db'}",
+        help="MLflow store of the sweep (default: the project's mlflow.db)",
+    )
+    parser.add_argument("--output", default=str(RESULTS_PATH))
+    parser.add_argument("--risk-summary", default=str(RISK_SUMMARY))
+    args = parser.parse_args(argv)
+
+    latest = latest_per_budget(child_runs(args.tracking_uri), refined_only=True)
+    metric = task_metric(latest)
+    started = latest["started"].min().strftime("%Y-%m-%d %H:%M")
+    text = "\n\n".join(
+        [
+            f"Written {dt.date.today()} on {platform.node()} from the newest refined child runs "
+            f"(earliest started {started} UTC), test split of the embedded default. Refined = "
+            f"the compressed model fine-tuned after compression ({latest['refinement'].iloc[-1]}). "
+            "loss/SVD = Σ Fisher-weighted loss over the targeted layers relative to SVD's.",
+            results_table(latest, metric),
+            "Differences behind each claim (test " + metric + "):",
+            claim_evidence(latest, metric),
+            "Risk validation (Spearman over the targeted layers, one layer compressed at a time):",
+            risk_section(Path(args.risk_summary)),
+        ]
+    )
+    print(text)
+    write_section(Path(args.output), "results", text, "benchmarks/results.py")
+    print(f"wrote the results section of {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from weighted_lowrank.lowrank.risk import (
+    RISK_STATISTICS,
+    SOLVER_STATISTICS,
+    check_risk_statistic,
     fisher_variance,
     layer_statistics,
     max_to_mean,
@@ -83,7 +86,7 @@ def test_layer_statistics_uniform_vs_separable_importance():
         "enc.layer.0.attention.self.query.weight": uniform,
         "enc.layer.1.output.dense.weight": separable,
     }
-    rows = layer_statistics(weights, fisher, budget=0.5, phi_threshold=1.0)
+    rows = layer_statistics(weights, fisher, budget=0.5, threshold=1.0)
     flat, peaked = rows
     assert (flat["layer"], flat["kind"], flat["rank"]) == (0, "query", 24 * 40 // 64 // 2)
     assert (peaked["layer"], peaked["kind"]) == (1, "ffn_out")
@@ -94,7 +97,7 @@ def test_layer_statistics_uniform_vs_separable_importance():
     assert peaked["svd_loss_rel_fwsvd"] > 1.05
     assert peaked["top_share"] > flat["top_share"] == pytest.approx(10 / 960)
 
-    summary = risk_summary(rows, phi_threshold=1.0)
+    summary = risk_summary(rows, threshold=1.0)
     assert summary["layers"] == 2 and summary["high_risk_layers"] == 1
     assert summary["high_risk_modules"] == ["enc.layer.1.output.dense"]
     assert summary["phi_max_module"] == "enc.layer.1.output.dense"
@@ -107,3 +110,56 @@ def test_layer_statistics_rejects_mismatched_shapes():
         layer_statistics({"a.weight": torch.ones(3, 4)}, {"a.weight": torch.ones(4, 3)})
     with pytest.raises(ValueError, match="weights lack"):
         layer_statistics({}, {"a.weight": torch.ones(4, 3)})
+
+
+def test_taylor_columns_are_half_the_weighted_svd_and_fwsvd_losses_per_example():
+    generator = torch.Generator().manual_seed(4)
+    key = "enc.layer.0.intermediate.dense.weight"
+    weight = torch.randn(20, 36, generator=generator, dtype=torch.float64)
+    importance = torch.rand(20, 36, generator=generator, dtype=torch.float64) ** 3 + 1e-3
+    (row,) = layer_statistics({key: weight}, {key: importance}, budget=0.5, num_examples=8)
+    rank = row["rank"]
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    residual = weight - u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+    svd_loss = float((importance * residual**2).sum())
+    assert row["svd_taylor_loss"] == pytest.approx(0.5 * svd_loss / 8, rel=1e-6)
+    fwsvd_loss = svd_loss / row["svd_loss_rel_fwsvd"]
+    assert row["fwsvd_taylor_gain"] == pytest.approx(0.5 * (svd_loss - fwsvd_loss) / 8, rel=1e-6)
+    # Unknown N: no Taylor columns (the others stay).
+    (unknown,) = layer_statistics({key: weight}, {key: importance}, budget=0.5)
+    assert "svd_taylor_loss" not in unknown and "svd_loss_rel_fwsvd" in unknown
+
+
+def test_risk_column_follows_the_selected_statistic():
+    generator = torch.Generator().manual_seed(5)
+    keys = [f"enc.layer.{i}.attention.self.key.weight" for i in range(3)]
+    weights = {
+        key: torch.randn(16, 16, generator=generator) * (i + 1) for i, key in enumerate(keys)
+    }
+    fisher = {key: torch.rand(16, 16, generator=generator) + 0.1 for key in keys}
+    rows = layer_statistics(
+        weights, fisher, statistic="svd_taylor_loss", threshold=0.0, num_examples=2
+    )
+    assert all(row["risk"] == "high" for row in rows)
+    middle = sorted(row["svd_taylor_loss"] for row in rows)[1]
+    rows = layer_statistics(
+        weights, fisher, statistic="svd_taylor_loss", threshold=middle, num_examples=2
+    )
+    assert [row["risk"] for row in rows] == [
+        "high" if row["svd_taylor_loss"] >= middle else "low" for row in rows
+    ]
+    assert sum(row["risk"] == "high" for row in rows) == 2
+    summary = risk_summary(rows, statistic="svd_taylor_loss", threshold=middle)
+    assert summary["risk_statistic"] == "svd_taylor_loss" and summary["high_risk_layers"] == 2
+
+
+def test_unknown_or_uncomputable_risk_statistic_is_rejected():
+    weights = {"a.weight": torch.ones(4, 6)}
+    fisher = {"a.weight": torch.rand(4, 6) + 0.1}
+    with pytest.raises(ValueError, match=r"'entropy' is unknown; expected one of \['phi'"):
+        check_risk_statistic("entropy")
+    with pytest.raises(ValueError, match="needs compare_solvers"):
+        layer_statistics(weights, fisher, statistic="svd_loss_rel_fwsvd", compare_solvers=False)
+    with pytest.raises(ValueError, match="number of examples"):
+        layer_statistics(weights, fisher, statistic="svd_taylor_loss", num_examples=None)
+    assert set(SOLVER_STATISTICS) < set(RISK_STATISTICS)

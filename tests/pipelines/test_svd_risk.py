@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from kedro_datasets.pandas import ParquetDataset
@@ -18,7 +19,12 @@ from weighted_lowrank.lowrank.fisher import empirical_fisher, model_fingerprint
 from weighted_lowrank.lowrank.risk import fisher_variance
 from weighted_lowrank.pipelines.svd_risk import create_pipeline
 
-PARAMS = {"phi_threshold": 2.0, "top_fraction": 0.01, "compare_solvers": True}
+PARAMS = {
+    "statistic": "phi",
+    "thresholds": {"phi": 2.0},
+    "top_fraction": 0.01,
+    "compare_solvers": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +41,12 @@ def bundle_and_fisher():
     return bundle, {"tensors": tensors, "metadata": metadata}
 
 
-def run_pipeline(bundle, fisher_information, directory) -> DataCatalog:
+def run_pipeline(bundle, fisher_information, directory, params=PARAMS) -> DataCatalog:
     catalog = DataCatalog(
         {
             "fine_tuned_model": MemoryDataset(bundle, copy_mode="assign"),
             "fisher_information": MemoryDataset(fisher_information, copy_mode="assign"),
-            "params:svd_risk": MemoryDataset(PARAMS),
+            "params:svd_risk": MemoryDataset(params),
             "params:compression.budget": MemoryDataset(0.5),
             "params:device": MemoryDataset("cpu"),
             # Persisted as in conf/base (a MemoryDataset would be released once consumed).
@@ -64,7 +70,7 @@ def test_pipeline_reports_phi_per_layer_summary_and_heatmap(bundle_and_fisher, t
     assert len(table) == len(tensors) == 12
     for row in table.itertuples():
         assert row.phi == pytest.approx(fisher_variance(tensors[f"{row.module}.weight"]), rel=1e-12)
-        assert row.risk == ("high" if row.phi >= PARAMS["phi_threshold"] else "low")
+        assert row.risk == ("high" if row.phi >= PARAMS["thresholds"]["phi"] else "low")
         assert 0 < row.top_share <= 1 and row.max_to_mean >= 1
         assert row.rank == int(
             0.5 * row.out_features * row.in_features / (row.out_features + row.in_features)
@@ -74,6 +80,7 @@ def test_pipeline_reports_phi_per_layer_summary_and_heatmap(bundle_and_fisher, t
         ["query", "key", "value", "attention_output", "ffn_in", "ffn_out"]
     )
     assert set(table["layer"]) == {0, 1}
+    assert set(table["model_fingerprint"]) == {model_fingerprint(bundle.model)}
 
     assert summary["layers"] == 12
     assert summary["high_risk_layers"] == int((table["risk"] == "high").sum())
@@ -106,3 +113,46 @@ def test_fisher_that_does_not_match_the_model_is_rejected(bundle_and_fisher, tmp
         run_pipeline(retrained, fisher_information, tmp_path)
     with pytest.raises(Exception, match="'tensors'"):
         run_pipeline(bundle, tensors, tmp_path)
+
+
+def test_taylor_statistic_can_drive_the_risk_column(bundle_and_fisher, tmp_path) -> None:
+    bundle, fisher_information = bundle_and_fisher
+    params = {**PARAMS, "statistic": "svd_taylor_loss", "thresholds": {"svd_taylor_loss": 0.0}}
+    table = run_pipeline(bundle, fisher_information, tmp_path, params).load("layer_risk")
+    # ½ Σ I R² / N with N = 24 examples (metadata), R = W − SVD_r(W).
+    modules = dict(bundle.model.named_modules())
+    for row in table.itertuples():
+        weight = modules[row.module].weight.detach().double()
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        residual = weight - u[:, : row.rank] @ torch.diag(s[: row.rank]) @ vh[: row.rank]
+        importance = fisher_information["tensors"][f"{row.module}.weight"].double()
+        expected = 0.5 * float((importance * residual**2).sum()) / 24
+        assert row.svd_taylor_loss == pytest.approx(expected, rel=1e-4)
+    threshold = float(table["svd_taylor_loss"].median())
+    params["thresholds"] = {"svd_taylor_loss": threshold}
+    catalog = run_pipeline(bundle, fisher_information, tmp_path, params)
+    table = catalog.load("layer_risk")
+    assert (table["risk"] == "high").tolist() == (table["svd_taylor_loss"] >= threshold).tolist()
+    summary = catalog.load("risk_summary")
+    assert summary["risk_statistic"] == "svd_taylor_loss"
+    assert summary["risk_threshold"] == threshold
+    image = catalog.load("risk_heatmap").axes[0].images[0].get_array()
+    assert float(image.max()) == pytest.approx(table["svd_taylor_loss"].max())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"statistic": "entropy"}, r"'entropy' is unknown; expected one of \['phi', 'top_share'"),
+        ({"statistic": "top_share"}, r"thresholds.top_share must be a number"),
+        ({"thresholds": {"phi": 2.0, "fi": 1.0}}, r"unknown statistics \['fi'\]"),
+        ({"phi_threshold": 2.0}, "phi_threshold is now thresholds.phi"),
+        ({"statistic": "svd_error_alignment", "compare_solvers": False}, "needs compare_solvers"),
+    ],
+)
+def test_bad_risk_rule_is_rejected_with_the_allowed_names(
+    bundle_and_fisher, tmp_path, change, message
+) -> None:
+    bundle, fisher_information = bundle_and_fisher
+    with pytest.raises(Exception, match=message):
+        run_pipeline(bundle, fisher_information, tmp_path, {**PARAMS, **change})

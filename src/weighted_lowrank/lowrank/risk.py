@@ -7,6 +7,12 @@
 i.e. the squared coefficient of variation of I. It is invariant to the scale of I (the number of
 examples, the loss scale), zero exactly when I is uniform (the case where SVD is already optimal
 for the weighted objective), and grows as importance concentrates on few entries.
+
+Any statistic in :data:`RISK_STATISTICS` can drive the high/low ``risk`` column; φ is the default.
+``svd_taylor_loss`` = ½ Σ_ij I_ij (W − SVD_r(W))²_ij / N is the second-order Taylor estimate of
+the mean-loss increase that replacing W by its rank-r SVD causes (I summed over N examples, so
+I/N is the empirical Fisher, the usual stand-in for the Hessian's diagonal); unlike φ it is in
+units of the task loss and grows with how much the layer matters as a whole.
 """
 
 from __future__ import annotations
@@ -26,6 +32,27 @@ from weighted_lowrank.lowrank.targets import describe_module
 DEFAULT_PHI_THRESHOLD = 50.0
 
 RISK_LEVELS = ("low", "high")
+
+#: Per-layer statistics of :func:`layer_statistics` that may drive the ``risk`` column (larger
+#: means riskier for every one of them).
+RISK_STATISTICS = (
+    "phi",
+    "top_share",
+    "max_to_mean",
+    "svd_error_alignment",
+    "svd_loss_rel_fwsvd",
+    "svd_taylor_loss",
+    "fwsvd_taylor_gain",
+)
+#: The statistics that need the per-layer SVD and FWSVD (``compare_solvers``).
+SOLVER_STATISTICS = (
+    "svd_error_alignment",
+    "svd_loss_rel_fwsvd",
+    "svd_taylor_loss",
+    "fwsvd_taylor_gain",
+)
+#: The statistics that also need the number of examples the Fisher sums over.
+TAYLOR_STATISTICS = ("svd_taylor_loss", "fwsvd_taylor_gain")
 
 
 def fisher_variance(importance: torch.Tensor) -> float:
@@ -50,34 +77,71 @@ def max_to_mean(importance: torch.Tensor) -> float:
     return float(values.max() / values.mean())
 
 
-def risk_level(phi: float, phi_threshold: float = DEFAULT_PHI_THRESHOLD) -> str:
-    """``"high"`` when ``phi ≥ phi_threshold`` else ``"low"``."""
-    return "high" if phi >= phi_threshold else "low"
+def risk_level(value: float, threshold: float = DEFAULT_PHI_THRESHOLD) -> str:
+    """``"high"`` when ``value ≥ threshold`` else ``"low"`` (NaN is ``"low"``)."""
+    return "high" if value >= threshold else "low"
+
+
+def check_risk_statistic(
+    statistic: str, compare_solvers: bool = True, num_examples: int | None = 1
+) -> str:
+    """Return ``statistic`` if it is in :data:`RISK_STATISTICS` and computable, else raise.
+
+    Statistics in :data:`SOLVER_STATISTICS` need ``compare_solvers``; the Taylor ones also need
+    the number of examples the Fisher sums over.
+    """
+    if statistic not in RISK_STATISTICS:
+        raise ValueError(
+            f"risk statistic {statistic!r} is unknown; expected one of {list(RISK_STATISTICS)}"
+        )
+    if statistic in SOLVER_STATISTICS and not compare_solvers:
+        raise ValueError(
+            f"risk statistic {statistic!r} needs compare_solvers: true (it comes from the "
+            f"per-layer SVD); without it choose one of "
+            f"{[name for name in RISK_STATISTICS if name not in SOLVER_STATISTICS]}"
+        )
+    if statistic in TAYLOR_STATISTICS and num_examples is None:
+        raise ValueError(
+            f"risk statistic {statistic!r} needs the number of examples the Fisher sums over "
+            "(fisher metadata 'num_examples'), which is unknown"
+        )
+    return statistic
 
 
 def layer_statistics(
     weights: Mapping[str, torch.Tensor],
     fisher: Mapping[str, torch.Tensor],
     budget: float = 0.5,
-    phi_threshold: float = DEFAULT_PHI_THRESHOLD,
+    statistic: str = "phi",
+    threshold: float = DEFAULT_PHI_THRESHOLD,
     top_fraction: float = 0.01,
     compare_solvers: bool = True,
+    num_examples: int | None = None,
     device: str = "cpu",
 ) -> list[dict]:
     """One row of risk statistics per Fisher key (``"<module>.weight"``), in the Fisher's order.
 
     Columns: ``module``, ``layer``, ``kind``, ``out_features``, ``in_features``, ``rank`` (from
     ``budget``), ``phi`` (φ(W)), ``top_share`` (share of importance in the top ``top_fraction`` of
-    entries), ``max_to_mean``, ``risk`` (low/high by ``phi_threshold``) and, with
-    ``compare_solvers``: ``svd_error_alignment`` = Σ I R² / (Ī Σ R²) for SVD's residual R (1 when
-    SVD's error falls on average-importance entries, > 1 when it hits important ones) and
-    ``svd_loss_rel_fwsvd`` = SVD's weighted loss / two-sided FWSVD's at the same rank (≥ 1 means
-    weighting pays). ``weights`` maps the same keys to the weight matrices.
+    entries), ``max_to_mean`` and, with ``compare_solvers``: ``svd_error_alignment`` =
+    Σ I R² / (Ī Σ R²) for SVD's residual R (1 when SVD's error falls on average-importance
+    entries, > 1 when it hits important ones) and ``svd_loss_rel_fwsvd`` = SVD's weighted loss /
+    two-sided FWSVD's at the same rank (≥ 1 means weighting pays); with ``compare_solvers`` and
+    ``num_examples`` (the N the Fisher sums over) also ``svd_taylor_loss`` = ½ Σ I R² / N (the
+    second-order estimate of the mean-loss increase from SVD) and ``fwsvd_taylor_gain`` = ½ (SVD's
+    − FWSVD's weighted loss) / N (the same estimate of what weighting saves). Last, ``risk``:
+    ``"high"`` when the row's ``statistic`` ≥ ``threshold``. ``weights`` maps the same keys to the
+    weight matrices.
     """
     if not fisher:
         raise ValueError("fisher is empty; expected one importance tensor per weight")
     if not 0.0 < budget < 1.0:
         raise ValueError(f"budget must be a fraction in (0, 1), got {budget}")
+    if num_examples is not None and (
+        isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1
+    ):
+        raise ValueError(f"num_examples must be a positive int or None, got {num_examples!r}")
+    check_risk_statistic(statistic, compare_solvers, num_examples)
     missing = [key for key in fisher if key not in weights]
     if missing:
         raise ValueError(f"weights lack the Fisher keys {missing[:5]}")
@@ -103,7 +167,6 @@ def layer_statistics(
                 "phi": phi,
                 "top_share": top_share(importance, top_fraction),
                 "max_to_mean": max_to_mean(importance),
-                "risk": risk_level(phi, phi_threshold),
             }
         )
     if compare_solvers:
@@ -124,11 +187,23 @@ def layer_statistics(
             row["svd_loss_rel_fwsvd"] = (
                 svd_result.loss / fwsvd_result.loss if fwsvd_result.loss > 0 else 1.0
             )
+            if num_examples is not None:
+                row["svd_taylor_loss"] = 0.5 * svd_result.loss / num_examples
+                row["fwsvd_taylor_gain"] = (
+                    0.5 * (svd_result.loss - fwsvd_result.loss) / num_examples
+                )
+    for row in rows:
+        row["risk"] = risk_level(row[statistic], threshold)
     return rows
 
 
-def risk_summary(rows: list[dict], phi_threshold: float = DEFAULT_PHI_THRESHOLD) -> dict:
-    """Per-model aggregates of :func:`layer_statistics` rows (JSON-friendly)."""
+def risk_summary(
+    rows: list[dict], statistic: str = "phi", threshold: float = DEFAULT_PHI_THRESHOLD
+) -> dict:
+    """Per-model aggregates of :func:`layer_statistics` rows (JSON-friendly).
+
+    ``statistic`` and ``threshold`` are the rule the rows' ``risk`` column was assigned with.
+    """
     if not rows:
         raise ValueError("no layer rows to summarise")
     phis = [row["phi"] for row in rows]
@@ -138,7 +213,8 @@ def risk_summary(rows: list[dict], phi_threshold: float = DEFAULT_PHI_THRESHOLD)
         by_kind.setdefault(row["kind"], []).append(row["phi"])
     summary = {
         "layers": len(rows),
-        "phi_threshold": phi_threshold,
+        "risk_statistic": statistic,
+        "risk_threshold": threshold,
         "high_risk_layers": sum(row["risk"] == "high" for row in rows),
         "high_risk_modules": [row["module"] for row in rows if row["risk"] == "high"],
         "phi_mean": sum(phis) / len(phis),

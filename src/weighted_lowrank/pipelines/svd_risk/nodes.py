@@ -1,4 +1,10 @@
-"""Nodes of ``svd_risk``: risk statistics per layer, their per-model summary, and a heatmap."""
+"""Nodes of ``svd_risk``: risk statistics per layer, their per-model summary, and a heatmap.
+
+Parameters (``params:svd_risk``): ``statistic`` (which column of the table drives ``risk``, one of
+:data:`~weighted_lowrank.lowrank.risk.RISK_STATISTICS`), ``thresholds`` (``{statistic: value}``;
+a layer is high risk when its statistic ≥ the selected statistic's threshold), ``top_fraction``
+and ``compare_solvers`` (see :func:`~weighted_lowrank.lowrank.risk.layer_statistics`).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +21,60 @@ from matplotlib.patches import Rectangle
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fisher import model_fingerprint, validate_fisher
-from weighted_lowrank.lowrank.risk import DEFAULT_PHI_THRESHOLD, layer_statistics, risk_summary
+from weighted_lowrank.lowrank.risk import (
+    RISK_STATISTICS,
+    check_risk_statistic,
+    layer_statistics,
+    risk_summary,
+)
 from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS
 
 #: Heatmap column order for BERT-style layers (other kinds follow alphabetically).
 KIND_ORDER = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
+SVD_RISK_KEYS = ("statistic", "thresholds", "top_fraction", "compare_solvers")
+#: How each statistic is named in plot titles.
+STATISTIC_LABELS = {"phi": "φ(W) = Var(I / mean I)"}
+
+
+def risk_rule(svd_risk: dict[str, Any], num_examples: int | None = 1) -> tuple[str, float]:
+    """``(statistic, threshold)`` that assign the high/low ``risk`` column, checked."""
+    unknown = sorted(set(svd_risk) - set(SVD_RISK_KEYS))
+    if unknown:
+        hint = (
+            "; phi_threshold is now thresholds.phi (with statistic: phi)"
+            if "phi_threshold" in unknown
+            else ""
+        )
+        raise ValueError(
+            f"parameters svd_risk has unknown keys {unknown}; expected {list(SVD_RISK_KEYS)}{hint}"
+        )
+    statistic = check_risk_statistic(
+        svd_risk.get("statistic", "phi"),
+        bool(svd_risk.get("compare_solvers", True)),
+        num_examples,
+    )
+    thresholds = svd_risk.get("thresholds") or {}
+    if not isinstance(thresholds, dict):
+        raise ValueError(
+            f"svd_risk.thresholds must map statistic names to numbers, got {thresholds!r}"
+        )
+    unknown = sorted(set(thresholds) - set(RISK_STATISTICS))
+    if unknown:
+        raise ValueError(
+            f"svd_risk.thresholds names unknown statistics {unknown}; expected some of "
+            f"{list(RISK_STATISTICS)}"
+        )
+    threshold = thresholds.get(statistic)
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or math.isnan(threshold)
+    ):
+        raise ValueError(
+            f"svd_risk.thresholds.{statistic} must be a number (the selected statistic "
+            f"{statistic!r} needs a threshold), got {threshold!r}"
+        )
+    return statistic, float(threshold)
 
 
 def compute_layer_risk(
@@ -29,7 +84,8 @@ def compute_layer_risk(
     budget: float,
     device: str,
 ) -> pd.DataFrame:
-    """One row of risk statistics per Fisher tensor (see ``layer_statistics``)."""
+    """One row of risk statistics per Fisher tensor (see ``layer_statistics``), plus the
+    ``model_fingerprint`` of the fine-tuned model they were computed on."""
     if not isinstance(fisher_information, dict) or "tensors" not in fisher_information:
         raise ValueError(
             "fisher_information must be {'tensors': {...}, 'metadata': {...}} as written by the "
@@ -40,22 +96,44 @@ def compute_layer_risk(
     metadata = fisher_information.get("metadata") or {}
     modules = validate_fisher(model, fisher, targets=_recorded_targets(metadata))
     expected = metadata.get("model_fingerprint")
-    if expected is not None and expected != model_fingerprint(model):
+    fingerprint = model_fingerprint(model)
+    if expected is not None and expected != fingerprint:
         raise ValueError(
             f"fisher_information was estimated on model {expected}, but fine_tuned_model is "
-            f"{model_fingerprint(model)}; rerun fisher_estimation or pin both with --load-versions"
+            f"{fingerprint}; rerun fisher_estimation or pin both with --load-versions"
         )
+    num_examples = _recorded_examples(metadata)
+    statistic, threshold = risk_rule(svd_risk, num_examples)
     weights = {f"{name}.weight": module.weight.detach().cpu() for name, module in modules.items()}
     rows = layer_statistics(
         weights,
         fisher,
         budget=budget,
-        phi_threshold=svd_risk.get("phi_threshold", DEFAULT_PHI_THRESHOLD),
+        statistic=statistic,
+        threshold=threshold,
         top_fraction=svd_risk.get("top_fraction", 0.01),
         compare_solvers=bool(svd_risk.get("compare_solvers", True)),
+        num_examples=num_examples,
         device=str(resolve_device(device)),
     )
-    return pd.DataFrame(rows)
+    # Lets later consumers (risk_validation) check that the table belongs to their model.
+    return pd.DataFrame(rows).assign(model_fingerprint=fingerprint)
+
+
+def _recorded_examples(metadata: dict[str, str]) -> int | None:
+    """The number of examples the Fisher sums over (metadata ``num_examples``), if recorded."""
+    if "num_examples" not in metadata:
+        return None
+    try:
+        count = int(metadata["num_examples"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"fisher_information metadata 'num_examples' is not an integer: "
+            f"{metadata['num_examples']!r}"
+        ) from exc
+    if count < 1:
+        raise ValueError(f"fisher_information metadata 'num_examples' is {count}; expected ≥ 1")
+    return count
 
 
 def _recorded_targets(metadata: dict[str, str]) -> Any:
@@ -74,20 +152,29 @@ def _recorded_targets(metadata: dict[str, str]) -> Any:
 
 def summarize_risk(layer_risk: pd.DataFrame, svd_risk: dict[str, Any]) -> dict[str, Any]:
     """Per-model aggregates of the risk table (JSON)."""
+    statistic, threshold = risk_rule(svd_risk)
     summary = risk_summary(
-        layer_risk.to_dict(orient="records"),
-        phi_threshold=svd_risk.get("phi_threshold", DEFAULT_PHI_THRESHOLD),
+        layer_risk.to_dict(orient="records"), statistic=statistic, threshold=threshold
     )
     return {key: _json_safe(value) for key, value in summary.items()}
 
 
 def plot_risk_heatmap(layer_risk: pd.DataFrame, svd_risk: dict[str, Any]) -> Figure:
-    """φ(W) per layer × module kind on a log colour scale; high-risk cells are outlined."""
-    threshold = svd_risk.get("phi_threshold", DEFAULT_PHI_THRESHOLD)
+    """The risk statistic (φ by default) per layer × module kind on a log colour scale.
+
+    Cells of high-risk layers are outlined; non-positive values are left blank.
+    """
+    statistic, threshold = risk_rule(svd_risk)
+    if statistic not in layer_risk.columns:
+        raise ValueError(
+            f"layer_risk has no column {statistic!r} (svd_risk.statistic); it has "
+            f"{list(layer_risk.columns)}"
+        )
+    label = STATISTIC_LABELS.get(statistic, statistic)
     kinds = [kind for kind in KIND_ORDER if kind in set(layer_risk["kind"])]
     kinds += sorted(set(layer_risk["kind"]) - set(kinds))
     layers = sorted(set(layer_risk["layer"]))
-    grid = layer_risk.pivot_table(index="layer", columns="kind", values="phi", aggfunc="max")
+    grid = layer_risk.pivot_table(index="layer", columns="kind", values=statistic, aggfunc="max")
     grid = grid.reindex(index=layers, columns=kinds)
     values = grid.to_numpy(dtype=float)
     positive = values[np.isfinite(values) & (values > 0)]
@@ -102,20 +189,20 @@ def plot_risk_heatmap(layer_risk: pd.DataFrame, svd_risk: dict[str, Any]) -> Fig
     )
     for row in range(len(layers)):
         for column in range(len(kinds)):
-            phi = values[row, column]
-            if math.isnan(phi):
+            value = values[row, column]
+            if math.isnan(value):
                 continue
-            bright = phi > 0 and image.norm(phi) > 0.6  # dark text on the yellow end
+            bright = value > 0 and image.norm(value) > 0.6  # dark text on the yellow end
             axes.text(
                 column,
                 row,
-                f"{phi:.3g}",
+                f"{value:.3g}",
                 ha="center",
                 va="center",
                 fontsize=8,
-                color="black" if bright else "white",
+                color="black" if bright else "white" if value > 0 else "black",
             )
-            if phi >= threshold:
+            if value >= threshold:
                 axes.add_patch(
                     Rectangle(
                         (column - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2
@@ -125,8 +212,8 @@ def plot_risk_heatmap(layer_risk: pd.DataFrame, svd_risk: dict[str, Any]) -> Fig
     axes.set_yticks(range(len(layers)), [str(layer) if layer >= 0 else "–" for layer in layers])
     axes.set_xlabel("module kind")
     axes.set_ylabel("encoder layer")
-    axes.set_title(f"φ(W) = Var(I / mean I); outlined: high risk (φ ≥ {threshold:g})")
-    figure.colorbar(image, ax=axes, label="φ(W) (log scale)")
+    axes.set_title(f"{label}; outlined: high risk ({statistic} ≥ {threshold:g})")
+    figure.colorbar(image, ax=axes, label=f"{statistic} (log scale)")
     return figure
 
 

@@ -20,7 +20,7 @@ from weighted_lowrank.hooks import EarlyParameterChecks
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.lowrank.surgery import compress_model, load_compressed, lowrank_modules
 from weighted_lowrank.pipelines.evaluation import create_pipeline as create_evaluation
-from weighted_lowrank.pipelines.evaluation.nodes import _task_metrics, evaluate_compressed
+from weighted_lowrank.pipelines.evaluation.nodes import evaluate_compressed, score_split
 from weighted_lowrank.pipelines.refinement import create_pipeline as create_refinement
 from weighted_lowrank.pipelines.refinement.nodes import check_refinement, refine
 from weighted_lowrank.training import TrainingOptions, train_classifier
@@ -145,10 +145,10 @@ def test_evaluation_reports_refined_metrics_beside_the_compressed_ones(compresse
     dense_metrics = catalog.load("dense.evaluation_metrics")
     metrics = catalog.load("svd.evaluation_metrics")
     assert set(metrics) == set(dense_metrics)
-    by_hand = _task_metrics(refined, TEST, 16, EVALUATION)
+    by_hand = score_split(refined, TEST, 16, EVALUATION)
     for key, value in by_hand.items():
         assert metrics[f"{key}_refined"] == pytest.approx(value)
-    unrefined = _task_metrics(bundle, TEST, 16, EVALUATION)
+    unrefined = score_split(bundle, TEST, 16, EVALUATION)
     assert metrics["test_loss"] == pytest.approx(unrefined["test_loss"])
     assert metrics["test_loss_refined"] < metrics["test_loss"]
     assert metrics["refinement_seconds"] == history["epochs"][-1]["seconds"] > 0

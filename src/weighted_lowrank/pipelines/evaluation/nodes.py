@@ -60,9 +60,10 @@ def _check_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
     return latency
 
 
-def _task_metrics(
+def score_split(
     bundle: ModelBundle, test_split: pd.DataFrame, max_length: int, evaluation: dict[str, Any]
 ) -> dict[str, float]:
+    """Task metrics and ``test_loss`` of ``bundle`` on a split (model left on the CPU)."""
     device = resolve_device(str(evaluation.get("device", "cpu")))
     logits, loss = predict(
         bundle.model,
@@ -129,7 +130,7 @@ def evaluate_dense(
     latency_ms = measure_latency_ms(
         {"dense": dense}, dense.config.vocab_size, **{"warmup": 3, "seed": 0, **latency}
     )["dense"]
-    scores = _task_metrics(fine_tuned_model, test_split, int(model["max_length"]), evaluation)
+    scores = score_split(fine_tuned_model, test_split, int(model["max_length"]), evaluation)
     refined = _refined_metrics(scores, 0.0) if refinement.get("enabled") else {}
     return {
         **scores,
@@ -178,7 +179,7 @@ def evaluate_compressed(
     refined = {}
     if refinement.get("enabled"):
         seconds = _check_refined(refined_model, refinement_history, ranks)
-        refined_scores = _task_metrics(
+        refined_scores = score_split(
             refined_model, test_split, int(model["max_length"]), evaluation
         )
         refined = _refined_metrics(refined_scores, seconds)
@@ -190,7 +191,7 @@ def evaluate_compressed(
         **{"warmup": 3, "seed": 0, **latency},
     )
     return {
-        **_task_metrics(compressed_model, test_split, int(model["max_length"]), evaluation),
+        **score_split(compressed_model, test_split, int(model["max_length"]), evaluation),
         **refined,
         "weighted_loss_rel_svd": _relative(
             float(layer_report["weighted_loss"].sum()), float(layer_report["svd_loss"].sum())

@@ -1,0 +1,114 @@
+"""Fine-tuning after compression: which parameters to train, and the dense control.
+
+Run ``python benchmarks/refinement.py`` after a ``kedro run`` (it loads the latest
+``fine_tuned_model``, splits and ``<solver>.compressed_model`` through the project's catalog and
+the ``refinement`` parameters). For each ``--solvers`` model it refines with every
+``--trainable`` choice and scores the test split; ``dense`` trains the uncompressed fine-tuned
+model for the same epochs with the same loop — the control that says how much of a refined
+model's gain is compression recovered and how much is just more training. Writes the
+``refinement`` section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+from kedro.framework.session import KedroSession  # noqa: E402
+from kedro.framework.startup import bootstrap_project  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
+
+from weighted_lowrank.hf import ModelBundle  # noqa: E402
+from weighted_lowrank.pipelines.evaluation.nodes import score_split  # noqa: E402
+from weighted_lowrank.pipelines.refinement.nodes import check_refinement, refine  # noqa: E402
+from weighted_lowrank.training import train_classifier  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--solvers", default="svd,tfwsvd", help="comma-separated namespaces")
+    parser.add_argument("--trainable", default="all,factors", help="comma-separated choices")
+    parser.add_argument("--epochs", type=int, default=None, help="default: refinement.epochs")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--output", default=str(REPO_ROOT / "docs" / "BENCHMARKS.md"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    bootstrap_project(REPO_ROOT)
+    with KedroSession.create(project_path=REPO_ROOT) as session:
+        catalog = session.load_context().catalog
+        refinement = dict(catalog.load("params:refinement"))
+        model_params = catalog.load("params:model")
+        evaluation = catalog.load("params:evaluation")
+        seed, device = catalog.load("params:seed"), catalog.load("params:device")
+        train, validation, test = (
+            catalog.load(name) for name in ("train_split", "validation_split", "test_split")
+        )
+        dense = catalog.load("fine_tuned_model")
+        compressed = {
+            solver: catalog.load(f"{solver}.compressed_model") for solver in args.solvers.split(",")
+        }
+        budget = catalog.load("params:compression")["budget"]
+    if args.epochs:
+        refinement["epochs"] = args.epochs
+    refinement["enabled"] = True
+    max_length = int(model_params["max_length"])
+    options = check_refinement(refinement, max_length, seed)
+
+    rows = []
+    before = score_split(dense, test, max_length, evaluation)
+    started = time.perf_counter()
+    control = ModelBundle(copy.deepcopy(dense.model), dense.tokenizer)
+    train_classifier(control.model, control.tokenizer, train, validation, options, progress=False)
+    control.model.to("cpu")
+    after = score_split(control, test, max_length, evaluation)
+    rows.append(("dense (control)", "all", before, after, time.perf_counter() - started))
+    for solver, bundle in compressed.items():
+        before = score_split(bundle, test, max_length, evaluation)
+        for trainable in args.trainable.split(","):
+            settings = {**refinement, "trainable": trainable}
+            started = time.perf_counter()
+            refined, _ = refine(bundle, train, validation, model_params, settings, seed, device)
+            after = score_split(refined, test, max_length, evaluation)
+            rows.append((solver, trainable, before, after, time.perf_counter() - started))
+            print(rows[-1][:2], before["accuracy"], after["accuracy"], flush=True)
+
+    metric = "accuracy" if "accuracy" in before else "pearson"
+    lines = [
+        f"`python benchmarks/refinement.py --solvers {args.solvers} --trainable "
+        f"{args.trainable}` on {platform.node()}, {dt.date.today()}, torch threads "
+        f"{torch.get_num_threads()}; compressed models of the latest run (budget {budget}), "
+        f"{options.epochs} epoch(s), learning rate {options.learning_rate:g}, test split "
+        f"({len(test)} examples).",
+        "",
+        f"| model | trained | test {metric} before | after | test loss before | after | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, trainable, before, after, seconds in rows:
+        lines.append(
+            f"| {name} | {trainable} | {before[metric]:.3f} | {after[metric]:.3f} | "
+            f"{before['test_loss']:.3f} | {after['test_loss']:.3f} | {seconds:.0f} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    write_section(Path(args.output), "refinement", text, "benchmarks/refinement.py")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

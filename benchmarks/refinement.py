@@ -31,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
 
 from weighted_lowrank.hf import ModelBundle  # noqa: E402
+from weighted_lowrank.lowrank.surgery import lowrank_modules  # noqa: E402
 from weighted_lowrank.pipelines.evaluation.nodes import score_split  # noqa: E402
 from weighted_lowrank.pipelines.refinement.nodes import check_refinement, refine  # noqa: E402
 from weighted_lowrank.training import train_classifier  # noqa: E402
@@ -44,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
+    parser.add_argument(
+        "--version",
+        default=None,
+        help="load the compressed models saved by this run (a version directory name under "
+        "data/06_models/compressed/<solver>/); default: the latest",
+    )
     parser.add_argument("--output", default=str(REPO_ROOT / "docs" / "BENCHMARKS.md"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -51,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
     bootstrap_project(REPO_ROOT)
     with KedroSession.create(project_path=REPO_ROOT) as session:
-        catalog = session.load_context().catalog
+        context = session.load_context()
+        solvers = args.solvers.split(",")
+        versions = {f"{solver}.compressed_model": args.version for solver in solvers}
+        # The public catalog loads the latest versions; pinning needs the context's factory.
+        catalog = context._get_catalog(load_versions=versions) if args.version else context.catalog
         refinement = dict(catalog.load("params:refinement"))
         model_params = catalog.load("params:model")
         evaluation = catalog.load("params:evaluation")
@@ -63,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         compressed = {
             solver: catalog.load(f"{solver}.compressed_model") for solver in args.solvers.split(",")
         }
-        budget = catalog.load("params:compression")["budget"]
     if args.epochs:
         refinement["epochs"] = args.epochs
     refinement["enabled"] = True
     max_length = int(model_params["max_length"])
+    layers = lowrank_modules(next(iter(compressed.values())).model).values()
+    kept = sum(m.rank * (m.in_features + m.out_features) for m in layers) / sum(
+        m.in_features * m.out_features for m in layers
+    )
     options = check_refinement(refinement, max_length, seed)
 
     rows = []
@@ -91,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     metric = "accuracy" if "accuracy" in before else "pearson"
     lines = [
         f"`python benchmarks/refinement.py --solvers {args.solvers} --trainable "
-        f"{args.trainable}` on {platform.node()}, {dt.date.today()}, torch threads "
-        f"{torch.get_num_threads()}; compressed models of the latest run (budget {budget}), "
+        f"{args.trainable}{f' --version {args.version}' if args.version else ''}` on {platform.node()}, {dt.date.today()}, torch threads "
+        f"{torch.get_num_threads()}; compressed models keeping {kept:.3f} of the targeted weights, "
         f"{options.epochs} epoch(s), learning rate {options.learning_rate:g}, test split "
         f"({len(test)} examples).",
         "",

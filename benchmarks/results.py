@@ -116,23 +116,30 @@ def claim_evidence(latest: pd.DataFrame, metric: str) -> str:
 
 
 def risk_section(path: Path) -> str:
-    """Spearman correlations of the risk validation, or how to produce them."""
+    """Spearman correlations of the risk validation (statistic × outcome), or how to get them."""
     if not path.is_file():
         return f"(no {path.relative_to(REPO_ROOT)}: run `kedro run --pipelines risk_validation`)"
     summary = json.loads(path.read_text())
-    correlations = summary.get("correlations", {})
-    lines = [
-        "| statistic | ρ vs SVD damage | p | ρ vs weighted gain | p |",
-        "|---|---|---|---|---|",
-    ]
-    for statistic, values in correlations.items():
-        damage, gain = values.get("svd_damage", {}), values.get("weighted_gain", {})
-        lines.append(
-            f"| {statistic} | {_cell(damage.get('rho'), 2)} | {_cell(damage.get('p'), 3)} | "
-            f"{_cell(gain.get('rho'), 2)} | {_cell(gain.get('p'), 3)} |"
-        )
-    extra = {key: value for key, value in summary.items() if key != "correlations"}
-    return "\n".join(lines) + "\n\n" + ", ".join(f"{k}: {v}" for k, v in extra.items())
+    correlations = summary["correlations"]  # {outcome: {statistic: {rho, p_value, n}}}
+    outcomes = list(correlations)
+    header = ["statistic", *(f"ρ vs {outcome} (p)" for outcome in outcomes)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for statistic in summary["statistics"]:
+        cells = []
+        for outcome in outcomes:
+            value = correlations[outcome].get(statistic, {})
+            cells.append(f"{_cell(value.get('rho'), 2)} ({_cell(value.get('p_value'), 2)})")
+        lines.append(f"| {statistic} | " + " | ".join(cells) + " |")
+    best = ", ".join(f"{outcome}: {name}" for outcome, name in summary["best_predictor"].items())
+    n = next(iter(correlations[outcomes[0]].values()))["n"]
+    return (
+        "\n".join(lines)
+        + f"\n\nn = {n} layers, {summary['examples']} validation examples, weighted solver "
+        f"{summary['weighted_solver']}; best predictor (largest ρ): {best}. Summed loss increase "
+        f"over the layers: SVD {summary['svd_loss_increase_sum']:+.3f}, "
+        f"{summary['weighted_solver']} {summary['tfwsvd_loss_increase_sum']:+.3f} nats; the "
+        f"weighted solver beats SVD on {summary['weighted_gain_positive_layers']} of {n} layers."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

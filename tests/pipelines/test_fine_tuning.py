@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
@@ -52,11 +53,23 @@ def test_pipeline_fine_tunes_a_local_model_and_reports_each_epoch(tiny_model_dir
 
 
 def test_regression_task_gets_a_single_output(tiny_model_dir) -> None:
-    bundle = initialise_model({"source": tiny_model_dir, "max_length": 16}, [])
+    bundle = initialise_model({"source": tiny_model_dir, "max_length": 16}, [], 0)
     assert bundle.model.config.num_labels == 1
+
+
+def test_the_new_head_is_drawn_from_the_seed_alone(tiny_model_dir) -> None:
+    model = {"source": tiny_model_dir, "max_length": 16}
+    heads = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(len(heads))  # the caller's RNG state must not matter
+        state = torch.random.get_rng_state()
+        heads.append(initialise_model(model, ["a", "b"], seed).model.classifier.weight.detach())
+        assert torch.equal(torch.random.get_rng_state(), state)  # and is left as it was
+    assert torch.equal(heads[0], heads[1])
+    assert not torch.equal(heads[0], heads[2])
 
 
 @pytest.mark.parametrize("source", ["", None, "/no/such/dir/with/many/parts"])
 def test_bad_model_source_raises(source) -> None:
     with pytest.raises(ValueError, match="model"):
-        initialise_model({"source": source, "max_length": 16}, ["a", "b"])
+        initialise_model({"source": source, "max_length": 16}, ["a", "b"], 0)

@@ -5,16 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
+import torch
 
 from weighted_lowrank.hf import ModelBundle, load_base_model
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.training import TrainingOptions, check_split, train_classifier
 
 
-def initialise_model(model: dict[str, Any], label_names: list[str]) -> ModelBundle:
+def initialise_model(model: dict[str, Any], label_names: list[str], seed: int) -> ModelBundle:
     """Load the base model named by ``model.source`` with a fresh head sized to the labels.
 
-    An empty ``label_names`` means a regression task (one output).
+    An empty ``label_names`` means a regression task (one output). The new head's random
+    initialisation is drawn from ``seed`` (without touching the caller's RNG state), so the same
+    parameters give the same fine-tuned model run after run.
     """
     source = model.get("source")
     if not isinstance(source, str) or not source:
@@ -22,7 +25,9 @@ def initialise_model(model: dict[str, Any], label_names: list[str]) -> ModelBund
             f"parameter model.source={source!r}: expected a model directory, hub name or 'embedded:…'"
         )
     id2label = dict(enumerate(label_names)) if label_names else None
-    return load_base_model(source, num_labels=len(label_names) or 1, id2label=id2label)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return load_base_model(source, num_labels=len(label_names) or 1, id2label=id2label)
 
 
 def fine_tune(

@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -24,9 +25,15 @@ if str(REPO_ROOT / "src") not in sys.path:
 
 from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
 
-from weighted_lowrank.run_history import child_runs, latest_per_budget, task_metric  # noqa: E402
+from weighted_lowrank.run_history import (  # noqa: E402
+    child_runs,
+    latest_per_budget,
+    quality_vs_params_figure,
+    task_metric,
+)
 
 RESULTS_PATH = REPO_ROOT / "docs" / "RESULTS.md"
+FIGURE_PATH = REPO_ROOT / "docs" / "results_quality_vs_params.png"
 RISK_SUMMARY = REPO_ROOT / "data" / "08_reporting" / "risk_validation_summary.json"
 #: Element-wise (TFWSVD-objective) solvers, as opposed to svd and the one-sided fwsvd.
 ELEMENT_WISE = ("tfwsvd", "als", "em", "adam", "sgd", "adam_sgd")
@@ -151,11 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", default=str(RESULTS_PATH))
     parser.add_argument("--risk-summary", default=str(RISK_SUMMARY))
+    parser.add_argument("--figure", default=str(FIGURE_PATH), help="quality-vs-parameters plot")
     args = parser.parse_args(argv)
 
     latest = latest_per_budget(child_runs(args.tracking_uri), refined_only=True)
     metric = task_metric(latest)
     started = latest["started"].min().strftime("%Y-%m-%d %H:%M")
+    figure = Path(args.figure)
+    quality_vs_params_figure(latest, metric).savefig(figure, dpi=90)
+    relative = os.path.relpath(figure, Path(args.output).parent)
     text = "\n\n".join(
         [
             f"Written {dt.date.today()} on {platform.node()} from the newest refined child runs "
@@ -163,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             f"the compressed model fine-tuned after compression ({latest['refinement'].iloc[-1]}). "
             "loss/SVD = Σ Fisher-weighted loss over the targeted layers relative to SVD's.",
             results_table(latest, metric),
+            f"![test {metric} vs parameters kept, one line per solver, dotted: refined]"
+            f"({relative})",
             "Differences behind each claim (test " + metric + "):",
             claim_evidence(latest, metric),
             "Risk validation (Spearman over the targeted layers, one layer compressed at a time):",

@@ -17,6 +17,7 @@ from tests.test_training import toy_split
 from weighted_lowrank.datasets import HFModelDataset
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.hooks import EarlyParameterChecks
+from weighted_lowrank.lowrank.fisher import model_fingerprint
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.lowrank.surgery import compress_model, load_compressed, lowrank_modules
 from weighted_lowrank.pipelines.evaluation import create_pipeline as create_evaluation
@@ -70,7 +71,12 @@ def test_disabled_refinement_hands_the_model_through_untouched(compressed):
     before = state(bundle.model)
     refined, record = refine(bundle, TRAIN, VALIDATION, MODEL, {"enabled": False}, 0, "cpu")
     assert refined is bundle
-    assert record == {"enabled": False, "trainable": "all", "epochs": []}
+    assert record == {
+        "enabled": False,
+        "trainable": "all",
+        "compressed_model_fingerprint": model_fingerprint(bundle.model),
+        "epochs": [],
+    }
     assert all(torch.equal(before[key], value) for key, value in state(bundle.model).items())
 
 
@@ -161,13 +167,19 @@ def test_enabled_refinement_needs_a_refined_model_of_the_same_run(compressed):
     dense, bundle, report = compressed
     frame = pd.DataFrame(report)
     arguments = (bundle, dense, frame, TEST, MODEL, EVALUATION)
-    not_refined = {"enabled": False, "trainable": "all", "epochs": []}
+    fingerprint = model_fingerprint(bundle.model)
+    not_refined = {"enabled": False, "compressed_model_fingerprint": fingerprint, "epochs": []}
     with pytest.raises(ValueError, match="records no training"):
         evaluate_compressed(*arguments, bundle, not_refined, REFINEMENT)
+    trained = {**not_refined, "enabled": True, "epochs": [{"seconds": 1.0}]}
     other, _ = compress_model(copy.deepcopy(dense.model), None, 0.2, "svd")
-    trained = {"enabled": True, "epochs": [{"seconds": 1.0}]}
     with pytest.raises(ValueError, match="refined_model's low-rank modules and ranks"):
         evaluate_compressed(*arguments, ModelBundle(other, dense.tokenizer), trained, REFINEMENT)
+    from_elsewhere = {**trained, "compressed_model_fingerprint": "0" * 16}
+    with pytest.raises(ValueError, match="another compressed_model"):
+        evaluate_compressed(*arguments, bundle, from_elsewhere, REFINEMENT)
+    metrics = evaluate_compressed(*arguments, bundle, trained, REFINEMENT)
+    assert metrics["accuracy_refined"] == metrics["accuracy"]  # the same weights, scored twice
 
 
 @pytest.mark.parametrize(

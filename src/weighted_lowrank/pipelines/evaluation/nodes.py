@@ -21,10 +21,12 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
+import torch
 
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.latency import measure_latency_ms
 from weighted_lowrank.lowrank.devices import resolve_device
+from weighted_lowrank.lowrank.fisher import model_fingerprint
 from weighted_lowrank.lowrank.surgery import (
     lowrank_modules,
     parameter_counts,
@@ -83,14 +85,23 @@ def _refined_metrics(metrics: dict[str, float], refinement_seconds: float) -> di
 
 
 def _check_refined(
-    refined_model: ModelBundle, refinement_history: dict[str, Any], ranks: dict[str, int]
+    refined_model: ModelBundle,
+    refinement_history: dict[str, Any],
+    compressed: torch.nn.Module,
+    ranks: dict[str, int],
 ) -> float:
     """Seconds the refinement took; raises if the refined model does not belong to this run."""
-    epochs = refinement_history.get("epochs") if isinstance(refinement_history, dict) else None
-    if not (refinement_history.get("enabled") and epochs):
+    history = refinement_history if isinstance(refinement_history, dict) else {}
+    epochs = history.get("epochs")
+    if not (history.get("enabled") and epochs):
         raise ValueError(
             "refinement.enabled is true but refinement_history records no training; run the "
             "refinement pipeline with refinement.enabled=true before evaluation"
+        )
+    if history.get("compressed_model_fingerprint") != model_fingerprint(compressed):
+        raise ValueError(
+            "refined_model was refined from another compressed_model than the one evaluated "
+            "(refinement_history's fingerprint differs); rerun refinement or load matching versions"
         )
     refined_ranks = {
         name: module.rank for name, module in lowrank_modules(refined_model.model).items()
@@ -178,7 +189,7 @@ def evaluate_compressed(
         )
     refined = {}
     if refinement.get("enabled"):
-        seconds = _check_refined(refined_model, refinement_history, ranks)
+        seconds = _check_refined(refined_model, refinement_history, compressed, ranks)
         refined_scores = score_split(
             refined_model, test_split, int(model["max_length"]), evaluation
         )

@@ -16,6 +16,7 @@ import pandas as pd
 
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lowrank.devices import resolve_device
+from weighted_lowrank.lowrank.fisher import model_fingerprint
 from weighted_lowrank.lowrank.surgery import lowrank_modules
 from weighted_lowrank.training import TrainingOptions, check_split, train_classifier
 
@@ -65,13 +66,20 @@ def refine(
 ) -> tuple[ModelBundle, dict[str, Any]]:
     """Fine-tune ``compressed_model`` (all parameters or only its factors) when enabled.
 
-    Returns a refined copy (the input itself when disabled) and a JSON-friendly record: ``enabled``, ``trainable``, the
-    training options and one entry per epoch (train loss, validation metrics, seconds).
+    Returns a refined copy (the input itself when disabled) and a JSON-friendly record:
+    ``enabled``, ``trainable``, the compressed model's fingerprint, the training options and one
+    entry per epoch (train loss, validation metrics, seconds).
     """
     options = check_refinement(refinement, int(model["max_length"]), seed)
     enabled = bool(refinement.get("enabled", False))
     trainable = str(refinement.get("trainable", "all"))
-    record: dict[str, Any] = {"enabled": enabled, "trainable": trainable, "epochs": []}
+    record: dict[str, Any] = {
+        "enabled": enabled,
+        "trainable": trainable,
+        # Lets evaluation check that a refined model on disk was refined from this compressed one.
+        "compressed_model_fingerprint": model_fingerprint(compressed_model.model),
+        "epochs": [],
+    }
     if not enabled:
         return compressed_model, record
     check_split(train_split, "train_split")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,6 +51,33 @@ class TrainingOptions:
             )
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise ValueError("training options weight_decay must be >= 0 and max_grad_norm > 0")
+
+    @classmethod
+    def from_parameters(
+        cls,
+        block: str,
+        parameters: Mapping[str, Any],
+        max_length: int,
+        seed: int,
+        control_keys: tuple[str, ...] = (),
+    ) -> TrainingOptions:
+        """The options a Kedro parameter block describes; ``block`` names it in every error.
+
+        ``control_keys`` are the block's keys that are not training options (e.g. ``progress``);
+        any other unknown key is an error listing the allowed ones.
+        """
+        training_keys = {field.name for field in fields(cls)} - {"max_length", "seed"}
+        unknown = sorted(set(parameters) - training_keys - set(control_keys))
+        if unknown:
+            raise ValueError(
+                f"parameters {block} has unknown keys {unknown}; expected "
+                f"{sorted(training_keys | set(control_keys))}"
+            )
+        options = {key: value for key, value in parameters.items() if key in training_keys}
+        try:
+            return cls(**options, max_length=int(max_length), seed=int(seed))
+        except ValueError as error:
+            raise ValueError(f"parameters {block}: {error}") from error
 
 
 def check_split(frame: pd.DataFrame, name: str) -> None:

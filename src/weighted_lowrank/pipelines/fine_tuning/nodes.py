@@ -43,8 +43,9 @@ def fine_tune(
 
     Returns the fine-tuned bundle and an MLflow metrics-history dict (one step per epoch).
     """
-    options = {key: value for key, value in fine_tuning.items() if key != "progress"}
-    training = TrainingOptions(**options, max_length=int(model["max_length"]), seed=int(seed))
+    training = TrainingOptions.from_parameters(
+        "fine_tuning", fine_tuning, int(model["max_length"]), seed, control_keys=("progress",)
+    )
     check_split(train_split, "train_split")
     check_split(validation_split, "validation_split")
     history = train_classifier(

@@ -32,13 +32,9 @@ def check_refinement(refinement: dict[str, Any], max_length: int, seed: int) -> 
     """
     if not isinstance(refinement, dict):
         raise ValueError(f"parameters refinement={refinement!r}: expected a mapping")
-    training_keys = set(TrainingOptions.__dataclass_fields__) - {"max_length", "seed"}
-    unknown = sorted(set(refinement) - training_keys - set(_CONTROL_KEYS))
-    if unknown:
-        raise ValueError(
-            f"parameters refinement has unknown keys {unknown}; expected "
-            f"{sorted(training_keys | set(_CONTROL_KEYS))}"
-        )
+    options = TrainingOptions.from_parameters(
+        "refinement", refinement, max_length, seed, control_keys=_CONTROL_KEYS
+    )
     if not isinstance(refinement.get("enabled", False), bool):
         raise ValueError(
             f"parameter refinement.enabled={refinement['enabled']!r}: expected true or false"
@@ -48,11 +44,7 @@ def check_refinement(refinement: dict[str, Any], max_length: int, seed: int) -> 
             f"parameter refinement.trainable={refinement['trainable']!r}: expected one of "
             f"{list(TRAINABLE)}"
         )
-    options = {key: value for key, value in refinement.items() if key in training_keys}
-    try:
-        return TrainingOptions(**options, max_length=int(max_length), seed=int(seed))
-    except ValueError as error:
-        raise ValueError(f"parameters refinement: {error}") from error
+    return options
 
 
 def refine(

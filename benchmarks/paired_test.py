@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 
-from kedro.framework.session import KedroSession  # noqa: E402
-from kedro.framework.startup import bootstrap_project  # noqa: E402
+from project_catalog import project_catalog  # noqa: E402  (benchmarks/ is the script directory)
 from scipy import stats  # noqa: E402
 
 from weighted_lowrank.training import predict  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,20 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     kind = "refined_model" if args.refined else "compressed_model"
     names = [f"{solver}.{kind}" for solver in args.solvers]
 
-    bootstrap_project(REPO_ROOT)
-    with KedroSession.create(project_path=REPO_ROOT) as session:
-        context = session.load_context()
-        # The public catalog loads the latest versions; pinning needs the context's factory.
-        versions = dict.fromkeys(names, args.version)
-        catalog = context._get_catalog(load_versions=versions) if args.version else context.catalog
-        test = catalog.load("test_split")
-        max_length = int(catalog.load("params:model")["max_length"])
-        batch_size = int(catalog.load("params:evaluation")["batch_size"])
-        correct = []
-        for name in names:
-            bundle = catalog.load(name)
-            logits, _ = predict(bundle.model, bundle.tokenizer, test, max_length, batch_size)
-            correct.append(logits.argmax(axis=1) == test["label"].to_numpy())
+    catalog = project_catalog(dict.fromkeys(names, args.version) if args.version else None)
+    test = catalog.load("test_split")
+    max_length = int(catalog.load("params:model")["max_length"])
+    batch_size = int(catalog.load("params:evaluation")["batch_size"])
+    correct = []
+    for name in names:
+        bundle = catalog.load(name)
+        logits, _ = predict(bundle.model, bundle.tokenizer, test, max_length, batch_size)
+        correct.append(logits.argmax(axis=1) == test["label"].to_numpy())
     first, second = correct
     only_first, only_second = int((first & ~second).sum()), int((~first & second).sum())
     discordant = only_first + only_second

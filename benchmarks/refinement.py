@@ -23,12 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
-from kedro.framework.session import KedroSession  # noqa: E402
-from kedro.framework.startup import bootstrap_project  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
+from project_catalog import project_catalog  # noqa: E402
 
 from weighted_lowrank.hf import ModelBundle  # noqa: E402
 from weighted_lowrank.lowrank.surgery import lowrank_modules  # noqa: E402
@@ -56,24 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    bootstrap_project(REPO_ROOT)
-    with KedroSession.create(project_path=REPO_ROOT) as session:
-        context = session.load_context()
-        solvers = args.solvers.split(",")
-        versions = {f"{solver}.compressed_model": args.version for solver in solvers}
-        # The public catalog loads the latest versions; pinning needs the context's factory.
-        catalog = context._get_catalog(load_versions=versions) if args.version else context.catalog
-        refinement = dict(catalog.load("params:refinement"))
-        model_params = catalog.load("params:model")
-        evaluation = catalog.load("params:evaluation")
-        seed, device = catalog.load("params:seed"), catalog.load("params:device")
-        train, validation, test = (
-            catalog.load(name) for name in ("train_split", "validation_split", "test_split")
-        )
-        dense = catalog.load("fine_tuned_model")
-        compressed = {
-            solver: catalog.load(f"{solver}.compressed_model") for solver in args.solvers.split(",")
-        }
+    solvers = args.solvers.split(",")
+    versions = {f"{solver}.compressed_model": args.version for solver in solvers}
+    catalog = project_catalog(versions if args.version else None)
+    refinement = dict(catalog.load("params:refinement"))
+    model_params = catalog.load("params:model")
+    evaluation = catalog.load("params:evaluation")
+    seed, device = catalog.load("params:seed"), catalog.load("params:device")
+    train, validation, test = (
+        catalog.load(name) for name in ("train_split", "validation_split", "test_split")
+    )
+    dense = catalog.load("fine_tuned_model")
+    compressed = {solver: catalog.load(f"{solver}.compressed_model") for solver in solvers}
     if args.epochs:
         refinement["epochs"] = args.epochs
     refinement["enabled"] = True

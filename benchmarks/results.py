@@ -25,6 +25,7 @@ if str(REPO_ROOT / "src") not in sys.path:
 
 from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
 
+from weighted_lowrank.pipelines.reporting.nodes import markdown_table  # noqa: E402
 from weighted_lowrank.run_history import (  # noqa: E402
     child_runs,
     latest_per_budget,
@@ -53,24 +54,22 @@ def results_table(latest: pd.DataFrame, metric: str) -> str:
     header = ["solver"]
     for budget in budgets:
         header += [f"{budget:g}: {metric}", f"{budget:g}: refined", f"{budget:g}: loss/SVD"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     dense = latest[latest["solver"] == "dense"].iloc[-1]
-    lines.append(
-        "| dense | " + " | ".join(f"{_cell(dense[metric])} | – | –" for _ in budgets) + " |"
-    )
+    table = [["dense", *[cell for _ in budgets for cell in (_cell(dense[metric]), "–", "–")]]]
     for solver in sorted(set(latest["solver"]) - {"dense"}):
-        cells = []
+        cells = [solver]
         for budget in budgets:
-            row = latest[(latest["solver"] == solver) & (latest["budget"] == budget)]
-            if row.empty:
-                cells.append("– | – | –")
+            found = latest[(latest["solver"] == solver) & (latest["budget"] == budget)]
+            if found.empty:
+                cells += ["–", "–", "–"]
                 continue
-            row = row.iloc[-1]
-            cells.append(
-                f"{_cell(row[metric])} | {_cell(row.get(f'{metric}_refined'))} | "
-                f"{_cell(row['weighted_loss_rel_svd'])}"
-            )
-        lines.append(f"| {solver} | " + " | ".join(cells) + " |")
+            row = found.iloc[-1]
+            cells += [
+                _cell(row[metric]),
+                _cell(row.get(f"{metric}_refined")),
+                _cell(row["weighted_loss_rel_svd"]),
+            ]
+        table.append(cells)
     kept = []
     for budget in budgets:
         rows = latest[(latest["budget"] == budget) & (latest["solver"] != "dense")]
@@ -81,7 +80,7 @@ def results_table(latest: pd.DataFrame, metric: str) -> str:
     footer = "Parameters kept: " + "; ".join(
         f"budget {budget:g}: {text}" for budget, text in zip(budgets, kept, strict=True)
     )
-    return "\n".join(lines) + "\n\n" + footer + "."
+    return markdown_table(pd.DataFrame(table, columns=header)) + "\n\n" + footer + "."
 
 
 def claim_evidence(latest: pd.DataFrame, metric: str) -> str:
@@ -96,7 +95,7 @@ def claim_evidence(latest: pd.DataFrame, metric: str) -> str:
         "mean gain of refinement",
         "dense − best refined",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
     refined_metric = f"{metric}_refined"
     for budget, rows in latest[latest["solver"] != "dense"].groupby("budget"):
         rows = rows.set_index("solver")
@@ -105,21 +104,17 @@ def claim_evidence(latest: pd.DataFrame, metric: str) -> str:
         gain = (rows[refined_metric] - rows[metric]).mean() if refined_metric in rows else math.nan
         best_refined = rows[refined_metric].max() if refined_metric in rows else math.nan
         lines.append(
-            "| "
-            + " | ".join(
-                [
-                    f"{budget:g}",
-                    f"{best} {elementwise[best]:.3f}",
-                    f"{elementwise[best] - rows.loc['fwsvd', metric]:+.3f}",
-                    f"{rows.loc['fwsvd', metric] - rows.loc['svd', metric]:+.3f}",
-                    f"{dense - rows[metric].max():+.3f}",
-                    f"{gain:+.3f}",
-                    f"{dense - best_refined:+.3f}",
-                ]
-            )
-            + " |"
+            [
+                f"{budget:g}",
+                f"{best} {elementwise[best]:.3f}",
+                f"{elementwise[best] - rows.loc['fwsvd', metric]:+.3f}",
+                f"{rows.loc['fwsvd', metric] - rows.loc['svd', metric]:+.3f}",
+                f"{dense - rows[metric].max():+.3f}",
+                f"{gain:+.3f}",
+                f"{dense - best_refined:+.3f}",
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(pd.DataFrame(lines, columns=header))
 
 
 def risk_section(path: Path) -> str:
@@ -130,17 +125,17 @@ def risk_section(path: Path) -> str:
     correlations = summary["correlations"]  # {outcome: {statistic: {rho, p_value, n}}}
     outcomes = list(correlations)
     header = ["statistic", *(f"ρ vs {outcome} (p)" for outcome in outcomes)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for statistic in summary["statistics"]:
-        cells = []
+        cells = [statistic]
         for outcome in outcomes:
             value = correlations[outcome].get(statistic, {})
             cells.append(f"{_cell(value.get('rho'), 2)} ({_cell(value.get('p_value'), 2)})")
-        lines.append(f"| {statistic} | " + " | ".join(cells) + " |")
+        rows.append(cells)
     best = ", ".join(f"{outcome}: {name}" for outcome, name in summary["best_predictor"].items())
     n = next(iter(correlations[outcomes[0]].values()))["n"]
     return (
-        "\n".join(lines)
+        markdown_table(pd.DataFrame(rows, columns=header))
         + f"\n\nn = {n} layers, {summary['examples']} validation examples, weighted solver "
         f"{summary['weighted_solver']}; best predictor (largest ρ): {best}. Summed loss increase "
         f"over the layers: SVD {summary['svd_loss_increase_sum']:+.3f}, "

@@ -19,9 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from weighted_lowrank.lowrank.batching import encode_examples, pad_examples
-
-REQUIRED_SPLIT_COLUMNS = ("text", "label")
+from weighted_lowrank.lowrank.batching import REQUIRED_COLUMNS, encode_examples, pad_examples
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,7 @@ class TrainingOptions:
 
 def check_split(frame: pd.DataFrame, name: str) -> None:
     """Raise a clear error if ``frame`` is not a usable split (standard columns, non-empty)."""
-    missing = [column for column in REQUIRED_SPLIT_COLUMNS if column not in frame.columns]
+    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
     if missing:
         raise ValueError(f"{name} lacks columns {missing}; it has {list(frame.columns)}")
     if frame.empty:

@@ -71,6 +71,13 @@ def weighted_loss(
     return float(squared.sum())
 
 
+def relative_loss(loss: float, reference: float) -> float:
+    """``loss / reference``; 1 when both are 0, ``inf`` when only the reference is 0."""
+    if reference > 0:
+        return loss / reference
+    return 1.0 if loss <= 0 else math.inf
+
+
 def rank_for_budget(shape: tuple[int, int], fraction: float) -> int:
     """Rank that keeps ``fraction`` of a dense (out × in) layer's parameters: ⌊f·out·in/(out+in)⌋.
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
-from weighted_lowrank.lowrank.objective import rank_for_budget
+from weighted_lowrank.lowrank.objective import rank_for_budget, weighted_loss
 from weighted_lowrank.lowrank.solvers import factorize_batch
 from weighted_lowrank.lowrank.targets import describe_module
 
@@ -32,8 +32,6 @@ from weighted_lowrank.lowrank.targets import describe_module
 #: of the thresholds tried it best separated layers where SVD's weighted loss is at least twice
 #: two-sided FWSVD's; φ is only a moderate predictor (value projections are counterexamples).
 DEFAULT_PHI_THRESHOLD = 50.0
-
-RISK_LEVELS = ("low", "high")
 
 #: Per-layer statistics of :func:`layer_statistics` that may drive the ``risk`` column (larger
 #: means riskier for every one of them).
@@ -181,10 +179,10 @@ def layer_statistics(
         for row, matrix, importance, svd_result, fwsvd_result in zip(
             rows, matrices, importances, svd, fwsvd, strict=True
         ):
-            residual_sq = (
-                matrix.double() - svd_result.left.double() @ svd_result.right.double()
-            ) ** 2
-            uniform = float(importance.double().mean() * residual_sq.sum())
+            # SVD's error under uniform importance of the same total: the unweighted loss × mean I.
+            uniform = float(importance.double().mean()) * weighted_loss(
+                matrix, None, svd_result.left, svd_result.right
+            )
             row["svd_error_alignment"] = svd_result.loss / uniform if uniform > 0 else 1.0
             row["svd_loss_rel_fwsvd"] = (
                 svd_result.loss / fwsvd_result.loss if fwsvd_result.loss > 0 else 1.0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from weighted_lowrank.lowrank.devices import resolve_device
-from weighted_lowrank.lowrank.objective import rank_for_budget
+from weighted_lowrank.lowrank.objective import rank_for_budget, relative_loss
 from weighted_lowrank.lowrank.solvers import SOLVERS, factorize_batch
 from weighted_lowrank.lowrank.targets import select_linear_modules
 
@@ -160,12 +159,6 @@ def _check_ranks(shapes: Mapping[str, tuple[int, int]], budget: float) -> dict[s
     return ranks
 
 
-def _relative(loss: float, reference: float) -> float:
-    if reference > 0:
-        return loss / reference
-    return 1.0 if loss <= 0 else math.inf
-
-
 def compress_model(
     model: nn.Module,
     fisher: Mapping[str, torch.Tensor] | None,
@@ -285,7 +278,7 @@ def compress_model(
                 "params_after": rank * (out_features + in_features) + bias_params,
                 "weighted_loss": float(result.loss),
                 "svd_loss": float(svd_loss),
-                "loss_rel_svd": _relative(float(result.loss), float(svd_loss)),
+                "loss_rel_svd": relative_loss(float(result.loss), float(svd_loss)),
                 "initial_loss": float(result.initial_loss),
                 "seconds": float(result.seconds) / group_sizes[(shapes[name], rank)],
                 "total_seconds": total_seconds,

@@ -47,18 +47,17 @@ class SolverSpec:
 
     solve: Callable[[Problem, dict[str, Any], float], list[SolverOutput]]
     options: dict[str, Any]
-    iterative: bool
 
 
 _REGISTRY: dict[str, SolverSpec] = {
-    "svd": SolverSpec(solve_svd, SVD_OPTIONS, iterative=False),
-    "fwsvd": SolverSpec(solve_fwsvd, FWSVD_OPTIONS, iterative=False),
-    "adam": SolverSpec(solve_adam, ADAM_OPTIONS, iterative=True),
-    "sgd": SolverSpec(solve_sgd, SGD_OPTIONS, iterative=True),
-    "adam_sgd": SolverSpec(solve_adam_sgd, ADAM_SGD_OPTIONS, iterative=True),
-    "als": SolverSpec(solve_als, ALS_OPTIONS, iterative=True),
-    "em": SolverSpec(solve_em, EM_OPTIONS, iterative=True),
-    "tfwsvd": SolverSpec(solve_tfwsvd, TFWSVD_OPTIONS, iterative=True),
+    "svd": SolverSpec(solve_svd, SVD_OPTIONS),
+    "fwsvd": SolverSpec(solve_fwsvd, FWSVD_OPTIONS),
+    "adam": SolverSpec(solve_adam, ADAM_OPTIONS),
+    "sgd": SolverSpec(solve_sgd, SGD_OPTIONS),
+    "adam_sgd": SolverSpec(solve_adam_sgd, ADAM_SGD_OPTIONS),
+    "als": SolverSpec(solve_als, ALS_OPTIONS),
+    "em": SolverSpec(solve_em, EM_OPTIONS),
+    "tfwsvd": SolverSpec(solve_tfwsvd, TFWSVD_OPTIONS),
 }
 
 #: Names accepted by ``factorize(..., solver=...)``.

@@ -40,7 +40,6 @@ class Problem:
     rank: int
     scale: torch.Tensor
     weight_scale: torch.Tensor
-    uniform: list[bool]
 
     @property
     def batch(self) -> int:
@@ -100,7 +99,6 @@ def build_problem(
     """Stack same-shape layers, normalise each (weight RMS 1, importance mean 1)."""
     dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
     weight = torch.stack([w.detach().to(device, dtype) for w in weights])
-    uniform = [imp is None for imp in importances]
     importance = torch.stack(
         [
             torch.ones_like(weight[0]) if imp is None else imp.detach().to(device, dtype)
@@ -122,7 +120,6 @@ def build_problem(
         rank=rank,
         scale=scale,
         weight_scale=weight_scale,
-        uniform=uniform,
     )
 
 
@@ -165,7 +162,7 @@ def balanced_truncated_svd(
     return top_vectors * root[:, None, :], (top_vectors.transpose(1, 2) @ matrix) / root[:, :, None]
 
 
-def _positive(weights: torch.Tensor, relative_floor: float = 1e-6) -> torch.Tensor:
+def positive_weights(weights: torch.Tensor, relative_floor: float = 1e-6) -> torch.Tensor:
     """Row/column weights made strictly positive so that unscaling never divides by zero.
 
     A row (column) whose importance sums to zero gets a tiny weight ``relative_floor · mean``:
@@ -188,8 +185,8 @@ def fwsvd_factors(
     """
     if axis not in FWSVD_AXES:
         raise ValueError(f"fwsvd axis must be one of {FWSVD_AXES}, got {axis!r}")
-    rows = _positive(importance.sum(dim=2)) if axis in ("out", "both") else None
-    cols = _positive(importance.sum(dim=1)) if axis in ("in", "both") else None
+    rows = positive_weights(importance.sum(dim=2)) if axis in ("out", "both") else None
+    cols = positive_weights(importance.sum(dim=1)) if axis in ("in", "both") else None
     scaled = weight
     if rows is not None:
         scaled = scaled * rows.sqrt()[:, :, None]

@@ -18,6 +18,7 @@ from weighted_lowrank.lowrank.solvers._common import (
     ITERATIVE_OPTIONS,
     Problem,
     SolverOutput,
+    batched_loss,
     initial_factors,
     run_iterations,
 )
@@ -118,8 +119,7 @@ def solve_als(problem: Problem, options: dict[str, Any], started: float) -> list
 
     def step(state):
         weight, importance = state["weight"], state["importance"]
-        difference = weight - state["left"] @ state["right"]
-        loss = (importance * difference * difference).sum(dim=(1, 2), dtype=torch.float64)
+        loss = batched_loss(weight, importance, state["left"] @ state["right"])
         left, right = als_sweep(weight, importance, state["left"], state["right"], damping, chunk)
         return {**state, "left": left, "right": right}, loss
 

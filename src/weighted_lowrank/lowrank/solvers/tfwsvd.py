@@ -30,6 +30,7 @@ from weighted_lowrank.lowrank.solvers._common import (
     Problem,
     SolverOutput,
     initial_factors,
+    positive_weights,
     run_iterations,
 )
 
@@ -49,9 +50,7 @@ def separable_weights(importance: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """Row and column factors of ``I ≈ u vᵀ`` (marginal product), made strictly positive."""
     rows = importance.sum(dim=2)
     cols = importance.sum(dim=1) / importance.sum(dim=(1, 2)).clamp_min(1e-30)[:, None]
-    rows = rows + 1e-6 * rows.mean(dim=1, keepdim=True).clamp_min(1e-30)
-    cols = cols + 1e-6 * cols.mean(dim=1, keepdim=True).clamp_min(1e-30)
-    return rows, cols
+    return positive_weights(rows), positive_weights(cols)
 
 
 def _inverse_gram(matrix: torch.Tensor) -> torch.Tensor:

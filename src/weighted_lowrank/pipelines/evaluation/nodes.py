@@ -27,6 +27,7 @@ from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.latency import measure_latency_ms
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fisher import model_fingerprint
+from weighted_lowrank.lowrank.objective import relative_loss
 from weighted_lowrank.lowrank.surgery import (
     lowrank_modules,
     parameter_counts,
@@ -114,12 +115,6 @@ def _check_refined(
     return float(epochs[-1]["seconds"])
 
 
-def _relative(loss: float, reference: float) -> float:
-    if reference > 0:
-        return loss / reference
-    return 1.0 if loss <= 0 else float("inf")
-
-
 def evaluate_dense(
     fine_tuned_model: ModelBundle,
     test_split: pd.DataFrame,
@@ -204,7 +199,7 @@ def evaluate_compressed(
     return {
         **score_split(compressed_model, test_split, int(model["max_length"]), evaluation),
         **refined,
-        "weighted_loss_rel_svd": _relative(
+        "weighted_loss_rel_svd": relative_loss(
             float(layer_report["weighted_loss"].sum()), float(layer_report["svd_loss"].sum())
         ),
         "params_kept": float(counts["layers"]),

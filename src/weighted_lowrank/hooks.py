@@ -7,8 +7,6 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
-from weighted_lowrank.pipelines.refinement.nodes import check_refinement
-
 
 class EarlyParameterChecks:
     """Validates parameters consumed late in a run at its start.
@@ -22,6 +20,10 @@ class EarlyParameterChecks:
         self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any
     ) -> None:
         if "params:refinement" in pipeline.inputs():
+            # Imported here: settings.py loads this module for every kedro command, and the
+            # nodes pull in torch and transformers (≈ 5 s).
+            from weighted_lowrank.pipelines.refinement.nodes import check_refinement
+
             model = catalog.load("params:model")
             check_refinement(
                 catalog.load("params:refinement"),

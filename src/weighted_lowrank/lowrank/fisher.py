@@ -178,6 +178,30 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_fisher_information(
+    fisher_information: object, model: nn.Module
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """Tensors, metadata and ``model``'s fingerprint of a saved Fisher ``{'tensors', 'metadata'}``.
+
+    Raises ``ValueError`` if it is not such a container, or if its metadata names another model
+    than ``model`` (``model_fingerprint``).
+    """
+    if not isinstance(fisher_information, dict) or "tensors" not in fisher_information:
+        raise ValueError(
+            "fisher_information must be {'tensors': {...}, 'metadata': {...}} as written by the "
+            f"fisher_estimation pipeline, got {type(fisher_information).__name__}"
+        )
+    metadata = fisher_information.get("metadata") or {}
+    expected = metadata.get("model_fingerprint")
+    fingerprint = model_fingerprint(model)
+    if expected is not None and expected != fingerprint:
+        raise ValueError(
+            f"fisher_information was estimated on model {expected}, but fine_tuned_model is "
+            f"{fingerprint}; rerun fisher_estimation or pin both with --load-versions"
+        )
+    return fisher_information["tensors"], metadata, fingerprint
+
+
 def _loss_function(model: nn.Module):
     """Summed task loss of logits vs labels, chosen like Hugging Face's classification heads."""
     config = getattr(model, "config", None)

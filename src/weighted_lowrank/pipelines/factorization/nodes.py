@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 
 from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.lowrank.fisher import model_fingerprint
+from weighted_lowrank.lowrank.fisher import check_fisher_information
 from weighted_lowrank.lowrank.surgery import compress_model
 
 COMPRESSION_KEYS = ("budget", "targets", "seed", "device")
@@ -21,23 +21,6 @@ def _check_compression(compression: dict[str, Any]) -> None:
             f"parameters compression={compression!r}: expected keys {list(COMPRESSION_KEYS)} "
             f"with budget required; unknown {unknown}"
         )
-
-
-def _check_fisher(
-    fisher_information: dict[str, Any], model: torch.nn.Module
-) -> dict[str, torch.Tensor]:
-    if not isinstance(fisher_information, dict) or "tensors" not in fisher_information:
-        raise ValueError(
-            "fisher_information must be {'tensors': {...}, 'metadata': {...}} as written by the "
-            f"fisher_estimation pipeline, got {type(fisher_information).__name__}"
-        )
-    expected = (fisher_information.get("metadata") or {}).get("model_fingerprint")
-    if expected is not None and expected != model_fingerprint(model):
-        raise ValueError(
-            f"fisher_information was estimated on model {expected}, but fine_tuned_model is "
-            f"{model_fingerprint(model)}; rerun fisher_estimation or pin both with --load-versions"
-        )
-    return fisher_information["tensors"]
 
 
 def compress(
@@ -57,7 +40,7 @@ def compress(
     _check_compression(compression)
     if options is not None and not isinstance(options, dict):
         raise ValueError(f"parameters {solver}.options={options!r}: expected a mapping or null")
-    fisher = _check_fisher(fisher_information, fine_tuned_model.model)
+    fisher, _, _ = check_fisher_information(fisher_information, fine_tuned_model.model)
     seed = int(compression.get("seed", 0))
     torch.manual_seed(seed)
     compressed, report = compress_model(

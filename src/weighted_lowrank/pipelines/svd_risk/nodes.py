@@ -20,7 +20,7 @@ from matplotlib.patches import Rectangle
 
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lowrank.devices import resolve_device
-from weighted_lowrank.lowrank.fisher import model_fingerprint, validate_fisher
+from weighted_lowrank.lowrank.fisher import check_fisher_information, validate_fisher
 from weighted_lowrank.lowrank.risk import (
     RISK_STATISTICS,
     check_risk_statistic,
@@ -86,22 +86,9 @@ def compute_layer_risk(
 ) -> pd.DataFrame:
     """One row of risk statistics per Fisher tensor (see ``layer_statistics``), plus the
     ``model_fingerprint`` of the fine-tuned model they were computed on."""
-    if not isinstance(fisher_information, dict) or "tensors" not in fisher_information:
-        raise ValueError(
-            "fisher_information must be {'tensors': {...}, 'metadata': {...}} as written by the "
-            f"fisher_estimation pipeline, got {type(fisher_information).__name__}"
-        )
     model = fine_tuned_model.model
-    fisher = fisher_information["tensors"]
-    metadata = fisher_information.get("metadata") or {}
+    fisher, metadata, fingerprint = check_fisher_information(fisher_information, model)
     modules = validate_fisher(model, fisher, targets=_recorded_targets(metadata))
-    expected = metadata.get("model_fingerprint")
-    fingerprint = model_fingerprint(model)
-    if expected is not None and expected != fingerprint:
-        raise ValueError(
-            f"fisher_information was estimated on model {expected}, but fine_tuned_model is "
-            f"{fingerprint}; rerun fisher_estimation or pin both with --load-versions"
-        )
     num_examples = _recorded_examples(metadata)
     statistic, threshold = risk_rule(svd_risk, num_examples)
     weights = {f"{name}.weight": module.weight.detach().cpu() for name, module in modules.items()}

@@ -133,9 +133,7 @@ def evaluate_dense(
     dense = fine_tuned_model.model.to("cpu")
     layers = list(select_linear_modules(dense, compression.get("targets")))
     counts = parameter_counts(tensors_for_saving(dense)[0], layers)
-    latency_ms = measure_latency_ms(
-        {"dense": dense}, dense.config.vocab_size, **{"warmup": 3, "seed": 0, **latency}
-    )["dense"]
+    latency_ms = measure_latency_ms({"dense": dense}, dense.config.vocab_size, **latency)["dense"]
     scores = score_split(fine_tuned_model, test_split, int(model["max_length"]), evaluation)
     refined = _refined_metrics(scores, 0.0) if refinement.get("enabled") else {}
     return {
@@ -194,7 +192,7 @@ def evaluate_compressed(
     timings = measure_latency_ms(
         {"dense": dense, "compressed": compressed},
         compressed.config.vocab_size,
-        **{"warmup": 3, "seed": 0, **latency},
+        **latency,
     )
     return {
         **score_split(compressed_model, test_split, int(model["max_length"]), evaluation),

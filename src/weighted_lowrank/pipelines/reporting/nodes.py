@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures are only saved
-import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
 from weighted_lowrank.lowrank.targets import describe_module
+from weighted_lowrank.run_history import task_metric
 
 #: Columns of the comparison table, in reading order (absent task metrics are dropped).
 _TABLE_COLUMNS = [
@@ -124,9 +121,10 @@ def accuracy_vs_params_figure(table: pd.DataFrame) -> Figure:
     When the table has ``<metric>_refined`` (refinement enabled), each solver also gets a hollow
     marker for its model fine-tuned after compression, joined to the unrefined one.
     """
-    metric = "accuracy" if "accuracy" in table else "pearson"
+    metric = task_metric(table)
     refined = f"{metric}_refined"
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.subplots()
     dense = table[table["namespace"] == "dense"].iloc[0]
     axis.axhline(dense[metric], color="black", linestyle="--", label="dense")
     for _, row in table[table["namespace"] != "dense"].iterrows():
@@ -162,7 +160,8 @@ def accuracy_vs_params_figure(table: pd.DataFrame) -> Figure:
 
 def layer_loss_figure(**layer_reports: pd.DataFrame) -> Figure:
     """Per-layer weighted loss relative to SVD's, one line per solver (log scale)."""
-    figure, axis = plt.subplots(figsize=(10, 4.5))
+    figure = Figure(figsize=(10, 4.5))
+    axis = figure.subplots()
     for solver, report in sorted(layer_reports.items()):
         axis.plot(range(len(report)), report["loss_rel_svd"], marker=".", label=solver)
     first = next(iter(layer_reports.values()))
@@ -184,7 +183,8 @@ def convergence_figure(reporting: dict[str, Any], **layer_reports: pd.DataFrame)
         [report.set_index("module")["loss_rel_svd"] for report in layer_reports.values()], axis=1
     ).min(axis=1)
     chosen = gap.sort_values().index[: max(1, min(layers, len(reference)))]
-    figure, axes = plt.subplots(1, len(chosen), figsize=(4.5 * len(chosen), 4), squeeze=False)
+    figure = Figure(figsize=(4.5 * len(chosen), 4))
+    axes = figure.subplots(1, len(chosen), squeeze=False)
     for axis, module in zip(axes[0], chosen, strict=True):
         for solver, report in sorted(layer_reports.items()):
             row = report.set_index("module").loc[module]

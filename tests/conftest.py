@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
@@ -10,6 +11,7 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 # torch's OpenMP runtime at start-up, so it must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import pandas as pd
 import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -88,3 +90,32 @@ def one_torch_thread():
 @pytest.fixture
 def tiny_bundle() -> ModelBundle:
     return make_tiny_bundle()
+
+
+SENTIMENT_POSITIVE = ["good", "great", "fine", "wonderful", "lovely"]
+SENTIMENT_NEGATIVE = ["bad", "awful", "boring", "terrible", "dull"]
+FILLER = ["the", "film", "movie", "plot", "acting", "story", "a", "and"]
+VARIED_WORDS = (
+    "good great fine film bad awful boring dull a the movie plot acting story lovely".split()
+)
+
+
+def toy_split(n: int, seed: int) -> pd.DataFrame:
+    """Sentences whose label is decided by one sentiment word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, 4) + [
+            rng.choice(SENTIMENT_POSITIVE if label else SENTIMENT_NEGATIVE)
+        ]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return pd.DataFrame(rows)
+
+
+def varied_split(rows: int, seed: int) -> pd.DataFrame:
+    """Sentences of 1–12 words, so batches mix lengths and carry padding."""
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choices(VARIED_WORDS, k=rng.randint(1, 12))) for _ in range(rows)]
+    return pd.DataFrame({"text": texts, "label": [i % 2 for i in range(rows)]})

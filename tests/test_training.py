@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import make_tiny_bundle
+from tests.conftest import make_tiny_bundle, toy_split
 from weighted_lowrank.lowrank.batching import encode_examples, pad_examples
 from weighted_lowrank.training import (
     TrainingOptions,
@@ -18,22 +16,6 @@ from weighted_lowrank.training import (
     task_metrics,
     train_classifier,
 )
-
-POSITIVE = ["good", "great", "fine", "wonderful", "lovely"]
-NEGATIVE = ["bad", "awful", "boring", "terrible", "dull"]
-FILLER = ["the", "film", "movie", "plot", "acting", "story", "a", "and"]
-
-
-def toy_split(n: int, seed: int) -> pd.DataFrame:
-    """Sentences whose label is decided by one sentiment word among filler words."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = i % 2
-        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label else NEGATIVE)]
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words), "label": label})
-    return pd.DataFrame(rows)
 
 
 def test_fine_tuning_learns_a_separable_task() -> None:

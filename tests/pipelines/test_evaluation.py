@@ -12,7 +12,6 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from tests.conftest import TOY_NEGATIVE, TOY_POSITIVE, make_tiny_bundle
-from tests.pipelines.test_factorization import factorized  # noqa: F401  (shared fixture)
 from weighted_lowrank.latency import measure_latency_ms
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.lowrank.surgery import WEIGHTS_FILE, compress_model, save_compressed
@@ -72,8 +71,8 @@ def logits_by_hand(bundle, frame: pd.DataFrame) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def evaluated(request):
-    bundle, _, catalog = request.getfixturevalue("factorized")
+def evaluated(factorized):
+    bundle, _, catalog = factorized
     catalog["test_split"] = TEST_SPLIT
     catalog["params:model"] = {"source": "unused", "max_length": MAX_LENGTH}
     catalog["params:evaluation"] = EVALUATION

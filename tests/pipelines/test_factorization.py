@@ -7,79 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from kedro.io import DataCatalog, MemoryDataset
-from kedro.runner import SequentialRunner
+from kedro.io import DataCatalog
 
 from tests.conftest import make_tiny_bundle
-from weighted_lowrank.lowrank.fisher import model_fingerprint
+from tests.pipelines.conftest import BUDGET, make_fisher_information
 from weighted_lowrank.lowrank.objective import rank_for_budget, weighted_loss
 from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, solver_options
 from weighted_lowrank.lowrank.surgery import lowrank_modules
 from weighted_lowrank.lowrank.targets import select_linear_modules
 from weighted_lowrank.pipelines.factorization import create_pipeline
 from weighted_lowrank.pipelines.factorization.nodes import compress
-
-BUDGET = 0.4
-
-
-def make_fisher_information(model, seed: int = 3) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {
-        f"{name}.weight": torch.rand(module.weight.shape, generator=generator) ** 4 + 1e-3
-        for name, module in select_linear_modules(model).items()
-    }
-    return {
-        "tensors": tensors,
-        "metadata": {
-            "mode": "test",
-            "num_examples": "1",
-            "model_fingerprint": model_fingerprint(model),
-        },
-    }
-
-
-def fast_options(solver: str) -> dict:
-    """A few iterations only: the pipeline's wiring is under test, not the solvers' convergence."""
-    return {"max_iters": 3} if "max_iters" in solver_options(solver) else {}
-
-
-def factorization_catalog(bundle, fisher_information, budget: float = BUDGET) -> DataCatalog:
-    catalog = DataCatalog(
-        {
-            "fine_tuned_model": MemoryDataset(bundle),
-            "fisher_information": MemoryDataset(fisher_information),
-            "params:compression": MemoryDataset(
-                {"budget": budget, "targets": None, "seed": 0, "device": "cpu"}
-            ),
-        }
-    )
-    for solver in SOLVERS:
-        catalog[f"params:{solver}.options"] = fast_options(solver)
-    return catalog
-
-
-def run_factorization(bundle, fisher_information) -> DataCatalog:
-    catalog = factorization_catalog(bundle, fisher_information)
-    SequentialRunner().run(create_pipeline(), catalog)
-    return catalog
-
-
-@pytest.fixture(scope="session")
-def factorized():
-    """Every solver run once on a tiny BERT; shared with the evaluation tests."""
-    bundle = make_tiny_bundle(seed=1)
-    # A random head on random features predicts one class for every input; a larger head spreads
-    # the predictions over both classes, so the evaluation tests' metrics are not trivial.
-    with torch.no_grad():
-        bundle.model.classifier.weight.mul_(40.0)
-    fisher_information = make_fisher_information(bundle.model)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        catalog = run_factorization(bundle, fisher_information)
-    finally:
-        torch.set_num_threads(previous)
-    return bundle, fisher_information, catalog
 
 
 def test_one_namespace_per_solver_sharing_model_fisher_and_budget():

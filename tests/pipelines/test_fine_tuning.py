@@ -7,8 +7,7 @@ import torch
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from tests.conftest import make_tiny_bundle
-from tests.test_training import toy_split
+from tests.conftest import make_tiny_bundle, toy_split
 from weighted_lowrank.pipelines.fine_tuning import create_pipeline
 from weighted_lowrank.pipelines.fine_tuning.nodes import initialise_model
 

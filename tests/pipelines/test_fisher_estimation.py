@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import json
-import random
 
-import pandas as pd
 import pytest
 import torch
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from tests.conftest import make_tiny_bundle
+from tests.conftest import make_tiny_bundle, varied_split
 from weighted_lowrank.lowrank.batching import make_batches
 from weighted_lowrank.lowrank.fisher import empirical_fisher, model_fingerprint
 from weighted_lowrank.pipelines.fisher_estimation import create_pipeline
 from weighted_lowrank.pipelines.fisher_estimation.nodes import select_fisher_examples
-
-WORDS = "good great fine film bad awful boring dull a the movie plot acting story lovely".split()
-
-
-def varied_split(rows: int, seed: int) -> pd.DataFrame:
-    """Sentences of 1–12 words, so batches mix lengths and carry padding."""
-    rng = random.Random(seed)
-    texts = [" ".join(rng.choices(WORDS, k=rng.randint(1, 12))) for _ in range(rows)]
-    return pd.DataFrame({"text": texts, "label": [i % 2 for i in range(rows)]})
 
 
 def run_pipeline(bundle, split, fisher_estimation) -> DataCatalog:

@@ -12,8 +12,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
 
-from tests.conftest import make_tiny_bundle
-from tests.test_training import toy_split
+from tests.conftest import make_tiny_bundle, toy_split
 from weighted_lowrank.datasets import HFModelDataset
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.hooks import EarlyParameterChecks

@@ -15,9 +15,8 @@ from kedro_datasets.pandas import ParquetDataset
 from matplotlib.figure import Figure
 from scipy import stats
 
-from tests.conftest import make_tiny_bundle
-from tests.pipelines.test_factorization import make_fisher_information
-from tests.pipelines.test_fisher_estimation import varied_split
+from tests.conftest import varied_split
+from tests.pipelines.conftest import BUDGET
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lowrank.fisher import model_fingerprint
 from weighted_lowrank.lowrank.risk import layer_statistics
@@ -30,22 +29,16 @@ from weighted_lowrank.pipelines.risk_validation.nodes import (
 )
 from weighted_lowrank.training import evaluate_classifier
 
-BUDGET = 0.4
 MAX_LENGTH = 16
 MODEL = {"source": "unused", "max_length": MAX_LENGTH}
 OPTIONS = {"batch_size": 8, "max_examples": None, "statistics": None}
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(factorized):
     """Dense model, its svd and tfwsvd compressed copies, the risk table and a validation split."""
-    bundle = make_tiny_bundle(seed=1)
-    with torch.no_grad():  # spread the predictions over both classes (see test_factorization)
-        bundle.model.classifier.weight.mul_(40.0)
-    fisher_information = make_fisher_information(bundle.model)
+    bundle, fisher_information, catalog = factorized
     fisher = fisher_information["tensors"]
-    svd, _ = compress_model(bundle.model, fisher, BUDGET, "svd")
-    tfwsvd, _ = compress_model(bundle.model, fisher, BUDGET, "tfwsvd", max_iters=3)
     weights = {
         f"{name}.weight": module.weight.detach()
         for name, module in select_linear_modules(bundle.model).items()
@@ -55,8 +48,8 @@ def setup():
     return {
         "bundle": bundle,
         "fisher": fisher,
-        "svd": ModelBundle(svd, bundle.tokenizer),
-        "tfwsvd": ModelBundle(tfwsvd, bundle.tokenizer),
+        "svd": catalog.load("svd.compressed_model"),
+        "tfwsvd": catalog.load("tfwsvd.compressed_model"),
         "layer_risk": risk,
         "validation": varied_split(40, seed=7),
     }

@@ -12,8 +12,7 @@ from kedro.runner import SequentialRunner
 from kedro_datasets.pandas import ParquetDataset
 from matplotlib.figure import Figure
 
-from tests.conftest import make_tiny_bundle
-from tests.pipelines.test_fisher_estimation import varied_split
+from tests.conftest import make_tiny_bundle, varied_split
 from weighted_lowrank.lowrank.batching import make_batches
 from weighted_lowrank.lowrank.fisher import empirical_fisher, model_fingerprint
 from weighted_lowrank.lowrank.risk import fisher_variance

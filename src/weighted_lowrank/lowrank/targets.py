@@ -52,6 +52,24 @@ def select_linear_modules(
     return {name: linear[name] for name in names}
 
 
+#: Name suffix → kind of a BERT-style encoder Linear, in the order the layer computes them.
+MODULE_KINDS = (
+    ("attention.self.query", "query"),
+    ("attention.self.key", "key"),
+    ("attention.self.value", "value"),
+    ("attention.output.dense", "attention_output"),
+    ("intermediate.dense", "ffn_in"),
+    ("output.dense", "ffn_out"),
+)
+
+
+def ordered_kinds(kinds: Iterable[str]) -> list[str]:
+    """The distinct ``kinds`` in a layer's computation order, unknown kinds last (sorted)."""
+    present = set(kinds)
+    known = [kind for _, kind in MODULE_KINDS if kind in present]
+    return known + sorted(present - set(known))
+
+
 def describe_module(name: str) -> tuple[int | None, str]:
     """``(layer index, kind)`` of a BERT-style Linear name, for tables and plots.
 
@@ -60,14 +78,7 @@ def describe_module(name: str) -> tuple[int | None, str]:
     """
     match = re.search(r"layer\.(\d+)\.", name)
     layer = int(match.group(1)) if match else None
-    for suffix, kind in (
-        ("attention.self.query", "query"),
-        ("attention.self.key", "key"),
-        ("attention.self.value", "value"),
-        ("attention.output.dense", "attention_output"),
-        ("intermediate.dense", "ffn_in"),
-        ("output.dense", "ffn_out"),
-    ):
+    for suffix, kind in MODULE_KINDS:
         if name.endswith(suffix):
             return layer, kind
     return layer, name.rsplit(".", 1)[-1]

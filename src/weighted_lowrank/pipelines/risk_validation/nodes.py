@@ -32,7 +32,7 @@ from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fisher import model_fingerprint
 from weighted_lowrank.lowrank.risk import RISK_STATISTICS
 from weighted_lowrank.lowrank.surgery import lowrank_modules
-from weighted_lowrank.pipelines.svd_risk.nodes import KIND_ORDER
+from weighted_lowrank.lowrank.targets import ordered_kinds
 from weighted_lowrank.training import check_split, evaluate_classifier
 
 logger = logging.getLogger(__name__)
@@ -438,8 +438,7 @@ def plot_risk_validation(
     ]
     if not panels:
         raise ValueError("the summary has no correlation to plot (no statistic in layer_risk)")
-    kinds = [kind for kind in KIND_ORDER if kind in set(table["kind"])]
-    kinds += sorted(set(table["kind"]) - set(kinds))
+    kinds = ordered_kinds(table["kind"])
     colours = {kind: f"C{index % 10}" for index, kind in enumerate(kinds)}
     rows = math.ceil(len(panels) / 2)
     figure = Figure(figsize=(11, 4.2 * rows))

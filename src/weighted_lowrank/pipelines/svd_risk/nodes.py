@@ -27,10 +27,8 @@ from weighted_lowrank.lowrank.risk import (
     layer_statistics,
     risk_summary,
 )
-from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS
+from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS, ordered_kinds
 
-#: Heatmap column order for BERT-style layers (other kinds follow alphabetically).
-KIND_ORDER = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
 SVD_RISK_KEYS = ("statistic", "thresholds", "top_fraction", "compare_solvers")
 #: How each statistic is named in plot titles.
 STATISTIC_LABELS = {"phi": "φ(W) = Var(I / mean I)"}
@@ -158,8 +156,7 @@ def plot_risk_heatmap(layer_risk: pd.DataFrame, svd_risk: dict[str, Any]) -> Fig
             f"{list(layer_risk.columns)}"
         )
     label = STATISTIC_LABELS.get(statistic, statistic)
-    kinds = [kind for kind in KIND_ORDER if kind in set(layer_risk["kind"])]
-    kinds += sorted(set(layer_risk["kind"]) - set(kinds))
+    kinds = ordered_kinds(layer_risk["kind"])
     layers = sorted(set(layer_risk["layer"]))
     grid = layer_risk.pivot_table(index="layer", columns="kind", values=statistic, aggfunc="max")
     grid = grid.reindex(index=layers, columns=kinds)

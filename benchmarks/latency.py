@@ -25,8 +25,6 @@ from torch import nn  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from weighted_lowrank.hf import EMBEDDED_MODEL, load_base_model  # noqa: E402
 from weighted_lowrank.latency import measure_latency_ms  # noqa: E402

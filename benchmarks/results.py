@@ -14,14 +14,11 @@ import json
 import math
 import os
 import platform
-import sys
 from pathlib import Path
 
 import pandas as pd
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
 

@@ -27,12 +27,12 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
 
 from weighted_lowrank.hf import EMBEDDED_MODEL, load_base_model  # noqa: E402
+from weighted_lowrank.lowrank.batching import make_batches  # noqa: E402
+from weighted_lowrank.lowrank.fisher import empirical_fisher  # noqa: E402
 from weighted_lowrank.lowrank.objective import rank_for_budget  # noqa: E402
 from weighted_lowrank.lowrank.solvers import factorize_batch  # noqa: E402
 from weighted_lowrank.lowrank.targets import select_linear_modules  # noqa: E402
@@ -57,18 +57,11 @@ def load_reviews(limit: int, seed: int) -> pd.DataFrame:
     return frame.iloc[:limit][["text", "label"]]
 
 
-def _batches(frame: pd.DataFrame, tokenizer, batch_size: int):
-    for start in range(0, len(frame), batch_size):
-        chunk = frame.iloc[start : start + batch_size]
-        encoded = tokenizer(
-            list(chunk["text"]),
-            truncation=True,
-            max_length=MAX_LENGTH,
-            padding=True,
-            return_tensors="pt",
-        )
-        encoded["labels"] = torch.tensor(chunk["label"].to_numpy())
-        yield dict(encoded)
+def _batches(frame: pd.DataFrame, tokenizer, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Padded batches in the frame's order (the cache in benchmarks/.cache was made with these)."""
+    return make_batches(
+        frame, tokenizer, batch_size=batch_size, max_length=MAX_LENGTH, bucket_by_length=False
+    )
 
 
 def fine_tune(frame: pd.DataFrame, epochs: int = 2, lr: float = 1e-4, batch_size: int = 32):
@@ -94,19 +87,6 @@ def fine_tune(frame: pd.DataFrame, epochs: int = 2, lr: float = 1e-4, batch_size
     return bundle
 
 
-def squared_gradient_importance(model, tokenizer, frame: pd.DataFrame, batch_size: int = 1):
-    """Σ over batches of squared gradients of the targeted weights (batch 1 = empirical Fisher)."""
-    modules = select_linear_modules(model)
-    importance = {f"{name}.weight": torch.zeros_like(m.weight) for name, m in modules.items()}
-    model.eval()
-    for batch in _batches(frame, tokenizer, batch_size):
-        model.zero_grad()
-        model(**batch).loss.backward()
-        for name, module in modules.items():
-            importance[f"{name}.weight"] += module.weight.grad.detach().square()
-    return importance
-
-
 def prepare_real_problem(
     refresh: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
@@ -126,15 +106,12 @@ def prepare_real_problem(
     print(f"fine-tuned on {FINE_TUNE_EXAMPLES} examples in {time.perf_counter() - started:.0f} s")
     fisher_frame = reviews.iloc[FINE_TUNE_EXAMPLES:]
     started = time.perf_counter()
-    try:
-        from weighted_lowrank.lowrank.fisher import empirical_fisher
-    except ImportError:
-        importance = squared_gradient_importance(bundle.model, bundle.tokenizer, fisher_frame)
-        source = f"squared per-example gradients, {len(fisher_frame)} examples (benchmark script)"
-    else:
-        batches = list(_batches(fisher_frame, bundle.tokenizer, 16))
-        importance = empirical_fisher(bundle.model, batches, mode="per_example")
-        source = f"weighted_lowrank.lowrank.fisher.empirical_fisher per_example, {len(fisher_frame)} examples"
+    batches = _batches(fisher_frame, bundle.tokenizer, 16)
+    importance = empirical_fisher(bundle.model, batches, mode="per_example")
+    source = (
+        "weighted_lowrank.lowrank.fisher.empirical_fisher per_example, "
+        f"{len(fisher_frame)} examples"
+    )
     print(f"importance ({source}) in {time.perf_counter() - started:.0f} s")
     modules = select_linear_modules(bundle.model)
     weights = {
@@ -150,7 +127,6 @@ def prepare_real_problem(
 
 LAYER_TYPES = ("query", "key", "value", "attn.out", "ffn.in", "ffn.out")
 ITERATIVE_BASELINES = ("adam", "sgd", "adam_sgd", "als", "em")
-CLOSED_FORMS = ("svd", "fwsvd_in", "fwsvd_out", "fwsvd_both")
 
 
 def layer_type(name: str) -> str:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from weighted_lowrank.lowrank.batching import REQUIRED_COLUMNS, encode_examples, pad_examples
+from weighted_lowrank.parameters import check_keys
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,7 @@ class TrainingOptions:
         any other unknown key is an error listing the allowed ones.
         """
         training_keys = {field.name for field in fields(cls)} - {"max_length", "seed"}
-        unknown = sorted(set(parameters) - training_keys - set(control_keys))
-        if unknown:
-            raise ValueError(
-                f"parameters {block} has unknown keys {unknown}; expected "
-                f"{sorted(training_keys | set(control_keys))}"
-            )
+        check_keys(block, parameters, sorted(training_keys | set(control_keys)))
         options = {key: value for key, value in parameters.items() if key in training_keys}
         try:
             return cls(**options, max_length=int(max_length), seed=int(seed))

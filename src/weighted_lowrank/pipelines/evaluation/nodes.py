@@ -35,6 +35,7 @@ from weighted_lowrank.lowrank.surgery import (
     tensors_for_saving,
 )
 from weighted_lowrank.lowrank.targets import select_linear_modules
+from weighted_lowrank.parameters import check_keys, check_positive_int
 from weighted_lowrank.training import check_split, predict, task_metrics
 
 LATENCY_KEYS = ("batch_size", "sequence_length", "repeats", "warmup", "threads", "seed")
@@ -42,24 +43,13 @@ EVALUATION_KEYS = ("batch_size", "device", "latency")
 
 
 def _check_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(evaluation) - set(EVALUATION_KEYS))
+    check_keys("evaluation", evaluation, EVALUATION_KEYS)
     latency = evaluation.get("latency")
-    if unknown or not isinstance(latency, dict):
-        raise ValueError(
-            f"parameters evaluation={evaluation!r}: expected keys {list(EVALUATION_KEYS)} with a "
-            f"latency block; unknown {unknown}"
-        )
-    unknown = sorted(set(latency) - set(LATENCY_KEYS))
+    if not isinstance(latency, dict):
+        raise ValueError(f"parameter evaluation.latency={latency!r}: expected a mapping")
     for key in ("batch_size", "sequence_length", "repeats"):
-        value = latency.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"parameter evaluation.latency.{key}={value!r}: expected a positive int"
-            )
-    if unknown:
-        raise ValueError(
-            f"parameters evaluation.latency has unknown keys {unknown}; expected {list(LATENCY_KEYS)}"
-        )
+        check_positive_int(f"evaluation.latency.{key}", latency.get(key))
+    check_keys("evaluation.latency", latency, LATENCY_KEYS)
     return latency
 
 

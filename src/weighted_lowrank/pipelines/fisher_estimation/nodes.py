@@ -13,6 +13,7 @@ from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lowrank.batching import make_batches
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fisher import FISHER_MODES, empirical_fisher, model_fingerprint
+from weighted_lowrank.parameters import check_positive_int
 from weighted_lowrank.training import check_split
 
 logger = logging.getLogger(__name__)
@@ -24,12 +25,7 @@ def select_fisher_examples(
     """A seeded sample of ``num_examples`` training rows (all rows when null or more than exist)."""
     check_split(train_split, "train_split")
     requested = fisher_estimation.get("num_examples")
-    if requested is not None and (
-        isinstance(requested, bool) or not isinstance(requested, int) or requested < 1
-    ):
-        raise ValueError(
-            f"fisher_estimation.num_examples must be a positive integer or null, got {requested!r}"
-        )
+    check_positive_int("fisher_estimation.num_examples", requested, allow_none=True)
     if requested is None or requested >= len(train_split):
         if requested is not None and requested > len(train_split):
             logger.warning(
@@ -58,10 +54,7 @@ def estimate_fisher(
     if mode not in FISHER_MODES:
         raise ValueError(f"fisher_estimation.mode {mode!r} is not one of {FISHER_MODES}")
     batch_size = fisher_estimation.get("batch_size", 32)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"fisher_estimation.batch_size must be a positive integer, got {batch_size!r}"
-        )
+    check_positive_int("fisher_estimation.batch_size", batch_size)
     targets = fisher_estimation.get("targets")
     batches = make_batches(
         fisher_examples,

@@ -18,6 +18,7 @@ from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fisher import model_fingerprint
 from weighted_lowrank.lowrank.surgery import lowrank_modules
+from weighted_lowrank.parameters import check_bool
 from weighted_lowrank.training import TrainingOptions, check_split, train_classifier
 
 TRAINABLE = ("all", "factors")
@@ -35,10 +36,7 @@ def check_refinement(refinement: dict[str, Any], max_length: int, seed: int) -> 
     options = TrainingOptions.from_parameters(
         "refinement", refinement, max_length, seed, control_keys=_CONTROL_KEYS
     )
-    if not isinstance(refinement.get("enabled", False), bool):
-        raise ValueError(
-            f"parameter refinement.enabled={refinement['enabled']!r}: expected true or false"
-        )
+    check_bool("refinement.enabled", refinement.get("enabled", False))
     if refinement.get("trainable", "all") not in TRAINABLE:
         raise ValueError(
             f"parameter refinement.trainable={refinement['trainable']!r}: expected one of "

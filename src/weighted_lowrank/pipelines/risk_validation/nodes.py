@@ -33,6 +33,7 @@ from weighted_lowrank.lowrank.fisher import model_fingerprint
 from weighted_lowrank.lowrank.risk import RISK_STATISTICS
 from weighted_lowrank.lowrank.surgery import lowrank_modules
 from weighted_lowrank.lowrank.targets import ordered_kinds
+from weighted_lowrank.parameters import check_bool, check_keys, check_positive_int
 from weighted_lowrank.training import check_split, evaluate_classifier
 
 logger = logging.getLogger(__name__)
@@ -77,12 +78,7 @@ _MEASURED = (
 
 def check_options(risk_validation: dict[str, Any]) -> dict[str, Any]:
     """The checked ``params:risk_validation`` with defaults filled in."""
-    unknown = sorted(set(risk_validation) - set(RISK_VALIDATION_KEYS))
-    if unknown:
-        raise ValueError(
-            f"parameters risk_validation has unknown keys {unknown}; expected "
-            f"{list(RISK_VALIDATION_KEYS)}"
-        )
+    check_keys("risk_validation", risk_validation, RISK_VALIDATION_KEYS)
     options = {
         "batch_size": 128,
         "max_examples": None,
@@ -90,19 +86,9 @@ def check_options(risk_validation: dict[str, Any]) -> dict[str, Any]:
         "curvature": False,
         **risk_validation,
     }
-    if not isinstance(options["curvature"], bool):
-        raise ValueError(
-            f"parameter risk_validation.curvature={options['curvature']!r}: expected true or false"
-        )
-    for key, allow_none in (("batch_size", False), ("max_examples", True)):
-        value = options[key]
-        if value is None and allow_none:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"parameter risk_validation.{key}={value!r}: expected a positive int"
-                + (" or null" if allow_none else "")
-            )
+    check_bool("risk_validation.curvature", options["curvature"])
+    check_positive_int("risk_validation.batch_size", options["batch_size"])
+    check_positive_int("risk_validation.max_examples", options["max_examples"], allow_none=True)
     statistics = options["statistics"]
     if statistics is not None:
         if isinstance(statistics, str) or not all(isinstance(s, str) for s in statistics):

@@ -28,6 +28,7 @@ from weighted_lowrank.lowrank.risk import (
     risk_summary,
 )
 from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS, ordered_kinds
+from weighted_lowrank.parameters import check_keys
 
 SVD_RISK_KEYS = ("statistic", "thresholds", "top_fraction", "compare_solvers")
 #: How each statistic is named in plot titles.
@@ -36,16 +37,12 @@ STATISTIC_LABELS = {"phi": "φ(W) = Var(I / mean I)"}
 
 def risk_rule(svd_risk: dict[str, Any], num_examples: int | None = 1) -> tuple[str, float]:
     """``(statistic, threshold)`` that assign the high/low ``risk`` column, checked."""
-    unknown = sorted(set(svd_risk) - set(SVD_RISK_KEYS))
-    if unknown:
-        hint = (
-            "; phi_threshold is now thresholds.phi (with statistic: phi)"
-            if "phi_threshold" in unknown
-            else ""
-        )
-        raise ValueError(
-            f"parameters svd_risk has unknown keys {unknown}; expected {list(SVD_RISK_KEYS)}{hint}"
-        )
+    hint = (
+        "; phi_threshold is now thresholds.phi (with statistic: phi)"
+        if "phi_threshold" in svd_risk
+        else ""
+    )
+    check_keys("svd_risk", svd_risk, SVD_RISK_KEYS, hint)
     statistic = check_risk_statistic(
         svd_risk.get("statistic", "phi"),
         bool(svd_risk.get("compare_solvers", True)),

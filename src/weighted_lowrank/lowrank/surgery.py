@@ -126,6 +126,11 @@ def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
     }
 
 
+def lowrank_ranks(model: nn.Module) -> dict[str, int]:
+    """``{module name: rank}`` of a model's :class:`LowRankLinear` layers, in model order."""
+    return {name: module.rank for name, module in lowrank_modules(model).items()}
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -29,7 +29,7 @@ from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fisher import model_fingerprint
 from weighted_lowrank.lowrank.objective import relative_loss
 from weighted_lowrank.lowrank.surgery import (
-    lowrank_modules,
+    lowrank_ranks,
     parameter_counts,
     serialized_size_bytes,
     tensors_for_saving,
@@ -94,9 +94,7 @@ def _check_refined(
             "refined_model was refined from another compressed_model than the one evaluated "
             "(refinement_history's fingerprint differs); rerun refinement or load matching versions"
         )
-    refined_ranks = {
-        name: module.rank for name, module in lowrank_modules(refined_model.model).items()
-    }
+    refined_ranks = lowrank_ranks(refined_model.model)
     if refined_ranks != ranks:
         raise ValueError(
             "refined_model's low-rank modules and ranks differ from compressed_model's "
@@ -163,7 +161,7 @@ def evaluate_compressed(
     check_split(test_split, "test_split")
     compressed = compressed_model.model.to("cpu")
     dense = fine_tuned_model.model.to("cpu")
-    ranks = {name: module.rank for name, module in lowrank_modules(compressed).items()}
+    ranks = lowrank_ranks(compressed)
     reported = dict(zip(layer_report["module"], layer_report["rank"].astype(int), strict=True))
     if ranks != reported:
         raise ValueError(

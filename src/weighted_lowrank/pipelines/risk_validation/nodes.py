@@ -31,7 +31,7 @@ from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fisher import model_fingerprint
 from weighted_lowrank.lowrank.risk import RISK_STATISTICS
-from weighted_lowrank.lowrank.surgery import lowrank_modules
+from weighted_lowrank.lowrank.surgery import lowrank_ranks
 from weighted_lowrank.lowrank.targets import ordered_kinds
 from weighted_lowrank.parameters import check_bool, check_keys, check_positive_int
 from weighted_lowrank.training import check_split, evaluate_classifier
@@ -113,8 +113,8 @@ def check_layers(
     models must equal the dense model's, and ``layer_risk``'s ``model_fingerprint`` (when present)
     the dense model's; otherwise they come from different runs.
     """
-    svd = {name: module.rank for name, module in lowrank_modules(svd_model.model).items()}
-    weighted = {name: module.rank for name, module in lowrank_modules(weighted_model.model).items()}
+    svd = lowrank_ranks(svd_model.model)
+    weighted = lowrank_ranks(weighted_model.model)
     if not svd:
         raise ValueError("svd.compressed_model has no LowRankLinear modules")
     if svd != weighted:

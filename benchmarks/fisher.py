@@ -13,12 +13,12 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pandas as pd
 import torch
+from reviews import load_reviews  # benchmarks/ is the script directory
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -26,19 +26,6 @@ from weighted_lowrank.hf import EMBEDDED_MODEL, ModelBundle, load_base_model, re
 from weighted_lowrank.lowrank.batching import make_batches
 from weighted_lowrank.lowrank.fisher import empirical_fisher, validate_fisher
 from weighted_lowrank.lowrank.risk import layer_statistics
-
-RAW_DATA = (
-    Path(__file__).resolve().parents[1] / "data" / "01_raw" / "rotten_tomatoes_corpus_full.csv.bz2"
-)
-
-
-def load_reviews(examples: int, seed: int) -> pd.DataFrame:
-    """``examples`` Rotten Tomatoes snippets (fresh = 1, rotten = 0), sampled with ``seed``."""
-    frame = pd.read_csv(RAW_DATA)
-    frame = frame[frame["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
-    frame = frame.drop_duplicates(subset="text")
-    frame = frame.assign(label=(frame["category"] == "fresh").astype(int))
-    return frame.sample(n=examples, random_state=seed)[["text", "label"]]
 
 
 def relative_error(estimate: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
+from reviews import load_reviews  # noqa: E402
 
 from weighted_lowrank.hf import EMBEDDED_MODEL, load_base_model  # noqa: E402
 from weighted_lowrank.lowrank.batching import make_batches  # noqa: E402
@@ -38,23 +39,12 @@ from weighted_lowrank.lowrank.solvers import factorize_batch  # noqa: E402
 from weighted_lowrank.lowrank.targets import select_linear_modules  # noqa: E402
 
 CACHE_DIR = REPO_ROOT / "benchmarks" / ".cache"
-RAW_REVIEWS = REPO_ROOT / "data" / "01_raw" / "rotten_tomatoes_corpus_full.csv.bz2"
 BENCHMARKS_PATH = REPO_ROOT / "docs" / "BENCHMARKS.md"
 
 FINE_TUNE_EXAMPLES = 800
 FISHER_EXAMPLES = 512
 MAX_LENGTH = 64
 SEED = 42
-
-
-def load_reviews(limit: int, seed: int) -> pd.DataFrame:
-    """Shuffled fresh/rotten review snippets with a binary ``label`` (1 = fresh)."""
-    frame = pd.read_csv(RAW_REVIEWS)
-    frame = frame[frame["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
-    frame = frame.drop_duplicates(subset="text")
-    frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    frame["label"] = (frame["category"] == "fresh").astype(int)
-    return frame.iloc[:limit][["text", "label"]]
 
 
 def _batches(frame: pd.DataFrame, tokenizer, batch_size: int) -> list[dict[str, torch.Tensor]]:

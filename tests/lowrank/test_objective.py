@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 import torch
 
-from weighted_lowrank.lowrank.objective import rank_for_budget, validate_problem, weighted_loss
+from weighted_lowrank.lowrank.objective import (
+    STOP_REASONS,
+    FactorizationResult,
+    StopReason,
+    rank_for_budget,
+    validate_problem,
+    weighted_loss,
+)
 
 
 def test_weighted_loss_matches_elementwise_sum_in_float64():
@@ -79,3 +89,16 @@ def test_zero_importance_entries_are_valid():
     importance = torch.ones(4, 3)
     importance[0] = 0
     validate_problem(torch.zeros(4, 3), importance, 2)
+
+
+def test_stop_reasons_list_exactly_the_stop_reason_literal():
+    assert STOP_REASONS == typing.get_args(StopReason)
+    assert set(STOP_REASONS) == {"converged", "max_iters", "max_seconds", "exact"}
+
+
+def test_factorization_result_requires_a_stop_reason():
+    stop_reason = {item.name: item for item in dataclasses.fields(FactorizationResult)}[
+        "stop_reason"
+    ]
+    assert stop_reason.default is dataclasses.MISSING
+    assert stop_reason.default_factory is dataclasses.MISSING

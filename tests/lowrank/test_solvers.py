@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 import torch
 
 from weighted_lowrank.lowrank.objective import weighted_loss
 from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, factorize_batch
+from weighted_lowrank.lowrank.solvers._common import Batched, IterateState
+from weighted_lowrank.lowrank.solvers.als import AlsState
+from weighted_lowrank.lowrank.solvers.em import EmState
+from weighted_lowrank.lowrank.solvers.gradient import (
+    GRADIENT_WINDOW,
+    AdamState,
+    SgdState,
+    SwatsState,
+)
+from weighted_lowrank.lowrank.solvers.tfwsvd import TFWSVD_WINDOW, TfwsvdState
 
 
 def _problem(out_features=24, in_features=16, seed=0, dtype=torch.float64):
@@ -116,9 +129,8 @@ def test_registry_lists_every_required_solver():
 def test_public_package_exports_the_solver_api():
     import weighted_lowrank.lowrank as lowrank
 
-    if not hasattr(lowrank, "factorize"):
-        pytest.skip("weighted_lowrank.lowrank is being assembled (a sibling module is missing)")
     assert lowrank.factorize is factorize and lowrank.SOLVERS == SOLVERS
+    assert lowrank.factorize_batch is factorize_batch
     assert lowrank.weighted_loss is weighted_loss
 
 
@@ -223,7 +235,7 @@ def test_adam_sgd_switches_to_sgd_and_records_the_switch():
     weight, importance = _problem(seed=8)
     result = factorize(weight, importance, 4, solver="adam_sgd", max_iters=1500, tol=0.0, lr=1e-2)
     switch = result.info["switch_iteration"]
-    assert switch is not None and 20 <= switch < 1500
+    assert isinstance(switch, int) and 20 <= switch < 1500
     assert 0 < result.info["sgd_lr"] <= result.info["swats_lr"]
     assert result.info["sgd_lr"] <= 1 / result.info["lambda_max"] * (1 + 1e-9)
     assert result.loss < result.initial_loss
@@ -232,7 +244,7 @@ def test_adam_sgd_switches_to_sgd_and_records_the_switch():
 def test_adam_sgd_without_a_switch_reports_none():
     weight, importance = _problem(seed=8)
     result = factorize(weight, importance, 4, solver="adam_sgd", max_iters=5, switch_eps=0.0)
-    assert result.info["switch_iteration"] is None
+    assert result.info == dict.fromkeys(("switch_iteration", "swats_lr", "sgd_lr", "lambda_max"))
 
 
 def test_sgd_step_is_bounded_by_the_curvature():
@@ -294,12 +306,145 @@ def test_stopping_rules_cap_iterations_and_time():
     weight, importance = _problem(seed=14)
     capped = factorize(weight, importance, 4, solver="adam", max_iters=7, tol=0.0)
     assert capped.iterations == 7 and len(capped.history) == 8
+    assert capped.stop_reason == "max_iters"
     timed = factorize(
         weight, importance, 4, solver="adam", max_iters=10**6, tol=0.0, max_seconds=0.2
     )
     assert timed.iterations < 10**6 and timed.history[-1][0] < 5.0
+    assert timed.stop_reason == "max_seconds"
     tolerant = factorize(weight, importance, 4, solver="als", max_iters=10**6, tol=1e-3)
-    assert tolerant.iterations < 10**6
+    assert tolerant.iterations < 10**6 and tolerant.stop_reason == "converged"
+
+
+#: Iterations over which each iterative solver measures ``tol``.
+WINDOWS = {
+    "adam": GRADIENT_WINDOW,
+    "sgd": GRADIENT_WINDOW,
+    "adam_sgd": GRADIENT_WINDOW,
+    "als": 1,
+    "em": 1,
+    "tfwsvd": TFWSVD_WINDOW,
+}
+
+
+@pytest.mark.parametrize("solver", ["svd", "fwsvd"])
+def test_closed_forms_stop_as_exact(solver):
+    weight, importance = _problem()
+    results = factorize_batch(
+        [weight, weight.T.contiguous()], [importance, None], [4, 4], solver=solver
+    )
+    assert [result.stop_reason for result in results] == ["exact", "exact"]
+    assert [result.iterations for result in results] == [0, 0]
+
+
+@pytest.mark.parametrize("solver", ITERATIVE)
+@pytest.mark.parametrize("max_iters", [0, 2])
+def test_hitting_max_iters_stops_as_max_iters(solver, max_iters):
+    weight, importance = _problem(seed=15)
+    result = factorize(weight, importance, 4, solver=solver, max_iters=max_iters, tol=0.0)
+    assert result.stop_reason == "max_iters"
+    assert result.iterations == max_iters and len(result.history) == max_iters + 1
+
+
+@pytest.mark.parametrize("solver", ITERATIVE)
+def test_a_large_tol_stops_as_converged_before_max_iters(solver):
+    weight, importance = _problem(seed=16)
+    result = factorize(weight, importance, 4, solver=solver, max_iters=500, tol=0.5)
+    assert result.stop_reason == "converged"
+    # The relative improvement is measured over the solver's window, so it needs window + 1 steps.
+    assert WINDOWS[solver] < result.iterations < 500
+    assert len(result.history) == result.iterations + 1
+
+
+@pytest.mark.parametrize("solver", ITERATIVE)
+def test_a_tiny_time_budget_stops_as_max_seconds(solver):
+    weight, importance = _problem(seed=17)
+    result = factorize(
+        weight, importance, 4, solver=solver, max_iters=10**6, tol=0.0, max_seconds=1e-9
+    )
+    assert result.stop_reason == "max_seconds"
+    assert result.iterations == 0 and result.loss == result.initial_loss
+
+
+@pytest.mark.parametrize(("solver", "tol"), [("als", 1e-3), ("tfwsvd", 1e-3), ("adam", 1e-3)])
+def test_layers_of_one_batch_stop_for_their_own_reason(solver, tol):
+    problems = [_problem(20, 12, seed) for seed in (18, 19, 20, 21)]
+    weights = [weight for weight, _ in problems]
+    importances = [importance for _, importance in problems]
+    options = (
+        {"solver": solver, "tol": tol, "lr": 1e-2}
+        if solver == "adam"
+        else {"solver": solver, "tol": tol}
+    )
+    free = factorize_batch(weights, importances, [3] * 4, max_iters=2000, **options)
+    counts = [result.iterations for result in free]
+    assert all(result.stop_reason == "converged" for result in free)
+    assert min(counts) < max(counts)
+    cap = min(counts)
+    capped = factorize_batch(weights, importances, [3] * 4, max_iters=cap, **options)
+    for alone, result in zip(free, capped, strict=True):
+        if alone.iterations <= cap:
+            # A layer that converged before the cap is unaffected by it, bit for bit.
+            assert result.stop_reason == "converged" and result.iterations == alone.iterations
+            assert torch.equal(result.left, alone.left) and torch.equal(result.right, alone.right)
+        else:
+            assert result.stop_reason == "max_iters" and result.iterations == cap
+
+
+def _random_state(cls: type[Batched], batch: int, generator: torch.Generator) -> Batched:
+    """A ``cls`` whose every tensor field holds distinct random per-layer values."""
+    values = {}
+    for name, kind in typing.get_type_hints(cls).items():
+        if kind is torch.Tensor:
+            dims = int(torch.randint(0, 3, (), generator=generator))
+            trailing = [int(size) for size in torch.randint(1, 4, (dims,), generator=generator)]
+            values[name] = torch.randn(batch, *trailing, generator=generator)
+        elif isinstance(kind, type) and issubclass(kind, Batched):
+            values[name] = _random_state(kind, batch, generator)
+        else:
+            values[name] = 7
+    return cls(**values)
+
+
+def _tensor_fields(state: Batched, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in ``state``, nested ones included, by dotted field name."""
+    found = {}
+    for item in dataclasses.fields(state):
+        value = getattr(state, item.name)
+        if isinstance(value, torch.Tensor):
+            found[prefix + item.name] = value
+        elif isinstance(value, Batched):
+            found.update(_tensor_fields(value, f"{prefix}{item.name}."))
+    return found
+
+
+@pytest.mark.parametrize("cls", [AdamState, SgdState, SwatsState, AlsState, EmState, TfwsvdState])
+@pytest.mark.parametrize(
+    "layers", [torch.tensor([3, 0]), torch.tensor([False, True, True, False, True])]
+)
+def test_select_keeps_exactly_the_selected_layers(cls, layers):
+    generator = torch.Generator().manual_seed(22)
+    state = _random_state(cls, 5, generator)
+    if cls is SwatsState:
+        # Per-layer scalars, as the solver keeps them; layers 1 and 4 never switched.
+        state = dataclasses.replace(
+            state,
+            sgd_mode=torch.tensor([True, False, True, True, False]),
+            switch_iteration=torch.tensor([20, 0, 31, 42, 0]),
+            swats_lr=torch.rand(5, generator=generator, dtype=torch.float64),
+            sgd_lr=torch.rand(5, generator=generator, dtype=torch.float64),
+            lambda_max=torch.rand(5, generator=generator, dtype=torch.float64),
+        )
+    indices = layers.nonzero().flatten() if layers.dtype == torch.bool else layers
+    selected = state.select(layers)
+    assert type(selected) is cls and isinstance(selected, IterateState)
+    assert selected.iteration == state.iteration == 7
+    before, after = _tensor_fields(state), _tensor_fields(selected)
+    assert before.keys() == after.keys() and {"weight", "importance", "left", "right"} <= set(after)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor[indices]), name
+    for position, layer in enumerate(indices.tolist()):
+        assert selected.info(position) == state.info(layer)
 
 
 @pytest.mark.parametrize(

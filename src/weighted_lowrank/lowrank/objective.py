@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+
+#: Why a solver stopped, per layer (layers of one batch stop at different times):
+#: "converged" — the best loss improved by less than ``tol`` (relative) over the solver's window,
+#: or reached 0; "max_iters" / "max_seconds" — a cap was hit first; "exact" — a closed form.
+StopReason = Literal["converged", "max_iters", "max_seconds", "exact"]
+STOP_REASONS: tuple[StopReason, ...] = ("converged", "max_iters", "max_seconds", "exact")
 
 
 @dataclass
@@ -18,7 +24,9 @@ class FactorizationResult:
     """Factors of one weight, ``left @ right ≈ weight``, and how the solver got there.
 
     ``loss`` is the weighted loss of the returned factors accumulated in float64;
-    ``history`` holds ``(seconds since the solver started, loss)`` from the initial point on.
+    ``history`` holds ``(seconds since the solver started, loss)`` from the initial point on;
+    ``iterations`` is the number of steps the solver had taken when this layer stopped, and
+    ``stop_reason`` says why it stopped (see :data:`StopReason`), as scipy.optimize's results do.
     """
 
     left: torch.Tensor
@@ -30,6 +38,7 @@ class FactorizationResult:
     iterations: int
     seconds: float
     initial_loss: float
+    stop_reason: StopReason
     info: dict[str, Any] = field(default_factory=dict)
 
 

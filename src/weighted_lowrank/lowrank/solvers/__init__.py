@@ -177,5 +177,6 @@ def _to_result(
         iterations=output.iterations,
         seconds=seconds,
         initial_loss=initial_loss,
+        stop_reason=output.stop_reason,
         info=output.info,
     )

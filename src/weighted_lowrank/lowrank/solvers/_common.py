@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Self, TypeVar
 
 import torch
+
+from weighted_lowrank.lowrank.objective import StopReason
 
 #: Options every solver accepts.
 COMMON_OPTIONS: dict[str, Any] = {"device": None, "seed": 0}
@@ -54,6 +56,7 @@ class SolverOutput:
     right: torch.Tensor
     history: list[tuple[float, float]]
     iterations: int
+    stop_reason: StopReason
     info: dict[str, Any] = field(default_factory=dict)
     initial: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -237,15 +240,57 @@ def initial_factors(
 
 # ----------------------------------------------------------------------------- iterative loop
 
-#: A step maps the state (dict of batch-first tensors, including "left" and "right") to the new
-#: state and the per-layer loss of the point it was *given* (float64, shape (b,)).
-Step = Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Batched:
+    """Per-layer tensors of a batch of same-shape layers, batch first.
+
+    :meth:`select` is how the iterative loop drops the layers that stopped: every tensor field
+    is indexed along its first dimension, a nested :class:`Batched` field selects in turn, and
+    any other field (an iteration counter) is carried over unchanged.
+    """
+
+    def select(self, layers: torch.Tensor) -> Self:
+        """The same state restricted to ``layers`` (indices or a boolean mask over the batch)."""
+        selected: dict[str, Any] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, torch.Tensor):
+                selected[item.name] = value[layers.to(value.device)]
+            elif isinstance(value, Batched):
+                selected[item.name] = value.select(layers)
+        return replace(self, **selected)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class IterateState(Batched):
+    """The state of an iterative solver for the layers still running; each family extends it.
+
+    ``weight`` and ``importance`` are the running layers' slice of the normalised problem, so a
+    step reads everything it needs from its state. ``iteration`` counts the steps taken; the loop
+    advances it before each step, so a step sees its own 1-based number (Adam's ``t``).
+    """
+
+    weight: torch.Tensor
+    importance: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    iteration: int = 0
+
+    def info(self, position: int) -> dict[str, Any]:
+        """Per-layer facts reported in ``FactorizationResult.info`` for the layer at ``position``."""
+        return {}
+
+
+State = TypeVar("State", bound=IterateState)
+#: A step maps the state to the next one and the per-layer loss of the point it was *given*
+#: (float64, shape (b,)).
+Step = Callable[[State], tuple[State, torch.Tensor]]
 
 
 def run_iterations(
-    problem: Problem,
-    state: dict[str, torch.Tensor],
-    step: Step,
+    state: State,
+    step: Step[State],
     options: dict[str, Any],
     started: float,
     window: int = 1,
@@ -253,85 +298,117 @@ def run_iterations(
     """Drive ``step`` until each layer stops; return each layer's best iterate.
 
     A layer stops when its best loss improved by less than ``tol`` (relative) over the last
-    ``window`` iterations, after ``max_iters`` steps, or when ``max_seconds`` have elapsed for
-    the batch. Stopped layers leave the batch so the remaining ones run on smaller matmuls.
-    State keys starting with ``info_`` are per-layer scalars reported in ``info`` (negative
-    values mean "did not happen" and become ``None``).
+    ``window`` iterations ("converged"), after ``max_iters`` steps, or when ``max_seconds`` have
+    elapsed for the batch. Stopped layers leave the batch (:meth:`Batched.select`) so the
+    remaining ones run on smaller matmuls.
     """
-    batch = problem.batch
-    max_iters, max_seconds, tol = options["max_iters"], options["max_seconds"], options["tol"]
-    state = {**state, "weight": problem.weight, "importance": problem.importance}
-    initial = (state["left"], state["right"])
-    histories: list[list[tuple[float, float]]] = [[] for _ in range(batch)]
-    best_traces: list[list[float]] = [[] for _ in range(batch)]
-    outputs: list[SolverOutput | None] = [None] * batch
-    active = torch.arange(batch)
-    best_left, best_right = state["left"], state["right"]
-    best_loss = torch.full((batch,), float("inf"), dtype=torch.float64)
-    iterations = 0
+    max_iters, max_seconds = options["max_iters"], options["max_seconds"]
+    records = _LayerRecords.start(state, options["tol"], window, started)
+    while True:
+        if state.iteration >= max_iters:
+            records.finish(state, torch.arange(state.left.shape[0]), "max_iters")
+            break
+        if max_seconds is not None and time.perf_counter() - started > max_seconds:
+            records.finish(state, torch.arange(state.left.shape[0]), "max_seconds")
+            break
+        point = state
+        state, loss = step(replace(state, iteration=state.iteration + 1))
+        done = records.record(point.left, point.right, loss)
+        if bool(done.any()):
+            records.finish(state, done.nonzero().flatten(), "converged")
+            running = (~done).nonzero().flatten()
+            if len(running) == 0:
+                break
+            state = state.select(running)
+            records.select(running)
+    return [output for output in records.outputs if output is not None]
 
-    def finish(positions: torch.Tensor) -> None:
+
+@dataclass
+class _LayerRecords:
+    """The loop's bookkeeping: histories and outputs by layer, best iterates of running layers.
+
+    ``active`` maps a running layer's position in the (shrinking) batch to its index in the
+    original batch; ``best_*`` are indexed by position, the lists by original index.
+    """
+
+    tol: float
+    window: int
+    started: float
+    initial: tuple[torch.Tensor, torch.Tensor]
+    active: torch.Tensor
+    best_left: torch.Tensor
+    best_right: torch.Tensor
+    best_loss: torch.Tensor
+    histories: list[list[tuple[float, float]]]
+    best_traces: list[list[float]]
+    outputs: list[SolverOutput | None]
+
+    @classmethod
+    def start(cls, state: IterateState, tol: float, window: int, started: float) -> _LayerRecords:
+        batch = state.left.shape[0]
+        return cls(
+            tol=tol,
+            window=window,
+            started=started,
+            initial=(state.left, state.right),
+            active=torch.arange(batch),
+            best_left=state.left,
+            best_right=state.right,
+            best_loss=torch.full((batch,), float("inf"), dtype=torch.float64),
+            histories=[[] for _ in range(batch)],
+            best_traces=[[] for _ in range(batch)],
+            outputs=[None] * batch,
+        )
+
+    def record(self, left: torch.Tensor, right: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Log the loss of the point (left, right) a step was given; which layers converged."""
+        now = time.perf_counter() - self.started
+        loss = loss.detach().to("cpu", torch.float64)
+        improved = loss < self.best_loss
+        mask = improved.to(left.device)[:, None, None]
+        self.best_left = torch.where(mask, left, self.best_left)
+        self.best_right = torch.where(mask, right, self.best_right)
+        self.best_loss = torch.where(improved, loss, self.best_loss)
+        done = torch.zeros(len(self.active), dtype=torch.bool)
+        for position, layer in enumerate(self.active.tolist()):
+            self.histories[layer].append((now, float(loss[position])))
+            trace = self.best_traces[layer]
+            trace.append(float(self.best_loss[position]))
+            if len(trace) > self.window:
+                earlier, current = trace[-self.window - 1], trace[-1]
+                done[position] = earlier - current <= self.tol * abs(earlier) or current == 0.0
+        return done
+
+    def finish(self, state: IterateState, positions: torch.Tensor, reason: StopReason) -> None:
         """Measure the current point of the finished layers and emit their best iterate."""
-        device_positions = positions.to(problem.weight.device)
+        device_positions = positions.to(state.weight.device)
         final = batched_loss(
-            state["weight"][device_positions],
-            state["importance"][device_positions],
-            state["left"][device_positions] @ state["right"][device_positions],
+            state.weight[device_positions],
+            state.importance[device_positions],
+            state.left[device_positions] @ state.right[device_positions],
         ).cpu()
-        now = time.perf_counter() - started
+        now = time.perf_counter() - self.started
         for index, position in enumerate(positions.tolist()):
-            layer = int(active[position])
-            histories[layer].append((now, float(final[index])))
-            left, right = best_left[position], best_right[position]
-            if float(final[index]) < float(best_loss[position]):
-                left, right = state["left"][position], state["right"][position]
-            info = {
-                key[len("info_") :]: (
-                    None if float(value[position]) < 0 else value[position].item()
-                )
-                for key, value in state.items()
-                if key.startswith("info_")
-            }
-            outputs[layer] = SolverOutput(
+            layer = int(self.active[position])
+            self.histories[layer].append((now, float(final[index])))
+            left, right = self.best_left[position], self.best_right[position]
+            if float(final[index]) < float(self.best_loss[position]):
+                left, right = state.left[position], state.right[position]
+            self.outputs[layer] = SolverOutput(
                 left=left,
                 right=right,
-                history=histories[layer],
-                iterations=iterations,
-                info=info,
-                initial=(initial[0][layer], initial[1][layer]),
+                history=self.histories[layer],
+                iterations=state.iteration,
+                stop_reason=reason,
+                info=state.info(position),
+                initial=(self.initial[0][layer], self.initial[1][layer]),
             )
 
-    while True:
-        out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
-        if iterations >= max_iters or out_of_time:
-            finish(torch.arange(len(active)))
-            break
-        point_left, point_right = state["left"], state["right"]
-        state, loss = step(state)
-        now = time.perf_counter() - started
-        loss = loss.detach().to("cpu", torch.float64)
-        improved = loss < best_loss
-        mask = improved.to(point_left.device)[:, None, None]
-        best_left = torch.where(mask, point_left, best_left)
-        best_right = torch.where(mask, point_right, best_right)
-        best_loss = torch.where(improved, loss, best_loss)
-        iterations += 1
-        done = torch.zeros(len(active), dtype=torch.bool)
-        for position, layer in enumerate(active.tolist()):
-            histories[layer].append((now, float(loss[position])))
-            trace = best_traces[layer]
-            trace.append(float(best_loss[position]))
-            if len(trace) > window:
-                earlier, current = trace[-window - 1], trace[-1]
-                done[position] = earlier - current <= tol * abs(earlier) or current == 0.0
-        if bool(done.any()):
-            finish(done.nonzero().flatten())
-            keep = (~done).nonzero().flatten()
-            if len(keep) == 0:
-                break
-            device_keep = keep.to(problem.weight.device)
-            state = {key: value[device_keep] for key, value in state.items()}
-            best_left, best_right = best_left[device_keep], best_right[device_keep]
-            best_loss = best_loss[keep]
-            active = active[keep]
-    return [output for output in outputs if output is not None]
+    def select(self, running: torch.Tensor) -> None:
+        """Keep the records of the layers at positions ``running``."""
+        device_running = running.to(self.best_left.device)
+        self.best_left = self.best_left[device_running]
+        self.best_right = self.best_right[device_running]
+        self.best_loss = self.best_loss[running]
+        self.active = self.active[running]

@@ -10,12 +10,14 @@ each half-step minimises "loss + damping" exactly from the old point, the loss n
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from weighted_lowrank.lowrank.solvers._common import (
     ITERATIVE_OPTIONS,
+    IterateState,
     Problem,
     SolverOutput,
     batched_loss,
@@ -24,6 +26,11 @@ from weighted_lowrank.lowrank.solvers._common import (
 )
 
 ALS_OPTIONS: dict[str, Any] = {**ITERATIVE_OPTIONS, "damping": 1e-6, "chunk_elements": 2**25}
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class AlsState(IterateState):
+    """ALS needs nothing beyond the current factors: each sweep solves from them afresh."""
 
 
 def solve_rows(
@@ -117,10 +124,11 @@ def solve_als(problem: Problem, options: dict[str, Any], started: float) -> list
     left, right = initial_factors(problem, options["init"], options["seed"])
     chunk = int(options["chunk_elements"])
 
-    def step(state):
-        weight, importance = state["weight"], state["importance"]
-        loss = batched_loss(weight, importance, state["left"] @ state["right"])
-        left, right = als_sweep(weight, importance, state["left"], state["right"], damping, chunk)
-        return {**state, "left": left, "right": right}, loss
+    def step(state: AlsState) -> tuple[AlsState, torch.Tensor]:
+        weight, importance = state.weight, state.importance
+        loss = batched_loss(weight, importance, state.left @ state.right)
+        left, right = als_sweep(weight, importance, state.left, state.right, damping, chunk)
+        return replace(state, left=left, right=right), loss
 
-    return run_iterations(problem, {"left": left, "right": right}, step, options, started)
+    state = AlsState(weight=problem.weight, importance=problem.importance, left=left, right=right)
+    return run_iterations(state, step, options, started)

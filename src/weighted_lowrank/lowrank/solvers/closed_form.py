@@ -29,6 +29,7 @@ def _outputs(
             right=right[k],
             history=[(now, float(losses[k]))],
             iterations=0,
+            stop_reason="exact",
             info=dict(info),
         )
         for k in range(problem.batch)

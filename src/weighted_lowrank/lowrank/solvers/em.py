@@ -8,12 +8,14 @@ peaked, because most entries then get a tiny ``Ĩ`` and move little per step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from weighted_lowrank.lowrank.solvers._common import (
     ITERATIVE_OPTIONS,
+    IterateState,
     Problem,
     SolverOutput,
     balanced_truncated_svd,
@@ -24,6 +26,13 @@ from weighted_lowrank.lowrank.solvers._common import (
 EM_OPTIONS: dict[str, Any] = dict(ITERATIVE_OPTIONS)
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class EmState(IterateState):
+    """EM's iterate and the importance scaled into [0, 1] by each layer's maximum."""
+
+    scaled: torch.Tensor
+
+
 def solve_em(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
     """Srebro–Jaakkola EM from the closed-form initialisation."""
     left, right = initial_factors(problem, options["init"], options["seed"])
@@ -31,14 +40,15 @@ def solve_em(problem: Problem, options: dict[str, Any], started: float) -> list[
     scaled = problem.importance / torch.where(maximum > 0, maximum, torch.ones_like(maximum))
     rank = problem.rank
 
-    def step(state):
-        weight, importance = state["weight"], state["importance"]
-        product = state["left"] @ state["right"]
-        difference = weight - product
-        loss = (importance * difference * difference).sum(dim=(1, 2), dtype=torch.float64)
-        filled = product + state["scaled"] * difference
+    def step(state: EmState) -> tuple[EmState, torch.Tensor]:
+        product = state.left @ state.right
+        difference = state.weight - product
+        loss = (state.importance * difference * difference).sum(dim=(1, 2), dtype=torch.float64)
+        filled = product + state.scaled * difference
         left, right = balanced_truncated_svd(filled, rank)
-        return {**state, "left": left, "right": right}, loss
+        return replace(state, left=left, right=right), loss
 
-    state = {"left": left, "right": right, "scaled": scaled}
-    return run_iterations(problem, state, step, options, started)
+    state = EmState(
+        weight=problem.weight, importance=problem.importance, left=left, right=right, scaled=scaled
+    )
+    return run_iterations(state, step, options, started)

@@ -6,12 +6,15 @@ size serves every layer. Gradients: with ``E = I ∘ (AB − W)``, ``∇_A = 2 E
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from weighted_lowrank.lowrank.solvers._common import (
     ITERATIVE_OPTIONS,
+    Batched,
+    IterateState,
     Problem,
     SolverOutput,
     initial_factors,
@@ -98,109 +101,195 @@ def gauss_newton_lambda_max(
     return estimate.clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def _start(problem: Problem, options: dict[str, Any]) -> dict[str, torch.Tensor]:
-    left, right = initial_factors(problem, options["init"], options["seed"])
-    return {"left": left, "right": right}
+@dataclass(frozen=True, kw_only=True, eq=False)
+class AdamMoments(Batched):
+    """Adam's running first (``m``) and second (``v``) moments of the gradients of A and B."""
+
+    m_left: torch.Tensor
+    m_right: torch.Tensor
+    v_left: torch.Tensor
+    v_right: torch.Tensor
+
+    @classmethod
+    def zeros(cls, left: torch.Tensor, right: torch.Tensor) -> AdamMoments:
+        return cls(
+            m_left=torch.zeros_like(left),
+            m_right=torch.zeros_like(right),
+            v_left=torch.zeros_like(left),
+            v_right=torch.zeros_like(right),
+        )
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class HeavyBallMemory(Batched):
+    """What backtracking heavy-ball SGD remembers: momentum buffers, the last accepted point
+    (to return to when the loss rises) with its loss, and each layer's step size."""
+
+    buffer_left: torch.Tensor
+    buffer_right: torch.Tensor
+    previous_left: torch.Tensor
+    previous_right: torch.Tensor
+    previous_loss: torch.Tensor
+    lr: torch.Tensor
+
+    @classmethod
+    def start(cls, left: torch.Tensor, right: torch.Tensor, lr: torch.Tensor) -> HeavyBallMemory:
+        batch = left.shape[0]
+        return cls(
+            buffer_left=torch.zeros_like(left),
+            buffer_right=torch.zeros_like(right),
+            previous_left=left,
+            previous_right=right,
+            previous_loss=torch.full(
+                (batch,), float("inf"), dtype=torch.float64, device=left.device
+            ),
+            lr=lr,
+        )
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class AdamState(IterateState):
+    """Full-batch Adam: the factors and their moments."""
+
+    moments: AdamMoments
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class SgdState(IterateState):
+    """Heavy-ball SGD with backtracking: the factors and the SGD memory."""
+
+    memory: HeavyBallMemory
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class SwatsState(IterateState):
+    """Adam→SGD (SWATS): both solvers' memories, the running estimate of the SGD step size, and
+    the switch of each layer.
+
+    ``swats_average`` / ``swats_count`` are the exponential average of the projected step size γ
+    and how many γ went into it; ``sgd_mode`` marks the layers that switched. The switch
+    record (iteration, SWATS estimate, the step size SGD used, the curvature bound) is meaningful
+    only where ``sgd_mode`` is set; :meth:`info` reports ``None`` elsewhere.
+    """
+
+    moments: AdamMoments
+    memory: HeavyBallMemory
+    swats_average: torch.Tensor
+    swats_count: torch.Tensor
+    sgd_mode: torch.Tensor
+    switch_iteration: torch.Tensor
+    swats_lr: torch.Tensor
+    sgd_lr: torch.Tensor
+    lambda_max: torch.Tensor
+
+    def info(self, position: int) -> dict[str, Any]:
+        """The layer's switch to SGD; ``None`` for each entry when it never switched."""
+        if not bool(self.sgd_mode[position]):
+            return {"switch_iteration": None, "swats_lr": None, "sgd_lr": None, "lambda_max": None}
+        return {
+            "switch_iteration": int(self.switch_iteration[position]),
+            "swats_lr": float(self.swats_lr[position]),
+            "sgd_lr": float(self.sgd_lr[position]),
+            "lambda_max": float(self.lambda_max[position]),
+        }
 
 
 def _adam_direction(
-    state: dict[str, torch.Tensor],
+    moments: AdamMoments,
     grad_left: torch.Tensor,
     grad_right: torch.Tensor,
     count: int,
     options: dict[str, Any],
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Adam moments updated in ``state``; returns (state, step on A, step on B)."""
+) -> tuple[AdamMoments, torch.Tensor, torch.Tensor]:
+    """Adam's moments after step number ``count``; returns (moments, step on A, step on B)."""
+    m_left, v_left, step_left = _adam_update(
+        moments.m_left, moments.v_left, grad_left, count, options
+    )
+    m_right, v_right, step_right = _adam_update(
+        moments.m_right, moments.v_right, grad_right, count, options
+    )
+    updated = AdamMoments(m_left=m_left, m_right=m_right, v_left=v_left, v_right=v_right)
+    return updated, step_left, step_right
+
+
+def _adam_update(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    grad: torch.Tensor,
+    count: int,
+    options: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One factor's Adam moments after step ``count`` and its bias-corrected step."""
     beta1, beta2, eps, lr = options["beta1"], options["beta2"], options["eps"], options["lr"]
-    moments = {}
-    steps = []
-    for name, grad in (("left", grad_left), ("right", grad_right)):
-        first = beta1 * state[f"m_{name}"] + (1 - beta1) * grad
-        second = beta2 * state[f"v_{name}"] + (1 - beta2) * grad * grad
-        moments[f"m_{name}"], moments[f"v_{name}"] = first, second
-        corrected_first = first / (1 - beta1**count)
-        corrected_second = second / (1 - beta2**count)
-        steps.append(-lr * corrected_first / (corrected_second.sqrt() + eps))
-    return {**state, **moments}, steps[0], steps[1]
+    first = beta1 * first + (1 - beta1) * grad
+    second = beta2 * second + (1 - beta2) * grad * grad
+    corrected_first = first / (1 - beta1**count)
+    corrected_second = second / (1 - beta2**count)
+    return first, second, -lr * corrected_first / (corrected_second.sqrt() + eps)
 
 
 def solve_adam(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
     """Full-batch Adam on (A, B) from the closed-form initialisation."""
-    state = _start(problem, options)
-    for name in ("left", "right"):
-        state[f"m_{name}"] = torch.zeros_like(state[name])
-        state[f"v_{name}"] = torch.zeros_like(state[name])
-    counter = {"count": 0}
+    left, right = initial_factors(problem, options["init"], options["seed"])
+    state = AdamState(
+        weight=problem.weight,
+        importance=problem.importance,
+        left=left,
+        right=right,
+        moments=AdamMoments.zeros(left, right),
+    )
 
-    def step(state):
-        counter["count"] += 1
+    def step(state: AdamState) -> tuple[AdamState, torch.Tensor]:
         loss, grad_left, grad_right = loss_and_gradients(
-            state["weight"], state["importance"], state["left"], state["right"]
+            state.weight, state.importance, state.left, state.right
         )
-        state, step_left, step_right = _adam_direction(
-            state, grad_left, grad_right, counter["count"], options
+        moments, step_left, step_right = _adam_direction(
+            state.moments, grad_left, grad_right, state.iteration, options
         )
-        return {
-            **state,
-            "left": state["left"] + step_left,
-            "right": state["right"] + step_right,
-        }, loss
+        return replace(
+            state, left=state.left + step_left, right=state.right + step_right, moments=moments
+        ), loss
 
-    return run_iterations(problem, state, step, options, started, window=GRADIENT_WINDOW)
+    return run_iterations(state, step, options, started, window=GRADIENT_WINDOW)
 
 
-def _bounded_sgd_update(state, grad_left, grad_right, loss, momentum, sgd_mask):
-    """Heavy-ball SGD with backtracking for the layers in ``sgd_mask``.
+def _bounded_sgd_update(
+    memory: HeavyBallMemory,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    grad_left: torch.Tensor,
+    grad_right: torch.Tensor,
+    loss: torch.Tensor,
+    momentum: float,
+    sgd_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, HeavyBallMemory]:
+    """Heavy-ball SGD with backtracking for the layers in ``sgd_mask``; returns (A, B, memory).
 
     A layer whose loss rose since its previous point returns to that point, halves its step size
     and drops its momentum; the others take ``buf ← μ·buf + g``, ``x ← x − (1 − μ)·lr·buf`` (the
     SWATS form: in steady state the step is ``lr·g``, so ``lr`` compares with Adam's).
     """
-    rose = (loss > state["previous_loss"]) & sgd_mask
+    rose = (loss > memory.previous_loss) & sgd_mask
     keep = sgd_mask & ~rose
-    lr = torch.where(rose, state["lr"] / 2, state["lr"])
+    lr = torch.where(rose, memory.lr / 2, memory.lr)
     rose3 = rose.to(grad_left.device)[:, None, None]
     keep3 = keep.to(grad_left.device)[:, None, None]
     lr3 = lr.to(grad_left.device, grad_left.dtype)[:, None, None]
-    buffer_left = torch.where(keep3, momentum * state["buffer_left"] + grad_left, 0.0)
-    buffer_right = torch.where(keep3, momentum * state["buffer_right"] + grad_right, 0.0)
-    left = torch.where(
-        rose3, state["previous_left"], state["left"] - (1 - momentum) * lr3 * buffer_left
+    buffer_left = torch.where(keep3, momentum * memory.buffer_left + grad_left, 0.0)
+    buffer_right = torch.where(keep3, momentum * memory.buffer_right + grad_right, 0.0)
+    new_left = torch.where(rose3, memory.previous_left, left - (1 - momentum) * lr3 * buffer_left)
+    new_right = torch.where(
+        rose3, memory.previous_right, right - (1 - momentum) * lr3 * buffer_right
     )
-    right = torch.where(
-        rose3, state["previous_right"], state["right"] - (1 - momentum) * lr3 * buffer_right
+    updated = HeavyBallMemory(
+        buffer_left=buffer_left,
+        buffer_right=buffer_right,
+        previous_left=torch.where(keep3, left, memory.previous_left),
+        previous_right=torch.where(keep3, right, memory.previous_right),
+        previous_loss=torch.where(keep, loss.to(memory.previous_loss.device), memory.previous_loss),
+        lr=lr,
     )
-    previous_left = torch.where(keep3, state["left"], state["previous_left"])
-    previous_right = torch.where(keep3, state["right"], state["previous_right"])
-    previous_loss = torch.where(
-        keep, loss.to(state["previous_loss"].device), state["previous_loss"]
-    )
-    return {
-        "left": left,
-        "right": right,
-        "buffer_left": buffer_left,
-        "buffer_right": buffer_right,
-        "previous_left": previous_left,
-        "previous_right": previous_right,
-        "previous_loss": previous_loss,
-        "lr": lr,
-    }
-
-
-def _sgd_state(
-    left: torch.Tensor, right: torch.Tensor, lr: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    batch = left.shape[0]
-    return {
-        "buffer_left": torch.zeros_like(left),
-        "buffer_right": torch.zeros_like(right),
-        "previous_left": left,
-        "previous_right": right,
-        "previous_loss": torch.full(
-            (batch,), float("inf"), dtype=torch.float64, device=left.device
-        ),
-        "lr": lr,
-    }
+    return new_left, new_right, updated
 
 
 def solve_sgd(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
@@ -209,15 +298,11 @@ def solve_sgd(problem: Problem, options: dict[str, Any], started: float) -> list
     ``lr="auto"`` uses ``1 / λ_max`` of the Gauss–Newton matrix at the start (power iteration);
     a number is used as given but still halved whenever the loss rises.
     """
-    state = _start(problem, options)
-    device = state["left"].device
+    left, right = initial_factors(problem, options["init"], options["seed"])
+    device = left.device
     if options["lr"] == "auto":
         lambda_max = gauss_newton_lambda_max(
-            problem.importance,
-            state["left"],
-            state["right"],
-            options["power_iters"],
-            options["seed"],
+            problem.importance, left, right, options["power_iters"], options["seed"]
         )
         lr = 1.0 / lambda_max
     else:
@@ -226,18 +311,32 @@ def solve_sgd(problem: Problem, options: dict[str, Any], started: float) -> list
                 f"solver 'sgd': lr must be 'auto' or a number > 0, got {options['lr']!r}"
             )
         lr = torch.full((problem.batch,), float(options["lr"]), dtype=torch.float64, device=device)
-    state.update(_sgd_state(state["left"], state["right"], lr.to(device)))
-    everyone = torch.ones(problem.batch, dtype=torch.bool, device=device)
+    state = SgdState(
+        weight=problem.weight,
+        importance=problem.importance,
+        left=left,
+        right=right,
+        memory=HeavyBallMemory.start(left, right, lr.to(device)),
+    )
 
-    def step(state):
+    def step(state: SgdState) -> tuple[SgdState, torch.Tensor]:
         loss, grad_left, grad_right = loss_and_gradients(
-            state["weight"], state["importance"], state["left"], state["right"]
+            state.weight, state.importance, state.left, state.right
         )
-        mask = everyone[: state["left"].shape[0]]
-        update = _bounded_sgd_update(state, grad_left, grad_right, loss, options["momentum"], mask)
-        return {**state, **update}, loss
+        everyone = torch.ones(state.left.shape[0], dtype=torch.bool, device=state.left.device)
+        left, right, memory = _bounded_sgd_update(
+            state.memory,
+            state.left,
+            state.right,
+            grad_left,
+            grad_right,
+            loss,
+            options["momentum"],
+            everyone,
+        )
+        return replace(state, left=left, right=right, memory=memory), loss
 
-    return run_iterations(problem, state, step, options, started, window=GRADIENT_WINDOW)
+    return run_iterations(state, step, options, started, window=GRADIENT_WINDOW)
 
 
 def solve_adam_sgd(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
@@ -252,86 +351,121 @@ def solve_adam_sgd(problem: Problem, options: dict[str, Any], started: float) ->
     switching point, momentum ``beta1`` in the SWATS form, and halves ``lr`` whenever the loss
     rises.
     """
-    state = _start(problem, options)
-    device = state["left"].device
-    batch = problem.batch
-    for name in ("left", "right"):
-        state[f"m_{name}"] = torch.zeros_like(state[name])
-        state[f"v_{name}"] = torch.zeros_like(state[name])
-    state.update(
-        _sgd_state(
-            state["left"], state["right"], torch.zeros(batch, dtype=torch.float64, device=device)
-        )
-    )
+    state = _swats_start(problem, options)
 
-    def per_layer(value: float) -> torch.Tensor:
-        return torch.full((batch,), value, dtype=torch.float64, device=device)
-
-    state["swats_average"] = per_layer(0.0)
-    state["swats_count"] = per_layer(0.0)
-    state["sgd_mode"] = torch.zeros(batch, dtype=torch.bool, device=device)
-    state["info_switch_iteration"] = per_layer(-1.0)
-    state["info_swats_lr"] = per_layer(-1.0)
-    state["info_sgd_lr"] = per_layer(-1.0)
-    state["info_lambda_max"] = per_layer(-1.0)
-    beta2, switch_eps = options["beta2"], options["switch_eps"]
-    switch_min_iters = options["switch_min_iters"]
-    counter = {"count": 0}
-
-    def step(state):
-        counter["count"] += 1
+    def step(state: SwatsState) -> tuple[SwatsState, torch.Tensor]:
         loss, grad_left, grad_right = loss_and_gradients(
-            state["weight"], state["importance"], state["left"], state["right"]
+            state.weight, state.importance, state.left, state.right
         )
-        sgd_mode = state["sgd_mode"]
-        state, adam_left, adam_right = _adam_direction(
-            state, grad_left, grad_right, counter["count"], options
+        sgd_mode = state.sgd_mode
+        moments, adam_left, adam_right = _adam_direction(
+            state.moments, grad_left, grad_right, state.iteration, options
         )
-        sgd = _bounded_sgd_update(state, grad_left, grad_right, loss, options["beta1"], sgd_mode)
+        sgd_left, sgd_right, memory = _bounded_sgd_update(
+            state.memory,
+            state.left,
+            state.right,
+            grad_left,
+            grad_right,
+            loss,
+            options["beta1"],
+            sgd_mode,
+        )
         adam3 = (~sgd_mode)[:, None, None]
-        left = torch.where(adam3, state["left"] + adam_left, sgd["left"])
-        right = torch.where(adam3, state["right"] + adam_right, sgd["right"])
-        # SWATS: the SGD step size that, along Adam's direction, matches Adam's step.
-        along = (adam_left * grad_left).sum(dim=(1, 2), dtype=torch.float64) + (
-            adam_right * grad_right
-        ).sum(dim=(1, 2), dtype=torch.float64)
-        length = adam_left.square().sum(dim=(1, 2), dtype=torch.float64) + adam_right.square().sum(
-            dim=(1, 2), dtype=torch.float64
+        new_state = replace(
+            state,
+            left=torch.where(adam3, state.left + adam_left, sgd_left),
+            right=torch.where(adam3, state.right + adam_right, sgd_right),
+            moments=moments,
+            memory=memory,
         )
-        defined = (along < 0) & ~sgd_mode
-        gamma = torch.where(defined, length / (-along).clamp_min(1e-300), 0.0)
-        average = torch.where(
-            defined, beta2 * state["swats_average"] + (1 - beta2) * gamma, state["swats_average"]
+        new_state = _swats_estimate(
+            new_state, adam_left, adam_right, grad_left, grad_right, options
         )
-        count = state["swats_count"] + defined.double()
-        corrected = average / (1 - beta2 ** count.clamp_min(1))
-        switch = (
-            defined
-            & (count >= switch_min_iters)
-            & ((corrected - gamma).abs() < switch_eps * corrected)
-        )
-        new_state = {**state, **{k: v for k, v in sgd.items() if k not in ("left", "right")}}
-        new_state.update(left=left, right=right, swats_average=average, swats_count=count)
-        if bool(switch.any()):
-            lambda_max = gauss_newton_lambda_max(
-                state["importance"], left, right, options["power_iters"], options["seed"]
-            )
-            bounded = torch.minimum(corrected, 1.0 / lambda_max)
-            new_state["lr"] = torch.where(switch, bounded, new_state["lr"])
-            new_state["sgd_mode"] = sgd_mode | switch
-            new_state["previous_loss"] = torch.where(
-                switch, float("inf"), new_state["previous_loss"]
-            )
-            for name in ("left", "right"):
-                new_state[f"buffer_{name}"] = torch.where(
-                    switch[:, None, None], 0.0, new_state[f"buffer_{name}"]
-                )
-            new_state["info_switch_iteration"] = torch.where(
-                switch, float(counter["count"]), state["info_switch_iteration"]
-            )
-            new_state["info_swats_lr"] = torch.where(switch, corrected, state["info_swats_lr"])
-            new_state["info_sgd_lr"] = torch.where(switch, bounded, state["info_sgd_lr"])
-            new_state["info_lambda_max"] = torch.where(switch, lambda_max, state["info_lambda_max"])
         return new_state, loss
 
-    return run_iterations(problem, state, step, options, started, window=GRADIENT_WINDOW)
+    return run_iterations(state, step, options, started, window=GRADIENT_WINDOW)
+
+
+def _swats_start(problem: Problem, options: dict[str, Any]) -> SwatsState:
+    """Adam from the initial factors; no layer has switched yet."""
+    left, right = initial_factors(problem, options["init"], options["seed"])
+    zeros = torch.zeros(problem.batch, dtype=torch.float64, device=left.device)
+    return SwatsState(
+        weight=problem.weight,
+        importance=problem.importance,
+        left=left,
+        right=right,
+        moments=AdamMoments.zeros(left, right),
+        memory=HeavyBallMemory.start(left, right, zeros),
+        swats_average=zeros,
+        swats_count=zeros,
+        sgd_mode=torch.zeros(problem.batch, dtype=torch.bool, device=left.device),
+        switch_iteration=torch.zeros(problem.batch, dtype=torch.int64, device=left.device),
+        swats_lr=zeros,
+        sgd_lr=zeros,
+        lambda_max=zeros,
+    )
+
+
+def _swats_estimate(
+    state: SwatsState,
+    adam_left: torch.Tensor,
+    adam_right: torch.Tensor,
+    grad_left: torch.Tensor,
+    grad_right: torch.Tensor,
+    options: dict[str, Any],
+) -> SwatsState:
+    """Fold this Adam step into the SWATS estimate and switch the layers where it settled.
+
+    γ is the SGD step size that, along Adam's step ``p``, matches Adam's step.
+    """
+    beta2 = options["beta2"]
+    along = (adam_left * grad_left).sum(dim=(1, 2), dtype=torch.float64) + (
+        adam_right * grad_right
+    ).sum(dim=(1, 2), dtype=torch.float64)
+    length = adam_left.square().sum(dim=(1, 2), dtype=torch.float64) + adam_right.square().sum(
+        dim=(1, 2), dtype=torch.float64
+    )
+    defined = (along < 0) & ~state.sgd_mode
+    gamma = torch.where(defined, length / (-along).clamp_min(1e-300), 0.0)
+    average = torch.where(
+        defined, beta2 * state.swats_average + (1 - beta2) * gamma, state.swats_average
+    )
+    count = state.swats_count + defined.double()
+    corrected = average / (1 - beta2 ** count.clamp_min(1))
+    switch = (
+        defined
+        & (count >= options["switch_min_iters"])
+        & ((corrected - gamma).abs() < options["switch_eps"] * corrected)
+    )
+    state = replace(state, swats_average=average, swats_count=count)
+    if bool(switch.any()):
+        state = _switch_to_sgd(state, switch, corrected, options)
+    return state
+
+
+def _switch_to_sgd(
+    state: SwatsState, switch: torch.Tensor, corrected: torch.Tensor, options: dict[str, Any]
+) -> SwatsState:
+    """Start SGD on the ``switch`` layers: bounded step size, fresh memory, switch recorded."""
+    lambda_max = gauss_newton_lambda_max(
+        state.importance, state.left, state.right, options["power_iters"], options["seed"]
+    )
+    bounded = torch.minimum(corrected, 1.0 / lambda_max)
+    memory = replace(
+        state.memory,
+        lr=torch.where(switch, bounded, state.memory.lr),
+        previous_loss=torch.where(switch, float("inf"), state.memory.previous_loss),
+        buffer_left=torch.where(switch[:, None, None], 0.0, state.memory.buffer_left),
+        buffer_right=torch.where(switch[:, None, None], 0.0, state.memory.buffer_right),
+    )
+    return replace(
+        state,
+        memory=memory,
+        sgd_mode=state.sgd_mode | switch,
+        switch_iteration=torch.where(switch, state.iteration, state.switch_iteration),
+        swats_lr=torch.where(switch, corrected, state.swats_lr),
+        sgd_lr=torch.where(switch, bounded, state.sgd_lr),
+        lambda_max=torch.where(switch, lambda_max, state.lambda_max),
+    )

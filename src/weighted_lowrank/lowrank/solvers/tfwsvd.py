@@ -21,12 +21,15 @@ One iteration costs five (out × r × in) matmuls, all batched over the layers o
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from weighted_lowrank.lowrank.solvers._common import (
     ITERATIVE_OPTIONS,
+    Batched,
+    IterateState,
     Problem,
     SolverOutput,
     initial_factors,
@@ -87,18 +90,74 @@ def inverse_grams(
     return left_inverse, right_inverse
 
 
-def precondition(
-    grad_left: torch.Tensor,
-    grad_right: torch.Tensor,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    left_inverse: torch.Tensor,
-    right_inverse: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(D_u⁻¹ ∇_A (B D_v Bᵀ)⁻¹, (Aᵀ D_u A)⁻¹ ∇_B D_v⁻¹)``."""
-    direction_left = (grad_left / rows[:, :, None]) @ right_inverse
-    direction_right = left_inverse @ (grad_right / cols[:, None, :])
-    return direction_left, direction_right
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Preconditioner(Batched):
+    """The separable importance ``I ≈ u vᵀ`` (``rows`` = u, ``cols`` = v) and the inverse Grams
+    ``(Aᵀ D_u A)⁻¹``, ``(B D_v Bᵀ)⁻¹`` at the factors they were last refreshed at."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    left_inverse: torch.Tensor
+    right_inverse: torch.Tensor
+
+    def refreshed(self, left: torch.Tensor, right: torch.Tensor) -> Preconditioner:
+        left_inverse, right_inverse = inverse_grams(left, right, self.rows, self.cols)
+        return replace(self, left_inverse=left_inverse, right_inverse=right_inverse)
+
+    def apply(
+        self, grad_left: torch.Tensor, grad_right: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(D_u⁻¹ ∇_A (B D_v Bᵀ)⁻¹, (Aᵀ D_u A)⁻¹ ∇_B D_v⁻¹)``."""
+        direction_left = (grad_left / self.rows[:, :, None]) @ self.right_inverse
+        direction_right = self.left_inverse @ (grad_right / self.cols[:, None, :])
+        return direction_left, direction_right
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Gradient(Batched):
+    """Residual ``AB − W``, weighted residual ``I ∘ (AB − W)``, gradients, preconditioned
+    gradients, and ``gᵀz`` (the Polak–Ribière denominator of the next iteration)."""
+
+    residual: torch.Tensor
+    weighted: torch.Tensor
+    grad_left: torch.Tensor
+    grad_right: torch.Tensor
+    pre_left: torch.Tensor
+    pre_right: torch.Tensor
+    grad_dot_pre: torch.Tensor
+
+    @classmethod
+    def at(
+        cls,
+        importance: torch.Tensor,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        residual: torch.Tensor,
+        preconditioner: Preconditioner,
+    ) -> Gradient:
+        weighted = importance * residual
+        grad_left = 2 * weighted @ right.transpose(1, 2)
+        grad_right = 2 * left.transpose(1, 2) @ weighted
+        pre_left, pre_right = preconditioner.apply(grad_left, grad_right)
+        return cls(
+            residual=residual,
+            weighted=weighted,
+            grad_left=grad_left,
+            grad_right=grad_right,
+            pre_left=pre_left,
+            pre_right=pre_right,
+            grad_dot_pre=_dot(grad_left, pre_left) + _dot(grad_right, pre_right),
+        )
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TfwsvdState(IterateState):
+    """The CG iterate: preconditioner, gradient at (A, B), and the search direction."""
+
+    preconditioner: Preconditioner
+    gradient: Gradient
+    dir_left: torch.Tensor
+    dir_right: torch.Tensor
 
 
 def quartic_minimiser(coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +198,6 @@ def quartic_minimiser(coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def solve_tfwsvd(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
     """Preconditioned nonlinear CG with exact quartic line search (see the module docstring)."""
-    restart, refresh_every = options["restart"], options["refresh_every"]
-    precondition_every = options["precondition_every"]
     for name in ("restart", "refresh_every", "precondition_every"):
         value = options[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -149,94 +206,91 @@ def solve_tfwsvd(problem: Problem, options: dict[str, Any], started: float) -> l
     left, right = initial_factors(problem, options["init"], options["seed"])
     rows, cols = separable_weights(importance)
     left_inverse, right_inverse = inverse_grams(left, right, rows, cols)
-    state = {
-        "left": left,
-        "right": right,
-        "rows": rows,
-        "cols": cols,
-        "left_inverse": left_inverse,
-        "right_inverse": right_inverse,
-    }
-    state.update(_gradient_state(weight, importance, left, right, left @ right - weight, state))
-    state["dir_left"], state["dir_right"] = -state["pre_left"], -state["pre_right"]
-    counter = {"count": 0}
-
-    def step(state):
-        counter["count"] += 1
-        importance = state["importance"]
-        left, right = state["left"], state["right"]
-        residual, weighted = state["residual"], state["weighted"]
-        dir_left, dir_right = state["dir_left"], state["dir_right"]
-        linear = torch.baddbmm(dir_left @ right, left, dir_right)
-        quadratic = dir_left @ dir_right
-        weighted_linear = importance * linear
-        coefficients = torch.stack(
-            [
-                _dot(weighted, residual),
-                2 * _dot(weighted, linear),
-                _dot(weighted_linear, linear) + 2 * _dot(weighted, quadratic),
-                2 * _dot(weighted_linear, quadratic),
-                _dot(importance * quadratic, quadratic),
-            ],
-            dim=1,
-        )
-        step_size, _ = quartic_minimiser(coefficients)
-        t = step_size.to(left.device, left.dtype)[:, None, None]
-        left = left + t * dir_left
-        right = right + t * dir_right
-        if counter["count"] % refresh_every == 0:
-            # The running residual drifts in float32; recompute it now and then.
-            residual = left @ right - state["weight"]
-        else:
-            residual = residual.addcmul(t, linear).addcmul_(t * t, quadratic)
-        state = dict(state)
-        if counter["count"] % precondition_every == 0:
-            # The r × r Grams drift slowly; a preconditioner held fixed for a few iterations
-            # is as good and saves most of the small-matrix LAPACK time.
-            state["left_inverse"], state["right_inverse"] = inverse_grams(
-                left, right, state["rows"], state["cols"]
-            )
-        gradient = _gradient_state(state["weight"], importance, left, right, residual, state)
-        # Polak–Ribière+: β = g_newᵀ(z_new − z_old) / g_oldᵀ z_old, clipped at 0.
-        cross = _dot(gradient["grad_left"], state["pre_left"]) + _dot(
-            gradient["grad_right"], state["pre_right"]
-        )
-        beta = (
-            (gradient["grad_dot_pre"] - cross) / state["grad_dot_pre"].clamp_min(1e-300)
-        ).clamp_min(0)
-        if counter["count"] % restart == 0:
-            beta = torch.zeros_like(beta)
-        beta = beta.to(left.dtype)[:, None, None]
-        new_state = {**state, **gradient, "left": left, "right": right}
-        new_state["dir_left"] = beta * dir_left - gradient["pre_left"]
-        new_state["dir_right"] = beta * dir_right - gradient["pre_right"]
-        return new_state, coefficients[:, 0]
-
-    return run_iterations(problem, state, step, options, started, window=TFWSVD_WINDOW)
-
-
-def _gradient_state(weight, importance, left, right, residual, state) -> dict[str, torch.Tensor]:
-    """Residual ``AB − W``, weighted residual, gradients and preconditioned gradients."""
-    weighted = importance * residual
-    grad_left = 2 * weighted @ right.transpose(1, 2)
-    grad_right = 2 * left.transpose(1, 2) @ weighted
-    pre_left, pre_right = precondition(
-        grad_left,
-        grad_right,
-        state["rows"],
-        state["cols"],
-        state["left_inverse"],
-        state["right_inverse"],
+    preconditioner = Preconditioner(
+        rows=rows, cols=cols, left_inverse=left_inverse, right_inverse=right_inverse
     )
-    return {
-        "residual": residual,
-        "weighted": weighted,
-        "grad_left": grad_left,
-        "grad_right": grad_right,
-        "pre_left": pre_left,
-        "pre_right": pre_right,
-        "grad_dot_pre": _dot(grad_left, pre_left) + _dot(grad_right, pre_right),
-    }
+    gradient = Gradient.at(importance, left, right, left @ right - weight, preconditioner)
+    state = TfwsvdState(
+        weight=weight,
+        importance=importance,
+        left=left,
+        right=right,
+        preconditioner=preconditioner,
+        gradient=gradient,
+        dir_left=-gradient.pre_left,
+        dir_right=-gradient.pre_right,
+    )
+    return run_iterations(
+        state, lambda state: _cg_step(state, options), options, started, window=TFWSVD_WINDOW
+    )
+
+
+def _cg_step(state: TfwsvdState, options: dict[str, Any]) -> tuple[TfwsvdState, torch.Tensor]:
+    """One CG iteration: exact line search along the direction, then the next direction."""
+    iteration = state.iteration
+    t, linear, quadratic, coefficients = _line_search(state)
+    left = state.left + t * state.dir_left
+    right = state.right + t * state.dir_right
+    if iteration % options["refresh_every"] == 0:
+        # The running residual drifts in float32; recompute it now and then.
+        residual = left @ right - state.weight
+    else:
+        residual = state.gradient.residual.addcmul(t, linear).addcmul_(t * t, quadratic)
+    preconditioner = state.preconditioner
+    if iteration % options["precondition_every"] == 0:
+        # The r × r Grams drift slowly; a preconditioner held fixed for a few iterations
+        # is as good and saves most of the small-matrix LAPACK time.
+        preconditioner = preconditioner.refreshed(left, right)
+    previous = state.gradient
+    gradient = Gradient.at(state.importance, left, right, residual, preconditioner)
+    # Polak–Ribière+: β = g_newᵀ(z_new − z_old) / g_oldᵀ z_old, clipped at 0.
+    cross = _dot(gradient.grad_left, previous.pre_left) + _dot(
+        gradient.grad_right, previous.pre_right
+    )
+    beta = ((gradient.grad_dot_pre - cross) / previous.grad_dot_pre.clamp_min(1e-300)).clamp_min(0)
+    if iteration % options["restart"] == 0:
+        beta = torch.zeros_like(beta)
+    beta = beta.to(left.dtype)[:, None, None]
+    new_state = replace(
+        state,
+        left=left,
+        right=right,
+        preconditioner=preconditioner,
+        gradient=gradient,
+        dir_left=beta * state.dir_left - gradient.pre_left,
+        dir_right=beta * state.dir_right - gradient.pre_right,
+    )
+    return new_state, coefficients[:, 0]
+
+
+def _line_search(
+    state: TfwsvdState,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact minimiser ``t`` (shaped to broadcast over the factors) along ``(dA, dB)``.
+
+    Also returns the linear and quadratic terms ``P``, ``Q`` of the residual along the line
+    (``R(t) = R + t P + t² Q``) and the quartic's coefficients, whose constant term is the loss
+    at the current point.
+    """
+    importance, left, right = state.importance, state.left, state.right
+    residual, weighted = state.gradient.residual, state.gradient.weighted
+    dir_left, dir_right = state.dir_left, state.dir_right
+    linear = torch.baddbmm(dir_left @ right, left, dir_right)
+    quadratic = dir_left @ dir_right
+    weighted_linear = importance * linear
+    coefficients = torch.stack(
+        [
+            _dot(weighted, residual),
+            2 * _dot(weighted, linear),
+            _dot(weighted_linear, linear) + 2 * _dot(weighted, quadratic),
+            2 * _dot(weighted_linear, quadratic),
+            _dot(importance * quadratic, quadratic),
+        ],
+        dim=1,
+    )
+    step_size, _ = quartic_minimiser(coefficients)
+    t = step_size.to(left.device, left.dtype)[:, None, None]
+    return t, linear, quadratic, coefficients
 
 
 def _dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

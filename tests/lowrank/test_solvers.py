@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from weighted_lowrank.lowrank.objective import weighted_loss
-from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, factorize_batch
-from weighted_lowrank.lowrank.solvers._common import Batched, IterateState
+from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, factorize_batch, solver_options
+from weighted_lowrank.lowrank.solvers._common import Batched, IterateState, resolve_options
 from weighted_lowrank.lowrank.solvers.als import AlsState
 from weighted_lowrank.lowrank.solvers.em import EmState
 from weighted_lowrank.lowrank.solvers.gradient import (
@@ -477,3 +477,19 @@ def test_bad_input_raises_value_error(call, message):
     weight, importance = _problem()
     with pytest.raises(ValueError, match=message):
         call(weight, importance)
+
+
+@pytest.mark.parametrize(
+    ("solver", "options", "message"),
+    [
+        ("als", {"damping": -1.0}, r"'als': damping must be a number > 0"),
+        ("sgd", {"lr": 0}, r"'sgd': lr must be a number > 0"),
+        ("adam", {"lr": "auto"}, r"'adam': lr must be a number > 0, got 'auto'"),
+        ("tfwsvd", {"restart": 0}, r"'tfwsvd': restart must be an int >= 1"),
+        ("adam_sgd", {"beta2": 1.0}, r"'adam_sgd': beta2 must be a number in \[0, 1\)"),
+    ],
+)
+def test_every_option_is_checked_before_any_solve(solver, options, message):
+    """Bad option values fail in the registry, before a Fisher or a model is touched."""
+    with pytest.raises(ValueError, match=message):
+        resolve_options(solver, options, solver_options(solver))

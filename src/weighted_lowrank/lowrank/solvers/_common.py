@@ -61,35 +61,62 @@ class SolverOutput:
     initial: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+#: Every option name any solver accepts: (is the value valid?, what is expected).
+_OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (lambda v: _is_int(v, -(2**63)), "an int"),
+    "device": (
+        lambda v: v is None or isinstance(v, str | torch.device),
+        "None, 'auto', 'cpu' or 'cuda'",
+    ),
+    "max_iters": (lambda v: _is_int(v, 0), "an int >= 0"),
+    "max_seconds": (lambda v: v is None or (_is_number(v) and v > 0), "a number > 0 or None"),
+    "tol": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "init": (lambda v: v in INITS, f"one of {INITS}"),
+    "axis": (lambda v: v in FWSVD_AXES, f"one of {FWSVD_AXES}"),
+    "lr": (lambda v: v == "auto" or (_is_number(v) and v > 0), "a number > 0 (or 'auto' for sgd)"),
+    "beta1": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "beta2": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "eps": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "switch_eps": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: never switch)"),
+    "damping": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "switch_min_iters": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "power_iters": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "chunk_elements": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "restart": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "refresh_every": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "precondition_every": (lambda v: _is_int(v, 1), "an int >= 1"),
+}
+
+
 def resolve_options(
     solver: str, options: dict[str, Any], defaults: dict[str, Any]
 ) -> dict[str, Any]:
-    """Merge user options over the solver's defaults; unknown names are a ``ValueError``."""
+    """Merge user options over the solver's defaults, every value checked before any solve.
+
+    Unknown names and bad values are a ``ValueError`` naming the solver, the option and what
+    is expected.
+    """
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise ValueError(
             f"solver {solver!r} got unknown option(s) {unknown}; it accepts {sorted(defaults)}"
         )
     merged = {**defaults, **options}
-    if "max_iters" in merged:
-        value = merged["max_iters"]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"solver {solver!r}: max_iters must be an int >= 0, got {value!r}")
-    if merged.get("max_seconds") is not None and not merged["max_seconds"] > 0:
-        raise ValueError(
-            f"solver {solver!r}: max_seconds must be > 0 or None, got {merged['max_seconds']!r}"
-        )
-    if "tol" in merged and not (isinstance(merged["tol"], int | float) and merged["tol"] >= 0):
-        raise ValueError(f"solver {solver!r}: tol must be a number >= 0, got {merged['tol']!r}")
-    if "init" in merged and merged["init"] not in INITS:
-        raise ValueError(f"solver {solver!r}: init must be one of {INITS}, got {merged['init']!r}")
-    if "axis" in merged and merged["axis"] not in FWSVD_AXES:
-        raise ValueError(
-            f"solver {solver!r}: axis must be one of {FWSVD_AXES}, got {merged['axis']!r}"
-        )
-    seed = merged.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"solver {solver!r}: seed must be an int, got {seed!r}")
+    if solver != "sgd" and merged.get("lr") == "auto":
+        raise ValueError(f"solver {solver!r}: lr must be a number > 0, got 'auto'")
+    for name, value in merged.items():
+        valid, expected = _OPTION_RULES[name]
+        if not valid(value):
+            raise ValueError(f"solver {solver!r}: {name} must be {expected}, got {value!r}")
     return merged
 
 

@@ -119,8 +119,6 @@ def als_sweep(
 def solve_als(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
     """Damped alternating least squares from the closed-form initialisation."""
     damping = options["damping"]
-    if not (isinstance(damping, int | float) and damping > 0):
-        raise ValueError(f"solver 'als': damping must be a number > 0, got {damping!r}")
     left, right = initial_factors(problem, options["init"], options["seed"])
     chunk = int(options["chunk_elements"])
 

@@ -306,10 +306,6 @@ def solve_sgd(problem: Problem, options: dict[str, Any], started: float) -> list
         )
         lr = 1.0 / lambda_max
     else:
-        if not (isinstance(options["lr"], int | float) and options["lr"] > 0):
-            raise ValueError(
-                f"solver 'sgd': lr must be 'auto' or a number > 0, got {options['lr']!r}"
-            )
         lr = torch.full((problem.batch,), float(options["lr"]), dtype=torch.float64, device=device)
     state = SgdState(
         weight=problem.weight,

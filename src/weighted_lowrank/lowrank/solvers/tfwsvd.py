@@ -198,10 +198,6 @@ def quartic_minimiser(coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def solve_tfwsvd(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
     """Preconditioned nonlinear CG with exact quartic line search (see the module docstring)."""
-    for name in ("restart", "refresh_every", "precondition_every"):
-        value = options[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"solver 'tfwsvd': {name} must be an int >= 1, got {value!r}")
     weight, importance = problem.weight, problem.importance
     left, right = initial_factors(problem, options["init"], options["seed"])
     rows, cols = separable_weights(importance)

@@ -85,10 +85,14 @@ def test_validate_problem_names_the_problem(weight, importance, rank, message):
         validate_problem(weight, importance, rank)
 
 
-def test_zero_importance_entries_are_valid():
+def test_zero_importance_entries_are_valid_and_do_not_count():
+    weight = torch.arange(12.0).reshape(4, 3)
     importance = torch.ones(4, 3)
     importance[0] = 0
-    validate_problem(torch.zeros(4, 3), importance, 2)
+    validate_problem(weight, importance, 2)
+    zero_left, zero_right = torch.zeros(4, 2), torch.zeros(2, 3)
+    loss = weighted_loss(weight, importance, zero_left, zero_right)
+    assert loss == pytest.approx(float(weight[1:].square().sum()))
 
 
 def test_stop_reasons_list_exactly_the_stop_reason_literal():

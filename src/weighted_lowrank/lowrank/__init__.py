@@ -1,33 +1,51 @@
 """Plain-torch numerical core: weighted low-rank objective, solvers, Fisher, risk, model surgery.
 
-No Kedro import anywhere below this package, so it is usable from a notebook or another project.
+No Kedro import anywhere below this package, and nothing from the rest of ``weighted_lowrank``,
+so it is usable from a notebook or another project.
 """
 
-from weighted_lowrank.lowrank.fisher import empirical_fisher
-from weighted_lowrank.lowrank.objective import FactorizationResult, rank_for_budget, weighted_loss
-from weighted_lowrank.lowrank.risk import fisher_variance
-from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, factorize_batch
-from weighted_lowrank.lowrank.surgery import (
-    LowRankLinear,
+from weighted_lowrank.lowrank.compression import (
+    apply_factors,
     compress_model,
+    factorize_model,
+    layer_ranks,
+    svd_reference_losses,
+)
+from weighted_lowrank.lowrank.fisher import empirical_fisher
+from weighted_lowrank.lowrank.layer import LowRankLinear, lowrank_modules, replace_module
+from weighted_lowrank.lowrank.objective import FactorizationResult, rank_for_budget, weighted_loss
+from weighted_lowrank.lowrank.risk import fisher_variance, spearman
+from weighted_lowrank.lowrank.serialization import (
+    LayerSpec,
+    LowRankConfig,
     load_compressed,
     save_compressed,
 )
+from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, factorize_batch
 from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS, select_linear_modules
 
 __all__ = [
     "DEFAULT_TARGETS",
     "SOLVERS",
     "FactorizationResult",
+    "LayerSpec",
+    "LowRankConfig",
     "LowRankLinear",
+    "apply_factors",
     "compress_model",
     "empirical_fisher",
     "factorize",
     "factorize_batch",
+    "factorize_model",
     "fisher_variance",
+    "layer_ranks",
     "load_compressed",
+    "lowrank_modules",
     "rank_for_budget",
+    "replace_module",
     "save_compressed",
     "select_linear_modules",
+    "spearman",
+    "svd_reference_losses",
     "weighted_loss",
 ]

@@ -11,7 +11,6 @@ rather than add to the backward work of an ordinary minibatch pass.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -166,40 +165,6 @@ def validate_fisher(
         if (tensor < 0).any():
             raise ValueError(f"Fisher tensor {name}.weight has negative entries; expected ≥ 0")
     return modules
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of the model's state dict (hex, 16 chars)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        values = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{values.dtype}|{tuple(values.shape)}".encode())
-        digest.update(values.view(torch.uint8).numpy().tobytes() if values.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
-def check_fisher_information(
-    fisher_information: object, model: nn.Module
-) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """Tensors, metadata and ``model``'s fingerprint of a saved Fisher ``{'tensors', 'metadata'}``.
-
-    Raises ``ValueError`` if it is not such a container, or if its metadata names another model
-    than ``model`` (``model_fingerprint``).
-    """
-    if not isinstance(fisher_information, dict) or "tensors" not in fisher_information:
-        raise ValueError(
-            "fisher_information must be {'tensors': {...}, 'metadata': {...}} as written by the "
-            f"fisher_estimation pipeline, got {type(fisher_information).__name__}"
-        )
-    metadata = fisher_information.get("metadata") or {}
-    expected = metadata.get("model_fingerprint")
-    fingerprint = model_fingerprint(model)
-    if expected is not None and expected != fingerprint:
-        raise ValueError(
-            f"fisher_information was estimated on model {expected}, but fine_tuned_model is "
-            f"{fingerprint}; rerun fisher_estimation or pin both with --load-versions"
-        )
-    return fisher_information["tensors"], metadata, fingerprint
 
 
 def _loss_function(model: nn.Module):

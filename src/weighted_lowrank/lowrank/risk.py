@@ -20,9 +20,11 @@ pipeline (docs/METHOD.md); on the default fine-tuned MiniLM none does significan
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 
 import torch
+from scipy import stats
 
 from weighted_lowrank.lowrank.objective import rank_for_budget, weighted_loss
 from weighted_lowrank.lowrank.solvers import factorize_batch
@@ -227,18 +229,22 @@ def risk_summary(
         ratios = [row["svd_loss_rel_fwsvd"] for row in rows]
         summary["svd_loss_rel_fwsvd_mean"] = sum(ratios) / len(ratios)
         summary["svd_loss_rel_fwsvd_max"] = max(ratios)
-        summary["phi_spearman_svd_loss_rel_fwsvd"] = _spearman(phis, ratios)
+        summary["phi_spearman_svd_loss_rel_fwsvd"] = spearman(phis, ratios)
     return summary
 
 
-def _spearman(first: list[float], second: list[float]) -> float:
-    """Spearman rank correlation (ties broken by order; NaN for fewer than two rows)."""
+def spearman(first: Sequence[float], second: Sequence[float]) -> float:
+    """Spearman rank correlation as ``scipy.stats.spearmanr`` computes it (tied values share their
+    average rank); NaN for fewer than two pairs or a constant sequence."""
+    if len(first) != len(second):
+        raise ValueError(
+            f"spearman needs sequences of equal length, got {len(first)} and {len(second)}"
+        )
     if len(first) < 2:
         return float("nan")
-    ranks = [torch.tensor(values).argsort().argsort().double() for values in (first, second)]
-    centred = [rank - rank.mean() for rank in ranks]
-    denominator = float(centred[0].norm() * centred[1].norm())
-    return float((centred[0] @ centred[1]) / denominator) if denominator > 0 else float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(stats.spearmanr(first, second).statistic)
 
 
 def _checked(importance: torch.Tensor, what: str) -> torch.Tensor:

@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from torch import nn
 
 #: Attention Q/K/V/O and the two FFN projections of every encoder layer (BERT-style names).
-#: Embeddings, pooler and classifier are deliberately excluded (DESIGN.md §5).
+#: Embeddings, pooler and classifier stay dense: the setting of the research this project
+#: reproduces (docs/METHOD.md, row "targeted layers" of the choices table).
 DEFAULT_TARGETS = (
     r"(^|\.)encoder\.layer\.\d+\."
     r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"

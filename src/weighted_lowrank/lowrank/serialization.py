@@ -1,0 +1,292 @@
+"""Save and reload compressed models: an HF-style directory plus ``lowrank_config.json``.
+
+A compressed model is saved as a directory with ``config.json``, tokenizer files,
+``model.safetensors`` (the factors of every low-rank layer ``m`` under ``m.right.weight``,
+``m.left.weight`` and ``m.left.bias``) and ``lowrank_config.json`` (:class:`LowRankConfig`: the
+model class, dtype, every low-rank module with its rank, tied aliases). It is rebuilt from the
+stock transformers class named there: no remote code, no pickle. ``AutoModel*.from_pretrained``
+on such a directory would silently re-initialise the dense layers it cannot find; always reload
+it with :func:`load_compressed`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file, save, save_file
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from weighted_lowrank.lowrank.devices import resolve_device
+from weighted_lowrank.lowrank.layer import LowRankLinear, lowrank_modules, replace_module
+
+#: File names inside a compressed model directory.
+WEIGHTS_FILE = "model.safetensors"
+LOWRANK_CONFIG_FILE = "lowrank_config.json"
+LOWRANK_FORMAT_VERSION = 1
+#: ``format: pt`` is what transformers expects in the safetensors header of PyTorch weights.
+_SAFETENSORS_METADATA = {"format": "pt"}
+_REQUIRED_KEYS = ("model_class", "dtype", "modules", "tied")
+_LAYER_KEYS = ("rank", "in_features", "out_features", "bias")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One :class:`LowRankLinear` of a saved model: its rank, sizes and whether it has a bias."""
+
+    rank: int
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """The contents of ``lowrank_config.json`` (in the spirit of PEFT's ``LoraConfig``).
+
+    ``model_class`` is the stock transformers class to rebuild, ``dtype`` the name of the saved
+    floating-point dtype (``"float32"``), ``modules`` maps each low-rank module name to its
+    :class:`LayerSpec` in model order, ``tied`` maps each state-dict key that was not written
+    (a tied parameter) to the key holding its tensor.
+    """
+
+    model_class: str
+    dtype: str
+    modules: dict[str, LayerSpec]
+    tied: dict[str, str] = field(default_factory=dict)
+    format_version: int = LOWRANK_FORMAT_VERSION
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tied: Mapping[str, str] | None = None) -> LowRankConfig:
+        """The config of ``model``: its class, the dtype of its first floating tensor (float32 if
+        none) and its :class:`LowRankLinear` layers; ``tied`` from :func:`tensors_for_saving`."""
+        floating = [
+            tensor.dtype for tensor in model.state_dict().values() if tensor.is_floating_point()
+        ]
+        return cls(
+            model_class=type(model).__name__,
+            dtype=str(floating[0]).removeprefix("torch.") if floating else "float32",
+            modules={
+                name: LayerSpec(
+                    rank=module.rank,
+                    in_features=module.in_features,
+                    out_features=module.out_features,
+                    bias=module.left.bias is not None,
+                )
+                for name, module in lowrank_modules(model).items()
+            },
+            tied=dict(tied or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of ``lowrank_config.json`` (key order as written since format 1)."""
+        return {
+            "format_version": self.format_version,
+            "model_class": self.model_class,
+            "dtype": self.dtype,
+            "modules": {
+                name: {key: getattr(spec, key) for key in _LAYER_KEYS}
+                for name, spec in self.modules.items()
+            },
+            "tied": dict(self.tied),
+        }
+
+    def to_json(self) -> str:
+        """The text of ``lowrank_config.json``: two-space indented JSON and a final newline."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = LOWRANK_CONFIG_FILE) -> LowRankConfig:
+        """Parse and check a ``lowrank_config.json`` object; ``source`` names it in errors."""
+        version = data.get("format_version")
+        if version != LOWRANK_FORMAT_VERSION:
+            raise ValueError(
+                f"{source} has format_version {version!r}; expected {LOWRANK_FORMAT_VERSION}"
+            )
+        for key in _REQUIRED_KEYS:
+            if key not in data:
+                raise ValueError(f"{source} has no {key!r} entry")
+        modules = {}
+        for name, spec in data["modules"].items():
+            missing = [key for key in _LAYER_KEYS if key not in spec]
+            if missing:
+                raise ValueError(f"{source} module {name!r} has no {missing} entries")
+            modules[name] = LayerSpec(**{key: spec[key] for key in _LAYER_KEYS})
+        return cls(
+            model_class=data["model_class"],
+            dtype=data["dtype"],
+            modules=modules,
+            tied=dict(data["tied"]),
+            format_version=version,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> LowRankConfig:
+        """Read and check a ``lowrank_config.json`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path} is missing; expected a directory written by save_compressed")
+        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``lowrank_config.json`` into ``directory``; returns its path."""
+        path = Path(directory) / LOWRANK_CONFIG_FILE
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LowRankConfig:
+        """Read and check ``lowrank_config.json`` of a compressed model directory."""
+        return cls.from_json(Path(directory) / LOWRANK_CONFIG_FILE)
+
+
+def tensors_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state dict as contiguous CPU tensors, one key per storage.
+
+    Tied parameters (several names for one tensor) are written once; the second return value maps
+    each dropped alias to the key it shares its tensor with.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    for key, tensor in model.state_dict().items():
+        identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() > 0 and identity in seen:
+            aliases[key] = seen[identity]
+            continue
+        seen[identity] = key
+        tensors[key] = tensor.detach().cpu().contiguous()
+    return tensors, aliases
+
+
+def serialized_size_bytes(model: nn.Module) -> int:
+    """Size in bytes of the ``model.safetensors`` that :func:`save_compressed` writes for ``model``."""
+    tensors, _ = tensors_for_saving(model)
+    return len(save(tensors, metadata=_SAFETENSORS_METADATA))
+
+
+def parameter_counts(tensors: Mapping[str, torch.Tensor], modules: Iterable[str]) -> dict[str, int]:
+    """Count parameters in saved tensors: ``{"layers": under the given modules, "model": all}``.
+
+    A tensor belongs to module ``m`` when its key starts with ``"m."``; counts are element counts of
+    the tensors as stored (each tied tensor once).
+    """
+    prefixes = tuple(f"{name}." for name in modules)
+    layers = sum(tensor.numel() for key, tensor in tensors.items() if key.startswith(prefixes))
+    return {"layers": int(layers), "model": int(sum(tensor.numel() for tensor in tensors.values()))}
+
+
+def save_compressed(
+    model: PreTrainedModel, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None
+) -> None:
+    """Write ``model`` (with its :class:`LowRankLinear` layers) as an HF-style directory.
+
+    Files: ``config.json``, ``model.safetensors`` (factors under ``<module>.right.weight`` /
+    ``<module>.left.weight`` / ``<module>.left.bias``), ``lowrank_config.json``
+    (:class:`LowRankConfig`) and the tokenizer files when given.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(
+            f"save_compressed expects a transformers PreTrainedModel, got {type(model).__name__}"
+        )
+    class_name = type(model).__name__
+    if getattr(transformers, class_name, None) is not type(model):
+        raise ValueError(
+            f"model class {class_name} is not a stock transformers class; load_compressed could not rebuild it"
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, aliases = tensors_for_saving(model)
+    config = copy.deepcopy(model.config)
+    config.architectures = [class_name]
+    config.save_pretrained(directory)
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata=_SAFETENSORS_METADATA)
+    LowRankConfig.from_model(model, aliases).save(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def load_compressed(directory: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """Rebuild a model written by :func:`save_compressed`; strict about every tensor key.
+
+    The stock transformers class named in ``lowrank_config.json`` is built from ``config.json``,
+    the listed modules are replaced by :class:`LowRankLinear` of the saved ranks and
+    ``model.safetensors`` is loaded; a missing or unexpected key raises ``ValueError``.
+    Returns the model in eval mode on ``device``.
+    """
+    directory = Path(directory)
+    for file_name in ("config.json", WEIGHTS_FILE):
+        if not (directory / file_name).is_file():
+            raise ValueError(
+                f"{directory / file_name} is missing; expected a directory written by save_compressed"
+            )
+    lowrank_config = LowRankConfig.load(directory)
+    model_class = getattr(transformers, lowrank_config.model_class, None)
+    if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
+        raise ValueError(
+            f"{directory / LOWRANK_CONFIG_FILE} names model class {lowrank_config.model_class!r}, "
+            "which is not a transformers PreTrainedModel class"
+        )
+    dtype = getattr(torch, lowrank_config.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(
+            f"{directory / LOWRANK_CONFIG_FILE} has an unknown dtype {lowrank_config.dtype!r}"
+        )
+    config = AutoConfig.from_pretrained(directory)
+    model = model_class(config).to(dtype)
+    for name, spec in lowrank_config.modules.items():
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(
+                f"low-rank module {name!r} does not exist in {model_class.__name__}"
+            ) from exc
+        if not isinstance(dense, nn.Linear) or (dense.out_features, dense.in_features) != (
+            spec.out_features,
+            spec.in_features,
+        ):
+            raise ValueError(
+                f"low-rank module {name!r} ({spec.out_features}x{spec.in_features}) does not "
+                f"replace an nn.Linear of that shape in {model_class.__name__}; found {dense}"
+            )
+        layer = LowRankLinear(
+            spec.in_features, spec.out_features, spec.rank, bias=spec.bias, dtype=dtype
+        )
+        replace_module(model, name, layer)
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    tied = lowrank_config.tied
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(tensors) - set(tied))
+    unexpected = sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory / WEIGHTS_FILE} does not match {model_class.__name__} with the low-rank modules of "
+            f"{LOWRANK_CONFIG_FILE}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}"
+        )
+    expected_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    wrong = {
+        key: (tuple(tensor.shape), expected_shapes[key])
+        for key, tensor in tensors.items()
+        if tuple(tensor.shape) != expected_shapes[key]
+    }
+    if wrong:
+        raise ValueError(
+            f"{directory / WEIGHTS_FILE} has tensors whose (saved, expected) shapes differ: "
+            f"{dict(list(wrong.items())[:5])}; {LOWRANK_CONFIG_FILE} does not match the weights"
+        )
+    for alias, source in tied.items():
+        if alias not in expected or source not in tensors:
+            raise ValueError(
+                f"tied alias {alias!r} -> {source!r} does not name keys of {model_class.__name__}"
+            )
+        tensors[alias] = tensors[source]
+    model.load_state_dict(tensors, strict=True)
+    model.eval()
+    return model.to(resolve_device(device))

@@ -1,8 +1,9 @@
 """Paired comparison of two compressed models on the test split (exact McNemar test).
 
 Run ``python benchmarks/paired_test.py [--version V] SOLVER_A SOLVER_B [--refined]``: loads
-``<solver>.compressed_model`` (or ``<solver>.refined_model``) of the latest run or of save version
-``V`` through the project's catalog, predicts the test split with both and reports on how many
+``<solver>.compressed_model`` (or ``refined.<solver>.compressed_model``, written by ``kedro run
+--pipelines refined`` or ``refinement``) of the latest run or of save version ``V`` through the
+project's catalog, predicts the test split with both and reports on how many
 sentences they disagree, who is right on those, and the two-sided exact McNemar p-value (a
 binomial test on the discordant pairs). Accuracy differences between solvers are paired: the
 models see the same sentences, so this is the test that says whether a gap is noise.
@@ -19,6 +20,7 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 from project_catalog import project_catalog  # noqa: E402  (benchmarks/ is the script directory)
 from scipy import stats  # noqa: E402
 
+from weighted_lowrank.pipelines.reporting.run_history import REFINED_PREFIX  # noqa: E402
 from weighted_lowrank.training import predict  # noqa: E402
 
 
@@ -28,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default=None, help="save version of the run (default: latest)")
     parser.add_argument("--refined", action="store_true", help="compare the refined models")
     args = parser.parse_args(argv)
-    kind = "refined_model" if args.refined else "compressed_model"
-    names = [f"{solver}.{kind}" for solver in args.solvers]
+    prefix = REFINED_PREFIX if args.refined else ""
+    kind = f"{prefix}<solver>.compressed_model"
+    names = [f"{prefix}{solver}.compressed_model" for solver in args.solvers]
 
     catalog = project_catalog(dict.fromkeys(names, args.version) if args.version else None)
     test = catalog.load("test_split")

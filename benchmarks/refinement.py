@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
 import os
 import platform
@@ -30,9 +31,10 @@ from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script
 from project_catalog import project_catalog  # noqa: E402
 
 from weighted_lowrank.hf import ModelBundle  # noqa: E402
-from weighted_lowrank.lowrank.surgery import lowrank_modules  # noqa: E402
+from weighted_lowrank.lowrank.layer import lowrank_modules  # noqa: E402
+from weighted_lowrank.parameters import parse_parameters  # noqa: E402
 from weighted_lowrank.pipelines.evaluation.nodes import score_split  # noqa: E402
-from weighted_lowrank.pipelines.refinement.nodes import check_refinement, refine  # noqa: E402
+from weighted_lowrank.pipelines.refinement.nodes import refine  # noqa: E402
 from weighted_lowrank.training import train_classifier  # noqa: E402
 
 
@@ -58,24 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     solvers = args.solvers.split(",")
     versions = {f"{solver}.compressed_model": args.version for solver in solvers}
     catalog = project_catalog(versions if args.version else None)
-    refinement = dict(catalog.load("params:refinement"))
-    model_params = catalog.load("params:model")
-    evaluation = catalog.load("params:evaluation")
-    seed, device = catalog.load("params:seed"), catalog.load("params:device")
+    # The typed blocks the nodes receive in a run (checked as at the start of a run).
+    typed = parse_parameters(catalog.load("parameters"))
+    refinement = typed["params:refinement"]
+    model_params, evaluation = typed["params:model"], typed["params:evaluation"]
+    seed, device = typed["params:seed"], typed["params:device"]
     train, validation, test = (
         catalog.load(name) for name in ("train_split", "validation_split", "test_split")
     )
     dense = catalog.load("fine_tuned_model")
     compressed = {solver: catalog.load(f"{solver}.compressed_model") for solver in solvers}
     if args.epochs:
-        refinement["epochs"] = args.epochs
-    refinement["enabled"] = True
-    max_length = int(model_params["max_length"])
+        refinement = dataclasses.replace(refinement, epochs=args.epochs)
+    max_length = model_params.max_length
     layers = lowrank_modules(next(iter(compressed.values())).model).values()
     kept = sum(m.rank * (m.in_features + m.out_features) for m in layers) / sum(
         m.in_features * m.out_features for m in layers
     )
-    options = check_refinement(refinement, max_length, seed)
+    options = refinement.training_options(max_length, seed)
 
     rows = []
     before = score_split(dense, test, max_length, evaluation)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for solver, bundle in compressed.items():
         before = score_split(bundle, test, max_length, evaluation)
         for trainable in args.trainable.split(","):
-            settings = {**refinement, "trainable": trainable}
+            settings = dataclasses.replace(refinement, trainable=trainable)
             started = time.perf_counter()
             refined, _ = refine(bundle, train, validation, model_params, settings, seed, device)
             after = score_split(refined, test, max_length, evaluation)

@@ -1,8 +1,8 @@
 """Write the measured tables of docs/RESULTS.md from the project's MLflow store.
 
-Run ``python benchmarks/results.py`` after the budget sweep (docs/RESULTS.md gives the whole
-command). It takes the newest refined child run of every (solver, budget) — ``kedro run`` with
-``refinement.enabled=true`` — and, when present, the risk validation written by
+Run ``python benchmarks/results.py`` after the budget sweep (``benchmarks/results.sh``). It takes
+the newest child runs of every (solver, budget) that has a refined row ``refined.<solver>`` —
+``kedro run --pipelines refined`` — and, when present, the risk validation written by
 ``kedro run --pipelines risk_validation``, and rewrites the ``results`` section of docs/RESULTS.md.
 """
 
@@ -23,11 +23,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
 
 from weighted_lowrank.pipelines.reporting.nodes import markdown_table  # noqa: E402
-from weighted_lowrank.run_history import (  # noqa: E402
+from weighted_lowrank.pipelines.reporting.run_history import (  # noqa: E402
     child_runs,
+    is_refined,
     latest_per_budget,
     quality_vs_params_figure,
     task_metric,
+    with_refined_columns,
 )
 
 RESULTS_PATH = REPO_ROOT / "docs" / "RESULTS.md"
@@ -46,7 +48,11 @@ def _cell(value: float, digits: int = 3) -> str:
 
 
 def results_table(latest: pd.DataFrame, metric: str) -> str:
-    """Solvers × budgets: metric without / with refinement, weighted loss vs SVD, params kept."""
+    """Solvers × budgets: metric without / with refinement, weighted loss vs SVD, params kept.
+
+    ``latest`` has one row per solver and budget with ``<metric>_refined``
+    (:func:`with_refined_columns`).
+    """
     budgets = sorted(latest.loc[latest["solver"] != "dense", "budget"].unique())
     header = ["solver"]
     for budget in budgets:
@@ -81,7 +87,8 @@ def results_table(latest: pd.DataFrame, metric: str) -> str:
 
 
 def claim_evidence(latest: pd.DataFrame, metric: str) -> str:
-    """Per budget: the differences each research claim is about."""
+    """Per budget: the differences each research claim is about (``latest`` as for
+    :func:`results_table`)."""
     dense = float(latest.loc[latest["solver"] == "dense", metric].iloc[-1])
     header = [
         "budget",
@@ -156,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     latest = latest_per_budget(child_runs(args.tracking_uri), refined_only=True)
     metric = task_metric(latest)
     started = latest["started"].min().strftime("%Y-%m-%d %H:%M")
+    refinement = latest.loc[latest["solver"].map(is_refined), "refinement"].iloc[-1]
+    wide = with_refined_columns(latest)
     figure = Path(args.figure)
     quality_vs_params_figure(latest, metric).savefig(figure, dpi=90)
     relative = os.path.relpath(figure, Path(args.output).parent)
@@ -163,13 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         [
             f"Written {dt.date.today()} on {platform.node()} from the newest refined child runs "
             f"(earliest started {started} UTC), test split of the embedded default. Refined = "
-            f"the compressed model fine-tuned after compression ({latest['refinement'].iloc[-1]}). "
+            f"the compressed model fine-tuned after compression ({refinement}). "
             "loss/SVD = Σ Fisher-weighted loss over the targeted layers relative to SVD's.",
-            results_table(latest, metric),
+            results_table(wide, metric),
             f"![test {metric} vs parameters kept, one line per solver, dotted: refined]"
             f"({relative})",
             "Differences behind each claim (test " + metric + "):",
-            claim_evidence(latest, metric),
+            claim_evidence(wide, metric),
             "Risk validation (Spearman over the targeted layers, one layer compressed at a time):",
             risk_section(Path(args.risk_summary)),
         ]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import random
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
@@ -18,6 +22,44 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
 from weighted_lowrank.hf import ModelBundle
+from weighted_lowrank.parameters import BLOCKS, Block
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def conf_parameters(env: str = "base") -> dict[str, Any]:
+    """The project's merged parameters (conf/base, plus ``env`` on top), as plain YAML values."""
+    from kedro.config import OmegaConfigLoader
+
+    from weighted_lowrank.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(
+        str(PROJECT_ROOT / "conf"), **{**CONFIG_LOADER_ARGS, "default_run_env": env}
+    )
+    return loader["parameters"]
+
+
+def _deep_update(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(values)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_update(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def block_values(block: str, **overrides: Any) -> dict[str, Any]:
+    """A parameter block's YAML values from conf/base, with ``overrides`` merged in (nested dicts
+    merge key by key, as the ``soft`` merge strategy does for environments)."""
+    return _deep_update(conf_parameters()[block], overrides)
+
+
+def typed_params(block: str, **overrides: Any) -> Block:
+    """The typed block a node receives in a run: conf/base's values with ``overrides``."""
+    return BLOCKS[block].parse(block_values(block, **overrides), block)
+
 
 TOY_POSITIVE = ["good great fine film", "a wonderful lovely movie", "great acting and fine story"]
 TOY_NEGATIVE = ["bad awful boring film", "a terrible dull movie", "awful acting and bad story"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_bundle, toy_split
-from weighted_lowrank.lowrank.batching import encode_examples, pad_examples
+from weighted_lowrank.batching import encode_examples, pad_examples
 from weighted_lowrank.training import (
     TrainingOptions,
     evaluate_classifier,

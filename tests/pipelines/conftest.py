@@ -7,8 +7,8 @@ import torch
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from tests.conftest import make_tiny_bundle
-from weighted_lowrank.lowrank.fisher import model_fingerprint
+from tests.conftest import make_tiny_bundle, typed_params
+from weighted_lowrank.lowrank.fingerprint import model_fingerprint
 from weighted_lowrank.lowrank.solvers import SOLVERS, solver_options
 from weighted_lowrank.lowrank.targets import select_linear_modules
 from weighted_lowrank.pipelines.factorization import create_pipeline
@@ -43,7 +43,7 @@ def factorization_catalog(bundle, fisher_information, budget: float = BUDGET) ->
             "fine_tuned_model": MemoryDataset(bundle),
             "fisher_information": MemoryDataset(fisher_information),
             "params:compression": MemoryDataset(
-                {"budget": budget, "targets": None, "seed": 0, "device": "cpu"}
+                typed_params("compression", budget=budget, device="cpu", seed=0)
             ),
         }
     )

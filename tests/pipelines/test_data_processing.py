@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from kedro_datasets.json import JSONDataset
 
+from tests.conftest import block_values, typed_params
+from weighted_lowrank.parameters import DataParams, ParameterError
 from weighted_lowrank.pipelines.data_processing import create_pipeline
 from weighted_lowrank.pipelines.data_processing.nodes import (
     clean_records,
@@ -24,28 +24,19 @@ from weighted_lowrank.pipelines.data_processing.nodes import (
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RAW_REVIEWS = PROJECT_ROOT / "data" / "01_raw" / "rotten_tomatoes_corpus_full.csv.bz2"
-DEFAULT_PARAMETERS = yaml.safe_load(
-    (PROJECT_ROOT / "conf" / "base" / "parameters_data_processing.yml").read_text()
-)["data"]
 
 
-def _params(**overrides) -> dict:
-    """The committed parameters with nested overrides, e.g. ``split={"train": 10}``."""
-    params = copy.deepcopy(DEFAULT_PARAMETERS)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(params.get(key), dict):
-            params[key].update(value)
-        else:
-            params[key] = value
-    return params
+def _params(**overrides) -> DataParams:
+    """The typed conf/base ``data`` block with nested overrides, e.g. ``split={"train": 10}``."""
+    return typed_params("data", **overrides)
 
 
-def _run_nodes(reviews: pd.DataFrame | None, params: dict):
+def _run_nodes(reviews: pd.DataFrame | None, params: DataParams):
     """Run the pipeline's node functions in order; returns (train, validation, test, names)."""
     source = resolve_source(params)
     records = load_source_records(reviews, source)
     encoded, names = encode_labels(clean_records(records, source), source)
-    return (*split_records(encoded, params["split"], names), names)
+    return (*split_records(encoded, params, names), names)
 
 
 def _reviews(n_fresh: int = 60, n_rotten: int = 40, n_plot: int = 5) -> pd.DataFrame:
@@ -100,7 +91,7 @@ def test_every_class_is_within_one_example_of_its_overall_share(split):
     params = _params(source="csv", local_file={"path": "unused"}, split={**split, "seed": 0})
     source = resolve_source(params)
     encoded, names = encode_labels(clean_records(frame, source), source)
-    splits = split_records(encoded, params["split"], names)
+    splits = split_records(encoded, params, names)
     shares = encoded["label"].value_counts(normalize=True)
     for part in splits:
         counts = part["label"].value_counts()
@@ -224,20 +215,44 @@ def test_glue_regression_task_keeps_float_targets(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("params", "message"),
+    ("overrides", "message"),
     [
-        (_params(source="excel"), "data.source is 'excel'"),
-        (_params(source="csv"), "data.local_file.path is not set"),
-        (_params(source="glue", glue={"task": "imdb"}), "data.glue.task is 'imdb'"),
-        (_params(catalog={"label_values": ["fresh"]}), "at least two labels"),
-        (_params(catalog={"label_values": ["a", "a"]}), "duplicates"),
-        (_params(catalog={"label_names": ["x"]}), "same length"),
-        (_params(catalog={"task_type": "ranking"}), "task_type is 'ranking'"),
+        ({"source": "excel"}, r"data\.source='excel': expected one of \['catalog'"),
+        ({"source": "csv"}, r"data\.local_file\.path to be set when data\.source is 'csv'"),
+        ({"catalog": {"label_values": ["fresh"]}}, r"data\.catalog\.label_values.*two labels"),
+        ({"catalog": {"label_values": ["a", "a"]}}, r"data\.catalog\.label_values.*distinct"),
+        ({"catalog": {"label_names": ["x"]}}, r"data\.catalog\.label_names.*one name per"),
+        ({"catalog": {"task_type": "ranking"}}, r"data\.catalog\.task_type='ranking'"),
+        ({"local_file": {"text_column": ""}}, r"data\.local_file\.text_column=''"),
+        ({"split": {"train": 0}}, r"data\.split\.train=0: expected a count >= 1"),
+        ({"split": {"validation": True}}, r"data\.split\.validation=True"),
+        ({"split": {"train": 0.7, "validation": 0.2, "test": 0.2}}, "adding up to at most 1"),
+        ({"split": {"seed": "x"}}, r"data\.split\.seed='x': expected an int >= 0"),
     ],
 )
-def test_bad_settings_fail_before_reading_anything(params, message):
-    with pytest.raises(ValueError, match=message):
-        resolve_source(params)
+def test_the_data_block_rejects_bad_values_naming_the_key(overrides, message):
+    with pytest.raises(ParameterError, match=message):
+        DataParams.parse(block_values("data", **overrides), "data")
+
+
+def test_an_unknown_glue_task_fails_before_reading_anything():
+    with pytest.raises(ValueError, match=r"data\.glue\.task is 'imdb'; expected one of \['cola'"):
+        resolve_source(_params(source="glue", glue={"task": "imdb"}))
+
+
+def test_the_flat_source_describes_the_chosen_block():
+    catalog = resolve_source(_params())
+    assert catalog["type"] == "catalog" and catalog["label_column"] == "category"
+    assert catalog["label_values"] == ["rotten", "fresh"] and catalog["unescape_html"] is True
+    assert "path" not in catalog and catalog["read_args"] == {}
+    local = resolve_source(
+        _params(source="csv", local_file={"path": "x.tsv", "read_args": {"sep": ";"}})
+    )
+    assert local["path"] == "x.tsv" and local["read_args"] == {"sep": ";"}
+    assert local["label_column"] == "label" and local["unescape_html"] is False
+    glue = resolve_source(_params(source="glue", glue={"task": "SST-2"}))
+    assert glue["task"] == "sst2" and glue["label_names"] == ["negative", "positive"]
+    assert glue["label_values"] == [0, 1] and glue["text_column"] == "sentence"
 
 
 def test_missing_file_is_named(tmp_path):
@@ -280,20 +295,17 @@ def test_a_single_class_is_refused():
     ("split", "message"),
     [
         ({"train": 80, "validation": 20, "test": 10}, "need 110 rows but only 100"),
-        ({"train": 0.7, "validation": 0.2, "test": 0.2}, "fractions add up to 1.1"),
-        ({"train": 0, "validation": 5, "test": 5}, "data.split.train must be a count >= 1"),
-        ({"train": 10, "validation": True, "test": 5}, "data.split.validation must be"),
         ({"train": 10, "validation": 0.001, "test": 5}, r"no rows to \['validation'\]"),
-        ({"train": 10, "validation": 5, "test": 5, "seed": "x"}, "seed must be"),
     ],
 )
-def test_split_sizes_that_do_not_fit_are_refused(split, message):
+def test_split_sizes_that_do_not_fit_the_cleaned_rows_are_refused(split, message):
     source = resolve_source(_params())
     encoded, names = encode_labels(
         clean_records(load_source_records(_reviews(), source), source), source
     )
+    assert len(encoded) == 100
     with pytest.raises(ValueError, match=message):
-        split_records(encoded, {"seed": 0, **split}, names)
+        split_records(encoded, _params(split={"seed": 0, **split}), names)
 
 
 def test_pipeline_runs_on_an_in_memory_catalog(tmp_path):
@@ -301,8 +313,8 @@ def test_pipeline_runs_on_an_in_memory_catalog(tmp_path):
     catalog = DataCatalog(
         {
             "reviews_raw": MemoryDataset(_reviews()),
-            "params:data": MemoryDataset(params),
-            "params:data.split": MemoryDataset(params["split"]),
+            # Typed, as the TypedParameters hook hands it to the nodes in a run.
+            "params:data": MemoryDataset(params, copy_mode="assign"),
             # Persisted as in the project catalog: the runner releases consumed memory data.
             "label_names": JSONDataset(filepath=str(tmp_path / "label_names.json")),
         }

@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from safetensors.torch import load_file
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from tests.conftest import TOY_NEGATIVE, TOY_POSITIVE, make_tiny_bundle
+from tests.conftest import TOY_NEGATIVE, TOY_POSITIVE, make_tiny_bundle, typed_params
+from tests.pipelines.conftest import BUDGET
 from weighted_lowrank.latency import measure_latency_ms
+from weighted_lowrank.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
+from weighted_lowrank.lowrank.compression import compress_model
+from weighted_lowrank.lowrank.serialization import WEIGHTS_FILE, save_compressed
 from weighted_lowrank.lowrank.solvers import SOLVERS
-from weighted_lowrank.lowrank.surgery import WEIGHTS_FILE, compress_model, save_compressed
 from weighted_lowrank.pipelines.evaluation import create_pipeline as create_evaluation
+from weighted_lowrank.pipelines.evaluation import nodes
 from weighted_lowrank.pipelines.evaluation.nodes import evaluate_compressed, evaluate_dense
-from weighted_lowrank.pipelines.refinement import create_pipeline as create_refinement
+from weighted_lowrank.pipelines.evaluation.pipeline import create_compressed_evaluation
 
 MAX_LENGTH = 16
-EVALUATION = {
-    "batch_size": 4,
-    "device": "cpu",
-    "latency": {
+FINGERPRINT = "00ff00ff00ff00ff"
+MODEL = typed_params("model", max_length=MAX_LENGTH)
+EVALUATION = typed_params(
+    "evaluation",
+    batch_size=4,
+    device="cpu",
+    latency={
         "batch_size": 2,
         "sequence_length": 8,
         "repeats": 3,
@@ -31,7 +41,8 @@ EVALUATION = {
         "threads": None,
         "seed": 0,
     },
-}
+)
+COMPRESSION = typed_params("compression", budget=BUDGET, device="cpu", seed=0)
 TEST_SPLIT = pd.DataFrame(
     {
         "text": TOY_POSITIVE
@@ -40,8 +51,6 @@ TEST_SPLIT = pd.DataFrame(
         "label": [1, 1, 1, 0, 0, 0, 1, 0, 1, 0],
     }
 )
-REFINEMENT_OFF = {"enabled": False}
-NOT_REFINED = {"enabled": False, "trainable": "all", "epochs": []}
 CLASSIFICATION_KEYS = {"accuracy", "f1", "mcc"}
 COMMON_KEYS = {
     "test_loss",
@@ -70,18 +79,39 @@ def logits_by_hand(bundle, frame: pd.DataFrame) -> np.ndarray:
         return bundle.model.eval()(**batch).logits.numpy()
 
 
+def fake_report(results) -> pd.DataFrame:
+    """The columns of a layer report that evaluation reads (plain SVD: its own reference)."""
+    return pd.DataFrame(
+        {
+            "module": list(results),
+            "rank": [result.rank for result in results.values()],
+            "weighted_loss": [float(result.loss) for result in results.values()],
+            "svd_loss": [float(result.loss) for result in results.values()],
+            "total_seconds": 0.25,
+        }
+    )
+
+
 @pytest.fixture(scope="module")
 def evaluated(factorized):
-    bundle, _, catalog = factorized
-    catalog["test_split"] = TEST_SPLIT
-    catalog["params:model"] = {"source": "unused", "max_length": MAX_LENGTH}
-    catalog["params:evaluation"] = EVALUATION
-    catalog["params:refinement"] = REFINEMENT_OFF
-    catalog["params:seed"] = 0
-    catalog["params:device"] = "cpu"
-    catalog["train_split"] = catalog["validation_split"] = TEST_SPLIT
-    SequentialRunner().run(create_refinement() + create_evaluation(), catalog)
-    return bundle, catalog
+    """The evaluation pipeline on the factorized models, all stamped with one lineage."""
+    bundle, _, factorization = factorized
+    dense = with_fingerprint(bundle, FINGERPRINT)
+    catalog = DataCatalog(
+        {
+            "fine_tuned_model": MemoryDataset(dense),
+            "test_split": MemoryDataset(TEST_SPLIT),
+            "params:model": MemoryDataset(MODEL),
+            "params:evaluation": MemoryDataset(EVALUATION),
+            "params:compression": MemoryDataset(COMPRESSION),
+        }
+    )
+    for solver in SOLVERS:
+        compressed = factorization.load(f"{solver}.compressed_model")
+        catalog[f"{solver}.compressed_model"] = with_fingerprint(compressed, FINGERPRINT)
+        catalog[f"{solver}.layer_report"] = factorization.load(f"{solver}.layer_report")
+    SequentialRunner().run(create_evaluation(), catalog)
+    return dense, catalog
 
 
 def test_namespaces_for_dense_and_every_solver():
@@ -90,13 +120,42 @@ def test_namespaces_for_dense_and_every_solver():
         f"{name}.evaluate" for name in ("dense", *SOLVERS)
     }
     assert pipeline.outputs() == {f"{name}.evaluation_metrics" for name in ("dense", *SOLVERS)}
-    assert {f"{solver}.refined_model" for solver in SOLVERS} <= pipeline.inputs()
+    assert pipeline.inputs() == {
+        "fine_tuned_model",
+        "test_split",
+        "params:model",
+        "params:evaluation",
+        "params:compression",
+        *(
+            f"{solver}.{name}"
+            for solver in SOLVERS
+            for name in ("compressed_model", "layer_report")
+        ),
+    }
 
 
-def test_every_namespace_reports_the_same_flat_float_keys(evaluated):
+def test_a_refined_row_is_the_solver_template_with_its_solver_report():
+    pipeline = create_compressed_evaluation("refined.svd", "svd")
+    (node,) = pipeline.nodes
+    assert node.name == "refined.svd.evaluate" and node.func is evaluate_compressed
+    assert node.inputs == [
+        "refined.svd.compressed_model",
+        "fine_tuned_model",
+        "svd.layer_report",
+        "test_split",
+        "params:model",
+        "params:evaluation",
+    ]
+    assert node.outputs == ["refined.svd.evaluation_metrics"]
+
+
+def test_every_namespace_reports_a_stamped_record_with_the_same_flat_float_keys(evaluated):
     _, catalog = evaluated
     for name in ("dense", *SOLVERS):
-        metrics = catalog.load(f"{name}.evaluation_metrics")
+        record = catalog.load(f"{name}.evaluation_metrics")
+        assert set(record) == {FINGERPRINT_KEY, "metrics"}, name
+        assert fingerprint_of(record) == FINGERPRINT, name
+        metrics = record["metrics"]
         assert set(metrics) == CLASSIFICATION_KEYS | COMMON_KEYS, name
         assert all(isinstance(value, float) and np.isfinite(value) for value in metrics.values()), (
             name
@@ -107,7 +166,7 @@ def test_svd_metrics_match_a_recomputation_by_hand(evaluated, tmp_path):
     _, catalog = evaluated
     compressed = catalog.load("svd.compressed_model")
     report = catalog.load("svd.layer_report")
-    metrics = catalog.load("svd.evaluation_metrics")
+    metrics = catalog.load("svd.evaluation_metrics")["metrics"]
     predictions = logits_by_hand(compressed, TEST_SPLIT).argmax(axis=1)
     labels = TEST_SPLIT["label"].to_numpy()
     assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predictions))
@@ -130,7 +189,7 @@ def test_svd_metrics_match_a_recomputation_by_hand(evaluated, tmp_path):
 
 def test_dense_and_compressed_counts_are_consistent(evaluated):
     bundle, catalog = evaluated
-    dense = catalog.load("dense.evaluation_metrics")
+    dense = catalog.load("dense.evaluation_metrics")["metrics"]
     predictions = logits_by_hand(bundle, TEST_SPLIT).argmax(axis=1)
     assert dense["accuracy"] == pytest.approx(accuracy_score(TEST_SPLIT["label"], predictions))
     assert dense["params_model"] == sum(p.numel() for p in bundle.model.parameters())
@@ -141,7 +200,7 @@ def test_dense_and_compressed_counts_are_consistent(evaluated):
     )
     assert (dense["weighted_loss_rel_svd"], dense["factorization_seconds"]) == (0.0, 0.0)
     for solver in SOLVERS:
-        metrics = catalog.load(f"{solver}.evaluation_metrics")
+        metrics = catalog.load(f"{solver}.evaluation_metrics")["metrics"]
         saved_layers = dense["params_kept"] - metrics["params_kept"]
         assert metrics["params_model"] == dense["params_model"] - saved_layers, solver
         assert metrics["params_ratio_layers"] == pytest.approx(
@@ -153,45 +212,48 @@ def test_dense_and_compressed_counts_are_consistent(evaluated):
         assert metrics["size_on_disk_bytes"] < dense["size_on_disk_bytes"], solver
 
 
-def test_a_report_from_another_run_is_rejected(evaluated):
-    bundle, catalog = evaluated
-    report = catalog.load("svd.layer_report")
-    report.loc[0, "rank"] += 1
-    with pytest.raises(ValueError, match="layer_report"):
-        evaluate_compressed(
-            catalog.load("svd.compressed_model"),
-            bundle,
-            report,
-            TEST_SPLIT,
-            {"max_length": MAX_LENGTH},
-            EVALUATION,
-            catalog.load("svd.compressed_model"),
-            NOT_REFINED,
-            REFINEMENT_OFF,
-        )
+def test_latency_is_timed_once_per_row_with_the_latency_block(monkeypatch):
+    """Dense alone for its row; dense and compressed in turns for a compressed row; the options
+    are the ``evaluation.latency`` block as it is."""
+    bundle = make_tiny_bundle(seed=2)
+    compressed, results = compress_model(bundle.model, None, 0.5, "svd")
+    compressed_bundle = type(bundle)(model=compressed, tokenizer=bundle.tokenizer)
+    calls = []
+
+    def fake_latency(models, vocab_size, **options):
+        calls.append((list(models), vocab_size, options))
+        return dict.fromkeys(models, 2.0) | ({"compressed": 1.0} if "compressed" in models else {})
+
+    monkeypatch.setattr(nodes, "measure_latency_ms", fake_latency)
+    dense = evaluate_dense(bundle, TEST_SPLIT, MODEL, EVALUATION, COMPRESSION)["metrics"]
+    metrics = evaluate_compressed(
+        compressed_bundle, bundle, fake_report(results), TEST_SPLIT, MODEL, EVALUATION
+    )["metrics"]
+    vocab = bundle.model.config.vocab_size
+    latency = asdict(EVALUATION.latency)
+    assert calls == [(["dense"], vocab, latency), (["dense", "compressed"], vocab, latency)]
+    assert (dense["latency_ms"], dense["latency_dense_ms"]) == (2.0, 2.0)
+    assert (metrics["latency_ms"], metrics["latency_dense_ms"], metrics["latency_ratio"]) == (
+        1.0,
+        2.0,
+        0.5,
+    )
+    assert metrics["factorization_seconds"] == 0.25
 
 
 def test_regression_reports_pearson_and_spearman():
     bundle = make_tiny_bundle(num_labels=1, seed=5)
     frame = TEST_SPLIT.assign(label=np.linspace(0.0, 5.0, len(TEST_SPLIT)))
-    compressed, report = compress_model(bundle.model, None, 0.5, "svd")
+    compressed, results = compress_model(bundle.model, None, 0.5, "svd")
     compressed_bundle = type(bundle)(model=compressed, tokenizer=bundle.tokenizer)
-    model_params = {"max_length": MAX_LENGTH}
-    dense = evaluate_dense(
-        bundle, frame, model_params, EVALUATION, {"targets": None}, REFINEMENT_OFF
+    dense = evaluate_dense(bundle, frame, MODEL, EVALUATION, COMPRESSION)
+    record = evaluate_compressed(
+        compressed_bundle, bundle, fake_report(results), frame, MODEL, EVALUATION
     )
-    metrics = evaluate_compressed(
-        compressed_bundle,
-        bundle,
-        pd.DataFrame(report),
-        frame,
-        model_params,
-        EVALUATION,
-        compressed_bundle,
-        NOT_REFINED,
-        REFINEMENT_OFF,
-    )
-    assert set(dense) == set(metrics) == {"pearson", "spearman"} | COMMON_KEYS
+    # Models without a lineage give records without one (nothing to check them against).
+    assert set(dense) == set(record) == {"metrics"}
+    metrics = record["metrics"]
+    assert set(dense["metrics"]) == set(metrics) == {"pearson", "spearman"} | COMMON_KEYS
     predictions = logits_by_hand(compressed_bundle, frame)[:, 0]
     assert metrics["pearson"] == pytest.approx(
         stats.pearsonr(predictions, frame["label"]).statistic, rel=1e-3
@@ -210,20 +272,3 @@ def test_latency_is_a_positive_median_per_model(tiny_bundle):
         repeats=3,
     )
     assert set(timings) == {"a", "b"} and all(value > 0 for value in timings.values())
-
-
-def test_bad_evaluation_parameters_are_rejected(tiny_bundle):
-    with pytest.raises(ValueError, match="latency"):
-        evaluate_dense(
-            tiny_bundle,
-            TEST_SPLIT,
-            {"max_length": 8},
-            {"batch_size": 4},
-            {"targets": None},
-            REFINEMENT_OFF,
-        )
-    bad = {**EVALUATION, "latency": {**EVALUATION["latency"], "repeats": 0}}
-    with pytest.raises(ValueError, match="repeats"):
-        evaluate_dense(
-            tiny_bundle, TEST_SPLIT, {"max_length": 8}, bad, {"targets": None}, REFINEMENT_OFF
-        )

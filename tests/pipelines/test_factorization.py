@@ -4,30 +4,127 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 from kedro.io import DataCatalog
 
-from tests.conftest import make_tiny_bundle
-from tests.pipelines.conftest import BUDGET, make_fisher_information
+from tests.conftest import typed_params
+from tests.pipelines.conftest import BUDGET
+from weighted_lowrank.lowrank.compression import svd_reference_losses
+from weighted_lowrank.lowrank.layer import lowrank_modules
 from weighted_lowrank.lowrank.objective import rank_for_budget, weighted_loss
 from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, solver_options
-from weighted_lowrank.lowrank.surgery import lowrank_modules
 from weighted_lowrank.lowrank.targets import select_linear_modules
 from weighted_lowrank.pipelines.factorization import create_pipeline
-from weighted_lowrank.pipelines.factorization.nodes import compress
+from weighted_lowrank.pipelines.factorization.nodes import compress, svd_reference
+
+#: The report's columns before stop_reason and the info_<key> columns, in order.
+REPORT_COLUMNS = [
+    "module",
+    "budget",
+    "shape",
+    "out_features",
+    "in_features",
+    "rank",
+    "params_before",
+    "params_after",
+    "weighted_loss",
+    "svd_loss",
+    "loss_rel_svd",
+    "initial_loss",
+    "seconds",
+    "total_seconds",
+    "iterations",
+    "stop_reason",
+    "solver",
+]
+COMPRESSION = typed_params("compression", budget=BUDGET, seed=0, device="cpu")
 
 
-def test_one_namespace_per_solver_sharing_model_fisher_and_budget():
+def test_one_namespace_per_solver_sharing_model_fisher_budget_and_svd_reference():
     pipeline = create_pipeline()
-    assert {node.name for node in pipeline.nodes} == {f"{solver}.compress" for solver in SOLVERS}
+    assert {node.name for node in pipeline.nodes} == {"svd_reference"} | {
+        f"{solver}.compress" for solver in SOLVERS
+    }
     assert pipeline.inputs() == {"fine_tuned_model", "fisher_information", "params:compression"} | {
         f"params:{solver}.options" for solver in SOLVERS
     }
+    assert "svd_reference_loss" in pipeline.all_outputs()
     assert pipeline.outputs() == {
-        f"{solver}.{name}" for solver in SOLVERS for name in ("compressed_model", "layer_report")
+        f"{solver}.{name}"
+        for solver in SOLVERS
+        for name in ("compressed_model", "layer_report", "convergence")
     }
+    for node in pipeline.nodes:
+        if node.name != "svd_reference":
+            assert "svd_reference_loss" in node.inputs, node.name
+
+
+def test_svd_reference_is_plain_svd_per_layer_and_every_report_uses_it(factorized):
+    bundle, fisher_information, catalog = factorized
+    table = svd_reference(bundle, fisher_information, COMPRESSION)
+    assert table.columns.tolist() == ["module", "rank", "svd_loss"]
+    assert table["svd_loss"].dtype == np.float64
+    expected = svd_reference_losses(bundle.model, fisher_information["tensors"], BUDGET)
+    assert dict(zip(table["module"], table["svd_loss"], strict=True)) == expected
+    for solver in SOLVERS:
+        report = catalog.load(f"{solver}.layer_report")
+        assert report["svd_loss"].tolist() == table["svd_loss"].tolist(), solver
+
+
+def test_report_columns_are_typed_with_no_json(factorized):
+    _, _, catalog = factorized
+    for solver in SOLVERS:
+        report = catalog.load(f"{solver}.layer_report")
+        columns = report.columns.tolist()
+        assert columns[: len(REPORT_COLUMNS)] == REPORT_COLUMNS, solver
+        assert all(column.startswith("info_") for column in columns[len(REPORT_COLUMNS) :])
+        assert "history" not in columns and "info" not in columns
+        for column in ("out_features", "in_features", "rank", "params_before", "iterations"):
+            assert report[column].dtype == np.int64, (solver, column)
+        for column in ("budget", "weighted_loss", "svd_loss", "loss_rel_svd", "seconds"):
+            assert report[column].dtype == np.float64, (solver, column)
+        assert report["total_seconds"].nunique() == 1
+        assert report["seconds"].sum() <= report["total_seconds"].iloc[0] + 1e-9
+        for column in columns:
+            text = [value for value in report[column] if isinstance(value, str)]
+            assert not any(value.startswith(("[", "{")) for value in text), (solver, column)
+        assert set(report["stop_reason"]) <= {"converged", "max_iters", "max_seconds", "exact"}
+    info = catalog.load("adam_sgd.layer_report")
+    for key in ("switch_iteration", "swats_lr", "sgd_lr", "lambda_max"):
+        assert info[f"info_{key}"].dtype == np.float64, key
+
+
+def test_convergence_has_one_row_per_history_point(factorized):
+    bundle, fisher_information, catalog = factorized
+    for solver in SOLVERS:
+        table = catalog.load(f"{solver}.convergence")
+        report = catalog.load(f"{solver}.layer_report")
+        assert table.columns.tolist() == ["module", "step", "seconds", "loss"]
+        assert table["step"].dtype == np.int64 and table["loss"].dtype == np.float64
+        assert table["module"].unique().tolist() == report["module"].tolist()
+        for module, history in table.groupby("module", sort=False):
+            assert history["step"].tolist() == list(range(len(history))), (solver, module)
+            assert history["seconds"].is_monotonic_increasing, (solver, module)
+        iterations = dict(zip(report["module"], report["iterations"], strict=True))
+        first = table[table["step"] == 0].set_index("module")["loss"]
+        initial = report.set_index("module")["initial_loss"]
+        pd.testing.assert_series_equal(first, initial, check_names=False, rtol=1e-4)
+        if solver in ("svd", "fwsvd"):
+            assert table.groupby("module").size().eq(1).all() and set(iterations.values()) == {0}
+    # One row per history point: the node's table is exactly the flattened histories.
+    compressed, report, table = compress(
+        bundle,
+        fisher_information,
+        svd_reference(bundle, fisher_information, COMPRESSION),
+        COMPRESSION,
+        {"max_iters": 2},
+        solver="adam",
+    )
+    assert len(table) == table.groupby("module").size().sum() > len(report)
 
 
 def test_every_solver_compresses_every_target_at_the_budget_rank(factorized):
@@ -55,7 +152,7 @@ def test_every_solver_compresses_every_target_at_the_budget_rank(factorized):
             assert row.weighted_loss <= row.initial_loss * (1 + 1e-6), (solver, row.module)
             assert row.loss_rel_svd == pytest.approx(row.weighted_loss / row.svd_loss)
         if solver == "svd":
-            assert report["loss_rel_svd"].tolist() == pytest.approx([1.0] * len(report))
+            assert report["loss_rel_svd"].tolist() == [1.0] * len(report)
 
 
 def test_the_fine_tuned_model_is_left_dense(factorized):
@@ -64,22 +161,32 @@ def test_the_fine_tuned_model_is_left_dense(factorized):
     assert not lowrank_modules(bundle.model)
 
 
-def test_fisher_of_another_model_is_rejected():
-    bundle = make_tiny_bundle(seed=1)
-    stale = make_fisher_information(make_tiny_bundle(seed=2).model)
-    compression = {"budget": BUDGET, "targets": None, "seed": 0, "device": "cpu"}
-    with pytest.raises(ValueError, match="fisher_information was estimated on model"):
-        compress(bundle, stale, compression, {}, solver="svd")
-    with pytest.raises(ValueError, match="compression"):
-        compress(
-            bundle,
-            make_fisher_information(bundle.model),
-            {"budget": BUDGET, "rank": 3},
-            {},
-            solver="svd",
-        )
-    with pytest.raises(ValueError, match="fisher_information must be"):
-        compress(bundle, {"bert.pooler.dense.weight": torch.ones(1)}, compression, {}, solver="svd")
+def test_an_svd_reference_without_every_layer_is_rejected(factorized):
+    bundle, fisher_information, catalog = factorized
+    reference = svd_reference(bundle, fisher_information, COMPRESSION)
+    with pytest.raises(ValueError, match=r"svd_reference_loss has no row at the factorized rank"):
+        compress(bundle, fisher_information, reference.iloc[1:], COMPRESSION, {}, solver="svd")
+
+
+def test_an_svd_reference_made_at_another_budget_is_rejected(factorized):
+    bundle, fisher_information, catalog = factorized
+    other = typed_params("compression", budget=BUDGET / 2, seed=0, device="cpu")
+    reference = svd_reference(bundle, fisher_information, other)
+    with pytest.raises(ValueError, match=r"made with other compression parameters"):
+        compress(bundle, fisher_information, reference, COMPRESSION, {}, solver="svd")
+
+
+def test_the_seed_makes_the_node_reproducible(factorized):
+    bundle, fisher_information, catalog = factorized
+    reference = svd_reference(bundle, fisher_information, COMPRESSION)
+    options = {"max_iters": 3, "init": "random"}
+    runs = [
+        compress(bundle, fisher_information, reference, COMPRESSION, options, solver="adam")
+        for _ in range(2)
+    ]
+    columns = ["weighted_loss", "initial_loss", "loss_rel_svd"]
+    pd.testing.assert_frame_equal(runs[0][1][columns], runs[1][1][columns])
+    assert runs[0][0].tokenizer is bundle.tokenizer
 
 
 def test_catalog_patterns_persist_each_solver_separately(factorized, tmp_path, monkeypatch):
@@ -88,11 +195,20 @@ def test_catalog_patterns_persist_each_solver_separately(factorized, tmp_path, m
     )
     monkeypatch.chdir(tmp_path)
     catalog = DataCatalog.from_config(config)
-    bundle, _, memory = factorized
+    bundle, fisher_information, memory = factorized
     texts = bundle.tokenizer(["good film", "awful plot"], return_tensors="pt", padding=True)
-    for solver in ("svd", "fwsvd"):
+    reference = svd_reference(bundle, fisher_information, COMPRESSION)
+    catalog.save("svd_reference_loss", reference)
+    pd.testing.assert_frame_equal(catalog.load("svd_reference_loss"), reference)
+    assert (tmp_path / "data" / "07_model_output" / "svd_reference_loss.parquet").is_file()
+    for solver in ("svd", "fwsvd", "adam_sgd"):
         catalog.save(f"{solver}.compressed_model", memory.load(f"{solver}.compressed_model"))
-        catalog.save(f"{solver}.layer_report", memory.load(f"{solver}.layer_report"))
+        for name in ("layer_report", "convergence"):
+            catalog.save(f"{solver}.{name}", memory.load(f"{solver}.{name}"))
+            pd.testing.assert_frame_equal(
+                catalog.load(f"{solver}.{name}"), memory.load(f"{solver}.{name}")
+            )
+        assert (tmp_path / "data" / "07_model_output" / solver / "convergence.parquet").is_file()
     for solver in ("svd", "fwsvd"):
         reloaded = catalog.load(f"{solver}.compressed_model").model
         expected = memory.load(f"{solver}.compressed_model").model
@@ -105,10 +221,7 @@ def test_catalog_patterns_persist_each_solver_separately(factorized, tmp_path, m
         )
     assert sorted(
         path.name for path in (tmp_path / "data" / "06_models" / "compressed").iterdir()
-    ) == [
-        "fwsvd",
-        "svd",
-    ]
+    ) == ["adam_sgd", "fwsvd", "svd"]
 
 
 def test_every_solver_has_an_options_block_its_solver_accepts():

@@ -7,9 +7,15 @@ import torch
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from tests.conftest import make_tiny_bundle, toy_split
+from tests.conftest import block_values, make_tiny_bundle, toy_split, typed_params
+from weighted_lowrank.lineage import fingerprint_of
+from weighted_lowrank.lowrank.fingerprint import model_fingerprint
+from weighted_lowrank.parameters import FineTuningParams, ModelParams, ParameterError
 from weighted_lowrank.pipelines.fine_tuning import create_pipeline
-from weighted_lowrank.pipelines.fine_tuning.nodes import initialise_model
+from weighted_lowrank.pipelines.fine_tuning.nodes import fine_tune, initialise_model
+from weighted_lowrank.training import TrainingOptions, train_classifier
+
+FAST = {"epochs": 3, "batch_size": 8, "learning_rate": 3e-3, "warmup_ratio": 0.0, "progress": False}
 
 
 @pytest.fixture
@@ -21,20 +27,16 @@ def tiny_model_dir(tmp_path):
 
 
 def test_pipeline_fine_tunes_a_local_model_and_reports_each_epoch(tiny_model_dir) -> None:
-    fine_tuning = {
-        "epochs": 3,
-        "batch_size": 8,
-        "learning_rate": 3e-3,
-        "warmup_ratio": 0.0,
-        "progress": False,
-    }
     catalog = DataCatalog(
         {
             "label_names": MemoryDataset(["negative", "positive"]),
             "train_split": MemoryDataset(toy_split(256, seed=0)),
             "validation_split": MemoryDataset(toy_split(96, seed=1)),
-            "params:model": MemoryDataset({"source": tiny_model_dir, "max_length": 16}),
-            "params:fine_tuning": MemoryDataset(fine_tuning),
+            # Typed, as the TypedParameters hook hands them to the nodes in a run.
+            "params:model": MemoryDataset(
+                typed_params("model", source=tiny_model_dir, max_length=16)
+            ),
+            "params:fine_tuning": MemoryDataset(typed_params("fine_tuning", **FAST)),
             "params:seed": MemoryDataset(0),
             "params:device": MemoryDataset("auto"),
             "fine_tuned_model": MemoryDataset(copy_mode="assign"),
@@ -49,15 +51,40 @@ def test_pipeline_fine_tunes_a_local_model_and_reports_each_epoch(tiny_model_dir
     assert [point["step"] for point in metrics["val_accuracy"]] == [1, 2, 3]
     assert metrics["val_accuracy"][-1]["value"] >= 0.85
     assert {"train_loss", "val_loss", "val_f1", "seconds"} <= set(metrics)
+    # The fine-tuned model's lineage is the fingerprint of its own (trained) weights.
+    assert fingerprint_of(bundle) == model_fingerprint(bundle.model)
+
+
+def test_fine_tune_trains_as_the_loop_does_with_the_blocks_options(tiny_model_dir) -> None:
+    """The node adds nothing to the loop: same options, same seed, same weights."""
+    model = typed_params("model", source=tiny_model_dir, max_length=16)
+    fine_tuning = typed_params("fine_tuning", **{**FAST, "epochs": 1})
+    train, validation = toy_split(64, seed=0), toy_split(32, seed=1)
+    base = initialise_model(model, ["a", "b"], seed=4)
+    untrained = model_fingerprint(base.model)
+    tuned, _ = fine_tune(base, train, validation, model, fine_tuning, 7, "cpu")
+
+    reference = initialise_model(model, ["a", "b"], seed=4).model
+    options = TrainingOptions(
+        epochs=1, batch_size=8, learning_rate=3e-3, weight_decay=0.01, warmup_ratio=0.0,
+        max_length=16, max_grad_norm=1.0, seed=7, eval_batch_size=128,
+    )  # fmt: skip
+    assert fine_tuning.training_options(16, 7) == options
+    train_classifier(reference, base.tokenizer, train, validation, options, progress=False)
+    for (name, value), expected in zip(
+        tuned.model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+    assert tuned.model_fingerprint == model_fingerprint(reference) != untrained
 
 
 def test_regression_task_gets_a_single_output(tiny_model_dir) -> None:
-    bundle = initialise_model({"source": tiny_model_dir, "max_length": 16}, [], 0)
+    bundle = initialise_model(typed_params("model", source=tiny_model_dir), [], 0)
     assert bundle.model.config.num_labels == 1
 
 
 def test_the_new_head_is_drawn_from_the_seed_alone(tiny_model_dir) -> None:
-    model = {"source": tiny_model_dir, "max_length": 16}
+    model = typed_params("model", source=tiny_model_dir, max_length=16)
     heads = []
     for seed in (5, 5, 6):
         torch.manual_seed(len(heads))  # the caller's RNG state must not matter
@@ -68,7 +95,28 @@ def test_the_new_head_is_drawn_from_the_seed_alone(tiny_model_dir) -> None:
     assert not torch.equal(heads[0], heads[2])
 
 
-@pytest.mark.parametrize("source", ["", None, "/no/such/dir/with/many/parts"])
-def test_bad_model_source_raises(source) -> None:
-    with pytest.raises(ValueError, match="model"):
-        initialise_model({"source": source, "max_length": 16}, ["a", "b"], 0)
+def test_a_source_that_is_neither_a_directory_nor_a_hub_name_raises() -> None:
+    model = typed_params("model", source="/no/such/dir/with/many/parts")
+    with pytest.raises(ValueError, match="neither an existing local directory nor a hub name"):
+        initialise_model(model, ["a", "b"], 0)
+
+
+@pytest.mark.parametrize(
+    ("block", "overrides", "message"),
+    [
+        (ModelParams, {"source": ""}, r"model\.source='': expected a non-empty string"),
+        (ModelParams, {"source": None}, r"model\.source=None"),
+        (ModelParams, {"max_length": 1}, r"model\.max_length=1: expected an int >= 2"),
+        (FineTuningParams, {"epochs": 0}, r"fine_tuning\.epochs=0: expected a positive int"),
+        (FineTuningParams, {"learning_rate": 0.0}, r"fine_tuning\.learning_rate=0\.0"),
+        (FineTuningParams, {"warmup_ratio": 1.0}, r"fine_tuning\.warmup_ratio=1\.0"),
+        (FineTuningParams, {"progress": "yes"}, r"fine_tuning\.progress='yes': expected true"),
+        (FineTuningParams, {"lr": 1e-3}, r"fine_tuning has unknown keys \['lr'\]"),
+    ],
+)
+def test_the_blocks_fine_tuning_reads_reject_bad_values_naming_the_key(
+    block, overrides, message
+) -> None:
+    name = "model" if block is ModelParams else "fine_tuning"
+    with pytest.raises(ParameterError, match=message):
+        block.parse(block_values(name, **overrides), name)

@@ -15,13 +15,16 @@ from kedro_datasets.pandas import ParquetDataset
 from matplotlib.figure import Figure
 from scipy import stats
 
-from tests.conftest import varied_split
+from tests.conftest import block_values, typed_params, varied_split
 from tests.pipelines.conftest import BUDGET
 from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.lowrank.fisher import model_fingerprint
+from weighted_lowrank.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.lowrank.compression import compress_model
+from weighted_lowrank.lowrank.fingerprint import model_fingerprint
+from weighted_lowrank.lowrank.layer import LowRankLinear, lowrank_modules
 from weighted_lowrank.lowrank.risk import layer_statistics
-from weighted_lowrank.lowrank.surgery import LowRankLinear, compress_model, lowrank_modules
 from weighted_lowrank.lowrank.targets import select_linear_modules
+from weighted_lowrank.parameters import ParameterError, RiskValidationParams
 from weighted_lowrank.pipelines.risk_validation import create_pipeline
 from weighted_lowrank.pipelines.risk_validation.nodes import (
     measure_layer_damage,
@@ -30,8 +33,15 @@ from weighted_lowrank.pipelines.risk_validation.nodes import (
 from weighted_lowrank.training import evaluate_classifier
 
 MAX_LENGTH = 16
-MODEL = {"source": "unused", "max_length": MAX_LENGTH}
-OPTIONS = {"batch_size": 8, "max_examples": None, "statistics": None}
+MODEL = typed_params("model", source="unused", max_length=MAX_LENGTH)
+
+
+def options(**overrides) -> RiskValidationParams:
+    """The typed risk_validation block (small batches) with ``overrides``."""
+    return typed_params("risk_validation", **{"batch_size": 8, **overrides})
+
+
+OPTIONS = options()
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +54,7 @@ def setup(factorized):
         for name, module in select_linear_modules(bundle.model).items()
     }
     risk = pd.DataFrame(layer_statistics(weights, fisher, budget=BUDGET, num_examples=4))
-    risk["model_fingerprint"] = model_fingerprint(bundle.model)  # as svd_risk writes it
+    risk = with_fingerprint(risk, model_fingerprint(bundle.model))  # as svd_risk writes it
     return {
         "bundle": bundle,
         "fisher": fisher,
@@ -85,7 +95,7 @@ def test_exact_full_rank_factors_cause_no_damage(setup) -> None:
     risk = setup["layer_risk"].assign(rank=setup["layer_risk"]["in_features"])
     bundle = ModelBundle(exact, setup["bundle"].tokenizer)
     table = measure(
-        setup, svd=bundle, tfwsvd=bundle, layer_risk=risk, options={**OPTIONS, "curvature": True}
+        setup, svd=bundle, tfwsvd=bundle, layer_risk=risk, options=options(curvature=True)
     )
     for column in (
         "svd_loss_increase",
@@ -129,11 +139,14 @@ def test_each_layer_matches_a_brute_force_single_layer_model(setup) -> None:
     assert table["svd_loss_increase"].abs().max() > 1e-4  # the test is not vacuous
     # The input model is untouched.
     assert not lowrank_modules(setup["bundle"].model)
+    # Lineage: the table names the fine-tuned model it measured.
+    assert fingerprint_of(table) == model_fingerprint(setup["bundle"].model)
+    assert list(table.columns[-4:]) == ["seconds", "dense_loss", "dense_accuracy", "examples"]
 
 
 def test_curvature_damage_is_the_even_part_of_the_mirrored_pair(setup) -> None:
-    options = {**OPTIONS, "max_examples": 24, "curvature": True}
-    table = measure(setup, options=options)
+    curvature = options(max_examples=24, curvature=True)
+    table = measure(setup, options=curvature)
     frame = setup["validation"].head(24)
     dense = evaluate_classifier(setup["bundle"].model, setup["bundle"].tokenizer, frame, MAX_LENGTH)
     svd_layers = lowrank_modules(setup["svd"].model)
@@ -150,18 +163,16 @@ def test_curvature_damage_is_the_even_part_of_the_mirrored_pair(setup) -> None:
         assert row.svd_first_order + row.svd_curvature_damage == pytest.approx(
             row.svd_loss_increase, abs=1e-6
         )
-    summary = summarize_risk_validation(table, options)
+    summary = summarize_risk_validation(table, curvature)
     assert set(summary["correlations"]) == {
         "svd_loss_increase",
         "weighted_gain",
         "svd_curvature_damage",
     }
-    with pytest.raises(ValueError, match="curvature=1: expected true or false"):
-        measure(setup, options={"curvature": 1})
 
 
 def test_summary_spearman_is_scipys_and_names_the_best_predictor(setup) -> None:
-    table = measure(setup, options={**OPTIONS, "max_examples": 24})
+    table = measure(setup, options=options(max_examples=24))
     assert table["examples"].iloc[0] == 24
     summary = summarize_risk_validation(table, OPTIONS)
     assert summary["statistics"] == [
@@ -183,14 +194,17 @@ def test_summary_spearman_is_scipys_and_names_the_best_predictor(setup) -> None:
         best = summary["best_predictor"][outcome]
         assert correlations[best]["rho"] == max(value["rho"] for value in correlations.values())
     json.dumps(summary, allow_nan=False)
-    only = summarize_risk_validation(table, {**OPTIONS, "statistics": ["phi"]})
+    assert fingerprint_of(summary) == model_fingerprint(setup["bundle"].model)
+    only = summarize_risk_validation(table, options(statistics=["phi"]))
     assert list(only["correlations"]["weighted_gain"]) == ["phi"]
     for wrong in ("entropy", "svd_loss", "module"):
         with pytest.raises(ValueError, match=rf"\['{wrong}'\] are not statistic columns"):
-            summarize_risk_validation(table, {**OPTIONS, "statistics": [wrong]})
+            summarize_risk_validation(table, options(statistics=[wrong]))
 
 
-def test_mismatched_inputs_are_rejected_before_any_evaluation(setup) -> None:
+def test_inputs_of_another_budget_or_targets_are_rejected_before_any_evaluation(setup) -> None:
+    """What lineage cannot tell: every input may come from the same fine-tuned model and still
+    be compressed at another budget or with other targets."""
     # An empty validation split would fail later: the layer check must come first.
     empty = setup["validation"].iloc[:0]
     risk = setup["layer_risk"]
@@ -207,17 +221,21 @@ def test_mismatched_inputs_are_rejected_before_any_evaluation(setup) -> None:
     wrong_rank = risk.assign(rank=risk["rank"] + 1)
     with pytest.raises(ValueError, match="layer_risk's ranks differ"):
         measure(setup, layer_risk=wrong_rank, validation=empty)
-    with pytest.raises(ValueError, match="layer_risk was computed on model \\['0123'\\]"):
-        measure(setup, layer_risk=risk.assign(model_fingerprint="0123"), validation=empty)
-    other = copy.deepcopy(setup["svd"].model)
-    with torch.no_grad():
-        other.classifier.weight.add_(1.0)
-    with pytest.raises(ValueError, match="svd.compressed_model's classifier.weight differs"):
-        measure(setup, svd=ModelBundle(other, None), validation=empty)
-    with pytest.raises(ValueError, match="unknown keys \\['max_rows'\\]"):
-        measure(setup, options={"max_rows": 3})
-    with pytest.raises(ValueError, match="validation_split is empty"):
-        measure(setup, validation=empty)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"curvature": 1}, r"risk_validation\.curvature=1: expected true or false"),
+        ({"batch_size": 0}, r"risk_validation\.batch_size=0: expected a positive int"),
+        ({"max_examples": 0}, r"risk_validation\.max_examples=0: expected a positive int or null"),
+        ({"statistics": "phi"}, r"risk_validation\.statistics='phi': expected a non-empty list of strings"),
+        ({"max_rows": 3}, r"risk_validation has unknown keys \['max_rows'\]"),
+    ],
+)
+def test_the_risk_validation_block_rejects_bad_values_naming_the_key(overrides, message) -> None:
+    with pytest.raises(ParameterError, match=message):
+        RiskValidationParams.parse(block_values("risk_validation", **overrides), "risk_validation")
 
 
 def test_pipeline_runs_from_an_in_memory_catalog(setup, tmp_path) -> None:
@@ -228,8 +246,9 @@ def test_pipeline_runs_from_an_in_memory_catalog(setup, tmp_path) -> None:
             "tfwsvd.compressed_model": MemoryDataset(setup["tfwsvd"], copy_mode="assign"),
             "validation_split": MemoryDataset(setup["validation"]),
             "layer_risk": MemoryDataset(setup["layer_risk"]),
+            # Typed, as the TypedParameters hook hands them to the nodes in a run.
             "params:model": MemoryDataset(MODEL),
-            "params:risk_validation": MemoryDataset({**OPTIONS, "max_examples": 16}),
+            "params:risk_validation": MemoryDataset(options(max_examples=16)),
             "params:device": MemoryDataset("cpu"),
             # Persisted as in conf/base (a MemoryDataset would be released once consumed).
             "risk_validation_table": ParquetDataset(filepath=str(tmp_path / "table.parquet")),
@@ -244,6 +263,8 @@ def test_pipeline_runs_from_an_in_memory_catalog(setup, tmp_path) -> None:
     metrics = catalog.load("risk_validation_metrics")
     figure = catalog.load("risk_validation_plot")
     assert len(table) == 12 and summary["examples"] == 16
+    fingerprint = model_fingerprint(setup["bundle"].model)
+    assert fingerprint_of(table) == fingerprint_of(summary) == fingerprint
     rho = summary["correlations"]["svd_loss_increase"]["phi"]["rho"]
     assert metrics["spearman_damage.phi"] == {"value": rho, "step": 0}
     assert metrics["dense_loss"]["value"] == pytest.approx(table["dense_loss"].iloc[0])

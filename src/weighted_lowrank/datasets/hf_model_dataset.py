@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -19,15 +20,18 @@ from kedro.io.core import (
 )
 
 from weighted_lowrank.hf import ModelBundle
+from weighted_lowrank.lineage import FINGERPRINT_KEY
 
 _CONFIG_FILE = "config.json"
+#: Written beside the weights: which fine-tuned model the saved one derives from (``lineage``).
+LINEAGE_FILE = "lineage.json"
 
 
 class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
     """Saves/loads a ``ModelBundle`` (model + tokenizer) as a Hugging Face directory.
 
     ``save`` writes ``model.save_pretrained`` (safetensors) and ``tokenizer.save_pretrained`` into
-    one directory, or ``weighted_lowrank.lowrank.surgery.save_compressed`` when ``compressed`` is
+    one directory, or ``weighted_lowrank.lowrank.serialization.save_compressed`` when ``compressed`` is
     true (models holding ``LowRankLinear`` layers). ``load`` returns a ``ModelBundle`` in eval
     mode. With ``versioned: true`` each save is a new directory
     ``<filepath>/<version>/<name>``; a save is written to a hidden sibling directory first and
@@ -96,14 +100,22 @@ class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if self._compressed:
-            from weighted_lowrank.lowrank.surgery import load_compressed
+            from weighted_lowrank.lowrank.serialization import load_compressed
 
             model = load_compressed(load_path)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(load_path, **self._load_args)
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(load_path)
-        return ModelBundle(model=model, tokenizer=tokenizer)
+        return ModelBundle(
+            model=model, tokenizer=tokenizer, model_fingerprint=_read_fingerprint(load_path)
+        )
+
+    def fingerprint_at(self, version: str) -> str | None:
+        """The lineage fingerprint recorded by the saved ``version`` (None if it has none)."""
+        return _read_fingerprint(
+            get_filepath_str(self._get_versioned_path(version), self._protocol)
+        )
 
     def save(self, data: ModelBundle) -> None:
         if not isinstance(data, ModelBundle):
@@ -134,7 +146,7 @@ class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
 
     def _write_directory(self, data: ModelBundle, directory: Path) -> None:
         if self._compressed:
-            from weighted_lowrank.lowrank.surgery import save_compressed
+            from weighted_lowrank.lowrank.serialization import save_compressed
 
             save_compressed(data.model, str(directory), data.tokenizer)
             if not (directory / _CONFIG_FILE).is_file():
@@ -144,6 +156,9 @@ class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
         else:
             data.model.save_pretrained(str(directory), **self._save_args)
             data.tokenizer.save_pretrained(str(directory))
+        if data.model_fingerprint is not None:
+            lineage = {FINGERPRINT_KEY: data.model_fingerprint}
+            (directory / LINEAGE_FILE).write_text(json.dumps(lineage) + "\n")
 
     def _exists(self) -> bool:
         try:
@@ -165,3 +180,10 @@ class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
     def _release(self) -> None:
         super()._release()
         self._fs.invalidate_cache(self._filepath.as_posix())
+
+
+def _read_fingerprint(directory: str) -> str | None:
+    path = Path(directory) / LINEAGE_FILE
+    if not path.is_file():
+        return None  # saved before lineage was recorded
+    return json.loads(path.read_text()).get(FINGERPRINT_KEY)

@@ -19,6 +19,8 @@ from kedro.io.core import (
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from weighted_lowrank.lineage import FINGERPRINT_KEY
+
 TensorFile = dict[str, Any]
 """``{"tensors": dict[str, torch.Tensor], "metadata": dict[str, str]}``."""
 
@@ -80,6 +82,12 @@ class SafetensorsDataset(AbstractVersionedDataset[TensorFile, TensorFile]):
         with safe_open(load_path, framework="pt") as handle:
             header_metadata = handle.metadata() or {}
         return {"tensors": tensors, "metadata": dict(header_metadata)}
+
+    def fingerprint_at(self, version: str) -> str | None:
+        """The lineage fingerprint in the header of the saved ``version`` (None if it has none)."""
+        path = get_filepath_str(self._get_versioned_path(version), self._protocol)
+        with safe_open(path, framework="pt") as handle:
+            return (handle.metadata() or {}).get(FINGERPRINT_KEY)
 
     def save(self, data: TensorFile) -> None:
         tensors, header_metadata = _validated(data)

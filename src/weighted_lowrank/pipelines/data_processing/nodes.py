@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-SOURCE_TYPES = ("catalog", "csv", "parquet", "glue")
-TASK_TYPES = ("classification", "regression")
-STANDARD_COLUMNS = ("text", "text_pair", "label")
+from weighted_lowrank.parameters import DataParams, LabelledColumns, SplitParams, label_key
+
 SPLIT_NAMES = ("train", "validation", "test")
 _REGRESSION_STRATA = 5
 
@@ -44,56 +43,46 @@ _FILE_BUILDERS = {
 }
 
 
-def resolve_source(data: dict[str, Any]) -> dict[str, Any]:
-    """Validate the ``data`` parameters and resolve them into one flat source description.
+def resolve_source(data: DataParams) -> dict[str, Any]:
+    """The chosen source as one flat description the later nodes read, whatever its kind.
 
-    The result names the source (``type``, ``path``, GLUE ``task``/``data_files``), the raw column
-    names, the accepted raw label values with their display names, and the task type. Checking
-    it here means a bad setting fails before any file is read.
+    It names the source (``type``, ``path``, GLUE ``task``/``data_files``), the raw column
+    names, the accepted raw label values with their display names, and the task type.
     """
-    source_type = data.get("source")
-    if source_type not in SOURCE_TYPES:
-        raise ValueError(f"data.source is {source_type!r}; expected one of {list(SOURCE_TYPES)}")
-    if source_type == "glue":
-        return _resolve_glue(data.get("glue") or {})
-    block_name = "catalog" if source_type == "catalog" else "local_file"
-    block = data.get(block_name) or {}
+    if data.source == "glue":
+        return _resolve_glue(data)
+    block: LabelledColumns = data.catalog if data.source == "catalog" else data.local_file
     spec = {
-        "type": source_type,
-        "text_column": block.get("text_column"),
-        "text_pair_column": block.get("text_pair_column"),
-        "label_column": block.get("label_column"),
-        "label_values": block.get("label_values"),
-        "label_names": block.get("label_names"),
-        "task_type": block.get("task_type", "classification"),
-        "read_args": dict(block.get("read_args") or {}),
-        "unescape_html": bool(block.get("unescape_html", False)),
+        "type": data.source,
+        "text_column": block.text_column,
+        "text_pair_column": block.text_pair_column,
+        "label_column": block.label_column,
+        "label_values": block.label_values,
+        "label_names": block.label_names,
+        "task_type": block.task_type,
+        "read_args": {},
+        "unescape_html": block.unescape_html,
     }
-    if source_type != "catalog":
-        path = block.get("path")
-        if not path:
-            raise ValueError(f"data.source is {source_type!r} but data.local_file.path is not set")
-        spec["path"] = str(path)
-    for key in ("text_column", "label_column"):
-        if not isinstance(spec[key], str) or not spec[key]:
-            raise ValueError(f"data.{block_name}.{key} must be a column name, got {spec[key]!r}")
-    _check_labels(spec, f"data.{block_name}")
+    if data.source != "catalog":
+        spec["path"] = data.local_file.path
+        spec["read_args"] = dict(data.local_file.read_args)
     return spec
 
 
-def _resolve_glue(glue: dict[str, Any]) -> dict[str, Any]:
-    task = str(glue.get("task", "")).lower().replace("-", "")
+def _resolve_glue(data: DataParams) -> dict[str, Any]:
+    """GLUE's own columns and label names for the task; the task name is checked here, beside
+    :data:`GLUE_TASKS` (before any download)."""
+    glue = data.glue
+    task = glue.task.lower().replace("-", "")
     if task not in GLUE_TASKS:
-        raise ValueError(
-            f"data.glue.task is {glue.get('task')!r}; expected one of {sorted(GLUE_TASKS)}"
-        )
+        raise ValueError(f"data.glue.task is {glue.task!r}; expected one of {sorted(GLUE_TASKS)}")
     text_column, pair_column, names = GLUE_TASKS[task]
-    spec = {
+    return {
         "type": "glue",
         "task": task,
-        "data_files": glue.get("data_files"),
-        "splits": glue.get("splits"),
-        "cache_dir": glue.get("cache_dir"),
+        "data_files": glue.data_files,
+        "splits": glue.splits,
+        "cache_dir": glue.cache_dir,
         "text_column": text_column,
         "text_pair_column": pair_column,
         "label_column": "label",
@@ -103,33 +92,6 @@ def _resolve_glue(glue: dict[str, Any]) -> dict[str, Any]:
         "read_args": {},
         "unescape_html": False,
     }
-    _check_labels(spec, "data.glue")
-    return spec
-
-
-def _check_labels(spec: dict[str, Any], where: str) -> None:
-    if spec["task_type"] not in TASK_TYPES:
-        raise ValueError(
-            f"{where}.task_type is {spec['task_type']!r}; expected one of {list(TASK_TYPES)}"
-        )
-    values, names = spec["label_values"], spec["label_names"]
-    if spec["task_type"] == "regression":
-        if values is not None or names is not None:
-            raise ValueError(f"{where}: a regression task takes no label_values/label_names")
-        return
-    if values is not None:
-        if not isinstance(values, list | tuple) or len(values) < 2:
-            raise ValueError(f"{where}.label_values must list at least two labels, got {values!r}")
-        keys = [_label_key(value) for value in values]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"{where}.label_values has duplicates: {values!r}")
-    if names is not None:
-        if values is None or len(names) != len(values):
-            raise ValueError(
-                f"{where}.label_names ({names!r}) needs label_values of the same length ({values!r})"
-            )
-        if len({str(name) for name in names}) != len(names):
-            raise ValueError(f"{where}.label_names has duplicates: {names!r}")
 
 
 def load_source_records(reviews_raw: pd.DataFrame, source: dict[str, Any]) -> pd.DataFrame:
@@ -258,10 +220,10 @@ def clean_records(records: pd.DataFrame, source: dict[str, Any]) -> pd.DataFrame
         cleaned["label"] = pd.to_numeric(cleaned["label"], errors="coerce")
         cleaned = cleaned.dropna(subset=["label"])
     elif source["label_values"] is not None:
-        wanted = {_label_key(value) for value in source["label_values"]}
-        cleaned = cleaned[cleaned["label"].map(_label_key).isin(wanted)]
+        wanted = {label_key(value) for value in source["label_values"]}
+        cleaned = cleaned[cleaned["label"].map(label_key).isin(wanted)]
     if source["task_type"] == "classification":
-        label_keys = cleaned["label"].map(_label_key)
+        label_keys = cleaned["label"].map(label_key)
         labels_per_text = label_keys.groupby([cleaned[c] for c in text_columns]).transform(
             "nunique"
         )
@@ -293,8 +255,8 @@ def encode_labels(records: pd.DataFrame, source: dict[str, Any]) -> tuple[pd.Dat
     if values is None:
         values = sorted(encoded["label"].unique().tolist(), key=_sort_key)
     names = [str(name) for name in (source["label_names"] or values)]
-    ids = {_label_key(value): index for index, value in enumerate(values)}
-    encoded["label"] = encoded["label"].map(_label_key).map(ids).astype("int64")
+    ids = {label_key(value): index for index, value in enumerate(values)}
+    encoded["label"] = encoded["label"].map(label_key).map(ids).astype("int64")
     present = sorted(encoded["label"].unique().tolist())
     if len(present) < 2:
         only = names[present[0]] if present else None
@@ -308,17 +270,18 @@ def encode_labels(records: pd.DataFrame, source: dict[str, Any]) -> tuple[pd.Dat
 
 
 def split_records(
-    records: pd.DataFrame, split: dict[str, Any], label_names: list[str]
+    records: pd.DataFrame, data: DataParams, label_names: list[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Stratified train/validation/test split of the given sizes with a seeded shuffle.
+    """Stratified train/validation/test split of ``data.split``'s sizes with a seeded shuffle.
 
-    Sizes are counts (int) or fractions of the cleaned rows (float in (0, 1]). Every split keeps
-    each class within one example of its overall proportion (regression: within one example per
-    quantile bin of the target). Rows not needed by the three sizes are left out.
+    Every split keeps each class within one example of its overall proportion (regression:
+    within one example per quantile bin of the target). Rows not needed by the three sizes are
+    left out.
     """
+    split = data.split
     sizes = _split_sizes(split, len(records))
     strata = _strata(records["label"], regression=not label_names)
-    rng = np.random.default_rng(_seed(split))
+    rng = np.random.default_rng(split.seed)
     class_counts = strata.value_counts().sort_index()
     allocation = _allocate(sizes, class_counts.to_numpy())
     chosen: dict[str, list[np.ndarray]] = {name: [] for name in SPLIT_NAMES}
@@ -336,30 +299,14 @@ def split_records(
     return frames[0], frames[1], frames[2]
 
 
-def _seed(split: dict[str, Any]) -> int:
-    seed = split.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"data.split.seed must be a non-negative integer, got {seed!r}")
-    return seed
-
-
-def _split_sizes(split: dict[str, Any], available: int) -> list[int]:
-    """Turn configured sizes (counts or fractions) into counts that fit ``available`` rows."""
-    raw = [split.get(name) for name in SPLIT_NAMES]
-    for name, size in zip(SPLIT_NAMES, raw, strict=True):
-        valid_count = isinstance(size, int) and not isinstance(size, bool) and size >= 1
-        valid_fraction = isinstance(size, float) and 0.0 < size <= 1.0
-        if not (valid_count or valid_fraction):
-            raise ValueError(
-                f"data.split.{name} must be a count >= 1 or a fraction in (0, 1], got {size!r}"
-            )
-    fractions = [size for size in raw if isinstance(size, float)]
-    if sum(fractions) > 1.0 + 1e-9:
-        raise ValueError(f"data.split fractions add up to {sum(fractions):.4g} > 1")
+def _split_sizes(split: SplitParams, available: int) -> list[int]:
+    """Counts for the configured sizes (counts or fractions), checked against the rows left
+    after cleaning: only known now, so SplitParams cannot check it."""
     counts = [
-        size if isinstance(size, int) else math.floor(size * available + 1e-9) for size in raw
+        size if isinstance(size, int) else math.floor(size * available + 1e-9)
+        for size in split.sizes
     ]
-    if len(fractions) == len(raw) and math.isclose(sum(fractions), 1.0):
+    if all(isinstance(size, float) for size in split.sizes) and math.isclose(sum(split.sizes), 1.0):
         counts[0] = available - counts[1] - counts[2]  # all rows used: rounding goes to train
     too_small = [name for name, count in zip(SPLIT_NAMES, counts, strict=True) if count < 1]
     if too_small:
@@ -402,15 +349,6 @@ def _allocate(sizes: list[int], class_counts: np.ndarray) -> np.ndarray:
             spare = np.flatnonzero(allocation.sum(axis=0) < class_counts)
             allocation[row, spare[0]] += 1
     return allocation
-
-
-def _label_key(value: Any) -> str:
-    """Compare labels across int/float/str spellings: 1, 1.0 and "1" are the same label."""
-    if isinstance(value, float | np.floating) and float(value).is_integer():
-        return str(int(value))
-    if isinstance(value, np.integer):
-        return str(int(value))
-    return str(value)
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:

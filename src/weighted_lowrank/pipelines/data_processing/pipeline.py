@@ -40,7 +40,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=split_records,
-                inputs=["labelled_records", "params:data.split", "label_names"],
+                inputs=["labelled_records", "params:data", "label_names"],
                 outputs=["train_split", "validation_split", "test_split"],
                 name="split_records",
             ),

@@ -1,9 +1,10 @@
 """``evaluation``: test-split metrics, parameter counts, size and CPU latency of every model.
 
 Namespace ``dense`` evaluates the fine-tuned model; one namespace per solver in ``SOLVERS``
-evaluates ``<solver>.compressed_model`` (with ``<solver>.layer_report``) against it, and
-``<solver>.refined_model`` when ``refinement.enabled``. Each writes
-``<namespace>.evaluation_metrics``, a flat dict of floats with the same keys everywhere.
+evaluates ``<solver>.compressed_model`` (with ``<solver>.layer_report``) against it. Each writes
+``<namespace>.evaluation_metrics``, a record ``{"model_fingerprint", "metrics"}`` whose metrics
+have the same keys everywhere. The ``refinement`` pipeline evaluates its models with the same
+solver template under ``refined.<solver>`` (:func:`create_compressed_evaluation`).
 """
 
 from kedro.pipeline import Node, Pipeline
@@ -13,12 +14,7 @@ from weighted_lowrank.lowrank.solvers import SOLVERS
 from .nodes import evaluate_compressed, evaluate_dense
 
 SHARED_INPUTS = {"fine_tuned_model", "test_split"}
-SHARED_PARAMETERS = {
-    "params:model",
-    "params:evaluation",
-    "params:compression",
-    "params:refinement",
-}
+SHARED_PARAMETERS = {"params:model", "params:evaluation"}
 
 
 def create_solver_template() -> Pipeline:
@@ -34,9 +30,6 @@ def create_solver_template() -> Pipeline:
                     "test_split",
                     "params:model",
                     "params:evaluation",
-                    "refined_model",
-                    "refinement_history",
-                    "params:refinement",
                 ],
                 outputs="evaluation_metrics",
                 name="evaluate",
@@ -57,7 +50,6 @@ def create_dense_pipeline() -> Pipeline:
                     "params:model",
                     "params:evaluation",
                     "params:compression",
-                    "params:refinement",
                 ],
                 outputs="evaluation_metrics",
                 name="evaluate",
@@ -66,20 +58,30 @@ def create_dense_pipeline() -> Pipeline:
         ],
         namespace="dense",
         inputs=SHARED_INPUTS,
-        parameters=SHARED_PARAMETERS,
+        parameters={*SHARED_PARAMETERS, "params:compression"},
         tags=["dense"],
     )
 
 
+def create_compressed_evaluation(namespace: str, solver: str) -> Pipeline:
+    """The solver template under ``namespace``: ``<namespace>.compressed_model`` (with
+    ``<solver>.layer_report``) → ``<namespace>.evaluation_metrics``.
+
+    ``namespace`` is the solver itself, or ``refined.<solver>`` for its model fine-tuned after
+    compression (which keeps the solver's factorization, hence its layer report).
+    """
+    return Pipeline(
+        create_solver_template(),
+        namespace=namespace,
+        inputs={
+            **{name: name for name in SHARED_INPUTS},
+            "layer_report": f"{solver}.layer_report",
+        },
+        parameters=SHARED_PARAMETERS,
+        tags=[solver],
+    )
+
+
 def create_pipeline(**kwargs) -> Pipeline:
-    solver_pipelines = [
-        Pipeline(
-            create_solver_template(),
-            namespace=solver,
-            inputs=SHARED_INPUTS,
-            parameters={"params:model", "params:evaluation", "params:refinement"},
-            tags=[solver],
-        )
-        for solver in SOLVERS
-    ]
+    solver_pipelines = [create_compressed_evaluation(solver, solver) for solver in SOLVERS]
     return sum(solver_pipelines, create_dense_pipeline())

@@ -1,9 +1,11 @@
 """``factorization``: fine-tuned model + Fisher → per solver a compressed model and a layer report.
 
-One namespace per solver in ``SOLVERS`` (the list lives in code because pipelines are built before
-parameters are read). Every namespace shares ``fine_tuned_model``, ``fisher_information`` and
-``params:compression``; its own knobs are ``params:<solver>.options``; its outputs are
-``<solver>.compressed_model`` and ``<solver>.layer_report``.
+The shared node ``svd_reference`` computes plain SVD's weighted loss per layer once
+(``svd_reference_loss``). Then one namespace per solver in ``SOLVERS`` (the list lives in code
+because pipelines are built before parameters are read): every namespace shares
+``fine_tuned_model``, ``fisher_information``, ``svd_reference_loss`` and ``params:compression``;
+its own knobs are ``params:<solver>.options``; its outputs are ``<solver>.compressed_model``,
+``<solver>.layer_report`` and ``<solver>.convergence``.
 """
 
 from functools import partial, update_wrapper
@@ -12,9 +14,9 @@ from kedro.pipeline import Node, Pipeline
 
 from weighted_lowrank.lowrank.solvers import SOLVERS
 
-from .nodes import compress
+from .nodes import compress, svd_reference
 
-SHARED_INPUTS = {"fine_tuned_model", "fisher_information"}
+SHARED_INPUTS = {"fine_tuned_model", "fisher_information", "svd_reference_loss"}
 SHARED_PARAMETERS = {"params:compression"}
 
 
@@ -28,10 +30,11 @@ def create_solver_template(solver: str) -> Pipeline:
                 inputs=[
                     "fine_tuned_model",
                     "fisher_information",
+                    "svd_reference_loss",
                     "params:compression",
                     "params:options",
                 ],
-                outputs=["compressed_model", "layer_report"],
+                outputs=["compressed_model", "layer_report", "convergence"],
                 name="compress",
                 tags=["factorization", solver],
             )
@@ -40,6 +43,17 @@ def create_solver_template(solver: str) -> Pipeline:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
+    reference = Pipeline(
+        [
+            Node(
+                svd_reference,
+                inputs=["fine_tuned_model", "fisher_information", "params:compression"],
+                outputs="svd_reference_loss",
+                name="svd_reference",
+                tags=["factorization"],
+            )
+        ]
+    )
     return sum(
         (
             Pipeline(
@@ -50,5 +64,5 @@ def create_pipeline(**kwargs) -> Pipeline:
             )
             for solver in SOLVERS
         ),
-        Pipeline([]),
+        reference,
     )

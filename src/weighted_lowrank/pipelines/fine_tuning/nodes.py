@@ -2,60 +2,51 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pandas as pd
 import torch
 
 from weighted_lowrank.hf import ModelBundle, load_base_model
+from weighted_lowrank.lineage import with_fingerprint
 from weighted_lowrank.lowrank.devices import resolve_device
-from weighted_lowrank.training import TrainingOptions, check_split, train_classifier
+from weighted_lowrank.lowrank.fingerprint import model_fingerprint
+from weighted_lowrank.parameters import FineTuningParams, ModelParams
+from weighted_lowrank.training import train_classifier
 
 
-def initialise_model(model: dict[str, Any], label_names: list[str], seed: int) -> ModelBundle:
-    """Load the base model named by ``model.source`` with a fresh head sized to the labels.
+def initialise_model(model: ModelParams, label_names: list[str], seed: int) -> ModelBundle:
+    """Load ``model.source`` with a fresh head sized to the labels (one output: regression).
 
-    An empty ``label_names`` means a regression task (one output). The new head's random
-    initialisation is drawn from ``seed`` (without touching the caller's RNG state), so the same
+    The head is drawn from ``seed`` without touching the caller's RNG state, so the same
     parameters give the same fine-tuned model run after run.
     """
-    source = model.get("source")
-    if not isinstance(source, str) or not source:
-        raise ValueError(
-            f"parameter model.source={source!r}: expected a model directory, hub name or 'embedded:…'"
-        )
     id2label = dict(enumerate(label_names)) if label_names else None
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return load_base_model(source, num_labels=len(label_names) or 1, id2label=id2label)
+        torch.manual_seed(seed)
+        return load_base_model(model.source, num_labels=len(label_names) or 1, id2label=id2label)
 
 
 def fine_tune(
     base: ModelBundle,
     train_split: pd.DataFrame,
     validation_split: pd.DataFrame,
-    model: dict[str, Any],
-    fine_tuning: dict[str, Any],
+    model: ModelParams,
+    fine_tuning: FineTuningParams,
     seed: int,
     device: str,
 ) -> tuple[ModelBundle, dict[str, list[dict[str, float]]]]:
     """Fine-tune the base model on the train split; validation metrics every epoch.
 
-    Returns the fine-tuned bundle and an MLflow metrics-history dict (one step per epoch).
+    The returned bundle carries its own fingerprint, the lineage every derived dataset copies;
+    the metrics are an MLflow history (one step per epoch).
     """
-    training = TrainingOptions.from_parameters(
-        "fine_tuning", fine_tuning, int(model["max_length"]), seed, control_keys=("progress",)
-    )
-    check_split(train_split, "train_split")
-    check_split(validation_split, "validation_split")
     history = train_classifier(
         base.model,
         base.tokenizer,
         train_split,
         validation_split,
-        training,
+        fine_tuning.training_options(model.max_length, seed),
         device=resolve_device(device),
-        progress=bool(fine_tuning.get("progress", True)),
+        progress=fine_tuning.progress,
     )
     base.model.to("cpu")
     metrics = {
@@ -63,4 +54,4 @@ def fine_tune(
         for key in history[0]
         if key != "epoch"
     }
-    return base, metrics
+    return with_fingerprint(base, model_fingerprint(base.model)), metrics

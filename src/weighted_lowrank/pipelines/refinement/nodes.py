@@ -2,79 +2,42 @@
 
 The loop and its options are those of ``fine_tuning`` (:func:`~weighted_lowrank.training.
 train_classifier`); ``trainable`` says whether every parameter is trained or only the low-rank
-factors. With ``enabled: false`` the node hands the compressed model through untouched and records
-that nothing was trained, so the pipeline graph is the same either way.
+factors. Whether refinement happens is decided by the pipeline that runs (``refinement`` or
+``refined``), not by a parameter.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
+import dataclasses
 from typing import Any
 
 import pandas as pd
 
 from weighted_lowrank.hf import ModelBundle
+from weighted_lowrank.lineage import with_fingerprint
 from weighted_lowrank.lowrank.devices import resolve_device
-from weighted_lowrank.lowrank.fisher import model_fingerprint
-from weighted_lowrank.lowrank.surgery import lowrank_modules
-from weighted_lowrank.parameters import check_bool
-from weighted_lowrank.training import TrainingOptions, check_split, train_classifier
-
-TRAINABLE = ("all", "factors")
-_CONTROL_KEYS = ("enabled", "trainable", "progress")
-
-
-def check_refinement(refinement: dict[str, Any], max_length: int, seed: int) -> TrainingOptions:
-    """Validate ``params:refinement``; returns the training options it describes.
-
-    Raises ``ValueError`` naming the offending key (unknown keys included), so a bad value fails
-    at the start of a run (see ``hooks.py``) rather than after factorization.
-    """
-    if not isinstance(refinement, dict):
-        raise ValueError(f"parameters refinement={refinement!r}: expected a mapping")
-    options = TrainingOptions.from_parameters(
-        "refinement", refinement, max_length, seed, control_keys=_CONTROL_KEYS
-    )
-    check_bool("refinement.enabled", refinement.get("enabled", False))
-    if refinement.get("trainable", "all") not in TRAINABLE:
-        raise ValueError(
-            f"parameter refinement.trainable={refinement['trainable']!r}: expected one of "
-            f"{list(TRAINABLE)}"
-        )
-    return options
+from weighted_lowrank.lowrank.layer import lowrank_modules
+from weighted_lowrank.parameters import ModelParams, RefinementParams
+from weighted_lowrank.training import train_classifier
 
 
 def refine(
     compressed_model: ModelBundle,
     train_split: pd.DataFrame,
     validation_split: pd.DataFrame,
-    model: dict[str, Any],
-    refinement: dict[str, Any],
+    model: ModelParams,
+    refinement: RefinementParams,
     seed: int,
     device: str,
 ) -> tuple[ModelBundle, dict[str, Any]]:
-    """Fine-tune ``compressed_model`` (all parameters or only its factors) when enabled.
+    """Fine-tune a copy of ``compressed_model`` (all parameters or only its factors).
 
-    Returns a refined copy (the input itself when disabled) and a JSON-friendly record:
-    ``enabled``, ``trainable``, the compressed model's fingerprint, the training options and one
-    entry per epoch (train loss, validation metrics, seconds).
+    ``compressed_model`` is left untouched. Returns the refined bundle (same tokenizer and
+    lineage) and a JSON record stamped with the lineage: ``refinement`` (what was trained, as the
+    child run's param says), ``trainable``, the training ``options`` and one entry per ``epochs``
+    (train loss, validation metrics, cumulative seconds).
     """
-    options = check_refinement(refinement, int(model["max_length"]), seed)
-    enabled = bool(refinement.get("enabled", False))
-    trainable = str(refinement.get("trainable", "all"))
-    record: dict[str, Any] = {
-        "enabled": enabled,
-        "trainable": trainable,
-        # Lets evaluation check that a refined model on disk was refined from this compressed one.
-        "compressed_model_fingerprint": model_fingerprint(compressed_model.model),
-        "epochs": [],
-    }
-    if not enabled:
-        return compressed_model, record
-    check_split(train_split, "train_split")
-    check_split(validation_split, "validation_split")
-    # A copy keeps the node pure: the compressed model may be shared in memory with evaluation.
     network = copy.deepcopy(compressed_model.model)
     factors = lowrank_modules(network)
     if not factors:
@@ -82,11 +45,12 @@ def refine(
             "compressed_model has no low-rank layers to refine; load a model written by the "
             "factorization pipeline"
         )
+    options = refinement.training_options(model.max_length, seed)
     factor_parameters = {id(p) for module in factors.values() for p in module.parameters()}
     frozen = [
         parameter
         for parameter in network.parameters()
-        if trainable == "factors" and id(parameter) not in factor_parameters
+        if refinement.trainable == "factors" and id(parameter) not in factor_parameters
     ]
     for parameter in frozen:
         parameter.requires_grad_(False)
@@ -98,11 +62,18 @@ def refine(
             validation_split,
             options,
             device=resolve_device(device),
-            progress=bool(refinement.get("progress", False)),
+            progress=refinement.progress,
         )
     finally:
+        # The refined model is saved and evaluated as a whole: nothing stays frozen.
         for parameter in frozen:
             parameter.requires_grad_(True)
         network.to("cpu")
-    record.update(options=asdict(options), epochs=history)
-    return ModelBundle(model=network, tokenizer=compressed_model.tokenizer), record
+    record = {
+        "refinement": refinement.describe(),
+        "trainable": refinement.trainable,
+        "options": dataclasses.asdict(options),
+        "epochs": history,
+    }
+    refined = dataclasses.replace(compressed_model, model=network)
+    return refined, with_fingerprint(record, compressed_model.model_fingerprint)

@@ -1,14 +1,25 @@
-"""``refinement``: per solver, compressed model → model fine-tuned after compression.
+"""``refinement``: fine-tune every compressed model after compression, and report it as its own rows.
 
-One namespace per solver in ``SOLVERS`` (as in ``factorization``): ``<solver>.compressed_model``
-→ ``<solver>.refined_model`` + ``<solver>.refinement_history``. Off unless
-``refinement.enabled`` is true; the evaluation pipeline then reports ``<metric>_refined`` beside
-each metric of the compressed model.
+Not part of ``__default__`` (a pipeline, not a parameter, switches it on, since Kedro builds
+pipelines before it reads parameters). Per solver in ``SOLVERS``, namespace ``refined.<solver>``:
+
+* ``refine``: ``<solver>.compressed_model`` → ``refined.<solver>.compressed_model`` +
+  ``refined.<solver>.refinement_history``;
+* the evaluation template of every solver (``refined.<solver>.evaluation_metrics``, with the
+  solver's ``<solver>.layer_report``) and one MLflow child run ``refined.<solver>``;
+
+then the comparison table, its Markdown and the accuracy-vs-parameters plot over every row
+(``dense``, the solvers, the refined solvers). ``kedro run --pipelines refinement`` after a
+default run refines its latest compressed models and rewrites the comparison with refined rows;
+``kedro run --pipelines refined`` is the whole run with refinement (see ``pipeline_registry``).
 """
 
 from kedro.pipeline import Node, Pipeline
 
 from weighted_lowrank.lowrank.solvers import SOLVERS
+from weighted_lowrank.pipelines.evaluation.pipeline import create_compressed_evaluation
+from weighted_lowrank.pipelines.reporting.pipeline import create_refined_reporting
+from weighted_lowrank.pipelines.reporting.run_history import REFINED_PREFIX
 
 from .nodes import refine
 
@@ -17,13 +28,13 @@ SHARED_PARAMETERS = {"params:model", "params:refinement", "params:seed", "params
 
 
 def create_solver_template() -> Pipeline:
-    """The un-namespaced refinement of one compressed model."""
+    """The un-namespaced refinement of one compressed model (``unrefined_model`` is the input)."""
     return Pipeline(
         [
             Node(
                 refine,
                 inputs=[
-                    "compressed_model",
+                    "unrefined_model",
                     "train_split",
                     "validation_split",
                     "params:model",
@@ -31,7 +42,7 @@ def create_solver_template() -> Pipeline:
                     "params:seed",
                     "params:device",
                 ],
-                outputs=["refined_model", "refinement_history"],
+                outputs=["compressed_model", "refinement_history"],
                 name="refine",
                 tags=["refinement"],
             )
@@ -39,13 +50,17 @@ def create_solver_template() -> Pipeline:
     )
 
 
-def create_pipeline(**kwargs) -> Pipeline:
+def create_refine_pipeline() -> Pipeline:
+    """Only the refine nodes: ``<solver>.compressed_model`` → ``refined.<solver>.*``."""
     return sum(
         (
             Pipeline(
                 create_solver_template(),
-                namespace=solver,
-                inputs=SHARED_INPUTS,
+                namespace=f"{REFINED_PREFIX}{solver}",
+                inputs={
+                    "unrefined_model": f"{solver}.compressed_model",
+                    **{name: name for name in SHARED_INPUTS},
+                },
                 parameters=SHARED_PARAMETERS,
                 tags=[solver],
             )
@@ -53,3 +68,11 @@ def create_pipeline(**kwargs) -> Pipeline:
         ),
         Pipeline([]),
     )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    """Refine, evaluate and report the refined rows; the comparison over every row."""
+    evaluations = [
+        create_compressed_evaluation(f"{REFINED_PREFIX}{solver}", solver) for solver in SOLVERS
+    ]
+    return sum(evaluations, create_refine_pipeline()) + create_refined_reporting()

@@ -1,29 +1,37 @@
-"""Nodes of the ``reporting`` pipeline: MLflow child runs, comparison table and plots."""
+"""Nodes of the ``reporting`` pipeline: MLflow child runs, comparison table and plots.
+
+Rows are named by namespace: ``dense``, one per solver and, after the ``refinement`` pipeline,
+``refined.<solver>`` for each solver's model fine-tuned after compression. Every row's record is
+``{"model_fingerprint", "metrics"}`` (evaluation); the metric names are the same in every row.
+"""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
 
+from weighted_lowrank.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
 from weighted_lowrank.lowrank.targets import describe_module
-from weighted_lowrank.run_history import task_metric
+from weighted_lowrank.parameters import (
+    CompressionParams,
+    DataParams,
+    ModelParams,
+    RefinementParams,
+    ReportingParams,
+)
+
+from .run_history import base_solver, is_refined, task_metric
 
 #: Columns of the comparison table, in reading order (absent task metrics are dropped).
 _TABLE_COLUMNS = [
     "namespace",
     "accuracy",
-    "accuracy_refined",
     "f1",
-    "f1_refined",
     "mcc",
-    "mcc_refined",
     "pearson",
-    "pearson_refined",
     "spearman",
-    "spearman_refined",
     "weighted_loss_rel_svd",
     "params_kept",
     "params_ratio_layers",
@@ -34,69 +42,111 @@ _TABLE_COLUMNS = [
     "latency_dense_ms",
     "factorization_seconds",
 ]
+DEFAULT_TARGETS = "default: attention Q/K/V/O + FFN"
 
 
 def child_run_record(
-    namespace: str,
-    metrics: dict[str, float],
-    compression: dict[str, Any],
-    model: dict[str, Any],
-    data: dict[str, Any],
+    evaluation: dict[str, Any],
+    compression: CompressionParams,
+    model: ModelParams,
+    data: DataParams,
     seed: int,
-    refinement: dict[str, Any],
+    *,
+    namespace: str,
 ) -> dict[str, Any]:
-    """Params + metrics of one MLflow child run; the same names for every solver and ``dense``.
+    """Params + metrics of the MLflow child run of row ``namespace`` (``dense`` or a solver).
 
-    ``refinement`` says what the ``*_refined`` metrics measure: ``off``, or which parameters were
-    trained for how many epochs (``dense`` is never refined; its ``*_refined`` are its own).
+    The same param and metric names in every row; ``refinement`` is ``off`` (see
+    :func:`refined_child_run_record`). Tags: ``kind`` (dense or solver) and the lineage
+    fingerprint. (``namespace`` comes last, keyword-only: Kedro maps a node's inputs onto the
+    leading parameters, whose annotations say which blocks it builds as typed objects.)
     """
-    task = data["glue"]["task"] if data.get("source") == "glue" else data.get("source", "catalog")
+    kind = "dense" if namespace == "dense" else "solver"
+    return _child_run(evaluation, compression, model, data, seed, namespace, "off", kind)
+
+
+def refined_child_run_record(
+    evaluation: dict[str, Any],
+    compression: CompressionParams,
+    model: ModelParams,
+    data: DataParams,
+    seed: int,
+    refinement: RefinementParams,
+    *,
+    namespace: str,
+) -> dict[str, Any]:
+    """:func:`child_run_record` of a ``refined.<solver>`` row: its ``refinement`` param says
+    which parameters were trained for how many epochs (:meth:`RefinementParams.describe`)."""
+    return _child_run(
+        evaluation, compression, model, data, seed, namespace, refinement.describe(), "refined"
+    )
+
+
+def _child_run(
+    evaluation: dict[str, Any],
+    compression: CompressionParams,
+    model: ModelParams,
+    data: DataParams,
+    seed: int,
+    namespace: str,
+    refinement: str,
+    kind: str,
+) -> dict[str, Any]:
     is_dense = namespace == "dense"
+    targets = compression.targets
     params = {
         "solver": namespace,
-        "budget": 1.0 if is_dense else compression["budget"],
+        "budget": 1.0 if is_dense else compression.budget,
         "rank_rule": "dense" if is_dense else "floor(budget*out*in/(out+in)) per targeted layer",
-        "targets": str(compression.get("targets") or "default: attention Q/K/V/O + FFN"),
-        "model": model["source"],
-        "task": task,
+        # A list of module names reads as it is written in the YAML.
+        "targets": str(list(targets) if isinstance(targets, tuple) else targets or DEFAULT_TARGETS),
+        "model": model.source,
+        "task": data.glue.task if data.source == "glue" else data.source,
         "seed": seed,
-        "refinement": (
-            f"{refinement.get('trainable', 'all')}, {refinement.get('epochs')} epoch(s)"
-            if refinement.get("enabled")
-            else "off"
-        ),
+        "refinement": refinement,
     }
+    fingerprint = fingerprint_of(evaluation)
     return {
         "params": params,
-        "metrics": dict(metrics),
-        "tags": {"kind": "dense" if is_dense else "solver"},
+        "metrics": dict(evaluation["metrics"]),
+        "tags": {"kind": kind, **({FINGERPRINT_KEY: fingerprint} if fingerprint else {})},
     }
 
 
-def comparison_table(**evaluations: dict[str, float]) -> pd.DataFrame:
-    """One row per namespace (dense first), the evaluation metrics side by side."""
+def row_order(namespaces: list[str]) -> list[str]:
+    """``dense``, then the solvers, then the refined solvers (each group sorted)."""
+    solvers = sorted(name for name in namespaces if name != "dense" and not is_refined(name))
+    refined = sorted(name for name in namespaces if is_refined(name))
+    return ["dense", *solvers, *refined]
+
+
+def comparison_table(**evaluations: dict[str, Any]) -> pd.DataFrame:
+    """One row per namespace (dense first), the evaluation metrics side by side.
+
+    The table carries the fingerprint of the fine-tuned model its rows were made from.
+    """
     if "dense" not in evaluations:
         raise ValueError(
             f"comparison needs the dense evaluation; got namespaces {sorted(evaluations)}"
         )
-    rows = [{"namespace": name, **metrics} for name, metrics in evaluations.items()]
-    table = pd.DataFrame(rows)
-    order = ["dense"] + sorted(name for name in evaluations if name != "dense")
-    table = table.set_index("namespace").loc[order].reset_index()
+    order = row_order(list(evaluations))
+    table = pd.DataFrame([{"namespace": name, **evaluations[name]["metrics"]} for name in order])
     columns = [column for column in _TABLE_COLUMNS if column in table.columns]
-    return table[columns + [column for column in table.columns if column not in columns]]
+    table = table[columns + [column for column in table.columns if column not in columns]]
+    return with_fingerprint(table, fingerprint_of(evaluations["dense"]))
 
 
-def comparison_markdown(table: pd.DataFrame, compression: dict[str, Any]) -> str:
+def comparison_markdown(table: pd.DataFrame, compression: CompressionParams) -> str:
     """The comparison table as Markdown, saying what the ratios count."""
     header = (
-        f"# Solver comparison at budget {compression['budget']}\n\n"
+        f"# Solver comparison at budget {compression.budget}\n\n"
         "`params_ratio_layers`: parameters kept in the targeted Linear layers / their dense count; "
         "`params_ratio_model`: whole-model parameters / dense whole model (both counted from the saved "
         "tensors). `weighted_loss_rel_svd`: Σ_layers weighted loss / SVD's, under the same Fisher. "
         "`latency_ratio`: median CPU forward latency / dense, measured in the same process.\n\n"
     )
-    return header + markdown_table(table) + "\n"
+    shown = table.drop(columns=[FINGERPRINT_KEY], errors="ignore")
+    return header + markdown_table(shown) + "\n"
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -118,39 +168,46 @@ def markdown_table(table: pd.DataFrame) -> str:
 def accuracy_vs_params_figure(table: pd.DataFrame) -> Figure:
     """Task metric against whole-model parameters kept, one point per solver, dense as a line.
 
-    When the table has ``<metric>_refined`` (refinement enabled), each solver also gets a hollow
-    marker for its model fine-tuned after compression, joined to the unrefined one.
+    Each ``refined.<solver>`` row is a hollow marker in its solver's colour, joined to the
+    solver's point (the model before and after fine-tuning after compression).
     """
     metric = task_metric(table)
-    refined = f"{metric}_refined"
     figure = Figure(figsize=(7, 4.5))
     axis = figure.subplots()
-    dense = table[table["namespace"] == "dense"].iloc[0]
-    axis.axhline(dense[metric], color="black", linestyle="--", label="dense")
-    for _, row in table[table["namespace"] != "dense"].iterrows():
+    rows = table.set_index("namespace")
+    axis.axhline(rows.loc["dense", metric], color="black", linestyle="--", label="dense")
+    colours = {}
+    for name, row in rows.iterrows():
+        if name == "dense" or is_refined(name):
+            continue
         points = axis.scatter(row["params_ratio_model"], row[metric], s=40)
-        if refined in table:
-            colour = points.get_facecolor()[0]
-            axis.scatter(
-                row["params_ratio_model"], row[refined], s=40, facecolors="none", edgecolors=colour
-            )
-            axis.plot(
-                [row["params_ratio_model"]] * 2,
-                [row[metric], row[refined]],
-                color=colour,
-                linewidth=0.8,
-            )
+        colours[name] = points.get_facecolor()[0]
         axis.annotate(
-            row["namespace"],
+            name,
             (row["params_ratio_model"], row[metric]),
             xytext=(4, 4),
             textcoords="offset points",
         )
+    refined = [name for name in rows.index if is_refined(name)]
+    for name in refined:
+        row, solver = rows.loc[name], base_solver(name)
+        colour = colours.get(solver, "black")
+        axis.scatter(
+            row["params_ratio_model"], row[metric], s=40, facecolors="none", edgecolors=colour
+        )
+        if solver in colours:
+            base = rows.loc[solver]
+            axis.plot(
+                [base["params_ratio_model"], row["params_ratio_model"]],
+                [base[metric], row[metric]],
+                color=colour,
+                linewidth=0.8,
+            )
     axis.set_xlabel("parameters kept (whole model, fraction of dense)")
     axis.set_ylabel(f"test {metric}")
     axis.set_title(
         "Task quality vs size (hollow: fine-tuned after compression)"
-        if refined in table
+        if refined
         else "Task quality vs size, no re-fine-tuning"
     )
     axis.legend(loc="lower right")
@@ -175,25 +232,31 @@ def layer_loss_figure(**layer_reports: pd.DataFrame) -> Figure:
     return figure
 
 
-def convergence_figure(reporting: dict[str, Any], **layer_reports: pd.DataFrame) -> Figure:
-    """Loss vs seconds of every solver on the ``layers`` layers with the largest SVD gap."""
-    layers = int(reporting["convergence_layers"])
-    reference = next(iter(layer_reports.values()))
+def convergence_figure(reporting: ReportingParams, **tables: pd.DataFrame) -> Figure:
+    """Loss vs seconds of every solver on the ``layers`` layers with the largest SVD gap.
+
+    Keyword tables: ``<solver>_report`` (its layer report, for ``loss_rel_svd``) and
+    ``<solver>_convergence`` (its loss histories: module, step, seconds, loss).
+    """
+    layers = reporting.convergence_layers
+    reports = {k.removesuffix("_report"): v for k, v in tables.items() if k.endswith("_report")}
+    histories = {
+        k.removesuffix("_convergence"): v for k, v in tables.items() if k.endswith("_convergence")
+    }
+    reference = next(iter(reports.values()))
     gap = pd.concat(
-        [report.set_index("module")["loss_rel_svd"] for report in layer_reports.values()], axis=1
+        [report.set_index("module")["loss_rel_svd"] for report in reports.values()], axis=1
     ).min(axis=1)
     chosen = gap.sort_values().index[: max(1, min(layers, len(reference)))]
     figure = Figure(figsize=(4.5 * len(chosen), 4))
     axes = figure.subplots(1, len(chosen), squeeze=False)
     for axis, module in zip(axes[0], chosen, strict=True):
-        for solver, report in sorted(layer_reports.items()):
-            row = report.set_index("module").loc[module]
-            history = _history(row["history"])
+        for solver, table in sorted(histories.items()):
+            history = table[table["module"] == module].sort_values("step")
             if len(history) > 1:
-                seconds, losses = zip(*history, strict=True)
-                axis.plot(seconds, losses, label=solver)
+                axis.plot(history["seconds"], history["loss"], label=solver)
             else:
-                axis.scatter([history[0][0]], [history[0][1]], label=solver, marker="x")
+                axis.scatter(history["seconds"], history["loss"], label=solver, marker="x")
         axis.set_yscale("log")
         axis.set_xlabel("seconds")
         axis.set_title(_short_module_name(module), fontsize=9)
@@ -202,11 +265,6 @@ def convergence_figure(reporting: dict[str, Any], **layer_reports: pd.DataFrame)
     figure.suptitle("Solver convergence (layers where the weighted solvers gain most over SVD)")
     figure.tight_layout()
     return figure
-
-
-def _history(value: Any) -> list[tuple[float, float]]:
-    points = json.loads(value) if isinstance(value, str) else value
-    return [(float(seconds), float(loss)) for seconds, loss in points]
 
 
 def _short_module_name(name: str) -> str:

@@ -1,4 +1,9 @@
-"""``reporting``: evaluations + layer reports → MLflow child runs, comparison table, plots."""
+"""``reporting``: evaluations + layer reports → MLflow child runs, comparison table, plots.
+
+:func:`create_pipeline` (``reporting``, part of ``__default__``) reports the rows ``dense`` and
+one per solver; :func:`create_refined_reporting` (part of ``refinement``) adds the child runs of
+the ``refined.<solver>`` rows and makes the comparison (:data:`SUMMARY_NODES`) over every row.
+"""
 
 from functools import partial, update_wrapper
 
@@ -13,45 +18,42 @@ from .nodes import (
     comparison_table,
     convergence_figure,
     layer_loss_figure,
+    refined_child_run_record,
 )
+from .run_history import REFINED_PREFIX
 
 NAMESPACES = ("dense", *SOLVERS)
+REFINED_NAMESPACES = tuple(f"{REFINED_PREFIX}{solver}" for solver in SOLVERS)
+#: The nodes that compare rows: the comparison over every row replaces them in ``refined``.
+SUMMARY_NODES = ("comparison_table", "comparison_markdown", "accuracy_vs_params_plot")
+CHILD_RUN_PARAMETERS = ["params:compression", "params:model", "params:data", "params:seed"]
 
 
-def _child_run_pipeline(namespace: str) -> Pipeline:
-    record = update_wrapper(partial(child_run_record, namespace), child_run_record)
+def create_child_run_pipeline(namespace: str, refined: bool = False) -> Pipeline:
+    """``<namespace>.evaluation_metrics`` → ``<namespace>.mlflow_run`` (a refined row also reads
+    ``params:refinement``, which its ``refinement`` param describes)."""
+    function = refined_child_run_record if refined else child_run_record
+    record = update_wrapper(partial(function, namespace=namespace), function)
+    parameters = CHILD_RUN_PARAMETERS + (["params:refinement"] if refined else [])
     return Pipeline(
         [
             Node(
                 record,
-                inputs=[
-                    "evaluation_metrics",
-                    "params:compression",
-                    "params:model",
-                    "params:data",
-                    "params:seed",
-                    "params:refinement",
-                ],
+                inputs=["evaluation_metrics", *parameters],
                 outputs="mlflow_run",
                 name="record_child_run",
             )
         ],
         namespace=namespace,
         inputs={"evaluation_metrics": f"{namespace}.evaluation_metrics"},
-        parameters={
-            "params:compression",
-            "params:model",
-            "params:data",
-            "params:seed",
-            "params:refinement",
-        },
+        parameters=set(parameters),
     )
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    evaluations = {namespace: f"{namespace}.evaluation_metrics" for namespace in NAMESPACES}
-    layer_reports = {solver: f"{solver}.layer_report" for solver in SOLVERS}
-    summary = Pipeline(
+def create_summary_pipeline(namespaces: tuple[str, ...]) -> Pipeline:
+    """The comparison table, its Markdown and the accuracy-vs-parameters plot over ``namespaces``."""
+    evaluations = {namespace: f"{namespace}.evaluation_metrics" for namespace in namespaces}
+    return Pipeline(
         [
             Node(
                 comparison_table,
@@ -71,6 +73,20 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="accuracy_vs_params_plot",
                 name="accuracy_vs_params_plot",
             ),
+        ]
+    )
+
+
+def create_refined_reporting() -> Pipeline:
+    """Child runs of the ``refined.<solver>`` rows and the comparison over every row."""
+    child_runs = [create_child_run_pipeline(name, refined=True) for name in REFINED_NAMESPACES]
+    return sum(child_runs, create_summary_pipeline(NAMESPACES + REFINED_NAMESPACES))
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    layer_reports = {solver: f"{solver}.layer_report" for solver in SOLVERS}
+    figures = Pipeline(
+        [
             Node(
                 layer_loss_figure,
                 inputs=layer_reports,
@@ -79,10 +95,15 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 convergence_figure,
-                inputs={"reporting": "params:reporting", **layer_reports},
+                inputs={
+                    "reporting": "params:reporting",
+                    **{f"{solver}_report": f"{solver}.layer_report" for solver in SOLVERS},
+                    **{f"{solver}_convergence": f"{solver}.convergence" for solver in SOLVERS},
+                },
                 outputs="convergence_plot",
                 name="convergence_plot",
             ),
         ]
     )
-    return sum((_child_run_pipeline(namespace) for namespace in NAMESPACES), summary)
+    child_runs = [create_child_run_pipeline(namespace) for namespace in NAMESPACES]
+    return sum(child_runs, create_summary_pipeline(NAMESPACES) + figures)

@@ -19,6 +19,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,19 +29,20 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from weighted_lowrank.hf import ModelBundle
+from weighted_lowrank.lineage import fingerprint_of, with_fingerprint
 from weighted_lowrank.lowrank.devices import resolve_device
-from weighted_lowrank.lowrank.fisher import model_fingerprint
+from weighted_lowrank.lowrank.fingerprint import model_fingerprint
+from weighted_lowrank.lowrank.layer import lowrank_ranks
 from weighted_lowrank.lowrank.risk import RISK_STATISTICS
-from weighted_lowrank.lowrank.surgery import lowrank_ranks
+from weighted_lowrank.lowrank.risk import spearman as spearman_rho
 from weighted_lowrank.lowrank.targets import ordered_kinds
-from weighted_lowrank.parameters import check_bool, check_keys, check_positive_int
-from weighted_lowrank.training import check_split, evaluate_classifier
+from weighted_lowrank.parameters import ModelParams, RiskValidationParams
+from weighted_lowrank.training import evaluate_classifier
 
 logger = logging.getLogger(__name__)
 
 #: The element-wise weighted solver whose compressed model is compared with ``svd``'s.
 WEIGHTED_SOLVER = "tfwsvd"
-RISK_VALIDATION_KEYS = ("batch_size", "max_examples", "statistics", "curvature")
 #: What the statistics are correlated with (when in the table): short name for MLflow metrics.
 OUTCOMES = {
     "svd_loss_increase": "damage",
@@ -76,42 +78,13 @@ _MEASURED = (
 )
 
 
-def check_options(risk_validation: dict[str, Any]) -> dict[str, Any]:
-    """The checked ``params:risk_validation`` with defaults filled in."""
-    check_keys("risk_validation", risk_validation, RISK_VALIDATION_KEYS)
-    options = {
-        "batch_size": 128,
-        "max_examples": None,
-        "statistics": None,
-        "curvature": False,
-        **risk_validation,
-    }
-    check_bool("risk_validation.curvature", options["curvature"])
-    check_positive_int("risk_validation.batch_size", options["batch_size"])
-    check_positive_int("risk_validation.max_examples", options["max_examples"], allow_none=True)
-    statistics = options["statistics"]
-    if statistics is not None:
-        if isinstance(statistics, str) or not all(isinstance(s, str) for s in statistics):
-            raise ValueError(
-                f"parameter risk_validation.statistics={statistics!r}: expected a list of "
-                "layer_risk column names or null"
-            )
-        options["statistics"] = list(statistics)
-    return options
-
-
 def check_layers(
-    dense_model: ModelBundle,
-    svd_model: ModelBundle,
-    weighted_model: ModelBundle,
-    layer_risk: pd.DataFrame,
+    svd_model: ModelBundle, weighted_model: ModelBundle, layer_risk: pd.DataFrame
 ) -> dict[str, int]:
-    """``{module: rank}`` in ``layer_risk`` order, after checking that the inputs agree.
+    """``{module: rank}`` in ``layer_risk`` order, once the three agree on modules and ranks.
 
-    Both compressed models must hold the same low-rank modules with the same ranks, and those
-    must be the modules (and ranks) of ``layer_risk``; every other tensor of the compressed
-    models must equal the dense model's, and ``layer_risk``'s ``model_fingerprint`` (when present)
-    the dense model's; otherwise they come from different runs.
+    Lineage (``hooks.LineageCheck``) says the inputs come from one fine-tuned model; it cannot
+    tell that they were compressed at one budget and targets, which this checks.
     """
     svd = lowrank_ranks(svd_model.model)
     weighted = lowrank_ranks(weighted_model.model)
@@ -153,25 +126,6 @@ def check_layers(
                 f"layer_risk's ranks differ from the compressed models' (layer_risk, models): "
                 f"{dict(list(wrong.items())[:5])}; were they built at the same budget?"
             )
-    fingerprint = model_fingerprint(dense_model.model)
-    recorded = set(layer_risk.get("model_fingerprint", pd.Series(dtype=str)).dropna())
-    if recorded and recorded != {fingerprint}:
-        raise ValueError(
-            f"layer_risk was computed on model {sorted(recorded)}, but fine_tuned_model is "
-            f"{fingerprint}; rerun svd_risk on it or pin matching versions with --load-versions"
-        )
-    dense = dense_model.model.state_dict()
-    for solver, bundle in (("svd", svd_model), (WEIGHTED_SOLVER, weighted_model)):
-        prefixes = tuple(f"{name}." for name in svd)
-        for key, tensor in bundle.model.state_dict().items():
-            if key.startswith(prefixes):
-                continue
-            if key not in dense or not torch.equal(dense[key].cpu(), tensor.cpu()):
-                raise ValueError(
-                    f"{solver}.compressed_model's {key} differs from fine_tuned_model's; was it "
-                    "compressed from another fine-tuned model? Pin matching versions with "
-                    "--load-versions"
-                )
     return {module: svd[module] for module in modules}
 
 
@@ -181,8 +135,8 @@ def measure_layer_damage(
     weighted_compressed_model: ModelBundle,
     validation_split: pd.DataFrame,
     layer_risk: pd.DataFrame,
-    model: dict[str, Any],
-    risk_validation: dict[str, Any],
+    model: ModelParams,
+    risk_validation: RiskValidationParams,
     device: str,
 ) -> pd.DataFrame:
     """Validation loss and accuracy with each targeted layer compressed alone, per solver.
@@ -194,38 +148,23 @@ def measure_layer_damage(
     ``svd_mirror_loss`` (weight 2W − W_svd), ``svd_first_order`` and ``svd_curvature_damage``
     (module docstring), then ``seconds`` (the layer's evaluations) and the constants
     ``dense_loss``, ``dense_accuracy``, ``examples``. Accuracies are NaN for a regression model.
-    ``risk_validation.max_examples`` keeps the first rows of the split.
+    ``risk_validation.max_examples`` keeps the first rows of the split (it is shuffled).
     """
-    options = check_options(risk_validation)
-    ranks = check_layers(
-        fine_tuned_model, svd_compressed_model, weighted_compressed_model, layer_risk
-    )
+    ranks = check_layers(svd_compressed_model, weighted_compressed_model, layer_risk)
     frame = validation_split
-    if options["max_examples"] is not None:
-        frame = frame.head(options["max_examples"])
-    check_split(frame, "validation_split")
+    if risk_validation.max_examples is not None:
+        frame = frame.head(risk_validation.max_examples)
     run_device = resolve_device(device)
     working = copy.deepcopy(fine_tuned_model.model).to(run_device).eval()
     sources = {"svd": svd_compressed_model.model, WEIGHTED_SOLVER: weighted_compressed_model.model}
-    for name in ranks:
-        dense = working.get_submodule(name)
-        compressed = sources["svd"].get_submodule(name)
-        if (
-            getattr(dense, "in_features", None),
-            getattr(dense, "out_features", None),
-        ) != (compressed.in_features, compressed.out_features):
-            raise ValueError(
-                f"fine_tuned_model's {name} is {dense}, which the compressed {compressed} cannot "
-                "replace; were the compressed models built from this fine-tuned model?"
-            )
 
     def evaluate() -> tuple[float, float]:
         scores = evaluate_classifier(
             working,
             fine_tuned_model.tokenizer,
             frame,
-            int(model["max_length"]),
-            batch_size=options["batch_size"],
+            model.max_length,
+            batch_size=risk_validation.batch_size,
             device=run_device,
         )
         return scores["loss"], scores.get("accuracy", math.nan)
@@ -234,24 +173,9 @@ def measure_layer_damage(
     measured = []
     for index, name in enumerate(ranks):
         started = time.perf_counter()
-        row: dict[str, float] = {}
-        original = working.get_submodule(name)
-        for solver, source in sources.items():
-            working.set_submodule(name, copy.deepcopy(source.get_submodule(name)).to(run_device))
-            try:
-                row[f"{solver}_loss"], row[f"{solver}_accuracy"] = evaluate()
-            finally:
-                working.set_submodule(name, original)
-        if options["curvature"]:
-            mirrored = copy.deepcopy(original)
-            approximation = sources["svd"].get_submodule(name).dense_weight().detach()
-            with torch.no_grad():
-                mirrored.weight.copy_(2 * original.weight - approximation.to(original.weight))
-            working.set_submodule(name, mirrored)
-            try:
-                row["svd_mirror_loss"], _ = evaluate()
-            finally:
-                working.set_submodule(name, original)
+        row = _measure_layer(
+            working, name, sources, evaluate, risk_validation.curvature, run_device
+        )
         row["seconds"] = time.perf_counter() - started
         measured.append(row)
         logger.info(
@@ -264,19 +188,59 @@ def measure_layer_damage(
             row[f"{WEIGHTED_SOLVER}_loss"] - dense_loss,
             row["seconds"],
         )
+    table = _damage_table(layer_risk, pd.DataFrame(measured), dense_loss, dense_accuracy)
+    table["examples"] = len(frame)
+    return with_fingerprint(table, model_fingerprint(fine_tuned_model.model))
+
+
+def _measure_layer(
+    working: torch.nn.Module,
+    name: str,
+    sources: dict[str, torch.nn.Module],
+    evaluate: Callable[[], tuple[float, float]],
+    curvature: bool,
+    device: torch.device,
+) -> dict[str, float]:
+    """Loss and accuracy of ``working`` with its layer ``name`` taken from each source in turn
+    (and, with ``curvature``, with the mirrored weight 2W − W_svd); ``working`` is restored."""
+    row: dict[str, float] = {}
+    original = working.get_submodule(name)
+    for solver, source in sources.items():
+        working.set_submodule(name, copy.deepcopy(source.get_submodule(name)).to(device))
+        try:
+            row[f"{solver}_loss"], row[f"{solver}_accuracy"] = evaluate()
+        finally:
+            working.set_submodule(name, original)
+    if curvature:
+        mirrored = copy.deepcopy(original)
+        approximation = sources["svd"].get_submodule(name).dense_weight().detach()
+        with torch.no_grad():
+            mirrored.weight.copy_(2 * original.weight - approximation.to(original.weight))
+        working.set_submodule(name, mirrored)
+        try:
+            row["svd_mirror_loss"], _ = evaluate()
+        finally:
+            working.set_submodule(name, original)
+    return row
+
+
+def _damage_table(
+    layer_risk: pd.DataFrame, results: pd.DataFrame, dense_loss: float, dense_accuracy: float
+) -> pd.DataFrame:
+    """``layer_risk`` (descriptive columns first) with the measured columns appended."""
     table = layer_risk.reset_index(drop=True).copy()
     first = [column for column in ("module", "layer", "kind", "rank") if column in table.columns]
     table = table[first + [column for column in table.columns if column not in first]]
-    results = pd.DataFrame(measured)
-    for solver in sources:
+    solvers = ("svd", WEIGHTED_SOLVER)
+    for solver in solvers:
         table[f"{solver}_loss"] = results[f"{solver}_loss"]
         table[f"{solver}_accuracy"] = results[f"{solver}_accuracy"]
-    for solver in sources:
+    for solver in solvers:
         table[f"{solver}_loss_increase"] = results[f"{solver}_loss"] - dense_loss
-    for solver in sources:
+    for solver in solvers:
         table[f"{solver}_accuracy_drop"] = dense_accuracy - results[f"{solver}_accuracy"]
     table["weighted_gain"] = table["svd_loss_increase"] - table[f"{WEIGHTED_SOLVER}_loss_increase"]
-    if options["curvature"]:
+    if "svd_mirror_loss" in results.columns:
         table["svd_mirror_loss"] = results["svd_mirror_loss"]
         table["svd_first_order"] = (results["svd_loss"] - results["svd_mirror_loss"]) / 2
         table["svd_curvature_damage"] = (
@@ -285,7 +249,6 @@ def measure_layer_damage(
     table["seconds"] = results["seconds"]
     table["dense_loss"] = dense_loss
     table["dense_accuracy"] = dense_accuracy
-    table["examples"] = len(frame)
     return table
 
 
@@ -313,11 +276,11 @@ def spearman(x: pd.Series, y: pd.Series) -> dict[str, float | int | None]:
     if n < 3 or both["x"].nunique() < 2 or both["y"].nunique() < 2:
         return {"rho": None, "p_value": None, "n": n}
     result = stats.spearmanr(both["x"], both["y"])
-    return {"rho": float(result.statistic), "p_value": float(result.pvalue), "n": n}
+    return {"rho": spearman_rho(both["x"], both["y"]), "p_value": float(result.pvalue), "n": n}
 
 
 def summarize_risk_validation(
-    risk_validation_table: pd.DataFrame, risk_validation: dict[str, Any]
+    risk_validation_table: pd.DataFrame, risk_validation: RiskValidationParams
 ) -> dict[str, Any]:
     """Spearman correlations of every statistic with SVD's damage and with the weighted gain.
 
@@ -328,9 +291,8 @@ def summarize_risk_validation(
     accuracy, layer and example counts, damage and gain totals; with ``svd_taylor_loss``, its
     total over the measured damage's (and over the curvature damage's).
     """
-    options = check_options(risk_validation)
     table = risk_validation_table
-    statistics = _statistics(table, options["statistics"])
+    statistics = _statistics(table, risk_validation.statistics)
     outcomes = [outcome for outcome in OUTCOMES if outcome in table.columns]
     correlations = {
         outcome: {name: spearman(table[name], table[outcome]) for name in statistics}
@@ -372,7 +334,7 @@ def summarize_risk_validation(
         ):
             if column in table.columns and table[column].sum() != 0:
                 summary[key] = float(table["svd_taylor_loss"].sum() / table[column].sum())
-    return summary
+    return with_fingerprint(summary, fingerprint_of(table))
 
 
 def risk_validation_metrics(risk_validation_summary: dict[str, Any]) -> dict[str, dict]:

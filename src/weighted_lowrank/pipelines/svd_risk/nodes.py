@@ -1,9 +1,8 @@
 """Nodes of ``svd_risk``: risk statistics per layer, their per-model summary, and a heatmap.
 
-Parameters (``params:svd_risk``): ``statistic`` (which column of the table drives ``risk``, one of
-:data:`~weighted_lowrank.lowrank.risk.RISK_STATISTICS`), ``thresholds`` (``{statistic: value}``;
-a layer is high risk when its statistic ≥ the selected statistic's threshold), ``top_fraction``
-and ``compare_solvers`` (see :func:`~weighted_lowrank.lowrank.risk.layer_statistics`).
+``params:svd_risk`` (:class:`~weighted_lowrank.parameters.SvdRiskParams`) picks the statistic
+that drives the high/low ``risk`` column and its threshold; the rest of the statistics are
+described by :func:`~weighted_lowrank.lowrank.risk.layer_statistics`.
 """
 
 from __future__ import annotations
@@ -19,87 +18,47 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from weighted_lowrank.hf import ModelBundle
+from weighted_lowrank.lineage import fingerprint_of, with_fingerprint
 from weighted_lowrank.lowrank.devices import resolve_device
-from weighted_lowrank.lowrank.fisher import check_fisher_information, validate_fisher
-from weighted_lowrank.lowrank.risk import (
-    RISK_STATISTICS,
-    check_risk_statistic,
-    layer_statistics,
-    risk_summary,
-)
+from weighted_lowrank.lowrank.fingerprint import model_fingerprint
+from weighted_lowrank.lowrank.fisher import validate_fisher
+from weighted_lowrank.lowrank.risk import layer_statistics, risk_summary
 from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS, ordered_kinds
-from weighted_lowrank.parameters import check_keys
+from weighted_lowrank.parameters import CompressionParams, SvdRiskParams
 
-SVD_RISK_KEYS = ("statistic", "thresholds", "top_fraction", "compare_solvers")
 #: How each statistic is named in plot titles.
 STATISTIC_LABELS = {"phi": "φ(W) = Var(I / mean I)"}
-
-
-def risk_rule(svd_risk: dict[str, Any], num_examples: int | None = 1) -> tuple[str, float]:
-    """``(statistic, threshold)`` that assign the high/low ``risk`` column, checked."""
-    hint = (
-        "; phi_threshold is now thresholds.phi (with statistic: phi)"
-        if "phi_threshold" in svd_risk
-        else ""
-    )
-    check_keys("svd_risk", svd_risk, SVD_RISK_KEYS, hint)
-    statistic = check_risk_statistic(
-        svd_risk.get("statistic", "phi"),
-        bool(svd_risk.get("compare_solvers", True)),
-        num_examples,
-    )
-    thresholds = svd_risk.get("thresholds") or {}
-    if not isinstance(thresholds, dict):
-        raise ValueError(
-            f"svd_risk.thresholds must map statistic names to numbers, got {thresholds!r}"
-        )
-    unknown = sorted(set(thresholds) - set(RISK_STATISTICS))
-    if unknown:
-        raise ValueError(
-            f"svd_risk.thresholds names unknown statistics {unknown}; expected some of "
-            f"{list(RISK_STATISTICS)}"
-        )
-    threshold = thresholds.get(statistic)
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, int | float)
-        or math.isnan(threshold)
-    ):
-        raise ValueError(
-            f"svd_risk.thresholds.{statistic} must be a number (the selected statistic "
-            f"{statistic!r} needs a threshold), got {threshold!r}"
-        )
-    return statistic, float(threshold)
 
 
 def compute_layer_risk(
     fine_tuned_model: ModelBundle,
     fisher_information: dict[str, Any],
-    svd_risk: dict[str, Any],
-    budget: float,
+    svd_risk: SvdRiskParams,
+    compression: CompressionParams,
     device: str,
 ) -> pd.DataFrame:
-    """One row of risk statistics per Fisher tensor (see ``layer_statistics``), plus the
-    ``model_fingerprint`` of the fine-tuned model they were computed on."""
+    """One row of risk statistics per Fisher tensor (see ``layer_statistics``) at the budget the
+    solvers use, stamped with the fine-tuned model's fingerprint (lineage).
+
+    A Taylor statistic needs the number of examples the Fisher sums over: only its metadata
+    knows it, so ``layer_statistics`` refuses that statistic here when it is not recorded.
+    """
     model = fine_tuned_model.model
-    fisher, metadata, fingerprint = check_fisher_information(fisher_information, model)
+    fisher, metadata = fisher_information["tensors"], fisher_information["metadata"]
     modules = validate_fisher(model, fisher, targets=_recorded_targets(metadata))
-    num_examples = _recorded_examples(metadata)
-    statistic, threshold = risk_rule(svd_risk, num_examples)
     weights = {f"{name}.weight": module.weight.detach().cpu() for name, module in modules.items()}
     rows = layer_statistics(
         weights,
         fisher,
-        budget=budget,
-        statistic=statistic,
-        threshold=threshold,
-        top_fraction=svd_risk.get("top_fraction", 0.01),
-        compare_solvers=bool(svd_risk.get("compare_solvers", True)),
-        num_examples=num_examples,
+        budget=compression.budget,
+        statistic=svd_risk.statistic,
+        threshold=svd_risk.threshold,
+        top_fraction=svd_risk.top_fraction,
+        compare_solvers=svd_risk.compare_solvers,
+        num_examples=_recorded_examples(metadata),
         device=str(resolve_device(device)),
     )
-    # Lets later consumers (risk_validation) check that the table belongs to their model.
-    return pd.DataFrame(rows).assign(model_fingerprint=fingerprint)
+    return with_fingerprint(pd.DataFrame(rows), model_fingerprint(model))
 
 
 def _recorded_examples(metadata: dict[str, str]) -> int | None:
@@ -132,21 +91,23 @@ def _recorded_targets(metadata: dict[str, str]) -> Any:
     return DEFAULT_TARGETS if targets is None else targets
 
 
-def summarize_risk(layer_risk: pd.DataFrame, svd_risk: dict[str, Any]) -> dict[str, Any]:
-    """Per-model aggregates of the risk table (JSON)."""
-    statistic, threshold = risk_rule(svd_risk)
+def summarize_risk(layer_risk: pd.DataFrame, svd_risk: SvdRiskParams) -> dict[str, Any]:
+    """Per-model aggregates of the risk table (JSON), with the table's lineage."""
     summary = risk_summary(
-        layer_risk.to_dict(orient="records"), statistic=statistic, threshold=threshold
+        layer_risk.to_dict(orient="records"),
+        statistic=svd_risk.statistic,
+        threshold=svd_risk.threshold,
     )
-    return {key: _json_safe(value) for key, value in summary.items()}
+    record = {key: _json_safe(value) for key, value in summary.items()}
+    return with_fingerprint(record, fingerprint_of(layer_risk))
 
 
-def plot_risk_heatmap(layer_risk: pd.DataFrame, svd_risk: dict[str, Any]) -> Figure:
+def plot_risk_heatmap(layer_risk: pd.DataFrame, svd_risk: SvdRiskParams) -> Figure:
     """The risk statistic (φ by default) per layer × module kind on a log colour scale.
 
     Cells of high-risk layers are outlined; non-positive values are left blank.
     """
-    statistic, threshold = risk_rule(svd_risk)
+    statistic, threshold = svd_risk.statistic, svd_risk.threshold
     if statistic not in layer_risk.columns:
         raise ValueError(
             f"layer_risk has no column {statistic!r} (svd_risk.statistic); it has "

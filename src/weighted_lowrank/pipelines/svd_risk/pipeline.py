@@ -14,7 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "fine_tuned_model",
                     "fisher_information",
                     "params:svd_risk",
-                    "params:compression.budget",
+                    "params:compression",
                     "params:device",
                 ],
                 outputs="layer_risk",

@@ -120,6 +120,32 @@ def make_tiny_bundle(
     return ModelBundle(model=model, tokenizer=tokenizer)
 
 
+TEXTS = [
+    "good great fine film",
+    "a terrible dull movie",
+    "the plot was awful",
+    "wonderful acting",
+]
+
+
+def logits_of(model, tokenizer) -> torch.Tensor:
+    """The model's logits on a few fixed sentences (for save/load and surgery round trips)."""
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def random_fisher(model, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A positive random importance for every default-targeted weight of ``model``."""
+    from weighted_lowrank.lowrank.targets import select_linear_modules
+
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        f"{name}.weight": torch.rand(module.weight.shape, generator=generator) + 0.05
+        for name, module in select_linear_modules(model).items()
+    }
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny models run many times faster on one thread, above all on a busy shared machine."""

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import make_tiny_bundle
+from tests.conftest import logits_of, make_tiny_bundle, random_fisher
 from weighted_lowrank.lowrank.compression import (
     apply_factors,
     compress_model,
@@ -21,22 +21,6 @@ from weighted_lowrank.lowrank.layer import lowrank_modules
 from weighted_lowrank.lowrank.objective import FactorizationResult, rank_for_budget, weighted_loss
 from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, solver_options
 from weighted_lowrank.lowrank.targets import select_linear_modules
-
-TEXTS = ["good great fine film", "a terrible dull movie", "the plot was awful", "wonderful acting"]
-
-
-def logits_of(bundle_model, tokenizer) -> torch.Tensor:
-    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return bundle_model(**batch).logits
-
-
-def random_fisher(model, seed: int = 1) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        f"{name}.weight": torch.rand(module.weight.shape, generator=generator) + 0.05
-        for name, module in select_linear_modules(model).items()
-    }
 
 
 def fast_options(solver: str) -> dict:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, BertForSequenceClassification
 
+from tests.conftest import TEXTS, logits_of, random_fisher
 from weighted_lowrank.lowrank.compression import compress_model
 from weighted_lowrank.lowrank.layer import lowrank_modules, lowrank_ranks
 from weighted_lowrank.lowrank.serialization import (
@@ -25,22 +26,6 @@ from weighted_lowrank.lowrank.serialization import (
     tensors_for_saving,
 )
 from weighted_lowrank.lowrank.targets import select_linear_modules
-
-TEXTS = ["good great fine film", "a terrible dull movie", "the plot was awful", "wonderful acting"]
-
-
-def logits_of(bundle_model, tokenizer) -> torch.Tensor:
-    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return bundle_model(**batch).logits
-
-
-def random_fisher(model, seed: int = 1) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        f"{name}.weight": torch.rand(module.weight.shape, generator=generator) + 0.05
-        for name, module in select_linear_modules(model).items()
-    }
 
 
 def test_round_trip_gives_equal_logits_and_clear_keys(tmp_path, tiny_bundle):

@@ -229,7 +229,10 @@ def test_inputs_of_another_budget_or_targets_are_rejected_before_any_evaluation(
         ({"curvature": 1}, r"risk_validation\.curvature=1: expected true or false"),
         ({"batch_size": 0}, r"risk_validation\.batch_size=0: expected a positive int"),
         ({"max_examples": 0}, r"risk_validation\.max_examples=0: expected a positive int or null"),
-        ({"statistics": "phi"}, r"risk_validation\.statistics='phi': expected a non-empty list of strings"),
+        (
+            {"statistics": "phi"},
+            r"risk_validation\.statistics='phi': expected a non-empty list of strings",
+        ),
         ({"max_rows": 3}, r"risk_validation has unknown keys \['max_rows'\]"),
     ],
 )

@@ -200,7 +200,7 @@ def test_catalog_patterns_persist_each_solver_separately(factorized, tmp_path, m
     reference = svd_reference(bundle, fisher_information, COMPRESSION)
     catalog.save("svd_reference_loss", reference)
     pd.testing.assert_frame_equal(catalog.load("svd_reference_loss"), reference)
-    assert (tmp_path / "data" / "07_model_output" / "svd_reference_loss.parquet").is_file()
+    assert (tmp_path / "data" / "04_feature" / "svd_reference_loss.parquet").is_file()
     for solver in ("svd", "fwsvd", "adam_sgd"):
         catalog.save(f"{solver}.compressed_model", memory.load(f"{solver}.compressed_model"))
         for name in ("layer_report", "convergence"):

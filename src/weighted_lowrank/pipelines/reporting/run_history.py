@@ -178,3 +178,77 @@ def quality_vs_params_figure(latest: pd.DataFrame, metric: str | None = None) ->
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     return figure
+
+
+# ----------------------------------------------------------------------------- across seeds
+
+
+def latest_per_seed(table: pd.DataFrame) -> pd.DataFrame:
+    """The newest child run of every (solver, budget, seed), dense (budget 1) included.
+
+    A seed sweep (``python -m weighted_lowrank.sweep run``) makes one parent run per seed and
+    budget; re-running a seed replaces its rows.
+    """
+    if "seed" not in table:
+        raise ValueError("the child runs carry no `seed` param; run the pipeline (`kedro run`)")
+    keyed = table.assign(seed=table["seed"].astype(int))
+    return (
+        keyed.sort_values("started")
+        .groupby(["solver", "budget", "seed"], as_index=False)
+        .last()
+        .sort_values(["budget", "solver", "seed"], ignore_index=True)
+    )
+
+
+def seed_summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """Mean ± sd of the task metric over seeds, per (solver, budget); ``n`` seeds each.
+
+    ``table`` is :func:`latest_per_seed`'s; sd is the sample standard deviation (NaN for one seed).
+    """
+    metric = metric or task_metric(table)
+    grouped = table.groupby(["solver", "budget"])[metric]
+    summary = grouped.agg(n="count", mean="mean", sd="std").reset_index()
+    return _dense_first(summary)
+
+
+def seed_differences(
+    table: pd.DataFrame, reference: str = "fwsvd", metric: str | None = None
+) -> pd.DataFrame:
+    """Per (solver, budget): the per-seed differences of the task metric against ``reference``
+    at the same seed and budget (paired by seed), their mean and sd, and on how many seeds the
+    solver was ahead.
+
+    Columns: solver, budget, n, mean_diff, sd_diff, ahead, differences (seed → difference).
+    """
+    metric = metric or task_metric(table)
+    wide = table.pivot_table(index=["budget", "seed"], columns="solver", values=metric)
+    if reference not in wide:
+        raise ValueError(f"no {reference!r} child runs to compare against")
+    rows = []
+    for solver in sorted(set(wide.columns) - {reference, "dense"}):
+        for budget, group in (wide[solver] - wide[reference]).groupby(level="budget"):
+            values = group.dropna().droplevel("budget")
+            if values.empty:
+                continue
+            rows.append(
+                {
+                    "solver": solver,
+                    "budget": budget,
+                    "n": len(values),
+                    "mean_diff": values.mean(),
+                    "sd_diff": values.std(),
+                    "ahead": int((values > 0).sum()),
+                    "differences": {int(seed): float(value) for seed, value in values.items()},
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _dense_first(table: pd.DataFrame) -> pd.DataFrame:
+    order = table["solver"].ne("dense")
+    return (
+        table.assign(_order=order)
+        .sort_values(["_order", "budget", "solver"])
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )

@@ -1,12 +1,15 @@
-"""Paired comparison of two compressed models on the test split (exact McNemar test).
+"""Paired comparison of two rows of a run on the test split (exact McNemar test, bootstrap interval).
 
-Run ``python benchmarks/paired_test.py [--version V] SOLVER_A SOLVER_B [--refined]``: loads
-``<solver>.compressed_model`` (or ``refined.<solver>.compressed_model``, written by ``kedro run
---pipelines refined`` or ``refinement``) of the latest run or of save version ``V`` through the
-project's catalog, predicts the test split with both and reports on how many
-sentences they disagree, who is right on those, and the two-sided exact McNemar p-value (a
-binomial test on the discordant pairs). Accuracy differences between solvers are paired: the
-models see the same sentences, so this is the test that says whether a gap is noise.
+Run ``python benchmarks/paired_test.py [--version V] SOLVER_A SOLVER_B [--refined]``: compares
+``<solver>`` rows (or ``refined.<solver>``, written by ``kedro run --pipelines refined`` or
+``refinement``) of the latest run or of save version ``V`` — any two rows, where the run's own
+report (``comparison.md``, "Paired tests") compares every row with ``fwsvd`` and ``svd`` only.
+It reads their saved per-example predictions (``<row>.predictions``); for runs older than those,
+it loads ``<row>.compressed_model`` through the project's catalog and predicts the test split.
+It reports on how many sentences the two disagree (right vs wrong), who is right on those, the
+two-sided exact McNemar p-value and the paired bootstrap 95 % interval of the accuracy
+difference (``reporting.bootstrap_resamples`` / ``bootstrap_seed``), computed by
+``weighted_lowrank.pipelines.reporting.paired`` — the same code as the run's report.
 """
 
 from __future__ import annotations
@@ -17,11 +20,26 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 
+import numpy as np  # noqa: E402
+from kedro.io import DatasetError  # noqa: E402
 from project_catalog import project_catalog  # noqa: E402  (benchmarks/ is the script directory)
-from scipy import stats  # noqa: E402
 
+from weighted_lowrank.pipelines.reporting.paired import paired_comparison  # noqa: E402
 from weighted_lowrank.pipelines.reporting.run_history import REFINED_PREFIX  # noqa: E402
 from weighted_lowrank.training import predict  # noqa: E402
+
+
+def correct_per_example(catalog, row: str, test, max_length: int, batch_size: int) -> np.ndarray:
+    """Whether row ``row`` got each test example right, in test-split order."""
+    try:
+        predictions = catalog.load(f"{row}.predictions").sort_values("id")
+    except DatasetError:  # a run from before predictions were saved: predict again
+        bundle = catalog.load(f"{row}.compressed_model")
+        logits, _ = predict(bundle.model, bundle.tokenizer, test, max_length, batch_size)
+        return logits.argmax(axis=1) == test["label"].to_numpy()
+    if not np.array_equal(predictions["label"].to_numpy(), test["label"].to_numpy()):
+        raise SystemExit(f"{row}.predictions is not on the current test split")
+    return (predictions["prediction"] == predictions["label"]).to_numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,28 +49,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refined", action="store_true", help="compare the refined models")
     args = parser.parse_args(argv)
     prefix = REFINED_PREFIX if args.refined else ""
-    kind = f"{prefix}<solver>.compressed_model"
-    names = [f"{prefix}{solver}.compressed_model" for solver in args.solvers]
+    rows = [f"{prefix}{solver}" for solver in args.solvers]
+    pinned = [f"{row}.{name}" for row in rows for name in ("predictions", "compressed_model")]
 
-    catalog = project_catalog(dict.fromkeys(names, args.version) if args.version else None)
+    catalog = project_catalog(dict.fromkeys(pinned, args.version) if args.version else None)
     test = catalog.load("test_split")
     max_length = int(catalog.load("params:model")["max_length"])
     batch_size = int(catalog.load("params:evaluation")["batch_size"])
-    correct = []
-    for name in names:
-        bundle = catalog.load(name)
-        logits, _ = predict(bundle.model, bundle.tokenizer, test, max_length, batch_size)
-        correct.append(logits.argmax(axis=1) == test["label"].to_numpy())
-    first, second = correct
-    only_first, only_second = int((first & ~second).sum()), int((~first & second).sum())
-    discordant = only_first + only_second
-    p_value = stats.binomtest(only_first, discordant).pvalue if discordant else 1.0
+    reporting = catalog.load("params:reporting")
+    first, second = (
+        correct_per_example(catalog, row, test, max_length, batch_size) for row in rows
+    )
+    result = paired_comparison(
+        first, second, int(reporting["bootstrap_resamples"]), int(reporting["bootstrap_seed"])
+    )
     a, b = args.solvers
     print(
-        f"{kind} version {args.version or 'latest'}, {len(test)} test examples: accuracy "
-        f"{a} {first.mean():.3f}, {b} {second.mean():.3f}; they disagree on {discordant} "
-        f"({discordant / len(test):.1%}): only {a} right on {only_first}, only {b} right on "
-        f"{only_second}; exact McNemar p = {p_value:.3f}"
+        f"{prefix}<solver> version {args.version or 'latest'}, {result.n} test examples: accuracy "
+        f"{a} {first.mean():.3f}, {b} {second.mean():.3f}; they disagree on "
+        f"{result.disagreements} ({result.disagreements / result.n:.1%}): only {a} right on "
+        f"{result.wins}, only {b} right on {result.losses}; exact McNemar p = "
+        f"{result.p_value:.3f}; {a} − {b} = {result.diff:+.3f} "
+        f"[{result.ci_low:+.3f}, {result.ci_high:+.3f}] (95 % paired bootstrap)"
     )
     return 0
 

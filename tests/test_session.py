@@ -33,6 +33,7 @@ from weighted_lowrank.pipelines.reporting.run_history import (
     child_runs,
     latest_per_budget,
 )
+from weighted_lowrank.sweep import end_active_runs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REFINED = tuple(f"refined.{solver}" for solver in SOLVERS)
@@ -87,6 +88,7 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
             project_path=project, env="smoke", runtime_params=runtime_params
         ) as session:
             session.run(pipeline_names=["refined"])
+    end_active_runs()
     mlflow.set_tracking_uri(previous_uri)
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("weighted_lowrank")
@@ -118,7 +120,9 @@ def test_one_child_run_per_row_with_the_same_names_everywhere(smoke_run):
     dense = children["dense"]
     for name, child in children.items():
         assert set(child.data.metrics) >= COMMON_METRICS, name
-        assert set(child.data.metrics) == set(dense.data.metrics), name
+        # Dense lacks only the layer groups' iterations (nothing was factorized).
+        groups = {metric for metric in child.data.metrics if metric.startswith("iterations.")}
+        assert set(child.data.metrics) - groups == set(dense.data.metrics), name
         assert set(child.data.params) == set(dense.data.params), name
         expected = "all, 1 epoch(s)" if name in REFINED else "off"
         assert child.data.params["refinement"] == expected, name
@@ -190,3 +194,95 @@ def test_compare_runs_notebook_executes_against_the_store(smoke_run, monkeypatch
     assert not [output for output in outputs if output.get("output_type") == "error"]
     summary = outputs[-2]["data"]["text/plain"]
     assert all(solver in summary for solver in SOLVERS)
+
+
+# ----------------------------------------------------------------------------- predictions, paired
+
+
+def test_every_row_saves_its_predictions_on_one_test_set_and_logs_them_in_its_child_run(
+    smoke_run, tmp_path
+):
+    folder = smoke_run.project / "data" / "08_reporting" / "predictions"
+    client = MlflowClient(smoke_run.tracking_uri)
+    frames = {}
+    for name in ("dense", *SOLVERS, *REFINED):
+        (version,) = (folder / f"{name}.parquet").iterdir()  # versioned: one save so far
+        frames[name] = pd.read_parquet(version / f"{name}.parquet")
+        child = smoke_run.children[name]
+        assert list(frames[name].columns) == [
+            "id",
+            "label",
+            "prediction",
+            "loss",
+            "model_fingerprint",
+        ]
+        assert set(frames[name]["model_fingerprint"]) == {child.data.tags["model_fingerprint"]}
+        accuracy = (frames[name]["prediction"] == frames[name]["label"]).mean()
+        assert accuracy == pytest.approx(child.data.metrics["accuracy"]), name
+        (tmp_path / name).mkdir()
+        logged = client.download_artifacts(
+            child.info.run_id, "predictions.parquet", str(tmp_path / name)
+        )
+        pd.testing.assert_frame_equal(pd.read_parquet(logged), frames[name])
+    assert client.list_artifacts(smoke_run.parent.info.run_id, "predictions.parquet") == []
+    dense = frames["dense"]
+    assert dense["id"].tolist() == list(range(64))  # smoke test split
+    for name, frame in frames.items():
+        assert frame["id"].equals(dense["id"]) and frame["label"].equals(dense["label"]), name
+
+
+def test_parent_run_and_report_carry_the_paired_tests(smoke_run):
+    data = smoke_run.project / "data" / "08_reporting"
+    table = pd.read_parquet(data / "comparison.parquet").set_index("namespace")
+    metrics = smoke_run.parent.data.metrics
+    for reference in ("fwsvd", "svd"):
+        for row in table.index:
+            name = f"paired.{row}.vs_{reference}"
+            if row == reference:
+                assert pd.isna(table.at[row, f"vs_{reference}_p"])
+                assert f"{name}.p" not in metrics
+                continue
+            assert 0.0 <= metrics[f"{name}.p"] <= 1.0, name
+            assert metrics[f"{name}.p"] == pytest.approx(table.at[row, f"vs_{reference}_p"])
+            wins, losses = metrics[f"{name}.wins"], metrics[f"{name}.losses"]
+            assert metrics[f"{name}.disagreements"] == wins + losses
+            assert metrics[f"{name}.diff"] == pytest.approx(
+                table.at[row, "accuracy"] - table.at[reference, "accuracy"]
+            )
+            assert (
+                metrics[f"{name}.ci_low"] <= metrics[f"{name}.diff"] <= metrics[f"{name}.ci_high"]
+            )
+    markdown = (data / "comparison.md").read_text()
+    assert "## Paired tests" in markdown and "| refined.tfwsvd |" in markdown.split("## Paired")[1]
+
+
+def test_solver_child_runs_show_iterations_and_stop_reasons_per_layer_group(smoke_run):
+    children = smoke_run.children
+    assert not [name for name in children["dense"].data.metrics if name.startswith("iterations.")]
+    names = {}
+    for solver in (*SOLVERS, *REFINED):
+        child = children[solver]
+        names[solver] = sorted(m for m in child.data.metrics if m.startswith("iterations."))
+        tags = sorted(t for t in child.data.tags if t.startswith("stop_reason."))
+        assert [name.removeprefix("iterations.") for name in names[solver]] == [
+            tag.removeprefix("stop_reason.") for tag in tags
+        ], solver
+    assert len({tuple(value) for value in names.values()}) == 1  # one name set to compare
+    report = pd.read_parquet(
+        smoke_run.project / "data" / "07_model_output" / "tfwsvd" / "layer_report.parquet"
+    )
+    groups = report.assign(group=report["shape"] + "r" + report["rank"].astype(str))
+    for child in (children["tfwsvd"], children["refined.tfwsvd"]):
+        for group, rows in groups.groupby("group"):
+            assert child.data.metrics[f"iterations.{group}"] == rows["iterations"].max()
+            reasons = set(child.data.tags[f"stop_reason.{group}"].split(","))
+            if len(set(rows["stop_reason"])) == 1:
+                assert reasons == set(rows["stop_reason"])
+            else:
+                counts = rows["stop_reason"].value_counts()
+                assert reasons == {f"{reason}:{count}" for reason, count in counts.items()}
+    assert set(
+        children["svd"].data.tags[t]
+        for t in children["svd"].data.tags
+        if t.startswith("stop_reason.")
+    ) == {"exact"}

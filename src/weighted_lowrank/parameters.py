@@ -537,11 +537,13 @@ class EvaluationParams(Block):
 
 @dataclass(frozen=True, init=False, eq=False)
 class ReportingParams(Block):
-    """``reporting``: what the plots show."""
+    """``reporting``: what the plots show, and the paired tests' bootstrap."""
 
     PATH: ClassVar[str] = "reporting"
 
     convergence_layers: int = checked(positive_int)
+    bootstrap_resamples: int = checked(positive_int)
+    bootstrap_seed: int = checked(any_int)
 
 
 @dataclass(frozen=True, init=False, eq=False)

@@ -76,16 +76,47 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {key: value.to(device) for key, value in batch.items()}
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """What one pass of a model over a split gives, every array in the split's row order."""
+
+    #: (examples, num_labels) float32 logits.
+    logits: np.ndarray
+    #: (examples,) the task loss of each example (see :func:`per_example_loss`).
+    losses: np.ndarray
+    #: The mean task loss as the model reports it (its batch losses weighted by batch size).
+    loss: float
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, config: object) -> torch.Tensor:
+    """The task loss of every example of a batch, as Hugging Face's classification heads define
+    it (their batch loss is the mean of these): squared error for regression (``num_labels ==
+    1``), mean binary cross-entropy over the labels for ``multi_label_classification``, else
+    cross-entropy."""
+    problem_type = getattr(config, "problem_type", None)
+    num_labels = logits.shape[-1]
+    if problem_type == "regression" or num_labels == 1:
+        return (logits.reshape(len(labels), -1).squeeze(-1) - labels.to(logits.dtype)) ** 2
+    if problem_type == "multi_label_classification":
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, labels.to(logits.dtype), reduction="none"
+        ).mean(dim=-1)
+    return torch.nn.functional.cross_entropy(
+        logits.view(-1, num_labels), labels.view(-1).long(), reduction="none"
+    )
+
+
 @torch.no_grad()
-def predict(
+def predict_examples(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     frame: pd.DataFrame,
     max_length: int,
     batch_size: int = 128,
     device: torch.device | str = "cpu",
-) -> tuple[np.ndarray, float]:
-    """Logits for every row of ``frame`` (in row order) and the mean task loss."""
+) -> Predictions:
+    """Logits and per-example losses for every row of ``frame`` (in row order), and the mean
+    task loss, from one forward pass per batch."""
     check_split(frame, "evaluation split")
     device = torch.device(device)
     was_training = model.training
@@ -93,6 +124,7 @@ def predict(
     examples = encode_examples(frame, tokenizer, max_length)
     order = sorted(range(len(examples)), key=lambda i: examples[i]["input_ids"].numel())
     logits = np.zeros((len(examples), model.config.num_labels), dtype=np.float32)
+    losses = np.zeros(len(examples), dtype=np.float64)
     total_loss = 0.0
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -102,8 +134,24 @@ def predict(
         output = model(**batch)
         total_loss += float(output.loss) * len(rows)
         logits[rows] = output.logits.float().cpu().numpy()
+        losses[rows] = (
+            per_example_loss(output.logits.float(), batch["labels"], model.config).cpu().numpy()
+        )
     model.train(was_training)
-    return logits, total_loss / len(examples)
+    return Predictions(logits=logits, losses=losses, loss=total_loss / len(examples))
+
+
+def predict(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    frame: pd.DataFrame,
+    max_length: int,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, float]:
+    """Logits for every row of ``frame`` (in row order) and the mean task loss."""
+    result = predict_examples(model, tokenizer, frame, max_length, batch_size, device)
+    return result.logits, result.loss
 
 
 def task_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

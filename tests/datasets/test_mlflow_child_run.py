@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlflow
+import pandas as pd
 import pytest
 from kedro.io import DatasetError
 from mlflow.tracking import MlflowClient
@@ -59,3 +60,38 @@ def test_load_returns_latest_run_of_that_name(tmp_tracking) -> None:
 def test_malformed_payload_is_rejected(tmp_tracking) -> None:
     with pytest.raises(DatasetError, match="expects a dict with 'metrics'"):
         MlflowChildRunDataset(run_name="x").save({"params": {"a": 1}})
+    for artifacts, message in (
+        ({"/abs.txt": "x"}, "must be relative"),
+        ({"../up.txt": "x"}, "must be relative"),
+        ({"table.csv": pd.DataFrame({"a": [1]})}, "must end in .parquet"),
+        ({"n.txt": 3}, "expected a DataFrame, str or bytes"),
+    ):
+        with pytest.raises(DatasetError, match=message):
+            MlflowChildRunDataset(run_name="x").save({"metrics": {}, "artifacts": artifacts})
+
+
+def test_artifacts_land_in_the_child_run_not_the_parent(tmp_store, tmp_path) -> None:
+    experiment = tmp_store.create_experiment(
+        "artifacts", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
+    mlflow.set_experiment(experiment_id=experiment)
+    table = pd.DataFrame({"id": [0, 1, 2], "label": [1, 0, 1], "prediction": [1, 1, 1]})
+    with mlflow.start_run(run_name="parent") as parent:
+        dataset = MlflowChildRunDataset(run_name="svd")
+        dataset.save(
+            {
+                "metrics": {"accuracy": 2 / 3},
+                "artifacts": {"predictions.parquet": table, "notes/why.txt": "paired"},
+            }
+        )
+    child = dataset.run_id
+    assert child != parent.info.run_id
+    assert {item.path for item in tmp_store.list_artifacts(child)} == {
+        "predictions.parquet",
+        "notes",
+    }
+    assert tmp_store.list_artifacts(parent.info.run_id) == []
+    local = tmp_store.download_artifacts(child, "predictions.parquet", str(tmp_path))
+    pd.testing.assert_frame_equal(pd.read_parquet(local), table)
+    notes = tmp_store.download_artifacts(child, "notes/why.txt", str(tmp_path))
+    assert open(notes, encoding="utf-8").read() == "paired"

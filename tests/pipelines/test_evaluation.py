@@ -23,7 +23,11 @@ from weighted_lowrank.lowrank.serialization import WEIGHTS_FILE, save_compressed
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.pipelines.evaluation import create_pipeline as create_evaluation
 from weighted_lowrank.pipelines.evaluation import nodes
-from weighted_lowrank.pipelines.evaluation.nodes import evaluate_compressed, evaluate_dense
+from weighted_lowrank.pipelines.evaluation.nodes import (
+    PREDICTION_COLUMNS,
+    evaluate_compressed,
+    evaluate_dense,
+)
 from weighted_lowrank.pipelines.evaluation.pipeline import create_compressed_evaluation
 
 MAX_LENGTH = 16
@@ -119,7 +123,11 @@ def test_namespaces_for_dense_and_every_solver():
     assert {node.name for node in pipeline.nodes} == {
         f"{name}.evaluate" for name in ("dense", *SOLVERS)
     }
-    assert pipeline.outputs() == {f"{name}.evaluation_metrics" for name in ("dense", *SOLVERS)}
+    assert pipeline.outputs() == {
+        f"{name}.{output}"
+        for name in ("dense", *SOLVERS)
+        for output in ("evaluation_metrics", "predictions")
+    }
     assert pipeline.inputs() == {
         "fine_tuned_model",
         "test_split",
@@ -146,7 +154,7 @@ def test_a_refined_row_is_the_solver_template_with_its_solver_report():
         "params:model",
         "params:evaluation",
     ]
-    assert node.outputs == ["refined.svd.evaluation_metrics"]
+    assert node.outputs == ["refined.svd.evaluation_metrics", "refined.svd.predictions"]
 
 
 def test_every_namespace_reports_a_stamped_record_with_the_same_flat_float_keys(evaluated):
@@ -225,10 +233,10 @@ def test_latency_is_timed_once_per_row_with_the_latency_block(monkeypatch):
         return dict.fromkeys(models, 2.0) | ({"compressed": 1.0} if "compressed" in models else {})
 
     monkeypatch.setattr(nodes, "measure_latency_ms", fake_latency)
-    dense = evaluate_dense(bundle, TEST_SPLIT, MODEL, EVALUATION, COMPRESSION)["metrics"]
+    dense = evaluate_dense(bundle, TEST_SPLIT, MODEL, EVALUATION, COMPRESSION)[0]["metrics"]
     metrics = evaluate_compressed(
         compressed_bundle, bundle, fake_report(results), TEST_SPLIT, MODEL, EVALUATION
-    )["metrics"]
+    )[0]["metrics"]
     vocab = bundle.model.config.vocab_size
     latency = asdict(EVALUATION.latency)
     assert calls == [(["dense"], vocab, latency), (["dense", "compressed"], vocab, latency)]
@@ -246,21 +254,57 @@ def test_regression_reports_pearson_and_spearman():
     frame = TEST_SPLIT.assign(label=np.linspace(0.0, 5.0, len(TEST_SPLIT)))
     compressed, results = compress_model(bundle.model, None, 0.5, "svd")
     compressed_bundle = type(bundle)(model=compressed, tokenizer=bundle.tokenizer)
-    dense = evaluate_dense(bundle, frame, MODEL, EVALUATION, COMPRESSION)
-    record = evaluate_compressed(
+    dense, dense_predictions = evaluate_dense(bundle, frame, MODEL, EVALUATION, COMPRESSION)
+    record, predictions = evaluate_compressed(
         compressed_bundle, bundle, fake_report(results), frame, MODEL, EVALUATION
     )
     # Models without a lineage give records without one (nothing to check them against).
     assert set(dense) == set(record) == {"metrics"}
+    assert list(predictions.columns) == list(dense_predictions.columns) == list(PREDICTION_COLUMNS)
     metrics = record["metrics"]
     assert set(dense["metrics"]) == set(metrics) == {"pearson", "spearman"} | COMMON_KEYS
-    predictions = logits_by_hand(compressed_bundle, frame)[:, 0]
+    by_hand = logits_by_hand(compressed_bundle, frame)[:, 0]
     assert metrics["pearson"] == pytest.approx(
-        stats.pearsonr(predictions, frame["label"]).statistic, rel=1e-3
+        stats.pearsonr(by_hand, frame["label"]).statistic, rel=1e-3
     )
     assert metrics["spearman"] == pytest.approx(
-        stats.spearmanr(predictions, frame["label"]).statistic, rel=1e-3
+        stats.spearmanr(by_hand, frame["label"]).statistic, rel=1e-3
     )
+    # A regression prediction is the predicted value, its loss the squared error.
+    assert predictions["prediction"].dtype == np.float64
+    np.testing.assert_allclose(predictions["prediction"], by_hand, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        predictions["loss"], (predictions["prediction"] - frame["label"]) ** 2, rtol=1e-5
+    )
+    assert predictions["loss"].mean() == pytest.approx(metrics["test_loss"], rel=1e-5)
+
+
+def test_every_namespace_predicts_the_same_examples_stamped_with_its_lineage(evaluated):
+    _, catalog = evaluated
+    labels = TEST_SPLIT["label"].to_numpy()
+    for name in ("dense", *SOLVERS):
+        predictions = catalog.load(f"{name}.predictions")
+        assert list(predictions.columns) == [*PREDICTION_COLUMNS, FINGERPRINT_KEY], name
+        assert fingerprint_of(predictions) == FINGERPRINT, name
+        # id is the position in test_split, the same in every row.
+        np.testing.assert_array_equal(predictions["id"], np.arange(len(TEST_SPLIT)))
+        np.testing.assert_array_equal(predictions["label"], labels)
+        assert predictions["prediction"].dtype == np.int64, name
+        metrics = catalog.load(f"{name}.evaluation_metrics")["metrics"]
+        accuracy = float((predictions["prediction"] == predictions["label"]).mean())
+        assert accuracy == metrics["accuracy"], name
+        assert predictions["loss"].mean() == pytest.approx(metrics["test_loss"], rel=1e-5), name
+
+
+def test_per_example_loss_is_the_cross_entropy_of_each_example(evaluated):
+    _, catalog = evaluated
+    compressed = catalog.load("tfwsvd.compressed_model")
+    predictions = catalog.load("tfwsvd.predictions")
+    logits = torch.from_numpy(logits_by_hand(compressed, TEST_SPLIT))
+    labels = torch.tensor(TEST_SPLIT["label"].to_numpy())
+    cross_entropy = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    np.testing.assert_allclose(predictions["loss"], cross_entropy.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(predictions["prediction"], logits.argmax(dim=1).numpy())
 
 
 def test_latency_is_a_positive_median_per_model(tiny_bundle):

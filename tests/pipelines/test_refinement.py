@@ -87,6 +87,9 @@ def compressed() -> tuple[ModelBundle, ModelBundle, pd.DataFrame]:
             "weighted_loss": [float(result.loss) for result in results.values()],
             "svd_loss": [float(result.loss) for result in results.values()],
             "total_seconds": 0.5,
+            "shape": [f"{r.left.shape[0]}x{r.right.shape[1]}" for r in results.values()],
+            "iterations": [result.iterations for result in results.values()],
+            "stop_reason": [result.stop_reason for result in results.values()],
         }
     )
     dense = with_fingerprint(dense, FINGERPRINT)
@@ -210,6 +213,7 @@ def refined_run(compressed, tmp_path_factory):
             "params:evaluation": MemoryDataset(EVALUATION),
             "params:compression": MemoryDataset(typed_params("compression", budget=0.3)),
             "params:refinement": MemoryDataset(REFINEMENT),
+            "params:reporting": MemoryDataset(typed_params("reporting")),
             "params:data": MemoryDataset(typed_params("data")),
             "params:seed": MemoryDataset(0),
             "params:device": MemoryDataset("cpu"),
@@ -226,6 +230,7 @@ def refined_run(compressed, tmp_path_factory):
     # Persisted in a project run (JSON files, MLflow runs): kept here for the second run to read.
     for namespace in ("dense", *SOLVERS, *(f"refined.{solver}" for solver in SOLVERS)):
         catalog[f"{namespace}.evaluation_metrics"] = KeptDataset()
+        catalog[f"{namespace}.predictions"] = KeptDataset()
         catalog[f"{namespace}.mlflow_run"] = MemoryDataset()
     catalog["comparison_table"] = KeptDataset()
     for solver in SOLVERS:
@@ -332,7 +337,7 @@ def test_refined_is_the_default_run_plus_refinement_with_one_producer_per_datase
     # ... which refinement's comparison over every row replaces.
     assert set(refined.nodes) == set(kept) | set(refinement.nodes)
     comparison = refined.only_nodes("comparison_table").nodes[0]
-    assert set(comparison.inputs) == {
+    assert set(comparison.inputs) == {"paired_tests"} | {
         f"{name}.evaluation_metrics"
         for name in ("dense", *SOLVERS, *(f"refined.{solver}" for solver in SOLVERS))
     }

@@ -3,6 +3,10 @@ run_history on child runs of the new shape (refined rows) and of the old (``*_re
 
 from __future__ import annotations
 
+import itertools
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
 from kedro.io import DataCatalog, MemoryDataset
@@ -11,21 +15,34 @@ from kedro_datasets.pandas import ParquetDataset
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from tests.conftest import typed_params
 from weighted_lowrank.lineage import FINGERPRINT_KEY, fingerprint_of
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.pipelines.reporting import create_pipeline
 from weighted_lowrank.pipelines.reporting.nodes import (
+    PAIRED_STATISTICS,
     child_run_record,
+    comparison_markdown,
     comparison_table,
+    dense_child_run_record,
+    layer_group_summary,
     markdown_table,
+    paired_metrics,
+    paired_tests,
     refined_child_run_record,
+)
+from weighted_lowrank.pipelines.reporting.paired import (
+    bootstrap_diff_interval,
+    mcnemar_exact_p,
+    paired_comparison,
 )
 from weighted_lowrank.pipelines.reporting.pipeline import (
     NAMESPACES,
     REFINED_NAMESPACES,
     SUMMARY_NODES,
+    create_child_run_pipeline,
     create_refined_reporting,
 )
 from weighted_lowrank.pipelines.reporting.run_history import (
@@ -41,6 +58,9 @@ MODULES = [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)] + [
     "bert.encoder.layer.0.output.dense"
 ]
 REFINEMENT = typed_params("refinement", trainable="factors", epochs=2)
+REPORTING = typed_params("reporting", convergence_layers=2, bootstrap_resamples=500)
+EXAMPLES = 60
+LABELS = np.random.default_rng(0).integers(0, 3, EXAMPLES)
 
 
 def fake_metrics(index: int) -> dict[str, float]:
@@ -67,10 +87,29 @@ def fake_record(index: int) -> dict:
 
 
 def fake_report(index: int) -> pd.DataFrame:
+    """Two 32x32 query layers at rank 8 (one stopped early) and one 32x128 layer at rank 6."""
     return pd.DataFrame(
         {
             "module": MODULES,
             "loss_rel_svd": [1.0 / (1 + index + layer) for layer in range(len(MODULES))],
+            "shape": ["32x32", "32x32", "32x128"],
+            "rank": [8, 8, 6],
+            "iterations": [3 + index, 5 + index, 2],
+            "stop_reason": ["converged", "max_iters", "max_iters"],
+        }
+    )
+
+
+def fake_predictions(index: int, labels: np.ndarray = LABELS) -> pd.DataFrame:
+    """Row ``index`` gets the first ``20 + 4 * index`` examples right (wrong class after)."""
+    right = np.arange(len(labels)) < 20 + 4 * index
+    return pd.DataFrame(
+        {
+            "id": np.arange(len(labels), dtype=np.int64),
+            "label": labels,
+            "prediction": np.where(right, labels, (labels + 1) % 3).astype(np.int64),
+            "loss": np.where(right, 0.1, 2.0),
+            FINGERPRINT_KEY: FINGERPRINT,
         }
     )
 
@@ -93,7 +132,7 @@ def reporting_catalog(tmp_path, namespaces) -> tuple[DataCatalog, dict[str, dict
             "params:model": MemoryDataset(typed_params("model")),
             "params:data": MemoryDataset(typed_params("data")),
             "params:seed": MemoryDataset(7),
-            "params:reporting": MemoryDataset(typed_params("reporting", convergence_layers=2)),
+            "params:reporting": MemoryDataset(REPORTING),
             "params:refinement": MemoryDataset(REFINEMENT),
         }
     )
@@ -101,6 +140,7 @@ def reporting_catalog(tmp_path, namespaces) -> tuple[DataCatalog, dict[str, dict
     for index, namespace in enumerate(namespaces):
         records[namespace] = fake_record(index)
         catalog[f"{namespace}.evaluation_metrics"] = records[namespace]
+        catalog[f"{namespace}.predictions"] = fake_predictions(index)
         catalog[f"{namespace}.mlflow_run"] = MemoryDataset()
     for index, solver in enumerate(SOLVERS):
         catalog[f"{solver}.layer_report"] = fake_report(index)
@@ -108,6 +148,7 @@ def reporting_catalog(tmp_path, namespaces) -> tuple[DataCatalog, dict[str, dict
     # Persisted as in the project: the runner releases in-memory data once its consumers ran.
     catalog["comparison_table"] = ParquetDataset(filepath=str(tmp_path / "comparison.parquet"))
     for name in (
+        "paired_metrics",
         "comparison_markdown",
         "accuracy_vs_params_plot",
         "layer_loss_plot",
@@ -117,30 +158,56 @@ def reporting_catalog(tmp_path, namespaces) -> tuple[DataCatalog, dict[str, dict
     return catalog, records
 
 
+GROUP_METRICS = {"iterations.32x32r8", "iterations.32x128r6"}
+
+
+def main_table(markdown: str) -> str:
+    """The comparison table of ``comparison.md`` (before its paired-tests section)."""
+    return markdown.split("## Paired tests")[0]
+
+
 def test_reporting_pipeline_on_fake_evaluations(tmp_path) -> None:
     catalog, evaluations = reporting_catalog(tmp_path, NAMESPACES)
     SequentialRunner().run(create_pipeline(), catalog)
 
     records = {namespace: catalog.load(f"{namespace}.mlflow_run") for namespace in NAMESPACES}
     assert len({tuple(sorted(r["params"])) for r in records.values()}) == 1
-    assert len({tuple(sorted(r["metrics"])) for r in records.values()}) == 1
-    assert records["als"]["metrics"] == evaluations["als"]["metrics"]
+    solvers = {name: record for name, record in records.items() if name != "dense"}
+    # Every solver row has the same metric names; dense lacks only the layer groups' iterations.
+    assert len({tuple(sorted(r["metrics"])) for r in solvers.values()}) == 1
+    assert set(records["als"]["metrics"]) == set(records["dense"]["metrics"]) | GROUP_METRICS
+    assert {k: v for k, v in records["als"]["metrics"].items() if k not in GROUP_METRICS} == (
+        evaluations["als"]["metrics"]
+    )
     assert records["dense"]["params"]["budget"] == 1.0 and records["als"]["params"]["budget"] == 0.5
     assert records["als"]["params"]["seed"] == 7 and records["als"]["params"]["solver"] == "als"
     assert {record["params"]["refinement"] for record in records.values()} == {"off"}
     assert records["dense"]["tags"] == {"kind": "dense", FINGERPRINT_KEY: FINGERPRINT}
     assert records["als"]["tags"]["kind"] == "solver"
+    # Each child run carries its own row's predictions.
+    for index, namespace in enumerate(NAMESPACES):
+        artifact = records[namespace]["artifacts"]["predictions.parquet"]
+        pd.testing.assert_frame_equal(artifact, fake_predictions(index))
 
     table = catalog.load("comparison_table")
     assert table["namespace"].tolist() == ["dense", *sorted(SOLVERS)]
     assert not [column for column in table.columns if column.endswith("_refined")]
     assert fingerprint_of(table) == FINGERPRINT
-    als = table.set_index("namespace").loc["als"].drop(FINGERPRINT_KEY)
-    assert als.to_dict() == pytest.approx(evaluations["als"]["metrics"])
+    als = table.set_index("namespace").loc["als"]
+    assert als[list(evaluations["als"]["metrics"])].to_dict() == pytest.approx(
+        evaluations["als"]["metrics"]
+    )
     assert table.columns[:4].tolist() == ["namespace", "accuracy", "f1", "mcc"]
+    paired = [f"vs_{ref}_{stat}" for ref in ("fwsvd", "svd") for stat in PAIRED_STATISTICS]
+    assert table.columns[-len(paired) - 1 : -1].tolist() == paired
     markdown = catalog.load("comparison_markdown")
-    assert "budget 0.5" in markdown and markdown.count("\n| ") == len(NAMESPACES) + 1
-    assert FINGERPRINT_KEY not in markdown
+    assert "budget 0.5" in markdown and main_table(markdown).count("\n| ") == len(NAMESPACES) + 1
+    assert FINGERPRINT_KEY not in markdown and "vs_fwsvd" not in main_table(markdown)
+    assert "## Paired tests" in markdown and "500 paired bootstrap resamples" in markdown
+    metrics = catalog.load("paired_metrics")
+    assert (
+        metrics["als.vs_fwsvd.p"]["value"] == table.set_index("namespace").at["als", "vs_fwsvd_p"]
+    )
     for name in ("accuracy_vs_params_plot", "layer_loss_plot", "convergence_plot"):
         assert isinstance(catalog.load(name), Figure)
     assert len(catalog.load("convergence_plot").axes) == 2
@@ -158,14 +225,26 @@ def test_refined_rows_are_child_runs_and_rows_of_their_own(tmp_path) -> None:
 
     records = {namespace: catalog.load(f"{namespace}.mlflow_run") for namespace in namespaces}
     assert len({tuple(sorted(r["params"])) for r in records.values()}) == 1
-    assert len({tuple(sorted(r["metrics"])) for r in records.values()}) == 1
+    rows = {name: record for name, record in records.items() if name != "dense"}
+    assert len({tuple(sorted(r["metrics"])) for r in rows.values()}) == 1
     for namespace, record in records.items():
         refined = namespace.startswith("refined.")
         assert record["params"]["solver"] == namespace
         assert record["params"]["refinement"] == ("factors, 2 epoch(s)" if refined else "off")
         assert (record["tags"]["kind"] == "refined") == refined
     assert records["refined.als"]["params"]["budget"] == 0.5
-    assert records["refined.als"]["metrics"] == evaluations["refined.als"]["metrics"]
+    refined_metrics = records["refined.als"]["metrics"]
+    assert {k: v for k, v in refined_metrics.items() if k not in GROUP_METRICS} == (
+        evaluations["refined.als"]["metrics"]
+    )
+    # A refined row reports its solver's factorization (the model keeps it).
+    assert {k: refined_metrics[k] for k in GROUP_METRICS} == {
+        k: records["als"]["metrics"][k] for k in GROUP_METRICS
+    }
+    assert (
+        records["refined.als"]["tags"]["stop_reason.32x32r8"]
+        == (records["als"]["tags"]["stop_reason.32x32r8"])
+    )
 
     table = catalog.load("comparison_table")
     assert table["namespace"].tolist() == [
@@ -175,7 +254,14 @@ def test_refined_rows_are_child_runs_and_rows_of_their_own(tmp_path) -> None:
     ]
     assert not [column for column in table.columns if column.endswith("_refined")]
     markdown = catalog.load("comparison_markdown")
-    assert markdown.count("\n| ") == len(namespaces) + 1 and "| refined.svd |" in markdown
+    assert main_table(markdown).count("\n| ") == len(namespaces) + 1
+    assert "| refined.svd |" in main_table(markdown)
+    paired = markdown.split("## Paired tests")[1]
+    assert paired.count("\n| ") == len(namespaces) + 1 and "| refined.svd |" in paired
+    metrics = catalog.load("paired_metrics")
+    assert {"refined.svd.vs_fwsvd.p", "refined.fwsvd.vs_svd.ci_high"} <= set(metrics)
+    # No row is tested against itself.
+    assert not {"fwsvd.vs_fwsvd.p", "svd.vs_svd.p"} & set(metrics)
 
     # Hollow markers for the refined rows, each in its solver's colour and joined to its point.
     axis = catalog.load("accuracy_vs_params_plot").axes[0]
@@ -200,21 +286,187 @@ def test_child_run_params_come_from_the_typed_blocks() -> None:
     targets = ["bert.encoder.layer.0.attention.self.query"]
     compression = typed_params("compression", budget=0.3, targets=targets)
     model = typed_params("model")
+    predictions, report = fake_predictions(1), fake_report(1)
     record = refined_child_run_record(
-        fake_record(1), compression, model, data, 3, REFINEMENT, namespace="refined.svd"
+        fake_record(1),
+        predictions,
+        report,
+        compression,
+        model,
+        data,
+        3,
+        REFINEMENT,
+        namespace="refined.svd",
     )
     assert record["params"]["task"] == data.glue.task
     assert record["params"]["targets"] == str(targets)  # as the YAML list reads
     assert record["params"]["refinement"] == REFINEMENT.describe() == "factors, 2 epoch(s)"
-    base = child_run_record(fake_record(1), compression, model, data, 3, namespace="svd")
+    base = child_run_record(
+        fake_record(1), predictions, report, compression, model, data, 3, namespace="svd"
+    )
     assert base["params"]["refinement"] == "off"
     assert set(base["params"]) == set(record["params"])
-    assert base["metrics"] == record["metrics"] == fake_metrics(1)
+    assert base["metrics"] == record["metrics"]
+    assert base["metrics"] == {
+        **fake_metrics(1),
+        "iterations.32x32r8": 6.0,
+        "iterations.32x128r6": 2.0,
+    }
+    dense = dense_child_run_record(fake_record(0), predictions, compression, model, data, 3)
+    assert dense["params"]["budget"] == 1.0 and dense["params"]["rank_rule"] == "dense"
+    assert set(dense["params"]) == set(base["params"]) and dense["metrics"] == fake_metrics(0)
+    assert not [tag for tag in dense["tags"] if tag.startswith("stop_reason.")]
+
+
+def test_child_runs_read_their_solver_layer_report_and_dense_none() -> None:
+    (dense,) = create_child_run_pipeline("dense").nodes
+    assert dense.inputs[:2] == ["dense.evaluation_metrics", "dense.predictions"]
+    assert not [name for name in dense.inputs if name.endswith("layer_report")]
+    (refined,) = create_child_run_pipeline("refined.em", refined=True).nodes
+    assert refined.inputs[:3] == [
+        "refined.em.evaluation_metrics",
+        "refined.em.predictions",
+        "em.layer_report",
+    ]
+    assert refined.outputs == ["refined.em.mlflow_run"]
+
+
+def test_layer_groups_report_max_iterations_and_every_stop_reason() -> None:
+    report = pd.DataFrame(
+        {
+            "shape": ["384x1536"] * 6 + ["1536x384", "384x384"],
+            "rank": [76] * 6 + [76, 96],
+            "iterations": [40, 12, 40, 40, 40, 33, 7, 0],
+            "stop_reason": ["max_iters", *["converged"] * 5, "converged", "exact"],
+        }
+    )
+    metrics, tags = layer_group_summary(report)
+    assert metrics == {
+        "iterations.1536x384r76": 7.0,
+        "iterations.384x1536r76": 40.0,
+        "iterations.384x384r96": 0.0,
+    }
+    assert tags == {
+        "stop_reason.1536x384r76": "converged",
+        "stop_reason.384x1536r76": "converged:5,max_iters:1",
+        "stop_reason.384x384r96": "exact",
+    }
 
 
 def test_comparison_needs_the_dense_baseline() -> None:
+    paired = paired_tests(REPORTING, svd=fake_predictions(0))
     with pytest.raises(ValueError, match="dense evaluation"):
-        comparison_table(svd=fake_record(0))
+        comparison_table(paired, svd=fake_record(0))
+
+
+# ----------------------------------------------------------------------------- paired tests
+
+
+def brute_force_p(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p: the sum of P(k) over outcomes no more likely than ``wins``."""
+    n = wins + losses
+    probability = [math.comb(n, k) / 2**n for k in range(n + 1)]
+    return sum(p for p in probability if p <= probability[wins] * (1 + 1e-12))
+
+
+@pytest.mark.parametrize("wins, losses", list(itertools.product(range(9), range(9))))
+def test_mcnemar_p_is_the_exact_binomial_sum(wins: int, losses: int) -> None:
+    p = mcnemar_exact_p(wins, losses)
+    assert p == pytest.approx(brute_force_p(wins, losses), rel=1e-12, abs=1e-15)
+    if wins + losses:
+        assert p == pytest.approx(stats.binomtest(wins, wins + losses).pvalue, rel=1e-9)
+    assert mcnemar_exact_p(losses, wins) == p  # symmetric in the two models
+
+
+@pytest.mark.parametrize("wins, losses", [(25, 22), (119, 38), (3, 40), (0, 9), (200, 180)])
+def test_mcnemar_p_matches_scipy_on_realistic_counts(wins: int, losses: int) -> None:
+    assert mcnemar_exact_p(wins, losses) == pytest.approx(
+        stats.binomtest(wins, wins + losses).pvalue, rel=1e-9
+    )
+
+
+@pytest.mark.parametrize(
+    "wins, losses, n", [(25, 22, 1000), (119, 38, 1000), (5, 0, 40), (0, 0, 10)]
+)
+def test_bootstrap_interval_holds_the_observed_difference_and_repeats_with_its_seed(
+    wins: int, losses: int, n: int
+) -> None:
+    low, high = bootstrap_diff_interval(wins, losses, n, resamples=2000, seed=3)
+    assert low <= (wins - losses) / n <= high
+    assert (low, high) == bootstrap_diff_interval(wins, losses, n, resamples=2000, seed=3)
+    # A resample draws only outcomes that occurred: no losses, no negative difference.
+    assert (losses > 0 or low >= 0) and (wins > 0 or high <= 0)
+
+
+def test_bootstrap_by_counts_is_the_bootstrap_over_examples() -> None:
+    """Drawing (wins, losses, ties) counts is the same distribution as resampling indices."""
+    rng = np.random.default_rng(11)
+    a, b = rng.random(400) < 0.8, rng.random(400) < 0.7
+    by_indices = [
+        np.mean(a[idx].astype(int) - b[idx].astype(int))
+        for idx in rng.integers(0, 400, size=(20_000, 400))
+    ]
+    result = paired_comparison(a, b, resamples=20_000, seed=5)
+    expected = np.quantile(by_indices, [0.025, 0.975])
+    assert result.ci_low == pytest.approx(expected[0], abs=0.006)
+    assert result.ci_high == pytest.approx(expected[1], abs=0.006)
+    assert result.diff == pytest.approx(a.mean() - b.mean())
+    assert result.disagreements == int(np.count_nonzero(a != b)) and result.n == 400
+
+
+def test_paired_tests_count_wins_and_losses_against_each_reference() -> None:
+    # fwsvd is right on the first 24 examples, svd on the first 20, tfwsvd on the first 32.
+    predictions = {"fwsvd": fake_predictions(1), "svd": fake_predictions(0)}
+    predictions["tfwsvd"] = fake_predictions(3)
+    predictions["dense"] = fake_predictions(2).sample(frac=1.0, random_state=0)  # any row order
+    table = paired_tests(REPORTING, **predictions).set_index("namespace")
+    assert list(table.index) == ["dense", "fwsvd", "svd", "tfwsvd"]
+    assert fingerprint_of(table.reset_index()) == FINGERPRINT
+    tfwsvd = table.loc["tfwsvd"]
+    assert (tfwsvd["vs_fwsvd_wins"], tfwsvd["vs_fwsvd_losses"]) == (8, 0)
+    assert (tfwsvd["vs_svd_wins"], tfwsvd["vs_svd_disagreements"]) == (12, 12)
+    assert tfwsvd["vs_fwsvd_p"] == pytest.approx(stats.binomtest(8, 8).pvalue)
+    assert tfwsvd["vs_fwsvd_diff"] == pytest.approx(8 / EXAMPLES)
+    assert tfwsvd["vs_fwsvd_ci_low"] <= 8 / EXAMPLES <= tfwsvd["vs_fwsvd_ci_high"]
+    assert table.loc["dense", "vs_fwsvd_wins"] == 4  # rows matched by id, not position
+    assert table.loc["svd", "vs_fwsvd_losses"] == 4 and table.loc["svd", "vs_fwsvd_wins"] == 0
+    # The reference's own row is missing, not zero.
+    assert table.loc["fwsvd", ["vs_fwsvd_wins", "vs_fwsvd_p", "vs_fwsvd_ci_low"]].isna().all()
+    assert not table.loc["fwsvd", ["vs_svd_wins", "vs_svd_p"]].isna().any()
+    metrics = paired_metrics(table.reset_index())
+    assert metrics["tfwsvd.vs_svd.wins"] == {"value": 12.0, "step": 0}
+    assert "fwsvd.vs_fwsvd.p" not in metrics
+    assert len(metrics) == len(PAIRED_STATISTICS) * (4 * 2 - 2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda frame: frame.iloc[:-1], "59 examples, not 60"),
+        (lambda frame: frame.assign(id=frame["id"] + 100), "other example ids"),
+        (lambda frame: frame.assign(label=(frame["label"] + 1) % 3), "60 labels differ"),
+    ],
+)
+def test_paired_tests_refuse_predictions_on_another_test_set(change, message) -> None:
+    with pytest.raises(ValueError, match=f"one test set.*svd: {message}"):
+        paired_tests(REPORTING, fwsvd=fake_predictions(1), svd=change(fake_predictions(0)))
+
+
+def test_regression_rows_get_no_paired_test_and_the_markdown_says_so(tmp_path) -> None:
+    values = np.linspace(0.0, 5.0, 8)
+    rows = {}
+    for index, name in enumerate(("dense", "fwsvd", "svd")):
+        rows[name] = pd.DataFrame(
+            {"id": np.arange(8), "label": values, "prediction": values + index, "loss": 1.0}
+        )
+    paired = paired_tests(REPORTING, **rows)
+    assert paired.columns.tolist() == ["namespace"]
+    assert paired_metrics(paired) == {}
+    metrics = {"pearson": 0.9, "spearman": 0.8, "test_loss": 0.1}
+    table = comparison_table(paired, **{name: {"metrics": metrics} for name in rows})
+    markdown = comparison_markdown(table, typed_params("compression", budget=0.5), REPORTING)
+    assert "Not computed: this is a regression task" in markdown
+    assert "| dense |" in main_table(markdown)
 
 
 def test_markdown_table_formats_floats() -> None:

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import mlflow
+import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 from mlflow.tracking import MlflowClient
 
 ChildRun = dict[str, Any]
-"""``{"params": {str: scalar}, "metrics": {str: float}, "tags": {str: str}}`` (tags optional)."""
+"""``{"params": {str: scalar}, "metrics": {str: float}, "tags": {str: str}, "artifacts":
+{relative path: DataFrame | str | bytes}}`` (all but metrics optional)."""
 
 
 class MlflowChildRunDataset(AbstractDataset[ChildRun, ChildRun]):
-    """Saves params and metrics as a child run nested in the active MLflow run.
+    """Saves params, metrics, tags and artifacts as a child run nested in the active MLflow run.
 
     kedro-mlflow opens one run per ``kedro run``; each save here opens a child run named
-    ``run_name`` under it, logs the params / metrics / tags and closes it, so the MLflow UI's
-    compare view lines the children up (same names in every child). Without an active run the
-    child becomes a top-level run of the current experiment. ``load`` returns the latest run of
-    that name in the current experiment.
+    ``run_name`` under it, logs the params / metrics / tags and the artifacts and closes it, so
+    the MLflow UI's compare view lines the children up (same names in every child) and each
+    child holds its own files. An artifact is a relative POSIX path (``predictions.parquet``,
+    ``tables/x.txt``) mapped to a DataFrame (written as Parquet; the path must end in
+    ``.parquet``), a str (UTF-8 text) or bytes. Without an active run the child becomes a
+    top-level run of the current experiment. ``load`` returns the params, metrics and tags of
+    the latest run of that name in the current experiment (artifacts stay in MLflow's store).
 
     Example catalog entry (one per solver through a factory pattern)::
 
@@ -39,12 +46,15 @@ class MlflowChildRunDataset(AbstractDataset[ChildRun, ChildRun]):
         return {"run_name": self._run_name}
 
     def save(self, data: ChildRun) -> None:  # type: ignore[override]
-        unknown = set(data) - {"params", "metrics", "tags"}
+        unknown = set(data) - {"params", "metrics", "tags", "artifacts"}
         if unknown or "metrics" not in data:
             raise DatasetError(
                 f"MlflowChildRunDataset({self._run_name!r}) expects a dict with 'metrics' and "
-                f"optional 'params'/'tags'; got keys {sorted(data)}"
+                f"optional 'params'/'tags'/'artifacts'; got keys {sorted(data)}"
             )
+        artifacts = dict(data.get("artifacts") or {})
+        for path, value in artifacts.items():
+            _check_artifact(self._run_name, path, value)
         metrics = {key: float(value) for key, value in data["metrics"].items()}
         parent = mlflow.active_run()
         tags = {str(key): str(value) for key, value in data.get("tags", {}).items()}
@@ -54,6 +64,8 @@ class MlflowChildRunDataset(AbstractDataset[ChildRun, ChildRun]):
             if data.get("params"):
                 mlflow.log_params(data["params"])
             mlflow.log_metrics(metrics)
+            if artifacts:
+                _log_artifacts(artifacts)
             self.run_id = child.info.run_id
 
     def load(self) -> ChildRun:  # type: ignore[override]
@@ -78,3 +90,38 @@ class MlflowChildRunDataset(AbstractDataset[ChildRun, ChildRun]):
         except DatasetError:
             return False
         return True
+
+
+def _check_artifact(run_name: str, path: str, value: Any) -> None:
+    relative = PurePosixPath(path)
+    if not path or relative.is_absolute() or ".." in relative.parts:
+        raise DatasetError(
+            f"MlflowChildRunDataset({run_name!r}): artifact path {path!r} must be relative"
+        )
+    if isinstance(value, pd.DataFrame):
+        if relative.suffix != ".parquet":
+            raise DatasetError(
+                f"MlflowChildRunDataset({run_name!r}): table artifact {path!r} must end in .parquet"
+            )
+    elif not isinstance(value, str | bytes):
+        raise DatasetError(
+            f"MlflowChildRunDataset({run_name!r}): artifact {path!r} is a "
+            f"{type(value).__name__}; expected a DataFrame, str or bytes"
+        )
+
+
+def _log_artifacts(artifacts: dict[str, pd.DataFrame | str | bytes]) -> None:
+    """Write each artifact under a temporary directory and log it into the active run at its
+    relative path."""
+    with tempfile.TemporaryDirectory() as directory:
+        root = Path(directory)
+        for path, value in artifacts.items():
+            local = root / path
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(value, pd.DataFrame):
+                value.to_parquet(local, index=False)
+            elif isinstance(value, str):
+                local.write_text(value, encoding="utf-8")
+            else:
+                local.write_bytes(value)
+        mlflow.log_artifacts(directory)

@@ -1,12 +1,20 @@
-"""Nodes of the ``evaluation`` pipeline: task metrics, parameter counts, size, latency.
+"""Nodes of the ``evaluation`` pipeline: task metrics, per-example predictions, parameter
+counts, size, latency.
 
 Every row (``dense``, one namespace per solver and, in the ``refinement`` pipeline, one
-``refined.<solver>`` per solver) returns a JSON record ``{"model_fingerprint": …, "metrics":
-{name: float}}`` stamped with the evaluated model's lineage (:mod:`weighted_lowrank.lineage`).
-``metrics`` has the same keys in every row: the task metrics (accuracy, f1, mcc for
-classification; pearson, spearman for regression), test_loss, weighted_loss_rel_svd, params_kept,
-params_model, params_ratio_layers, params_ratio_model, size_on_disk_bytes, latency_ms,
-latency_dense_ms, latency_ratio, factorization_seconds.
+``refined.<solver>`` per solver) returns two outputs stamped with the evaluated model's lineage
+(:mod:`weighted_lowrank.lineage`):
+
+* a JSON record ``{"model_fingerprint": …, "metrics": {name: float}}`` whose ``metrics`` have the
+  same keys in every row: the task metrics (accuracy, f1, mcc for classification; pearson,
+  spearman for regression), test_loss, weighted_loss_rel_svd, params_kept, params_model,
+  params_ratio_layers, params_ratio_model, size_on_disk_bytes, latency_ms, latency_dense_ms,
+  latency_ratio, factorization_seconds;
+* its per-example predictions (:data:`PREDICTION_COLUMNS`), from the same forward pass as the
+  task metrics: ``id`` (the example's position in the test split, the same in every row),
+  ``label``, ``prediction`` (the argmax class as int64; the predicted value as float64 for
+  regression) and ``loss`` (the example's task loss; their mean is ``test_loss`` up to float
+  rounding), plus the ``model_fingerprint`` column.
 
 Parameter counts are element counts of the tensors ``save_compressed`` writes
 (:func:`~weighted_lowrank.lowrank.serialization.tensors_for_saving`: the state dict, tied tensors
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from weighted_lowrank.hf import ModelBundle
@@ -35,7 +44,10 @@ from weighted_lowrank.lowrank.serialization import (
 )
 from weighted_lowrank.lowrank.targets import select_linear_modules
 from weighted_lowrank.parameters import CompressionParams, EvaluationParams, ModelParams
-from weighted_lowrank.training import predict, task_metrics
+from weighted_lowrank.training import Predictions, predict_examples, task_metrics
+
+#: Columns of a ``<namespace>.predictions`` table (then ``model_fingerprint``).
+PREDICTION_COLUMNS = ("id", "label", "prediction", "loss")
 
 
 def evaluation_record(bundle: ModelBundle, metrics: dict[str, float]) -> dict[str, Any]:
@@ -43,11 +55,29 @@ def evaluation_record(bundle: ModelBundle, metrics: dict[str, float]) -> dict[st
     return with_fingerprint({"metrics": metrics}, bundle.model_fingerprint)
 
 
-def score_split(
+def predictions_table(predictions: Predictions, labels: np.ndarray) -> pd.DataFrame:
+    """One row per example of the split, in its order (see :data:`PREDICTION_COLUMNS`)."""
+    logits = predictions.logits
+    if logits.shape[1] == 1:
+        predicted = logits[:, 0].astype(np.float64)
+    else:
+        predicted = logits.argmax(axis=1).astype(np.int64)
+    return pd.DataFrame(
+        {
+            "id": np.arange(len(labels), dtype=np.int64),
+            "label": labels,
+            "prediction": predicted,
+            "loss": predictions.losses.astype(np.float64),
+        }
+    )
+
+
+def score_examples(
     bundle: ModelBundle, test_split: pd.DataFrame, max_length: int, evaluation: EvaluationParams
-) -> dict[str, float]:
-    """Task metrics and ``test_loss`` of ``bundle`` on a split (model left on the CPU)."""
-    logits, loss = predict(
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """Task metrics with ``test_loss``, and the per-example predictions, of ``bundle`` on a split
+    — one forward pass (model left on the CPU)."""
+    predictions = predict_examples(
         bundle.model,
         bundle.tokenizer,
         test_split,
@@ -56,7 +86,16 @@ def score_split(
         device=resolve_device(evaluation.device),
     )
     bundle.model.to("cpu")
-    return {**task_metrics(logits, test_split["label"].to_numpy()), "test_loss": float(loss)}
+    labels = test_split["label"].to_numpy()
+    scores = {**task_metrics(predictions.logits, labels), "test_loss": float(predictions.loss)}
+    return scores, predictions_table(predictions, labels)
+
+
+def score_split(
+    bundle: ModelBundle, test_split: pd.DataFrame, max_length: int, evaluation: EvaluationParams
+) -> dict[str, float]:
+    """Task metrics and ``test_loss`` of ``bundle`` on a split (model left on the CPU)."""
+    return score_examples(bundle, test_split, max_length, evaluation)[0]
 
 
 def evaluate_dense(
@@ -65,8 +104,9 @@ def evaluate_dense(
     model: ModelParams,
     evaluation: EvaluationParams,
     compression: CompressionParams,
-) -> dict[str, Any]:
-    """The record of the dense fine-tuned model, with the metric keys of :func:`evaluate_compressed`.
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The record of the dense fine-tuned model, with the metric keys of :func:`evaluate_compressed`,
+    and its per-example predictions.
 
     Its targeted layers are those ``compression.targets`` selects; ratios are 1, its weighted loss
     relative to SVD 0 (nothing is approximated), its factorization time 0.
@@ -77,8 +117,8 @@ def evaluate_dense(
     latency_ms = measure_latency_ms(
         {"dense": dense}, dense.config.vocab_size, **evaluation.latency
     )["dense"]
-    scores = score_split(fine_tuned_model, test_split, model.max_length, evaluation)
-    return evaluation_record(
+    scores, predictions = score_examples(fine_tuned_model, test_split, model.max_length, evaluation)
+    record = evaluation_record(
         fine_tuned_model,
         {
             **scores,
@@ -94,6 +134,7 @@ def evaluate_dense(
             "factorization_seconds": 0.0,
         },
     )
+    return record, with_fingerprint(predictions, fine_tuned_model.model_fingerprint)
 
 
 def evaluate_compressed(
@@ -103,8 +144,9 @@ def evaluate_compressed(
     test_split: pd.DataFrame,
     model: ModelParams,
     evaluation: EvaluationParams,
-) -> dict[str, Any]:
-    """The record of one compressed model (as factorized, or refined after compression).
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The record of one compressed model (as factorized, or refined after compression), and its
+    per-example predictions.
 
     The targeted layers are the model's ``LowRankLinear`` modules; latency is measured against
     the dense model in this process, the two timed in turns. ``layer_report`` is the solver's
@@ -121,10 +163,11 @@ def evaluate_compressed(
         compressed.config.vocab_size,
         **evaluation.latency,
     )
-    return evaluation_record(
+    scores, predictions = score_examples(compressed_model, test_split, model.max_length, evaluation)
+    record = evaluation_record(
         compressed_model,
         {
-            **score_split(compressed_model, test_split, model.max_length, evaluation),
+            **scores,
             "weighted_loss_rel_svd": relative_loss(
                 float(layer_report["weighted_loss"].sum()), float(layer_report["svd_loss"].sum())
             ),
@@ -139,3 +182,4 @@ def evaluate_compressed(
             "factorization_seconds": float(layer_report["total_seconds"].iloc[0]),
         },
     )
+    return record, with_fingerprint(predictions, compressed_model.model_fingerprint)

@@ -3,7 +3,8 @@
 Namespace ``dense`` evaluates the fine-tuned model; one namespace per solver in ``SOLVERS``
 evaluates ``<solver>.compressed_model`` (with ``<solver>.layer_report``) against it. Each writes
 ``<namespace>.evaluation_metrics``, a record ``{"model_fingerprint", "metrics"}`` whose metrics
-have the same keys everywhere. The ``refinement`` pipeline evaluates its models with the same
+have the same keys everywhere, and ``<namespace>.predictions``, its per-example predictions on
+the test split (id, label, prediction, loss, model_fingerprint) from the same forward pass. The ``refinement`` pipeline evaluates its models with the same
 solver template under ``refined.<solver>`` (:func:`create_compressed_evaluation`).
 """
 
@@ -31,7 +32,7 @@ def create_solver_template() -> Pipeline:
                     "params:model",
                     "params:evaluation",
                 ],
-                outputs="evaluation_metrics",
+                outputs=["evaluation_metrics", "predictions"],
                 name="evaluate",
                 tags=["evaluation"],
             )
@@ -51,7 +52,7 @@ def create_dense_pipeline() -> Pipeline:
                     "params:evaluation",
                     "params:compression",
                 ],
-                outputs="evaluation_metrics",
+                outputs=["evaluation_metrics", "predictions"],
                 name="evaluate",
                 tags=["evaluation"],
             )
@@ -65,7 +66,7 @@ def create_dense_pipeline() -> Pipeline:
 
 def create_compressed_evaluation(namespace: str, solver: str) -> Pipeline:
     """The solver template under ``namespace``: ``<namespace>.compressed_model`` (with
-    ``<solver>.layer_report``) → ``<namespace>.evaluation_metrics``.
+    ``<solver>.layer_report``) → ``<namespace>.evaluation_metrics`` + ``<namespace>.predictions``.
 
     ``namespace`` is the solver itself, or ``refined.<solver>`` for its model fine-tuned after
     compression (which keeps the solver's factorization, hence its layer report).

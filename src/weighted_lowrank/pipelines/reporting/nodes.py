@@ -1,14 +1,20 @@
-"""Nodes of the ``reporting`` pipeline: MLflow child runs, comparison table and plots.
+"""Nodes of the ``reporting`` pipeline: MLflow child runs, paired tests, comparison table, plots.
 
 Rows are named by namespace: ``dense``, one per solver and, after the ``refinement`` pipeline,
 ``refined.<solver>`` for each solver's model fine-tuned after compression. Every row's record is
 ``{"model_fingerprint", "metrics"}`` (evaluation); the metric names are the same in every row.
+Every row's per-example predictions (``<namespace>.predictions``: id, label, prediction, loss)
+feed its child run (as an artifact) and the paired tests against :data:`PAIRED_REFERENCES`
+(:mod:`.paired`).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -22,6 +28,7 @@ from weighted_lowrank.parameters import (
     ReportingParams,
 )
 
+from .paired import CONFIDENCE, STATISTICS, paired_comparison
 from .run_history import base_solver, is_refined, task_metric
 
 #: Columns of the comparison table, in reading order (absent task metrics are dropped).
@@ -43,10 +50,42 @@ _TABLE_COLUMNS = [
     "factorization_seconds",
 ]
 DEFAULT_TARGETS = "default: attention Q/K/V/O + FFN"
+#: Every row is tested against these rows (when they are among the rows).
+PAIRED_REFERENCES = ("fwsvd", "svd")
+#: Per reference, the paired columns ``vs_<reference>_<statistic>`` of the comparison table and
+#: the parent-run metrics ``paired.<row>.vs_<reference>.<statistic>``.
+PAIRED_STATISTICS = STATISTICS
+_COUNTS = ("disagreements", "wins", "losses")
+#: The child run's artifact that holds the row's per-example predictions.
+PREDICTIONS_ARTIFACT = "predictions.parquet"
+
+
+def dense_child_run_record(
+    evaluation: dict[str, Any],
+    predictions: pd.DataFrame,
+    compression: CompressionParams,
+    model: ModelParams,
+    data: DataParams,
+    seed: int,
+    *,
+    namespace: str = "dense",
+) -> dict[str, Any]:
+    """Params, metrics, tags and the predictions artifact of the ``dense`` child run.
+
+    Nothing was factorized, so it has no ``iterations.<group>`` metrics nor ``stop_reason.<group>``
+    tags (see :func:`child_run_record`). (``namespace`` comes last, keyword-only: Kedro maps a
+    node's inputs onto the leading parameters, whose annotations say which blocks it builds as
+    typed objects.)
+    """
+    return _child_run(
+        evaluation, predictions, None, compression, model, data, seed, namespace, "off", "dense"
+    )
 
 
 def child_run_record(
     evaluation: dict[str, Any],
+    predictions: pd.DataFrame,
+    layer_report: pd.DataFrame,
     compression: CompressionParams,
     model: ModelParams,
     data: DataParams,
@@ -54,19 +93,33 @@ def child_run_record(
     *,
     namespace: str,
 ) -> dict[str, Any]:
-    """Params + metrics of the MLflow child run of row ``namespace`` (``dense`` or a solver).
+    """Params, metrics, tags and the predictions artifact of the child run of solver row
+    ``namespace``.
 
-    The same param and metric names in every row; ``refinement`` is ``off`` (see
-    :func:`refined_child_run_record`). Tags: ``kind`` (dense or solver) and the lineage
-    fingerprint. (``namespace`` comes last, keyword-only: Kedro maps a node's inputs onto the
-    leading parameters, whose annotations say which blocks it builds as typed objects.)
+    The same param and metric names in every solver row: the evaluation metrics plus
+    ``iterations.<group>`` per layer group of the solver's layer report, and tags ``kind``,
+    the lineage fingerprint and ``stop_reason.<group>`` (:func:`layer_group_summary`);
+    ``refinement`` is ``off`` (see :func:`refined_child_run_record`). The predictions are the
+    artifact ``predictions.parquet``.
     """
-    kind = "dense" if namespace == "dense" else "solver"
-    return _child_run(evaluation, compression, model, data, seed, namespace, "off", kind)
+    return _child_run(
+        evaluation,
+        predictions,
+        layer_report,
+        compression,
+        model,
+        data,
+        seed,
+        namespace,
+        "off",
+        "solver",
+    )
 
 
 def refined_child_run_record(
     evaluation: dict[str, Any],
+    predictions: pd.DataFrame,
+    layer_report: pd.DataFrame,
     compression: CompressionParams,
     model: ModelParams,
     data: DataParams,
@@ -75,15 +128,48 @@ def refined_child_run_record(
     *,
     namespace: str,
 ) -> dict[str, Any]:
-    """:func:`child_run_record` of a ``refined.<solver>`` row: its ``refinement`` param says
-    which parameters were trained for how many epochs (:meth:`RefinementParams.describe`)."""
+    """:func:`child_run_record` of a ``refined.<solver>`` row (``layer_report`` is its solver's:
+    the refined model keeps that factorization); its ``refinement`` param says which parameters
+    were trained for how many epochs (:meth:`RefinementParams.describe`)."""
     return _child_run(
-        evaluation, compression, model, data, seed, namespace, refinement.describe(), "refined"
+        evaluation,
+        predictions,
+        layer_report,
+        compression,
+        model,
+        data,
+        seed,
+        namespace,
+        refinement.describe(),
+        "refined",
     )
+
+
+def layer_group_summary(layer_report: pd.DataFrame) -> tuple[dict[str, float], dict[str, str]]:
+    """Per layer group (same shape and rank, named ``<out>x<in>r<rank>``, e.g. ``384x384r96``):
+    ``iterations.<group>``, the most iterations any of its layers ran, and
+    ``stop_reason.<group>``, its layers' stop reason — ``converged:5,max_iters:1`` (most frequent
+    first) when they differ."""
+    groups = layer_report["shape"].astype(str) + "r" + layer_report["rank"].astype(int).astype(str)
+    metrics, tags = {}, {}
+    for group, rows in layer_report.groupby(groups, sort=True):
+        metrics[f"iterations.{group}"] = float(rows["iterations"].max())
+        counts = Counter(rows["stop_reason"].astype(str))
+        tags[f"stop_reason.{group}"] = (
+            next(iter(counts))
+            if len(counts) == 1
+            else ",".join(
+                f"{reason}:{count}"
+                for reason, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+            )
+        )
+    return metrics, tags
 
 
 def _child_run(
     evaluation: dict[str, Any],
+    predictions: pd.DataFrame,
+    layer_report: pd.DataFrame | None,
     compression: CompressionParams,
     model: ModelParams,
     data: DataParams,
@@ -92,7 +178,7 @@ def _child_run(
     refinement: str,
     kind: str,
 ) -> dict[str, Any]:
-    is_dense = namespace == "dense"
+    is_dense = layer_report is None
     targets = compression.targets
     params = {
         "solver": namespace,
@@ -105,11 +191,17 @@ def _child_run(
         "seed": seed,
         "refinement": refinement,
     }
+    groups, reasons = ({}, {}) if is_dense else layer_group_summary(layer_report)
     fingerprint = fingerprint_of(evaluation)
     return {
         "params": params,
-        "metrics": dict(evaluation["metrics"]),
-        "tags": {"kind": kind, **({FINGERPRINT_KEY: fingerprint} if fingerprint else {})},
+        "metrics": {**evaluation["metrics"], **groups},
+        "tags": {
+            "kind": kind,
+            **({FINGERPRINT_KEY: fingerprint} if fingerprint else {}),
+            **reasons,
+        },
+        "artifacts": {PREDICTIONS_ARTIFACT: predictions},
     }
 
 
@@ -120,8 +212,99 @@ def row_order(namespaces: list[str]) -> list[str]:
     return ["dense", *solvers, *refined]
 
 
-def comparison_table(**evaluations: dict[str, Any]) -> pd.DataFrame:
-    """One row per namespace (dense first), the evaluation metrics side by side.
+def paired_tests(reporting: ReportingParams, **predictions: pd.DataFrame) -> pd.DataFrame:
+    """Every row against each of :data:`PAIRED_REFERENCES` on the shared test set.
+
+    One row per namespace (the comparison table's order) with columns
+    ``vs_<reference>_<statistic>`` for :data:`PAIRED_STATISTICS`: discordant pairs, wins (only
+    this row right), losses (only the reference right), exact McNemar p, accuracy difference
+    (row − reference) and its paired bootstrap interval (``reporting.bootstrap_resamples``
+    resamples, ``reporting.bootstrap_seed``; :mod:`.paired`). The reference's own row is NaN
+    (missing counts) there; a reference that is not a row gets no columns. Regression rows
+    (float predictions) have no right/wrong per example: the table is then the namespaces alone.
+
+    Refuses predictions that are not on one test set: every row must have the same ids with the
+    same labels.
+    """
+    if not predictions:
+        raise ValueError("paired tests need the predictions of at least one row")
+    order = [name for name in row_order(list(predictions)) if name in predictions]
+    tables = {name: predictions[name].sort_values("id", ignore_index=True) for name in order}
+    _check_same_examples(tables)
+    table = pd.DataFrame({"namespace": order})
+    fingerprint = fingerprint_of(predictions[order[0]])
+    if not all(pd.api.types.is_integer_dtype(t["prediction"]) for t in tables.values()):
+        return with_fingerprint(table, fingerprint)
+    correct = {name: (t["prediction"] == t["label"]).to_numpy() for name, t in tables.items()}
+    for reference in PAIRED_REFERENCES:
+        if reference not in correct:
+            continue
+        columns: dict[str, list[float]] = {stat: [] for stat in PAIRED_STATISTICS}
+        for name in order:
+            if name == reference:
+                for values in columns.values():
+                    values.append(math.nan)
+                continue
+            result = paired_comparison(
+                correct[name],
+                correct[reference],
+                reporting.bootstrap_resamples,
+                reporting.bootstrap_seed,
+            ).statistics()
+            for stat in PAIRED_STATISTICS:
+                columns[stat].append(result[stat])
+        for stat, values in columns.items():
+            column = pd.Series(values, dtype="float64")
+            # Counts stay integers; the reference's own row is missing (<NA>) there.
+            table[f"vs_{reference}_{stat}"] = column.astype("Int64") if stat in _COUNTS else column
+    return with_fingerprint(table, fingerprint)
+
+
+def _check_same_examples(tables: dict[str, pd.DataFrame]) -> None:
+    """Raise unless every table has the ids and labels of the first."""
+    names = list(tables)
+    first = tables[names[0]]
+    ids, labels = first["id"].to_numpy(), first["label"].to_numpy()
+    differing = {}
+    for name in names[1:]:
+        table = tables[name]
+        if len(table) != len(first):
+            differing[name] = f"{len(table)} examples, not {len(first)}"
+        elif not np.array_equal(table["id"].to_numpy(), ids):
+            differing[name] = "other example ids"
+        elif not np.array_equal(table["label"].to_numpy(), labels):
+            count = int(np.count_nonzero(table["label"].to_numpy() != labels))
+            differing[name] = f"{count} labels differ"
+    if differing:
+        details = "; ".join(f"{name}: {why}" for name, why in differing.items())
+        raise ValueError(
+            f"paired tests need every row's predictions on one test set; against "
+            f"{names[0]!r} ({len(first)} examples): {details}. Re-run the evaluation of these "
+            "rows on the current test_split (or pin matching versions with --load-versions)"
+        )
+
+
+def paired_metrics(paired: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """The paired tests as parent-run metrics (step 0), ``<row>.vs_<reference>.<statistic>``
+    (logged under the prefix ``paired``); the reference's own row and a regression task give
+    none."""
+    metrics = {}
+    for row in paired.to_dict("records"):
+        for reference in PAIRED_REFERENCES:
+            for stat in PAIRED_STATISTICS:
+                value = row.get(f"vs_{reference}_{stat}")
+                if value is None or pd.isna(value):
+                    continue
+                metrics[f"{row['namespace']}.vs_{reference}.{stat}"] = {
+                    "value": float(value),
+                    "step": 0,
+                }
+    return metrics
+
+
+def comparison_table(paired: pd.DataFrame, **evaluations: dict[str, Any]) -> pd.DataFrame:
+    """One row per namespace (dense first), the evaluation metrics side by side, then the paired
+    tests' ``vs_<reference>_<statistic>`` columns (:func:`paired_tests`).
 
     The table carries the fingerprint of the fine-tuned model its rows were made from.
     """
@@ -130,14 +313,25 @@ def comparison_table(**evaluations: dict[str, Any]) -> pd.DataFrame:
             f"comparison needs the dense evaluation; got namespaces {sorted(evaluations)}"
         )
     order = row_order(list(evaluations))
+    if sorted(paired["namespace"]) != sorted(order):
+        raise ValueError(
+            f"paired tests cover rows {sorted(paired['namespace'])}, the evaluations "
+            f"{sorted(order)}"
+        )
     table = pd.DataFrame([{"namespace": name, **evaluations[name]["metrics"]} for name in order])
     columns = [column for column in _TABLE_COLUMNS if column in table.columns]
     table = table[columns + [column for column in table.columns if column not in columns]]
+    table = table.merge(
+        paired.drop(columns=[FINGERPRINT_KEY], errors="ignore"), on="namespace", how="left"
+    )
     return with_fingerprint(table, fingerprint_of(evaluations["dense"]))
 
 
-def comparison_markdown(table: pd.DataFrame, compression: CompressionParams) -> str:
-    """The comparison table as Markdown, saying what the ratios count."""
+def comparison_markdown(
+    table: pd.DataFrame, compression: CompressionParams, reporting: ReportingParams
+) -> str:
+    """The comparison table as Markdown, saying what the ratios count, then the paired tests as
+    a second table (or why there are none)."""
     header = (
         f"# Solver comparison at budget {compression.budget}\n\n"
         "`params_ratio_layers`: parameters kept in the targeted Linear layers / their dense count; "
@@ -145,8 +339,60 @@ def comparison_markdown(table: pd.DataFrame, compression: CompressionParams) -> 
         "tensors). `weighted_loss_rel_svd`: Σ_layers weighted loss / SVD's, under the same Fisher. "
         "`latency_ratio`: median CPU forward latency / dense, measured in the same process.\n\n"
     )
-    shown = table.drop(columns=[FINGERPRINT_KEY], errors="ignore")
-    return header + markdown_table(shown) + "\n"
+    paired = [column for column in table.columns if column.startswith("vs_")]
+    shown = table.drop(columns=[FINGERPRINT_KEY, *paired], errors="ignore")
+    return header + markdown_table(shown) + "\n\n" + paired_markdown(table, reporting) + "\n"
+
+
+def paired_markdown(table: pd.DataFrame, reporting: ReportingParams) -> str:
+    """The "Paired tests" section: per row and reference, wins / losses of the discordant pairs,
+    the exact McNemar p and the accuracy difference with its bootstrap interval."""
+    title = "## Paired tests\n\n"
+    if "accuracy" not in table:
+        return title + (
+            "Not computed: this is a regression task. The McNemar test and the accuracy "
+            "bootstrap need a right/wrong outcome per example, which a predicted value does not "
+            "have. Each row's per-example predictions are saved (`<row>.predictions`) for a "
+            "test of your choice."
+        )
+    references = [ref for ref in PAIRED_REFERENCES if f"vs_{ref}_p" in table]
+    if not references:
+        return title + (
+            f"Not computed: neither reference ({', '.join(PAIRED_REFERENCES)}) is a row of this "
+            "comparison."
+        )
+    level = f"{CONFIDENCE:.0%}"
+    note = (
+        f"Every row against {' and '.join(f'`{ref}`' for ref in references)} on the same test "
+        "examples. *wins / losses*: examples only this row / only the reference gets right (the "
+        "discordant pairs; the rest are ties). *p*: exact two-sided McNemar test (binomial "
+        f"test of the wins among the discordant pairs). *Δ accuracy [{level} CI]*: this row's "
+        f"accuracy minus the reference's, with the percentile interval of "
+        f"{reporting.bootstrap_resamples:,} paired bootstrap resamples of the examples (seed "
+        f"{reporting.bootstrap_seed}).\n\n"
+    )
+    header = ["row"]
+    for ref in references:
+        header += [f"vs {ref}: wins / losses", "p", f"Δ accuracy [{level} CI]"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.to_dict("records"):
+        cells = [str(row["namespace"])]
+        for ref in references:
+            if pd.isna(row[f"vs_{ref}_p"]):
+                cells += ["–", "–", "–"]
+                continue
+            cells += [
+                f"{int(row[f'vs_{ref}_wins'])} / {int(row[f'vs_{ref}_losses'])}",
+                _format_p(row[f"vs_{ref}_p"]),
+                f"{row[f'vs_{ref}_diff']:+.3f} [{row[f'vs_{ref}_ci_low']:+.3f}, "
+                f"{row[f'vs_{ref}_ci_high']:+.3f}]",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return title + note + "\n".join(lines)
+
+
+def _format_p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def markdown_table(table: pd.DataFrame) -> str:

@@ -1,4 +1,5 @@
-"""``reporting``: evaluations + layer reports → MLflow child runs, comparison table, plots.
+"""``reporting``: evaluations, predictions + layer reports → MLflow child runs, paired tests,
+comparison table, plots.
 
 :func:`create_pipeline` (``reporting``, part of ``__default__``) reports the rows ``dense`` and
 one per solver; :func:`create_refined_reporting` (part of ``refinement``) adds the child runs of
@@ -17,53 +18,85 @@ from .nodes import (
     comparison_markdown,
     comparison_table,
     convergence_figure,
+    dense_child_run_record,
     layer_loss_figure,
+    paired_metrics,
+    paired_tests,
     refined_child_run_record,
 )
-from .run_history import REFINED_PREFIX
+from .run_history import REFINED_PREFIX, base_solver
 
 NAMESPACES = ("dense", *SOLVERS)
 REFINED_NAMESPACES = tuple(f"{REFINED_PREFIX}{solver}" for solver in SOLVERS)
 #: The nodes that compare rows: the comparison over every row replaces them in ``refined``.
-SUMMARY_NODES = ("comparison_table", "comparison_markdown", "accuracy_vs_params_plot")
+SUMMARY_NODES = (
+    "paired_tests",
+    "paired_metrics",
+    "comparison_table",
+    "comparison_markdown",
+    "accuracy_vs_params_plot",
+)
 CHILD_RUN_PARAMETERS = ["params:compression", "params:model", "params:data", "params:seed"]
 
 
 def create_child_run_pipeline(namespace: str, refined: bool = False) -> Pipeline:
-    """``<namespace>.evaluation_metrics`` → ``<namespace>.mlflow_run`` (a refined row also reads
-    ``params:refinement``, which its ``refinement`` param describes)."""
-    function = refined_child_run_record if refined else child_run_record
+    """``<namespace>.evaluation_metrics`` + ``<namespace>.predictions`` (+ the solver's
+    ``<solver>.layer_report`` for every row but ``dense``) → ``<namespace>.mlflow_run`` (a
+    refined row also reads ``params:refinement``, which its ``refinement`` param describes)."""
+    if namespace == "dense":
+        function, reports = dense_child_run_record, {}
+    else:
+        function = refined_child_run_record if refined else child_run_record
+        reports = {"layer_report": f"{base_solver(namespace)}.layer_report"}
     record = update_wrapper(partial(function, namespace=namespace), function)
     parameters = CHILD_RUN_PARAMETERS + (["params:refinement"] if refined else [])
     return Pipeline(
         [
             Node(
                 record,
-                inputs=["evaluation_metrics", *parameters],
+                inputs=["evaluation_metrics", "predictions", *reports, *parameters],
                 outputs="mlflow_run",
                 name="record_child_run",
             )
         ],
         namespace=namespace,
-        inputs={"evaluation_metrics": f"{namespace}.evaluation_metrics"},
+        inputs={
+            "evaluation_metrics": f"{namespace}.evaluation_metrics",
+            "predictions": f"{namespace}.predictions",
+            **reports,
+        },
         parameters=set(parameters),
     )
 
 
 def create_summary_pipeline(namespaces: tuple[str, ...]) -> Pipeline:
-    """The comparison table, its Markdown and the accuracy-vs-parameters plot over ``namespaces``."""
+    """Paired tests, the comparison table, its Markdown and the accuracy-vs-parameters plot over
+    ``namespaces``; the paired tests are also logged to the parent run (``paired_metrics``)."""
     evaluations = {namespace: f"{namespace}.evaluation_metrics" for namespace in namespaces}
+    predictions = {namespace: f"{namespace}.predictions" for namespace in namespaces}
     return Pipeline(
         [
             Node(
+                paired_tests,
+                inputs={"reporting": "params:reporting", **predictions},
+                outputs="paired_tests",
+                name="paired_tests",
+            ),
+            Node(
+                paired_metrics,
+                inputs="paired_tests",
+                outputs="paired_metrics",
+                name="paired_metrics",
+            ),
+            Node(
                 comparison_table,
-                inputs=evaluations,
+                inputs={"paired": "paired_tests", **evaluations},
                 outputs="comparison_table",
                 name="comparison_table",
             ),
             Node(
                 comparison_markdown,
-                inputs=["comparison_table", "params:compression"],
+                inputs=["comparison_table", "params:compression", "params:reporting"],
                 outputs="comparison_markdown",
                 name="comparison_markdown",
             ),

@@ -12,6 +12,7 @@ from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.pipelines.reporting.run_history import (
     child_runs,
     latest_per_seed,
+    paired_p_values,
     seed_differences,
     seed_summary,
 )
@@ -130,3 +131,7 @@ def test_the_report_pairs_every_solver_with_fwsvd_by_seed(sweep):
     assert set(differences["solver"]) == set(SOLVERS) - {"fwsvd"}
     assert set(differences["n"]) == {2}
     assert all(f"| {solver} |" in report for solver in SOLVERS if solver != "fwsvd")
+    p_values = paired_p_values(tracking_uri)
+    assert set(p_values["seed"]) == {1, 2} and set(p_values["budget"]) == {0.1, 0.2}
+    assert p_values["p"].between(0, 1).all()
+    assert "mcnemar_p" in report

@@ -26,6 +26,7 @@ from weighted_lowrank.pipelines.reporting.nodes import markdown_table
 from weighted_lowrank.pipelines.reporting.run_history import (
     child_runs,
     latest_per_seed,
+    paired_p_values,
     seed_differences,
     seed_summary,
     task_metric,
@@ -106,13 +107,27 @@ def sweep_report(tracking_uri: str, reference: str = "fwsvd") -> str:
     if differences.empty:
         lines.append(f"(no {reference!r} rows to pair with)")
     else:
+        p_values = paired_p_values(tracking_uri, reference).set_index(["solver", "budget", "seed"])
         shown = differences.assign(
             differences=differences["differences"].map(
                 lambda values: ", ".join(f"{seed}: {value:+.4f}" for seed, value in values.items())
             ),
             ahead=[f"{row.ahead}/{row.n}" for row in differences.itertuples()],
+            mcnemar_p=[
+                ", ".join(
+                    f"{seed}: {p_values.at[(row.solver, row.budget, seed), 'p']:.3g}"
+                    for seed in row.differences
+                    if (row.solver, row.budget, seed) in p_values.index
+                )
+                for row in differences.itertuples()
+            ],
         )
         lines.append(markdown_table(pd.DataFrame(shown)))
+        lines += [
+            "",
+            f"`mcnemar_p`: per seed, the exact McNemar test of the row against {reference} on the "
+            "shared test sentences (the run's paired tests).",
+        ]
     return "\n".join(lines) + "\n"
 
 

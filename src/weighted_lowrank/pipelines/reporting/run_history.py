@@ -244,6 +244,37 @@ def seed_differences(
     return pd.DataFrame(rows)
 
 
+def paired_p_values(
+    tracking_uri: str, reference: str = "fwsvd", experiment: str = EXPERIMENT
+) -> pd.DataFrame:
+    """The exact McNemar p of every row against ``reference`` per (seed, budget), as each run's
+    parent logged it (``paired.<row>.vs_<reference>.p``); the newest parent run of a (seed,
+    budget) wins. Columns: solver, budget, seed, p."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no {experiment!r} experiment in {tracking_uri}: run `kedro run` first")
+    prefix, suffix = "paired.", f".vs_{reference}.p"
+    rows = [
+        {
+            "solver": name[len(prefix) : -len(suffix)],
+            "budget": float(run.data.params["compression.budget"]),
+            "seed": int(run.data.params["seed"]),
+            "started": run.info.start_time,
+            "p": value,
+        }
+        for run in client.search_runs([found.experiment_id], max_results=50_000)
+        if "mlflow.parentRunId" not in run.data.tags and "seed" in run.data.params
+        for name, value in run.data.metrics.items()
+        if name.startswith(prefix) and name.endswith(suffix)
+    ]
+    columns = ["solver", "budget", "seed", "p"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    table = pd.DataFrame(rows).sort_values("started")
+    return table.groupby(["solver", "budget", "seed"], as_index=False).last()[columns]
+
+
 def _dense_first(table: pd.DataFrame) -> pd.DataFrame:
     order = table["solver"].ne("dense")
     return (

@@ -4,7 +4,10 @@ Run ``python benchmarks/solvers.py`` (``--quick`` for a smoke run). It fine-tune
 all-MiniLM-L6-v2 briefly on the embedded Rotten Tomatoes snippets, estimates a real importance
 (empirical Fisher), caches both under ``benchmarks/.cache/``, then factorizes every targeted
 weight with every solver and reports the loss relative to SVD / FWSVD and the time to reach
-within 1 % of the best loss any solver found.
+within 1 % of the best loss any solver found. ``--model DIR --fisher FILE`` use a fine-tuned
+model and Fisher saved by a ``kedro run`` instead (``data/06_models/fine_tuned_model/<version>/
+fine_tuned_model`` and ``data/04_feature/fisher_information.safetensors/<version>/
+fisher_information.safetensors``); ``benchmarks/stopping.py`` measures the stopping rules on them.
 """
 
 from __future__ import annotations
@@ -110,6 +113,31 @@ def prepare_real_problem(
     importance = {name: importance[name].detach().contiguous() for name in weights}
     save_file(weights, str(weights_path))
     save_file(importance, str(importance_path), metadata={"source": source})
+    return weights, importance, source
+
+
+def load_run_problem(
+    model_dir: str | Path, fisher_path: str | Path
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
+    """The targeted weights of a saved fine-tuned model and their importance from a saved Fisher.
+
+    ``model_dir`` is a Hugging Face directory (the pipeline's ``fine_tuned_model``),
+    ``fisher_path`` the pipeline's ``fisher_information.safetensors`` ("<module>.weight" keys).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    fisher = load_file(str(fisher_path))
+    modules = select_linear_modules(model)
+    weights = {
+        f"{name}.weight": m.weight.detach().float().clone().contiguous()
+        for name, m in modules.items()
+    }
+    missing = [name for name in weights if name not in fisher]
+    if missing:
+        raise ValueError(f"{fisher_path} has no importance for {missing[:3]} ({len(missing)})")
+    importance = {name: fisher[name].detach().float().contiguous() for name in weights}
+    source = f"model {model_dir}, Fisher {fisher_path}"
     return weights, importance, source
 
 
@@ -337,7 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timing", action="store_true", help="only time the default tfwsvd (all selected layers)"
     )
+    parser.add_argument(
+        "--model", default=None, help="a saved fine-tuned model directory (with --fisher)"
+    )
+    parser.add_argument(
+        "--fisher", default=None, help="a saved fisher_information.safetensors (with --model)"
+    )
     args = parser.parse_args(argv)
+    if (args.model is None) != (args.fisher is None):
+        parser.error("--model and --fisher go together")
     if args.quick:
         args.layers = args.layers or "0"
         args.seconds = min(args.seconds, 3.0)
@@ -345,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    weights, importance, source = prepare_real_problem(refresh=args.refresh)
+    if args.model is not None:
+        weights, importance, source = load_run_problem(args.model, args.fisher)
+    else:
+        weights, importance, source = prepare_real_problem(refresh=args.refresh)
     names = select_layers(list(weights), args.layers)
     if args.timing:
         for budget in budgets:
@@ -369,8 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}  ",
         f"Machine: {machine}; shared with other jobs while it ran, so timings are noisy "
         f"(tfwsvd wall time is the median of {args.repeats} runs).  ",
-        f"Model: all-MiniLM-L6-v2 fine-tuned for {FINE_TUNE_EXAMPLES} Rotten Tomatoes examples × 2 epochs; "
-        f"importance: {source}.  ",
+        (
+            f"Model and importance: {source}.  "
+            if args.model is not None
+            else f"Model: all-MiniLM-L6-v2 fine-tuned for {FINE_TUNE_EXAMPLES} Rotten Tomatoes "
+            f"examples × 2 epochs; importance: {source}.  "
+        ),
         "Loss: Σ I (W − AB)² per layer; *best* = the lowest loss any solver reached on that layer; "
         f"iterative baselines and `tfwsvd_converged` ran up to {args.seconds:g} s per layer group "
         "(layers of equal shape share one batched run: 24 attention, 6 FFN-in, 6 FFN-out), "

@@ -269,6 +269,24 @@ def test_same_seed_gives_identical_factors(solver):
     assert not torch.equal(runs[0].left, runs[2].left)
 
 
+@pytest.mark.parametrize("solver", ITERATIVE)
+def test_default_stopping_is_deterministic_and_never_reads_the_clock(solver):
+    # Issue 11: by default a solver stops on its tolerance or max_iters only, so two runs on the
+    # same inputs (same threads) give bit-identical factors and the same iteration counts.
+    defaults = solver_options(solver)
+    assert defaults["max_seconds"] is None
+    assert defaults["max_iters"] >= 1 and defaults["tol"] > 0
+    problems = [_problem(24, 16, seed, dtype=torch.float32) for seed in (30, 31)]
+    weights = [w for w, _ in problems] + [problems[0][0].T.contiguous()]
+    importances = [imp for _, imp in problems] + [problems[0][1].T.contiguous()]
+    runs = [factorize_batch(weights, importances, [4, 4, 4], solver=solver) for _ in range(2)]
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first.left, second.left) and torch.equal(first.right, second.right)
+        assert first.iterations == second.iterations
+        assert first.stop_reason == second.stop_reason != "max_seconds"
+        assert first.loss == second.loss
+
+
 def test_als_keeps_rows_without_importance_where_they_are():
     weight, importance = _problem()
     importance[4] = 0

@@ -19,7 +19,9 @@ from weighted_lowrank.lowrank.objective import StopReason
 
 #: Options every solver accepts.
 COMMON_OPTIONS: dict[str, Any] = {"device": None, "seed": 0}
-#: Options every iterative solver accepts, with their defaults.
+#: Options every iterative solver accepts, with their defaults. Each solver module sets its own
+#: measured ``max_iters`` / ``tol``; ``max_seconds`` stays ``None`` everywhere, so that by default
+#: no solver reads the clock and the same inputs give the same factors on any machine.
 ITERATIVE_OPTIONS: dict[str, Any] = {
     **COMMON_OPTIONS,
     "max_iters": 500,

@@ -37,6 +37,8 @@ from weighted_lowrank.lowrank.solvers._common import (
     run_iterations,
 )
 
+# tol 3e-5 over 3 iterations: 13–88 iterations per layer on the default model at budget 0.5, summed
+# loss 0.023 % above a 400-iteration run; max_iters is a safety net (docs/METHOD.md, "Stopping").
 TFWSVD_OPTIONS: dict[str, Any] = {
     **ITERATIVE_OPTIONS,
     "max_iters": 150,

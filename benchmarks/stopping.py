@@ -43,20 +43,14 @@ from solvers import (  # noqa: E402
 )
 
 from weighted_lowrank.lowrank.objective import rank_for_budget  # noqa: E402
-from weighted_lowrank.lowrank.solvers import factorize_batch, solver_options  # noqa: E402
-from weighted_lowrank.lowrank.solvers.gradient import GRADIENT_WINDOW  # noqa: E402
-from weighted_lowrank.lowrank.solvers.tfwsvd import TFWSVD_WINDOW  # noqa: E402
+from weighted_lowrank.lowrank.solvers import (  # noqa: E402
+    STOPPING_WINDOWS,
+    factorize_batch,
+    solver_options,
+)
 
 TRACE_DIR = CACHE_DIR / "stopping"
 ITERATIVE = ("adam", "sgd", "adam_sgd", "als", "em", "tfwsvd")
-WINDOWS = {
-    "adam": GRADIENT_WINDOW,
-    "sgd": GRADIENT_WINDOW,
-    "adam_sgd": GRADIENT_WINDOW,
-    "als": 1,
-    "em": 1,
-    "tfwsvd": TFWSVD_WINDOW,
-}
 #: Iterations of the traces unless --iters says otherwise.
 TRACE_ITERS = {
     "adam": 3000,
@@ -277,7 +271,7 @@ def command_report(args) -> int:
                 "iterations per group, est. seconds (trace clock)"
             )
             for solver in solvers:
-                window = WINDOWS[solver]
+                window = STOPPING_WINDOWS[solver]
                 cap = len(curves[solver]) - 1
                 for max_iters in sorted({cap, *args.caps.get(solver, [])}):
                     for tol in TOLS:
@@ -301,7 +295,7 @@ def command_report(args) -> int:
                 timings.append((seconds, before, after))
             loss = sum(r.loss for r in results)
             replayed = replay_solver(
-                traces[solver], defaults["tol"], WINDOWS[solver], defaults["max_iters"]
+                traces[solver], defaults["tol"], STOPPING_WINDOWS[solver], defaults["max_iters"]
             )
             per_group: dict[str, list[int]] = {}
             reasons: dict[str, int] = {}
@@ -381,7 +375,7 @@ def render_budget(budget, rows, svd_loss, fwsvd_loss, best) -> list[str]:
             gap_text = f"{gap:+.3f} %"
         lines.append(
             f"| {row['solver']} | {defaults['max_iters']} / {defaults['tol']:g} "
-            f"({WINDOWS[row['solver']]}) | {groups} | {reasons} | "
+            f"({STOPPING_WINDOWS[row['solver']]}) | {groups} | {reasons} | "
             f"{row['loss'] / svd_loss:.4f} | {plateau} | {gap_text} "
             f"| {100 * (row['loss'] / best - 1):+.3f} % | {timing} |"
         )

@@ -9,17 +9,22 @@ import pytest
 import torch
 
 from weighted_lowrank.lowrank.objective import weighted_loss
-from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, factorize_batch, solver_options
+from weighted_lowrank.lowrank.solvers import (
+    SOLVERS,
+    STOPPING_WINDOWS,
+    factorize,
+    factorize_batch,
+    solver_options,
+)
 from weighted_lowrank.lowrank.solvers._common import Batched, IterateState, resolve_options
 from weighted_lowrank.lowrank.solvers.als import AlsState
 from weighted_lowrank.lowrank.solvers.em import EmState
 from weighted_lowrank.lowrank.solvers.gradient import (
-    GRADIENT_WINDOW,
     AdamState,
     SgdState,
     SwatsState,
 )
-from weighted_lowrank.lowrank.solvers.tfwsvd import TFWSVD_WINDOW, TfwsvdState
+from weighted_lowrank.lowrank.solvers.tfwsvd import TfwsvdState
 
 
 def _problem(out_features=24, in_features=16, seed=0, dtype=torch.float64):
@@ -334,17 +339,6 @@ def test_stopping_rules_cap_iterations_and_time():
     assert tolerant.iterations < 10**6 and tolerant.stop_reason == "converged"
 
 
-#: Iterations over which each iterative solver measures ``tol``.
-WINDOWS = {
-    "adam": GRADIENT_WINDOW,
-    "sgd": GRADIENT_WINDOW,
-    "adam_sgd": GRADIENT_WINDOW,
-    "als": 1,
-    "em": 1,
-    "tfwsvd": TFWSVD_WINDOW,
-}
-
-
 @pytest.mark.parametrize("solver", ["svd", "fwsvd"])
 def test_closed_forms_stop_as_exact(solver):
     weight, importance = _problem()
@@ -370,7 +364,7 @@ def test_a_large_tol_stops_as_converged_before_max_iters(solver):
     result = factorize(weight, importance, 4, solver=solver, max_iters=500, tol=0.5)
     assert result.stop_reason == "converged"
     # The relative improvement is measured over the solver's window, so it needs window + 1 steps.
-    assert WINDOWS[solver] < result.iterations < 500
+    assert STOPPING_WINDOWS[solver] < result.iterations < 500
     assert len(result.history) == result.iterations + 1
 
 

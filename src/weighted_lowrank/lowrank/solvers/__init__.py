@@ -33,12 +33,13 @@ from weighted_lowrank.lowrank.solvers.em import EM_OPTIONS, solve_em
 from weighted_lowrank.lowrank.solvers.gradient import (
     ADAM_OPTIONS,
     ADAM_SGD_OPTIONS,
+    GRADIENT_WINDOW,
     SGD_OPTIONS,
     solve_adam,
     solve_adam_sgd,
     solve_sgd,
 )
-from weighted_lowrank.lowrank.solvers.tfwsvd import TFWSVD_OPTIONS, solve_tfwsvd
+from weighted_lowrank.lowrank.solvers.tfwsvd import TFWSVD_OPTIONS, TFWSVD_WINDOW, solve_tfwsvd
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,15 @@ _REGISTRY: dict[str, SolverSpec] = {
 
 #: Names accepted by ``factorize(..., solver=...)``.
 SOLVERS: tuple[str, ...] = tuple(_REGISTRY)
+#: Iterations over which each iterative solver measures its relative-improvement ``tol``.
+STOPPING_WINDOWS: dict[str, int] = {
+    "adam": GRADIENT_WINDOW,
+    "sgd": GRADIENT_WINDOW,
+    "adam_sgd": GRADIENT_WINDOW,
+    "als": 1,
+    "em": 1,
+    "tfwsvd": TFWSVD_WINDOW,
+}
 
 
 def solver_options(solver: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from weighted_lowrank.pipelines.reporting.run_history import (
     seed_differences,
     seed_summary,
 )
-from weighted_lowrank.sweep import run_sweep, sweep_report
+from weighted_lowrank.sweep import _deep_merge, parse_overrides, run_sweep, sweep_report
 
 #: Metrics that measure time, which no repeat can reproduce.
 TIMINGS = {"latency_ms", "latency_dense_ms", "latency_ratio", "factorization_seconds"}
@@ -135,3 +135,21 @@ def test_the_report_pairs_every_solver_with_fwsvd_by_seed(sweep):
     assert set(p_values["seed"]) == {1, 2} and set(p_values["budget"]) == {0.1, 0.2}
     assert p_values["p"].between(0, 1).all()
     assert "mcnemar_p" in report
+
+
+def test_overrides_keep_commas_and_merge_block_by_block():
+    overrides = parse_overrides(
+        ["data.catalog.label_values=[rotten,fresh,plot]", "fine_tuning.epochs=3"]
+    )
+    assert overrides == {
+        "data": {"catalog": {"label_values": ["rotten", "fresh", "plot"]}},
+        "fine_tuning": {"epochs": 3},
+    }
+    merged = _deep_merge(overrides, {"seed": 1, "data": {"split": {"seed": 42}}})
+    assert merged["data"] == {
+        "catalog": {"label_values": ["rotten", "fresh", "plot"]},
+        "split": {"seed": 42},
+    }
+    assert merged["seed"] == 1 and merged["fine_tuning"] == {"epochs": 3}
+    with pytest.raises(ValueError, match="not 'dotted.key=value'"):
+        parse_overrides(["data.source"])

@@ -52,12 +52,14 @@ def run_sweep(
         split_seed = session.load_context().params["data"]["split"]["seed"]
     for seed in seeds:
         for index, budget in enumerate(budgets):
-            overrides = {
-                **extra,
-                "seed": seed,
-                "compression": {"budget": budget},
-                "data": {"split": {"seed": split_seed}},
-            }
+            overrides = _deep_merge(
+                extra,
+                {
+                    "seed": seed,
+                    "compression": {"budget": budget},
+                    "data": {"split": {"seed": split_seed}},
+                },
+            )
             with KedroSession.create(
                 project_path=project_path, env=env, runtime_params=overrides
             ) as session:
@@ -66,6 +68,29 @@ def run_sweep(
                     from_nodes=None if index == 0 else ["svd_reference"],
                 )
             end_active_runs()
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in, nested blocks key by key (as Kedro merges --params)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["data.catalog.label_values=[rotten,fresh,plot]", ...]`` → a nested dict, values parsed
+    as YAML by OmegaConf (as ``kedro run --params`` does, but one item per argument, so a value
+    may hold commas)."""
+    from omegaconf import OmegaConf
+
+    malformed = [item for item in items if "=" not in item or not item.partition("=")[0].strip()]
+    if malformed:
+        raise ValueError(f"--params items {malformed} are not 'dotted.key=value'")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(list(items)))
 
 
 def end_active_runs() -> None:
@@ -142,6 +167,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--pipeline", default="__default__", help="__default__, or refined (with refinement)"
     )
     run.add_argument("--tracking-uri", default=None, help="MLflow store (default: mlflow.db)")
+    run.add_argument(
+        "--params",
+        nargs="+",
+        default=[],
+        help="parameter overrides, one 'dotted.key=value' per argument (values may hold commas), "
+        "e.g. 'data.catalog.label_values=[rotten,fresh,plot]'",
+    )
     report = commands.add_parser("report", help="mean ± sd over seeds and paired differences")
     report.add_argument("--tracking-uri", default=None, help="MLflow store (default: mlflow.db)")
     report.add_argument("--reference", default="fwsvd")
@@ -155,7 +187,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             project_path=project,
             env=arguments.env,
             pipeline=arguments.pipeline,
-            runtime_params={"mlflow_tracking_uri": tracking_uri},
+            runtime_params={
+                **parse_overrides(arguments.params),
+                "mlflow_tracking_uri": tracking_uri,
+            },
         )
     else:
         print(sweep_report(tracking_uri, arguments.reference), end="")

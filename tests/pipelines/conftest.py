@@ -32,6 +32,27 @@ def make_fisher_information(model, seed: int = 3) -> dict:
     }
 
 
+def make_calibration_statistics(model, seed: int = 4) -> dict:
+    """Random positive definite moments A, G and positive |x| means for every targeted layer."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def moment(size: int) -> torch.Tensor:
+        factor = torch.randn(size, 2 * size, generator=generator)
+        return factor @ factor.T / (2 * size)
+
+    tensors = {}
+    for name, module in select_linear_modules(model).items():
+        tensors[f"{name}.input_moment"] = moment(module.in_features)
+        tensors[f"{name}.output_moment"] = moment(module.out_features)
+        tensors[f"{name}.input_abs_mean"] = (
+            torch.rand(module.in_features, generator=generator) + 0.1
+        )
+    return {
+        "tensors": tensors,
+        "metadata": {"num_examples": "1", "model_fingerprint": model_fingerprint(model)},
+    }
+
+
 def fast_options(solver: str) -> dict:
     """A few iterations only: the pipeline's wiring is under test, not the solvers' convergence."""
     return {"max_iters": 3} if "max_iters" in solver_options(solver) else {}
@@ -42,6 +63,7 @@ def factorization_catalog(bundle, fisher_information, budget: float = BUDGET) ->
         {
             "fine_tuned_model": MemoryDataset(bundle),
             "fisher_information": MemoryDataset(fisher_information),
+            "calibration_statistics": MemoryDataset(make_calibration_statistics(bundle.model)),
             "params:compression": MemoryDataset(
                 typed_params("compression", budget=budget, device="cpu", seed=0)
             ),

@@ -42,6 +42,8 @@ REPORT_COLUMNS = [
     "solver",
 ]
 COMPRESSION = typed_params("compression", budget=BUDGET, seed=0, device="cpu")
+#: The svd solver needs no calibration statistics.
+STATISTICS = {"tensors": {}, "metadata": {}}
 
 
 def test_one_namespace_per_solver_sharing_model_fisher_budget_and_svd_reference():
@@ -49,9 +51,12 @@ def test_one_namespace_per_solver_sharing_model_fisher_budget_and_svd_reference(
     assert {node.name for node in pipeline.nodes} == {"svd_reference"} | {
         f"{solver}.compress" for solver in SOLVERS
     }
-    assert pipeline.inputs() == {"fine_tuned_model", "fisher_information", "params:compression"} | {
-        f"params:{solver}.options" for solver in SOLVERS
-    }
+    assert pipeline.inputs() == {
+        "fine_tuned_model",
+        "fisher_information",
+        "calibration_statistics",
+        "params:compression",
+    } | {f"params:{solver}.options" for solver in SOLVERS}
     assert "svd_reference_loss" in pipeline.all_outputs()
     assert pipeline.outputs() == {
         f"{solver}.{name}"
@@ -119,6 +124,7 @@ def test_convergence_has_one_row_per_history_point(factorized):
     compressed, report, table = compress(
         bundle,
         fisher_information,
+        catalog.load("calibration_statistics"),
         svd_reference(bundle, fisher_information, COMPRESSION),
         COMPRESSION,
         {"max_iters": 2},
@@ -165,7 +171,15 @@ def test_an_svd_reference_without_every_layer_is_rejected(factorized):
     bundle, fisher_information, catalog = factorized
     reference = svd_reference(bundle, fisher_information, COMPRESSION)
     with pytest.raises(ValueError, match=r"svd_reference_loss has no row at the factorized rank"):
-        compress(bundle, fisher_information, reference.iloc[1:], COMPRESSION, {}, solver="svd")
+        compress(
+            bundle,
+            fisher_information,
+            STATISTICS,
+            reference.iloc[1:],
+            COMPRESSION,
+            {},
+            solver="svd",
+        )
 
 
 def test_an_svd_reference_made_at_another_budget_is_rejected(factorized):
@@ -173,7 +187,7 @@ def test_an_svd_reference_made_at_another_budget_is_rejected(factorized):
     other = typed_params("compression", budget=BUDGET / 2, seed=0, device="cpu")
     reference = svd_reference(bundle, fisher_information, other)
     with pytest.raises(ValueError, match=r"made with other compression parameters"):
-        compress(bundle, fisher_information, reference, COMPRESSION, {}, solver="svd")
+        compress(bundle, fisher_information, STATISTICS, reference, COMPRESSION, {}, solver="svd")
 
 
 def test_the_seed_makes_the_node_reproducible(factorized):
@@ -181,7 +195,9 @@ def test_the_seed_makes_the_node_reproducible(factorized):
     reference = svd_reference(bundle, fisher_information, COMPRESSION)
     options = {"max_iters": 3, "init": "random"}
     runs = [
-        compress(bundle, fisher_information, reference, COMPRESSION, options, solver="adam")
+        compress(
+            bundle, fisher_information, STATISTICS, reference, COMPRESSION, options, solver="adam"
+        )
         for _ in range(2)
     ]
     columns = ["weighted_loss", "initial_loss", "loss_rel_svd"]

@@ -62,6 +62,7 @@ def svd_reference(
 def compress(
     fine_tuned_model: ModelBundle,
     fisher_information: dict[str, Any],
+    calibration_statistics: dict[str, Any],
     svd_reference_loss: pd.DataFrame,
     compression: CompressionParams,
     options: dict[str, Any],
@@ -71,7 +72,9 @@ def compress(
     """Factorize the targeted layers of the fine-tuned model with ``solver`` at the shared budget.
 
     ``options`` are the solver's own knobs (``<solver>.options``); ``compression.seed`` is the
-    solver's seed unless the options set one. Returns the compressed bundle (same tokenizer), the
+    solver's seed unless the options set one. ``calibration_statistics`` holds the input/output
+    moments the activation-aware solvers need (``kfwsvd``, ``svd_llm``, ``asvd``); the others
+    ignore it, and a solver whose statistics are missing fails before any work. Returns the compressed bundle (same tokenizer), the
     per-layer report (:func:`layer_report`) and the loss histories (:func:`convergence_table`).
     """
     model = fine_tuned_model.model
@@ -83,6 +86,7 @@ def compress(
         compression.budget,
         solver,
         compression.targets,
+        statistics=calibration_statistics["tensors"],
         device=compression.device,
         **{"seed": compression.seed, **options},
     )

@@ -3,7 +3,8 @@
 The shared node ``svd_reference`` computes plain SVD's weighted loss per layer once
 (``svd_reference_loss``). Then one namespace per solver in ``SOLVERS`` (the list lives in code
 because pipelines are built before parameters are read): every namespace shares
-``fine_tuned_model``, ``fisher_information``, ``svd_reference_loss`` and ``params:compression``;
+``fine_tuned_model``, ``fisher_information``, ``calibration_statistics``, ``svd_reference_loss``
+and ``params:compression``;
 its own knobs are ``params:<solver>.options``; its outputs are ``<solver>.compressed_model``,
 ``<solver>.layer_report`` and ``<solver>.convergence``.
 """
@@ -16,7 +17,12 @@ from weighted_lowrank.lowrank.solvers import SOLVERS
 
 from .nodes import compress, svd_reference
 
-SHARED_INPUTS = {"fine_tuned_model", "fisher_information", "svd_reference_loss"}
+SHARED_INPUTS = {
+    "fine_tuned_model",
+    "fisher_information",
+    "calibration_statistics",
+    "svd_reference_loss",
+}
 SHARED_PARAMETERS = {"params:compression"}
 
 
@@ -30,6 +36,7 @@ def create_solver_template(solver: str) -> Pipeline:
                 inputs=[
                     "fine_tuned_model",
                     "fisher_information",
+                    "calibration_statistics",
                     "svd_reference_loss",
                     "params:compression",
                     "params:options",

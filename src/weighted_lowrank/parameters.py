@@ -548,7 +548,8 @@ class ReportingParams(Block):
 
 @dataclass(frozen=True, init=False, eq=False)
 class RiskValidationParams(Block):
-    """``risk_validation``: the per-layer damage measurement (pipeline ``risk_validation``)."""
+    """``risk_validation``: the per-layer and whole-model damage measurement and the loss models
+    it is set against (pipeline ``risk_validation``)."""
 
     PATH: ClassVar[str] = "risk_validation"
 
@@ -556,6 +557,10 @@ class RiskValidationParams(Block):
     max_examples: int | None = checked(optional(positive_int))
     statistics: list[str] | None = checked(optional(string_list))
     curvature: bool = checked(boolean)
+    # Names are checked where the compressed models and statistics are known: by the
+    # risk_validation node, before its first evaluation.
+    solvers: list[str] = checked(string_list)
+    loss_models: list[str] | None = checked(optional(string_list))
 
 
 # ----------------------------------------------------------------------------- the whole run

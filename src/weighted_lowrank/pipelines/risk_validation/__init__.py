@@ -1,7 +1,7 @@
-"""Does a cheap risk statistic (φ by default) predict where plain SVD damages accuracy?
+"""Which cheap risk statistic (φ by default) or loss model predicts where compression hurts?
 
-Not part of ``__default__`` (≈ 2 validation passes per targeted layer): run it with
-``kedro run --pipelines risk_validation`` after a default run.
+Not part of ``__default__`` (≈ 1 validation pass per targeted layer and validated solver): run it
+with ``kedro run --pipelines risk_validation`` after a default run.
 """
 
 from .pipeline import create_pipeline

@@ -1,10 +1,19 @@
-"""Nodes of ``risk_validation``: does a cheap risk statistic predict where plain SVD hurts?
+"""Nodes of ``risk_validation``: which statistic or loss model predicts the real damage?
 
-Every targeted layer is compressed alone — its ``LowRankLinear`` from the ``svd`` compressed model,
-then from the weighted solver's, swapped into a copy of the dense model — and the validation loss
-and accuracy are measured. A layer's *damage* is the validation-loss increase over the dense
-model; the *weighted gain* is SVD's damage minus the weighted solver's. Spearman correlations
-between each statistic of ``layer_risk`` and the two say which statistic predicts them.
+Every targeted layer is compressed alone — its ``LowRankLinear`` taken from each validated
+solver's compressed model, swapped into a copy of the dense model — and the validation loss and
+accuracy are measured; then each solver's whole compressed model is measured too. A layer's
+*damage* is the validation-loss increase over the dense model.
+
+Two comparisons use these measurements:
+
+- **risk statistics** (``risk_validation_table``): Spearman correlations of each statistic of
+  ``layer_risk`` (φ by default) with SVD's damage and with the *weighted gain* (SVD's damage minus
+  ``tfwsvd``'s);
+- **loss models** (``loss_model_table``): for every layer × solver and every whole model, the
+  predicted ΔL = ½ vec(ΔW)ᵀ F vec(ΔW) of each loss model of
+  :mod:`weighted_lowrank.lowrank.loss_models` (ΔW from that solver's factors; a whole model's
+  prediction is the sum over its layers) against the measured increase.
 
 With ``curvature`` the layer is also evaluated with the mirrored weight W + R = 2W − W_svd (R the
 SVD residual). Writing L(W − R) = L(W) − g·R + ½ RᵀHR + O(R³), the odd (first-order) part
@@ -19,7 +28,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,9 +39,16 @@ from scipy import stats
 
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.lowrank.calibration import statistic_key
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
-from weighted_lowrank.lowrank.layer import lowrank_ranks
+from weighted_lowrank.lowrank.layer import lowrank_modules, lowrank_ranks
+from weighted_lowrank.lowrank.loss_models import (
+    LOSS_MODELS,
+    REQUIRED_STATISTICS,
+    LayerCurvature,
+    predicted_loss_increase,
+)
 from weighted_lowrank.lowrank.risk import RISK_STATISTICS
 from weighted_lowrank.lowrank.risk import spearman as spearman_rho
 from weighted_lowrank.lowrank.targets import ordered_kinds
@@ -43,6 +59,22 @@ logger = logging.getLogger(__name__)
 
 #: The element-wise weighted solver whose compressed model is compared with ``svd``'s.
 WEIGHTED_SOLVER = "tfwsvd"
+#: The solvers whose ``<solver>.compressed_model`` the pipeline wires in, so the ones
+#: ``risk_validation.solvers`` may name (pipelines are built before parameters are read). One
+#: closed form or solver per loss model — svd (identity), fwsvd (rank-one Fisher), tfwsvd
+#: (diagonal; the other element-wise solvers minimise the same objective), kfwsvd (Kronecker),
+#: svd_llm (activation) — and asvd; every wired model is loaded, and must come from the same run.
+VALIDATED_SOLVERS: tuple[str, ...] = ("svd", "fwsvd", WEIGHTED_SOLVER, "kfwsvd", "svd_llm", "asvd")
+#: Solvers every run measures: the risk-statistic comparison needs SVD's damage and the gain.
+REQUIRED_SOLVERS: tuple[str, ...] = ("svd", WEIGHTED_SOLVER)
+#: Where each loss-model statistic comes from, for error messages.
+STATISTIC_SOURCES = {
+    "fisher": "fisher_information '<module>.weight' and its metadata num_examples",
+    "input_moment": "calibration_statistics '<module>.input_moment'",
+    "output_moment": "calibration_statistics '<module>.output_moment'",
+}
+#: The ``module`` (and ``kind``) of a whole-model row of ``loss_model_table``.
+WHOLE_MODEL = "(whole model)"
 #: What the statistics are correlated with (when in the table): short name for MLflow metrics.
 OUTCOMES = {
     "svd_loss_increase": "damage",
@@ -60,11 +92,11 @@ _DESCRIPTIVE = (
     "risk",
     "model_fingerprint",
 )
-#: Columns :func:`measure_layer_damage` adds (measurements, not statistics).
+#: Columns :func:`measure_layer_damage` adds to ``risk_validation_table`` (not statistics).
 _MEASURED = (
     *(
         f"{solver}_{name}"
-        for solver in ("svd", WEIGHTED_SOLVER)
+        for solver in REQUIRED_SOLVERS
         for name in ("loss", "accuracy", "loss_increase", "accuracy_drop")
     ),
     "weighted_gain",
@@ -78,30 +110,52 @@ _MEASURED = (
 )
 
 
-def check_layers(
-    svd_model: ModelBundle, weighted_model: ModelBundle, layer_risk: pd.DataFrame
-) -> dict[str, int]:
-    """``{module: rank}`` in ``layer_risk`` order, once the three agree on modules and ranks.
+def check_solvers(requested: list[str], compressed_models: Mapping[str, ModelBundle]) -> list[str]:
+    """``risk_validation.solvers`` once every name is wired in, listed once, with svd and tfwsvd."""
+    unknown = [name for name in requested if name not in compressed_models]
+    if unknown:
+        raise ValueError(
+            f"risk_validation.solvers names {unknown}; expected solvers whose compressed models "
+            f"the pipeline loads: {list(compressed_models)} (VALIDATED_SOLVERS in "
+            "pipelines/risk_validation/nodes.py)"
+        )
+    twice = sorted({name for name in requested if requested.count(name) > 1})
+    if twice:
+        raise ValueError(f"risk_validation.solvers lists {twice} more than once")
+    lacking = [name for name in REQUIRED_SOLVERS if name not in requested]
+    if lacking:
+        raise ValueError(
+            f"risk_validation.solvers={requested} lacks {lacking}: the risk-statistic comparison "
+            f"measures SVD's damage and {WEIGHTED_SOLVER}'s gain over it; add them"
+        )
+    return list(requested)
+
+
+def check_layers(models: Mapping[str, torch.nn.Module], layer_risk: pd.DataFrame) -> dict[str, int]:
+    """``{module: rank}`` in ``layer_risk`` order, once the models and the table agree on modules
+    and ranks (``models`` maps solver names to compressed models and holds ``svd``).
 
     Lineage (``hooks.LineageCheck``) says the inputs come from one fine-tuned model; it cannot
     tell that they were compressed at one budget and targets, which this checks.
     """
-    svd = lowrank_ranks(svd_model.model)
-    weighted = lowrank_ranks(weighted_model.model)
+    svd = lowrank_ranks(models["svd"])
     if not svd:
         raise ValueError("svd.compressed_model has no LowRankLinear modules")
-    if svd != weighted:
-        only_svd = sorted(set(svd) - set(weighted))
-        only_weighted = sorted(set(weighted) - set(svd))
+    for solver, compressed in models.items():
+        other = lowrank_ranks(compressed)
+        if other == svd:
+            continue
+        only_svd = sorted(set(svd) - set(other))
+        only_other = sorted(set(other) - set(svd))
         ranks = {
-            name: (svd[name], weighted[name])
+            name: (svd[name], other[name])
             for name in svd
-            if name in weighted and svd[name] != weighted[name]
+            if name in other and svd[name] != other[name]
         }
         raise ValueError(
-            f"svd.compressed_model and {WEIGHTED_SOLVER}.compressed_model differ: modules only in "
-            f"svd {only_svd[:5]}, only in {WEIGHTED_SOLVER} {only_weighted[:5]}, ranks (svd, "
-            f"{WEIGHTED_SOLVER}) {dict(list(ranks.items())[:5])}; load both from one run"
+            f"svd.compressed_model and {solver}.compressed_model differ: modules only in svd "
+            f"{only_svd[:5]}, only in {solver} {only_other[:5]}, ranks (svd, {solver}) "
+            f"{dict(list(ranks.items())[:5])}; load both from one run"
         )
     for column in ("module", "kind", "layer"):
         if column not in layer_risk.columns:
@@ -129,38 +183,148 @@ def check_layers(
     return {module: svd[module] for module in modules}
 
 
+def layer_curvatures(
+    modules: list[str],
+    fisher_information: Mapping[str, Any],
+    calibration_statistics: Mapping[str, Any],
+) -> tuple[dict[str, LayerCurvature], dict[str, list[str]]]:
+    """Each module's per-example statistics, and ``{statistic: [absent keys]}`` for the absent.
+
+    The diagonal Fisher is stored summed over examples: it is divided by its metadata's
+    ``num_examples`` (absent: the Fisher counts as absent). A and G are stored per example.
+    """
+    fisher = fisher_information.get("tensors") or {}
+    calibration = calibration_statistics.get("tensors") or {}
+    num_examples = (fisher_information.get("metadata") or {}).get("num_examples")
+    absent: dict[str, list[str]] = {}
+    if num_examples is None:
+        absent["fisher"] = ["metadata num_examples"]
+    curvatures = {}
+    for module in modules:
+        values: dict[str, torch.Tensor | None] = {"fisher": None}
+        key = f"{module}.weight"
+        if num_examples is not None and key in fisher:
+            values["fisher"] = fisher[key].double() / int(num_examples)
+        elif num_examples is not None:
+            absent.setdefault("fisher", []).append(key)
+        for statistic in ("input_moment", "output_moment"):
+            key = statistic_key(module, statistic)
+            values[statistic] = calibration.get(key)
+            if values[statistic] is None:
+                absent.setdefault(statistic, []).append(key)
+        curvatures[module] = LayerCurvature(**values)
+    return curvatures, absent
+
+
+def resolve_loss_models(
+    requested: list[str] | None, absent: Mapping[str, list[str]]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """The loss models to compute and ``{skipped loss model: [statistics it lacks]}``.
+
+    ``requested=None`` takes every loss model whose statistics every layer has, and skips the
+    others (logged); a requested one whose statistics are absent is an error naming them.
+    """
+    unknown = [name for name in requested or () if name not in LOSS_MODELS]
+    if unknown:
+        raise ValueError(
+            f"risk_validation.loss_models names {unknown}; expected some of {list(LOSS_MODELS)} "
+            "or null (every one the statistics allow)"
+        )
+    twice = sorted({name for name in requested or () if requested.count(name) > 1})
+    if twice:
+        raise ValueError(f"risk_validation.loss_models lists {twice} more than once")
+    lacking = {
+        model: [name for name in REQUIRED_STATISTICS[model] if name in absent]
+        for model in (LOSS_MODELS if requested is None else requested)
+    }
+    lacking = {model: names for model, names in lacking.items() if names}
+    details = "; ".join(
+        f"{model} needs "
+        + ", ".join(
+            f"{STATISTIC_SOURCES[name]} (absent: {absent[name][:3]}"
+            + (f" and {len(absent[name]) - 3} more)" if len(absent[name]) > 3 else ")")
+            for name in names
+        )
+        for model, names in lacking.items()
+    )
+    if requested is not None and lacking:
+        raise ValueError(
+            f"risk_validation.loss_models {list(lacking)} lack statistics: {details}; run "
+            "fisher_estimation with the calibration statistics, or leave them out"
+        )
+    if len(lacking) == len(LOSS_MODELS):
+        raise ValueError(f"no loss model can be computed: {details}")
+    if lacking:
+        logger.warning("risk_validation: skipping loss models %s: %s", list(lacking), details)
+    chosen = LOSS_MODELS if requested is None else requested
+    return [model for model in chosen if model not in lacking], lacking
+
+
+def predict_damage(
+    dense: torch.nn.Module,
+    models: Mapping[str, torch.nn.Module],
+    curvatures: Mapping[str, LayerCurvature],
+    loss_models: list[str],
+) -> dict[tuple[str, str], dict[str, float]]:
+    """``{(solver, module): {loss model: predicted ΔL}}`` with ΔW = W − AB of that solver's layer."""
+    predictions = {}
+    for solver, compressed in models.items():
+        layers = lowrank_modules(compressed)
+        for module, curvature in curvatures.items():
+            with torch.no_grad():
+                weight = dense.get_submodule(module).weight
+                delta = weight.double() - layers[module].dense_weight().to(weight).double()
+            predictions[solver, module] = predicted_loss_increase(delta, curvature, loss_models)
+    return predictions
+
+
 def measure_layer_damage(
     fine_tuned_model: ModelBundle,
-    svd_compressed_model: ModelBundle,
-    weighted_compressed_model: ModelBundle,
     validation_split: pd.DataFrame,
     layer_risk: pd.DataFrame,
+    fisher_information: dict[str, Any],
+    calibration_statistics: dict[str, Any],
     model: ModelParams,
     risk_validation: RiskValidationParams,
     device: str,
-) -> pd.DataFrame:
-    """Validation loss and accuracy with each targeted layer compressed alone, per solver.
+    **compressed_models: ModelBundle,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validation loss and accuracy with each targeted layer compressed alone by each solver in
+    ``risk_validation.solvers`` (and with each solver's whole model), against the loss models.
 
-    One row per ``layer_risk`` row: its columns, then ``svd_loss``, ``tfwsvd_loss``,
-    ``svd_accuracy``, ``tfwsvd_accuracy``, ``svd_loss_increase`` / ``tfwsvd_loss_increase``
-    (over the dense model), ``svd_accuracy_drop`` / ``tfwsvd_accuracy_drop``, ``weighted_gain``
-    (SVD's loss increase minus tfwsvd's), with ``risk_validation.curvature`` also
-    ``svd_mirror_loss`` (weight 2W − W_svd), ``svd_first_order`` and ``svd_curvature_damage``
-    (module docstring), then ``seconds`` (the layer's evaluations) and the constants
-    ``dense_loss``, ``dense_accuracy``, ``examples``. Accuracies are NaN for a regression model.
-    ``risk_validation.max_examples`` keeps the first rows of the split (it is shuffled).
+    ``compressed_models`` maps solver names to their compressed models (the pipeline passes
+    every one of :data:`VALIDATED_SOLVERS`). Every input is checked before the first evaluation.
+    Returns:
+
+    - ``risk_validation_table``: one row per ``layer_risk`` row: its columns, then ``svd_loss``,
+      ``tfwsvd_loss``, ``svd_accuracy``, ``tfwsvd_accuracy``, ``svd_loss_increase`` /
+      ``tfwsvd_loss_increase`` (over the dense model), ``svd_accuracy_drop`` /
+      ``tfwsvd_accuracy_drop``, ``weighted_gain`` (SVD's loss increase minus tfwsvd's), with
+      ``risk_validation.curvature`` also ``svd_mirror_loss`` (weight 2W − W_svd),
+      ``svd_first_order`` and ``svd_curvature_damage`` (module docstring), then ``seconds`` (the
+      layer's evaluations, every solver) and the constants ``dense_loss``, ``dense_accuracy``,
+      ``examples``;
+    - ``loss_model_table``: see :func:`loss_model_table`.
+
+    Accuracies are NaN for a regression model. ``risk_validation.max_examples`` keeps the first
+    rows of the split (it is shuffled).
     """
-    ranks = check_layers(svd_compressed_model, weighted_compressed_model, layer_risk)
+    solvers = check_solvers(risk_validation.solvers, compressed_models)
+    models = {solver: compressed_models[solver].model for solver in solvers}
+    ranks = check_layers(models, layer_risk)
+    curvatures, absent = layer_curvatures(list(ranks), fisher_information, calibration_statistics)
+    loss_models, _ = resolve_loss_models(risk_validation.loss_models, absent)
+    predictions = predict_damage(fine_tuned_model.model, models, curvatures, loss_models)
+
     frame = validation_split
     if risk_validation.max_examples is not None:
         frame = frame.head(risk_validation.max_examples)
     run_device = resolve_device(device)
     working = copy.deepcopy(fine_tuned_model.model).to(run_device).eval()
-    sources = {"svd": svd_compressed_model.model, WEIGHTED_SOLVER: weighted_compressed_model.model}
 
-    def evaluate() -> tuple[float, float]:
+    def evaluate(network: torch.nn.Module = working) -> tuple[float, float]:
         scores = evaluate_classifier(
-            working,
+            network,
             fine_tuned_model.tokenizer,
             frame,
             model.max_length,
@@ -170,33 +334,57 @@ def measure_layer_damage(
         return scores["loss"], scores.get("accuracy", math.nan)
 
     dense_loss, dense_accuracy = evaluate()
-    measured = []
-    for index, name in enumerate(ranks):
+    measured = _measure_layers(
+        working, list(ranks), models, evaluate, risk_validation.curvature, run_device, dense_loss
+    )
+    whole = {
+        solver: evaluate(copy.deepcopy(compressed).to(run_device).eval())
+        for solver, compressed in models.items()
+    }
+    logger.info(
+        "risk_validation whole models: loss increase %s",
+        ", ".join(f"{solver} {loss - dense_loss:.4g}" for solver, (loss, _) in whole.items()),
+    )
+    risk_table = _damage_table(layer_risk, measured, dense_loss, dense_accuracy)
+    risk_table["examples"] = len(frame)
+    losses = loss_model_table(
+        layer_risk, measured, whole, predictions, dense_loss, dense_accuracy, len(frame)
+    )
+    fingerprint = model_fingerprint(fine_tuned_model.model)
+    return with_fingerprint(risk_table, fingerprint), with_fingerprint(losses, fingerprint)
+
+
+def _measure_layers(
+    working: torch.nn.Module,
+    modules: list[str],
+    models: Mapping[str, torch.nn.Module],
+    evaluate: Callable[[], tuple[float, float]],
+    curvature: bool,
+    device: torch.device,
+    dense_loss: float,
+) -> pd.DataFrame:
+    """One row per module of :func:`_measure_layer`'s losses and accuracies, and ``seconds``."""
+    rows = []
+    for index, name in enumerate(modules):
         started = time.perf_counter()
-        row = _measure_layer(
-            working, name, sources, evaluate, risk_validation.curvature, run_device
-        )
+        row = _measure_layer(working, name, models, evaluate, curvature, device)
         row["seconds"] = time.perf_counter() - started
-        measured.append(row)
+        rows.append(row)
         logger.info(
-            "risk_validation %d/%d %s: loss increase svd %.4g, %s %.4g (%.1f s)",
+            "risk_validation %d/%d %s: loss increase %s (%.1f s)",
             index + 1,
-            len(ranks),
+            len(modules),
             name,
-            row["svd_loss"] - dense_loss,
-            WEIGHTED_SOLVER,
-            row[f"{WEIGHTED_SOLVER}_loss"] - dense_loss,
+            ", ".join(f"{solver} {row[f'{solver}_loss'] - dense_loss:.4g}" for solver in models),
             row["seconds"],
         )
-    table = _damage_table(layer_risk, pd.DataFrame(measured), dense_loss, dense_accuracy)
-    table["examples"] = len(frame)
-    return with_fingerprint(table, model_fingerprint(fine_tuned_model.model))
+    return pd.DataFrame(rows)
 
 
 def _measure_layer(
     working: torch.nn.Module,
     name: str,
-    sources: dict[str, torch.nn.Module],
+    sources: Mapping[str, torch.nn.Module],
     evaluate: Callable[[], tuple[float, float]],
     curvature: bool,
     device: torch.device,
@@ -222,6 +410,75 @@ def _measure_layer(
         finally:
             working.set_submodule(name, original)
     return row
+
+
+def loss_model_table(
+    layer_risk: pd.DataFrame,
+    measured: pd.DataFrame,
+    whole: Mapping[str, tuple[float, float]],
+    predictions: Mapping[tuple[str, str], Mapping[str, float]],
+    dense_loss: float,
+    dense_accuracy: float,
+    examples: int,
+) -> pd.DataFrame:
+    """The long table: one row per (layer, solver, loss model), then per (whole model, loss model).
+
+    Columns ``scope`` ("layer" or "model"), ``module``, ``layer``, ``kind``, ``rank`` (a whole
+    model's: module ``"(whole model)"``, layer and rank −1), ``solver``, ``loss_model``,
+    ``predicted`` (½ vec(ΔW)ᵀ F vec(ΔW) in nats per example; a whole model's is the sum over its
+    layers), ``measured`` (validation-loss increase over the dense model), ``ratio``
+    (predicted / measured), ``accuracy_drop``, and the constants ``dense_loss``, ``examples``.
+    ``measured`` holds one row per ``layer_risk`` row with ``<solver>_loss`` / ``_accuracy``.
+    """
+    solvers = list(whole)
+    layers = layer_risk.reset_index(drop=True)
+    rows = []
+    for index, layer in layers.iterrows():
+        for solver in solvers:
+            loss, accuracy = measured.loc[index, [f"{solver}_loss", f"{solver}_accuracy"]]
+            for loss_model, value in predictions[solver, layer["module"]].items():
+                rows.append(
+                    {
+                        "scope": "layer",
+                        "module": layer["module"],
+                        "layer": int(layer["layer"]),
+                        "kind": layer["kind"],
+                        "rank": int(layer["rank"]) if "rank" in layers.columns else -1,
+                        "solver": solver,
+                        "loss_model": loss_model,
+                        "predicted": value,
+                        "measured": loss - dense_loss,
+                        "accuracy_drop": dense_accuracy - accuracy,
+                    }
+                )
+    for solver, (loss, accuracy) in whole.items():
+        totals: dict[str, float] = {}
+        for module in layers["module"]:
+            for loss_model, value in predictions[solver, module].items():
+                totals[loss_model] = totals.get(loss_model, 0.0) + value
+        for loss_model, value in totals.items():
+            rows.append(
+                {
+                    "scope": "model",
+                    "module": WHOLE_MODEL,
+                    "layer": -1,
+                    "kind": WHOLE_MODEL,
+                    "rank": -1,
+                    "solver": solver,
+                    "loss_model": loss_model,
+                    "predicted": value,
+                    "measured": loss - dense_loss,
+                    "accuracy_drop": dense_accuracy - accuracy,
+                }
+            )
+    table = pd.DataFrame(rows)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table.insert(
+            table.columns.get_loc("measured") + 1, "ratio", table["predicted"] / table["measured"]
+        )
+    table["dense_loss"] = dense_loss
+    table["examples"] = examples
+    return table
 
 
 def _damage_table(

@@ -4,6 +4,7 @@ No Kedro import anywhere below this package, and nothing from the rest of ``weig
 so it is usable from a notebook or another project.
 """
 
+from weighted_lowrank.lowrank.calibration import CALIBRATION_STATISTICS, statistic_key
 from weighted_lowrank.lowrank.compression import (
     apply_factors,
     compress_model,
@@ -21,10 +22,11 @@ from weighted_lowrank.lowrank.serialization import (
     load_compressed,
     save_compressed,
 )
-from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, factorize_batch
+from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, factorize_batch, solver_needs
 from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS, select_linear_modules
 
 __all__ = [
+    "CALIBRATION_STATISTICS",
     "DEFAULT_TARGETS",
     "SOLVERS",
     "FactorizationResult",
@@ -45,7 +47,9 @@ __all__ = [
     "replace_module",
     "save_compressed",
     "select_linear_modules",
+    "solver_needs",
     "spearman",
+    "statistic_key",
     "svd_reference_losses",
     "weighted_loss",
 ]

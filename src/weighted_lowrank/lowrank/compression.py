@@ -1,7 +1,8 @@
 """Compress a model: factorize its targeted ``nn.Linear`` layers and swap in low-rank layers.
 
-:func:`factorize_model` validates the request (budget, solver, Fisher keys and shapes), turns the
-budget into one rank per layer (:func:`layer_ranks`) and factorizes every targeted layer with
+:func:`factorize_model` validates the request (budget, solver, Fisher keys and shapes, the
+calibration statistics the solver needs), turns the budget into one rank per layer
+(:func:`layer_ranks`) and factorizes every targeted layer with
 :func:`~weighted_lowrank.lowrank.solvers.factorize_batch`; :func:`apply_factors` swaps the
 factors into a deep copy of the model as :class:`~weighted_lowrank.lowrank.layer.LowRankLinear`;
 :func:`compress_model` does both. :func:`svd_reference_losses` is plain truncated SVD's weighted
@@ -17,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from weighted_lowrank.lowrank.calibration import statistic_key
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.layer import LowRankLinear, replace_module
 from weighted_lowrank.lowrank.objective import FactorizationResult, rank_for_budget
-from weighted_lowrank.lowrank.solvers import SOLVERS, factorize_batch
+from weighted_lowrank.lowrank.solvers import SOLVERS, factorize_batch, solver_needs
 from weighted_lowrank.lowrank.targets import select_linear_modules
 
 
@@ -64,15 +66,19 @@ def factorize_model(
     targets: str | Iterable[str] | None = None,
     *,
     device: str | torch.device = "cpu",
+    statistics: Mapping[str, torch.Tensor] | None = None,
     **solver_options: Any,
 ) -> dict[str, FactorizationResult]:
     """Factorize the targeted Linear layers of ``model``; ``{module name: result}`` in model order.
 
     ``fisher`` maps ``"<module>.weight"`` to an importance tensor shaped like the weight
     (``None``: uniform importance, i.e. plain SVD weighting). ``budget`` ∈ (0, 1) is the fraction of
-    each layer's dense weight parameters kept (:func:`layer_ranks`); every check runs before any
-    factorization. ``device`` is where the solver runs. Half-precision weights are factorized in
-    float32, float64 ones in float64; the factors stay on ``device`` in that dtype.
+    each layer's dense weight parameters kept (:func:`layer_ranks`). ``statistics`` maps
+    ``"<module>.<statistic>"`` to the calibration statistics the solver needs
+    (:func:`~weighted_lowrank.lowrank.solvers.solver_needs`); every check — keys, shapes, finite,
+    symmetric moments — runs before any factorization. ``device`` is where the solver runs.
+    Half-precision weights are factorized in float32, float64 ones in float64; the factors stay
+    on ``device`` in that dtype.
     ``solver_options`` go to :func:`~weighted_lowrank.lowrank.solvers.factorize_batch`, which
     solves same-(shape, rank) layers as one batch (see :func:`layer_seconds`). ``model`` is not
     modified.
@@ -99,6 +105,8 @@ def factorize_model(
         }
         if wrong:
             raise ValueError(f"fisher tensors {wrong} do not have the shape of their weights")
+    needs = solver_needs(solver, **solver_options)
+    _check_statistic_keys(solver, needs, list(modules), statistics)
     ranks = layer_ranks(shapes, budget)
     run_device = resolve_device(device)
 
@@ -113,14 +121,46 @@ def factorize_model(
         None if fisher is None else fisher[f"{name}.weight"].detach().to(run_device, dtypes[name])
         for name in names
     ]
+    layer_statistics = [
+        {need: statistics[statistic_key(name, need)] for need in needs} if needs else None
+        for name in names
+    ]
     results = factorize_batch(
-        weights, importances, [ranks[name] for name in names], solver=solver, **solver_options
+        weights,
+        importances,
+        [ranks[name] for name in names],
+        solver=solver,
+        statistics=layer_statistics,
+        names=names,
+        **solver_options,
     )
     if len(results) != len(names):
         raise ValueError(
             f"solver {solver!r} returned {len(results)} results for {len(names)} layers"
         )
     return dict(zip(names, results, strict=True))
+
+
+def _check_statistic_keys(
+    solver: str,
+    needs: tuple[str, ...],
+    modules: list[str],
+    statistics: Mapping[str, torch.Tensor] | None,
+) -> None:
+    """Raise ``ValueError`` unless every targeted module has every statistic ``solver`` needs."""
+    for need in needs:
+        missing = [
+            name
+            for name in modules
+            if statistics is None or statistic_key(name, need) not in statistics
+        ]
+        if missing:
+            raise ValueError(
+                f"solver {solver!r} needs {need} for {missing[:5]} ({len(missing)} of "
+                f"{len(modules)} targeted modules); expected keys '<module>.{need}' for every "
+                f"targeted module — run fisher_estimation with the calibration statistics "
+                f"{list(needs)} enabled and pass them as statistics="
+            )
 
 
 def apply_factors(model: nn.Module, results: Mapping[str, FactorizationResult]) -> nn.Module:

@@ -3,26 +3,40 @@
 Each solver family lives in its own module and works on batches of same-shape layers;
 ``factorize_batch`` groups layers by (shape, rank) so the layers of one group share batched
 matmuls, and returns the same results as one ``factorize`` call per layer (up to time caps).
+Some solvers also read per-layer calibration statistics
+(:mod:`~weighted_lowrank.lowrank.calibration`); :func:`solver_needs` says which.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from weighted_lowrank.lowrank.calibration import CALIBRATION_STATISTICS
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.objective import FactorizationResult, validate_problem, weighted_loss
 from weighted_lowrank.lowrank.solvers._common import (
+    KFWSVD_NEEDS,
     Problem,
     SolverOutput,
     build_problem,
     resolve_options,
+    statistic_shapes,
+    validate_statistic,
 )
 from weighted_lowrank.lowrank.solvers.als import ALS_OPTIONS, solve_als
+from weighted_lowrank.lowrank.solvers.calibrated import (
+    ASVD_OPTIONS,
+    KFWSVD_OPTIONS,
+    SVD_LLM_OPTIONS,
+    solve_asvd,
+    solve_kfwsvd,
+    solve_svd_llm,
+)
 from weighted_lowrank.lowrank.solvers.closed_form import (
     FWSVD_OPTIONS,
     SVD_OPTIONS,
@@ -44,10 +58,12 @@ from weighted_lowrank.lowrank.solvers.tfwsvd import TFWSVD_OPTIONS, TFWSVD_WINDO
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """A solver: its batched implementation and its options with their defaults."""
+    """A solver: its batched implementation, its options with their defaults, and the
+    calibration statistics it always reads (a subset of ``CALIBRATION_STATISTICS``)."""
 
     solve: Callable[[Problem, dict[str, Any], float], list[SolverOutput]]
     options: dict[str, Any]
+    needs: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, SolverSpec] = {
@@ -59,6 +75,9 @@ _REGISTRY: dict[str, SolverSpec] = {
     "als": SolverSpec(solve_als, ALS_OPTIONS),
     "em": SolverSpec(solve_em, EM_OPTIONS),
     "tfwsvd": SolverSpec(solve_tfwsvd, TFWSVD_OPTIONS),
+    "kfwsvd": SolverSpec(solve_kfwsvd, KFWSVD_OPTIONS, KFWSVD_NEEDS),
+    "svd_llm": SolverSpec(solve_svd_llm, SVD_LLM_OPTIONS, ("input_moment",)),
+    "asvd": SolverSpec(solve_asvd, ASVD_OPTIONS, ("input_abs_mean",)),
 }
 
 #: Names accepted by ``factorize(..., solver=...)``.
@@ -79,6 +98,19 @@ def solver_options(solver: str) -> dict[str, Any]:
     return dict(_spec(solver).options)
 
 
+def solver_needs(solver: str, **options: Any) -> tuple[str, ...]:
+    """The calibration statistics ``solver`` reads with these options, in storage order.
+
+    An iterative solver started from ``init="kfwsvd"`` reads both moments.
+    """
+    spec = _spec(solver)
+    resolved = resolve_options(solver, options, spec.options)
+    needs = set(spec.needs)
+    if resolved.get("init") == "kfwsvd":
+        needs.update(KFWSVD_NEEDS)
+    return tuple(name for name in CALIBRATION_STATISTICS if name in needs)
+
+
 def _spec(solver: str) -> SolverSpec:
     if solver not in _REGISTRY:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
@@ -90,14 +122,21 @@ def factorize(
     importance: torch.Tensor | None,
     rank: int,
     solver: str = "tfwsvd",
+    *,
+    statistics: Mapping[str, torch.Tensor] | None = None,
     **options: Any,
 ) -> FactorizationResult:
     """Factorize ``weight ≈ left @ right`` with rank ``rank`` minimising ``Σ I (W − left@right)²``.
 
     ``importance`` has the weight's shape and is ``>= 0`` (``None`` = uniform). Options depend on
-    the solver (see :func:`solver_options`); unknown ones raise ``ValueError``.
+    the solver (see :func:`solver_options`); unknown ones raise ``ValueError``. ``statistics``
+    holds the calibration statistics the solver needs (:func:`solver_needs`), e.g.
+    ``{"input_moment": A}``; the solver then minimises its own quadratic, while ``loss`` stays
+    the importance-weighted one.
     """
-    return factorize_batch([weight], [importance], [rank], solver=solver, **options)[0]
+    return factorize_batch(
+        [weight], [importance], [rank], solver=solver, statistics=[statistics], **options
+    )[0]
 
 
 def factorize_batch(
@@ -105,11 +144,17 @@ def factorize_batch(
     importances: list[torch.Tensor | None],
     ranks: list[int],
     solver: str = "tfwsvd",
+    *,
+    statistics: list[Mapping[str, torch.Tensor] | None] | None = None,
+    names: list[str] | None = None,
     **options: Any,
 ) -> list[FactorizationResult]:
     """``factorize`` for many layers at once; layers of equal (shape, rank) share batched matmuls.
 
     Results come back in input order. Time caps (``max_seconds``) apply per group of layers.
+    ``statistics`` gives each layer's calibration statistics by name (without a module prefix);
+    every statistic the solver needs is checked for every layer before any solve. ``names``
+    label the layers in errors (default ``"layer <index>"``).
     """
     spec = _spec(solver)
     resolved = resolve_options(solver, options, spec.options)
@@ -129,6 +174,10 @@ def factorize_batch(
             if len(weights) == 1:
                 raise
             raise ValueError(f"layer {index}: {exc}") from None
+    labels = [f"layer {k}" for k in range(len(weights))] if names is None else list(names)
+    needed = _needed_statistics(
+        solver, solver_needs(solver, **options), weights, statistics, labels
+    )
     groups: dict[tuple, list[int]] = {}
     for index, (weight, rank) in enumerate(zip(weights, ranks, strict=True)):
         groups.setdefault((tuple(weight.shape), rank, weight.device), []).append(index)
@@ -137,7 +186,12 @@ def factorize_batch(
         device = resolve_device(resolved["device"], source_device)
         started = time.perf_counter()
         problem = build_problem(
-            [weights[i] for i in indices], [importances[i] for i in indices], rank, device
+            [weights[i] for i in indices],
+            [importances[i] for i in indices],
+            rank,
+            device,
+            statistics=[needed[i] for i in indices] if needed else None,
+            names=[labels[i] for i in indices],
         )
         outputs = spec.solve(problem, resolved, started)
         seconds = time.perf_counter() - started
@@ -146,6 +200,45 @@ def factorize_batch(
                 weights[index], importances[index], rank, solver, problem, position, output, seconds
             )
     return [result for result in results if result is not None]
+
+
+def _needed_statistics(
+    solver: str,
+    needs: tuple[str, ...],
+    weights: list[torch.Tensor],
+    statistics: list[Mapping[str, torch.Tensor] | None] | None,
+    labels: list[str],
+) -> list[dict[str, torch.Tensor]]:
+    """Each layer's statistics that ``solver`` needs, every one checked; [] when it needs none."""
+    if len(labels) != len(weights) or (statistics is not None and len(statistics) != len(weights)):
+        raise ValueError(
+            f"statistics and names must have one entry per weight ({len(weights)}), got "
+            f"{'None' if statistics is None else len(statistics)} and {len(labels)}"
+        )
+    if not needs:
+        return []
+    if statistics is None:
+        statistics = [None] * len(weights)
+    for statistic in needs:
+        missing = [
+            label
+            for label, layer in zip(labels, statistics, strict=True)
+            if layer is None or statistic not in layer
+        ]
+        if missing:
+            raise ValueError(
+                f"solver {solver!r} needs {statistic} for {missing[:5]} ({len(missing)} layers); "
+                f"expected statistics with {list(needs)} for every layer"
+            )
+    needed = []
+    for weight, label, layer in zip(weights, labels, statistics, strict=True):
+        shapes = statistic_shapes(*weight.shape)
+        for statistic in needs:
+            problem = validate_statistic(statistic, layer[statistic], shapes[statistic])
+            if problem is not None:
+                raise ValueError(f"solver {solver!r}, layer {label!r}: {problem}")
+        needed.append({statistic: layer[statistic] for statistic in needs})
+    return needed
 
 
 def _to_result(

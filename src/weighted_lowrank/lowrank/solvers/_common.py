@@ -8,14 +8,16 @@ minimiser unchanged and lets one set of default step sizes serve every layer.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Self, TypeVar
 
 import torch
 
 from weighted_lowrank.lowrank.objective import StopReason
+from weighted_lowrank.lowrank.solvers.whitening import DEFAULT_DAMPING, Moment, kronecker_truncation
 
 #: Options every solver accepts.
 COMMON_OPTIONS: dict[str, Any] = {"device": None, "seed": 0}
@@ -29,21 +31,37 @@ ITERATIVE_OPTIONS: dict[str, Any] = {
     "tol": 1e-6,
     "init": "fwsvd",
 }
-#: Initialisations an iterative solver may start from.
-INITS = ("fwsvd", "fwsvd_in", "fwsvd_out", "svd", "best", "random")
+#: Initialisations an iterative solver may start from ("kfwsvd" needs both calibration moments).
+INITS = ("fwsvd", "fwsvd_in", "fwsvd_out", "svd", "best", "random", "kfwsvd")
+#: The calibration statistics the "kfwsvd" start reads.
+KFWSVD_NEEDS: tuple[str, ...] = ("input_moment", "output_moment")
+#: Largest ``alpha`` of ``asvd``: the scale's dynamic range grows as (max/min |x|)^alpha, and
+#: beyond ~2 it swamps a float64 factorization; ASVD itself uses 0.5 (and studies 0.1–1).
+MAX_ALPHA = 2.0
 #: Axes of the closed-form Fisher-weighted SVD.
 FWSVD_AXES = ("in", "out", "both")
 
 
 @dataclass
 class Problem:
-    """A batch of normalised same-shape problems: loss_original = scale · loss_normalised."""
+    """A batch of normalised same-shape problems: loss_original = scale · loss_normalised.
+
+    The calibration statistics a solver needs ride along stacked in float64, each layer's divided
+    by its mean diagonal (moments) or mean (``input_abs_mean``), which leaves every minimiser
+    unchanged; ``statistic_scale[name]`` (b,) holds that divisor, and a statistic nobody needs is
+    ``None``. ``names`` label the layers in error messages.
+    """
 
     weight: torch.Tensor
     importance: torch.Tensor
     rank: int
     scale: torch.Tensor
     weight_scale: torch.Tensor
+    names: list[str] = field(default_factory=list)
+    input_moment: torch.Tensor | None = None
+    output_moment: torch.Tensor | None = None
+    input_abs_mean: torch.Tensor | None = None
+    statistic_scale: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -90,6 +108,10 @@ _OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eps": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "switch_eps": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: never switch)"),
     "damping": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "alpha": (
+        lambda v: _is_number(v) and 0 <= v <= MAX_ALPHA,
+        f"a number in [0, {MAX_ALPHA:g}] (0: plain SVD; ASVD uses 0.5)",
+    ),
     "switch_min_iters": (lambda v: _is_int(v, 1), "an int >= 1"),
     "power_iters": (lambda v: _is_int(v, 1), "an int >= 1"),
     "chunk_elements": (lambda v: _is_int(v, 1), "an int >= 1"),
@@ -127,8 +149,14 @@ def build_problem(
     importances: list[torch.Tensor | None],
     rank: int,
     device: torch.device,
+    statistics: list[Mapping[str, torch.Tensor]] | None = None,
+    names: list[str] | None = None,
 ) -> Problem:
-    """Stack same-shape layers, normalise each (weight RMS 1, importance mean 1)."""
+    """Stack same-shape layers, normalise each (weight RMS 1, importance mean 1).
+
+    ``statistics`` (one mapping per layer, already checked by ``factorize_batch``) holds
+    exactly the calibration statistics the solver needs.
+    """
     dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
     weight = torch.stack([w.detach().to(device, dtype) for w in weights])
     importance = torch.stack(
@@ -146,13 +174,76 @@ def build_problem(
     weight = weight / weight_scale.to(dtype)[:, None, None]
     importance = importance / importance_scale.to(dtype)[:, None, None]
     scale = importance_scale * weight_scale.square()
+    stacked, statistic_scale = _stack_statistics(statistics or [], device)
     return Problem(
         weight=weight,
         importance=importance,
         rank=rank,
         scale=scale,
         weight_scale=weight_scale,
+        names=list(names) if names is not None else [f"layer {k}" for k in range(len(weights))],
+        statistic_scale=statistic_scale,
+        **stacked,
     )
+
+
+def _stack_statistics(
+    statistics: list[Mapping[str, torch.Tensor]], device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Stack each statistic over the layers in float64, divided by its mean diagonal / mean."""
+    stacked: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    for name in statistics[0] if statistics else ():
+        # Moments may be float32-asymmetric; the solvers symmetrise their small Gram instead.
+        first = statistics[0][name]
+        values = torch.empty((len(statistics), *first.shape), dtype=torch.float64, device=device)
+        for position, layer in enumerate(statistics):
+            values[position].copy_(layer[name].detach())
+        scale = (values.diagonal(dim1=1, dim2=2) if values.ndim == 3 else values).mean(dim=1)
+        # An all-zero statistic stays zero (the solver falls back to the identity and says so).
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        stacked[name] = values.div_(scale.view(-1, *([1] * (values.ndim - 1))))
+        scales[name] = scale.cpu()
+    return stacked, scales
+
+
+def statistic_shapes(out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each calibration statistic of an (out × in) Linear layer."""
+    return {
+        "input_moment": (in_features, in_features),
+        "output_moment": (out_features, out_features),
+        "input_abs_mean": (in_features,),
+    }
+
+
+#: Relative asymmetry ``max |S − Sᵀ| / max |S|`` a moment may have (float32 accumulation noise).
+_SYMMETRY_TOLERANCE = 1e-4
+
+
+def validate_statistic(name: str, value: Any, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with one calibration statistic of one layer, or ``None`` when it is usable."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return f"{name} must be a floating-point torch.Tensor, got {type(value).__name__}"
+    if tuple(value.shape) != shape:
+        return f"{name} has shape {tuple(value.shape)}; expected {shape}"
+    # min and max propagate NaN: one pass instead of an isfinite mask.
+    smallest, largest = (float(v) for v in torch.aminmax(value.detach()))
+    if not (math.isfinite(smallest) and math.isfinite(largest)):
+        return f"{name} contains NaN or inf; expected finite values"
+    if value.ndim == 1:
+        if smallest < 0:
+            return f"{name} has negative entries (min {smallest:.3g}); expected mean |x| >= 0"
+        return None
+    if bool((value.diagonal() < 0).any()):
+        return f"{name} has a negative diagonal entry; expected a second moment (diagonal >= 0)"
+    asymmetry = float((value - value.T).abs().max())
+    largest = max(largest, -smallest)
+    if asymmetry > _SYMMETRY_TOLERANCE * largest:
+        return (
+            f"{name} is not symmetric (max |S - Sᵀ| = {asymmetry:.3g}, max |S| = {largest:.3g}); "
+            "expected a second moment"
+        )
+    return None
 
 
 def batched_loss(
@@ -238,9 +329,24 @@ def initial_factors(
     """Starting factors for an iterative solver (see :data:`INITS`).
 
     "fwsvd" is the two-sided closed form, "best" the lowest-loss of SVD and the three FWSVD
-    forms, "random" small Gaussian factors drawn from ``seed`` (product RMS 0.1 of the weight's).
+    forms, "random" small Gaussian factors drawn from ``seed`` (product RMS 0.1 of the weight's),
+    "kfwsvd" the Kronecker-factored closed form (the problem must carry both moments).
     """
     weight, importance, rank = problem.weight, problem.importance, problem.rank
+    if init == "kfwsvd":
+        if problem.input_moment is None or problem.output_moment is None:
+            raise ValueError(
+                f"init 'kfwsvd' needs the calibration statistics {list(KFWSVD_NEEDS)} of every "
+                "layer; pass statistics= to factorize_batch / factorize_model"
+            )
+        truncation = kronecker_truncation(
+            weight,
+            rank,
+            Moment(problem.input_moment, DEFAULT_DAMPING, "input_moment"),
+            Moment(problem.output_moment, DEFAULT_DAMPING, "output_moment"),
+            problem.names,
+        )
+        return truncation.left.to(weight.dtype), truncation.right.to(weight.dtype)
     if init == "random":
         generator = torch.Generator().manual_seed(seed)
         batch, out_features, in_features = weight.shape

@@ -1,0 +1,134 @@
+"""Closed forms that read calibration statistics: ``kfwsvd``, ``svd_llm`` and ``asvd``.
+
+Each is the exact minimiser of its own quadratic in ΔW = W − left·right (math in
+:mod:`~weighted_lowrank.lowrank.solvers.whitening`), reported in ``info`` in the units of the
+statistics; ``FactorizationResult.loss`` stays the diagonal-importance loss every solver reports.
+
+- ``kfwsvd``: Kronecker-factored Fisher F ≈ G ⊗ A, ``tr(ΔWᵀ G ΔW A)`` (``info["kronecker_loss"]``).
+- ``svd_llm``: activation whitening, ``tr(ΔW A ΔWᵀ) = ‖ΔW L_A‖²`` (``info["activation_loss"]``),
+  SVD-LLM's truncation-aware closed form. SVD-LLM's public code Cholesky-factorises Σ x xᵀ and,
+  when that fails, shifts it by (1e-6 − λ_min)·I (absolute); here the damping is relative and
+  raised ×10 until the Cholesky succeeds (see ``whitening``).
+- ``asvd``: ASVD's activation scaling, ``‖ΔW diag(s)‖²`` (``info["scaled_loss"]``). Following
+  ASVD's code (``modules/svd_linear.py``, ``act_aware_utils.py``): s = (mean |x|)^alpha per input
+  channel, then ``s += 1e-6`` so no channel divides by zero, SVD of ``W diag(s)``, truncate, and
+  ``right = √S V_rᵀ diag(s)⁻¹``. Two differences: ASVD's mean |x| is a sum over calibration
+  batches of per-sequence token means (our ``input_abs_mean`` is the mean over real tokens — the
+  same direction up to a constant and the padding), so its absolute 1e-6 floor is made relative
+  here, ``s += 1e-6 · mean(s)``; and ASVD uses the randomized ``torch.svd_lowrank``, here the
+  truncation is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from weighted_lowrank.lowrank.solvers._common import COMMON_OPTIONS, Problem, SolverOutput
+from weighted_lowrank.lowrank.solvers.closed_form import _outputs as exact_outputs
+from weighted_lowrank.lowrank.solvers.whitening import (
+    DEFAULT_DAMPING,
+    Moment,
+    Truncation,
+    kronecker_truncation,
+)
+
+KFWSVD_OPTIONS: dict[str, Any] = {**COMMON_OPTIONS, "damping": DEFAULT_DAMPING}
+SVD_LLM_OPTIONS: dict[str, Any] = {**COMMON_OPTIONS, "damping": DEFAULT_DAMPING}
+ASVD_OPTIONS: dict[str, Any] = {**COMMON_OPTIONS, "alpha": 0.5}
+#: ASVD's floor on the channel scale, relative to its mean here (absolute 1e-6 in ASVD).
+ASVD_FLOOR = 1e-6
+
+
+def solve_kfwsvd(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
+    """Truncated SVD of ``L_Gᵀ W L_A`` mapped back: the optimum of ``tr(ΔWᵀ G ΔW A)``."""
+    damping = options["damping"]
+    truncation = kronecker_truncation(
+        problem.weight,
+        problem.rank,
+        Moment(problem.input_moment, damping, "input_moment"),
+        Moment(problem.output_moment, damping, "output_moment"),
+        problem.names,
+    )
+    units = problem.statistic_scale["input_moment"] * problem.statistic_scale["output_moment"]
+    return _outputs(
+        problem,
+        truncation,
+        started,
+        {
+            "kronecker_loss": _original_units(problem, truncation, units),
+            "damping_input": truncation.damping_input,
+            "damping_output": truncation.damping_output,
+            "input_identity_fallback": truncation.identity_input,
+            "output_identity_fallback": truncation.identity_output,
+        },
+    )
+
+
+def solve_svd_llm(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
+    """SVD-LLM: truncated SVD of ``W L_A`` mapped back, the optimum of ``‖ΔW L_A‖²``."""
+    truncation = kronecker_truncation(
+        problem.weight,
+        problem.rank,
+        Moment(problem.input_moment, options["damping"], "input_moment"),
+        Moment(None),
+        problem.names,
+    )
+    units = problem.statistic_scale["input_moment"]
+    return _outputs(
+        problem,
+        truncation,
+        started,
+        {
+            "activation_loss": _original_units(problem, truncation, units),
+            "damping_input": truncation.damping_input,
+            "input_identity_fallback": truncation.identity_input,
+        },
+    )
+
+
+def solve_asvd(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
+    """ASVD: truncated SVD of ``W diag(s)``, s = (mean |x|)^alpha floored, mapped back."""
+    alpha = float(options["alpha"])
+    scale = problem.input_abs_mean.pow(alpha)
+    scale = scale + ASVD_FLOOR * scale.mean(dim=1, keepdim=True)
+    # The quadratic's "moment" is diag(s²); a layer whose mean |x| is all 0 is plain SVD.
+    truncation = kronecker_truncation(
+        problem.weight,
+        problem.rank,
+        Moment(scale.square(), 0.0, "input_abs_mean"),
+        Moment(None),
+        problem.names,
+    )
+    units = problem.statistic_scale["input_abs_mean"].pow(2 * alpha)
+    return _outputs(
+        problem,
+        truncation,
+        started,
+        {
+            "scaled_loss": _original_units(problem, truncation, units),
+            "alpha": torch.full((problem.batch,), alpha, dtype=torch.float64),
+            "input_identity_fallback": truncation.identity_input,
+        },
+    )
+
+
+def _original_units(
+    problem: Problem, truncation: Truncation, statistic_units: torch.Tensor
+) -> torch.Tensor:
+    """The solver's objective in the units of the weight and the statistics as given."""
+    return truncation.objective * problem.weight_scale.cpu().square() * statistic_units
+
+
+def _outputs(
+    problem: Problem, truncation: Truncation, started: float, info: dict[str, torch.Tensor]
+) -> list[SolverOutput]:
+    """One exact output per layer; ``info`` holds one (b,) tensor per reported fact."""
+    dtype = problem.weight.dtype
+    outputs = exact_outputs(
+        problem, truncation.left.to(dtype), truncation.right.to(dtype), started, {}
+    )
+    for k, output in enumerate(outputs):
+        output.info = {name: values[k].item() for name, values in info.items()}
+    return outputs

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import logits_of, make_tiny_bundle, random_fisher
+from tests.pipelines.conftest import make_calibration_statistics
 from weighted_lowrank.lowrank.compression import (
     apply_factors,
     compress_model,
@@ -185,8 +186,9 @@ def test_bad_solver_and_fisher_are_rejected(tiny_bundle):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_solvers_match_cpu_and_factors_follow_the_model(tiny_bundle):
     fisher = random_fisher(tiny_bundle.model)
+    statistics = make_calibration_statistics(tiny_bundle.model)["tensors"]
     for solver in SOLVERS:
-        options = fast_options(solver)
+        options = {"statistics": statistics, **fast_options(solver)}
         _, on_cpu = compress_model(tiny_bundle.model, fisher, 0.5, solver, **options)
         on_cuda_model, on_cuda = compress_model(
             tiny_bundle.model, fisher, 0.5, solver, device="cuda", **options

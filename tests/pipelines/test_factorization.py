@@ -245,8 +245,15 @@ def test_every_solver_has_an_options_block_its_solver_accepts():
         (Path(__file__).parents[2] / "conf" / "base" / "parameters_factorization.yml").read_text()
     )
     weight = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    statistics = {
+        "input_moment": torch.eye(5),
+        "output_moment": torch.eye(6),
+        "input_abs_mean": torch.ones(5),
+    }
     for solver in SOLVERS:
         options = parameters[solver]["options"]
         assert set(options) <= set(solver_options(solver)), solver
-        result = factorize(weight, torch.rand(6, 5) + 0.1, 2, solver=solver, **options)
+        result = factorize(
+            weight, torch.rand(6, 5) + 0.1, 2, solver=solver, statistics=statistics, **options
+        )
         assert result.left.shape == (6, 2) and result.right.shape == (2, 5), solver

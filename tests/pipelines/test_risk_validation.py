@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,9 +15,9 @@ from kedro.runner import SequentialRunner
 from kedro_datasets.json import JSONDataset
 from kedro_datasets.pandas import ParquetDataset
 from matplotlib.figure import Figure
-from scipy import stats
+from scipy import special, stats
 
-from tests.conftest import block_values, typed_params, varied_split
+from tests.conftest import block_values, make_tiny_bundle, typed_params, varied_split
 from tests.pipelines.conftest import BUDGET, make_calibration_statistics
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lineage import fingerprint_of, with_fingerprint
@@ -34,14 +35,18 @@ from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.lowrank.targets import select_linear_modules
 from weighted_lowrank.parameters import ParameterError, RiskValidationParams
 from weighted_lowrank.pipelines.risk_validation import create_pipeline
-from weighted_lowrank.pipelines.risk_validation.loss_model_nodes import summarize_loss_models
+from weighted_lowrank.pipelines.risk_validation.loss_model_nodes import (
+    loss_model_metrics,
+    summarize_loss_models,
+)
 from weighted_lowrank.pipelines.risk_validation.nodes import (
     VALIDATED_SOLVERS,
     WHOLE_MODEL,
     measure_layer_damage,
+    predictive_kl,
     summarize_risk_validation,
 )
-from weighted_lowrank.training import evaluate_classifier
+from weighted_lowrank.training import evaluate_classifier, predict
 
 MAX_LENGTH = 16
 MODEL = typed_params("model", source="unused", max_length=MAX_LENGTH)
@@ -116,6 +121,16 @@ def evaluate(model, setup) -> dict[str, float]:
     )
 
 
+def kl_from(dense, model, tokenizer, frame) -> float:
+    """Mean KL(p_dense ‖ p_model) over ``frame``, from each model's own pass (scipy's softmax and
+    relative entropy, independently of the node)."""
+    p, q = (
+        special.softmax(predict(net, tokenizer, frame, MAX_LENGTH, 8)[0].astype(np.float64), axis=1)
+        for net in (dense, model)
+    )
+    return float(special.rel_entr(p, q).sum(axis=1).mean())
+
+
 def test_exact_full_rank_factors_cause_no_damage(setup) -> None:
     exact = copy.deepcopy(setup["bundle"].model)
     for name, dense in select_linear_modules(exact).items():
@@ -130,6 +145,8 @@ def test_exact_full_rank_factors_cause_no_damage(setup) -> None:
         setup, svd=bundle, tfwsvd=bundle, layer_risk=risk, options=options(curvature=True)
     )
     for column in (
+        "svd_kl",
+        "tfwsvd_kl",
         "svd_loss_increase",
         "tfwsvd_loss_increase",
         "weighted_gain",
@@ -140,6 +157,9 @@ def test_exact_full_rank_factors_cause_no_damage(setup) -> None:
     assert (table["svd_accuracy_drop"] == 0).all() and (table["tfwsvd_accuracy_drop"] == 0).all()
     # ΔW = 0: every loss model predicts no damage, per layer and for the whole model.
     assert (losses["predicted"] == 0).all() and losses["measured"].abs().max() < 1e-5
+    # The swap leaves the predictions as they were (up to float rounding): no KL.
+    assert (losses["measured_kl"] >= 0).all() and losses["measured_kl"].max() < 1e-10
+    assert table[["svd_kl", "tfwsvd_kl"]].to_numpy().max() < 1e-10
 
 
 def test_each_layer_matches_a_brute_force_single_layer_model(setup) -> None:
@@ -163,6 +183,13 @@ def test_each_layer_matches_a_brute_force_single_layer_model(setup) -> None:
         tfwsvd = evaluate(weighted, setup)
         assert row.svd_loss == pytest.approx(svd["loss"], rel=1e-5), row.module
         assert row.tfwsvd_loss == pytest.approx(tfwsvd["loss"], rel=1e-5), row.module
+        tokenizer, frame = setup["bundle"].tokenizer, setup["validation"]
+        assert row.svd_kl == pytest.approx(
+            kl_from(setup["bundle"].model, alone, tokenizer, frame), rel=1e-4, abs=1e-9
+        ), row.module
+        assert row.tfwsvd_kl == pytest.approx(
+            kl_from(setup["bundle"].model, weighted, tokenizer, frame), rel=1e-4, abs=1e-9
+        ), row.module
         assert row.svd_loss_increase == pytest.approx(svd["loss"] - dense["loss"], abs=1e-6)
         assert row.svd_accuracy_drop == pytest.approx(dense["accuracy"] - svd["accuracy"])
         assert row.tfwsvd_accuracy_drop == pytest.approx(dense["accuracy"] - tfwsvd["accuracy"])
@@ -171,6 +198,7 @@ def test_each_layer_matches_a_brute_force_single_layer_model(setup) -> None:
         )
         assert row.phi == setup["layer_risk"].set_index("module").loc[row.module, "phi"]
     assert table["svd_loss_increase"].abs().max() > 1e-4  # the test is not vacuous
+    assert (table[["svd_kl", "tfwsvd_kl"]] > 0).all().all() and table["svd_kl"].max() > 1e-6
     # The input model is untouched.
     assert not lowrank_modules(setup["bundle"].model)
     # Lineage: the table names the fine-tuned model it measured.
@@ -199,6 +227,7 @@ def test_curvature_damage_is_the_even_part_of_the_mirrored_pair(setup) -> None:
         )
     summary = summarize_risk_validation(table, curvature)
     assert set(summary["correlations"]) == {
+        "svd_kl",
         "svd_loss_increase",
         "weighted_gain",
         "svd_curvature_damage",
@@ -218,7 +247,8 @@ def test_summary_spearman_is_scipys_and_names_the_best_predictor(setup) -> None:
         "svd_taylor_loss",
         "fwsvd_taylor_gain",
     ]
-    for outcome in ("svd_loss_increase", "weighted_gain"):
+    assert list(summary["correlations"]) == ["svd_kl", "svd_loss_increase", "weighted_gain"]
+    for outcome in ("svd_kl", "svd_loss_increase", "weighted_gain"):
         correlations = summary["correlations"][outcome]
         for statistic, value in correlations.items():
             expected = stats.spearmanr(table[statistic], table[outcome])
@@ -315,6 +345,8 @@ def test_loss_model_rows_match_independent_evaluations_and_the_core_predictions(
         alone.set_submodule(module, copy.deepcopy(layer))
         loss = evaluate_classifier(alone, tokenizer, frame, MAX_LENGTH)["loss"]
         assert rows["measured"].tolist() == pytest.approx([loss - dense] * 5, abs=1e-6), module
+        kl = kl_from(dense_model, alone, tokenizer, frame)
+        assert rows["measured_kl"].tolist() == pytest.approx([kl] * 5, rel=1e-4), module
         with torch.no_grad():
             delta = (
                 dense_model.get_submodule(module).weight.double() - layer.dense_weight().double()
@@ -335,6 +367,8 @@ def test_loss_model_rows_match_independent_evaluations_and_the_core_predictions(
         loss = evaluate_classifier(compressed, tokenizer, frame, MAX_LENGTH)["loss"]
         rows = whole[whole["solver"] == solver].set_index("loss_model")
         assert rows["measured"].tolist() == pytest.approx([loss - dense] * 5, abs=1e-6), solver
+        kl = kl_from(dense_model, compressed, tokenizer, frame)
+        assert rows["measured_kl"].tolist() == pytest.approx([kl] * 5, rel=1e-4), solver
         # A whole model's prediction is the sum of its layers' predictions.
         sums = layers[layers["solver"] == solver].groupby("loss_model")["predicted"].sum()
         assert rows["predicted"].to_dict() == pytest.approx(sums.to_dict(), rel=1e-12)
@@ -342,22 +376,41 @@ def test_loss_model_rows_match_independent_evaluations_and_the_core_predictions(
     assert losses["ratio"].to_numpy() == pytest.approx(
         (losses["predicted"] / losses["measured"]).to_numpy()
     )
+    assert (losses["measured_kl"] > 0).all()
+    assert losses["ratio_kl"].to_numpy() == pytest.approx(
+        (losses["predicted"] / losses["measured_kl"]).to_numpy()
+    )
+    # The φ table's SVD KL is the very same measurement.
+    assert svd["measured_kl"].tolist() == pytest.approx(table["svd_kl"].tolist(), abs=1e-15)
     assert fingerprint_of(losses) == model_fingerprint(dense_model)
 
 
-def test_loss_model_summary_is_scipys_spearman_and_numpys_ratios(setup, loss_run) -> None:
+@pytest.mark.parametrize(
+    ("block", "measured", "outcome"),
+    [
+        ((), "measured_kl", "svd_kl"),
+        (("vs_loss_increase",), "measured", "svd_loss_increase"),
+    ],
+)
+def test_loss_model_summary_is_scipys_spearman_and_numpys_ratios(
+    setup, loss_run, block, measured, outcome
+) -> None:
+    """The KL block (top level, primary) and the loss-increase block read their own column."""
     table, losses = loss_run
-    summary = summarize_loss_models(losses, table)
+    full = summarize_loss_models(losses, table)
+    summary = full
+    for key in block:
+        summary = summary[key]
     layers = losses[losses["scope"] == "layer"]
     for model in LOSS_MODELS:
         rows = layers[layers["loss_model"] == model]
         pooled = summary["per_layer"][model]["pooled"]
-        expected = stats.spearmanr(rows["predicted"], rows["measured"])
+        expected = stats.spearmanr(rows["predicted"], rows[measured])
         assert pooled["rho"] == pytest.approx(expected.statistic, abs=1e-12)
         assert pooled["p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
         assert pooled["n"] == 12 * len(LOSS_SOLVERS)
-        positive = rows[rows["measured"] > 0]
-        ratios = positive["predicted"] / positive["measured"]
+        positive = rows[rows[measured] > 0]
+        ratios = positive["predicted"] / positive[measured]
         assert pooled["ratio_n"] == len(positive) and len(positive) > 3
         assert pooled["negative_measured"] == len(rows) - len(positive)
         assert pooled["ratio_median"] == pytest.approx(ratios.median())
@@ -365,28 +418,80 @@ def test_loss_model_summary_is_scipys_spearman_and_numpys_ratios(setup, loss_run
         assert pooled["ratio_q75"] == pytest.approx(ratios.quantile(0.75))
         for solver in LOSS_SOLVERS:
             subset = rows[rows["solver"] == solver]
-            expected = stats.spearmanr(subset["predicted"], subset["measured"])
+            expected = stats.spearmanr(subset["predicted"], subset[measured])
             by_solver = summary["per_layer"][model]["by_solver"][solver]
             assert by_solver["rho"] == pytest.approx(expected.statistic, abs=1e-12)
         whole = summary["whole_model"][model]
         assert whole["n"] == len(LOSS_SOLVERS) and set(whole["by_solver"]) == set(LOSS_SOLVERS)
+        points = losses[(losses["scope"] == "model") & (losses["loss_model"] == model)]
+        assert {solver: value[measured] for solver, value in whole["by_solver"].items()} == dict(
+            zip(points["solver"], points[measured], strict=True)
+        )
+    if measured == "measured_kl":
+        # Every KL is positive: no row is left out of the ratios.
+        assert pooled["negative_measured"] == 0 and pooled["ratio_n"] == pooled["n"]
     best = summary["best_loss_model"]
     pooled = {model: value["pooled"]["rho"] for model, value in summary["per_layer"].items()}
     assert pooled[best] == max(pooled.values())
     comparison = summary["phi_comparison"]
-    phi = summarize_risk_validation(table, OPTIONS)["correlations"]["svd_loss_increase"]["phi"]
-    assert comparison["loss_model"] == best
+    phi = summarize_risk_validation(table, OPTIONS)["correlations"][outcome]["phi"]
+    assert comparison["loss_model"] == best and comparison["outcome"] == measured
     assert comparison["phi"] == pytest.approx(phi)
     svd = summary["per_layer"][best]["by_solver"]["svd"]
     assert comparison["best"] == pytest.approx({key: svd[key] for key in ("rho", "p_value", "n")})
     better = comparison["best"]["rho"] > phi["rho"]
     assert comparison["loss_model_better"] is better
     assert comparison["verdict"].startswith(
-        f"{best} {'predicts' if better else 'does not predict'}"
+        f"{best} {'predicts' if better else 'does not predict'} SVD's per-layer "
+        + ("KL" if measured == "measured_kl" else "validation-loss increase")
     )
-    assert summary["skipped_loss_models"] == {} and summary["solvers"] == LOSS_SOLVERS
-    json.dumps(summary, allow_nan=False)
-    assert fingerprint_of(summary) == model_fingerprint(setup["bundle"].model)
+    assert full["skipped_loss_models"] == {} and full["solvers"] == LOSS_SOLVERS
+    assert full["outcome"] == "measured_kl"
+    json.dumps(full, allow_nan=False)
+    assert fingerprint_of(full) == model_fingerprint(setup["bundle"].model)
+    # MLflow names: "_kl" for the KL block; the loss-increase block keeps the earlier names.
+    suffix = "_kl" if measured == "measured_kl" else ""
+    metrics = loss_model_metrics(full)
+    for model in LOSS_MODELS:
+        value = summary["per_layer"][model]
+        assert metrics[f"{model}.spearman{suffix}"]["value"] == value["pooled"]["rho"]
+        assert metrics[f"{model}.ratio{suffix}_median"]["value"] == value["pooled"]["ratio_median"]
+        assert (
+            metrics[f"{model}.svd.p_value{suffix}"]["value"] == value["by_solver"]["svd"]["p_value"]
+        )
+        whole = summary["whole_model"][model]["rho"]
+        assert metrics[f"{model}.whole_model.spearman{suffix}"]["value"] == whole
+    assert metrics[f"phi_svd.spearman{suffix}"]["value"] == phi["rho"]
+    assert metrics[f"beats_phi{suffix}"]["value"] == float(better)
+
+
+def test_predictive_kl_is_each_heads_divergence() -> None:
+    """Classification, multi-label and regression heads against closed forms; never negative, and
+    zero between equal predictions."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(7, 3)), rng.normal(size=(7, 3))
+    categorical = make_tiny_bundle(num_labels=3).model.config
+    p, q = special.softmax(a, axis=1), special.softmax(b, axis=1)
+    expected = (p * np.log(p / q)).sum(axis=1)
+    assert predictive_kl(a, b, categorical) == pytest.approx(expected, rel=1e-12)
+    multi = copy.deepcopy(categorical)
+    multi.problem_type = "multi_label_classification"
+    p, q = special.expit(a), special.expit(b)
+    bernoulli = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+    assert predictive_kl(a, b, multi) == pytest.approx(bernoulli.sum(axis=1), rel=1e-12)
+    regression = make_tiny_bundle(num_labels=1).model.config
+    assert predictive_kl(a[:, :1], b[:, :1], regression) == pytest.approx(
+        0.5 * (a[:, 0] - b[:, 0]) ** 2, rel=1e-12
+    )
+    for config, width in ((categorical, 3), (multi, 3), (regression, 1)):
+        values = predictive_kl(a[:, :width], b[:, :width], config)
+        assert (values > 0).all()
+        # Equal logits, and float32 logits a rounding apart: zero, never below.
+        assert (predictive_kl(a[:, :width], a[:, :width], config) == 0).all()
+        near = a[:, :width].astype(np.float32)
+        assert (predictive_kl(near, np.nextafter(near, np.float32(np.inf)), config) >= 0).all()
+    with pytest.raises(ValueError, match=r"logits of shapes \(7, 3\) and \(7, 2\)"):
+        predictive_kl(a, b[:, :2], categorical)
 
 
 @pytest.mark.parametrize(
@@ -514,6 +619,9 @@ def test_pipeline_runs_from_an_in_memory_catalog(setup, tmp_path) -> None:
     assert fingerprint_of(table) == fingerprint_of(summary) == fingerprint
     rho = summary["correlations"]["svd_loss_increase"]["phi"]["rho"]
     assert metrics["spearman_damage.phi"] == {"value": rho, "step": 0}
+    rho = summary["correlations"]["svd_kl"]["phi"]["rho"]
+    assert metrics["spearman_kl.phi"] == {"value": rho, "step": 0}
+    assert metrics["svd_kl_sum"]["value"] == pytest.approx(table["svd_kl"].sum())
     assert metrics["dense_loss"]["value"] == pytest.approx(table["dense_loss"].iloc[0])
     assert isinstance(figure, Figure)
     assert "Spearman ρ = " in figure.axes[0].get_title()
@@ -528,11 +636,18 @@ def test_pipeline_runs_from_an_in_memory_catalog(setup, tmp_path) -> None:
     assert fingerprint_of(losses) == fingerprint_of(loss_summary) == fingerprint
     assert loss_summary["loss_models"] == list(LOSS_MODELS) and loss_summary["examples"] == 16
     pooled = loss_summary["per_layer"]["kronecker"]["pooled"]
+    assert loss_metrics["kronecker.spearman_kl"] == {"value": pooled["rho"], "step": 0}
+    pooled = loss_summary["vs_loss_increase"]["per_layer"]["kronecker"]["pooled"]
     assert loss_metrics["kronecker.spearman"] == {"value": pooled["rho"], "step": 0}
-    assert "kronecker.fwsvd.spearman" in loss_metrics
-    assert "diagonal.whole_model.spearman" in loss_metrics and "beats_phi" in loss_metrics
+    for name in ("kronecker.fwsvd.spearman", "diagonal.whole_model.spearman", "beats_phi"):
+        assert name in loss_metrics and name.replace("spearman", "spearman_kl") in loss_metrics
+    assert "beats_phi_kl" in loss_metrics
     panels = [axes for axes in loss_figure.axes if axes.get_visible()]
-    assert [axes.get_title().split(":")[0] for axes in panels] == list(LOSS_MODELS)
+    # Top row against the KL, bottom row against the loss increase.
+    assert [axes.get_title().split(":")[0] for axes in panels] == [
+        f"{model} vs {outcome}" for outcome in ("KL", "loss increase") for model in LOSS_MODELS
+    ]
+    assert panels[0].get_yscale() == "log"  # every KL is positive
     assert panels[0].get_xscale() == "log"
 
 

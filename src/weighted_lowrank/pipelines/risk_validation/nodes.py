@@ -3,7 +3,10 @@
 Every targeted layer is compressed alone — its ``LowRankLinear`` taken from each validated
 solver's compressed model, swapped into a copy of the dense model — and the validation loss and
 accuracy are measured; then each solver's whole compressed model is measured too. A layer's
-*damage* is the validation-loss increase over the dense model.
+*damage* is the validation-loss increase over the dense model; from the same passes' logits, its
+*KL* is the mean over validation examples of KL(p_dense ‖ p_compressed)
+(:func:`predictive_kl`), the quantity a Fisher quadratic approximates: the loss increase also
+holds a first-order term g·ΔW (the validation gradient g is not zero) that no quadratic predicts.
 
 Two comparisons use these measurements:
 
@@ -13,7 +16,8 @@ Two comparisons use these measurements:
 - **loss models** (``loss_model_table``): for every layer × solver and every whole model, the
   predicted ΔL = ½ vec(ΔW)ᵀ F vec(ΔW) of each loss model of
   :mod:`weighted_lowrank.lowrank.loss_models` (ΔW from that solver's factors; a whole model's
-  prediction is the sum over its layers) against the measured increase.
+  prediction is the sum over its layers) against the measured KL (primary) and the measured
+  loss increase.
 
 With ``curvature`` the layer is also evaluated with the mirrored weight W + R = 2W − W_svd (R the
 SVD residual). Writing L(W − R) = L(W) − g·R + ½ RᵀHR + O(R³), the odd (first-order) part
@@ -53,7 +57,7 @@ from weighted_lowrank.lowrank.risk import RISK_STATISTICS
 from weighted_lowrank.lowrank.risk import spearman as spearman_rho
 from weighted_lowrank.lowrank.targets import ordered_kinds
 from weighted_lowrank.parameters import ModelParams, RiskValidationParams
-from weighted_lowrank.training import evaluate_classifier
+from weighted_lowrank.training import predict_examples, task_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,7 @@ STATISTIC_SOURCES = {
 WHOLE_MODEL = "(whole model)"
 #: What the statistics are correlated with (when in the table): short name for MLflow metrics.
 OUTCOMES = {
+    "svd_kl": "kl",
     "svd_loss_increase": "damage",
     "weighted_gain": "gain",
     "svd_curvature_damage": "curvature",
@@ -97,7 +102,7 @@ _MEASURED = (
     *(
         f"{solver}_{name}"
         for solver in REQUIRED_SOLVERS
-        for name in ("loss", "accuracy", "loss_increase", "accuracy_drop")
+        for name in ("loss", "accuracy", "kl", "loss_increase", "accuracy_drop")
     ),
     "weighted_gain",
     "svd_mirror_loss",
@@ -278,6 +283,42 @@ def predict_damage(
     return predictions
 
 
+def predictive_kl(reference: np.ndarray, logits: np.ndarray, config: object) -> np.ndarray:
+    """Per-example KL(p_reference ‖ p_logits) in nats, from two models' (examples, num_labels)
+    logits, for the predictive distribution of the task's head (``config.problem_type`` and
+    ``num_labels`` as in :func:`weighted_lowrank.training.per_example_loss`):
+
+    - classification: the categorical distributions softmax(logits);
+    - ``multi_label_classification``: the sum over labels of the Bernoulli KLs, p = sigmoid(logit);
+    - regression (``num_labels == 1``): Gaussians of unit variance centred on the outputs, whose
+      KL is ½ (y_reference − y)².
+
+    Computed in float64; rounding can make a KL of two near-identical distributions a few ulp
+    below zero, so each is clipped at 0 (a KL is never negative).
+    """
+    a = torch.as_tensor(np.asarray(reference), dtype=torch.float64)
+    b = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(
+            f"logits of shapes {tuple(a.shape)} and {tuple(b.shape)}: expected two "
+            "equal (examples, num_labels)"
+        )
+    problem_type = getattr(config, "problem_type", None)
+    if problem_type == "regression" or a.shape[1] == 1:
+        kl = 0.5 * (a - b).pow(2).sum(dim=1)
+    elif problem_type == "multi_label_classification":
+        log_p, log_q = torch.nn.functional.logsigmoid(a), torch.nn.functional.logsigmoid(b)
+        log_not_p, log_not_q = (
+            torch.nn.functional.logsigmoid(-a),
+            torch.nn.functional.logsigmoid(-b),
+        )
+        kl = (log_p.exp() * (log_p - log_q) + log_not_p.exp() * (log_not_p - log_not_q)).sum(dim=1)
+    else:
+        log_p, log_q = torch.log_softmax(a, dim=1), torch.log_softmax(b, dim=1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return kl.clamp_min(0.0).numpy()
+
+
 def measure_layer_damage(
     fine_tuned_model: ModelBundle,
     validation_split: pd.DataFrame,
@@ -297,7 +338,8 @@ def measure_layer_damage(
     Returns:
 
     - ``risk_validation_table``: one row per ``layer_risk`` row: its columns, then ``svd_loss``,
-      ``tfwsvd_loss``, ``svd_accuracy``, ``tfwsvd_accuracy``, ``svd_loss_increase`` /
+      ``tfwsvd_loss``, ``svd_accuracy``, ``tfwsvd_accuracy``, ``svd_kl`` / ``tfwsvd_kl`` (mean
+      KL(p_dense ‖ p_compressed), :func:`predictive_kl`), ``svd_loss_increase`` /
       ``tfwsvd_loss_increase`` (over the dense model), ``svd_accuracy_drop`` /
       ``tfwsvd_accuracy_drop``, ``weighted_gain`` (SVD's loss increase minus tfwsvd's), with
       ``risk_validation.curvature`` also ``svd_mirror_loss`` (weight 2W − W_svd),
@@ -307,7 +349,8 @@ def measure_layer_damage(
     - ``loss_model_table``: see :func:`loss_model_table`.
 
     Accuracies are NaN for a regression model. ``risk_validation.max_examples`` keeps the first
-    rows of the split (it is shuffled).
+    rows of the split (it is shuffled). Each configuration is one validation pass: its loss,
+    accuracy and KL all come from the logits of that pass and of the dense model's pass.
     """
     solvers = check_solvers(risk_validation.solvers, compressed_models)
     models = {solver: compressed_models[solver].model for solver in solvers}
@@ -322,8 +365,10 @@ def measure_layer_damage(
     run_device = resolve_device(device)
     working = copy.deepcopy(fine_tuned_model.model).to(run_device).eval()
 
-    def evaluate(network: torch.nn.Module = working) -> tuple[float, float]:
-        scores = evaluate_classifier(
+    config = fine_tuned_model.model.config
+
+    def predict(network: torch.nn.Module) -> tuple[float, float, np.ndarray]:
+        result = predict_examples(
             network,
             fine_tuned_model.tokenizer,
             frame,
@@ -331,9 +376,16 @@ def measure_layer_damage(
             batch_size=risk_validation.batch_size,
             device=run_device,
         )
-        return scores["loss"], scores.get("accuracy", math.nan)
+        scores = task_metrics(result.logits, frame["label"].to_numpy())
+        return result.loss, scores.get("accuracy", math.nan), result.logits
 
-    dense_loss, dense_accuracy = evaluate()
+    dense_loss, dense_accuracy, dense_logits = predict(working)
+
+    def evaluate(network: torch.nn.Module = working) -> tuple[float, float, float]:
+        """Loss, accuracy and mean KL(p_dense ‖ p_network) of one validation pass."""
+        loss, accuracy, logits = predict(network)
+        return loss, accuracy, float(predictive_kl(dense_logits, logits, config).mean())
+
     measured = _measure_layers(
         working, list(ranks), models, evaluate, risk_validation.curvature, run_device, dense_loss
     )
@@ -342,8 +394,10 @@ def measure_layer_damage(
         for solver, compressed in models.items()
     }
     logger.info(
-        "risk_validation whole models: loss increase %s",
-        ", ".join(f"{solver} {loss - dense_loss:.4g}" for solver, (loss, _) in whole.items()),
+        "risk_validation whole models: loss increase, KL %s",
+        ", ".join(
+            f"{solver} {loss - dense_loss:.4g}, {kl:.4g}" for solver, (loss, _, kl) in whole.items()
+        ),
     )
     risk_table = _damage_table(layer_risk, measured, dense_loss, dense_accuracy)
     risk_table["examples"] = len(frame)
@@ -358,12 +412,13 @@ def _measure_layers(
     working: torch.nn.Module,
     modules: list[str],
     models: Mapping[str, torch.nn.Module],
-    evaluate: Callable[[], tuple[float, float]],
+    evaluate: Callable[[], tuple[float, float, float]],
     curvature: bool,
     device: torch.device,
     dense_loss: float,
 ) -> pd.DataFrame:
-    """One row per module of :func:`_measure_layer`'s losses and accuracies, and ``seconds``."""
+    """One row per module of :func:`_measure_layer`'s losses, accuracies and KLs, and
+    ``seconds``."""
     rows = []
     for index, name in enumerate(modules):
         started = time.perf_counter()
@@ -371,11 +426,14 @@ def _measure_layers(
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         logger.info(
-            "risk_validation %d/%d %s: loss increase %s (%.1f s)",
+            "risk_validation %d/%d %s: loss increase, KL %s (%.1f s)",
             index + 1,
             len(modules),
             name,
-            ", ".join(f"{solver} {row[f'{solver}_loss'] - dense_loss:.4g}" for solver in models),
+            ", ".join(
+                f"{solver} {row[f'{solver}_loss'] - dense_loss:.4g}, {row[f'{solver}_kl']:.4g}"
+                for solver in models
+            ),
             row["seconds"],
         )
     return pd.DataFrame(rows)
@@ -385,18 +443,19 @@ def _measure_layer(
     working: torch.nn.Module,
     name: str,
     sources: Mapping[str, torch.nn.Module],
-    evaluate: Callable[[], tuple[float, float]],
+    evaluate: Callable[[], tuple[float, float, float]],
     curvature: bool,
     device: torch.device,
 ) -> dict[str, float]:
-    """Loss and accuracy of ``working`` with its layer ``name`` taken from each source in turn
-    (and, with ``curvature``, with the mirrored weight 2W − W_svd); ``working`` is restored."""
+    """Loss, accuracy and KL from the dense model of ``working`` with its layer ``name`` taken
+    from each source in turn (and, with ``curvature``, the loss with the mirrored weight
+    2W − W_svd); ``working`` is restored."""
     row: dict[str, float] = {}
     original = working.get_submodule(name)
     for solver, source in sources.items():
         working.set_submodule(name, copy.deepcopy(source.get_submodule(name)).to(device))
         try:
-            row[f"{solver}_loss"], row[f"{solver}_accuracy"] = evaluate()
+            row[f"{solver}_loss"], row[f"{solver}_accuracy"], row[f"{solver}_kl"] = evaluate()
         finally:
             working.set_submodule(name, original)
     if curvature:
@@ -406,7 +465,7 @@ def _measure_layer(
             mirrored.weight.copy_(2 * original.weight - approximation.to(original.weight))
         working.set_submodule(name, mirrored)
         try:
-            row["svd_mirror_loss"], _ = evaluate()
+            row["svd_mirror_loss"], _, _ = evaluate()
         finally:
             working.set_submodule(name, original)
     return row
@@ -415,7 +474,7 @@ def _measure_layer(
 def loss_model_table(
     layer_risk: pd.DataFrame,
     measured: pd.DataFrame,
-    whole: Mapping[str, tuple[float, float]],
+    whole: Mapping[str, tuple[float, float, float]],
     predictions: Mapping[tuple[str, str], Mapping[str, float]],
     dense_loss: float,
     dense_accuracy: float,
@@ -426,16 +485,20 @@ def loss_model_table(
     Columns ``scope`` ("layer" or "model"), ``module``, ``layer``, ``kind``, ``rank`` (a whole
     model's: module ``"(whole model)"``, layer and rank −1), ``solver``, ``loss_model``,
     ``predicted`` (½ vec(ΔW)ᵀ F vec(ΔW) in nats per example; a whole model's is the sum over its
-    layers), ``measured`` (validation-loss increase over the dense model), ``ratio``
-    (predicted / measured), ``accuracy_drop``, and the constants ``dense_loss``, ``examples``.
-    ``measured`` holds one row per ``layer_risk`` row with ``<solver>_loss`` / ``_accuracy``.
+    layers), ``measured_kl`` (mean KL(p_dense ‖ p_compressed) over the validation examples, the
+    primary outcome), ``ratio_kl`` (predicted / measured_kl), ``measured`` (validation-loss
+    increase over the dense model), ``ratio`` (predicted / measured), ``accuracy_drop``, and the
+    constants ``dense_loss``, ``examples``. ``measured`` holds one row per ``layer_risk`` row with
+    ``<solver>_loss`` / ``_accuracy`` / ``_kl``; ``whole`` maps solvers to (loss, accuracy, KL).
     """
     solvers = list(whole)
     layers = layer_risk.reset_index(drop=True)
     rows = []
     for index, layer in layers.iterrows():
         for solver in solvers:
-            loss, accuracy = measured.loc[index, [f"{solver}_loss", f"{solver}_accuracy"]]
+            loss, accuracy, kl = measured.loc[
+                index, [f"{solver}_loss", f"{solver}_accuracy", f"{solver}_kl"]
+            ]
             for loss_model, value in predictions[solver, layer["module"]].items():
                 rows.append(
                     {
@@ -447,11 +510,12 @@ def loss_model_table(
                         "solver": solver,
                         "loss_model": loss_model,
                         "predicted": value,
+                        "measured_kl": kl,
                         "measured": loss - dense_loss,
                         "accuracy_drop": dense_accuracy - accuracy,
                     }
                 )
-    for solver, (loss, accuracy) in whole.items():
+    for solver, (loss, accuracy, kl) in whole.items():
         totals: dict[str, float] = {}
         for module in layers["module"]:
             for loss_model, value in predictions[solver, module].items():
@@ -467,12 +531,18 @@ def loss_model_table(
                     "solver": solver,
                     "loss_model": loss_model,
                     "predicted": value,
+                    "measured_kl": kl,
                     "measured": loss - dense_loss,
                     "accuracy_drop": dense_accuracy - accuracy,
                 }
             )
     table = pd.DataFrame(rows)
     with np.errstate(divide="ignore", invalid="ignore"):
+        table.insert(
+            table.columns.get_loc("measured_kl") + 1,
+            "ratio_kl",
+            table["predicted"] / table["measured_kl"],
+        )
         table.insert(
             table.columns.get_loc("measured") + 1, "ratio", table["predicted"] / table["measured"]
         )
@@ -492,6 +562,8 @@ def _damage_table(
     for solver in solvers:
         table[f"{solver}_loss"] = results[f"{solver}_loss"]
         table[f"{solver}_accuracy"] = results[f"{solver}_accuracy"]
+    for solver in solvers:
+        table[f"{solver}_kl"] = results[f"{solver}_kl"]
     for solver in solvers:
         table[f"{solver}_loss_increase"] = results[f"{solver}_loss"] - dense_loss
     for solver in solvers:
@@ -539,13 +611,15 @@ def spearman(x: pd.Series, y: pd.Series) -> dict[str, float | int | None]:
 def summarize_risk_validation(
     risk_validation_table: pd.DataFrame, risk_validation: RiskValidationParams
 ) -> dict[str, Any]:
-    """Spearman correlations of every statistic with SVD's damage and with the weighted gain.
+    """Spearman correlations of every statistic with SVD's KL, SVD's damage and the weighted gain.
 
     ``correlations[outcome][statistic]`` is ``{"rho", "p_value", "n"}`` for the outcomes
-    ``svd_loss_increase``, ``weighted_gain`` and, when measured, ``svd_curvature_damage``;
+    ``svd_kl`` (SVD's per-layer KL(p_dense ‖ p_compressed); absent from tables written before
+    it was measured), ``svd_loss_increase``, ``weighted_gain`` and, when measured,
+    ``svd_curvature_damage``;
     ``best_predictor[outcome]`` is the statistic with the largest ρ (every statistic is read as
     "larger = riskier", so a negative ρ predicts nothing useful). Also: the dense model's loss and
-    accuracy, layer and example counts, damage and gain totals; with ``svd_taylor_loss``, its
+    accuracy, layer and example counts, KL, damage and gain totals; with ``svd_taylor_loss``, its
     total over the measured damage's (and over the curvature damage's).
     """
     table = risk_validation_table
@@ -581,6 +655,9 @@ def summarize_risk_validation(
         "weighted_gain_positive_layers": int((table["weighted_gain"] > 0).sum()),
         "seconds": float(table["seconds"].sum()),
     }
+    for solver in ("svd", WEIGHTED_SOLVER):
+        if f"{solver}_kl" in table.columns:
+            summary[f"{solver}_kl_sum"] = float(table[f"{solver}_kl"].sum())
     if "svd_curvature_damage" in table.columns:
         summary["svd_curvature_damage_sum"] = float(table["svd_curvature_damage"].sum())
         summary["svd_first_order_abs_sum"] = float(table["svd_first_order"].abs().sum())
@@ -595,8 +672,9 @@ def summarize_risk_validation(
 
 
 def risk_validation_metrics(risk_validation_summary: dict[str, Any]) -> dict[str, dict]:
-    """The summary as MLflow metrics (step 0): ``spearman_<damage|gain>.<statistic>``,
-    ``p_value_<damage|gain>.<statistic>``, and the dense loss, damage and gain totals.
+    """The summary as MLflow metrics (step 0): ``spearman_<kl|damage|gain|curvature>.<statistic>``,
+    ``p_value_<kl|damage|gain|curvature>.<statistic>``, and the dense loss, KL, damage and gain
+    totals.
     """
     metrics = {}
     for outcome, by_statistic in risk_validation_summary["correlations"].items():
@@ -610,6 +688,8 @@ def risk_validation_metrics(risk_validation_summary: dict[str, Any]) -> dict[str
         "examples",
         "dense_loss",
         "dense_accuracy",
+        "svd_kl_sum",
+        f"{WEIGHTED_SOLVER}_kl_sum",
         "svd_loss_increase_sum",
         f"{WEIGHTED_SOLVER}_loss_increase_sum",
         "weighted_gain_sum",
@@ -628,9 +708,9 @@ def risk_validation_metrics(risk_validation_summary: dict[str, Any]) -> dict[str
 def plot_risk_validation(
     risk_validation_table: pd.DataFrame, risk_validation_summary: dict[str, Any]
 ) -> Figure:
-    """φ (log x) against SVD's damage, the weighted gain (and the curvature damage when measured),
-    points coloured by module kind, Spearman ρ in the titles; further panels do the same for the
-    best predictor of each outcome when that is not φ.
+    """φ (log x) against SVD's KL, SVD's damage, the weighted gain (and the curvature damage when
+    measured), points coloured by module kind, Spearman ρ in the titles; further panels do the
+    same for the best predictor of each outcome when that is not φ.
     """
     table = risk_validation_table
     correlations = risk_validation_summary["correlations"]
@@ -649,6 +729,7 @@ def plot_risk_validation(
     figure = Figure(figsize=(11, 4.2 * rows))
     grid = figure.subplots(rows, 2, squeeze=False)
     labels = {
+        "svd_kl": "SVD KL(p_dense ‖ p_compressed), nats",
         "svd_curvature_damage": "SVD curvature damage (even part)",
         "svd_loss_increase": "SVD damage (val. loss increase)",
         "weighted_gain": (f"weighted gain (SVD − {WEIGHTED_SOLVER} loss increase)"),

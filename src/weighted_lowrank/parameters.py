@@ -461,9 +461,22 @@ def fisher_mode(value: Any) -> str:
     return one_of(*FISHER_MODES)(value)
 
 
+def calibration_statistics(value: Any) -> tuple[str, ...]:
+    """A list of calibration statistic names, each known and listed once (empty: none)."""
+    from weighted_lowrank.lowrank.calibration import CALIBRATION_STATISTICS, check_statistics
+
+    expected = f"a list of names from {list(CALIBRATION_STATISTICS)}, each at most once ([]: none)"
+    if not isinstance(value, list | tuple):
+        raise Expected(expected)
+    try:
+        return check_statistics(value)
+    except ValueError as error:
+        raise Expected(f"{expected}; {error}") from None
+
+
 @dataclass(frozen=True, init=False, eq=False)
 class FisherParams(Block):
-    """``fisher_estimation``: examples, estimator and batching of the empirical Fisher."""
+    """``fisher_estimation``: examples, estimator, batching and the calibration statistics."""
 
     PATH: ClassVar[str] = "fisher_estimation"
 
@@ -471,6 +484,7 @@ class FisherParams(Block):
     mode: str = checked(fisher_mode)
     targets: str | tuple[str, ...] | None = checked(targets)
     batch_size: int = checked(positive_int)
+    statistics: tuple[str, ...] = checked(calibration_statistics)
     progress: bool = checked(boolean)
 
 

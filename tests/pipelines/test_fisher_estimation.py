@@ -41,6 +41,7 @@ def run_pipeline(bundle, split, fisher_estimation: FisherParams) -> DataCatalog:
             "params:seed": MemoryDataset(3),
             "params:device": MemoryDataset("cpu"),
             "fisher_information": MemoryDataset(copy_mode="assign"),
+            "calibration_statistics": MemoryDataset(copy_mode="assign"),
             "fisher_estimation_metrics": MemoryDataset(),
         }
     )
@@ -107,7 +108,7 @@ def test_the_fisher_carries_the_fingerprint_of_the_fine_tuned_model() -> None:
         base, toy_split(16, seed=0), toy_split(8, seed=1), MODEL, fine_tuning, 0, "cpu"
     )
     split = varied_split(8, seed=3)
-    fisher, _ = estimate_fisher(tuned, split, fisher_params(batch_size=4), MODEL, "cpu")
+    fisher, _, _ = estimate_fisher(tuned, split, fisher_params(batch_size=4), MODEL, "cpu")
     assert fisher["metadata"]["model_fingerprint"] == tuned.model_fingerprint
     assert fingerprint_of(fisher) == fingerprint_of(tuned) == model_fingerprint(tuned.model)
     assert set(fisher["metadata"]) == {

@@ -7,16 +7,28 @@ the loss *summed* over the batch returns ``G = ∂loss/∂Y``, whose row ``n`` d
 then ``G_nᵀ X_n``, and the Fisher accumulates ``Σ_n (G_nᵀ X_n)²``. Asking autograd only for the
 outputs' gradients skips every weight-gradient product, so the per-example products replace
 rather than add to the backward work of an ordinary minibatch pass.
+
+The same pass can accumulate the calibration statistics of
+:mod:`~weighted_lowrank.lowrank.calibration` (:func:`calibrate`): the input second moment and mean
+|x| come from the held inputs, the output-gradient second moment from ``∂loss/∂Y`` — asked of the
+same ``torch.autograd.grad`` call in minibatch mode too, beside the weights' gradients.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional
 
+from weighted_lowrank.lowrank.calibration import (
+    CALIBRATION_STATISTICS,
+    StatisticsAccumulator,
+    check_statistics,
+)
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.targets import select_linear_modules
 
@@ -29,15 +41,37 @@ _CPU_WORKSPACE_ELEMENTS = 1 << 20
 _CUDA_WORKSPACE_ELEMENTS = 1 << 26
 
 
-def empirical_fisher(
+@dataclass(frozen=True)
+class Calibration:
+    """What one calibration pass found (:func:`calibrate`).
+
+    ``fisher``: ``{"<module>.weight": float32 CPU tensor}``, the diagonal empirical Fisher (a sum
+    over examples). ``statistics``: ``{"<module>.<statistic>": float32 CPU tensor}``, the requested
+    statistics of :mod:`~weighted_lowrank.lowrank.calibration` (means: A and |x| per real token,
+    G per example). ``num_examples``: N. ``num_tokens``: real (non-padding) tokens of the
+    batches (their attention masks; every ``input_ids`` position without one; 0 without
+    either). ``module_tokens``: the ``T`` each module's input statistics were divided by (empty
+    when none were asked for). ``statistics_seconds``: wall time spent on the statistics.
+    """
+
+    fisher: dict[str, torch.Tensor]
+    statistics: dict[str, torch.Tensor]
+    num_examples: int
+    num_tokens: int
+    module_tokens: dict[str, int] = field(default_factory=dict)
+    statistics_seconds: float = 0.0
+
+
+def calibrate(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     targets: str | Iterable[str] | None = None,
     mode: str = "per_example",
+    statistics: Iterable[str] = CALIBRATION_STATISTICS,
     device: str | torch.device = "cpu",
     progress: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Sum over examples of squared gradients of the task loss w.r.t. targeted Linear weights.
+) -> Calibration:
+    """One pass over ``batches``: the Fisher of the targeted Linear weights and ``statistics``.
 
     ``batches`` yields dicts accepted by ``model(**batch)`` that also hold ``"labels"``. The loss
     is cross-entropy for classification (``num_labels > 1``), binary cross-entropy with logits for
@@ -49,73 +83,52 @@ def empirical_fisher(
     per-example sum when per-example gradients have zero mean (a converged model), so both modes
     share one scale.
 
+    ``statistics``: any of :data:`~weighted_lowrank.lowrank.calibration.CALIBRATION_STATISTICS`
+    (``()`` for the Fisher alone). They are exact in both modes (the output gradient of a summed
+    loss is each example's own), come from the tensors the pass holds anyway, and leave the
+    Fisher unchanged. Input statistics count the real tokens of the batch's ``attention_mask``
+    when a module's input is ``(batch, tokens, in)`` matching it, else every row; see
+    :class:`~weighted_lowrank.lowrank.calibration.StatisticsAccumulator`.
+
     ``targets`` selects Linear modules (regex or names; ``None`` = attention Q/K/V/O and FFN).
     The model runs in eval mode (no dropout) on ``device``; its mode, device and ``requires_grad``
-    flags are restored afterwards. Returns ``{"<module>.weight": float32 CPU tensor}``.
-    Raises ``ValueError`` for an unknown mode, a batch without labels, no examples, or a
-    non-finite loss or gradient (naming the module nearest the loss whose gradient is not finite).
+    flags are restored afterwards. Raises ``ValueError`` for an unknown mode or statistic, a batch
+    without labels, no examples, or a non-finite loss or gradient (naming the module nearest the
+    loss whose gradient is not finite).
     """
     if mode not in FISHER_MODES:
         raise ValueError(f"mode {mode!r} is not a Fisher mode; expected one of {FISHER_MODES}")
+    wanted = check_statistics(statistics)
     modules = select_linear_modules(model, targets)
     target_device = resolve_device(device)
-    loss_of = _loss_function(model)
-
-    parameters = list(model.parameters())
-    original_device = parameters[0].device if parameters else torch.device("cpu")
-    was_training = model.training
-    weight_flags = {name: module.weight.requires_grad for name, module in modules.items()}
-    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    handles = []
-    sums = {}
-    examples = 0
-    try:
-        model.to(target_device)
-        model.eval()
-        for module in modules.values():
-            module.weight.requires_grad_(True)
-        sums = {
-            name: torch.zeros(module.weight.shape, dtype=torch.float64, device=target_device)
-            for name, module in modules.items()
-        }
-        per_example = None
-        if mode == "per_example":
-            per_example = _PerExampleAccumulator(modules, target_device)
-            handles = [
-                module.register_forward_hook(_capture_hook(name, captured))
-                for name, module in modules.items()
-            ]
+    with _prepared(model, modules, target_device):
+        calibration_pass = _Pass(model, modules, mode, wanted, target_device)
         iterator = batches
         if progress:
             from tqdm.auto import tqdm
 
             iterator = tqdm(batches, desc=f"Fisher ({mode})", unit="batch")
-        for batch_index, batch in enumerate(iterator):
-            inputs, labels = _prepare_batch(batch, batch_index, target_device)
-            captured.clear()
-            with torch.enable_grad():
-                loss = loss_of(model(**inputs).logits, labels)
-                if not torch.isfinite(loss):
-                    raise ValueError(
-                        f"loss is {loss.item()} on batch {batch_index}; "
-                        "check the model weights and labels for NaN/inf"
-                    )
-                if mode == "per_example":
-                    per_example.accumulate(captured, loss, sums, batch_index)
-                else:
-                    _accumulate_minibatch(modules, loss, sums, batch_index)
-            examples += labels.shape[0]
-    finally:
-        for handle in handles:
-            handle.remove()
-        captured.clear()
-        for name, module in modules.items():
-            module.weight.requires_grad_(weight_flags[name])
-        model.train(was_training)
-        model.to(original_device)
-    if examples == 0:
+        with calibration_pass.capturing():
+            for batch_index, batch in enumerate(iterator):
+                calibration_pass.step(batch, batch_index)
+    if calibration_pass.examples == 0:
         raise ValueError("batches yielded no examples; expected at least one batch")
-    return {f"{name}.weight": total.to("cpu", torch.float32) for name, total in sums.items()}
+    return calibration_pass.result()
+
+
+def empirical_fisher(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    targets: str | Iterable[str] | None = None,
+    mode: str = "per_example",
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Sum over examples of squared gradients of the task loss w.r.t. targeted Linear weights.
+
+    :func:`calibrate` without statistics; returns ``{"<module>.weight": float32 CPU tensor}``.
+    """
+    return calibrate(model, batches, targets, mode, (), device, progress).fisher
 
 
 def validate_fisher(
@@ -209,6 +222,150 @@ def _prepare_batch(
     return inputs, labels
 
 
+@contextmanager
+def _prepared(model: nn.Module, modules: dict[str, nn.Linear], device: torch.device):
+    """The model on ``device`` in eval mode with targeted weights requiring grad; then restored."""
+    parameters = list(model.parameters())
+    original_device = parameters[0].device if parameters else torch.device("cpu")
+    was_training = model.training
+    weight_flags = {name: module.weight.requires_grad for name, module in modules.items()}
+    try:
+        model.to(device)
+        model.eval()
+        for module in modules.values():
+            module.weight.requires_grad_(True)
+        yield
+    finally:
+        for name, module in modules.items():
+            module.weight.requires_grad_(weight_flags[name])
+        model.train(was_training)
+        model.to(original_device)
+
+
+class _Pass:
+    """State of one calibration pass: Fisher sums, statistics, and what the hooks captured."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: dict[str, nn.Linear],
+        mode: str,
+        statistics: tuple[str, ...],
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.modules = modules
+        self.mode = mode
+        self.loss_of = _loss_function(model)
+        self.sums = {
+            name: torch.zeros(module.weight.shape, dtype=torch.float64, device=device)
+            for name, module in modules.items()
+        }
+        self.per_example = (
+            _PerExampleAccumulator(modules, device) if mode == "per_example" else None
+        )
+        self.statistics = StatisticsAccumulator(modules, statistics, device) if statistics else None
+        # Output gradients: the per-example products need them, and so does G in either mode.
+        self.output_gradients = self.per_example is not None or bool(
+            self.statistics and self.statistics.needs_output_gradients
+        )
+        self.captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.device = device
+        self.examples = 0
+        self.tokens = 0
+
+    @contextmanager
+    def capturing(self):
+        """Forward hooks that hold each targeted module's input and output (when needed)."""
+        handles = []
+        if self.per_example is not None or self.statistics is not None:
+            handles = [
+                module.register_forward_hook(_capture_hook(name, self.captured))
+                for name, module in self.modules.items()
+            ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.captured.clear()
+
+    def step(self, batch: Mapping[str, torch.Tensor], batch_index: int) -> None:
+        inputs, labels = _prepare_batch(batch, batch_index, self.device)
+        self.captured.clear()
+        with torch.enable_grad():
+            loss = self.loss_of(self.model(**inputs).logits, labels)
+            if not torch.isfinite(loss):
+                raise ValueError(
+                    f"loss is {loss.item()} on batch {batch_index}; "
+                    "check the model weights and labels for NaN/inf"
+                )
+            weight_grads, output_grads = self._gradients(loss)
+        if self.per_example is not None:
+            self.per_example.accumulate(self.captured, output_grads, self.sums, batch_index)
+        else:
+            _add_minibatch(weight_grads, self.sums, batch_index)
+        mask = inputs.get("attention_mask")
+        if self.statistics is not None:
+            activations = {name: [x for x, _ in calls] for name, calls in self.captured.items()}
+            self.statistics.add(activations, output_grads, mask, labels.shape[0])
+        self.captured.clear()
+        self.examples += labels.shape[0]
+        self.tokens += _real_tokens(inputs)
+
+    def _gradients(
+        self, loss: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor | None], dict[str, list[torch.Tensor]]]:
+        """One ``autograd.grad``: weight gradients (minibatch) and/or the outputs' gradients."""
+        if self.per_example is not None:
+            unused = [name for name in self.modules if name not in self.captured]
+            if unused:
+                raise ValueError(
+                    f"targeted modules {unused[:5]} were not called in the forward pass"
+                )
+        weights = (
+            [module.weight for module in self.modules.values()] if self.mode == "minibatch" else []
+        )
+        outputs = []
+        if self.output_gradients:
+            outputs = [
+                (name, output) for name in self.modules for _, output in self.captured.get(name, ())
+            ]
+        gradients = torch.autograd.grad(
+            loss, weights + [output for _, output in outputs], allow_unused=True
+        )
+        weight_grads = dict(zip(self.modules, gradients[: len(weights)], strict=False))
+        output_grads: dict[str, list[torch.Tensor]] = {}
+        for (name, output), gradient in zip(outputs, gradients[len(weights) :], strict=True):
+            output_grads.setdefault(name, []).append(
+                torch.zeros_like(output) if gradient is None else gradient
+            )
+        return weight_grads, output_grads
+
+    def result(self) -> Calibration:
+        fisher = {
+            f"{name}.weight": total.to("cpu", torch.float32) for name, total in self.sums.items()
+        }
+        if self.statistics is None:
+            return Calibration(fisher, {}, self.examples, self.tokens)
+        statistics, module_tokens = self.statistics.result()
+        return Calibration(
+            fisher,
+            statistics,
+            self.examples,
+            self.tokens,
+            module_tokens,
+            self.statistics.seconds,
+        )
+
+
+def _real_tokens(inputs: Mapping[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a batch: its attention mask's, else every position of input_ids."""
+    if "attention_mask" in inputs:
+        return int(inputs["attention_mask"].count_nonzero())
+    return inputs["input_ids"].numel() if "input_ids" in inputs else 0
+
+
 def _capture_hook(name: str, captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         captured.setdefault(name, []).append((args[0].detach(), output))
@@ -237,29 +394,21 @@ class _PerExampleAccumulator:
     def accumulate(
         self,
         captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
-        loss: torch.Tensor,
+        output_grads: dict[str, list[torch.Tensor]],
         sums: dict[str, torch.Tensor],
         batch_index: int,
     ) -> None:
-        unused = [name for name in self.modules if name not in captured]
-        if unused:
-            raise ValueError(f"targeted modules {unused[:5]} were not called in the forward pass")
-        outputs = [output for name in self.modules for _, output in captured[name]]
-        gradients = iter(torch.autograd.grad(loss, outputs, allow_unused=True))
         non_finite = []
         for name, module in self.modules.items():
             calls = captured[name]
-            activations, output_grads = [], []
-            for activation, output in calls:
-                gradient = next(gradients)
-                if gradient is None:
-                    gradient = torch.zeros_like(output)
-                batch_size = activation.shape[0]
-                activations.append(activation.reshape(batch_size, -1, module.in_features))
-                output_grads.append(gradient.reshape(batch_size, -1, module.out_features))
+            activations = [x.reshape(x.shape[0], -1, module.in_features) for x, _ in calls]
+            gradients = [
+                g.reshape(x.shape[0], -1, module.out_features)
+                for (x, _), g in zip(calls, output_grads[name], strict=True)
+            ]
             # Several calls of one module add up per example: concatenate along the token axis.
             activation = activations[0] if len(calls) == 1 else torch.cat(activations, dim=1)
-            output_grad = output_grads[0] if len(calls) == 1 else torch.cat(output_grads, dim=1)
+            output_grad = gradients[0] if len(calls) == 1 else torch.cat(gradients, dim=1)
             batch_sum = self.batch_sums[name]
             batch_sum.zero_()
             self._add_squared_per_example(output_grad.float(), activation.float(), batch_sum)
@@ -302,17 +451,13 @@ class _PerExampleAccumulator:
                     total.addcmul_(product, product)
 
 
-def _accumulate_minibatch(
-    modules: dict[str, nn.Linear],
-    loss: torch.Tensor,
+def _add_minibatch(
+    weight_grads: dict[str, torch.Tensor | None],
     sums: dict[str, torch.Tensor],
     batch_index: int,
 ) -> None:
-    gradients = torch.autograd.grad(
-        loss, [module.weight for module in modules.values()], allow_unused=True
-    )
     non_finite = []
-    for name, gradient in zip(modules, gradients, strict=True):
+    for name, gradient in weight_grads.items():
         if gradient is None:
             continue
         squared = gradient.double().square()

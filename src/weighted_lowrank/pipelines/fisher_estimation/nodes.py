@@ -1,4 +1,5 @@
-"""Nodes of ``fisher_estimation``: pick the examples, then sum squared per-example gradients."""
+"""Nodes of ``fisher_estimation``: pick the examples, then one pass for the Fisher and the
+calibration statistics."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import pandas as pd
 from weighted_lowrank.batching import make_batches
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lineage import with_fingerprint
+from weighted_lowrank.lowrank.calibration import NORMALISATION
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
-from weighted_lowrank.lowrank.fisher import empirical_fisher
+from weighted_lowrank.lowrank.fisher import Calibration, calibrate
 from weighted_lowrank.parameters import FisherParams, ModelParams
 
 logger = logging.getLogger(__name__)
@@ -42,12 +44,16 @@ def estimate_fisher(
     fisher_estimation: FisherParams,
     model: ModelParams,
     device: str,
-) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
-    """Empirical Fisher of the targeted weights, as ``{"tensors", "metadata"}``, plus metrics.
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, float]]]:
+    """Empirical Fisher and calibration statistics of the targeted weights from one pass.
 
-    Metadata (strings, stored in the safetensors header): mode, num_examples, targets (JSON),
-    batch_size, max_length, seconds, and the fine-tuned model's fingerprint (lineage). Metrics:
-    seconds, num_examples, examples_per_second (MLflow, step 0).
+    Returns the Fisher and the statistics, each as ``{"tensors", "metadata"}`` carrying the
+    fine-tuned model's fingerprint, plus metrics. Fisher metadata (strings, stored in the
+    safetensors header): mode, num_examples, targets (JSON), batch_size, max_length, seconds.
+    Statistics metadata: the same plus statistics (JSON list), num_tokens, normalisation and
+    statistics_seconds (module_tokens, JSON, only when a module's T differs from num_tokens).
+    Metrics (MLflow, step 0): seconds, num_examples, examples_per_second, statistics_seconds,
+    statistics_share.
     """
     batches = make_batches(
         fisher_examples,
@@ -56,37 +62,70 @@ def estimate_fisher(
         max_length=model.max_length,
     )
     started = time.perf_counter()
-    fisher = empirical_fisher(
+    found = calibrate(
         fine_tuned_model.model,
         batches,
         targets=fisher_estimation.targets,
         mode=fisher_estimation.mode,
+        statistics=fisher_estimation.statistics,
         device=resolve_device(device),
         progress=fisher_estimation.progress,
     )
     seconds = time.perf_counter() - started
-    examples = len(fisher_examples)
     logger.info(
-        "Fisher (%s) over %d examples: %.1f s, %d tensors",
+        "Fisher (%s) over %d examples: %.1f s, %d tensors; statistics %s: %.1f s",
         fisher_estimation.mode,
-        examples,
+        found.num_examples,
         seconds,
-        len(fisher),
+        len(found.fisher),
+        list(fisher_estimation.statistics),
+        found.statistics_seconds,
     )
     metadata = {
         "mode": fisher_estimation.mode,
-        "num_examples": str(examples),
+        "num_examples": str(found.num_examples),
         "targets": json.dumps(fisher_estimation.targets),
         "batch_size": str(fisher_estimation.batch_size),
         "max_length": str(model.max_length),
         "seconds": f"{seconds:.3f}",
     }
+    fingerprint = model_fingerprint(fine_tuned_model.model)
     fisher_information = with_fingerprint(
-        {"tensors": fisher, "metadata": metadata}, model_fingerprint(fine_tuned_model.model)
+        {"tensors": found.fisher, "metadata": metadata}, fingerprint
+    )
+    calibration_statistics = with_fingerprint(
+        {
+            "tensors": found.statistics,
+            "metadata": _statistics_metadata(found, fisher_estimation.statistics, metadata),
+        },
+        fingerprint,
     )
     metrics = {
         "seconds": {"value": seconds, "step": 0},
-        "num_examples": {"value": float(examples), "step": 0},
-        "examples_per_second": {"value": examples / seconds if seconds > 0 else 0.0, "step": 0},
+        "num_examples": {"value": float(found.num_examples), "step": 0},
+        "examples_per_second": {
+            "value": found.num_examples / seconds if seconds > 0 else 0.0,
+            "step": 0,
+        },
+        "statistics_seconds": {"value": found.statistics_seconds, "step": 0},
+        "statistics_share": {
+            "value": found.statistics_seconds / seconds if seconds > 0 else 0.0,
+            "step": 0,
+        },
     }
-    return fisher_information, metrics
+    return fisher_information, calibration_statistics, metrics
+
+
+def _statistics_metadata(
+    found: Calibration, statistics: tuple[str, ...], fisher_metadata: dict[str, str]
+) -> dict[str, str]:
+    metadata = {
+        **fisher_metadata,
+        "statistics": json.dumps(list(statistics)),
+        "num_tokens": str(found.num_tokens),
+        "normalisation": NORMALISATION,
+        "statistics_seconds": f"{found.statistics_seconds:.3f}",
+    }
+    if any(tokens != found.num_tokens for tokens in found.module_tokens.values()):
+        metadata["module_tokens"] = json.dumps(found.module_tokens)
+    return metadata

@@ -1,4 +1,5 @@
-"""``fisher_estimation``: fine-tuned model + train split → Fisher tensors (versioned safetensors)."""
+"""``fisher_estimation``: fine-tuned model + train split → Fisher tensors and calibration
+statistics (versioned safetensors), from one pass."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -24,7 +25,11 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:model",
                     "params:device",
                 ],
-                outputs=["fisher_information", "fisher_estimation_metrics"],
+                outputs=[
+                    "fisher_information",
+                    "calibration_statistics",
+                    "fisher_estimation_metrics",
+                ],
                 name="estimate_fisher",
                 tags=["feature"],
             ),

@@ -1,0 +1,204 @@
+"""Time the Fisher pass with and without the calibration statistics (issue 12: ≤ 1.3× minibatch).
+
+    python benchmarks/calibration_pass.py --repeats 3 --check
+
+Model and data as the default run's ``estimate_fisher`` node sees them: the latest
+``fine_tuned_model`` and ``train_split`` of the project's catalog, a seeded sample of
+``--examples`` rows (``DataFrame.sample(random_state=--seed)``, as ``select_fisher_examples``),
+length-bucketed batches of ``--batch-size`` at ``--max-length``. Without a fine-tuned model
+(``--embedded``) the embedded MiniLM with a fresh 2-class head and the raw Rotten Tomatoes
+snippets are used instead: timing depends on the shapes and token counts, not on the weights.
+
+The variants run interleaved (a load spike on a shared machine hits all of them); the table
+reports the median wall time of each, its ratio to the minibatch Fisher alone, the wall time
+spent inside the statistics, and the same for CPU seconds of all threads (a work measure that a
+shared machine disturbs less). ``--check`` also compares the statistics with a float64 reference pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from weighted_lowrank.batching import make_batches
+from weighted_lowrank.lowrank.calibration import CALIBRATION_STATISTICS, statistic_key
+from weighted_lowrank.lowrank.fisher import _prepare_batch, calibrate
+from weighted_lowrank.lowrank.targets import select_linear_modules
+
+#: name: (Fisher mode, statistics)
+VARIANTS = {
+    "minibatch": ("minibatch", ()),
+    "per_example": ("per_example", ()),
+    "per_example+all": ("per_example", CALIBRATION_STATISTICS),
+    "minibatch+all": ("minibatch", CALIBRATION_STATISTICS),
+    "per_example+A+absx": ("per_example", ("input_moment", "input_abs_mean")),
+    "per_example+G": ("per_example", ("output_moment",)),
+}
+
+
+def load_model_and_examples(args):
+    """(bundle, frame, description) of the default run's model and Fisher examples."""
+    if not args.embedded:
+        from project_catalog import project_catalog  # benchmarks/ is the script directory
+
+        catalog = project_catalog()
+        bundle = catalog.load("fine_tuned_model")
+        split = catalog.load("train_split")
+        frame = split.sample(n=min(args.examples, len(split)), random_state=args.seed)
+        return bundle, frame.reset_index(drop=True), "fine_tuned_model (latest), train_split"
+    from reviews import load_reviews
+
+    from weighted_lowrank.hf import EMBEDDED_MODEL, load_base_model
+
+    bundle = load_base_model(EMBEDDED_MODEL, num_labels=2)
+    return bundle, load_reviews(args.examples, args.seed), "embedded MiniLM, raw reviews"
+
+
+def float64_reference(model, batches, device) -> dict[str, torch.Tensor]:
+    """A, G and |x| with float64 products of the same float32 activations and gradients."""
+    modules = select_linear_modules(model)
+    sums: dict[str, torch.Tensor] = {}
+    captured: dict[str, list] = {}
+    handles = [
+        module.register_forward_hook(
+            lambda _, args, output, name=name: captured.setdefault(name, []).append(
+                (args[0].detach(), output)
+            )
+        )
+        for name, module in modules.items()
+    ]
+    model.to(device).eval()
+    tokens = examples = 0
+    try:
+        for index, batch in enumerate(batches):
+            inputs, labels = _prepare_batch(batch, index, device)
+            captured.clear()
+            loss = torch.nn.functional.cross_entropy(
+                model(**inputs).logits, labels, reduction="sum"
+            )
+            outputs = [output for name in modules for _, output in captured[name]]
+            gradients = iter(torch.autograd.grad(loss, outputs))
+            mask = inputs["attention_mask"].reshape(-1).bool()
+            for name in modules:
+                for x, _ in captured[name]:
+                    g = next(gradients)
+                    g = g.reshape(-1, g.shape[-1]).double()
+                    rows = x.reshape(-1, x.shape[-1])[mask].double()
+                    add(sums, statistic_key(name, "input_moment"), rows.t() @ rows)
+                    add(sums, statistic_key(name, "input_abs_mean"), rows.abs().sum(0))
+                    add(sums, statistic_key(name, "output_moment"), g.t() @ g)
+            tokens += int(mask.sum())
+            examples += labels.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        key: total / (examples if key.endswith("output_moment") else tokens)
+        for key, total in sums.items()
+    }
+
+
+def add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    sums[key] = sums[key] + value if key in sums else value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=42, help="the run's seed (conf/base)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--embedded", action="store_true", help="no fine-tuned model: see above")
+    parser.add_argument(
+        "--variants",
+        default="minibatch,per_example,per_example+all,minibatch+all",
+        help=f"comma-separated, from {list(VARIANTS)}",
+    )
+    parser.add_argument("--check", action="store_true", help="accuracy against float64 products")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+
+    bundle, frame, source = load_model_and_examples(args)
+    batches = make_batches(
+        frame, bundle.tokenizer, batch_size=args.batch_size, max_length=args.max_length
+    )
+    real = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    padded = sum(batch["attention_mask"].numel() for batch in batches)
+    chosen = [name.strip() for name in args.variants.split(",")]
+    wall: dict[str, list[float]] = {name: [] for name in chosen}
+    cpu: dict[str, list[float]] = {name: [] for name in chosen}
+    inside: dict[str, list[float]] = {name: [] for name in chosen}
+    loads = []
+    results = {}
+    for repeat in range(args.repeats):
+        for name in chosen:
+            mode, wanted = VARIANTS[name]
+            loads.append(os.getloadavg()[0])
+            start, start_cpu = time.perf_counter(), time.process_time()
+            results[name] = calibrate(
+                bundle.model, batches, mode=mode, statistics=wanted, device=args.device
+            )
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+            inside[name].append(results[name].statistics_seconds)
+            print(
+                f"run {repeat + 1} {name}: {wall[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU",
+                flush=True,
+            )
+
+    print(
+        f"\n{source}: {len(frame)} examples, batch size {args.batch_size}, max_length "
+        f"{args.max_length}, device {args.device}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}; real/padded tokens {real}/{padded}; load average at the "
+        f"start of the runs {min(loads):.1f}–{max(loads):.1f}"
+    )
+    print(
+        "| pass | median wall s | runs (s) | × minibatch | statistics wall s | "
+        "median CPU s (all threads) | runs (s) | × minibatch |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name in chosen:
+        cells = [name]
+        for clock in (wall, cpu):
+            median = statistics.median(clock[name])
+            base = statistics.median(clock["minibatch"]) if "minibatch" in clock else None
+            cells += [f"{median:.1f}", ", ".join(f"{run:.1f}" for run in clock[name])]
+            cells.append(f"{median / base:.2f}" if base else "—")
+            if clock is wall:
+                cells.append(f"{statistics.median(inside[name]):.1f}")
+        print("| " + " | ".join(cells) + " |")
+    if args.check:
+        complete = next((r for n, r in results.items() if len(VARIANTS[n][1]) == 3), None)
+        if complete is not None:
+            reference = float64_reference(bundle.model, batches, torch.device(args.device))
+            errors = {
+                statistic: max(
+                    float(
+                        (complete.statistics[key].double() - reference[key].cpu()).norm()
+                        / reference[key].norm()
+                    )
+                    for key in reference
+                    if key.endswith(statistic)
+                )
+                for statistic in CALIBRATION_STATISTICS
+            }
+            print("max relative error (Frobenius, per tensor) vs float64 products:", errors)
+
+
+if __name__ == "__main__":
+    main()

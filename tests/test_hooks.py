@@ -40,6 +40,33 @@ def test_parameter_checks_accept_the_blocks_kedro_already_built():
     ParameterChecks().before_pipeline_run(run_params={}, pipeline=None, catalog=catalog)
 
 
+def test_a_run_that_estimates_statistics_must_estimate_what_its_solvers_need():
+    configure_project("weighted_lowrank")
+    pipelines = register_pipelines()
+    base = conf_parameters()
+    only_a = {
+        **base,
+        "fisher_estimation": {**base["fisher_estimation"], "statistics": ["input_moment"]},
+    }
+    catalog = DataCatalog({"parameters": MemoryDataset(only_a)})
+    with pytest.raises(ParameterError, match=r"'kfwsvd': \['output_moment'\].*'asvd'"):
+        ParameterChecks().before_pipeline_run(
+            run_params={}, pipeline=pipelines["__default__"], catalog=catalog
+        )
+    # Without the factorization, or without the Fisher pass, there is nothing to cover.
+    for name in ("fisher_estimation", "factorization"):
+        ParameterChecks().before_pipeline_run(
+            run_params={}, pipeline=pipelines[name], catalog=catalog
+        )
+    # An element-wise solver started from kfwsvd needs both moments too.
+    started = {**only_a, "tfwsvd": {"options": {"init": "kfwsvd"}}}
+    catalog = DataCatalog({"parameters": MemoryDataset(started)})
+    with pytest.raises(ParameterError, match=r"'tfwsvd': \['output_moment'\]"):
+        ParameterChecks().before_pipeline_run(
+            run_params={}, pipeline=pipelines["__default__"], catalog=catalog
+        )
+
+
 def test_kedro_reports_a_bad_block_with_our_message_before_any_node():
     configure_project("weighted_lowrank")
     bad = {**conf_parameters(), "evaluation": {**conf_parameters()["evaluation"], "batch_size": 0}}

@@ -8,7 +8,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Node, Pipeline
 
-from weighted_lowrank.parameters import parse_parameters
+from weighted_lowrank.parameters import ParameterError, parse_parameters
 
 
 class ParameterChecks:
@@ -24,7 +24,32 @@ class ParameterChecks:
     def before_pipeline_run(
         self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any
     ) -> None:
-        parse_parameters(catalog.load("parameters"))
+        typed = parse_parameters(catalog.load("parameters"))
+        _check_statistics_cover_solvers(pipeline, typed)
+
+
+def _check_statistics_cover_solvers(pipeline: Pipeline | None, typed: dict[str, Any]) -> None:
+    """When this run estimates the calibration statistics, they must include every statistic a
+    solver compressed in the same run needs — else that solver would fail after the Fisher pass."""
+    from weighted_lowrank.lowrank.solvers import SOLVERS, solver_needs
+
+    node_names = {node.name for node in pipeline.nodes} if pipeline is not None else set()
+    if "estimate_fisher" not in node_names:
+        return
+    configured = set(typed["params:fisher_estimation"].statistics)
+    lacking = {}
+    for solver in SOLVERS:
+        if f"{solver}.compress" in node_names:
+            needs = solver_needs(solver, **typed[f"params:{solver}.options"])
+            missing = [need for need in needs if need not in configured]
+            if missing:
+                lacking[solver] = missing
+    if lacking:
+        raise ParameterError(
+            f"fisher_estimation.statistics={sorted(configured)} lacks what the solvers of this run "
+            f"need: {lacking}; add them to fisher_estimation.statistics "
+            "(conf/base/parameters_fisher_estimation.yml)"
+        )
 
 
 class LineageCheck:

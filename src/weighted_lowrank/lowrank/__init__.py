@@ -12,7 +12,7 @@ from weighted_lowrank.lowrank.compression import (
     layer_ranks,
     svd_reference_losses,
 )
-from weighted_lowrank.lowrank.fisher import empirical_fisher
+from weighted_lowrank.lowrank.fisher import Calibration, calibrate, empirical_fisher
 from weighted_lowrank.lowrank.layer import LowRankLinear, lowrank_modules, replace_module
 from weighted_lowrank.lowrank.objective import FactorizationResult, rank_for_budget, weighted_loss
 from weighted_lowrank.lowrank.risk import fisher_variance, spearman
@@ -26,6 +26,7 @@ from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, factorize_batch
 from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS, select_linear_modules
 
 __all__ = [
+    "Calibration",
     "CALIBRATION_STATISTICS",
     "DEFAULT_TARGETS",
     "SOLVERS",
@@ -34,6 +35,7 @@ __all__ = [
     "LowRankConfig",
     "LowRankLinear",
     "apply_factors",
+    "calibrate",
     "compress_model",
     "empirical_fisher",
     "factorize",

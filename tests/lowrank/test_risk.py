@@ -1,4 +1,5 @@
-"""Risk statistics: φ(W) definition, invariances, shares, per-layer table and summary."""
+"""Risk statistics: φ(W) definition, invariances, shares, the Kronecker-predicted SVD damage,
+per-layer table and summary."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import math
 import pytest
 import torch
 
+from weighted_lowrank.lowrank import risk
+from weighted_lowrank.lowrank.loss_models import LayerCurvature, predicted_loss_increase
 from weighted_lowrank.lowrank.risk import (
+    KRONECKER_STATISTICS,
     RISK_STATISTICS,
     SOLVER_STATISTICS,
     check_risk_statistic,
@@ -156,10 +160,172 @@ def test_risk_column_follows_the_selected_statistic():
 def test_unknown_or_uncomputable_risk_statistic_is_rejected():
     weights = {"a.weight": torch.ones(4, 6)}
     fisher = {"a.weight": torch.rand(4, 6) + 0.1}
-    with pytest.raises(ValueError, match=r"'entropy' is unknown; expected one of \['phi'"):
+    with pytest.raises(
+        ValueError, match=r"'entropy' is unknown; expected one of \['svd_kronecker_loss', 'phi'"
+    ):
         check_risk_statistic("entropy")
     with pytest.raises(ValueError, match="needs compare_solvers"):
         layer_statistics(weights, fisher, statistic="svd_loss_rel_fwsvd", compare_solvers=False)
     with pytest.raises(ValueError, match="number of examples"):
         layer_statistics(weights, fisher, statistic="svd_taylor_loss", num_examples=None)
     assert set(SOLVER_STATISTICS) < set(RISK_STATISTICS)
+    assert set(KRONECKER_STATISTICS) < set(RISK_STATISTICS)
+    assert not set(KRONECKER_STATISTICS) & set(SOLVER_STATISTICS)  # no compare_solvers needed
+
+
+def _moment(size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random symmetric positive definite second moment, as calibration_statistics stores it."""
+    factor = torch.randn(size, 2 * size, generator=generator)
+    return factor @ factor.T / (2 * size)
+
+
+def _kronecker_problem(seed: int = 6):
+    """Three layers of different shapes with their Fisher and calibration statistics A, G."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {
+        "enc.layer.0.attention.self.value": (12, 12),
+        "enc.layer.0.intermediate.dense": (30, 12),
+        "enc.layer.1.output.dense": (12, 30),
+    }
+    weights, fisher, calibration = {}, {}, {}
+    for module, (out_features, in_features) in shapes.items():
+        weights[f"{module}.weight"] = torch.randn(out_features, in_features, generator=generator)
+        fisher[f"{module}.weight"] = torch.rand(out_features, in_features, generator=generator)
+        calibration[f"{module}.input_moment"] = _moment(in_features, generator)
+        calibration[f"{module}.output_moment"] = _moment(out_features, generator)
+        calibration[f"{module}.input_abs_mean"] = torch.rand(in_features, generator=generator)
+    return weights, fisher, calibration
+
+
+def _truncated_svd_residual(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    return weight.double() - u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+
+
+@pytest.mark.parametrize("compare_solvers", [True, False])
+def test_kronecker_column_is_the_loss_models_prediction_for_the_svd_residual(compare_solvers):
+    weights, fisher, calibration = _kronecker_problem()
+    rows = layer_statistics(
+        weights, fisher, budget=0.4, calibration=calibration, compare_solvers=compare_solvers
+    )
+    assert len(rows) == 3
+    for row in rows:
+        weight = weights[f"{row['module']}.weight"]
+        assert row["rank"] == int(0.4 * weight.numel() / sum(weight.shape))
+        residual = _truncated_svd_residual(weight, row["rank"])
+        curvature = LayerCurvature(
+            input_moment=calibration[f"{row['module']}.input_moment"],
+            output_moment=calibration[f"{row['module']}.output_moment"],
+        )
+        expected = predicted_loss_increase(residual, curvature)["kronecker"]
+        assert row["svd_kronecker_loss"] == pytest.approx(expected, rel=1e-5)
+        # The same quadratic from the explicit Kronecker curvature G ⊗ A (vec row-major).
+        explicit = torch.kron(curvature.output_moment.double(), curvature.input_moment.double())
+        vec = residual.flatten()
+        assert row["svd_kronecker_loss"] == pytest.approx(
+            float(0.5 * vec @ explicit @ vec), rel=1e-5
+        )
+        assert row["svd_kronecker_loss"] > 0
+        assert ("svd_loss_rel_fwsvd" in row) is compare_solvers
+
+
+@pytest.mark.parametrize("input_scale, output_scale", [(1.0, 1.0), (3.0, 3.0), (0.02, 50.0)])
+def test_kronecker_column_with_isotropic_moments_is_half_the_svd_tail_energy(
+    input_scale, output_scale
+):
+    """A = a·I, G = g·I: ½ tr(Rᵀ g R a) = ½ a g ‖W − SVD_r W‖² = ½ a g Σ_{i>r} σ_i² (Eckart–Young)."""
+    generator = torch.Generator().manual_seed(7)
+    key, module = "enc.layer.0.attention.self.query.weight", "enc.layer.0.attention.self.query"
+    weight = torch.randn(16, 24, generator=generator, dtype=torch.float64)
+    calibration = {
+        f"{module}.input_moment": input_scale * torch.eye(24, dtype=torch.float64),
+        f"{module}.output_moment": output_scale * torch.eye(16, dtype=torch.float64),
+    }
+    (row,) = layer_statistics(
+        {key: weight}, {key: torch.ones(16, 24)}, budget=0.5, calibration=calibration
+    )
+    singular = torch.linalg.svdvals(weight)
+    tail = float(singular[row["rank"] :].square().sum())
+    assert row["rank"] == 4
+    assert row["svd_kronecker_loss"] == pytest.approx(
+        0.5 * input_scale * output_scale * tail, rel=1e-5
+    )
+    assert row["svd_kronecker_loss"] == pytest.approx(
+        0.5 * input_scale * output_scale * float(_truncated_svd_residual(weight, 4).square().sum()),
+        rel=1e-5,
+    )
+
+
+def test_kronecker_risk_column_and_summary():
+    weights, fisher, calibration = _kronecker_problem(seed=8)
+    rows = layer_statistics(weights, fisher, calibration=calibration, threshold=0.0)
+    losses = sorted(row["svd_kronecker_loss"] for row in rows)
+    rows = layer_statistics(
+        weights,
+        fisher,
+        statistic="svd_kronecker_loss",
+        threshold=losses[1],
+        calibration=calibration,
+    )
+    assert [row["risk"] for row in rows] == [
+        "high" if row["svd_kronecker_loss"] >= losses[1] else "low" for row in rows
+    ]
+    assert sum(row["risk"] == "high" for row in rows) == 2
+    summary = risk_summary(rows, statistic="svd_kronecker_loss", threshold=losses[1])
+    assert summary["risk_statistic"] == "svd_kronecker_loss" and summary["high_risk_layers"] == 2
+    assert summary["svd_kronecker_loss_sum"] == pytest.approx(sum(losses))
+    assert summary["svd_kronecker_loss_max"] == losses[-1]
+    riskiest = max(rows, key=lambda row: row["svd_kronecker_loss"])["module"]
+    assert summary["svd_kronecker_loss_max_module"] == riskiest
+    # Without the column the summary has no Kronecker keys.
+    plain = risk_summary(layer_statistics(weights, fisher))
+    assert not any(key.startswith("svd_kronecker") for key in plain)
+
+
+def test_kronecker_column_is_absent_without_a_and_g_and_selecting_it_names_what_is_missing(
+    monkeypatch,
+):
+    weights, fisher, calibration = _kronecker_problem(seed=9)
+    lacking_g = {
+        key: value
+        for key, value in calibration.items()
+        if key != "enc.layer.0.intermediate.dense.output_moment"
+    }
+    only_abs = {key: value for key, value in calibration.items() if "input_abs_mean" in key}
+    for partial in (None, {}, lacking_g, only_abs):
+        rows = layer_statistics(weights, fisher, calibration=partial)
+        assert all("svd_kronecker_loss" not in row for row in rows)
+        assert all("phi" in row and "svd_loss_rel_fwsvd" in row for row in rows)
+
+    # Selected, the missing statistics are named before any factorization starts.
+    def no_work(*args, **kwargs):
+        raise AssertionError("factorized before the missing statistics were reported")
+
+    monkeypatch.setattr(risk, "factorize_batch", no_work)
+    with pytest.raises(
+        ValueError,
+        match=r"'svd_kronecker_loss' needs the calibration statistics input_moment \(A\) and "
+        r"output_moment \(G\) of every layer; calibration_statistics lacks "
+        r"\['enc\.layer\.0\.intermediate\.dense\.output_moment'\];.*fisher_estimation",
+    ):
+        layer_statistics(weights, fisher, statistic="svd_kronecker_loss", calibration=lacking_g)
+    with pytest.raises(
+        ValueError,
+        match=r"lacks \['enc\.layer\.0\.attention\.self\.value\.input_moment', "
+        r"'enc\.layer\.0\.attention\.self\.value\.output_moment', .*\] and 2 more",
+    ):
+        layer_statistics(weights, fisher, statistic="svd_kronecker_loss", calibration=only_abs)
+    with pytest.raises(ValueError, match="choose another statistic of \\['phi'"):
+        check_risk_statistic("svd_kronecker_loss", missing_calibration=["a.input_moment"])
+    assert check_risk_statistic("svd_kronecker_loss", compare_solvers=False) == "svd_kronecker_loss"
+
+
+def test_kronecker_statistics_of_the_wrong_shape_are_rejected_naming_the_key():
+    weights, fisher, calibration = _kronecker_problem(seed=10)
+    calibration["enc.layer.1.output.dense.input_moment"] = torch.eye(12)
+    with pytest.raises(
+        ValueError,
+        match=r"'enc\.layer\.1\.output\.dense\.input_moment' has shape \(12, 12\); the weight "
+        r"of shape \(12, 30\) needs \(30, 30\)",
+    ):
+        layer_statistics(weights, fisher, calibration=calibration)

@@ -1,4 +1,5 @@
-"""Per-layer risk that plain SVD hurts: φ(W) and other cheap statistics of the Fisher."""
+"""Per-layer risk that plain SVD hurts: the Kronecker-predicted loss increase of SVD, φ(W) and
+other cheap statistics of the Fisher."""
 
 from .pipeline import create_pipeline
 

@@ -1,7 +1,8 @@
 """Nodes of ``svd_risk``: risk statistics per layer, their per-model summary, and a heatmap.
 
 ``params:svd_risk`` (:class:`~weighted_lowrank.parameters.SvdRiskParams`) picks the statistic
-that drives the high/low ``risk`` column and its threshold; the rest of the statistics are
+that drives the high/low ``risk`` column and its threshold (default: ``svd_kronecker_loss``, the
+Kronecker loss model's predicted loss increase of SVD); the rest of the statistics are
 described by :func:`~weighted_lowrank.lowrank.risk.layer_statistics`.
 """
 
@@ -27,12 +28,17 @@ from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS, ordered_kinds
 from weighted_lowrank.parameters import CompressionParams, SvdRiskParams
 
 #: How each statistic is named in plot titles.
-STATISTIC_LABELS = {"phi": "φ(W) = Var(I / mean I)"}
+STATISTIC_LABELS = {
+    "phi": "φ(W) = Var(I / mean I)",
+    "svd_kronecker_loss": "SVD's predicted loss increase ½ tr(ΔWᵀGΔWA), nats/example",
+    "svd_taylor_loss": "SVD's predicted loss increase ½ Σ I ΔW² / N, nats/example",
+}
 
 
 def compute_layer_risk(
     fine_tuned_model: ModelBundle,
     fisher_information: dict[str, Any],
+    calibration_statistics: dict[str, Any],
     svd_risk: SvdRiskParams,
     compression: CompressionParams,
     device: str,
@@ -41,7 +47,11 @@ def compute_layer_risk(
     solvers use, stamped with the fine-tuned model's fingerprint (lineage).
 
     A Taylor statistic needs the number of examples the Fisher sums over: only its metadata
-    knows it, so ``layer_statistics`` refuses that statistic here when it is not recorded.
+    knows it, so ``layer_statistics`` refuses that statistic here when it is not recorded. The
+    Kronecker one (``svd_kronecker_loss``, the default) needs A and G of every layer from
+    ``calibration_statistics`` (``"<module>.input_moment"``, ``"<module>.output_moment"``): without
+    them its column is left out, and selecting it is an error naming the missing keys, raised
+    before any factorization.
     """
     model = fine_tuned_model.model
     fisher, metadata = fisher_information["tensors"], fisher_information["metadata"]
@@ -57,6 +67,7 @@ def compute_layer_risk(
         compare_solvers=svd_risk.compare_solvers,
         num_examples=_recorded_examples(metadata),
         device=str(resolve_device(device)),
+        calibration=(calibration_statistics or {}).get("tensors") or {},
     )
     return with_fingerprint(pd.DataFrame(rows), model_fingerprint(model))
 
@@ -103,7 +114,8 @@ def summarize_risk(layer_risk: pd.DataFrame, svd_risk: SvdRiskParams) -> dict[st
 
 
 def plot_risk_heatmap(layer_risk: pd.DataFrame, svd_risk: SvdRiskParams) -> Figure:
-    """The risk statistic (φ by default) per layer × module kind on a log colour scale.
+    """The risk statistic (``svd_kronecker_loss`` by default) per layer × module kind on a log
+    colour scale.
 
     Cells of high-risk layers are outlined; non-positive values are left blank.
     """

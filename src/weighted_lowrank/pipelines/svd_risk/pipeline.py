@@ -1,4 +1,5 @@
-"""``svd_risk``: fine-tuned model + Fisher → per-layer risk table, per-model summary, heatmap."""
+"""``svd_risk``: fine-tuned model + Fisher + calibration statistics (A, G) → per-layer risk table,
+per-model summary, heatmap."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -13,6 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "fine_tuned_model",
                     "fisher_information",
+                    "calibration_statistics",
                     "params:svd_risk",
                     "params:compression",
                     "params:device",

@@ -53,7 +53,14 @@ def test_a_run_that_estimates_statistics_must_estimate_what_its_solvers_need():
         ParameterChecks().before_pipeline_run(
             run_params={}, pipeline=pipelines["__default__"], catalog=catalog
         )
-    # Without the factorization, or without the Fisher pass, there is nothing to cover.
+    # The default risk signal is the Kronecker prediction: it needs G too.
+    with pytest.raises(ParameterError, match=r"svd_risk\.statistic=svd_kronecker_loss"):
+        ParameterChecks().before_pipeline_run(
+            run_params={},
+            pipeline=pipelines["fisher_estimation"] + pipelines["svd_risk"],
+            catalog=catalog,
+        )
+    # Without a consumer, or without the Fisher pass, there is nothing to cover.
     for name in ("fisher_estimation", "factorization"):
         ParameterChecks().before_pipeline_run(
             run_params={}, pipeline=pipelines[name], catalog=catalog

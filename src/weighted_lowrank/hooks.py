@@ -30,7 +30,8 @@ class ParameterChecks:
 
 def _check_statistics_cover_solvers(pipeline: Pipeline | None, typed: dict[str, Any]) -> None:
     """When this run estimates the calibration statistics, they must include every statistic a
-    solver compressed in the same run needs — else that solver would fail after the Fisher pass."""
+    solver compressed in the same run needs, and A and G when the risk signal is the Kronecker
+    prediction — else that node would fail after the Fisher pass."""
     from weighted_lowrank.lowrank.solvers import SOLVERS, solver_needs
 
     node_names = {node.name for node in pipeline.nodes} if pipeline is not None else set()
@@ -44,9 +45,14 @@ def _check_statistics_cover_solvers(pipeline: Pipeline | None, typed: dict[str, 
             missing = [need for need in needs if need not in configured]
             if missing:
                 lacking[solver] = missing
+    risk = typed["params:svd_risk"]
+    if "compute_layer_risk" in node_names and risk.statistic == "svd_kronecker_loss":
+        missing = [need for need in ("input_moment", "output_moment") if need not in configured]
+        if missing:
+            lacking["svd_risk.statistic=svd_kronecker_loss"] = missing
     if lacking:
         raise ParameterError(
-            f"fisher_estimation.statistics={sorted(configured)} lacks what the solvers of this run "
+            f"fisher_estimation.statistics={sorted(configured)} lacks what the nodes of this run "
             f"need: {lacking}; add them to fisher_estimation.statistics "
             "(conf/base/parameters_fisher_estimation.yml)"
         )

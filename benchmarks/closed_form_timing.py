@@ -1,0 +1,53 @@
+"""Wall time of each closed form on all targeted layers of the latest fine-tuned model.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/closed_form_timing.py [--budget 0.5] [--repeats 3]
+
+Loads the latest ``fine_tuned_model``, ``fisher_information`` and ``calibration_statistics`` (a
+default ``kedro run`` makes them) and prints the median over ``repeats`` of ``factorize_model``
+per solver (issue 12's target: ≤ 3 s for all 36 MiniLM layers on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from project_catalog import project_catalog  # noqa: E402
+
+from weighted_lowrank.lowrank.compression import factorize_model  # noqa: E402
+
+SOLVERS = ("svd", "fwsvd", "kfwsvd", "svd_llm", "asvd")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=3)
+    arguments = parser.parse_args()
+    catalog = project_catalog()
+    model = catalog.load("fine_tuned_model").model
+    fisher = catalog.load("fisher_information")["tensors"]
+    statistics_tensors = catalog.load("calibration_statistics")["tensors"]
+    names = [key[: -len(".weight")] for key in fisher]
+    print(f"torch threads: {torch.get_num_threads()}, layers: {len(names)}")
+    print("| solver | median s | runs (s) |\n|---|---|---|")
+    for solver in SOLVERS:
+        seconds = []
+        for _ in range(arguments.repeats):
+            started = time.perf_counter()
+            factorize_model(
+                model, fisher, arguments.budget, solver, names, statistics=statistics_tensors
+            )
+            seconds.append(time.perf_counter() - started)
+        runs = ", ".join(f"{value:.2f}" for value in seconds)
+        print(f"| {solver} | {statistics.median(seconds):.2f} | {runs} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,10 @@ statistics of the same fingerprint, at each budget, the test accuracy of
 
 each paired with ``kfwsvd`` on the same test sentences (exact McNemar p).
 
-    python benchmarks/hybrid.py [--budgets 0.5 0.3] [--write]
+    python benchmarks/hybrid.py [--budgets 0.5 0.3] [--models VERSION ...] [--write]
+
+``--models`` limits the run to these ``fine_tuned_model`` versions (all matched ones by default;
+they must have been fine-tuned on the task of the current ``test_split``).
 
 ``--write`` puts the table between the ``hybrid`` markers of docs/RESULTS.md.
 """
@@ -89,6 +92,7 @@ def matched_versions(catalog) -> list[tuple[str, str, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
+    parser.add_argument("--models", nargs="+", default=None, help="fine_tuned_model versions")
     parser.add_argument("--write", action="store_true", help="write docs/RESULTS.md's section")
     arguments = parser.parse_args()
     catalog = project_catalog()
@@ -96,7 +100,13 @@ def main() -> None:
     params = catalog.load("parameters")
     max_length = params["model"]["max_length"]
     rows = []
-    for fingerprint, model_version, fisher_version, statistics_version in matched_versions(catalog):
+    matched = matched_versions(catalog)
+    if arguments.models is not None:
+        unknown = sorted(set(arguments.models) - {version for _, version, _, _ in matched})
+        if unknown:
+            raise SystemExit(f"--models {unknown} have no Fisher and statistics of their own")
+        matched = [entry for entry in matched if entry[1] in arguments.models]
+    for fingerprint, model_version, fisher_version, statistics_version in matched:
         pinned = project_catalog(
             {
                 "fine_tuned_model": model_version,

@@ -2,7 +2,7 @@
 # The seed sweep behind docs/RESULTS.md's "Across seeds" section: the default run (no refinement)
 # for seeds 0, 1 and 2 at budgets 0.5 and 0.3 — one MLflow parent run per seed and budget in
 # its own store, seeds.db — then the mean ± sd over seeds and the differences to fwsvd paired by
-# seed, written between the `seeds` markers of docs/RESULTS.md. ≈ 50 min on 2 CPU cores. Run from
+# seed, written between the `seeds` markers of docs/RESULTS.md. ≈ 45 min on 2 CPU cores. Run from
 # the project root after the README's install.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional
 
 from tests.conftest import block_values, make_tiny_bundle, typed_params, varied_split
+from tests.lowrank.test_fisher import LABELS, TEXTS
 from weighted_lowrank.batching import make_batches
 from weighted_lowrank.lineage import fingerprint_of
 from weighted_lowrank.lowrank import calibration
@@ -26,17 +27,6 @@ from weighted_lowrank.lowrank.fisher import calibrate, empirical_fisher
 from weighted_lowrank.lowrank.targets import select_linear_modules
 from weighted_lowrank.parameters import FisherParams, ParameterError
 from weighted_lowrank.pipelines.fisher_estimation.nodes import estimate_fisher
-
-TEXTS = [
-    "good great fine film and a wonderful lovely movie with great acting",
-    "bad",
-    "a terrible dull movie",
-    "great acting and fine story",
-    "the plot",
-    "awful acting and bad story it was boring",
-    "a wonderful lovely movie",
-]
-LABELS = [1, 0, 0, 1, 0, 0, 1]
 
 
 def per_token_reference(model, modules, examples, loss_of):

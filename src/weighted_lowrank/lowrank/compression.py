@@ -106,7 +106,6 @@ def factorize_model(
         if wrong:
             raise ValueError(f"fisher tensors {wrong} do not have the shape of their weights")
     needs = solver_needs(solver, **solver_options)
-    _check_statistic_keys(solver, needs, list(modules), statistics)
     ranks = layer_ranks(shapes, budget)
     run_device = resolve_device(device)
 
@@ -121,8 +120,13 @@ def factorize_model(
         None if fisher is None else fisher[f"{name}.weight"].detach().to(run_device, dtypes[name])
         for name in names
     ]
+    # Only what is there: factorize_batch names the modules that lack a needed statistic.
     layer_statistics = [
-        {need: statistics[statistic_key(name, need)] for need in needs} if needs else None
+        {
+            need: statistics[statistic_key(name, need)]
+            for need in needs
+            if statistics is not None and statistic_key(name, need) in statistics
+        }
         for name in names
     ]
     results = factorize_batch(
@@ -139,28 +143,6 @@ def factorize_model(
             f"solver {solver!r} returned {len(results)} results for {len(names)} layers"
         )
     return dict(zip(names, results, strict=True))
-
-
-def _check_statistic_keys(
-    solver: str,
-    needs: tuple[str, ...],
-    modules: list[str],
-    statistics: Mapping[str, torch.Tensor] | None,
-) -> None:
-    """Raise ``ValueError`` unless every targeted module has every statistic ``solver`` needs."""
-    for need in needs:
-        missing = [
-            name
-            for name in modules
-            if statistics is None or statistic_key(name, need) not in statistics
-        ]
-        if missing:
-            raise ValueError(
-                f"solver {solver!r} needs {need} for {missing[:5]} ({len(missing)} of "
-                f"{len(modules)} targeted modules); expected keys '<module>.{need}' for every "
-                f"targeted module — run fisher_estimation with the calibration statistics "
-                f"{list(needs)} enabled and pass them as statistics="
-            )
 
 
 def apply_factors(model: nn.Module, results: Mapping[str, FactorizationResult]) -> nn.Module:

@@ -227,8 +227,10 @@ def _needed_statistics(
         ]
         if missing:
             raise ValueError(
-                f"solver {solver!r} needs {statistic} for {missing[:5]} ({len(missing)} layers); "
-                f"expected statistics with {list(needs)} for every layer"
+                f"solver {solver!r} needs {statistic} for {missing[:5]} ({len(missing)} of "
+                f"{len(labels)} layers); expected {list(needs)} for every layer — from a model, "
+                f"keys '<module>.{statistic}': run fisher_estimation with the calibration "
+                "statistics enabled and pass them as statistics="
             )
     needed = []
     for weight, label, layer in zip(weights, labels, statistics, strict=True):

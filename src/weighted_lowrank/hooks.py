@@ -32,6 +32,7 @@ def _check_statistics_cover_solvers(pipeline: Pipeline | None, typed: dict[str, 
     """When this run estimates the calibration statistics, they must include every statistic a
     solver compressed in the same run needs, and A and G when the risk signal is the Kronecker
     prediction — else that node would fail after the Fisher pass."""
+    from weighted_lowrank.lowrank.risk import KRONECKER_NEEDS, KRONECKER_STATISTICS
     from weighted_lowrank.lowrank.solvers import SOLVERS, solver_needs
 
     node_names = {node.name for node in pipeline.nodes} if pipeline is not None else set()
@@ -46,10 +47,10 @@ def _check_statistics_cover_solvers(pipeline: Pipeline | None, typed: dict[str, 
             if missing:
                 lacking[solver] = missing
     risk = typed["params:svd_risk"]
-    if "compute_layer_risk" in node_names and risk.statistic == "svd_kronecker_loss":
-        missing = [need for need in ("input_moment", "output_moment") if need not in configured]
+    if "compute_layer_risk" in node_names and risk.statistic in KRONECKER_STATISTICS:
+        missing = [need for need in KRONECKER_NEEDS if need not in configured]
         if missing:
-            lacking["svd_risk.statistic=svd_kronecker_loss"] = missing
+            lacking[f"svd_risk.statistic={risk.statistic}"] = missing
     if lacking:
         raise ParameterError(
             f"fisher_estimation.statistics={sorted(configured)} lacks what the nodes of this run "

@@ -29,7 +29,11 @@ import torch
 from scipy import stats
 
 from weighted_lowrank.lowrank.calibration import statistic_key
-from weighted_lowrank.lowrank.loss_models import LayerCurvature, predicted_loss_increase
+from weighted_lowrank.lowrank.loss_models import (
+    REQUIRED_STATISTICS,
+    LayerCurvature,
+    predicted_loss_increase,
+)
 from weighted_lowrank.lowrank.objective import rank_for_budget, weighted_loss
 from weighted_lowrank.lowrank.solvers import factorize_batch
 from weighted_lowrank.lowrank.targets import describe_module
@@ -69,7 +73,7 @@ TAYLOR_STATISTICS = ("svd_taylor_loss", "fwsvd_taylor_gain")
 #: statistics :data:`KRONECKER_NEEDS` (not ``compare_solvers``: they run their own SVD).
 KRONECKER_STATISTICS = ("svd_kronecker_loss",)
 #: The calibration statistics (``"<module>.<name>"`` keys) the Kronecker statistics need: A and G.
-KRONECKER_NEEDS = ("input_moment", "output_moment")
+KRONECKER_NEEDS = REQUIRED_STATISTICS["kronecker"]
 
 
 def fisher_variance(importance: torch.Tensor) -> float:

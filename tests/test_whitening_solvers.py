@@ -4,6 +4,7 @@ are damped, replaced or rejected as documented."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,7 +14,6 @@ from tests.conftest import make_tiny_bundle
 from weighted_lowrank.lowrank import factorize_model, select_linear_modules, solver_needs
 from weighted_lowrank.lowrank.solvers import (
     _REGISTRY,
-    SolverSpec,
     factorize,
     factorize_batch,
 )
@@ -471,7 +471,7 @@ def test_factorize_model_checks_every_statistic_before_any_work(monkeypatch):
         raise AssertionError("no solve may start")
 
     spec = _REGISTRY["kfwsvd"]
-    monkeypatch.setitem(_REGISTRY, "kfwsvd", SolverSpec(spy, spec.options, spec.needs))
+    monkeypatch.setitem(_REGISTRY, "kfwsvd", dataclasses.replace(spec, solve=spy))
     names = list(select_linear_modules(model))
     missing = dict(stats)
     del missing[f"{names[-1]}.output_moment"]

@@ -1,79 +1,70 @@
 """Compress a model: factorize its targeted ``nn.Linear`` layers and swap in low-rank layers.
 
-:func:`factorize_model` validates the request (budget, solver, Fisher keys and shapes, the
-calibration statistics the solver needs), turns the budget into one rank per layer
-(:func:`layer_ranks`) and factorizes every targeted layer with
+:func:`factorize_model` validates the request (budget or explicit ranks, solver, Fisher keys and
+shapes, the calibration statistics the solver needs), turns the budget into one rank per layer
+(:func:`layer_ranks`) — or takes the ranks of an allocation — and factorizes the layers with
 :func:`~weighted_lowrank.lowrank.solvers.factorize_batch`; :func:`apply_factors` swaps the
 factors into a deep copy of the model as :class:`~weighted_lowrank.lowrank.layer.LowRankLinear`;
 :func:`compress_model` does both. :func:`svd_reference_losses` is plain truncated SVD's weighted
-loss per layer, the reference every solver's loss is reported against.
+loss per layer, the reference every solver's loss is reported against. :func:`model_loss_curves`
+gives every targeted layer's predicted loss at every rank, what a global rank allocation
+(:mod:`~weighted_lowrank.lowrank.allocation`) spends the budget against.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from weighted_lowrank.lowrank.allocation import LossCurve, max_rank, uniform_ranks
 from weighted_lowrank.lowrank.calibration import statistic_key
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.layer import LowRankLinear, replace_module
-from weighted_lowrank.lowrank.objective import FactorizationResult, rank_for_budget
-from weighted_lowrank.lowrank.solvers import SOLVERS, factorize_batch, solver_needs
+from weighted_lowrank.lowrank.objective import FactorizationResult
+from weighted_lowrank.lowrank.solvers import (
+    SOLVERS,
+    factorize_batch,
+    rank_loss_curves,
+    solver_needs,
+)
 from weighted_lowrank.lowrank.targets import select_linear_modules
 
 
 def layer_ranks(shapes: Mapping[str, tuple[int, int]], budget: float) -> dict[str, int]:
     """``{module name: rank}`` keeping ``budget`` of each (out × in) layer's dense parameters.
 
-    Rank from :func:`~weighted_lowrank.lowrank.objective.rank_for_budget`; a layer where that rank
-    is 0 or keeps at least as many parameters as the dense weight raises ``ValueError`` naming it.
+    The uniform allocation (:func:`~weighted_lowrank.lowrank.allocation.uniform_ranks`): a layer
+    where that rank is 0 or keeps at least as many parameters as the dense weight raises
+    ``ValueError`` naming it.
     """
-    ranks = {}
-    for name, (out_features, in_features) in shapes.items():
-        dense = out_features * in_features
-        smallest = (out_features + in_features) / dense
-        try:
-            rank = rank_for_budget((out_features, in_features), budget)
-        except ValueError as exc:
-            raise ValueError(
-                f"budget {budget} gives rank 0 for layer {name!r} ({out_features}x{in_features}): {exc}; "
-                f"expected a budget of at least {smallest:.4g} so that every targeted layer keeps rank 1"
-            ) from exc
-        if rank < 1:
-            raise ValueError(
-                f"budget {budget} gives rank {rank} for layer {name!r} ({out_features}x{in_features}); "
-                f"expected a budget of at least {smallest:.4g} so that every targeted layer keeps rank 1"
-            )
-        if rank * (out_features + in_features) >= dense:
-            raise ValueError(
-                f"rank {rank} for layer {name!r} ({out_features}x{in_features}) keeps "
-                f"{rank * (out_features + in_features)} parameters, not fewer than the dense {dense}; "
-                "expected a budget that saves parameters in every layer"
-            )
-        ranks[name] = rank
-    return ranks
+    return uniform_ranks(shapes, budget)
 
 
 def factorize_model(
     model: nn.Module,
     fisher: Mapping[str, torch.Tensor] | None,
-    budget: float,
+    budget: float | None,
     solver: str,
     targets: str | Iterable[str] | None = None,
     *,
     device: str | torch.device = "cpu",
     statistics: Mapping[str, torch.Tensor] | None = None,
+    ranks: Mapping[str, int | None] | None = None,
     **solver_options: Any,
 ) -> dict[str, FactorizationResult]:
     """Factorize the targeted Linear layers of ``model``; ``{module name: result}`` in model order.
 
     ``fisher`` maps ``"<module>.weight"`` to an importance tensor shaped like the weight
     (``None``: uniform importance, i.e. plain SVD weighting). ``budget`` ∈ (0, 1) is the fraction of
-    each layer's dense weight parameters kept (:func:`layer_ranks`). ``statistics`` maps
+    each layer's dense weight parameters kept (:func:`layer_ranks`); or ``ranks`` gives every
+    targeted module its rank, ``None`` for a layer kept dense (then absent from the result), as a
+    rank allocation does (:mod:`~weighted_lowrank.lowrank.allocation`) — with ``ranks`` the
+    budget must be ``None``. ``statistics`` maps
     ``"<module>.<statistic>"`` to the calibration statistics the solver needs
     (:func:`~weighted_lowrank.lowrank.solvers.solver_needs`); every check — keys, shapes, finite,
     symmetric moments — runs before any factorization. ``device`` is where the solver runs.
@@ -83,12 +74,96 @@ def factorize_model(
     solves same-(shape, rank) layers as one batch (see :func:`layer_seconds`). ``model`` is not
     modified.
     """
-    if not isinstance(budget, int | float) or isinstance(budget, bool) or not 0 < budget < 1:
-        raise ValueError(
-            f"budget must be a fraction in (0, 1) of dense layer parameters, got {budget!r}"
-        )
     if solver not in SOLVERS:
         raise ValueError(f"solver {solver!r} is unknown; expected one of {list(SOLVERS)}")
+    layers = _targeted_layers(model, fisher, targets, device)
+    if ranks is None:
+        _check_budget(budget)
+        chosen: dict[str, int | None] = dict(layer_ranks(layers.shapes, budget))
+    else:
+        if budget is not None:
+            raise ValueError(
+                f"factorize_model got both budget={budget!r} and ranks; expected one of them"
+            )
+        chosen = _checked_ranks(ranks, layers.shapes)
+    needs = solver_needs(solver, **solver_options)
+    names = [name for name in layers.names if chosen[name] is not None]
+    if not names:
+        return {}
+    results = factorize_batch(
+        [layers.weights[name] for name in names],
+        [layers.importances[name] for name in names],
+        [chosen[name] for name in names],
+        solver=solver,
+        statistics=[_layer_statistics(statistics, name, needs) for name in names],
+        names=names,
+        **solver_options,
+    )
+    if len(results) != len(names):
+        raise ValueError(
+            f"solver {solver!r} returned {len(results)} results for {len(names)} layers"
+        )
+    return dict(zip(names, results, strict=True))
+
+
+def model_loss_curves(
+    model: nn.Module,
+    fisher: Mapping[str, torch.Tensor] | None,
+    solver: str,
+    targets: str | Iterable[str] | None = None,
+    *,
+    num_examples: int = 1,
+    device: str | torch.device = "cpu",
+    statistics: Mapping[str, torch.Tensor] | None = None,
+    **solver_options: Any,
+) -> dict[str, LossCurve]:
+    """``{module name: LossCurve}`` of ``solver`` for every targeted layer, in model order.
+
+    Each curve is the predicted loss increase (nats per example) at every rank that saves
+    parameters (:func:`~weighted_lowrank.lowrank.solvers.rank_loss_curves`: the solver's own
+    weighted spectrum, or the FWSVD proxy for the element-wise solvers), with ``fisher`` summed
+    over ``num_examples`` examples. Inputs are those of :func:`factorize_model`, checked the same
+    way before any decomposition.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver {solver!r} is unknown; expected one of {list(SOLVERS)}")
+    layers = _targeted_layers(model, fisher, targets, device)
+    needs = solver_needs(solver, **solver_options)
+    losses = rank_loss_curves(
+        [layers.weights[name] for name in layers.names],
+        [layers.importances[name] for name in layers.names],
+        solver,
+        num_examples=num_examples,
+        statistics=[_layer_statistics(statistics, name, needs) for name in layers.names],
+        names=layers.names,
+        **solver_options,
+    )
+    curves = {}
+    for name, values in zip(layers.names, losses, strict=True):
+        out_features, in_features = layers.shapes[name]
+        curves[name] = LossCurve(
+            out_features, in_features, values[: max_rank(out_features, in_features)].numpy()
+        )
+    return curves
+
+
+@dataclass
+class _TargetedLayers:
+    """The targeted layers' names (model order), shapes, weights and importances, ready to solve."""
+
+    names: list[str]
+    shapes: dict[str, tuple[int, int]]
+    weights: dict[str, torch.Tensor]
+    importances: dict[str, torch.Tensor | None]
+
+
+def _targeted_layers(
+    model: nn.Module,
+    fisher: Mapping[str, torch.Tensor] | None,
+    targets: str | Iterable[str] | None,
+    device: str | torch.device,
+) -> _TargetedLayers:
+    """Select the targets and check the Fisher covers them with the weights' shapes."""
     modules = select_linear_modules(model, targets)
     shapes = {name: tuple(module.weight.shape) for name, module in modules.items()}
     if fisher is not None:
@@ -105,44 +180,69 @@ def factorize_model(
         }
         if wrong:
             raise ValueError(f"fisher tensors {wrong} do not have the shape of their weights")
-    needs = solver_needs(solver, **solver_options)
-    ranks = layer_ranks(shapes, budget)
     run_device = resolve_device(device)
-
-    names = list(modules)
     # Half-precision weights are factorized in float32; float64 ones keep their precision.
     dtypes = {
-        name: torch.float64 if modules[name].weight.dtype == torch.float64 else torch.float32
-        for name in names
+        name: torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+        for name, module in modules.items()
     }
-    weights = [modules[name].weight.detach().to(run_device, dtypes[name]) for name in names]
-    importances = [
-        None if fisher is None else fisher[f"{name}.weight"].detach().to(run_device, dtypes[name])
-        for name in names
-    ]
-    # Only what is there: factorize_batch names the modules that lack a needed statistic.
-    layer_statistics = [
-        {
-            need: statistics[statistic_key(name, need)]
-            for need in needs
-            if statistics is not None and statistic_key(name, need) in statistics
-        }
-        for name in names
-    ]
-    results = factorize_batch(
-        weights,
-        importances,
-        [ranks[name] for name in names],
-        solver=solver,
-        statistics=layer_statistics,
-        names=names,
-        **solver_options,
+    return _TargetedLayers(
+        names=list(modules),
+        shapes=shapes,
+        weights={
+            name: module.weight.detach().to(run_device, dtypes[name])
+            for name, module in modules.items()
+        },
+        importances={
+            name: None
+            if fisher is None
+            else fisher[f"{name}.weight"].detach().to(run_device, dtypes[name])
+            for name in modules
+        },
     )
-    if len(results) != len(names):
+
+
+def _check_budget(budget: Any) -> None:
+    if not isinstance(budget, int | float) or isinstance(budget, bool) or not 0 < budget < 1:
         raise ValueError(
-            f"solver {solver!r} returned {len(results)} results for {len(names)} layers"
+            f"budget must be a fraction in (0, 1) of dense layer parameters, got {budget!r}"
         )
-    return dict(zip(names, results, strict=True))
+
+
+def _checked_ranks(
+    ranks: Mapping[str, int | None], shapes: Mapping[str, tuple[int, int]]
+) -> dict[str, int | None]:
+    """``ranks`` for exactly the targeted modules, each None (dense) or an int in [1, min(out, in))."""
+    missing = [name for name in shapes if name not in ranks]
+    extra = [name for name in ranks if name not in shapes]
+    if missing or extra:
+        raise ValueError(
+            f"ranks must name every targeted module and nothing else; missing {missing[:5]}, "
+            f"not targeted {extra[:5]}"
+        )
+    for name, rank in ranks.items():
+        if rank is None:
+            continue
+        smallest_side = min(shapes[name])
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank < smallest_side:
+            raise ValueError(
+                f"rank {rank!r} for layer {name!r} {shapes[name]}; expected None (keep dense) or "
+                f"an int in [1, {smallest_side - 1}]"
+            )
+    return {name: ranks[name] for name in shapes}
+
+
+def _layer_statistics(
+    statistics: Mapping[str, torch.Tensor] | None, name: str, needs: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Only what is there: factorize_batch names the modules that lack a needed statistic."""
+    if statistics is None:
+        return {}
+    return {
+        need: statistics[statistic_key(name, need)]
+        for need in needs
+        if statistic_key(name, need) in statistics
+    }
 
 
 def apply_factors(model: nn.Module, results: Mapping[str, FactorizationResult]) -> nn.Module:
@@ -197,17 +297,19 @@ def compress_model(
 def svd_reference_losses(
     model: nn.Module,
     fisher: Mapping[str, torch.Tensor] | None,
-    budget: float,
+    budget: float | None,
     targets: str | Iterable[str] | None = None,
     *,
     device: str | torch.device = "cpu",
+    ranks: Mapping[str, int | None] | None = None,
 ) -> dict[str, float]:
-    """Plain truncated SVD's weighted loss per targeted layer, ``{module name: loss}``.
+    """Plain truncated SVD's weighted loss per factorized layer, ``{module name: loss}``.
 
-    The reference of every solver's ``loss_rel_svd``: the same layers, ranks, dtypes, device and
-    importance as :func:`factorize_model` with ``solver="svd"`` (SVD's default options).
+    The reference of every solver's ``loss_rel_svd``: the same layers, ranks (from ``budget`` or
+    ``ranks``), dtypes, device and importance as :func:`factorize_model` with ``solver="svd"``
+    (SVD's default options).
     """
-    results = factorize_model(model, fisher, budget, "svd", targets, device=device)
+    results = factorize_model(model, fisher, budget, "svd", targets, device=device, ranks=ranks)
     return {name: float(result.loss) for name, result in results.items()}
 
 

@@ -53,31 +53,49 @@ from weighted_lowrank.lowrank.solvers.gradient import (
     solve_adam_sgd,
     solve_sgd,
 )
+from weighted_lowrank.lowrank.solvers.spectra import (
+    SpectrumFunction,
+    asvd_spectrum,
+    fwsvd_spectrum,
+    kfwsvd_spectrum,
+    proxy_spectrum,
+    rank_losses,
+    svd_llm_spectrum,
+    svd_spectrum,
+)
 from weighted_lowrank.lowrank.solvers.tfwsvd import TFWSVD_OPTIONS, TFWSVD_WINDOW, solve_tfwsvd
 
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """A solver: its batched implementation, its options with their defaults, and the
-    calibration statistics it always reads (a subset of ``CALIBRATION_STATISTICS``)."""
+    """A solver: its batched implementation, its options with their defaults, the
+    calibration statistics it always reads (a subset of ``CALIBRATION_STATISTICS``), and the
+    weighted spectrum its loss-vs-rank curve comes from (:mod:`.spectra`), named by ``curve``."""
 
     solve: Callable[[Problem, dict[str, Any], float], list[SolverOutput]]
     options: dict[str, Any]
+    spectrum: SpectrumFunction
+    curve: str
     needs: tuple[str, ...] = ()
 
 
+#: The curve of the element-wise solvers, which have no spectrum of their own.
+PROXY_CURVE = "fwsvd (proxy)"
+
 _REGISTRY: dict[str, SolverSpec] = {
-    "svd": SolverSpec(solve_svd, SVD_OPTIONS),
-    "fwsvd": SolverSpec(solve_fwsvd, FWSVD_OPTIONS),
-    "adam": SolverSpec(solve_adam, ADAM_OPTIONS),
-    "sgd": SolverSpec(solve_sgd, SGD_OPTIONS),
-    "adam_sgd": SolverSpec(solve_adam_sgd, ADAM_SGD_OPTIONS),
-    "als": SolverSpec(solve_als, ALS_OPTIONS),
-    "em": SolverSpec(solve_em, EM_OPTIONS),
-    "tfwsvd": SolverSpec(solve_tfwsvd, TFWSVD_OPTIONS),
-    "kfwsvd": SolverSpec(solve_kfwsvd, KFWSVD_OPTIONS, KFWSVD_NEEDS),
-    "svd_llm": SolverSpec(solve_svd_llm, SVD_LLM_OPTIONS, ("input_moment",)),
-    "asvd": SolverSpec(solve_asvd, ASVD_OPTIONS, ("input_abs_mean",)),
+    "svd": SolverSpec(solve_svd, SVD_OPTIONS, svd_spectrum, "svd"),
+    "fwsvd": SolverSpec(solve_fwsvd, FWSVD_OPTIONS, fwsvd_spectrum, "fwsvd"),
+    "adam": SolverSpec(solve_adam, ADAM_OPTIONS, proxy_spectrum, PROXY_CURVE),
+    "sgd": SolverSpec(solve_sgd, SGD_OPTIONS, proxy_spectrum, PROXY_CURVE),
+    "adam_sgd": SolverSpec(solve_adam_sgd, ADAM_SGD_OPTIONS, proxy_spectrum, PROXY_CURVE),
+    "als": SolverSpec(solve_als, ALS_OPTIONS, proxy_spectrum, PROXY_CURVE),
+    "em": SolverSpec(solve_em, EM_OPTIONS, proxy_spectrum, PROXY_CURVE),
+    "tfwsvd": SolverSpec(solve_tfwsvd, TFWSVD_OPTIONS, proxy_spectrum, PROXY_CURVE),
+    "kfwsvd": SolverSpec(solve_kfwsvd, KFWSVD_OPTIONS, kfwsvd_spectrum, "kfwsvd", KFWSVD_NEEDS),
+    "svd_llm": SolverSpec(
+        solve_svd_llm, SVD_LLM_OPTIONS, svd_llm_spectrum, "svd_llm", ("input_moment",)
+    ),
+    "asvd": SolverSpec(solve_asvd, ASVD_OPTIONS, asvd_spectrum, "asvd", ("input_abs_mean",)),
 }
 
 #: Names accepted by ``factorize(..., solver=...)``.
@@ -165,16 +183,14 @@ def factorize_batch(
         )
     if not weights:
         raise ValueError("factorize_batch needs at least one weight")
-    for index, (weight, importance, rank) in enumerate(
-        zip(weights, importances, ranks, strict=True)
-    ):
+    labels = [f"layer {k}" for k in range(len(weights))] if names is None else list(names)
+    for label, weight, importance, rank in zip(labels, weights, importances, ranks, strict=False):
         try:
             validate_problem(weight, importance, rank)
         except ValueError as exc:
-            if len(weights) == 1:
+            if len(weights) == 1 and names is None:
                 raise
-            raise ValueError(f"layer {index}: {exc}") from None
-    labels = [f"layer {k}" for k in range(len(weights))] if names is None else list(names)
+            raise ValueError(f"{label}: {exc}") from None
     needed = _needed_statistics(
         solver, solver_needs(solver, **options), weights, statistics, labels
     )
@@ -200,6 +216,77 @@ def factorize_batch(
                 weights[index], importances[index], rank, solver, problem, position, output, seconds
             )
     return [result for result in results if result is not None]
+
+
+def solver_curve(solver: str) -> str:
+    """Which spectrum ``solver``'s loss-vs-rank curve comes from (its own, or the proxy)."""
+    return _spec(solver).curve
+
+
+def rank_loss_curves(
+    weights: list[torch.Tensor],
+    importances: list[torch.Tensor | None],
+    solver: str,
+    *,
+    num_examples: int = 1,
+    statistics: list[Mapping[str, torch.Tensor] | None] | None = None,
+    names: list[str] | None = None,
+    **options: Any,
+) -> list[torch.Tensor]:
+    """Per layer, the predicted loss increase (nats per example) of ``solver`` at every rank.
+
+    Element ``r − 1`` of each (min(out, in),) float64 tensor is the loss of the rank-r solution
+    under the solver's own quadratic — exact for the closed forms, the two-sided FWSVD proxy for
+    the element-wise solvers (:mod:`.spectra`) — rescaled so that the quadratic's curvature has
+    the trace of the layer's diagonal Fisher, ``importance`` summed over ``num_examples``
+    examples (``None``: uniform importance 1). Same-shape layers share one batched
+    decomposition; inputs are checked as :func:`factorize_batch` checks them.
+    """
+    spec = _spec(solver)
+    resolved = resolve_options(solver, options, spec.options)
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
+        raise ValueError(f"num_examples must be an int >= 1, got {num_examples!r}")
+    if len(weights) != len(importances) or not weights:
+        raise ValueError(
+            f"weights and importances must be non-empty and of equal length, got "
+            f"{len(weights)} and {len(importances)}"
+        )
+    labels = [f"layer {k}" for k in range(len(weights))] if names is None else list(names)
+    for label, weight, importance in zip(labels, weights, importances, strict=False):
+        try:
+            validate_problem(weight, importance, 1)
+        except ValueError as exc:
+            raise ValueError(f"{label}: {exc}") from None
+    needed = _needed_statistics(
+        solver, solver_needs(solver, **options), weights, statistics, labels
+    )
+    groups: dict[tuple, list[int]] = {}
+    for index, weight in enumerate(weights):
+        groups.setdefault((tuple(weight.shape), weight.device), []).append(index)
+    curves: list[torch.Tensor | None] = [None] * len(weights)
+    for (_, source_device), indices in groups.items():
+        device = resolve_device(resolved["device"], source_device)
+        problem = build_problem(
+            [weights[i] for i in indices],
+            [importances[i] for i in indices],
+            1,
+            device,
+            statistics=[needed[i] for i in indices] if needed else None,
+            names=[labels[i] for i in indices],
+        )
+        totals = torch.tensor(
+            [
+                float(weights[i].numel())
+                if importances[i] is None
+                else float(importances[i].double().sum())
+                for i in indices
+            ],
+            dtype=torch.float64,
+        )
+        losses = rank_losses(spec.spectrum(problem, resolved), problem, totals, num_examples)
+        for position, index in enumerate(indices):
+            curves[index] = losses[position]
+    return [curve for curve in curves if curve is not None]
 
 
 def _needed_statistics(

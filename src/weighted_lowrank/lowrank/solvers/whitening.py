@@ -141,20 +141,9 @@ def _tall_truncation(
 ) -> Truncation:
     """Tall case (out ≥ in): ``near`` (in × in) is factorised, ``far`` enters via ``Wᵀ far W``."""
     batch = weight.shape[0]
-    plain_gram = weight.transpose(1, 2) @ weight
-    given_gram = _far_gram(weight, far.matrix, plain_gram)
-    used_far = far.used()
-    gram = given_gram if used_far is far.matrix else _far_gram(weight, used_far, plain_gram)
-    far_damping = torch.zeros(batch, dtype=torch.float64)
-    if used_far is not None:
-        gram = gram + far.damping * plain_gram
-        far_damping = torch.full((batch,), float(far.damping), dtype=torch.float64)
-
-    used_near = near.used()
-    root, near_damping = _damped_root(near, used_near, names)
-    whitened = _times_root(_times_root(gram, root).transpose(1, 2), root)  # Lᵀ K L
-    whitened = (whitened + whitened.transpose(1, 2)) / 2
-    eigenvalues, eigenvectors = torch.linalg.eigh(whitened)
+    whitened = _whitened_gram(weight, near, far, names)
+    root, given_gram = whitened.root, whitened.given_gram
+    eigenvalues, eigenvectors = torch.linalg.eigh(whitened.matrix)
     kept = eigenvectors.flip(-1)[:, :, :rank]
     singular = eigenvalues.flip(-1)[:, :rank].clamp_min(0).sqrt()
     singular = singular.clamp_min(_SINGULAR_FLOOR * singular[:, :1].clamp_min(1e-300))
@@ -170,11 +159,60 @@ def _tall_truncation(
         left=left,
         right=right,
         objective=objective.cpu(),
-        damping_input=near_damping,
-        damping_output=far_damping,
+        damping_input=whitened.near_damping,
+        damping_output=whitened.far_damping,
         identity_input=_zero_or_false(near, batch),
         identity_output=_zero_or_false(far, batch),
     )
+
+
+@dataclass
+class _Whitened:
+    """``Lᵀ (Wᵀ Q W + d_Q·WᵀW) L`` of a tall batch (symmetrised), with what built it."""
+
+    matrix: torch.Tensor
+    root: torch.Tensor | None
+    given_gram: torch.Tensor
+    near_damping: torch.Tensor
+    far_damping: torch.Tensor
+
+
+def _whitened_gram(weight: torch.Tensor, near: Moment, far: Moment, names: list[str]) -> _Whitened:
+    """The small-side matrix whose eigenvalues are the squared singular values of ``L_Qᵀ W L_P``."""
+    batch = weight.shape[0]
+    plain_gram = weight.transpose(1, 2) @ weight
+    given_gram = _far_gram(weight, far.matrix, plain_gram)
+    used_far = far.used()
+    gram = given_gram if used_far is far.matrix else _far_gram(weight, used_far, plain_gram)
+    far_damping = torch.zeros(batch, dtype=torch.float64)
+    if used_far is not None:
+        gram = gram + far.damping * plain_gram
+        far_damping = torch.full((batch,), float(far.damping), dtype=torch.float64)
+    root, near_damping = _damped_root(near, near.used(), names)
+    whitened = _times_root(_times_root(gram, root).transpose(1, 2), root)  # Lᵀ K L
+    return _Whitened(
+        matrix=(whitened + whitened.transpose(1, 2)) / 2,
+        root=root,
+        given_gram=given_gram,
+        near_damping=near_damping,
+        far_damping=far_damping,
+    )
+
+
+def kronecker_spectrum(
+    weight: torch.Tensor, input_moment: Moment, output_moment: Moment, names: list[str]
+) -> torch.Tensor:
+    """Squared singular values of ``L_Gᵀ W L_A`` per layer, (b, min(out, in)), descending, float64.
+
+    What :func:`kronecker_truncation` solves, with the same damping: the loss of its rank-r
+    solution is the sum of the values after the r-th — every rank's loss from one eigensolve.
+    """
+    weight = weight.double()
+    if weight.shape[1] >= weight.shape[2]:
+        whitened = _whitened_gram(weight, input_moment, output_moment, names)
+    else:
+        whitened = _whitened_gram(weight.transpose(1, 2), output_moment, input_moment, names)
+    return torch.linalg.eigvalsh(whitened.matrix).flip(-1).clamp_min(0)
 
 
 def _zero_or_false(moment: Moment, batch: int) -> torch.Tensor:

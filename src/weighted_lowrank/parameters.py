@@ -274,13 +274,19 @@ class ModelParams(Block):
     max_length: int = checked(int_at_least(2))
 
 
+#: How ``compression.budget`` is spread over the targeted layers (lowrank/allocation.py).
+ALLOCATIONS = ("uniform", "global")
+
+
 @dataclass(frozen=True, init=False, eq=False)
 class CompressionParams(Block):
-    """``compression``: the budget, targets, seed and device every solver shares."""
+    """``compression``: the budget, how it is spread over layers, targets, seed and device every
+    solver shares."""
 
     PATH: ClassVar[str] = "compression"
 
     budget: float = checked(number(0, 1, low_open=True, high_open=True))
+    allocation: str = checked(one_of(*ALLOCATIONS))
     targets: str | tuple[str, ...] | None = checked(targets)
     seed: int = checked(any_int)
     device: str = checked(device)

@@ -53,24 +53,38 @@ def make_calibration_statistics(model, seed: int = 4) -> dict:
     }
 
 
+class KeptDataset(MemoryDataset):
+    """A MemoryDataset the runner cannot release: keeps intermediate outputs for the tests."""
+
+    def _release(self) -> None:
+        pass
+
+
 def fast_options(solver: str) -> dict:
     """A few iterations only: the pipeline's wiring is under test, not the solvers' convergence."""
     return {"max_iters": 3} if "max_iters" in solver_options(solver) else {}
 
 
-def factorization_catalog(bundle, fisher_information, budget: float = BUDGET) -> DataCatalog:
+def factorization_catalog(
+    bundle, fisher_information, budget: float = BUDGET, allocation: str = "uniform"
+) -> DataCatalog:
     catalog = DataCatalog(
         {
             "fine_tuned_model": MemoryDataset(bundle),
             "fisher_information": MemoryDataset(fisher_information),
             "calibration_statistics": MemoryDataset(make_calibration_statistics(bundle.model)),
             "params:compression": MemoryDataset(
-                typed_params("compression", budget=budget, device="cpu", seed=0)
+                typed_params(
+                    "compression", budget=budget, allocation=allocation, device="cpu", seed=0
+                )
             ),
         }
     )
     for solver in SOLVERS:
         catalog[f"params:{solver}.options"] = fast_options(solver)
+        for intermediate in ("loss_curves", "rank_map"):
+            catalog[f"{solver}.{intermediate}"] = KeptDataset()
+    catalog["svd_reference_loss"] = KeptDataset()
     return catalog
 
 

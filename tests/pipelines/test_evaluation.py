@@ -68,6 +68,7 @@ COMMON_KEYS = {
     "latency_dense_ms",
     "latency_ratio",
     "factorization_seconds",
+    "predicted_loss_increase",
 }
 
 
@@ -96,6 +97,18 @@ def fake_report(results) -> pd.DataFrame:
     )
 
 
+def fake_rank_map(results) -> pd.DataFrame:
+    """The columns of a rank map that evaluation reads: every factorized layer, none dense."""
+    return pd.DataFrame(
+        {
+            "module": list(results),
+            "rank": [result.rank for result in results.values()],
+            "dense": False,
+            "predicted_loss": 0.125,
+        }
+    )
+
+
 @pytest.fixture(scope="module")
 def evaluated(factorized):
     """The evaluation pipeline on the factorized models, all stamped with one lineage."""
@@ -114,6 +127,7 @@ def evaluated(factorized):
         compressed = factorization.load(f"{solver}.compressed_model")
         catalog[f"{solver}.compressed_model"] = with_fingerprint(compressed, FINGERPRINT)
         catalog[f"{solver}.layer_report"] = factorization.load(f"{solver}.layer_report")
+        catalog[f"{solver}.rank_map"] = factorization.load(f"{solver}.rank_map")
     SequentialRunner().run(create_evaluation(), catalog)
     return dense, catalog
 
@@ -137,7 +151,7 @@ def test_namespaces_for_dense_and_every_solver():
         *(
             f"{solver}.{name}"
             for solver in SOLVERS
-            for name in ("compressed_model", "layer_report")
+            for name in ("compressed_model", "layer_report", "rank_map")
         ),
     }
 
@@ -150,6 +164,7 @@ def test_a_refined_row_is_the_solver_template_with_its_solver_report():
         "refined.svd.compressed_model",
         "fine_tuned_model",
         "svd.layer_report",
+        "svd.rank_map",
         "test_split",
         "params:model",
         "params:evaluation",
@@ -235,7 +250,13 @@ def test_latency_is_timed_once_per_row_with_the_latency_block(monkeypatch):
     monkeypatch.setattr(nodes, "measure_latency_ms", fake_latency)
     dense = evaluate_dense(bundle, TEST_SPLIT, MODEL, EVALUATION, COMPRESSION)[0]["metrics"]
     metrics = evaluate_compressed(
-        compressed_bundle, bundle, fake_report(results), TEST_SPLIT, MODEL, EVALUATION
+        compressed_bundle,
+        bundle,
+        fake_report(results),
+        fake_rank_map(results),
+        TEST_SPLIT,
+        MODEL,
+        EVALUATION,
     )[0]["metrics"]
     vocab = bundle.model.config.vocab_size
     latency = asdict(EVALUATION.latency)
@@ -247,6 +268,7 @@ def test_latency_is_timed_once_per_row_with_the_latency_block(monkeypatch):
         0.5,
     )
     assert metrics["factorization_seconds"] == 0.25
+    assert metrics["predicted_loss_increase"] == pytest.approx(0.125 * len(results))
 
 
 def test_regression_reports_pearson_and_spearman():
@@ -256,7 +278,13 @@ def test_regression_reports_pearson_and_spearman():
     compressed_bundle = type(bundle)(model=compressed, tokenizer=bundle.tokenizer)
     dense, dense_predictions = evaluate_dense(bundle, frame, MODEL, EVALUATION, COMPRESSION)
     record, predictions = evaluate_compressed(
-        compressed_bundle, bundle, fake_report(results), frame, MODEL, EVALUATION
+        compressed_bundle,
+        bundle,
+        fake_report(results),
+        fake_rank_map(results),
+        frame,
+        MODEL,
+        EVALUATION,
     )
     # Models without a lineage give records without one (nothing to check them against).
     assert set(dense) == set(record) == {"metrics"}
@@ -284,7 +312,8 @@ def test_every_namespace_predicts_the_same_examples_stamped_with_its_lineage(eva
     labels = TEST_SPLIT["label"].to_numpy()
     for name in ("dense", *SOLVERS):
         predictions = catalog.load(f"{name}.predictions")
-        assert list(predictions.columns) == [*PREDICTION_COLUMNS, FINGERPRINT_KEY], name
+        logits = [f"logit_{k}" for k in range(2)]  # the tiny model's two classes
+        assert list(predictions.columns) == [*PREDICTION_COLUMNS, *logits, FINGERPRINT_KEY], name
         assert fingerprint_of(predictions) == FINGERPRINT, name
         # id is the position in test_split, the same in every row.
         np.testing.assert_array_equal(predictions["id"], np.arange(len(TEST_SPLIT)))

@@ -19,7 +19,12 @@ from weighted_lowrank.lowrank.objective import rank_for_budget, weighted_loss
 from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, solver_options
 from weighted_lowrank.lowrank.targets import select_linear_modules
 from weighted_lowrank.pipelines.factorization import create_pipeline
-from weighted_lowrank.pipelines.factorization.nodes import compress, svd_reference
+from weighted_lowrank.pipelines.factorization.nodes import (
+    allocate,
+    compress,
+    loss_curves,
+    svd_reference,
+)
 
 #: The report's columns before stop_reason and the info_<key> columns, in order.
 REPORT_COLUMNS = [
@@ -40,16 +45,25 @@ REPORT_COLUMNS = [
     "iterations",
     "stop_reason",
     "solver",
+    "predicted_loss",
+    "diagonal_loss",
 ]
 COMPRESSION = typed_params("compression", budget=BUDGET, seed=0, device="cpu")
 #: The svd solver needs no calibration statistics.
 STATISTICS = {"tensors": {}, "metadata": {}}
 
 
+def rank_map_for(bundle, fisher_information, compression, solver="svd", statistics=STATISTICS):
+    """The rank map the solver's namespace would make (curves, then the allocation)."""
+    curves = loss_curves(bundle, fisher_information, statistics, compression, {}, solver=solver)
+    reference = svd_reference(bundle, fisher_information, compression)
+    return allocate(curves, reference, compression, solver=solver)
+
+
 def test_one_namespace_per_solver_sharing_model_fisher_budget_and_svd_reference():
     pipeline = create_pipeline()
     assert {node.name for node in pipeline.nodes} == {"svd_reference"} | {
-        f"{solver}.compress" for solver in SOLVERS
+        f"{solver}.{name}" for solver in SOLVERS for name in ("loss_curves", "allocate", "compress")
     }
     assert pipeline.inputs() == {
         "fine_tuned_model",
@@ -63,9 +77,9 @@ def test_one_namespace_per_solver_sharing_model_fisher_budget_and_svd_reference(
         for solver in SOLVERS
         for name in ("compressed_model", "layer_report", "convergence")
     }
-    for node in pipeline.nodes:
-        if node.name != "svd_reference":
-            assert "svd_reference_loss" in node.inputs, node.name
+    for solver in SOLVERS:
+        (compress_node,) = [node for node in pipeline.nodes if node.name == f"{solver}.compress"]
+        assert {"svd_reference_loss", f"{solver}.rank_map"} <= set(compress_node.inputs)
 
 
 def test_svd_reference_is_plain_svd_per_layer_and_every_report_uses_it(factorized):
@@ -126,6 +140,7 @@ def test_convergence_has_one_row_per_history_point(factorized):
         fisher_information,
         catalog.load("calibration_statistics"),
         svd_reference(bundle, fisher_information, COMPRESSION),
+        rank_map_for(bundle, fisher_information, COMPRESSION, "adam"),
         COMPRESSION,
         {"max_iters": 2},
         solver="adam",
@@ -167,36 +182,46 @@ def test_the_fine_tuned_model_is_left_dense(factorized):
     assert not lowrank_modules(bundle.model)
 
 
-def test_an_svd_reference_without_every_layer_is_rejected(factorized):
+def test_layers_missing_from_the_svd_reference_or_at_another_rank_get_their_svd_loss_computed(
+    factorized,
+):
     bundle, fisher_information, catalog = factorized
-    reference = svd_reference(bundle, fisher_information, COMPRESSION)
-    with pytest.raises(ValueError, match=r"svd_reference_loss has no row at the factorized rank"):
-        compress(
+    rank_map = rank_map_for(bundle, fisher_information, COMPRESSION)
+    expected = catalog.load("svd.layer_report")["svd_loss"].tolist()
+    other = typed_params("compression", budget=BUDGET / 2, seed=0, device="cpu")
+    for reference in (
+        svd_reference(bundle, fisher_information, COMPRESSION).iloc[1:],
+        svd_reference(bundle, fisher_information, other),
+    ):
+        _, report, _ = compress(
             bundle,
             fisher_information,
             STATISTICS,
-            reference.iloc[1:],
+            reference,
+            rank_map,
             COMPRESSION,
             {},
             solver="svd",
         )
-
-
-def test_an_svd_reference_made_at_another_budget_is_rejected(factorized):
-    bundle, fisher_information, catalog = factorized
-    other = typed_params("compression", budget=BUDGET / 2, seed=0, device="cpu")
-    reference = svd_reference(bundle, fisher_information, other)
-    with pytest.raises(ValueError, match=r"made with other compression parameters"):
-        compress(bundle, fisher_information, STATISTICS, reference, COMPRESSION, {}, solver="svd")
+        assert report["svd_loss"].tolist() == pytest.approx(expected, rel=1e-12)
+        assert report["loss_rel_svd"].tolist() == pytest.approx([1.0] * len(report))
 
 
 def test_the_seed_makes_the_node_reproducible(factorized):
     bundle, fisher_information, catalog = factorized
     reference = svd_reference(bundle, fisher_information, COMPRESSION)
     options = {"max_iters": 3, "init": "random"}
+    rank_map = rank_map_for(bundle, fisher_information, COMPRESSION, "adam")
     runs = [
         compress(
-            bundle, fisher_information, STATISTICS, reference, COMPRESSION, options, solver="adam"
+            bundle,
+            fisher_information,
+            STATISTICS,
+            reference,
+            rank_map,
+            COMPRESSION,
+            options,
+            solver="adam",
         )
         for _ in range(2)
     ]
@@ -219,12 +244,15 @@ def test_catalog_patterns_persist_each_solver_separately(factorized, tmp_path, m
     assert (tmp_path / "data" / "04_feature" / "svd_reference_loss.parquet").is_file()
     for solver in ("svd", "fwsvd", "adam_sgd"):
         catalog.save(f"{solver}.compressed_model", memory.load(f"{solver}.compressed_model"))
-        for name in ("layer_report", "convergence"):
+        for name in ("layer_report", "convergence", "loss_curves", "rank_map"):
             catalog.save(f"{solver}.{name}", memory.load(f"{solver}.{name}"))
             pd.testing.assert_frame_equal(
                 catalog.load(f"{solver}.{name}"), memory.load(f"{solver}.{name}")
             )
         assert (tmp_path / "data" / "07_model_output" / solver / "convergence.parquet").is_file()
+        # The rank map is versioned, beside the compressed model it made.
+        versions = tmp_path / "data" / "07_model_output" / solver / "rank_map.parquet"
+        assert len(list(versions.iterdir())) == 1
     for solver in ("svd", "fwsvd"):
         reloaded = catalog.load(f"{solver}.compressed_model").model
         expected = memory.load(f"{solver}.compressed_model").model

@@ -225,6 +225,9 @@ def refined_run(compressed, tmp_path_factory):
         models[solver] = fresh(bundle)
         catalog[f"{solver}.compressed_model"] = MemoryDataset(models[solver], copy_mode="assign")
         catalog[f"{solver}.layer_report"] = MemoryDataset(report)
+        catalog[f"{solver}.rank_map"] = MemoryDataset(
+            report[["module", "rank"]].assign(dense=False, predicted_loss=0.0)
+        )
     for name in ("comparison_markdown", "accuracy_vs_params_plot"):
         catalog[name] = MemoryDataset(copy_mode="assign")
     # Persisted in a project run (JSON files, MLflow runs): kept here for the second run to read.

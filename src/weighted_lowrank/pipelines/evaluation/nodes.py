@@ -9,18 +9,20 @@ Every row (``dense``, one namespace per solver and, in the ``refinement`` pipeli
   same keys in every row: the task metrics (accuracy, f1, mcc for classification; pearson,
   spearman for regression), test_loss, weighted_loss_rel_svd, params_kept, params_model,
   params_ratio_layers, params_ratio_model, size_on_disk_bytes, latency_ms, latency_dense_ms,
-  latency_ratio, factorization_seconds;
+  latency_ratio, factorization_seconds, predicted_loss_increase (Σ of the rank map's predicted
+  loss, nats per example; 0 for dense);
 * its per-example predictions (:data:`PREDICTION_COLUMNS`), from the same forward pass as the
   task metrics: ``id`` (the example's position in the test split, the same in every row),
   ``label``, ``prediction`` (the argmax class as int64; the predicted value as float64 for
   regression) and ``loss`` (the example's task loss; their mean is ``test_loss`` up to float
-  rounding), plus the ``model_fingerprint`` column.
+  rounding), then for classification the float32 logits ``logit_0`` … ``logit_<k-1>``, plus the
+  ``model_fingerprint`` column.
 
 Parameter counts are element counts of the tensors ``save_compressed`` writes
 (:func:`~weighted_lowrank.lowrank.serialization.tensors_for_saving`: the state dict, tied tensors
 once); for a model reloaded by ``load_compressed`` these are exactly the tensors of its
 ``model.safetensors`` (the load is strict). "layers" counts the targeted layers (weights and
-biases), "model" every tensor. ``size_on_disk_bytes`` is the exact size of that
+biases; those a rank allocation kept dense included), "model" every tensor. ``size_on_disk_bytes`` is the exact size of that
 ``model.safetensors``, serialized in memory.
 """
 
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from torch import nn
 
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.latency import measure_latency_ms
@@ -46,8 +49,13 @@ from weighted_lowrank.lowrank.targets import select_linear_modules
 from weighted_lowrank.parameters import CompressionParams, EvaluationParams, ModelParams
 from weighted_lowrank.training import Predictions, predict_examples, task_metrics
 
-#: Columns of a ``<namespace>.predictions`` table (then ``model_fingerprint``).
+#: Columns of a ``<namespace>.predictions`` table (then, for classification, one float32
+#: ``logit_<k>`` per class, and ``model_fingerprint``). The logits let reporting measure how far
+#: a row's predicted distribution moved from dense's (``kl_to_dense``), which the argmax alone
+#: cannot tell.
 PREDICTION_COLUMNS = ("id", "label", "prediction", "loss")
+#: Name prefix of the per-class logit columns of a predictions table.
+LOGIT_PREFIX = "logit_"
 
 
 def evaluation_record(bundle: ModelBundle, metrics: dict[str, float]) -> dict[str, Any]:
@@ -56,18 +64,25 @@ def evaluation_record(bundle: ModelBundle, metrics: dict[str, float]) -> dict[st
 
 
 def predictions_table(predictions: Predictions, labels: np.ndarray) -> pd.DataFrame:
-    """One row per example of the split, in its order (see :data:`PREDICTION_COLUMNS`)."""
+    """One row per example of the split, in its order (see :data:`PREDICTION_COLUMNS`); a
+    classification table also holds every class's logit (``logit_<k>``, float32 as computed)."""
     logits = predictions.logits
+    # A regression prediction is its single output already: no logit column would add anything.
+    classes: dict[str, np.ndarray] = {}
     if logits.shape[1] == 1:
         predicted = logits[:, 0].astype(np.float64)
     else:
         predicted = logits.argmax(axis=1).astype(np.int64)
+        classes = {
+            f"{LOGIT_PREFIX}{k}": logits[:, k].astype(np.float32) for k in range(logits.shape[1])
+        }
     return pd.DataFrame(
         {
             "id": np.arange(len(labels), dtype=np.int64),
             "label": labels,
             "prediction": predicted,
             "loss": predictions.losses.astype(np.float64),
+            **classes,
         }
     )
 
@@ -132,6 +147,7 @@ def evaluate_dense(
             "latency_dense_ms": latency_ms,
             "latency_ratio": 1.0,
             "factorization_seconds": 0.0,
+            "predicted_loss_increase": 0.0,
         },
     )
     return record, with_fingerprint(predictions, fine_tuned_model.model_fingerprint)
@@ -141,6 +157,7 @@ def evaluate_compressed(
     compressed_model: ModelBundle,
     fine_tuned_model: ModelBundle,
     layer_report: pd.DataFrame,
+    rank_map: pd.DataFrame,
     test_split: pd.DataFrame,
     model: ModelParams,
     evaluation: EvaluationParams,
@@ -148,16 +165,19 @@ def evaluate_compressed(
     """The record of one compressed model (as factorized, or refined after compression), and its
     per-example predictions.
 
-    The targeted layers are the model's ``LowRankLinear`` modules; latency is measured against
-    the dense model in this process, the two timed in turns. ``layer_report`` is the solver's
-    (a refined model keeps its solver's factorization): the weighted loss relative to SVD's and
-    the factorization seconds come from it.
+    The targeted layers are the rank map's modules — the factorized ones and any an allocation
+    kept dense; the model must have exactly the rank map's ranks (checked before any scoring).
+    Latency is measured against the dense model in this process, the two timed in turns.
+    ``layer_report`` and ``rank_map`` are the solver's (a refined model keeps its solver's
+    factorization): the weighted loss relative to SVD's, the factorization seconds and the
+    predicted loss increase (Σ of the rank map's) come from them.
     """
     compressed = compressed_model.model.to("cpu")
     dense = fine_tuned_model.model.to("cpu")
-    ranks = lowrank_ranks(compressed)
-    counts = parameter_counts(tensors_for_saving(compressed)[0], ranks)
-    dense_counts = parameter_counts(tensors_for_saving(dense)[0], ranks)
+    check_rank_map(compressed, rank_map)
+    layers = rank_map["module"].tolist()
+    counts = parameter_counts(tensors_for_saving(compressed)[0], layers)
+    dense_counts = parameter_counts(tensors_for_saving(dense)[0], layers)
     timings = measure_latency_ms(
         {"dense": dense, "compressed": compressed},
         compressed.config.vocab_size,
@@ -180,6 +200,31 @@ def evaluate_compressed(
             "latency_dense_ms": timings["dense"],
             "latency_ratio": timings["compressed"] / timings["dense"],
             "factorization_seconds": float(layer_report["total_seconds"].iloc[0]),
+            "predicted_loss_increase": float(rank_map["predicted_loss"].sum()),
         },
     )
     return record, with_fingerprint(predictions, compressed_model.model_fingerprint)
+
+
+def check_rank_map(compressed: nn.Module, rank_map: pd.DataFrame) -> None:
+    """Raise ``ValueError`` unless the model's low-rank layers are exactly the rank map's.
+
+    Every non-dense row must be a low-rank layer of that rank, every dense row a plain layer, and
+    no other low-rank layer may exist: a rank map from another run or version would otherwise
+    count the wrong parameters.
+    """
+    found = lowrank_ranks(compressed)
+    expected = {
+        str(row.module): int(row.rank) for row in rank_map.itertuples() if not bool(row.dense)
+    }
+    if found != expected:
+        differing = sorted(
+            name for name in set(found) | set(expected) if found.get(name) != expected.get(name)
+        )
+        raise ValueError(
+            f"the compressed model's low-rank layers disagree with its rank_map at {differing[:5]} "
+            f"({len(differing)} layers; model "
+            f"{ {name: found.get(name) for name in differing[:3]} }, rank map "
+            f"{ {name: expected.get(name) for name in differing[:3]} }); expected the rank map "
+            "saved with this compressed model — load matching versions (--load-versions)"
+        )

@@ -1,7 +1,8 @@
 """``evaluation``: test-split metrics, parameter counts, size and CPU latency of every model.
 
 Namespace ``dense`` evaluates the fine-tuned model; one namespace per solver in ``SOLVERS``
-evaluates ``<solver>.compressed_model`` (with ``<solver>.layer_report``) against it. Each writes
+evaluates ``<solver>.compressed_model`` (with ``<solver>.layer_report`` and ``<solver>.rank_map``)
+against it. Each writes
 ``<namespace>.evaluation_metrics``, a record ``{"model_fingerprint", "metrics"}`` whose metrics
 have the same keys everywhere, and ``<namespace>.predictions``, its per-example predictions on
 the test split (id, label, prediction, loss, model_fingerprint) from the same forward pass. The ``refinement`` pipeline evaluates its models with the same
@@ -28,6 +29,7 @@ def create_solver_template() -> Pipeline:
                     "compressed_model",
                     "fine_tuned_model",
                     "layer_report",
+                    "rank_map",
                     "test_split",
                     "params:model",
                     "params:evaluation",
@@ -66,7 +68,7 @@ def create_dense_pipeline() -> Pipeline:
 
 def create_compressed_evaluation(namespace: str, solver: str) -> Pipeline:
     """The solver template under ``namespace``: ``<namespace>.compressed_model`` (with
-    ``<solver>.layer_report``) → ``<namespace>.evaluation_metrics`` + ``<namespace>.predictions``.
+    ``<solver>.layer_report`` and ``<solver>.rank_map``) → ``<namespace>.evaluation_metrics`` + ``<namespace>.predictions``.
 
     ``namespace`` is the solver itself, or ``refined.<solver>`` for its model fine-tuned after
     compression (which keeps the solver's factorization, hence its layer report).
@@ -77,6 +79,7 @@ def create_compressed_evaluation(namespace: str, solver: str) -> Pipeline:
         inputs={
             **{name: name for name in SHARED_INPUTS},
             "layer_report": f"{solver}.layer_report",
+            "rank_map": f"{solver}.rank_map",
         },
         parameters=SHARED_PARAMETERS,
         tags=[solver],

@@ -14,19 +14,41 @@ import torch
 from torch import nn
 
 from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.lineage import with_fingerprint
+from weighted_lowrank.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.lowrank.allocation import (
+    LossCurve,
+    allocate_ranks,
+    check_curves,
+    parameter_budget,
+    uniform_ranks,
+)
 from weighted_lowrank.lowrank.compression import (
     apply_factors,
     factorize_model,
     layer_ranks,
     layer_seconds,
+    model_loss_curves,
     svd_reference_losses,
 )
 from weighted_lowrank.lowrank.objective import FactorizationResult, relative_loss
+from weighted_lowrank.lowrank.solvers import solver_curve
+from weighted_lowrank.lowrank.targets import describe_module, select_linear_modules
 from weighted_lowrank.parameters import CompressionParams
+from weighted_lowrank.pipelines.fisher_estimation.nodes import recorded_num_examples
 
 #: Columns of ``convergence``: one row per point of a layer's loss history.
 CONVERGENCE_COLUMNS = ("module", "step", "seconds", "loss")
+#: Columns of ``loss_curves``: one row per targeted layer and rank that saves parameters.
+CURVE_COLUMNS = (
+    "module",
+    "out_features",
+    "in_features",
+    "rank",
+    "params",
+    "predicted_loss",
+    "curve",
+    "seconds",
+)
 
 
 def svd_reference(
@@ -59,43 +81,227 @@ def svd_reference(
     return with_fingerprint(table, fine_tuned_model.model_fingerprint)
 
 
+def loss_curves(
+    fine_tuned_model: ModelBundle,
+    fisher_information: dict[str, Any],
+    calibration_statistics: dict[str, Any],
+    compression: CompressionParams,
+    options: dict[str, Any],
+    *,
+    solver: str,
+) -> pd.DataFrame:
+    """Every targeted layer's predicted loss increase at every rank that saves parameters.
+
+    The solver's own weighted spectrum (the FWSVD proxy for the element-wise solvers), in nats
+    per example of the Fisher's examples (:func:`~weighted_lowrank.lowrank.compression.model_loss_curves`).
+    Columns :data:`CURVE_COLUMNS`; ``seconds`` is the wall time of all curves, on every row.
+    """
+    started = time.perf_counter()
+    curves = model_loss_curves(
+        fine_tuned_model.model,
+        fisher_information["tensors"],
+        solver,
+        compression.targets,
+        num_examples=recorded_num_examples(fisher_information.get("metadata") or {}) or 1,
+        statistics=calibration_statistics["tensors"],
+        device=compression.device,
+        **{"seed": compression.seed, **options},
+    )
+    seconds = time.perf_counter() - started
+    rows = [
+        (
+            name,
+            curve.out_features,
+            curve.in_features,
+            rank,
+            curve.parameters(rank),
+            float(loss),
+            solver_curve(solver),
+            seconds,
+        )
+        for name, curve in curves.items()
+        for rank, loss in enumerate(curve.losses, start=1)
+    ]
+    table = pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
+    table = table.astype({"rank": "int64", "params": "int64"})
+    return with_fingerprint(table, fine_tuned_model.model_fingerprint)
+
+
+def allocate(
+    loss_curves: pd.DataFrame,
+    svd_reference_loss: pd.DataFrame,
+    compression: CompressionParams,
+    *,
+    solver: str,
+) -> pd.DataFrame:
+    """The rank map: each targeted layer's rank (or dense) under ``compression.allocation``.
+
+    ``uniform``: ⌊budget·out·in/(out+in)⌋ in every layer — the ranks of ``svd_reference_loss``,
+    which was made at this budget (checked). ``global``: the ranks minimising the summed predicted
+    loss of ``loss_curves`` with at most the parameters the uniform ranks keep
+    (:func:`~weighted_lowrank.lowrank.allocation.allocate_ranks`, exact). One row per layer in
+    model order (:func:`rank_map_table`). Reading the reference also puts this node downstream of
+    ``svd_reference``, so ``--from-nodes svd_reference`` at another budget or allocation makes the
+    rank maps again while the budget-independent curves are reused.
+    """
+    curves = curves_from_table(loss_curves)
+    shapes = {name: (curve.out_features, curve.in_features) for name, curve in curves.items()}
+    uniform = uniform_ranks(shapes, compression.budget)
+    reference = dict(zip(svd_reference_loss["module"], svd_reference_loss["rank"], strict=True))
+    if {name: int(rank) for name, rank in reference.items()} != uniform:
+        raise ValueError(
+            f"svd_reference_loss holds ranks for other layers or another budget than "
+            f"compression.budget={compression.budget} over the curves' {len(curves)} layers; "
+            "rerun the svd_reference node (e.g. --from-nodes svd_reference)"
+        )
+    max_parameters = parameter_budget(shapes, compression.budget)
+    if compression.allocation == "global":
+        ranks = allocate_ranks(curves, max_parameters).ranks
+    else:
+        ranks = dict(uniform)
+    curve_names = loss_curves["curve"].unique()
+    table = rank_map_table(
+        curves,
+        ranks,
+        allocation=compression.allocation,
+        budget=compression.budget,
+        max_parameters=max_parameters,
+        solver=solver,
+        curve=str(curve_names[0]) if len(curve_names) else solver_curve(solver),
+    )
+    return with_fingerprint(table, fingerprint_of(loss_curves))
+
+
+def curves_from_table(loss_curves: pd.DataFrame) -> dict[str, LossCurve]:
+    """``{module: LossCurve}`` in the table's (model) order, each checked (complete, finite, ≥ 0)."""
+    missing = [column for column in CURVE_COLUMNS if column not in loss_curves.columns]
+    if missing:
+        raise ValueError(f"loss_curves lacks columns {missing}; expected {list(CURVE_COLUMNS)}")
+    if loss_curves.empty:
+        raise ValueError("loss_curves is empty; expected one row per targeted layer and rank")
+    curves = {}
+    for name, rows in loss_curves.groupby("module", sort=False):
+        rows = rows.sort_values("rank")
+        expected = list(range(1, len(rows) + 1))
+        if rows["rank"].tolist() != expected:
+            raise ValueError(
+                f"loss_curves for layer {name!r} has ranks {rows['rank'].tolist()[:5]}…; "
+                "expected 1, 2, … without gaps"
+            )
+        curves[name] = LossCurve(
+            int(rows["out_features"].iloc[0]),
+            int(rows["in_features"].iloc[0]),
+            rows["predicted_loss"].to_numpy(dtype=float),
+        )
+    check_curves(curves)
+    return curves
+
+
+def rank_map_table(
+    curves: Mapping[str, LossCurve],
+    ranks: Mapping[str, int | None],
+    *,
+    allocation: str,
+    budget: float,
+    max_parameters: int,
+    solver: str,
+    curve: str,
+) -> pd.DataFrame:
+    """One row per layer: module, layer, kind, out_features, in_features, rank (min(out, in)
+    when dense), dense, params_dense, params_kept, kept_fraction, rank_fraction,
+    predicted_loss (the curve at the rank; 0 when dense), allocation, budget, max_parameters,
+    solver, curve."""
+    rows = []
+    for name, layer_curve in curves.items():
+        rank = ranks[name]
+        layer, kind = describe_module(name)
+        full_rank = min(layer_curve.out_features, layer_curve.in_features)
+        params_dense = layer_curve.out_features * layer_curve.in_features
+        params_kept = layer_curve.parameters(rank)
+        rows.append(
+            {
+                "module": name,
+                "layer": layer,
+                "kind": kind,
+                "out_features": layer_curve.out_features,
+                "in_features": layer_curve.in_features,
+                "rank": full_rank if rank is None else rank,
+                "dense": rank is None,
+                "params_dense": params_dense,
+                "params_kept": params_kept,
+                "kept_fraction": params_kept / params_dense,
+                "rank_fraction": (full_rank if rank is None else rank) / full_rank,
+                "predicted_loss": 0.0 if rank is None else float(layer_curve.losses[rank - 1]),
+                "allocation": allocation,
+                "budget": float(budget),
+                "max_parameters": int(max_parameters),
+                "solver": solver,
+                "curve": curve,
+            }
+        )
+    return pd.DataFrame(rows).astype({"layer": "Int64"})
+
+
+def rank_map_ranks(rank_map: pd.DataFrame) -> dict[str, int | None]:
+    """``{module: rank or None (dense)}`` of a rank map."""
+    return {
+        str(row.module): None if bool(row.dense) else int(row.rank) for row in rank_map.itertuples()
+    }
+
+
 def compress(
     fine_tuned_model: ModelBundle,
     fisher_information: dict[str, Any],
     calibration_statistics: dict[str, Any],
     svd_reference_loss: pd.DataFrame,
+    rank_map: pd.DataFrame,
     compression: CompressionParams,
     options: dict[str, Any],
     *,
     solver: str,
 ) -> tuple[ModelBundle, pd.DataFrame, pd.DataFrame]:
-    """Factorize the targeted layers of the fine-tuned model with ``solver`` at the shared budget.
+    """Factorize the targeted layers of the fine-tuned model with ``solver`` at the rank map's ranks.
 
     ``options`` are the solver's own knobs (``<solver>.options``); ``compression.seed`` is the
     solver's seed unless the options set one. ``calibration_statistics`` holds the input/output
     moments the activation-aware solvers need (``kfwsvd``, ``svd_llm``, ``asvd``); the others
-    ignore it, and a solver whose statistics are missing fails before any work. Returns the compressed bundle (same tokenizer), the
-    per-layer report (:func:`layer_report`) and the loss histories (:func:`convergence_table`).
+    ignore it, and a solver whose statistics are missing fails before any work. Layers the rank
+    map keeps dense stay ``nn.Linear``. Returns the compressed bundle (same tokenizer), the
+    per-layer report of the factorized layers (:func:`layer_report`) and the loss histories
+    (:func:`convergence_table`).
     """
     model = fine_tuned_model.model
+    ranks = rank_map_ranks(rank_map)
     torch.manual_seed(compression.seed)
     started = time.perf_counter()
     results = factorize_model(
         model,
         fisher_information["tensors"],
-        compression.budget,
+        None,
         solver,
         compression.targets,
         statistics=calibration_statistics["tensors"],
         device=compression.device,
+        ranks=ranks,
         **{"seed": compression.seed, **options},
     )
     total_seconds = time.perf_counter() - started
     compressed = dataclasses.replace(fine_tuned_model, model=apply_factors(model, results))
-    svd_losses = _reference_losses(svd_reference_loss, results)
+    svd_losses = _reference_losses(
+        svd_reference_loss, results, fine_tuned_model, fisher_information, compression
+    )
     report = layer_report(
         model, results, svd_losses, budget=compression.budget, total_seconds=total_seconds
     )
+    num_examples = recorded_num_examples(fisher_information.get("metadata") or {}) or 1
+    predicted = rank_map.set_index("module")["predicted_loss"]
+    after_solver = report.columns.get_loc("solver") + 1
+    report.insert(
+        after_solver, "predicted_loss", [float(predicted[name]) for name in report["module"]]
+    )
+    # The diagonal Fisher's quadratic in nats per example: what the element-wise solvers
+    # minimise, beside the curve that chose their ranks (a proxy for them).
+    report.insert(after_solver + 1, "diagonal_loss", 0.5 * report["weighted_loss"] / num_examples)
     fingerprint = fine_tuned_model.model_fingerprint
     return (
         compressed,
@@ -167,22 +373,37 @@ def convergence_table(results: Mapping[str, FactorizationResult]) -> pd.DataFram
 
 
 def _reference_losses(
-    svd_reference_loss: pd.DataFrame, results: Mapping[str, FactorizationResult]
+    svd_reference_loss: pd.DataFrame,
+    results: Mapping[str, FactorizationResult],
+    fine_tuned_model: ModelBundle,
+    fisher_information: dict[str, Any],
+    compression: CompressionParams,
 ) -> list[float]:
-    """SVD's loss per factorized layer, from a reference made at the same targets and ranks."""
+    """SVD's loss per factorized layer: from the shared reference where it was made at the same
+    rank (the uniform ranks), computed here for the layers an allocation gave another rank."""
     reference = svd_reference_loss.set_index("module")
-    differing = [
-        name
+    differing = {
+        name: result.rank
         for name, result in results.items()
         if name not in reference.index or int(reference.at[name, "rank"]) != result.rank
-    ]
+    }
+    computed = {}
     if differing:
-        raise ValueError(
-            f"svd_reference_loss has no row at the factorized rank for {differing[:5]} "
-            f"({len(differing)} of {len(results)} layers): it was made with other compression "
-            "parameters; rerun the svd_reference node (e.g. --from-nodes svd_reference)"
+        everything = dict.fromkeys(
+            select_linear_modules(fine_tuned_model.model, compression.targets)
         )
-    return [float(reference.at[name, "svd_loss"]) for name in results]
+        computed = svd_reference_losses(
+            fine_tuned_model.model,
+            fisher_information["tensors"],
+            None,
+            compression.targets,
+            device=compression.device,
+            ranks={**everything, **differing},
+        )
+    return [
+        computed[name] if name in computed else float(reference.at[name, "svd_loss"])
+        for name in results
+    ]
 
 
 def _info_column(values: list[Any]) -> pd.Series:

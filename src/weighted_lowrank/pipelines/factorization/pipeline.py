@@ -1,11 +1,14 @@
 """``factorization``: fine-tuned model + Fisher → per solver a compressed model and a layer report.
 
-The shared node ``svd_reference`` computes plain SVD's weighted loss per layer once
-(``svd_reference_loss``). Then one namespace per solver in ``SOLVERS`` (the list lives in code
-because pipelines are built before parameters are read): every namespace shares
+The shared node ``svd_reference`` computes plain SVD's weighted loss per layer once at the uniform
+ranks (``svd_reference_loss``). Then one namespace per solver in ``SOLVERS`` (the list lives in
+code because pipelines are built before parameters are read): ``loss_curves`` (every layer's
+predicted loss at every rank, ``<solver>.loss_curves``) → ``allocate`` (the ranks under
+``compression.allocation``, ``<solver>.rank_map``; it reads the SVD reference's uniform ranks, so
+``--from-nodes svd_reference`` redoes every allocation) → ``compress``. Every namespace shares
 ``fine_tuned_model``, ``fisher_information``, ``calibration_statistics``, ``svd_reference_loss``
-and ``params:compression``;
-its own knobs are ``params:<solver>.options``; its outputs are ``<solver>.compressed_model``,
+and ``params:compression``; its own knobs are ``params:<solver>.options``; its outputs are
+``<solver>.loss_curves``, ``<solver>.rank_map``, ``<solver>.compressed_model``,
 ``<solver>.layer_report`` and ``<solver>.convergence``.
 """
 
@@ -15,7 +18,7 @@ from kedro.pipeline import Node, Pipeline
 
 from weighted_lowrank.lowrank.solvers import SOLVERS
 
-from .nodes import compress, svd_reference
+from .nodes import allocate, compress, loss_curves, svd_reference
 
 SHARED_INPUTS = {
     "fine_tuned_model",
@@ -27,24 +30,48 @@ SHARED_PARAMETERS = {"params:compression"}
 
 
 def create_solver_template(solver: str) -> Pipeline:
-    """The un-namespaced pipeline of one solver."""
-    compress_with_solver = update_wrapper(partial(compress, solver=solver), compress)
+    """The un-namespaced pipeline of one solver: loss curves → rank map → factorization."""
+
+    def bound(function):
+        return update_wrapper(partial(function, solver=solver), function)
+
     return Pipeline(
         [
             Node(
-                compress_with_solver,
+                bound(loss_curves),
+                inputs=[
+                    "fine_tuned_model",
+                    "fisher_information",
+                    "calibration_statistics",
+                    "params:compression",
+                    "params:options",
+                ],
+                outputs="loss_curves",
+                name="loss_curves",
+                tags=["factorization", "allocation", solver],
+            ),
+            Node(
+                bound(allocate),
+                inputs=["loss_curves", "svd_reference_loss", "params:compression"],
+                outputs="rank_map",
+                name="allocate",
+                tags=["factorization", "allocation", solver],
+            ),
+            Node(
+                bound(compress),
                 inputs=[
                     "fine_tuned_model",
                     "fisher_information",
                     "calibration_statistics",
                     "svd_reference_loss",
+                    "rank_map",
                     "params:compression",
                     "params:options",
                 ],
                 outputs=["compressed_model", "layer_report", "convergence"],
                 name="compress",
                 tags=["factorization", solver],
-            )
+            ),
         ]
     )
 

@@ -129,3 +129,19 @@ def _statistics_metadata(
     if any(tokens != found.num_tokens for tokens in found.module_tokens.values()):
         metadata["module_tokens"] = json.dumps(found.module_tokens)
     return metadata
+
+
+def recorded_num_examples(metadata: dict[str, str]) -> int | None:
+    """The number of examples a saved Fisher sums over (its metadata ``num_examples``), if any."""
+    if "num_examples" not in metadata:
+        return None
+    try:
+        count = int(metadata["num_examples"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"fisher_information metadata 'num_examples' is not an integer: "
+            f"{metadata['num_examples']!r}"
+        ) from exc
+    if count < 1:
+        raise ValueError(f"fisher_information metadata 'num_examples' is {count}; expected ≥ 1")
+    return count

@@ -160,7 +160,8 @@ def check_layers(models: Mapping[str, torch.nn.Module], layer_risk: pd.DataFrame
         raise ValueError(
             f"svd.compressed_model and {solver}.compressed_model differ: modules only in svd "
             f"{only_svd[:5]}, only in {solver} {only_other[:5]}, ranks (svd, {solver}) "
-            f"{dict(list(ranks.items())[:5])}; load both from one run"
+            f"{dict(list(ranks.items())[:5])}; load both from one run made with "
+            "compression.allocation=uniform (a global allocation gives each solver its own ranks)"
         )
     for column in ("module", "kind", "layer"):
         if column not in layer_risk.columns:

@@ -26,6 +26,7 @@ from weighted_lowrank.lowrank.fisher import validate_fisher
 from weighted_lowrank.lowrank.risk import layer_statistics, risk_summary
 from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS, ordered_kinds
 from weighted_lowrank.parameters import CompressionParams, SvdRiskParams
+from weighted_lowrank.pipelines.fisher_estimation.nodes import recorded_num_examples
 
 #: How each statistic is named in plot titles.
 STATISTIC_LABELS = {
@@ -65,27 +66,11 @@ def compute_layer_risk(
         threshold=svd_risk.threshold,
         top_fraction=svd_risk.top_fraction,
         compare_solvers=svd_risk.compare_solvers,
-        num_examples=_recorded_examples(metadata),
+        num_examples=recorded_num_examples(metadata),
         device=str(resolve_device(device)),
         calibration=(calibration_statistics or {}).get("tensors") or {},
     )
     return with_fingerprint(pd.DataFrame(rows), model_fingerprint(model))
-
-
-def _recorded_examples(metadata: dict[str, str]) -> int | None:
-    """The number of examples the Fisher sums over (metadata ``num_examples``), if recorded."""
-    if "num_examples" not in metadata:
-        return None
-    try:
-        count = int(metadata["num_examples"])
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"fisher_information metadata 'num_examples' is not an integer: "
-            f"{metadata['num_examples']!r}"
-        ) from exc
-    if count < 1:
-        raise ValueError(f"fisher_information metadata 'num_examples' is {count}; expected ≥ 1")
-    return count
 
 
 def _recorded_targets(metadata: dict[str, str]) -> Any:

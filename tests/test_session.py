@@ -214,6 +214,8 @@ def test_every_row_saves_its_predictions_on_one_test_set_and_logs_them_in_its_ch
             "label",
             "prediction",
             "loss",
+            "logit_0",
+            "logit_1",
             "model_fingerprint",
         ]
         assert set(frames[name]["model_fingerprint"]) == {child.data.tags["model_fingerprint"]}
@@ -271,7 +273,7 @@ def test_solver_child_runs_show_iterations_and_stop_reasons_per_layer_group(smok
     report = pd.read_parquet(
         smoke_run.project / "data" / "07_model_output" / "tfwsvd" / "layer_report.parquet"
     )
-    groups = report.assign(group=report["shape"] + "r" + report["rank"].astype(str))
+    groups = report.assign(group=report["shape"])
     for child in (children["tfwsvd"], children["refined.tfwsvd"]):
         for group, rows in groups.groupby("group"):
             assert child.data.metrics[f"iterations.{group}"] == rows["iterations"].max()

@@ -1,16 +1,19 @@
-"""Seed sweeps: the default run for several seeds and budgets, and the comparison across seeds.
+"""Seed sweeps: the default run for several seeds, budgets and allocations, and the comparison
+across seeds.
 
-``python -m weighted_lowrank.sweep run --seeds 0 1 2 --budgets 0.5 0.3 0.7`` runs, for every
-seed, the whole default pipeline at the first budget (fine-tuning and the Fisher sample follow
-the seed) and then the factorization, evaluation and reporting at the other budgets on that
-seed's fine-tuned model and Fisher (``--from-nodes svd_reference``). Every run is one
-``KedroSession`` and so one MLflow parent run, its child runs carrying ``seed`` and ``budget``.
-The data split stays the configured one for every seed, so every model of every seed is scored on
-the same test sentences.
+``python -m weighted_lowrank.sweep run --seeds 0 1 2 --budgets 0.5 0.3 --allocations uniform
+global`` runs, for every seed, the whole default pipeline at the first (budget, allocation) pair
+(fine-tuning and the Fisher sample follow the seed) and then the factorization, evaluation and
+reporting at the other pairs — every allocation of a budget, then the next budget — on that
+seed's fine-tuned model and Fisher (from :data:`RESTART_NODES`: the SVD reference, which the
+allocations read, and the layer risk). ``--allocations`` defaults to
+``uniform`` alone. Every run is one ``KedroSession`` and so one MLflow parent run, its child runs
+carrying ``seed``, ``budget`` and ``allocation``. The data split stays the configured one for
+every seed, so every model of every seed is scored on the same test sentences.
 
 ``python -m weighted_lowrank.sweep report`` reads the MLflow store and prints, as Markdown, the
-task metric's mean ± sd over seeds per solver and budget, and the per-seed paired differences
-against ``fwsvd``.
+task metric's mean ± sd over seeds per solver, budget and allocation, the per-seed paired
+differences against ``fwsvd``, and global − uniform allocation paired by seed.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from typing import Any
 
 import pandas as pd
 
+from weighted_lowrank.parameters import ALLOCATIONS
 from weighted_lowrank.pipelines.reporting.nodes import markdown_table
 from weighted_lowrank.pipelines.reporting.run_history import (
+    allocation_differences,
+    allocation_p_values,
     child_runs,
     latest_per_seed,
     paired_p_values,
@@ -32,17 +38,25 @@ from weighted_lowrank.pipelines.reporting.run_history import (
     task_metric,
 )
 
+#: Where a sweep's later (budget, allocation) pairs restart: every node that reads the budget or
+#: the allocation is one of these or downstream of them (the rank maps are: ``allocate`` reads the
+#: SVD reference; the loss curves do not depend on either and are reused). Left out: the dense
+#: row's nodes and the loss curves, which read the targets, device and seed, not the budget.
+RESTART_NODES: tuple[str, ...] = ("svd_reference", "compute_layer_risk")
+
 
 def run_sweep(
     seeds: Sequence[int],
     budgets: Sequence[float],
     *,
+    allocations: Sequence[str] = ("uniform",),
     project_path: Path,
     env: str | None = None,
     pipeline: str = "__default__",
     runtime_params: dict[str, Any] | None = None,
 ) -> None:
-    """One Kedro session per (seed, budget); the first budget of a seed runs the whole pipeline."""
+    """One Kedro session per (seed, budget, allocation); the first (budget, allocation) pair of a
+    seed runs the whole pipeline."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
@@ -50,13 +64,14 @@ def run_sweep(
     extra = dict(runtime_params or {})
     with KedroSession.create(project_path=project_path, env=env, runtime_params=extra) as session:
         split_seed = session.load_context().params["data"]["split"]["seed"]
+    pairs = [(budget, allocation) for budget in budgets for allocation in allocations]
     for seed in seeds:
-        for index, budget in enumerate(budgets):
+        for index, (budget, allocation) in enumerate(pairs):
             overrides = _deep_merge(
                 extra,
                 {
                     "seed": seed,
-                    "compression": {"budget": budget},
+                    "compression": {"budget": budget, "allocation": allocation},
                     "data": {"split": {"seed": split_seed}},
                 },
             )
@@ -65,7 +80,7 @@ def run_sweep(
             ) as session:
                 session.run(
                     pipeline_names=[pipeline],
-                    from_nodes=None if index == 0 else ["svd_reference"],
+                    from_nodes=None if index == 0 else list(RESTART_NODES),
                 )
             end_active_runs()
 
@@ -107,61 +122,127 @@ def end_active_runs() -> None:
 
 
 def sweep_report(tracking_uri: str, reference: str = "fwsvd") -> str:
-    """Markdown: mean ± sd over seeds per solver × budget, and paired differences vs ``reference``."""
+    """Markdown: mean ± sd over seeds per solver × allocation × budget, paired differences vs
+    ``reference``, and global − uniform allocation paired by seed."""
     runs = latest_per_seed(child_runs(tracking_uri))
     metric = task_metric(runs)
-    summary = seed_summary(runs, metric)
+    lines = [
+        f"## Test {metric} over seeds (mean ± sd)",
+        "",
+        _summary_markdown(seed_summary(runs, metric)),
+        "",
+        f"## Paired by seed: {metric} − {reference}'s at the same seed, budget and allocation",
+        "",
+        _reference_markdown(tracking_uri, runs, reference, metric),
+        "",
+        "## global − uniform, paired by seed",
+        "",
+        _allocation_markdown(tracking_uri, runs, metric),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_markdown(summary: pd.DataFrame) -> str:
+    """Solver × allocation rows (dense first, uniform before global), one column per budget."""
     cells = summary.assign(
         value=[
             f"{row.mean:.4f} ± {row.sd:.4f} (n={row.n})" if row.n > 1 else f"{row.mean:.4f} (n=1)"
             for row in summary.itertuples()
         ]
     )
-    wide = cells.pivot(index="solver", columns="budget", values="value")
-    wide = wide.reindex(["dense", *sorted(set(wide.index) - {"dense"})]).dropna(how="all")
+    wide = cells.pivot(index=["solver", "allocation"], columns="budget", values="value")
+    allocations = ["dense", *ALLOCATIONS]
+    order = sorted(
+        wide.index,
+        key=lambda key: (key[0] != "dense", key[0], allocations.index(key[1])),
+    )
+    wide = wide.reindex(order).dropna(how="all")
     wide.columns = [f"budget {budget:g}" for budget in wide.columns]
+    return markdown_table(wide.fillna("").reset_index())
+
+
+def _reference_markdown(tracking_uri: str, runs: pd.DataFrame, reference: str, metric: str) -> str:
+    """The per-seed differences against ``reference`` with the runs' McNemar p per seed."""
     differences = seed_differences(runs, reference, metric)
-    lines = [
-        f"## Test {metric} over seeds (mean ± sd)",
-        "",
-        markdown_table(wide.fillna("").reset_index()),
-        "",
-        f"## Paired by seed: {metric} − {reference}'s at the same seed and budget",
-        "",
-    ]
     if differences.empty:
-        lines.append(f"(no {reference!r} rows to pair with)")
-    else:
-        p_values = paired_p_values(tracking_uri, reference).set_index(["solver", "budget", "seed"])
-        shown = differences.assign(
-            differences=differences["differences"].map(
-                lambda values: ", ".join(f"{seed}: {value:+.4f}" for seed, value in values.items())
-            ),
-            ahead=[f"{row.ahead}/{row.n}" for row in differences.itertuples()],
-            mcnemar_p=[
-                ", ".join(
-                    f"{seed}: {p_values.at[(row.solver, row.budget, seed), 'p']:.3g}"
-                    for seed in row.differences
-                    if (row.solver, row.budget, seed) in p_values.index
-                )
-                for row in differences.itertuples()
-            ],
+        return f"(no {reference!r} rows to pair with)"
+    p_values = paired_p_values(tracking_uri, reference).set_index(
+        ["solver", "budget", "allocation", "seed"]
+    )
+    shown = differences.assign(
+        differences=differences["differences"].map(_by_seed),
+        ahead=[f"{row.ahead}/{row.n}" for row in differences.itertuples()],
+        mcnemar_p=[
+            _p_by_seed(p_values, (row.solver, row.budget, row.allocation), row.differences)
+            for row in differences.itertuples()
+        ],
+    )
+    return (
+        markdown_table(pd.DataFrame(shown))
+        + "\n\n"
+        + f"`mcnemar_p`: per seed, the exact McNemar test of the row against {reference} on the "
+        "shared test sentences (the run's paired tests)."
+    )
+
+
+def _allocation_markdown(tracking_uri: str, runs: pd.DataFrame, metric: str) -> str:
+    """Per solver and budget, global − uniform of the task metric and test_loss per seed, with
+    the McNemar p of the two models' predictions per seed."""
+    differences = allocation_differences(runs, metric)
+    if differences.empty:
+        return (
+            "(no solver and budget ran with both allocations at one seed: `python -m "
+            "weighted_lowrank.sweep run --allocations uniform global`)"
         )
-        lines.append(markdown_table(pd.DataFrame(shown)))
-        lines += [
-            "",
-            f"`mcnemar_p`: per seed, the exact McNemar test of the row against {reference} on the "
-            "shared test sentences (the run's paired tests).",
-        ]
-    return "\n".join(lines) + "\n"
+    p_values = allocation_p_values(tracking_uri, runs).set_index(["solver", "budget", "seed"])
+    shown = differences.assign(
+        differences=differences["differences"].map(_by_seed),
+        ahead=[f"{row.ahead}/{row.n}" for row in differences.itertuples()],
+        loss_differences=differences["loss_differences"].map(_by_seed),
+        mcnemar_p=[
+            _p_by_seed(p_values, (row.solver, row.budget), row.differences)
+            for row in differences.itertuples()
+        ],
+    )
+    return (
+        markdown_table(pd.DataFrame(shown))
+        + "\n\n"
+        + f"Per seed, the global allocation's {metric} (`mean_diff`, `differences`; `ahead`: "
+        "seeds where global's is higher) and test_loss (`loss_mean_diff`, `loss_differences`; "
+        "lower is better) minus the uniform allocation's at the same seed and budget. "
+        "`mcnemar_p`: per seed, the exact McNemar test of the two models on the shared test "
+        "sentences, from their child runs' predictions (none where a run has no predictions)."
+    )
+
+
+def _by_seed(values: dict[int, float]) -> str:
+    return ", ".join(f"{seed}: {value:+.4f}" for seed, value in values.items())
+
+
+def _p_by_seed(p_values: pd.DataFrame, key: tuple, seeds: dict[int, float]) -> str:
+    """``seed: p`` for the seeds of ``seeds`` that have a p under ``(*key, seed)``."""
+    return ", ".join(
+        f"{seed}: {p_values.at[(*key, seed), 'p']:.3g}"
+        for seed in seeds
+        if (*key, seed) in p_values.index
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m weighted_lowrank.sweep", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the default pipeline for every seed and budget")
+    run = commands.add_parser(
+        "run", help="run the default pipeline for every seed, budget and allocation"
+    )
     run.add_argument("--seeds", type=int, nargs="+", required=True)
     run.add_argument("--budgets", type=float, nargs="+", default=[0.5])
+    run.add_argument(
+        "--allocations",
+        nargs="+",
+        choices=ALLOCATIONS,
+        default=["uniform"],
+        help="compression.allocation of each run (every budget runs every allocation)",
+    )
     run.add_argument("--env", default=None, help="Kedro environment, e.g. smoke")
     run.add_argument(
         "--pipeline", default="__default__", help="__default__, or refined (with refinement)"
@@ -174,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="parameter overrides, one 'dotted.key=value' per argument (values may hold commas), "
         "e.g. 'data.catalog.label_values=[rotten,fresh,plot]'",
     )
-    report = commands.add_parser("report", help="mean ± sd over seeds and paired differences")
+    report = commands.add_parser(
+        "report", help="mean ± sd over seeds, paired differences, global − uniform"
+    )
     report.add_argument("--tracking-uri", default=None, help="MLflow store (default: mlflow.db)")
     report.add_argument("--reference", default="fwsvd")
     arguments = parser.parse_args(argv)
@@ -184,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_sweep(
             arguments.seeds,
             arguments.budgets,
+            allocations=arguments.allocations,
             project_path=project,
             env=arguments.env,
             pipeline=arguments.pipeline,

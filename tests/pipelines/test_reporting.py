@@ -20,6 +20,7 @@ from scipy import stats
 from tests.conftest import typed_params
 from weighted_lowrank.lineage import FINGERPRINT_KEY, fingerprint_of
 from weighted_lowrank.lowrank.solvers import SOLVERS
+from weighted_lowrank.lowrank.targets import describe_module
 from weighted_lowrank.pipelines.reporting import create_pipeline
 from weighted_lowrank.pipelines.reporting.nodes import (
     PAIRED_STATISTICS,
@@ -27,10 +28,12 @@ from weighted_lowrank.pipelines.reporting.nodes import (
     comparison_markdown,
     comparison_table,
     dense_child_run_record,
+    kl_to_dense,
     layer_group_summary,
     markdown_table,
     paired_metrics,
     paired_tests,
+    rank_allocation_figure,
     refined_child_run_record,
 )
 from weighted_lowrank.pipelines.reporting.paired import (
@@ -68,7 +71,7 @@ def fake_metrics(index: int) -> dict[str, float]:
         "accuracy": 0.7 + index / 100,
         "f1": 0.6,
         "mcc": 0.3,
-        "test_loss": 0.5,
+        "test_loss": 0.5 + index / 50,
         "weighted_loss_rel_svd": 1.0 / (1 + index),
         "params_kept": 1000.0 - index,
         "params_model": 5000.0 - index,
@@ -79,6 +82,7 @@ def fake_metrics(index: int) -> dict[str, float]:
         "latency_dense_ms": 10.0 + index / 2,
         "latency_ratio": (10.0 + index) / (10.0 + index / 2),
         "factorization_seconds": 0.1 * index,
+        "predicted_loss_increase": 0.01 * index,  # index 0 is dense: nothing predicted
     }
 
 
@@ -101,17 +105,54 @@ def fake_report(index: int) -> pd.DataFrame:
 
 
 def fake_predictions(index: int, labels: np.ndarray = LABELS) -> pd.DataFrame:
-    """Row ``index`` gets the first ``20 + 4 * index`` examples right (wrong class after)."""
+    """Row ``index`` gets the first ``20 + 4 * index`` examples right (wrong class after); its
+    logits put ``2 + index / 10`` on the predicted class, 0 on the others."""
     right = np.arange(len(labels)) < 20 + 4 * index
+    predicted = np.where(right, labels, (labels + 1) % 3).astype(np.int64)
+    logits = np.zeros((len(labels), 3), dtype=np.float32)
+    logits[np.arange(len(labels)), predicted] = 2 + index / 10
     return pd.DataFrame(
         {
             "id": np.arange(len(labels), dtype=np.int64),
             "label": labels,
-            "prediction": np.where(right, labels, (labels + 1) % 3).astype(np.int64),
+            "prediction": predicted,
             "loss": np.where(right, 0.1, 2.0),
+            **{f"logit_{k}": logits[:, k] for k in range(3)},
             FINGERPRINT_KEY: FINGERPRINT,
         }
     )
+
+
+def fake_rank_map(index: int, allocation: str = "uniform") -> pd.DataFrame:
+    """The rank map of :func:`fake_report`'s layers; ``global`` keeps the FFN layer dense."""
+    shapes, ranks = [(32, 32), (32, 32), (32, 128)], [8, 8 + index, 6]
+    dense = [False, False, allocation == "global"]
+    rows = []
+    for module, (out, in_), rank, kept_dense in zip(MODULES, shapes, ranks, dense, strict=True):
+        layer, kind = describe_module(module)
+        rank = min(out, in_) if kept_dense else rank
+        kept = out * in_ if kept_dense else rank * (out + in_)
+        rows.append(
+            {
+                "module": module,
+                "layer": layer,
+                "kind": kind,
+                "out_features": out,
+                "in_features": in_,
+                "rank": rank,
+                "dense": kept_dense,
+                "params_dense": out * in_,
+                "params_kept": kept,
+                "kept_fraction": kept / (out * in_),
+                "rank_fraction": rank / min(out, in_),
+                "predicted_loss": 0.0 if kept_dense else 0.01 / rank,
+                "allocation": allocation,
+                "solver": SOLVERS[index % len(SOLVERS)],
+                "curve": "kfwsvd",
+                FINGERPRINT_KEY: FINGERPRINT,
+            }
+        )
+    return pd.DataFrame(rows).astype({"layer": "Int64"})
 
 
 def fake_convergence(index: int) -> pd.DataFrame:
@@ -144,6 +185,7 @@ def reporting_catalog(tmp_path, namespaces) -> tuple[DataCatalog, dict[str, dict
         catalog[f"{namespace}.mlflow_run"] = MemoryDataset()
     for index, solver in enumerate(SOLVERS):
         catalog[f"{solver}.layer_report"] = fake_report(index)
+        catalog[f"{solver}.rank_map"] = fake_rank_map(index)
         catalog[f"{solver}.convergence"] = fake_convergence(index)
     # Persisted as in the project: the runner releases in-memory data once its consumers ran.
     catalog["comparison_table"] = ParquetDataset(filepath=str(tmp_path / "comparison.parquet"))
@@ -153,12 +195,13 @@ def reporting_catalog(tmp_path, namespaces) -> tuple[DataCatalog, dict[str, dict
         "accuracy_vs_params_plot",
         "layer_loss_plot",
         "convergence_plot",
+        "rank_allocation_plot",
     ):
         catalog[name] = MemoryDataset(copy_mode="assign")
     return catalog, records
 
 
-GROUP_METRICS = {"iterations.32x32r8", "iterations.32x128r6"}
+GROUP_METRICS = {"iterations.32x32", "iterations.32x128"}
 
 
 def main_table(markdown: str) -> str:
@@ -184,10 +227,16 @@ def test_reporting_pipeline_on_fake_evaluations(tmp_path) -> None:
     assert {record["params"]["refinement"] for record in records.values()} == {"off"}
     assert records["dense"]["tags"] == {"kind": "dense", FINGERPRINT_KEY: FINGERPRINT}
     assert records["als"]["tags"]["kind"] == "solver"
-    # Each child run carries its own row's predictions.
+    assert records["dense"]["params"]["allocation"] == "dense"
+    assert records["als"]["params"]["allocation"] == "uniform"
+    # Each child run carries its own row's predictions, and a solver row its solver's rank map.
     for index, namespace in enumerate(NAMESPACES):
         artifact = records[namespace]["artifacts"]["predictions.parquet"]
         pd.testing.assert_frame_equal(artifact, fake_predictions(index))
+    assert set(records["dense"]["artifacts"]) == {"predictions.parquet"}
+    pd.testing.assert_frame_equal(
+        records["als"]["artifacts"]["rank_map.parquet"], fake_rank_map(SOLVERS.index("als"))
+    )
 
     table = catalog.load("comparison_table")
     assert table["namespace"].tolist() == ["dense", *sorted(SOLVERS)]
@@ -200,17 +249,38 @@ def test_reporting_pipeline_on_fake_evaluations(tmp_path) -> None:
     assert table.columns[:4].tolist() == ["namespace", "accuracy", "f1", "mcc"]
     paired = [f"vs_{ref}_{stat}" for ref in ("fwsvd", "svd") for stat in PAIRED_STATISTICS]
     assert table.columns[-len(paired) - 1 : -1].tolist() == paired
+    # The measured damage beside the loss models' prediction of it.
+    damage = ["test_loss", "test_loss_increase", "kl_to_dense", "predicted_loss_increase"]
+    assert table.columns[4:8].tolist() == damage
+    rows = table.set_index("namespace")
+    dense_loss = evaluations["dense"]["metrics"]["test_loss"]
+    for name, record in evaluations.items():
+        increase = record["metrics"]["test_loss"] - dense_loss
+        assert rows.at[name, "test_loss_increase"] == pytest.approx(increase), name
+        predicted = record["metrics"]["predicted_loss_increase"]
+        assert rows.at[name, "predicted_loss_increase"] == predicted, name
+    assert rows.at["dense", "kl_to_dense"] == 0.0
+    assert (rows.drop(index="dense")["kl_to_dense"] > 0).all()
     markdown = catalog.load("comparison_markdown")
     assert "budget 0.5" in markdown and main_table(markdown).count("\n| ") == len(NAMESPACES) + 1
+    assert "budget 0.5, uniform allocation" in markdown.splitlines()[0]
+    header = next(line for line in markdown.splitlines() if line.startswith("| namespace |"))
+    assert "| kl_to_dense |" in header and "| predicted_loss_increase |" in header
     assert FINGERPRINT_KEY not in markdown and "vs_fwsvd" not in main_table(markdown)
     assert "## Paired tests" in markdown and "500 paired bootstrap resamples" in markdown
     metrics = catalog.load("paired_metrics")
     assert (
         metrics["als.vs_fwsvd.p"]["value"] == table.set_index("namespace").at["als", "vs_fwsvd_p"]
     )
-    for name in ("accuracy_vs_params_plot", "layer_loss_plot", "convergence_plot"):
+    for name in (
+        "accuracy_vs_params_plot",
+        "layer_loss_plot",
+        "convergence_plot",
+        "rank_allocation_plot",
+    ):
         assert isinstance(catalog.load(name), Figure)
     assert len(catalog.load("convergence_plot").axes) == 2
+    assert len(catalog.load("rank_allocation_plot").axes) == len(SOLVERS)
     # One filled marker per solver; no refined rows, so no hollow ones.
     markers = catalog.load("accuracy_vs_params_plot").axes[0].collections
     assert len(markers) == len(SOLVERS)
@@ -242,8 +312,13 @@ def test_refined_rows_are_child_runs_and_rows_of_their_own(tmp_path) -> None:
         k: records["als"]["metrics"][k] for k in GROUP_METRICS
     }
     assert (
-        records["refined.als"]["tags"]["stop_reason.32x32r8"]
-        == (records["als"]["tags"]["stop_reason.32x32r8"])
+        records["refined.als"]["tags"]["stop_reason.32x32"]
+        == (records["als"]["tags"]["stop_reason.32x32"])
+    )
+    # ... and its rank map.
+    pd.testing.assert_frame_equal(
+        records["refined.als"]["artifacts"]["rank_map.parquet"],
+        records["als"]["artifacts"]["rank_map.parquet"],
     )
 
     table = catalog.load("comparison_table")
@@ -286,11 +361,12 @@ def test_child_run_params_come_from_the_typed_blocks() -> None:
     targets = ["bert.encoder.layer.0.attention.self.query"]
     compression = typed_params("compression", budget=0.3, targets=targets)
     model = typed_params("model")
-    predictions, report = fake_predictions(1), fake_report(1)
+    predictions, report, rank_map = fake_predictions(1), fake_report(1), fake_rank_map(1)
     record = refined_child_run_record(
         fake_record(1),
         predictions,
         report,
+        rank_map,
         compression,
         model,
         data,
@@ -302,20 +378,46 @@ def test_child_run_params_come_from_the_typed_blocks() -> None:
     assert record["params"]["targets"] == str(targets)  # as the YAML list reads
     assert record["params"]["refinement"] == REFINEMENT.describe() == "factors, 2 epoch(s)"
     base = child_run_record(
-        fake_record(1), predictions, report, compression, model, data, 3, namespace="svd"
+        fake_record(1), predictions, report, rank_map, compression, model, data, 3, namespace="svd"
     )
     assert base["params"]["refinement"] == "off"
     assert set(base["params"]) == set(record["params"])
     assert base["metrics"] == record["metrics"]
     assert base["metrics"] == {
         **fake_metrics(1),
-        "iterations.32x32r8": 6.0,
-        "iterations.32x128r6": 2.0,
+        "iterations.32x32": 6.0,
+        "iterations.32x128": 2.0,
     }
+    assert base["params"]["allocation"] == record["params"]["allocation"] == "uniform"
+    assert base["params"]["rank_rule"] == "floor(budget*out*in/(out+in)) per targeted layer"
+    assert set(base["artifacts"]) == {"predictions.parquet", "rank_map.parquet"}
+    assert base["artifacts"]["rank_map.parquet"] is rank_map
     dense = dense_child_run_record(fake_record(0), predictions, compression, model, data, 3)
     assert dense["params"]["budget"] == 1.0 and dense["params"]["rank_rule"] == "dense"
+    assert dense["params"]["allocation"] == "dense"
     assert set(dense["params"]) == set(base["params"]) and dense["metrics"] == fake_metrics(0)
     assert not [tag for tag in dense["tags"] if tag.startswith("stop_reason.")]
+    assert set(dense["artifacts"]) == {"predictions.parquet"}
+
+
+def test_a_global_allocation_says_so_in_the_child_run_params_and_logs_its_rank_map() -> None:
+    compression = typed_params("compression", budget=0.3, allocation="global")
+    rank_map = fake_rank_map(2, "global")
+    record = child_run_record(
+        fake_record(2),
+        fake_predictions(2),
+        fake_report(2),
+        rank_map,
+        compression,
+        typed_params("model"),
+        typed_params("data"),
+        0,
+        namespace="fwsvd",
+    )
+    assert record["params"]["allocation"] == "global"
+    assert record["params"]["rank_rule"] == "global: min summed predicted loss, params <= uniform's"
+    assert record["params"]["budget"] == 0.3
+    pd.testing.assert_frame_equal(record["artifacts"]["rank_map.parquet"], rank_map)
 
 
 def test_child_runs_read_their_solver_layer_report_and_dense_none() -> None:
@@ -323,34 +425,85 @@ def test_child_runs_read_their_solver_layer_report_and_dense_none() -> None:
     assert dense.inputs[:2] == ["dense.evaluation_metrics", "dense.predictions"]
     assert not [name for name in dense.inputs if name.endswith("layer_report")]
     (refined,) = create_child_run_pipeline("refined.em", refined=True).nodes
-    assert refined.inputs[:3] == [
+    assert refined.inputs[:4] == [
         "refined.em.evaluation_metrics",
         "refined.em.predictions",
         "em.layer_report",
+        "em.rank_map",
     ]
+    (solver,) = create_child_run_pipeline("em").nodes
+    assert solver.inputs[2:4] == ["em.layer_report", "em.rank_map"]
     assert refined.outputs == ["refined.em.mlflow_run"]
 
 
 def test_layer_groups_report_max_iterations_and_every_stop_reason() -> None:
+    # Ranks differ within a shape (a global allocation): the group is the shape alone.
     report = pd.DataFrame(
         {
             "shape": ["384x1536"] * 6 + ["1536x384", "384x384"],
-            "rank": [76] * 6 + [76, 96],
+            "rank": [76, 40, 76, 12, 76, 76, 76, 96],
             "iterations": [40, 12, 40, 40, 40, 33, 7, 0],
             "stop_reason": ["max_iters", *["converged"] * 5, "converged", "exact"],
         }
     )
     metrics, tags = layer_group_summary(report)
     assert metrics == {
-        "iterations.1536x384r76": 7.0,
-        "iterations.384x1536r76": 40.0,
-        "iterations.384x384r96": 0.0,
+        "iterations.1536x384": 7.0,
+        "iterations.384x1536": 40.0,
+        "iterations.384x384": 0.0,
     }
     assert tags == {
-        "stop_reason.1536x384r76": "converged",
-        "stop_reason.384x1536r76": "converged:5,max_iters:1",
-        "stop_reason.384x384r96": "exact",
+        "stop_reason.1536x384": "converged",
+        "stop_reason.384x1536": "converged:5,max_iters:1",
+        "stop_reason.384x384": "exact",
     }
+
+
+def test_kl_to_dense_is_the_mean_kl_of_the_softmaxes_by_hand() -> None:
+    def table(logits: list[list[float]], prediction=None) -> pd.DataFrame:
+        values = np.asarray(logits, dtype=np.float32)
+        return pd.DataFrame(
+            {
+                "id": np.arange(len(values)),
+                "label": [1, 0],
+                "prediction": values.argmax(axis=1) if prediction is None else prediction,
+                "loss": 0.1,
+                **{f"logit_{k}": values[:, k] for k in range(values.shape[1])},
+            }
+        )
+
+    dense = table([[0.0, 1.0], [2.0, 0.0]])
+    row = table([[1.0, 0.0], [2.0, 0.0]])
+    # Example 1: p = softmax(0, 1), q = softmax(1, 0), so log(p/q) = (-1, +1) and
+    # KL = p_1 - p_0 = (e - 1) / (e + 1); example 2 has identical logits: 0.
+    expected = (math.e - 1) / (math.e + 1) / 2
+    tables = {"dense": dense, "svd": row, "same": dense.copy()}
+    assert kl_to_dense(tables) == pytest.approx([0.0, expected, 0.0], rel=1e-12, abs=0)
+    assert kl_to_dense(tables)[0] == 0.0 and kl_to_dense(tables)[2] == 0.0
+    # The logit columns are read in class order, whatever order they are stored in.
+    shuffled = row[["id", "label", "prediction", "loss", "logit_1", "logit_0"]]
+    assert kl_to_dense({"dense": dense, "svd": shuffled}) == pytest.approx([0.0, expected])
+    # No logits (predictions saved before them, or a regression) or no dense row: NaN.
+    old = row.drop(columns=["logit_0", "logit_1"])
+    assert np.isnan(kl_to_dense({"dense": dense, "svd": old})[1])
+    assert np.isnan(kl_to_dense({"svd": row})).all()
+    paired = paired_tests(REPORTING, dense=dense, svd=row).set_index("namespace")
+    assert paired["kl_to_dense"].tolist() == pytest.approx([0.0, expected], rel=1e-12)
+
+
+def test_rank_allocation_plot_has_one_panel_per_solver_and_marks_dense_layers() -> None:
+    compression = typed_params("compression", budget=0.3, allocation="global")
+    rank_maps = {solver: fake_rank_map(index, "global") for index, solver in enumerate(SOLVERS)}
+    figure = rank_allocation_figure(compression, **rank_maps)
+    assert isinstance(figure, Figure) and len(figure.axes) == len(SOLVERS)
+    assert "global allocation at budget 0.3" in figure.get_suptitle()
+    # Per panel one line per kind (query, ffn_out) and the dense FFN layer as one marker at 1.
+    first = figure.axes[0]
+    assert len(first.lines) == 2
+    (dense,) = first.collections
+    assert dense.get_offsets().tolist() == [[0.0, 1.0]]
+    two = rank_allocation_figure(compression, svd=rank_maps["svd"], fwsvd=rank_maps["fwsvd"])
+    assert len(two.axes) == 2
 
 
 def test_comparison_needs_the_dense_baseline() -> None:
@@ -460,10 +613,15 @@ def test_regression_rows_get_no_paired_test_and_the_markdown_says_so(tmp_path) -
             {"id": np.arange(8), "label": values, "prediction": values + index, "loss": 1.0}
         )
     paired = paired_tests(REPORTING, **rows)
-    assert paired.columns.tolist() == ["namespace"]
+    # A predicted value has no class distribution to diverge from dense's.
+    assert paired.columns.tolist() == ["namespace", "kl_to_dense"]
+    assert paired["kl_to_dense"].isna().all()
     assert paired_metrics(paired) == {}
     metrics = {"pearson": 0.9, "spearman": 0.8, "test_loss": 0.1}
     table = comparison_table(paired, **{name: {"metrics": metrics} for name in rows})
+    # Records without a predicted loss (older evaluations) give NaN, not a missing column.
+    assert table["predicted_loss_increase"].isna().all()
+    assert table["test_loss_increase"].tolist() == [0.0, 0.0, 0.0]
     markdown = comparison_markdown(table, typed_params("compression", budget=0.5), REPORTING)
     assert "Not computed: this is a regression task" in markdown
     assert "| dense |" in main_table(markdown)
@@ -542,6 +700,16 @@ def test_child_runs_read_old_refined_metrics_as_refined_rows(store) -> None:
     assert old.loc["refined.svd", "refinement"] == "all, 1 epoch(s)"
     assert old.loc["refined.svd", "params_ratio_model"] == 0.7
     assert sorted(runs.loc[runs["budget"] == 0.5, "solver"]) == ["refined.svd", "svd", "tfwsvd"]
+    # Recorded before the allocation param: the budget was spread uniformly (dense has none).
+    allocations = runs.groupby("solver")["allocation"].agg(set).to_dict()
+    assert allocations == {
+        "dense": {"dense"},
+        "svd": {"uniform"},
+        "refined.svd": {"uniform"},
+        "tfwsvd": {"uniform"},
+    }
+    # A refined row made from an old run's metrics is no run of its own: no artifacts to read.
+    assert old.loc["refined.svd", "run_id"] is None and isinstance(old.loc["svd", "run_id"], str)
 
 
 def test_budget_table_and_plot_show_refined_rows_beside_their_solver(store) -> None:

@@ -3,9 +3,11 @@
 Rows are named by namespace: ``dense``, one per solver and, after the ``refinement`` pipeline,
 ``refined.<solver>`` for each solver's model fine-tuned after compression. Every row's record is
 ``{"model_fingerprint", "metrics"}`` (evaluation); the metric names are the same in every row.
-Every row's per-example predictions (``<namespace>.predictions``: id, label, prediction, loss)
-feed its child run (as an artifact) and the paired tests against :data:`PAIRED_REFERENCES`
-(:mod:`.paired`).
+Every row's per-example predictions (``<namespace>.predictions``: id, label, prediction, loss and,
+for classification, ``logit_<k>`` per class) feed its child run (as an artifact), the paired
+tests against :data:`PAIRED_REFERENCES` (:mod:`.paired`) and the row's ``kl_to_dense``. Every
+solver's rank map (``<solver>.rank_map``: the rank each targeted layer got and the loss predicted
+for it) is logged in the solver's child runs and drawn by :func:`rank_allocation_figure`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from scipy import special
 
 from weighted_lowrank.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
-from weighted_lowrank.lowrank.targets import describe_module
+from weighted_lowrank.lowrank.targets import describe_module, ordered_kinds
 from weighted_lowrank.parameters import (
     CompressionParams,
     DataParams,
@@ -27,9 +31,10 @@ from weighted_lowrank.parameters import (
     RefinementParams,
     ReportingParams,
 )
+from weighted_lowrank.pipelines.evaluation.nodes import LOGIT_PREFIX
 
 from .paired import CONFIDENCE, STATISTICS, paired_comparison
-from .run_history import base_solver, is_refined, task_metric
+from .run_history import PREDICTIONS_ARTIFACT, base_solver, is_refined, task_metric
 
 #: Columns of the comparison table, in reading order (absent task metrics are dropped).
 _TABLE_COLUMNS = [
@@ -39,6 +44,10 @@ _TABLE_COLUMNS = [
     "mcc",
     "pearson",
     "spearman",
+    "test_loss",
+    "test_loss_increase",
+    "kl_to_dense",
+    "predicted_loss_increase",
     "weighted_loss_rel_svd",
     "params_kept",
     "params_ratio_layers",
@@ -56,8 +65,13 @@ PAIRED_REFERENCES = ("fwsvd", "svd")
 #: the parent-run metrics ``paired.<row>.vs_<reference>.<statistic>``.
 PAIRED_STATISTICS = STATISTICS
 _COUNTS = ("disagreements", "wins", "losses")
-#: The child run's artifact that holds the row's per-example predictions.
-PREDICTIONS_ARTIFACT = "predictions.parquet"
+#: A solver row's child-run artifact that holds its solver's rank map.
+RANK_MAP_ARTIFACT = "rank_map.parquet"
+#: A solver row's ``rank_rule`` param, per ``compression.allocation``.
+RANK_RULES = {
+    "uniform": "floor(budget*out*in/(out+in)) per targeted layer",
+    "global": "global: min summed predicted loss, params <= uniform's",
+}
 
 
 def dense_child_run_record(
@@ -72,13 +86,23 @@ def dense_child_run_record(
 ) -> dict[str, Any]:
     """Params, metrics, tags and the predictions artifact of the ``dense`` child run.
 
-    Nothing was factorized, so it has no ``iterations.<group>`` metrics nor ``stop_reason.<group>``
-    tags (see :func:`child_run_record`). (``namespace`` comes last, keyword-only: Kedro maps a
-    node's inputs onto the leading parameters, whose annotations say which blocks it builds as
-    typed objects.)
+    Nothing was factorized, so it has no ``iterations.<group>`` metrics, ``stop_reason.<group>``
+    tags nor rank map, and its ``allocation`` param is ``dense`` (see :func:`child_run_record`).
+    (``namespace`` comes last, keyword-only: Kedro maps a node's inputs onto the leading
+    parameters, whose annotations say which blocks it builds as typed objects.)
     """
     return _child_run(
-        evaluation, predictions, None, compression, model, data, seed, namespace, "off", "dense"
+        evaluation,
+        predictions,
+        None,
+        None,
+        compression,
+        model,
+        data,
+        seed,
+        namespace,
+        "off",
+        "dense",
     )
 
 
@@ -86,6 +110,7 @@ def child_run_record(
     evaluation: dict[str, Any],
     predictions: pd.DataFrame,
     layer_report: pd.DataFrame,
+    rank_map: pd.DataFrame,
     compression: CompressionParams,
     model: ModelParams,
     data: DataParams,
@@ -93,19 +118,20 @@ def child_run_record(
     *,
     namespace: str,
 ) -> dict[str, Any]:
-    """Params, metrics, tags and the predictions artifact of the child run of solver row
-    ``namespace``.
+    """Params, metrics, tags and artifacts of the child run of solver row ``namespace``.
 
     The same param and metric names in every solver row: the evaluation metrics plus
     ``iterations.<group>`` per layer group of the solver's layer report, and tags ``kind``,
     the lineage fingerprint and ``stop_reason.<group>`` (:func:`layer_group_summary`);
-    ``refinement`` is ``off`` (see :func:`refined_child_run_record`). The predictions are the
-    artifact ``predictions.parquet``.
+    ``allocation`` is ``compression.allocation``, ``rank_rule`` says what it does, and
+    ``refinement`` is ``off`` (see :func:`refined_child_run_record`). The artifacts are the
+    predictions, ``predictions.parquet``, and the solver's rank map, ``rank_map.parquet``.
     """
     return _child_run(
         evaluation,
         predictions,
         layer_report,
+        rank_map,
         compression,
         model,
         data,
@@ -120,6 +146,7 @@ def refined_child_run_record(
     evaluation: dict[str, Any],
     predictions: pd.DataFrame,
     layer_report: pd.DataFrame,
+    rank_map: pd.DataFrame,
     compression: CompressionParams,
     model: ModelParams,
     data: DataParams,
@@ -128,13 +155,14 @@ def refined_child_run_record(
     *,
     namespace: str,
 ) -> dict[str, Any]:
-    """:func:`child_run_record` of a ``refined.<solver>`` row (``layer_report`` is its solver's:
-    the refined model keeps that factorization); its ``refinement`` param says which parameters
-    were trained for how many epochs (:meth:`RefinementParams.describe`)."""
+    """:func:`child_run_record` of a ``refined.<solver>`` row (``layer_report`` and ``rank_map``
+    are its solver's: the refined model keeps that factorization); its ``refinement`` param says
+    which parameters were trained for how many epochs (:meth:`RefinementParams.describe`)."""
     return _child_run(
         evaluation,
         predictions,
         layer_report,
+        rank_map,
         compression,
         model,
         data,
@@ -146,11 +174,14 @@ def refined_child_run_record(
 
 
 def layer_group_summary(layer_report: pd.DataFrame) -> tuple[dict[str, float], dict[str, str]]:
-    """Per layer group (same shape and rank, named ``<out>x<in>r<rank>``, e.g. ``384x384r96``):
+    """Per layer group (same shape, named ``<out>x<in>``, e.g. ``384x1536``):
     ``iterations.<group>``, the most iterations any of its layers ran, and
     ``stop_reason.<group>``, its layers' stop reason — ``converged:5,max_iters:1`` (most frequent
     first) when they differ."""
-    groups = layer_report["shape"].astype(str) + "r" + layer_report["rank"].astype(int).astype(str)
+    # Shape alone, not shape and rank: a global allocation gives the layers of one shape many
+    # ranks, which would give every solver's child run other names where MLflow's compare view
+    # needs the same ones (under the uniform allocation a shape has one rank: the same groups).
+    groups = layer_report["shape"].astype(str)
     metrics, tags = {}, {}
     for group, rows in layer_report.groupby(groups, sort=True):
         metrics[f"iterations.{group}"] = float(rows["iterations"].max())
@@ -170,6 +201,7 @@ def _child_run(
     evaluation: dict[str, Any],
     predictions: pd.DataFrame,
     layer_report: pd.DataFrame | None,
+    rank_map: pd.DataFrame | None,
     compression: CompressionParams,
     model: ModelParams,
     data: DataParams,
@@ -183,7 +215,8 @@ def _child_run(
     params = {
         "solver": namespace,
         "budget": 1.0 if is_dense else compression.budget,
-        "rank_rule": "dense" if is_dense else "floor(budget*out*in/(out+in)) per targeted layer",
+        "allocation": "dense" if is_dense else compression.allocation,
+        "rank_rule": "dense" if is_dense else RANK_RULES[compression.allocation],
         # A list of module names reads as it is written in the YAML.
         "targets": str(list(targets) if isinstance(targets, tuple) else targets or DEFAULT_TARGETS),
         "model": model.source,
@@ -201,7 +234,10 @@ def _child_run(
             **({FINGERPRINT_KEY: fingerprint} if fingerprint else {}),
             **reasons,
         },
-        "artifacts": {PREDICTIONS_ARTIFACT: predictions},
+        "artifacts": {
+            PREDICTIONS_ARTIFACT: predictions,
+            **({} if is_dense else {RANK_MAP_ARTIFACT: rank_map}),
+        },
     }
 
 
@@ -213,15 +249,18 @@ def row_order(namespaces: list[str]) -> list[str]:
 
 
 def paired_tests(reporting: ReportingParams, **predictions: pd.DataFrame) -> pd.DataFrame:
-    """Every row against each of :data:`PAIRED_REFERENCES` on the shared test set.
+    """Every row against dense's predicted distributions and against each of
+    :data:`PAIRED_REFERENCES` on the shared test set.
 
-    One row per namespace (the comparison table's order) with columns
+    One row per namespace (the comparison table's order) with ``kl_to_dense``
+    (:func:`kl_to_dense`) and columns
     ``vs_<reference>_<statistic>`` for :data:`PAIRED_STATISTICS`: discordant pairs, wins (only
     this row right), losses (only the reference right), exact McNemar p, accuracy difference
     (row − reference) and its paired bootstrap interval (``reporting.bootstrap_resamples``
     resamples, ``reporting.bootstrap_seed``; :mod:`.paired`). The reference's own row is NaN
     (missing counts) there; a reference that is not a row gets no columns. Regression rows
-    (float predictions) have no right/wrong per example: the table is then the namespaces alone.
+    (float predictions) have no right/wrong per example: the table is then the namespaces and
+    their ``kl_to_dense`` (NaN) alone.
 
     Refuses predictions that are not on one test set: every row must have the same ids with the
     same labels.
@@ -231,7 +270,7 @@ def paired_tests(reporting: ReportingParams, **predictions: pd.DataFrame) -> pd.
     order = [name for name in row_order(list(predictions)) if name in predictions]
     tables = {name: predictions[name].sort_values("id", ignore_index=True) for name in order}
     _check_same_examples(tables)
-    table = pd.DataFrame({"namespace": order})
+    table = pd.DataFrame({"namespace": order, "kl_to_dense": kl_to_dense(tables)})
     fingerprint = fingerprint_of(predictions[order[0]])
     if not all(pd.api.types.is_integer_dtype(t["prediction"]) for t in tables.values()):
         return with_fingerprint(table, fingerprint)
@@ -258,6 +297,36 @@ def paired_tests(reporting: ReportingParams, **predictions: pd.DataFrame) -> pd.
             # Counts stay integers; the reference's own row is missing (<NA>) there.
             table[f"vs_{reference}_{stat}"] = column.astype("Int64") if stat in _COUNTS else column
     return with_fingerprint(table, fingerprint)
+
+
+def kl_to_dense(tables: dict[str, pd.DataFrame]) -> list[float]:
+    """Per table, the mean over the examples of KL(p_dense ‖ p_row) in nats, p the softmax of the
+    ``logit_<k>`` columns (in float64); ``tables`` are sorted by ``id`` and hold one test set.
+
+    A Fisher-weighted loss model predicts, to second order in the weight change, this divergence
+    of the compressed model's predicted distributions from the dense model's; the test loss moves
+    with it, but also with the labels. Dense's own row is 0; a row is NaN without ``dense`` among
+    the tables, or when it or dense has no logits (a regression row, or predictions saved before
+    the logits).
+    """
+    dense = _log_probabilities(tables["dense"]) if "dense" in tables else None
+    values = []
+    for table in tables.values():
+        row = _log_probabilities(table)
+        if dense is None or row is None or row.shape != dense.shape:
+            values.append(math.nan)
+            continue
+        values.append(float(np.mean(np.sum(np.exp(dense) * (dense - row), axis=1))))
+    return values
+
+
+def _log_probabilities(predictions: pd.DataFrame) -> np.ndarray | None:
+    """Log-softmax of a predictions table's logit columns, classes in order; None without any."""
+    columns = [column for column in predictions.columns if column.startswith(LOGIT_PREFIX)]
+    if not columns:
+        return None
+    columns.sort(key=lambda column: int(column.removeprefix(LOGIT_PREFIX)))
+    return special.log_softmax(predictions[columns].to_numpy(np.float64), axis=1)
 
 
 def _check_same_examples(tables: dict[str, pd.DataFrame]) -> None:
@@ -306,7 +375,9 @@ def comparison_table(paired: pd.DataFrame, **evaluations: dict[str, Any]) -> pd.
     """One row per namespace (dense first), the evaluation metrics side by side, then the paired
     tests' ``vs_<reference>_<statistic>`` columns (:func:`paired_tests`).
 
-    The table carries the fingerprint of the fine-tuned model its rows were made from.
+    Beside ``test_loss``: ``test_loss_increase`` (minus dense's), ``kl_to_dense`` (from the
+    paired tests) and ``predicted_loss_increase`` (the evaluation's; NaN where a record has
+    none). The table carries the fingerprint of the fine-tuned model its rows were made from.
     """
     if "dense" not in evaluations:
         raise ValueError(
@@ -319,12 +390,18 @@ def comparison_table(paired: pd.DataFrame, **evaluations: dict[str, Any]) -> pd.
             f"{sorted(order)}"
         )
     table = pd.DataFrame([{"namespace": name, **evaluations[name]["metrics"]} for name in order])
-    columns = [column for column in _TABLE_COLUMNS if column in table.columns]
-    table = table[columns + [column for column in table.columns if column not in columns]]
+    dense_loss = table.loc[table["namespace"] == "dense", "test_loss"].iloc[0]
+    table["test_loss_increase"] = table["test_loss"] - dense_loss
+    # Evaluations recorded before the loss models' prediction was measured have none.
+    if "predicted_loss_increase" not in table:
+        table["predicted_loss_increase"] = math.nan
     table = table.merge(
         paired.drop(columns=[FINGERPRINT_KEY], errors="ignore"), on="namespace", how="left"
     )
-    return with_fingerprint(table, fingerprint_of(evaluations["dense"]))
+    tests = [column for column in table.columns if column.startswith("vs_")]
+    columns = [column for column in _TABLE_COLUMNS if column in table.columns]
+    rest = [column for column in table.columns if column not in columns and column not in tests]
+    return with_fingerprint(table[columns + rest + tests], fingerprint_of(evaluations["dense"]))
 
 
 def comparison_markdown(
@@ -333,7 +410,12 @@ def comparison_markdown(
     """The comparison table as Markdown, saying what the ratios count, then the paired tests as
     a second table (or why there are none)."""
     header = (
-        f"# Solver comparison at budget {compression.budget}\n\n"
+        f"# Solver comparison at budget {compression.budget}, {compression.allocation} "
+        "allocation\n\n"
+        "`kl_to_dense`: mean over the test examples of KL(p_dense ‖ p_row), nats — the measured "
+        "damage the loss models predict; `predicted_loss_increase`: their prediction, Σ over the "
+        "solver's rank map of the predicted loss at each layer's rank. `test_loss_increase`: test "
+        "cross-entropy − dense's, the same damage seen through the labels, so noisier. "
         "`params_ratio_layers`: parameters kept in the targeted Linear layers / their dense count; "
         "`params_ratio_model`: whole-model parameters / dense whole model (both counted from the saved "
         "tensors). `weighted_loss_rel_svd`: Σ_layers weighted loss / SVD's, under the same Fisher. "
@@ -475,6 +557,58 @@ def layer_loss_figure(**layer_reports: pd.DataFrame) -> Figure:
     axis.set_title("Per-layer weighted loss relative to SVD")
     axis.legend(ncol=4, fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def rank_allocation_figure(compression: CompressionParams, **rank_maps: pd.DataFrame) -> Figure:
+    """Per solver a panel of each targeted layer's kept rank fraction (rank / min(out, in))
+    against its encoder layer, one line per kind (query … ffn_out, the same colour in every
+    panel); a layer kept dense is a black square at 1. Keyword tables: ``<solver>`` → its rank
+    map.
+
+    Small multiples rather than one panel per kind: the question is where each solver's loss
+    curves sent the parameters, and a solver's whole allocation reads at a glance in its panel.
+    """
+    columns = 4
+    rows = math.ceil(len(rank_maps) / columns)
+    figure = Figure(figsize=(3.3 * columns + 1.5, 2.5 * rows + 0.6), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True).ravel()
+    kinds = ordered_kinds(kind for table in rank_maps.values() for kind in table["kind"])
+    colours = {kind: f"C{index}" for index, kind in enumerate(kinds)}
+    for axis, (solver, table) in zip(axes, sorted(rank_maps.items()), strict=False):
+        # Targets outside the encoder layers (no layer index) are placed in model order.
+        position = (
+            table["layer"].astype("float64")
+            if table["layer"].notna().all()
+            else pd.Series(range(len(table)), index=table.index, dtype="float64")
+        )
+        for kind, rows_of_kind in table.groupby("kind", sort=False):
+            axis.plot(
+                position[rows_of_kind.index],
+                rows_of_kind["rank_fraction"],
+                marker=".",
+                linewidth=1,
+                color=colours[kind],
+            )
+        dense = table["dense"].astype(bool)
+        axis.scatter(position[dense], table.loc[dense, "rank_fraction"], marker="s", color="black")
+        kept = table["params_kept"].sum() / table["params_dense"].sum()
+        axis.set_title(f"{solver} (params kept {kept:.2f})", fontsize=9)
+        axis.set_ylim(0, 1.05)
+    for index in range(len(rank_maps), len(axes)):
+        axes[index].remove()
+        if index >= columns:
+            # The panel above an empty slot is the last of its column: it shows the layer ticks.
+            axes[index - columns].xaxis.set_tick_params(labelbottom=True)
+    for axis in axes[::columns]:
+        axis.set_ylabel("rank / min(out, in)", fontsize=8)
+    handles = [Line2D([], [], color=colours[kind], marker=".", label=kind) for kind in kinds]
+    handles.append(Line2D([], [], color="black", marker="s", linestyle="", label="kept dense"))
+    figure.legend(handles=handles, loc="outside right upper", fontsize=8)
+    figure.supxlabel("encoder layer", fontsize=9)
+    figure.suptitle(
+        f"Kept rank per layer: {compression.allocation} allocation at budget {compression.budget}"
+    )
     return figure
 
 

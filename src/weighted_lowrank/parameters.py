@@ -276,6 +276,8 @@ class ModelParams(Block):
 
 #: How ``compression.budget`` is spread over the targeted layers (lowrank/allocation.py).
 ALLOCATIONS = ("uniform", "global")
+#: What prices each rank of a loss curve (solvers.CURVE_LOSS_MODELS; no torch import here).
+CURVE_LOSS_MODELS = ("own", "kronecker")
 
 
 @dataclass(frozen=True, init=False, eq=False)
@@ -287,6 +289,7 @@ class CompressionParams(Block):
 
     budget: float = checked(number(0, 1, low_open=True, high_open=True))
     allocation: str = checked(one_of(*ALLOCATIONS))
+    curve_loss_model: str = checked(one_of(*CURVE_LOSS_MODELS))
     targets: str | tuple[str, ...] | None = checked(targets)
     seed: int = checked(any_int)
     device: str = checked(device)

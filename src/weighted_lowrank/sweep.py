@@ -11,6 +11,10 @@ allocations read, and the layer risk). ``--allocations`` defaults to
 carrying ``seed``, ``budget`` and ``allocation``. The data split stays the configured one for
 every seed, so every model of every seed is scored on the same test sentences.
 
+Runs that differ in another setting (e.g. ``--params compression.curve_loss_model=kronecker``)
+belong in their own store (``--tracking-uri``): the report keys rows by solver, budget,
+allocation and seed only.
+
 ``python -m weighted_lowrank.sweep report`` reads the MLflow store and prints, as Markdown, the
 task metric's mean ± sd over seeds per solver, budget and allocation, the per-seed paired
 differences against ``fwsvd``, and global − uniform allocation paired by seed.

@@ -16,6 +16,7 @@ from weighted_lowrank.lowrank.allocation import LossCurve, max_rank
 from weighted_lowrank.lowrank.compression import model_loss_curves
 from weighted_lowrank.lowrank.solvers import (
     SOLVERS,
+    curve_needs,
     factorize_batch,
     rank_loss_curves,
     solver_curve,
@@ -411,3 +412,63 @@ def test_model_loss_curves_name_the_module_missing_a_statistic():
         model_loss_curves(model, fisher, "svd_llm", statistics=statistics)
     with pytest.raises(ValueError, match="num_examples must be an int >= 1"):
         model_loss_curves(model, fisher, "svd", num_examples=0)
+
+
+def kronecker_priced(weight, importance, layer, delta, num_examples):
+    """½ (ΣI/N) tr(ΔWᵀ G ΔW A) / (tr G · tr A): the Kronecker model at the Fisher's trace."""
+    moment_in, moment_out = layer["input_moment"], layer["output_moment"]
+    value = ((moment_out @ delta) * (delta @ moment_in)).sum()
+    traces = torch.trace(moment_out) * torch.trace(moment_in)
+    return float(0.5 * importance.sum() / num_examples * value / traces)
+
+
+@pytest.mark.parametrize("solver", [*CLOSED_FORMS, "tfwsvd"])
+def test_kronecker_priced_curve_is_the_kronecker_loss_of_the_solvers_own_solutions(solver):
+    weights, importances, statistics = make_layers()
+    curves = rank_loss_curves(
+        weights,
+        importances,
+        solver,
+        num_examples=NUM_EXAMPLES,
+        loss_model="kronecker",
+        statistics=statistics,
+    )
+    # The element-wise solvers' path is the proxy's: two-sided FWSVD's solutions.
+    path = "fwsvd" if solver == "tfwsvd" else solver
+    for rank in RANKS:
+        results = factorize_batch(
+            weights, importances, [rank] * len(weights), path, statistics=statistics
+        )
+        for curve, weight, importance, layer, result in zip(
+            curves, weights, importances, statistics, results, strict=True
+        ):
+            expected = kronecker_priced(
+                weight, importance, layer, weight - result.left @ result.right, NUM_EXAMPLES
+            )
+            assert float(curve[rank - 1]) == pytest.approx(expected, rel=1e-9), (solver, rank)
+    for curve in curves:
+        assert float(curve[-1]) == 0.0 and bool((curve >= 0).all())
+
+
+def test_kfwsvd_priced_by_kronecker_is_its_own_curve_up_to_the_damping():
+    weights, importances, statistics = make_layers()
+    own = rank_loss_curves(weights, importances, "kfwsvd", statistics=statistics)
+    priced = rank_loss_curves(
+        weights, importances, "kfwsvd", loss_model="kronecker", statistics=statistics
+    )
+    for mine, theirs in zip(own, priced, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-12)
+
+
+def test_kronecker_pricing_needs_both_moments_for_every_solver():
+    weights, importances, statistics = make_layers()
+    assert curve_needs("svd", "kronecker") == ("input_moment", "output_moment")
+    assert curve_needs("asvd", "kronecker") == ("input_moment", "output_moment", "input_abs_mean")
+    assert curve_needs("svd") == ()
+    only_inputs = [{"input_moment": layer["input_moment"]} for layer in statistics]
+    with pytest.raises(ValueError, match=r"needs output_moment for \['layer 0'"):
+        rank_loss_curves(
+            weights, importances, "svd", loss_model="kronecker", statistics=only_inputs
+        )
+    with pytest.raises(ValueError, match=r"curve loss model 'diagonal' is unknown"):
+        rank_loss_curves(weights, importances, "svd", loss_model="diagonal")

@@ -28,6 +28,7 @@ from weighted_lowrank.lowrank.layer import LowRankLinear, replace_module
 from weighted_lowrank.lowrank.objective import FactorizationResult
 from weighted_lowrank.lowrank.solvers import (
     SOLVERS,
+    curve_needs,
     factorize_batch,
     rank_loss_curves,
     solver_needs,
@@ -113,6 +114,7 @@ def model_loss_curves(
     targets: str | Iterable[str] | None = None,
     *,
     num_examples: int = 1,
+    loss_model: str = "own",
     device: str | torch.device = "cpu",
     statistics: Mapping[str, torch.Tensor] | None = None,
     **solver_options: Any,
@@ -121,19 +123,21 @@ def model_loss_curves(
 
     Each curve is the predicted loss increase (nats per example) at every rank that saves
     parameters (:func:`~weighted_lowrank.lowrank.solvers.rank_loss_curves`: the solver's own
-    weighted spectrum, or the FWSVD proxy for the element-wise solvers), with ``fisher`` summed
-    over ``num_examples`` examples. Inputs are those of :func:`factorize_model`, checked the same
+    weighted spectrum, or the FWSVD proxy for the element-wise solvers, priced by the solver's own
+    quadratic or, ``loss_model="kronecker"``, by the Kronecker-factored one), with ``fisher``
+    summed over ``num_examples`` examples. Inputs are those of :func:`factorize_model`, checked the same
     way before any decomposition.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver {solver!r} is unknown; expected one of {list(SOLVERS)}")
     layers = _targeted_layers(model, fisher, targets, device)
-    needs = solver_needs(solver, **solver_options)
+    needs = curve_needs(solver, loss_model, **solver_options)
     losses = rank_loss_curves(
         [layers.weights[name] for name in layers.names],
         [layers.importances[name] for name in layers.names],
         solver,
         num_examples=num_examples,
+        loss_model=loss_model,
         statistics=[_layer_statistics(statistics, name, needs) for name in layers.names],
         names=layers.names,
         **solver_options,

@@ -58,6 +58,7 @@ from weighted_lowrank.lowrank.solvers.spectra import (
     asvd_spectrum,
     fwsvd_spectrum,
     kfwsvd_spectrum,
+    kronecker_rank_losses,
     proxy_spectrum,
     rank_losses,
     svd_llm_spectrum,
@@ -223,27 +224,40 @@ def solver_curve(solver: str) -> str:
     return _spec(solver).curve
 
 
+def curve_needs(solver: str, loss_model: str = "own", **options: Any) -> tuple[str, ...]:
+    """The calibration statistics ``solver``'s loss curve reads under ``loss_model``."""
+    needs = set(solver_needs(solver, **options))
+    if _checked_curve_model(loss_model) == "kronecker":
+        needs.update(KFWSVD_NEEDS)
+    return tuple(name for name in CALIBRATION_STATISTICS if name in needs)
+
+
 def rank_loss_curves(
     weights: list[torch.Tensor],
     importances: list[torch.Tensor | None],
     solver: str,
     *,
     num_examples: int = 1,
+    loss_model: str = "own",
     statistics: list[Mapping[str, torch.Tensor] | None] | None = None,
     names: list[str] | None = None,
     **options: Any,
 ) -> list[torch.Tensor]:
     """Per layer, the predicted loss increase (nats per example) of ``solver`` at every rank.
 
-    Element ``r − 1`` of each (min(out, in),) float64 tensor is the loss of the rank-r solution
-    under the solver's own quadratic — exact for the closed forms, the two-sided FWSVD proxy for
-    the element-wise solvers (:mod:`.spectra`) — rescaled so that the quadratic's curvature has
-    the trace of the layer's diagonal Fisher, ``importance`` summed over ``num_examples``
-    examples (``None``: uniform importance 1). Same-shape layers share one batched
-    decomposition; inputs are checked as :func:`factorize_batch` checks them.
+    Element ``r − 1`` of each (min(out, in),) float64 tensor is the loss of the rank-r solution.
+    ``loss_model="own"``: under the solver's own quadratic — exact for the closed forms, the
+    two-sided FWSVD proxy for the element-wise solvers (:mod:`.spectra`). ``"kronecker"``: the
+    same solutions (the solver's truncation path; the proxy's for the element-wise solvers)
+    priced by the Kronecker-factored model ½ tr(ΔWᵀ G ΔW A), which needs both moments. Either
+    way rescaled so that the curvature has the trace of the layer's diagonal Fisher,
+    ``importance`` summed over ``num_examples`` examples (``None``: uniform importance 1).
+    Same-shape layers share one batched decomposition; inputs are checked as
+    :func:`factorize_batch` checks them.
     """
     spec = _spec(solver)
     resolved = resolve_options(solver, options, spec.options)
+    kronecker = _checked_curve_model(loss_model) == "kronecker"
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
         raise ValueError(f"num_examples must be an int >= 1, got {num_examples!r}")
     if len(weights) != len(importances) or not weights:
@@ -258,7 +272,7 @@ def rank_loss_curves(
         except ValueError as exc:
             raise ValueError(f"{label}: {exc}") from None
     needed = _needed_statistics(
-        solver, solver_needs(solver, **options), weights, statistics, labels
+        solver, curve_needs(solver, loss_model, **options), weights, statistics, labels
     )
     groups: dict[tuple, list[int]] = {}
     for index, weight in enumerate(weights):
@@ -283,10 +297,24 @@ def rank_loss_curves(
             ],
             dtype=torch.float64,
         )
-        losses = rank_losses(spec.spectrum(problem, resolved), problem, totals, num_examples)
+        spectrum = spec.spectrum(problem, resolved, kronecker)
+        price = kronecker_rank_losses if kronecker else rank_losses
+        losses = price(spectrum, problem, totals, num_examples)
         for position, index in enumerate(indices):
             curves[index] = losses[position]
     return [curve for curve in curves if curve is not None]
+
+
+#: The loss models a curve can price each rank's solution with.
+CURVE_LOSS_MODELS = ("own", "kronecker")
+
+
+def _checked_curve_model(loss_model: str) -> str:
+    if loss_model not in CURVE_LOSS_MODELS:
+        raise ValueError(
+            f"curve loss model {loss_model!r} is unknown; expected one of {CURVE_LOSS_MODELS}"
+        )
+    return loss_model
 
 
 def _needed_statistics(

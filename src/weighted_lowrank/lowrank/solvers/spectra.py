@@ -22,77 +22,73 @@ from typing import Any
 
 import torch
 
-from weighted_lowrank.lowrank.devices import batched_eigvalsh
+from weighted_lowrank.lowrank.devices import batched_eigh, batched_eigvalsh
 from weighted_lowrank.lowrank.solvers._common import Problem, positive_weights
 from weighted_lowrank.lowrank.solvers.calibrated import ASVD_FLOOR
-from weighted_lowrank.lowrank.solvers.whitening import Moment, kronecker_spectrum
+from weighted_lowrank.lowrank.solvers.whitening import (
+    Moment,
+    kronecker_expansion,
+    kronecker_spectrum,
+)
 
 
 @dataclass
 class Spectrum:
     """A batch's squared singular values (b, min(out, in)), descending, in the problem's
-    normalised units, and the traces (b,) of the output and input sides of its curvature."""
+    normalised units, and the traces (b,) of the output and input sides of its curvature.
+
+    With ``terms`` asked for, also the truncation path in the normalised weight's units:
+    ``W = Σ_i left[:, :, i] right[:, :, i]ᵀ``, the solver's rank-r solution being the first r
+    terms (what :func:`kronecker_rank_losses` prices under another loss model).
+    """
 
     values: torch.Tensor
     trace_output: torch.Tensor
     trace_input: torch.Tensor
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
 
 
-SpectrumFunction = Callable[[Problem, dict[str, Any]], Spectrum]
+SpectrumFunction = Callable[[Problem, dict[str, Any], bool], Spectrum]
 
 
-def svd_spectrum(problem: Problem, options: dict[str, Any]) -> Spectrum:
+def svd_spectrum(problem: Problem, options: dict[str, Any], terms: bool = False) -> Spectrum:
     """Plain SVD: the squared singular values of W; both sides are identities."""
     _, out_features, in_features = problem.weight.shape
-    return Spectrum(
-        values=_squared_singular_values(problem.weight),
-        trace_output=_full(problem, out_features),
-        trace_input=_full(problem, in_features),
-    )
+    values, left, right = _gram_expansion(problem.weight, terms)
+    return Spectrum(values, _full(problem, out_features), _full(problem, in_features), left, right)
 
 
-def fwsvd_spectrum(problem: Problem, options: dict[str, Any]) -> Spectrum:
+def fwsvd_spectrum(problem: Problem, options: dict[str, Any], terms: bool = False) -> Spectrum:
     """FWSVD along its ``axis``: the spectrum of ``√r W √c`` (row / column importance sums)."""
-    return _fwsvd(problem, options.get("axis", "both"))
+    return _fwsvd(problem, options.get("axis", "both"), terms)
 
 
-def proxy_spectrum(problem: Problem, options: dict[str, Any]) -> Spectrum:
+def proxy_spectrum(problem: Problem, options: dict[str, Any], terms: bool = False) -> Spectrum:
     """The element-wise solvers' proxy: two-sided FWSVD's spectrum of the same importance."""
-    return _fwsvd(problem, "both")
+    return _fwsvd(problem, "both", terms)
 
 
-def kfwsvd_spectrum(problem: Problem, options: dict[str, Any]) -> Spectrum:
+def kfwsvd_spectrum(problem: Problem, options: dict[str, Any], terms: bool = False) -> Spectrum:
     """kfwsvd: the spectrum of ``L_Gᵀ W L_A`` (damped as the solver damps)."""
     damping = options["damping"]
     near = Moment(problem.input_moment, damping, "input_moment")
     far = Moment(problem.output_moment, damping, "output_moment")
-    return Spectrum(
-        values=_to_cpu(kronecker_spectrum(problem.weight, near, far, problem.names)),
-        trace_output=_trace(far),
-        trace_input=_trace(near),
-    )
+    return _whitened(problem, near, far, terms, _trace(far))
 
 
-def svd_llm_spectrum(problem: Problem, options: dict[str, Any]) -> Spectrum:
+def svd_llm_spectrum(problem: Problem, options: dict[str, Any], terms: bool = False) -> Spectrum:
     """svd_llm: the spectrum of ``W L_A``; the output side is the identity."""
     near = Moment(problem.input_moment, options["damping"], "input_moment")
-    return Spectrum(
-        values=_to_cpu(kronecker_spectrum(problem.weight, near, Moment(None), problem.names)),
-        trace_output=_full(problem, problem.weight.shape[1]),
-        trace_input=_trace(near),
-    )
+    return _whitened(problem, near, Moment(None), terms, _full(problem, problem.weight.shape[1]))
 
 
-def asvd_spectrum(problem: Problem, options: dict[str, Any]) -> Spectrum:
+def asvd_spectrum(problem: Problem, options: dict[str, Any], terms: bool = False) -> Spectrum:
     """asvd: the spectrum of ``W diag(s)``, s = (mean |x|)^alpha floored as the solver does."""
     scale = problem.input_abs_mean.pow(float(options["alpha"]))
     scale = scale + ASVD_FLOOR * scale.mean(dim=1, keepdim=True)
     near = Moment(scale.square(), 0.0, "input_abs_mean")
-    return Spectrum(
-        values=_to_cpu(kronecker_spectrum(problem.weight, near, Moment(None), problem.names)),
-        trace_output=_full(problem, problem.weight.shape[1]),
-        trace_input=_trace(near),
-    )
+    return _whitened(problem, near, Moment(None), terms, _full(problem, problem.weight.shape[1]))
 
 
 def rank_losses(
@@ -115,11 +111,47 @@ def rank_losses(
     return tails * scale[:, None]
 
 
-def _fwsvd(problem: Problem, axis: str) -> Spectrum:
+def kronecker_rank_losses(
+    spectrum: Spectrum, problem: Problem, importance_totals: torch.Tensor, num_examples: int
+) -> torch.Tensor:
+    """:func:`rank_losses` with each rank's solution priced by the Kronecker-factored model.
+
+    The solver's own truncation path (``spectrum.left`` / ``right``: rank r keeps the first r
+    terms) evaluated under ``½ tr(ΔWᵀ G ΔW A)`` — the loss model that predicts the measured damage
+    best (docs/METHOD.md, loss-model validation) — at every rank from one (k × k) matrix:
+    ``tr(ΔW_rᵀ G ΔW_r A) = Σ_{i,j>r} (p_iᵀ G p_j)(q_jᵀ A q_i)``, a suffix sum of
+    ``(PᵀGP) ⊙ (QᵀAQ)``. Scaled, like every curve, to the trace of the layer's diagonal Fisher.
+    """
+    if spectrum.left is None or spectrum.right is None:
+        raise ValueError("kronecker_rank_losses needs a spectrum computed with its terms")
+    output_moment = Moment(problem.output_moment, 0.0, "output_moment").used()
+    input_moment = Moment(problem.input_moment, 0.0, "input_moment").used()
+    if output_moment is None or input_moment is None:
+        raise ValueError(
+            "the kronecker loss model needs the input_moment and output_moment of every layer"
+        )
+    left, right = spectrum.left.double(), spectrum.right.double()
+    pairs = (left.transpose(1, 2) @ output_moment @ left) * (
+        right.transpose(1, 2) @ input_moment @ right
+    )
+    # suffix[r, r] = Σ_{i,j ≥ r} pairs[i, j]: the loss of keeping the first r terms.
+    suffix = pairs.flip(-1, -2).cumsum(-1).cumsum(-2).flip(-1, -2)
+    dropped_from = suffix.diagonal(dim1=1, dim2=2)
+    losses = torch.cat(
+        [dropped_from[:, 1:], torch.zeros_like(dropped_from[:, :1])], dim=1
+    ).clamp_min(0)
+    weight_units = problem.weight_scale.double().cpu().square()
+    traces = _trace_of(output_moment) * _trace_of(input_moment)
+    scale = 0.5 * importance_totals.double().cpu() / num_examples * weight_units / traces
+    return losses.cpu() * scale[:, None]
+
+
+def _fwsvd(problem: Problem, axis: str, terms: bool) -> Spectrum:
     _, out_features, in_features = problem.weight.shape
     importance = problem.importance.double()
     scaled = problem.weight.double()
     trace_output, trace_input = _full(problem, out_features), _full(problem, in_features)
+    rows = columns = None
     if axis in ("out", "both"):
         rows = positive_weights(importance.sum(dim=2))
         scaled = scaled * rows.sqrt()[:, :, None]
@@ -128,7 +160,43 @@ def _fwsvd(problem: Problem, axis: str) -> Spectrum:
         columns = positive_weights(importance.sum(dim=1))
         scaled = scaled * columns.sqrt()[:, None, :]
         trace_input = columns.sum(dim=1).cpu()
-    return Spectrum(_squared_singular_values(scaled), trace_output, trace_input)
+    values, left, right = _gram_expansion(scaled, terms)
+    if terms:
+        # W = D_r^{-½} M D_c^{-½}: unscale each term's sides.
+        left = left if rows is None else left / rows.sqrt()[:, :, None]
+        right = right if columns is None else right / columns.sqrt()[:, :, None]
+    return Spectrum(values, trace_output, trace_input, left, right)
+
+
+def _whitened(
+    problem: Problem, near: Moment, far: Moment, terms: bool, trace_output: torch.Tensor
+) -> Spectrum:
+    """A Kronecker-family spectrum (``near`` on the input side, ``far`` on the output side)."""
+    if terms:
+        expansion = kronecker_expansion(problem.weight, near, far, problem.names)
+        values, left, right = expansion.values, expansion.left, expansion.right
+    else:
+        values = kronecker_spectrum(problem.weight, near, far, problem.names)
+        left = right = None
+    return Spectrum(_to_cpu(values), trace_output, _trace(near), left, right)
+
+
+def _gram_expansion(
+    matrix: torch.Tensor, terms: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Squared singular values of each matrix (descending), and with ``terms`` the rank-one
+    terms ``M = Σ (M v_i)(v_i)ᵀ`` (tall) or ``Σ u_i (Mᵀ u_i)ᵀ`` (wide), from the smaller Gram."""
+    if not terms:
+        return _squared_singular_values(matrix), None, None
+    matrix = matrix.double()
+    tall = matrix.shape[1] >= matrix.shape[2]
+    gram = matrix.transpose(1, 2) @ matrix if tall else matrix @ matrix.transpose(1, 2)
+    eigenvalues, eigenvectors = batched_eigh(gram)
+    vectors = eigenvectors.flip(-1)
+    values = _to_cpu(eigenvalues.flip(-1).clamp_min(0))
+    if tall:
+        return values, matrix @ vectors, vectors
+    return values, vectors, matrix.transpose(1, 2) @ vectors
 
 
 def _squared_singular_values(matrix: torch.Tensor) -> torch.Tensor:
@@ -143,8 +211,12 @@ def _squared_singular_values(matrix: torch.Tensor) -> torch.Tensor:
 
 def _trace(moment: Moment) -> torch.Tensor:
     """The trace of the moment the solve uses (zero layers: the identity's)."""
-    used = moment.used()
-    values = used if moment.diagonal else used.diagonal(dim1=1, dim2=2)
+    return _trace_of(moment.used())
+
+
+def _trace_of(matrix: torch.Tensor) -> torch.Tensor:
+    """Per layer, the trace of a (b, n, n) or diagonal (b, n) moment."""
+    values = matrix if matrix.ndim == 2 else matrix.diagonal(dim1=1, dim2=2)
     return values.double().sum(dim=1).cpu()
 
 

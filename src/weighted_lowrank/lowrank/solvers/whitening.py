@@ -217,6 +217,39 @@ def kronecker_spectrum(
     return batched_eigvalsh(whitened.matrix).flip(-1).clamp_min(0)
 
 
+@dataclass
+class Expansion:
+    """A batch's truncation path: ``W = Σ_i left[:, :, i] right[:, :, i]ᵀ`` (b, out, k), (b, in, k),
+    terms in the order the truncation drops them last (largest ``values`` first), so a rank-r
+    solution keeps the first r terms."""
+
+    values: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+
+
+def kronecker_expansion(
+    weight: torch.Tensor, input_moment: Moment, output_moment: Moment, names: list[str]
+) -> Expansion:
+    """:func:`kronecker_spectrum` with the rank-one terms of the solution: rank r keeps
+    ``Σ_{i≤r} (W L v_i)(L⁻ᵀ v_i)ᵀ`` (tall layers; wide ones transposed), what
+    :func:`kronecker_truncation` returns at every rank."""
+    weight = weight.double()
+    if weight.shape[1] >= weight.shape[2]:
+        return _tall_expansion(weight, input_moment, output_moment, names)
+    swapped = _tall_expansion(weight.transpose(1, 2), output_moment, input_moment, names)
+    return Expansion(swapped.values, left=swapped.right, right=swapped.left)
+
+
+def _tall_expansion(weight: torch.Tensor, near: Moment, far: Moment, names: list[str]) -> Expansion:
+    whitened = _whitened_gram(weight, near, far, names)
+    eigenvalues, eigenvectors = batched_eigh(whitened.matrix)
+    vectors = eigenvectors.flip(-1)
+    rooted = _times_root(vectors.transpose(1, 2), whitened.root, transpose=True).transpose(1, 2)
+    unrooted = _solve_root(vectors.transpose(1, 2), whitened.root).transpose(1, 2)
+    return Expansion(eigenvalues.flip(-1).clamp_min(0), left=weight @ rooted, right=unrooted)
+
+
 def _zero_or_false(moment: Moment, batch: int) -> torch.Tensor:
     return (
         moment.zero().cpu() if moment.matrix is not None else torch.zeros(batch, dtype=torch.bool)

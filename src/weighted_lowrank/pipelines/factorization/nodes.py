@@ -92,7 +92,8 @@ def loss_curves(
 ) -> pd.DataFrame:
     """Every targeted layer's predicted loss increase at every rank that saves parameters.
 
-    The solver's own weighted spectrum (the FWSVD proxy for the element-wise solvers), in nats
+    The solver's own weighted spectrum (the FWSVD proxy for the element-wise solvers), priced by
+    ``compression.curve_loss_model`` (its own quadratic, or the Kronecker-factored one), in nats
     per example of the Fisher's examples (:func:`~weighted_lowrank.lowrank.compression.model_loss_curves`).
     Columns :data:`CURVE_COLUMNS`; ``seconds`` is the wall time of all curves, on every row.
     """
@@ -103,11 +104,15 @@ def loss_curves(
         solver,
         compression.targets,
         num_examples=recorded_num_examples(fisher_information.get("metadata") or {}) or 1,
+        loss_model=compression.curve_loss_model,
         statistics=calibration_statistics["tensors"],
         device=compression.device,
         **{"seed": compression.seed, **options},
     )
     seconds = time.perf_counter() - started
+    curve_name = solver_curve(solver)
+    if compression.curve_loss_model != "own":
+        curve_name = f"{curve_name} priced by {compression.curve_loss_model}"
     rows = [
         (
             name,
@@ -116,7 +121,7 @@ def loss_curves(
             rank,
             curve.parameters(rank),
             float(loss),
-            solver_curve(solver),
+            curve_name,
             seconds,
         )
         for name, curve in curves.items()

@@ -216,6 +216,7 @@ def _child_run(
         "solver": namespace,
         "budget": 1.0 if is_dense else compression.budget,
         "allocation": "dense" if is_dense else compression.allocation,
+        "curve_loss_model": "dense" if is_dense else compression.curve_loss_model,
         "rank_rule": "dense" if is_dense else RANK_RULES[compression.allocation],
         # A list of module names reads as it is written in the YAML.
         "targets": str(list(targets) if isinstance(targets, tuple) else targets or DEFAULT_TARGETS),

@@ -369,3 +369,19 @@ def test_evaluation_counts_the_layers_kept_dense(allocated):
     )
     biases = sum(module.out_features for module in targets.values())
     assert pipeline_metrics["params_kept"] == pipeline_map["params_kept"].sum() + biases
+
+
+def test_curves_priced_by_another_loss_model_are_refused_before_any_factorization(allocated):
+    _, _, catalog, _ = allocated
+    curves = catalog.load("svd.loss_curves")
+    assert set(curves["loss_model"]) == {"own"}
+    priced = typed_params(
+        "compression",
+        budget=BUDGET,
+        allocation="global",
+        curve_loss_model="kronecker",
+        seed=0,
+        device="cpu",
+    )
+    with pytest.raises(ValueError, match=r"priced by \['own'\].*rerun the svd\.loss_curves node"):
+        allocate(curves, catalog.load("svd_reference_loss"), priced, solver="svd")

@@ -47,6 +47,7 @@ CURVE_COLUMNS = (
     "params",
     "predicted_loss",
     "curve",
+    "loss_model",
     "seconds",
 )
 
@@ -95,7 +96,8 @@ def loss_curves(
     The solver's own weighted spectrum (the FWSVD proxy for the element-wise solvers), priced by
     ``compression.curve_loss_model`` (its own quadratic, or the Kronecker-factored one), in nats
     per example of the Fisher's examples (:func:`~weighted_lowrank.lowrank.compression.model_loss_curves`).
-    Columns :data:`CURVE_COLUMNS`; ``seconds`` is the wall time of all curves, on every row.
+    Columns :data:`CURVE_COLUMNS` (``loss_model``: what priced the ranks); ``seconds`` is the
+    wall time of all curves, on every row.
     """
     started = time.perf_counter()
     curves = model_loss_curves(
@@ -110,9 +112,6 @@ def loss_curves(
         **{"seed": compression.seed, **options},
     )
     seconds = time.perf_counter() - started
-    curve_name = solver_curve(solver)
-    if compression.curve_loss_model != "own":
-        curve_name = f"{curve_name} priced by {compression.curve_loss_model}"
     rows = [
         (
             name,
@@ -121,7 +120,8 @@ def loss_curves(
             rank,
             curve.parameters(rank),
             float(loss),
-            curve_name,
+            solver_curve(solver),
+            compression.curve_loss_model,
             seconds,
         )
         for name, curve in curves.items()
@@ -150,6 +150,13 @@ def allocate(
     rank maps again while the budget-independent curves are reused.
     """
     curves = curves_from_table(loss_curves)
+    priced_by = sorted(set(loss_curves["loss_model"]))
+    if priced_by != [compression.curve_loss_model]:
+        raise ValueError(
+            f"loss_curves were priced by {priced_by}, not compression.curve_loss_model="
+            f"{compression.curve_loss_model!r}; rerun the {solver}.loss_curves node (e.g. add it "
+            "to --from-nodes)"
+        )
     shapes = {name: (curve.out_features, curve.in_features) for name, curve in curves.items()}
     uniform = uniform_ranks(shapes, compression.budget)
     reference = dict(zip(svd_reference_loss["module"], svd_reference_loss["rank"], strict=True))
@@ -164,7 +171,9 @@ def allocate(
         ranks = allocate_ranks(curves, max_parameters).ranks
     else:
         ranks = dict(uniform)
-    curve_names = loss_curves["curve"].unique()
+    curve = str(loss_curves["curve"].iloc[0])
+    if compression.curve_loss_model != "own":
+        curve = f"{curve} priced by {compression.curve_loss_model}"
     table = rank_map_table(
         curves,
         ranks,
@@ -172,7 +181,7 @@ def allocate(
         budget=compression.budget,
         max_parameters=max_parameters,
         solver=solver,
-        curve=str(curve_names[0]) if len(curve_names) else solver_curve(solver),
+        curve=curve,
     )
     return with_fingerprint(table, fingerprint_of(loss_curves))
 

@@ -66,7 +66,11 @@ def fast_options(solver: str) -> dict:
 
 
 def factorization_catalog(
-    bundle, fisher_information, budget: float = BUDGET, allocation: str = "uniform"
+    bundle,
+    fisher_information,
+    budget: float = BUDGET,
+    allocation: str = "uniform",
+    curve_loss_model: str = "own",
 ) -> DataCatalog:
     catalog = DataCatalog(
         {
@@ -75,7 +79,12 @@ def factorization_catalog(
             "calibration_statistics": MemoryDataset(make_calibration_statistics(bundle.model)),
             "params:compression": MemoryDataset(
                 typed_params(
-                    "compression", budget=budget, allocation=allocation, device="cpu", seed=0
+                    "compression",
+                    budget=budget,
+                    allocation=allocation,
+                    curve_loss_model=curve_loss_model,
+                    device="cpu",
+                    seed=0,
                 )
             ),
         }

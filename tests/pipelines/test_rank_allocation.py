@@ -23,10 +23,19 @@ from weighted_lowrank.lowrank.targets import select_linear_modules
 from weighted_lowrank.pipelines.evaluation.nodes import evaluate_compressed
 from weighted_lowrank.pipelines.factorization import create_pipeline
 from weighted_lowrank.pipelines.factorization import nodes as factorization_nodes
-from weighted_lowrank.pipelines.factorization.nodes import allocate, compress, svd_reference
+from weighted_lowrank.pipelines.factorization.nodes import (
+    allocate,
+    compress,
+    loss_curves,
+    svd_reference,
+)
 
-GLOBAL = typed_params("compression", budget=BUDGET, allocation="global", seed=0, device="cpu")
-UNIFORM = typed_params("compression", budget=BUDGET, allocation="uniform", seed=0, device="cpu")
+GLOBAL = typed_params(
+    "compression", budget=BUDGET, allocation="global", curve_loss_model="own", seed=0, device="cpu"
+)
+UNIFORM = typed_params(
+    "compression", budget=BUDGET, allocation="uniform", curve_loss_model="own", seed=0, device="cpu"
+)
 MODEL = typed_params("model", max_length=16)
 EVALUATION = typed_params(
     "evaluation",
@@ -290,7 +299,14 @@ def test_a_budget_below_rank_one_everywhere_names_a_layer(allocated):
     curves = catalog.load("svd.loss_curves")
     names = "|".join(re.escape(name) for name in targets)
     for allocation in ("global", "uniform"):
-        tiny = typed_params("compression", budget=0.02, allocation=allocation, seed=0, device="cpu")
+        tiny = typed_params(
+            "compression",
+            budget=0.02,
+            allocation=allocation,
+            curve_loss_model="own",
+            seed=0,
+            device="cpu",
+        )
         with pytest.raises(ValueError, match=rf"budget 0\.02 gives rank 0 for layer '({names})'"):
             allocate(curves, catalog.load("svd_reference_loss"), tiny, solver="svd")
 
@@ -385,3 +401,47 @@ def test_curves_priced_by_another_loss_model_are_refused_before_any_factorizatio
     )
     with pytest.raises(ValueError, match=r"priced by \['own'\].*rerun the svd\.loss_curves node"):
         allocate(curves, catalog.load("svd_reference_loss"), priced, solver="svd")
+
+
+@pytest.mark.parametrize("solver", ["svd", "fwsvd", "svd_llm"])
+def test_kronecker_priced_allocation_predicts_the_kronecker_loss_of_the_solvers_factors(
+    allocated, solver
+):
+    """``curve_loss_model: kronecker`` (the default): the solver's own factors at the globally
+    allocated ranks, and the rank map's predicted loss is their Kronecker-model loss."""
+    bundle, fisher_information, catalog, _ = allocated
+    priced = typed_params(
+        "compression",
+        budget=BUDGET,
+        allocation="global",
+        curve_loss_model="kronecker",
+        seed=0,
+        device="cpu",
+    )
+    statistics = catalog.load("calibration_statistics")
+    curves = loss_curves(bundle, fisher_information, statistics, priced, {}, solver=solver)
+    assert set(curves["loss_model"]) == {"kronecker"}
+    rank_map = allocate(curves, catalog.load("svd_reference_loss"), priced, solver=solver)
+    assert rank_map["curve"].str.endswith("priced by kronecker").all()
+    compressed, report, _ = compress(
+        bundle,
+        fisher_information,
+        statistics,
+        catalog.load("svd_reference_loss"),
+        rank_map,
+        priced,
+        {},
+        solver=solver,
+    )
+    fisher, examples = fisher_information["tensors"], num_examples(fisher_information)
+    for row in report.itertuples():
+        recomputed = predicted_from_factors(
+            "kfwsvd",  # the Kronecker model's formula, applied to this solver's factors
+            bundle.model.get_submodule(row.module),
+            compressed.model.get_submodule(row.module),
+            fisher[f"{row.module}.weight"],
+            statistics["tensors"],
+            row.module,
+            examples,
+        )
+        assert row.predicted_loss == pytest.approx(recomputed, rel=1e-4), (solver, row.module)

@@ -56,12 +56,16 @@ def pricing_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     arm − uniform per seed with McNemar p."""
     wide = table.pivot_table(index=["solver", "budget", "seed"], columns="arm", values=metric)
     wide = wide.dropna(subset=[arm for arm in ARMS if arm in wide.columns])
+    losses = table.pivot_table(
+        index=["solver", "budget", "seed"], columns="arm", values="test_loss"
+    ).loc[wide.index]
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         for (solver, budget), group in wide.groupby(level=["solver", "budget"]):
             row = {"solver": solver, "budget": budget, "seeds": len(group)}
+            loss = losses.loc[group.index]
             for arm in ARMS:
-                row[arm] = f"{group[arm].mean():.3f}"
+                row[arm] = f"{group[arm].mean():.3f} ({loss[arm].mean():.3f})"
             for arm in ARMS[1:]:
                 cells = []
                 for (_, _, seed), values in group.iterrows():
@@ -98,8 +102,8 @@ def main() -> None:
     table = arms(arguments.own, arguments.kronecker)
     metric = task_metric(table)
     text = (
-        f"Test {metric}, mean over the seeds of every arm; per seed: global − uniform "
-        "(exact McNemar p on the shared test set).\n\n"
+        f"Test {metric} (test loss), mean over the seeds of every arm; per seed: {metric} of "
+        "global − uniform (exact McNemar p on the shared test set).\n\n"
         + markdown_table(pricing_table(table, metric))
         + "\n"
     )

@@ -1,6 +1,7 @@
 """Wall time of the loss-vs-rank curves and the global allocation on the latest fine-tuned model.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/allocation_timing.py [--budget 0.5] [--repeats 3]
+        [--loss-model own|kronecker]
 
 Loads the latest ``fine_tuned_model``, ``fisher_information`` and ``calibration_statistics`` (a
 default ``kedro run`` makes them) and prints, per curve kind (every solver has its own spectrum
@@ -35,12 +36,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loss-model", default="own", choices=["own", "kronecker"])
     arguments = parser.parse_args()
     catalog = project_catalog()
     calibrated = load_calibrated(catalog)
     model, fisher, names = calibrated.model, calibrated.fisher, calibrated.names
     num_examples, statistics_tensors = calibrated.num_examples, calibrated.statistics
-    print(f"torch threads: {torch.get_num_threads()}, layers: {len(names)}")
+    print(
+        f"torch threads: {torch.get_num_threads()}, layers: {len(names)}, "
+        f"curves priced by: {arguments.loss_model}"
+    )
     print("| solver | curves median s | allocation median s | total s | runs (curves, s) |")
     print("|---|---|---|---|---|")
     kept_by_kind = {}
@@ -54,6 +59,7 @@ def main() -> None:
                 solver,
                 names,
                 num_examples=num_examples,
+                loss_model=arguments.loss_model,
                 statistics=statistics_tensors,
             )
             curve_seconds.append(time.perf_counter() - started)

@@ -8,6 +8,10 @@ solvers (tfwsvd, adam, sgd, adam_sgd, als, em) have no such spectrum: their curv
 two-sided FWSVD spectrum of the same diagonal Fisher (its rank-one fit, with the same marginals
 and trace), a documented proxy (docs/METHOD.md "Rank allocation").
 
+Asked for its ``terms``, a spectrum also carries the solver's truncation path (the rank-one terms
+whose first r make its rank-r solution), which :func:`kronecker_rank_losses` prices under the
+Kronecker-factored model instead of the solver's own quadratic (``curve_loss_model: kronecker``).
+
 A :class:`Spectrum` also carries the traces of the two sides of the curvature the quadratic
 assumes (``tr(S_outᵀ S_out)``, ``tr(S_in S_inᵀ)``): the loss curve scales the tail so that this
 curvature has the trace of the layer's diagonal Fisher (:func:`rank_losses`), which puts every

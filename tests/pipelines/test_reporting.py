@@ -229,7 +229,7 @@ def test_reporting_pipeline_on_fake_evaluations(tmp_path) -> None:
     assert records["als"]["tags"]["kind"] == "solver"
     assert records["dense"]["params"]["allocation"] == "dense"
     assert records["als"]["params"]["allocation"] == "uniform"
-    assert records["als"]["params"]["curve_loss_model"] == "own"
+    assert records["als"]["params"]["curve_loss_model"] == "kronecker"  # the default
     assert records["dense"]["params"]["curve_loss_model"] == "dense"
     # Each child run carries its own row's predictions, and a solver row its solver's rank map.
     for index, namespace in enumerate(NAMESPACES):

@@ -109,6 +109,23 @@ def forced_dense_rank_map(catalog, solver, modules) -> pd.DataFrame:
     return rank_map
 
 
+def compress_with_dense_layers(allocated, solver, modules, options=None):
+    """``compress`` at :func:`forced_dense_rank_map`'s ranks: (rank map, compressed, report)."""
+    bundle, fisher_information, catalog, _ = allocated
+    rank_map = forced_dense_rank_map(catalog, solver, modules)
+    compressed, report, _ = compress(
+        bundle,
+        fisher_information,
+        catalog.load("calibration_statistics"),
+        svd_reference(bundle, fisher_information, GLOBAL),
+        rank_map,
+        GLOBAL,
+        options or {},
+        solver=solver,
+    )
+    return rank_map, compressed, report
+
+
 def test_the_global_maps_keep_at_most_the_uniform_parameters(allocated):
     bundle, _, catalog, uniform = allocated
     for solver in SOLVERS:
@@ -196,21 +213,13 @@ def test_the_compressed_layers_have_the_rank_maps_ranks(allocated):
 
 @pytest.mark.parametrize("solver", ["svd", "kfwsvd"])
 def test_layers_an_allocation_keeps_dense_stay_linear(allocated, solver):
-    bundle, fisher_information, catalog, _ = allocated
+    bundle = allocated[0]
     targets = list(select_linear_modules(bundle.model))
     kept = [targets[1], targets[4]]  # an attention projection and an FFN input layer
-    rank_map = forced_dense_rank_map(catalog, solver, kept)
-    assert rank_map["params_kept"].sum() <= rank_map["max_parameters"].iloc[0]
-    compressed, report, _ = compress(
-        bundle,
-        fisher_information,
-        catalog.load("calibration_statistics"),
-        svd_reference(bundle, fisher_information, GLOBAL),
-        rank_map,
-        GLOBAL,
-        fast_options(solver),
-        solver=solver,
+    rank_map, compressed, report = compress_with_dense_layers(
+        allocated, solver, kept, fast_options(solver)
     )
+    assert rank_map["params_kept"].sum() <= rank_map["max_parameters"].iloc[0]
     check_compressed_matches_rank_map(compressed.model, bundle.model, rank_map)
     assert set(lowrank_modules(compressed.model)) == set(targets) - set(kept)
     assert report["module"].tolist() == [name for name in targets if name not in kept]
@@ -346,21 +355,11 @@ def test_evaluation_refuses_the_rank_map_of_the_other_allocation(allocated):
 
 
 def test_evaluation_counts_the_layers_kept_dense(allocated):
-    bundle, fisher_information, catalog, _ = allocated
+    bundle, _, catalog, _ = allocated
     targets = select_linear_modules(bundle.model)
     names = list(targets)
     kept = [names[1], names[4]]
-    rank_map = forced_dense_rank_map(catalog, "svd", kept)
-    compressed, report, _ = compress(
-        bundle,
-        fisher_information,
-        catalog.load("calibration_statistics"),
-        svd_reference(bundle, fisher_information, GLOBAL),
-        rank_map,
-        GLOBAL,
-        {},
-        solver="svd",
-    )
+    rank_map, compressed, report = compress_with_dense_layers(allocated, "svd", kept)
     metrics = evaluate(compressed, bundle, report, rank_map)
     # By hand, from the shapes and ranks: every targeted layer's weight and bias.
     ranks = dict(zip(rank_map["module"], rank_map["rank"], strict=True))

@@ -187,3 +187,65 @@ def varied_split(rows: int, seed: int) -> pd.DataFrame:
     rng = random.Random(seed)
     texts = [" ".join(rng.choices(VARIED_WORDS, k=rng.randint(1, 12))) for _ in range(rows)]
     return pd.DataFrame({"text": texts, "label": [i % 2 for i in range(rows)]})
+
+
+def make_lm_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """A whole-word tokenizer over :data:`VARIED_WORDS` for tiny causal LMs, built offline.
+
+    GPT-2 style (``bos=False``): ``<|endoftext|>`` is its only special token, no padding token
+    (as GPT-2's). LLaMA style (``bos=True``): ``<s>`` is prepended to every text, ``</s>`` ends
+    it, no padding token either.
+    """
+    specials = ["<unk>", "<s>", "</s>"] if bos else ["<unk>", "<|endoftext|>"]
+    words = sorted({word for line in TOY_CORPUS for word in line.split()} | set(VARIED_WORDS))
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+    )
+
+
+def make_tiny_causal_lm(architecture: str, seed: int = 0, hidden: int = 32) -> ModelBundle:
+    """A randomly initialised 2-block causal LM, ``gpt2`` (Conv1D layers, tied head) or
+    ``llama`` (q/k/v/o and gate/up/down projections), with its tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_lm_tokenizer(bos=architecture == "llama")
+    torch.manual_seed(seed)
+    if architecture == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_positions=64, n_embd=hidden, n_layer=2, n_head=4,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        model = GPT2LMHeadModel(config)
+    elif architecture == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        )  # fmt: skip
+        model = LlamaForCausalLM(config)
+    else:
+        raise ValueError(f"unknown tiny causal LM {architecture!r}; expected gpt2 or llama")
+    model.eval()
+    return ModelBundle(model=model, tokenizer=tokenizer)
+
+
+def lm_corpus(rows: int, seed: int) -> pd.DataFrame:
+    """Documents of 3–12 words from :data:`VARIED_WORDS` (a language-modelling split)."""
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choices(VARIED_WORDS, k=rng.randint(3, 12))) for _ in range(rows)]
+    return pd.DataFrame({"text": texts})

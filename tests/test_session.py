@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 
 from tests.conftest import make_tiny_bundle
+from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lowrank.layer import lowrank_modules
 from weighted_lowrank.lowrank.serialization import load_compressed
 from weighted_lowrank.lowrank.solvers import SOLVERS
@@ -60,7 +61,9 @@ class SmokeRun:
     children: dict[str, Run]
 
 
-def _copy_project(project: Path) -> Path:
+def copy_project(project: Path, bundle: ModelBundle | None = None) -> Path:
+    """Copy conf/ and the embedded data into ``project`` and save ``bundle`` (default: a tiny
+    random BERT classifier) as its model directory; returns that directory."""
     for name in ("pyproject.toml", ".telemetry"):
         shutil.copy(PROJECT_ROOT / name, project / name)
     shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
@@ -68,28 +71,42 @@ def _copy_project(project: Path) -> Path:
     (project / "src").mkdir()  # bootstrap_project wants it; the package itself is installed
     shutil.copytree(PROJECT_ROOT / "data" / "01_raw", project / "data" / "01_raw")
     model_dir = project / "tiny_model"
-    bundle = make_tiny_bundle()
+    bundle = bundle or make_tiny_bundle()
     bundle.model.save_pretrained(model_dir)
     bundle.tokenizer.save_pretrained(model_dir)
     return model_dir
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> SmokeRun:
-    project = tmp_path_factory.mktemp("project")
-    model_dir = _copy_project(project)
-    tracking_uri = f"sqlite:///{project / 'mlflow.db'}"
+def kedro_run(project: Path, pipeline: str, runtime_params: dict) -> None:
+    """``kedro run --env smoke --pipelines <pipeline>`` of ``project`` in this process, MLflow's
+    tracking URI and active runs restored afterwards (also when the run fails)."""
     previous_uri = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(project)
-        bootstrap_project(project)
-        runtime_params = {"mlflow_tracking_uri": tracking_uri, "model": {"source": str(model_dir)}}
-        with KedroSession.create(
-            project_path=project, env="smoke", runtime_params=runtime_params
-        ) as session:
-            session.run(pipeline_names=["refined"])
-    end_active_runs()
-    mlflow.set_tracking_uri(previous_uri)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(project)
+            bootstrap_project(project)
+            with KedroSession.create(
+                project_path=project, env="smoke", runtime_params=runtime_params
+            ) as session:
+                session.run(pipeline_names=[pipeline])
+    finally:
+        end_active_runs()
+        mlflow.set_tracking_uri(previous_uri)
+
+
+def run_smoke(
+    project: Path, model_dir: Path, pipeline: str, params: dict | None = None
+) -> SmokeRun:
+    """:func:`kedro_run` on ``model_dir`` (with ``params`` merged into the runtime parameters),
+    logging into the project's own sqlite store; returns the one parent run and its child runs
+    by name."""
+    tracking_uri = f"sqlite:///{project / 'mlflow.db'}"
+    runtime_params = {
+        "mlflow_tracking_uri": tracking_uri,
+        **(params or {}),
+        "model": {**(params or {}).get("model", {}), "source": str(model_dir)},
+    }
+    kedro_run(project, pipeline, runtime_params)
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("weighted_lowrank")
     runs = client.search_runs([experiment.experiment_id])
@@ -101,6 +118,12 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
         if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     }
     return SmokeRun(project, model_dir, tracking_uri, parents[0], children)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> SmokeRun:
+    project = tmp_path_factory.mktemp("project")
+    return run_smoke(project, copy_project(project), "refined")
 
 
 def test_parent_run_logs_every_parameter_flattened_and_the_fine_tuning_curve(smoke_run):

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 import weighted_lowrank.sweep as sweep_module
-from tests.test_session import _copy_project
+from tests.test_session import copy_project
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.pipelines.refined.pipeline import default_pipeline
 from weighted_lowrank.pipelines.reporting.run_history import (
@@ -109,7 +109,7 @@ def test_each_allocation_is_summarised_and_paired_with_the_reference_on_its_own(
 def sweep(tmp_path_factory):
     """Seeds 1 and 2 at budgets 0.1 and 0.2 in the smoke environment, then seed 1 at 0.1 again."""
     project = tmp_path_factory.mktemp("sweep")
-    model_dir = _copy_project(project)
+    model_dir = copy_project(project)
     tracking_uri = f"sqlite:///{project / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
     params = {"mlflow_tracking_uri": tracking_uri, "model": {"source": str(model_dir)}}

@@ -1,8 +1,10 @@
-"""Length-bucketed batches of tokenized text for sequence-classification models.
+"""Batches of tokenized text: length-bucketed examples for sequence classifiers, token blocks
+for causal language models.
 
-Batches are padded only to their own longest example; sorting examples by token length first
-makes them nearly unpadded, so per-token work (Fisher estimation, training) is not wasted on
-padding.
+Classifier batches are padded only to their own longest example; sorting examples by token
+length first makes them nearly unpadded, so per-token work (Fisher estimation, training) is not
+wasted on padding. A language-modelling split is one token stream cut into equal blocks
+(:func:`encode_lm_blocks`), so its batches need no padding but the last block's.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from weighted_lowrank.lowrank.language_model import IGNORE_INDEX
+
 REQUIRED_COLUMNS = ("text", "label")
+#: A language-modelling split needs its documents only.
+LM_REQUIRED_COLUMNS = ("text",)
 
 
 def make_batches(
@@ -98,18 +104,76 @@ def encode_examples(
     ]
 
 
+def encode_lm_blocks(
+    frame: pd.DataFrame, tokenizer, block_length: int
+) -> list[dict[str, torch.Tensor]]:
+    """The documents of ``frame["text"]`` as blocks of ``block_length`` tokens for a causal LM.
+
+    Each document is tokenized as the tokenizer does by default (LLaMA's adds a BOS), followed
+    by the end-of-text token when the tokenizer has one and did not add it; the documents are
+    concatenated in row order and the stream is cut into consecutive blocks, as Hugging Face's
+    ``run_clm`` groups texts. The last, shorter block is kept when it has at least two tokens
+    (one prediction). ``labels`` are the block's own token ids (the model shifts them).
+    """
+    missing = [column for column in LM_REQUIRED_COLUMNS if column not in frame.columns]
+    if missing or len(frame) == 0:
+        raise ValueError(
+            f"a language-modelling split needs a non-empty 'text' column; it has "
+            f"{list(frame.columns)} and {len(frame)} rows"
+        )
+    if block_length < 2:
+        raise ValueError(f"block_length must be at least 2 tokens, got {block_length}")
+    encoded = tokenizer(frame["text"].astype(str).tolist(), verbose=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for ids in encoded:
+        stream.extend(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            stream.append(eos)
+    starts = range(0, len(stream), block_length)
+    blocks = [stream[start : start + block_length] for start in starts]
+    if blocks and len(blocks[-1]) < 2:
+        blocks.pop()
+    if not blocks:
+        raise ValueError(
+            f"the split's {len(frame)} documents give fewer than 2 tokens; nothing to predict"
+        )
+    examples = []
+    for block in blocks:
+        ids = torch.tensor(block, dtype=torch.long)
+        examples.append(
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        )
+    return examples
+
+
+def make_lm_batches(
+    frame: pd.DataFrame, tokenizer, *, batch_size: int = 32, block_length: int = 64
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`encode_lm_blocks` of ``frame`` in consecutive batches of ``batch_size`` blocks."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    examples = encode_lm_blocks(frame, tokenizer, block_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [
+        pad_examples(examples[start : start + batch_size], pad_id)
+        for start in range(0, len(examples), batch_size)
+    ]
+
+
 def pad_examples(
     examples: list[dict[str, torch.Tensor]], pad_token_id: int
 ) -> dict[str, torch.Tensor]:
-    """Right-pad encoded examples to the longest one: ``input_ids`` with ``pad_token_id``, the
-    other token columns with 0; labels are stacked."""
+    """Right-pad encoded examples to the longest one: ``input_ids`` with ``pad_token_id``, token
+    ``labels`` (a language model's) with -100, the other token columns with 0; one label per
+    example is stacked."""
     length = max(example["input_ids"].numel() for example in examples)
     batch: dict[str, torch.Tensor] = {}
     for key in examples[0]:
-        if key == "labels":
+        if key == "labels" and examples[0][key].dim() == 0:
             batch[key] = torch.stack([example[key] for example in examples])
             continue
-        fill = pad_token_id if key == "input_ids" else 0
+        fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
         batch[key] = torch.stack(
             [
                 torch.nn.functional.pad(

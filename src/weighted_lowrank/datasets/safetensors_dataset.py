@@ -19,6 +19,7 @@ from kedro.io.core import (
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from weighted_lowrank.datasets.integrity import VersionChecked, safetensors_problem
 from weighted_lowrank.lineage import FINGERPRINT_KEY
 
 TensorFile = dict[str, Any]
@@ -27,13 +28,15 @@ TensorFile = dict[str, Any]
 _ALLOWED_KEYS = {"tensors", "metadata"}
 
 
-class SafetensorsDataset(AbstractVersionedDataset[TensorFile, TensorFile]):
+class SafetensorsDataset(VersionChecked, AbstractVersionedDataset[TensorFile, TensorFile]):
     """Saves/loads ``{"tensors": {name: Tensor}, "metadata": {str: str}}`` as a safetensors file.
 
     The metadata dict goes into the safetensors header (strings only, as the format requires);
     tensors are written contiguous and loaded on CPU. No pickle is involved either way. A save
     writes a temporary file in the target directory and renames it, so readers never see a
-    partial file.
+    partial file; a file truncated or damaged anyway fails to load with an
+    :class:`~weighted_lowrank.datasets.integrity.UnloadableVersionError` naming the version and
+    the previous complete one.
 
     Example catalog entry::
 
@@ -78,14 +81,25 @@ class SafetensorsDataset(AbstractVersionedDataset[TensorFile, TensorFile]):
             raise DatasetError(
                 f"SafetensorsDataset: no file at {load_path!r}; run the pipeline that saves it first"
             )
-        tensors = load_file(load_path, device="cpu")
-        with safe_open(load_path, framework="pt") as handle:
-            header_metadata = handle.metadata() or {}
+        self.check_load_version()
+        try:
+            tensors = load_file(load_path, device="cpu")
+            with safe_open(load_path, framework="pt") as handle:
+                header_metadata = handle.metadata() or {}
+        except Exception as error:  # safetensors' SafetensorError, OSError
+            problem = f"loading it failed with {type(error).__name__}: {error}"
+            raise self._unloadable(load_path, problem) from error
         return {"tensors": tensors, "metadata": dict(header_metadata)}
+
+    def _problem(self, path: str) -> str | None:
+        """What makes the file ``path`` unloadable (:class:`VersionChecked`); header only."""
+        return safetensors_problem(path)
 
     def fingerprint_at(self, version: str) -> str | None:
         """The lineage fingerprint in the header of the saved ``version`` (None if it has none)."""
         path = get_filepath_str(self._get_versioned_path(version), self._protocol)
+        if safetensors_problem(path) is not None:
+            return None  # an incomplete version matches nothing
         with safe_open(path, framework="pt") as handle:
             return (handle.metadata() or {}).get(FINGERPRINT_KEY)
 

@@ -4,6 +4,12 @@ No Kedro import anywhere below this package, and nothing from the rest of ``weig
 so it is usable from a notebook or another project.
 """
 
+from weighted_lowrank.lowrank.architectures import (
+    default_target_names,
+    linearize_conv1d,
+    save_pretrained_model,
+    transformer_blocks,
+)
 from weighted_lowrank.lowrank.calibration import CALIBRATION_STATISTICS, statistic_key
 from weighted_lowrank.lowrank.compression import (
     apply_factors,
@@ -23,12 +29,11 @@ from weighted_lowrank.lowrank.serialization import (
     save_compressed,
 )
 from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, factorize_batch, solver_needs
-from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS, select_linear_modules
+from weighted_lowrank.lowrank.targets import select_linear_modules
 
 __all__ = [
     "Calibration",
     "CALIBRATION_STATISTICS",
-    "DEFAULT_TARGETS",
     "SOLVERS",
     "FactorizationResult",
     "LayerSpec",
@@ -37,21 +42,25 @@ __all__ = [
     "apply_factors",
     "calibrate",
     "compress_model",
+    "default_target_names",
     "empirical_fisher",
     "factorize",
     "factorize_batch",
     "factorize_model",
     "fisher_variance",
     "layer_ranks",
+    "linearize_conv1d",
     "load_compressed",
     "lowrank_modules",
     "rank_for_budget",
     "replace_module",
     "save_compressed",
+    "save_pretrained_model",
     "select_linear_modules",
     "solver_needs",
     "spearman",
     "statistic_key",
     "svd_reference_losses",
+    "transformer_blocks",
     "weighted_loss",
 ]

@@ -30,6 +30,7 @@ from weighted_lowrank.lowrank.calibration import (
     check_statistics,
 )
 from weighted_lowrank.lowrank.devices import resolve_device
+from weighted_lowrank.lowrank.language_model import is_causal_lm, summed_block_loss
 from weighted_lowrank.lowrank.targets import select_linear_modules
 
 FISHER_MODES = ("per_example", "minibatch")
@@ -74,7 +75,9 @@ def calibrate(
     """One pass over ``batches``: the Fisher of the targeted Linear weights and ``statistics``.
 
     ``batches`` yields dicts accepted by ``model(**batch)`` that also hold ``"labels"``. The loss
-    is cross-entropy for classification (``num_labels > 1``), binary cross-entropy with logits for
+    is a causal language model's next-token loss, each block's mean over its predicted tokens
+    (:mod:`~weighted_lowrank.lowrank.language_model`; labels are the block's token ids),
+    cross-entropy for classification (``num_labels > 1``), binary cross-entropy with logits for
     ``problem_type == "multi_label_classification"``, and squared error for regression
     (``num_labels == 1``), always *summed* over the examples of a batch.
 
@@ -90,7 +93,10 @@ def calibrate(
     when a module's input is ``(batch, tokens, in)`` matching it, else every row; see
     :class:`~weighted_lowrank.lowrank.calibration.StatisticsAccumulator`.
 
-    ``targets`` selects Linear modules (regex or names; ``None`` = attention Q/K/V/O and FFN).
+    ``targets`` selects Linear modules (regex or names; ``None`` = the attention and MLP
+    projections of every transformer block, ``architectures.default_target_names``). A module
+    called on an input every example shares (DeBERTa-v3's relative-position table) makes the
+    per-example mode run the batches one example at a time, exact.
     The model runs in eval mode (no dropout) on ``device``; its mode, device and ``requires_grad``
     flags are restored afterwards. Raises ``ValueError`` for an unknown mode or statistic, a batch
     without labels, no examples, or a non-finite loss or gradient (naming the module nearest the
@@ -181,7 +187,10 @@ def validate_fisher(
 
 
 def _loss_function(model: nn.Module):
-    """Summed task loss of logits vs labels, chosen like Hugging Face's classification heads."""
+    """Summed task loss of logits vs labels, chosen like Hugging Face's heads: a causal LM's is
+    the sum over blocks of each block's mean next-token loss."""
+    if is_causal_lm(model):
+        return summed_block_loss
     config = getattr(model, "config", None)
     num_labels = getattr(config, "num_labels", None)
     problem_type = getattr(config, "problem_type", None)
@@ -219,6 +228,8 @@ def _prepare_batch(
                 else value
                 for key, value in inputs.items()
             }
+            if labels.shape == (mask.shape[0], width):  # a language model's token labels
+                labels = labels[:, :length]
     return inputs, labels
 
 
@@ -273,6 +284,11 @@ class _Pass:
         self.device = device
         self.examples = 0
         self.tokens = 0
+        # Per-example mode on a model that applies a targeted module to an input shared by every
+        # example (DeBERTa-v3 projects its relative-position table with query_proj / key_proj):
+        # that call's output gradient is a sum over the batch, so batches run one example at a
+        # time from the first such batch on (exact, slower).
+        self.one_example_at_a_time = False
 
     @contextmanager
     def capturing(self):
@@ -291,10 +307,24 @@ class _Pass:
             self.captured.clear()
 
     def step(self, batch: Mapping[str, torch.Tensor], batch_index: int) -> None:
+        if self.one_example_at_a_time:
+            for example in _single_examples(batch):
+                self._step(example, batch_index)
+            return
+        self._step(batch, batch_index)
+
+    def _step(self, batch: Mapping[str, torch.Tensor], batch_index: int) -> None:
         inputs, labels = _prepare_batch(batch, batch_index, self.device)
         self.captured.clear()
         with torch.enable_grad():
             loss = self.loss_of(self.model(**inputs).logits, labels)
+            if self.per_example is not None and _has_shared_call(self.captured, labels.shape[0]):
+                del loss
+                self.captured.clear()
+                self.one_example_at_a_time = True
+                for example in _single_examples(batch):
+                    self._step(example, batch_index)
+                return
             if not torch.isfinite(loss):
                 raise ValueError(
                     f"loss is {loss.item()} on batch {batch_index}; "
@@ -357,6 +387,30 @@ class _Pass:
             module_tokens,
             self.statistics.seconds,
         )
+
+
+def _has_shared_call(
+    captured: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]], batch_size: int
+) -> bool:
+    """Whether a targeted module was called on an input without the batch's leading dimension
+    (one shared by every example), in a batch of several examples."""
+    return batch_size > 1 and any(
+        x.dim() >= 2 and x.shape[0] != batch_size for calls in captured.values() for x, _ in calls
+    )
+
+
+def _single_examples(batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """``batch`` cut into batches of one example (tensors whose leading size is the batch's)."""
+    size = batch["labels"].shape[0]
+    return [
+        {
+            key: value[index : index + 1]
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == size
+            else value
+            for key, value in batch.items()
+        }
+        for index in range(size)
+    ]
 
 
 def _real_tokens(inputs: Mapping[str, torch.Tensor]) -> int:

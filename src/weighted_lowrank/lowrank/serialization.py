@@ -7,6 +7,11 @@ model class, dtype, every low-rank module with its rank, tied aliases). It is re
 stock transformers class named there: no remote code, no pickle. ``AutoModel*.from_pretrained``
 on such a directory would silently re-initialise the dense layers it cannot find; always reload
 it with :func:`load_compressed`.
+
+Layout of GPT-2-style ``Conv1D`` weights: always ``nn.Linear``'s (out × in), whether the saved
+model's dense ``Conv1D`` layers were linearized (:class:`~weighted_lowrank.lowrank.architectures.
+Conv1DLinear`, as every loaded model's are) or not; :func:`load_compressed` linearizes the fresh
+model before loading, so its dense layers are ``Conv1DLinear`` like a loaded model's.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from safetensors.torch import load_file, save, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from weighted_lowrank.lowrank.architectures import conv1d_modules, linearize_conv1d
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.layer import LowRankLinear, lowrank_modules, replace_module
 
@@ -151,8 +157,11 @@ def tensors_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     """The model's state dict as contiguous CPU tensors, one key per storage.
 
     Tied parameters (several names for one tensor) are written once; the second return value maps
-    each dropped alias to the key it shares its tensor with.
+    each dropped alias to the key it shares its tensor with. The weight of a transformers
+    ``Conv1D`` not linearized yet is written transposed, in ``nn.Linear``'s (out × in) layout,
+    the layout of a linearized one: a saved file has one layout whatever the model held.
     """
+    conv_weights = {f"{name}.weight" for name in _all_conv1d_names(model)}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
@@ -162,8 +171,22 @@ def tensors_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
             aliases[key] = seen[identity]
             continue
         seen[identity] = key
+        if key in conv_weights:
+            tensor = tensor.t()
         tensors[key] = tensor.detach().cpu().contiguous()
     return tensors, aliases
+
+
+def _all_conv1d_names(model: nn.Module) -> list[str]:
+    """Every name of every ``Conv1D`` (a module registered twice has two state-dict keys)."""
+    conv = set(conv1d_modules(model))
+    if not conv:
+        return []
+    modules = dict(model.named_modules())
+    ids = {id(modules[name]) for name in conv}
+    return [
+        name for name, module in model.named_modules(remove_duplicate=False) if id(module) in ids
+    ]
 
 
 def serialized_size_bytes(model: nn.Module) -> int:
@@ -217,8 +240,9 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu") -
     """Rebuild a model written by :func:`save_compressed`; strict about every tensor key.
 
     The stock transformers class named in ``lowrank_config.json`` is built from ``config.json``,
-    the listed modules are replaced by :class:`LowRankLinear` of the saved ranks and
-    ``model.safetensors`` is loaded; a missing or unexpected key raises ``ValueError``.
+    its ``Conv1D`` layers (GPT-2) are linearized, the listed modules are replaced by
+    :class:`LowRankLinear` of the saved ranks and ``model.safetensors`` is loaded; a missing or
+    unexpected key raises ``ValueError``.
     Returns the model in eval mode on ``device``.
     """
     directory = Path(directory)
@@ -241,6 +265,8 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu") -
         )
     config = AutoConfig.from_pretrained(directory)
     model = model_class(config).to(dtype)
+    # Conv1D weights are saved in nn.Linear layout (tensors_for_saving).
+    linearize_conv1d(model)
     for name, spec in lowrank_config.modules.items():
         try:
             dense = model.get_submodule(name)

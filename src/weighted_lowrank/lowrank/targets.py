@@ -1,4 +1,4 @@
-"""Which Linear modules of a model are compression targets."""
+"""Which Linear modules of a model are compression targets, and what each one is."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from collections.abc import Iterable
 
 from torch import nn
 
-#: Attention Q/K/V/O and the two FFN projections of every encoder layer (BERT-style names).
-#: Embeddings, pooler and classifier stay dense: the setting of the research this project
-#: reproduces (docs/METHOD.md, row "targeted layers" of the choices table).
-DEFAULT_TARGETS = (
-    r"(^|\.)encoder\.layer\.\d+\."
-    r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"
-)
+from weighted_lowrank.lowrank.architectures import conv1d_modules, default_target_names
+
+#: What ``targets: null`` selects (docs/METHOD.md, row "targeted layers" of the choices table):
+#: the attention and MLP projections of every transformer block, found per architecture from the
+#: model's structure (:func:`~weighted_lowrank.lowrank.architectures.default_target_names`).
+#: Embeddings, pooler, heads and LayerNorms stay dense.
+DEFAULT_TARGETS_DESCRIPTION = "default: attention + MLP projections of every transformer block"
 
 
 def select_linear_modules(
@@ -22,14 +22,18 @@ def select_linear_modules(
     """Return ``{module name: nn.Linear}`` for the targeted Linear modules, in model order.
 
     ``targets`` is a regular expression matched with ``re.search`` against module names, an
-    iterable of exact module names, or ``None`` for :data:`DEFAULT_TARGETS`.
+    iterable of exact module names, or ``None`` for the attention and MLP projections of every
+    transformer block (:func:`~weighted_lowrank.lowrank.architectures.default_target_names`,
+    whatever the architecture; GPT-2's ``Conv1D`` must be linearized first).
     Raises ``ValueError`` when nothing matches or a named module is missing / not Linear.
     """
     linear = {
         name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)
     }
-    if targets is None or isinstance(targets, str):
-        pattern = DEFAULT_TARGETS if targets is None else targets
+    if targets is None:
+        return {name: linear[name] for name in default_target_names(model)}
+    if isinstance(targets, str):
+        pattern = targets
         try:
             regex = re.compile(pattern)
         except re.error as exc:
@@ -38,7 +42,7 @@ def select_linear_modules(
         if not selected:
             raise ValueError(
                 f"targets regex {pattern!r} matches no nn.Linear module; "
-                f"Linear modules are e.g. {sorted(linear)[:5]}"
+                f"Linear modules are e.g. {sorted(linear)[:5]}{_conv1d_hint(model)}"
             )
         return selected
     names = list(targets)
@@ -48,38 +52,107 @@ def select_linear_modules(
     if missing:
         raise ValueError(
             f"targets {missing} are not nn.Linear modules of the model; "
-            f"Linear modules are e.g. {sorted(linear)[:5]}"
+            f"Linear modules are e.g. {sorted(linear)[:5]}{_conv1d_hint(model)}"
         )
     return {name: linear[name] for name in names}
 
 
-#: Name suffix → kind of a BERT-style encoder Linear, in the order the layer computes them.
+def _conv1d_hint(model: nn.Module) -> str:
+    conv = conv1d_modules(model)
+    if not conv:
+        return ""
+    return (
+        f"; {len(conv)} transformers Conv1D modules ({conv[0]}, …) are not linearized yet: call "
+        "weighted_lowrank.lowrank.architectures.linearize_conv1d(model) first"
+    )
+
+
+#: The kinds of a block's projections, in the order a block computes them (``qkv``: one fused
+#: query/key/value projection; ``ffn_gate``: the gate of a gated MLP; ``ffn_in`` also names a
+#: fused gate+input projection such as ModernBERT's ``Wi``).
+KIND_ORDER = (
+    "query",
+    "key",
+    "value",
+    "qkv",
+    "attention_output",
+    "ffn_gate",
+    "ffn_in",
+    "ffn_out",
+)
+
+#: Name suffix (whole dotted components) → kind of a block's projection, first match wins (so
+#: BERT's ``attention.output.dense`` is found before its FFN ``output.dense``).
 MODULE_KINDS = (
+    # BERT, RoBERTa, ELECTRA (and BERT-style encoders)
     ("attention.self.query", "query"),
     ("attention.self.key", "key"),
     ("attention.self.value", "value"),
     ("attention.output.dense", "attention_output"),
     ("intermediate.dense", "ffn_in"),
     ("output.dense", "ffn_out"),
+    # DeBERTa-v2/v3 (its attention.output.dense, intermediate.dense, output.dense as BERT's)
+    ("attention.self.query_proj", "query"),
+    ("attention.self.key_proj", "key"),
+    ("attention.self.value_proj", "value"),
+    # ALBERT
+    ("attention.query", "query"),
+    ("attention.key", "key"),
+    ("attention.value", "value"),
+    ("attention.dense", "attention_output"),
+    ("ffn", "ffn_in"),
+    ("ffn_output", "ffn_out"),
+    # DistilBERT
+    ("q_lin", "query"),
+    ("k_lin", "key"),
+    ("v_lin", "value"),
+    ("out_lin", "attention_output"),
+    ("ffn.lin1", "ffn_in"),
+    ("ffn.lin2", "ffn_out"),
+    # GPT-2 (Conv1D, linearized)
+    ("attn.c_attn", "qkv"),
+    ("attn.c_proj", "attention_output"),
+    ("mlp.c_fc", "ffn_in"),
+    ("mlp.c_proj", "ffn_out"),
+    # ModernBERT
+    ("attn.Wqkv", "qkv"),
+    ("attn.Wo", "attention_output"),
+    ("mlp.Wi", "ffn_in"),
+    ("mlp.Wo", "ffn_out"),
+    # LLaMA-style decoders (Mistral, Qwen2, …)
+    ("q_proj", "query"),
+    ("k_proj", "key"),
+    ("v_proj", "value"),
+    ("o_proj", "attention_output"),
+    ("gate_proj", "ffn_gate"),
+    ("up_proj", "ffn_in"),
+    ("down_proj", "ffn_out"),
 )
 
 
 def ordered_kinds(kinds: Iterable[str]) -> list[str]:
     """The distinct ``kinds`` in a layer's computation order, unknown kinds last (sorted)."""
     present = set(kinds)
-    known = [kind for _, kind in MODULE_KINDS if kind in present]
+    known = [kind for kind in KIND_ORDER if kind in present]
     return known + sorted(present - set(known))
 
 
-def describe_module(name: str) -> tuple[int | None, str]:
-    """``(layer index, kind)`` of a BERT-style Linear name, for tables and plots.
+#: The block index in a module name: the first whole numeric component (``encoder.layer.3.…``,
+#: ``transformer.h.3.…``, ``model.layers.3.…``; ALBERT: the layer group).
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 
-    Kinds: query, key, value, attention_output, ffn_in, ffn_out; other names keep their last
-    component (layer None when the name has no ``layer.<i>``).
+
+def describe_module(name: str) -> tuple[int | None, str]:
+    """``(layer index, kind)`` of a block projection's module name, for tables and plots.
+
+    Kinds (:data:`KIND_ORDER`): query, key, value, qkv, attention_output, ffn_gate, ffn_in,
+    ffn_out, for every architecture of :data:`MODULE_KINDS`; other names keep their last
+    component. The layer is the first numeric component of the name (None without one); for
+    ALBERT it is the layer group (0 in released checkpoints, whose one layer every call shares).
     """
-    match = re.search(r"layer\.(\d+)\.", name)
+    match = _LAYER_INDEX.search(name)
     layer = int(match.group(1)) if match else None
     for suffix, kind in MODULE_KINDS:
-        if name.endswith(suffix):
+        if name == suffix or name.endswith(f".{suffix}"):
             return layer, kind
     return layer, name.rsplit(".", 1)[-1]

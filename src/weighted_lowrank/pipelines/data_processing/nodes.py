@@ -2,12 +2,16 @@
 
 Every split has the columns ``text``, optionally ``text_pair``, and ``label`` (int ``0..k-1`` for
 classification, float for regression). ``label_names[i]`` names label id ``i``; an empty list
-means a regression task (GLUE STS-B).
+means a regression task (GLUE STS-B) — or, when the run's task is ``causal_lm``, a language-
+modelling corpus: then every split has the column ``text`` alone (one document per row, cut into
+token blocks where a model reads it, ``batching.encode_lm_blocks``) and rows are split at random,
+without strata.
 """
 
 from __future__ import annotations
 
 import html
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from weighted_lowrank.parameters import DataParams, LabelledColumns, SplitParams, label_key
+from weighted_lowrank.parameters import (
+    DataParams,
+    LabelledColumns,
+    ModelParams,
+    SplitParams,
+    label_key,
+)
+from weighted_lowrank.text_files import jsonl_records, read_text, text_lines
 
 SPLIT_NAMES = ("train", "validation", "test")
 _REGRESSION_STRATA = 5
@@ -43,12 +54,26 @@ _FILE_BUILDERS = {
 }
 
 
-def resolve_source(data: DataParams) -> dict[str, Any]:
+def resolve_source(data: DataParams, model: ModelParams | None = None) -> dict[str, Any]:
     """The chosen source as one flat description the later nodes read, whatever its kind.
 
     It names the source (``type``, ``path``, GLUE ``task``/``data_files``), the raw column
-    names, the accepted raw label values with their display names, and the task type.
+    names, the accepted raw label values with their display names, the task type, and
+    ``model_task``: the run's ``model.task`` resolved (``causal_lm`` reads texts only; without
+    ``model``, ``sequence_classification``).
     """
+    spec = _resolve_labelled_source(data)
+    spec["model_task"] = "sequence_classification" if model is None else model.resolved_task()
+    if spec["type"] == "text" and spec["model_task"] != "causal_lm":
+        raise ValueError(
+            f"data.source=text is a corpus without labels, for model.task=causal_lm, but this "
+            f"run's model task is {spec['model_task']!r}: give a csv, jsonl or parquet file with "
+            "a label column (data.local_file.label_column), or set model.task=causal_lm"
+        )
+    return spec
+
+
+def _resolve_labelled_source(data: DataParams) -> dict[str, Any]:
     if data.source == "glue":
         return _resolve_glue(data)
     block: LabelledColumns = data.catalog if data.source == "catalog" else data.local_file
@@ -65,7 +90,16 @@ def resolve_source(data: DataParams) -> dict[str, Any]:
     }
     if data.source != "catalog":
         spec["path"] = data.local_file.path
+        spec["encoding"] = data.local_file.encoding
         spec["read_args"] = dict(data.local_file.read_args)
+    if data.source == "text":  # one document per line, read into `text`; there are no labels
+        spec.update(
+            text_column="text",
+            text_pair_column=None,
+            label_column=None,
+            label_values=None,
+            label_names=None,
+        )
     return spec
 
 
@@ -109,9 +143,12 @@ def load_source_records(reviews_raw: pd.DataFrame, source: dict[str, Any]) -> pd
     if len(frame) == 0:
         raise ValueError(f"the {origin} has no rows")
     columns = {"text": source["text_column"]}
-    if source["text_pair_column"]:
-        columns["text_pair"] = source["text_pair_column"]
-    columns["label"] = source["label_column"]
+    if _is_corpus(source):
+        pass  # a language model reads the texts alone
+    else:
+        if source["text_pair_column"]:
+            columns["text_pair"] = source["text_pair_column"]
+        columns["label"] = source["label_column"]
     missing = [name for name in columns.values() if name not in frame.columns]
     if missing:
         raise ValueError(
@@ -124,15 +161,23 @@ def load_source_records(reviews_raw: pd.DataFrame, source: dict[str, Any]) -> pd
 
 
 def _read_local_file(source: dict[str, Any]) -> pd.DataFrame:
+    """The table of a local file source. Text formats are decoded here with the source's
+    ``encoding`` (a file that does not decode fails naming the byte offset and the option to
+    set, :mod:`weighted_lowrank.text_files`); Parquet stores UTF-8 by definition."""
     path = Path(source["path"]).expanduser()
     if not path.is_file():
         raise ValueError(f"data.local_file.path {str(path)!r} does not exist or is not a file")
     if source["type"] == "parquet":
         return pd.read_parquet(path, **source["read_args"])
     read_args = dict(source["read_args"])
+    text, _ = read_text(path, source["encoding"], read_args.pop("compression", "infer"))
+    if source["type"] == "jsonl":
+        return pd.DataFrame(jsonl_records(text, path))
+    if source["type"] == "text":
+        return pd.DataFrame({"text": text_lines(text)}, dtype=object)
     if path.suffix == ".tsv":
         read_args.setdefault("sep", "\t")
-    return pd.read_csv(path, **read_args)
+    return pd.read_csv(io.StringIO(text), **read_args)
 
 
 def _read_glue(source: dict[str, Any]) -> pd.DataFrame:
@@ -209,13 +254,19 @@ def clean_records(records: pd.DataFrame, source: dict[str, Any]) -> pd.DataFrame
     remaining duplicates keep their first row. A pair's identity is (text, text_pair).
     """
     text_columns = [column for column in ("text", "text_pair") if column in records.columns]
-    cleaned = records.dropna(subset=[*text_columns, "label"]).copy()
+    labelled = "label" in records.columns
+    cleaned = records.dropna(subset=[*text_columns, *(["label"] if labelled else [])]).copy()
     for column in text_columns:
         cleaned[column] = cleaned[column].astype(str)
         if source["unescape_html"]:
             cleaned[column] = cleaned[column].map(html.unescape)
         cleaned[column] = cleaned[column].str.strip()
         cleaned = cleaned[cleaned[column] != ""]
+    if not labelled:
+        cleaned = cleaned.drop_duplicates(subset=text_columns, keep="first")
+        if len(cleaned) == 0:
+            raise ValueError(f"no non-empty texts left after cleaning {len(records)} rows")
+        return cleaned.reset_index(drop=True)
     if source["task_type"] == "regression":
         cleaned["label"] = pd.to_numeric(cleaned["label"], errors="coerce")
         cleaned = cleaned.dropna(subset=["label"])
@@ -241,9 +292,12 @@ def encode_labels(records: pd.DataFrame, source: dict[str, Any]) -> tuple[pd.Dat
     """Map raw labels to ids ``0..k-1`` in the configured order; return the data and label names.
 
     Without configured ``label_values`` the distinct labels are used in sorted order. Regression
-    targets become float32 and the label names are empty.
+    targets become float32 and the label names are empty; so are a language-modelling corpus's,
+    whose texts pass through.
     """
     encoded = records.copy()
+    if _is_corpus(source):
+        return encoded, []
     if source["task_type"] == "regression":
         if encoded["label"].nunique() < 2:
             raise ValueError(
@@ -280,7 +334,10 @@ def split_records(
     """
     split = data.split
     sizes = _split_sizes(split, len(records))
-    strata = _strata(records["label"], regression=not label_names)
+    if "label" in records.columns:
+        strata = _strata(records["label"], regression=not label_names)
+    else:  # a language-modelling corpus: one stratum, a seeded random split
+        strata = pd.Series(np.zeros(len(records), dtype=int))
     rng = np.random.default_rng(split.seed)
     class_counts = strata.value_counts().sort_index()
     allocation = _allocate(sizes, class_counts.to_numpy())
@@ -349,6 +406,11 @@ def _allocate(sizes: list[int], class_counts: np.ndarray) -> np.ndarray:
             spare = np.flatnonzero(allocation.sum(axis=0) < class_counts)
             allocation[row, spare[0]] += 1
     return allocation
+
+
+def _is_corpus(source: dict[str, Any]) -> bool:
+    """Whether the run models language (texts only) rather than labels."""
+    return source.get("model_task") == "causal_lm"
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:

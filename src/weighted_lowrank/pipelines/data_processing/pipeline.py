@@ -1,4 +1,5 @@
-"""Wiring of the data_processing pipeline: source → clean → encode labels → stratified split."""
+"""Wiring of the data_processing pipeline: source → clean → encode labels → stratified split
+(a language model's corpus: texts only, random split)."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -16,7 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=resolve_source,
-                inputs="params:data",
+                inputs=["params:data", "params:model"],
                 outputs="data_source",
                 name="resolve_data_source",
             ),

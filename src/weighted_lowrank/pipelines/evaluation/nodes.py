@@ -16,7 +16,11 @@ Every row (``dense``, one namespace per solver and, in the ``refinement`` pipeli
   ``label``, ``prediction`` (the argmax class as int64; the predicted value as float64 for
   regression) and ``loss`` (the example's task loss; their mean is ``test_loss`` up to float
   rounding), then for classification the float32 logits ``logit_0`` … ``logit_<k-1>``, plus the
-  ``model_fingerprint`` column.
+  ``model_fingerprint`` column. A causal language model's examples are the test split's token
+  blocks (:data:`LM_PREDICTION_COLUMNS`): ``id``, ``tokens`` (predicted tokens), ``correct``
+  (those its top-1 guess got right) and ``loss`` (the block's mean next-token loss); its task
+  metrics are ``perplexity`` and ``token_accuracy``, and ``test_loss`` is the token-weighted mean
+  next-token loss (``log perplexity``).
 
 Parameter counts are element counts of the tensors ``save_compressed`` writes
 (:func:`~weighted_lowrank.lowrank.serialization.tensors_for_saving`: the state dict, tied tensors
@@ -47,13 +51,20 @@ from weighted_lowrank.lowrank.serialization import (
 )
 from weighted_lowrank.lowrank.targets import select_linear_modules
 from weighted_lowrank.parameters import CompressionParams, EvaluationParams, ModelParams
-from weighted_lowrank.training import Predictions, predict_examples, task_metrics
+from weighted_lowrank.training import (
+    Predictions,
+    language_model_metrics,
+    predict_examples,
+    task_metrics,
+)
 
 #: Columns of a ``<namespace>.predictions`` table (then, for classification, one float32
 #: ``logit_<k>`` per class, and ``model_fingerprint``). The logits let reporting measure how far
 #: a row's predicted distribution moved from dense's (``kl_to_dense``), which the argmax alone
 #: cannot tell.
 PREDICTION_COLUMNS = ("id", "label", "prediction", "loss")
+#: Columns of a causal language model's ``<namespace>.predictions`` (one row per token block).
+LM_PREDICTION_COLUMNS = ("id", "tokens", "correct", "loss")
 #: Name prefix of the per-class logit columns of a predictions table.
 LOGIT_PREFIX = "logit_"
 
@@ -87,6 +98,18 @@ def predictions_table(predictions: Predictions, labels: np.ndarray) -> pd.DataFr
     )
 
 
+def block_predictions_table(predictions: Predictions) -> pd.DataFrame:
+    """A language model's per-block table (see :data:`LM_PREDICTION_COLUMNS`), in block order."""
+    return pd.DataFrame(
+        {
+            "id": np.arange(len(predictions.losses), dtype=np.int64),
+            "tokens": predictions.tokens.astype(np.int64),
+            "correct": predictions.correct.astype(np.int64),
+            "loss": predictions.losses.astype(np.float64),
+        }
+    )
+
+
 def score_examples(
     bundle: ModelBundle, test_split: pd.DataFrame, max_length: int, evaluation: EvaluationParams
 ) -> tuple[dict[str, float], pd.DataFrame]:
@@ -101,6 +124,9 @@ def score_examples(
         device=resolve_device(evaluation.device),
     )
     bundle.model.to("cpu")
+    if predictions.causal_lm:
+        scores = {**language_model_metrics(predictions), "test_loss": float(predictions.loss)}
+        return scores, block_predictions_table(predictions)
     labels = test_split["label"].to_numpy()
     scores = {**task_metrics(predictions.logits, labels), "test_loss": float(predictions.loss)}
     return scores, predictions_table(predictions, labels)
@@ -206,17 +232,21 @@ def evaluate_compressed(
     return record, with_fingerprint(predictions, compressed_model.model_fingerprint)
 
 
+def rank_map_ranks(rank_map: pd.DataFrame) -> dict[str, int]:
+    """``{module: rank}`` of a rank map's factorized layers (its rows not kept dense)."""
+    return {str(row.module): int(row.rank) for row in rank_map.itertuples() if not bool(row.dense)}
+
+
 def check_rank_map(compressed: nn.Module, rank_map: pd.DataFrame) -> None:
     """Raise ``ValueError`` unless the model's low-rank layers are exactly the rank map's.
 
     Every non-dense row must be a low-rank layer of that rank, every dense row a plain layer, and
     no other low-rank layer may exist: a rank map from another run or version would otherwise
-    count the wrong parameters.
+    count the wrong parameters. In a run, the ``SavedVersionChecks`` hook makes the same check
+    before this node and names the catalog entries, their versions and a matching pair.
     """
     found = lowrank_ranks(compressed)
-    expected = {
-        str(row.module): int(row.rank) for row in rank_map.itertuples() if not bool(row.dense)
-    }
+    expected = rank_map_ranks(rank_map)
     if found != expected:
         differing = sorted(
             name for name in set(found) | set(expected) if found.get(name) != expected.get(name)

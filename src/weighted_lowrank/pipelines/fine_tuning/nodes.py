@@ -10,19 +10,30 @@ from weighted_lowrank.lineage import with_fingerprint
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
 from weighted_lowrank.parameters import FineTuningParams, ModelParams
-from weighted_lowrank.training import train_classifier
+from weighted_lowrank.training import evaluate_classifier, train_classifier
 
 
-def initialise_model(model: ModelParams, label_names: list[str], seed: int) -> ModelBundle:
-    """Load ``model.source`` with a fresh head sized to the labels (one output: regression).
+def initialise_model(
+    model: ModelParams, label_names: list[str], fine_tuning: FineTuningParams, seed: int
+) -> ModelBundle:
+    """Load ``model.source`` for the run's task (``model.task``).
 
-    The head is drawn from ``seed`` without touching the caller's RNG state, so the same
-    parameters give the same fine-tuned model run after run.
+    A classifier gets a head sized to the labels (one output: regression), fresh when
+    fine-tuning is enabled — drawn from ``seed`` without touching the caller's RNG state, so the
+    same parameters give the same fine-tuned model run after run — and the checkpoint's own when
+    it is not. A causal language model keeps its language-model head.
     """
+    task = model.resolved_task()
     id2label = dict(enumerate(label_names)) if label_names else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return load_base_model(model.source, num_labels=len(label_names) or 1, id2label=id2label)
+        return load_base_model(
+            model.source,
+            num_labels=len(label_names) or 1,
+            id2label=id2label,
+            task=task,
+            fresh_head=fine_tuning.enabled,
+        )
 
 
 def fine_tune(
@@ -36,19 +47,33 @@ def fine_tune(
 ) -> tuple[ModelBundle, dict[str, list[dict[str, float]]]]:
     """Fine-tune the base model on the train split; validation metrics every epoch.
 
-    The returned bundle carries its own fingerprint, the lineage every derived dataset copies;
-    the metrics are an MLflow history (one step per epoch).
+    With ``fine_tuning.enabled: false`` the model is kept as given and only scored on the
+    validation split (step 0). The returned bundle carries its own fingerprint, the lineage
+    every derived dataset copies; the metrics are an MLflow history (one step per epoch).
     """
-    history = train_classifier(
-        base.model,
-        base.tokenizer,
-        train_split,
-        validation_split,
-        fine_tuning.training_options(model.max_length, seed),
-        device=resolve_device(device),
-        progress=fine_tuning.progress,
-    )
-    base.model.to("cpu")
+    options = fine_tuning.training_options(model.max_length, seed)
+    target = resolve_device(device)
+    if fine_tuning.enabled:
+        history = train_classifier(
+            base.model,
+            base.tokenizer,
+            train_split,
+            validation_split,
+            options,
+            device=target,
+            progress=fine_tuning.progress,
+        )
+    else:
+        scores = evaluate_classifier(
+            base.model,
+            base.tokenizer,
+            validation_split,
+            options.max_length,
+            options.eval_batch_size,
+            target,
+        )
+        history = [{"epoch": 0, **{f"val_{key}": value for key, value in scores.items()}}]
+    base.model.to("cpu").eval()
     metrics = {
         key: [{"value": float(record[key]), "step": int(record["epoch"])} for record in history]
         for key in history[0]

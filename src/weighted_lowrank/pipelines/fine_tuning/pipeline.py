@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 initialise_model,
-                inputs=["params:model", "label_names", "params:seed"],
+                inputs=["params:model", "label_names", "params:fine_tuning", "params:seed"],
                 outputs="base_model",
                 name="initialise_model",
                 tags=["model_input"],

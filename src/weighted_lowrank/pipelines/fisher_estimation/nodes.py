@@ -10,13 +10,14 @@ from typing import Any
 
 import pandas as pd
 
-from weighted_lowrank.batching import make_batches
+from weighted_lowrank.batching import make_batches, make_lm_batches
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lineage import with_fingerprint
 from weighted_lowrank.lowrank.calibration import NORMALISATION
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
 from weighted_lowrank.lowrank.fisher import Calibration, calibrate
+from weighted_lowrank.lowrank.language_model import is_causal_lm
 from weighted_lowrank.parameters import FisherParams, ModelParams
 
 logger = logging.getLogger(__name__)
@@ -55,12 +56,21 @@ def estimate_fisher(
     Metrics (MLflow, step 0): seconds, num_examples, examples_per_second, statistics_seconds,
     statistics_share.
     """
-    batches = make_batches(
-        fisher_examples,
-        fine_tuned_model.tokenizer,
-        batch_size=fisher_estimation.batch_size,
-        max_length=model.max_length,
-    )
+    if is_causal_lm(fine_tuned_model.model):
+        # A language model's examples are the token blocks of the sampled documents.
+        batches = make_lm_batches(
+            fisher_examples,
+            fine_tuned_model.tokenizer,
+            batch_size=fisher_estimation.batch_size,
+            block_length=model.max_length,
+        )
+    else:
+        batches = make_batches(
+            fisher_examples,
+            fine_tuned_model.tokenizer,
+            batch_size=fisher_estimation.batch_size,
+            max_length=model.max_length,
+        )
     started = time.perf_counter()
     found = calibrate(
         fine_tuned_model.model,

@@ -23,7 +23,11 @@ from matplotlib.lines import Line2D
 from scipy import special
 
 from weighted_lowrank.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
-from weighted_lowrank.lowrank.targets import describe_module, ordered_kinds
+from weighted_lowrank.lowrank.targets import (
+    DEFAULT_TARGETS_DESCRIPTION,
+    describe_module,
+    ordered_kinds,
+)
 from weighted_lowrank.parameters import (
     CompressionParams,
     DataParams,
@@ -33,7 +37,7 @@ from weighted_lowrank.parameters import (
 )
 from weighted_lowrank.pipelines.evaluation.nodes import LOGIT_PREFIX
 
-from .paired import CONFIDENCE, STATISTICS, paired_comparison
+from .paired import CONFIDENCE, STATISTICS, paired_comparison, paired_loss_comparison
 from .run_history import PREDICTIONS_ARTIFACT, base_solver, is_refined, task_metric
 
 #: Columns of the comparison table, in reading order (absent task metrics are dropped).
@@ -44,6 +48,8 @@ _TABLE_COLUMNS = [
     "mcc",
     "pearson",
     "spearman",
+    "perplexity",
+    "token_accuracy",
     "test_loss",
     "test_loss_increase",
     "kl_to_dense",
@@ -58,7 +64,6 @@ _TABLE_COLUMNS = [
     "latency_dense_ms",
     "factorization_seconds",
 ]
-DEFAULT_TARGETS = "default: attention Q/K/V/O + FFN"
 #: Every row is tested against these rows (when they are among the rows).
 PAIRED_REFERENCES = ("fwsvd", "svd")
 #: Per reference, the paired columns ``vs_<reference>_<statistic>`` of the comparison table and
@@ -219,7 +224,9 @@ def _child_run(
         "curve_loss_model": "dense" if is_dense else compression.curve_loss_model,
         "rank_rule": "dense" if is_dense else RANK_RULES[compression.allocation],
         # A list of module names reads as it is written in the YAML.
-        "targets": str(list(targets) if isinstance(targets, tuple) else targets or DEFAULT_TARGETS),
+        "targets": str(
+            list(targets) if isinstance(targets, tuple) else targets or DEFAULT_TARGETS_DESCRIPTION
+        ),
         "model": model.source,
         "task": data.glue.task if data.source == "glue" else data.source,
         "seed": seed,
@@ -273,11 +280,24 @@ def paired_tests(reporting: ReportingParams, **predictions: pd.DataFrame) -> pd.
     _check_same_examples(tables)
     table = pd.DataFrame({"namespace": order, "kl_to_dense": kl_to_dense(tables)})
     fingerprint = fingerprint_of(predictions[order[0]])
-    if not all(pd.api.types.is_integer_dtype(t["prediction"]) for t in tables.values()):
+    language_model = all("prediction" not in t.columns for t in tables.values())
+    if language_model:
+        compare = lambda row, ref: paired_loss_comparison(  # noqa: E731
+            tables[row]["loss"].to_numpy(),
+            tables[ref]["loss"].to_numpy(),
+            tables[ref]["tokens"].to_numpy(),
+            reporting.bootstrap_resamples,
+            reporting.bootstrap_seed,
+        )
+    elif all(pd.api.types.is_integer_dtype(t["prediction"]) for t in tables.values()):
+        correct = {name: (t["prediction"] == t["label"]).to_numpy() for name, t in tables.items()}
+        compare = lambda row, ref: paired_comparison(  # noqa: E731
+            correct[row], correct[ref], reporting.bootstrap_resamples, reporting.bootstrap_seed
+        )
+    else:
         return with_fingerprint(table, fingerprint)
-    correct = {name: (t["prediction"] == t["label"]).to_numpy() for name, t in tables.items()}
     for reference in PAIRED_REFERENCES:
-        if reference not in correct:
+        if reference not in tables:
             continue
         columns: dict[str, list[float]] = {stat: [] for stat in PAIRED_STATISTICS}
         for name in order:
@@ -285,12 +305,7 @@ def paired_tests(reporting: ReportingParams, **predictions: pd.DataFrame) -> pd.
                 for values in columns.values():
                     values.append(math.nan)
                 continue
-            result = paired_comparison(
-                correct[name],
-                correct[reference],
-                reporting.bootstrap_resamples,
-                reporting.bootstrap_seed,
-            ).statistics()
+            result = compare(name, reference).statistics()
             for stat in PAIRED_STATISTICS:
                 columns[stat].append(result[stat])
         for stat, values in columns.items():
@@ -331,10 +346,12 @@ def _log_probabilities(predictions: pd.DataFrame) -> np.ndarray | None:
 
 
 def _check_same_examples(tables: dict[str, pd.DataFrame]) -> None:
-    """Raise unless every table has the ids and labels of the first."""
+    """Raise unless every table has the ids and labels (a language model's: predicted tokens per
+    block) of the first."""
     names = list(tables)
     first = tables[names[0]]
-    ids, labels = first["id"].to_numpy(), first["label"].to_numpy()
+    key = "label" if "label" in first.columns else "tokens"
+    ids, labels = first["id"].to_numpy(), first[key].to_numpy()
     differing = {}
     for name in names[1:]:
         table = tables[name]
@@ -342,9 +359,11 @@ def _check_same_examples(tables: dict[str, pd.DataFrame]) -> None:
             differing[name] = f"{len(table)} examples, not {len(first)}"
         elif not np.array_equal(table["id"].to_numpy(), ids):
             differing[name] = "other example ids"
-        elif not np.array_equal(table["label"].to_numpy(), labels):
-            count = int(np.count_nonzero(table["label"].to_numpy() != labels))
-            differing[name] = f"{count} labels differ"
+        elif key not in table.columns:
+            differing[name] = f"no {key} column"
+        elif not np.array_equal(table[key].to_numpy(), labels):
+            count = int(np.count_nonzero(table[key].to_numpy() != labels))
+            differing[name] = f"{count} {key}s differ" if key == "label" else f"other {key}"
     if differing:
         details = "; ".join(f"{name}: {why}" for name, why in differing.items())
         raise ValueError(
@@ -428,10 +447,12 @@ def comparison_markdown(
 
 
 def paired_markdown(table: pd.DataFrame, reporting: ReportingParams) -> str:
-    """The "Paired tests" section: per row and reference, wins / losses of the discordant pairs,
-    the exact McNemar p and the accuracy difference with its bootstrap interval."""
+    """The "Paired tests" section: per row and reference, wins / losses, the exact p and the
+    difference with its bootstrap interval — of accuracy (McNemar over examples), or for a
+    language model of test loss (sign test over token blocks; :mod:`.paired`)."""
     title = "## Paired tests\n\n"
-    if "accuracy" not in table:
+    language_model = "perplexity" in table
+    if "accuracy" not in table and not language_model:
         return title + (
             "Not computed: this is a regression task. The McNemar test and the accuracy "
             "bootstrap need a right/wrong outcome per example, which a predicted value does not "
@@ -445,18 +466,32 @@ def paired_markdown(table: pd.DataFrame, reporting: ReportingParams) -> str:
             "comparison."
         )
     level = f"{CONFIDENCE:.0%}"
-    note = (
-        f"Every row against {' and '.join(f'`{ref}`' for ref in references)} on the same test "
-        "examples. *wins / losses*: examples only this row / only the reference gets right (the "
-        "discordant pairs; the rest are ties). *p*: exact two-sided McNemar test (binomial "
-        f"test of the wins among the discordant pairs). *Δ accuracy [{level} CI]*: this row's "
-        f"accuracy minus the reference's, with the percentile interval of "
-        f"{reporting.bootstrap_resamples:,} paired bootstrap resamples of the examples (seed "
-        f"{reporting.bootstrap_seed}).\n\n"
+    against = " and ".join(f"`{ref}`" for ref in references)
+    resampling = (
+        f"{reporting.bootstrap_resamples:,} paired bootstrap resamples of the "
+        f"{'blocks' if language_model else 'examples'} (seed {reporting.bootstrap_seed}).\n\n"
     )
+    if language_model:
+        difference, digits = "Δ test loss", 4
+        note = (
+            f"Every row against {against} on the same test token blocks. *wins / losses*: blocks "
+            "where this row's mean next-token loss is lower / higher than the reference's. *p*: "
+            "exact two-sided sign test of the wins among the blocks that differ. "
+            f"*{difference} [{level} CI]*: this row's test loss (nats per token) minus the "
+            "reference's — exp of it is the perplexity ratio — with the percentile interval of "
+        )
+    else:
+        difference, digits = "Δ accuracy", 3
+        note = (
+            f"Every row against {against} on the same test examples. *wins / losses*: examples "
+            "only this row / only the reference gets right (the discordant pairs; the rest are "
+            "ties). *p*: exact two-sided McNemar test (binomial test of the wins among the "
+            f"discordant pairs). *{difference} [{level} CI]*: this row's accuracy minus the "
+            "reference's, with the percentile interval of "
+        )
     header = ["row"]
     for ref in references:
-        header += [f"vs {ref}: wins / losses", "p", f"Δ accuracy [{level} CI]"]
+        header += [f"vs {ref}: wins / losses", "p", f"{difference} [{level} CI]"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.to_dict("records"):
         cells = [str(row["namespace"])]
@@ -467,11 +502,11 @@ def paired_markdown(table: pd.DataFrame, reporting: ReportingParams) -> str:
             cells += [
                 f"{int(row[f'vs_{ref}_wins'])} / {int(row[f'vs_{ref}_losses'])}",
                 _format_p(row[f"vs_{ref}_p"]),
-                f"{row[f'vs_{ref}_diff']:+.3f} [{row[f'vs_{ref}_ci_low']:+.3f}, "
-                f"{row[f'vs_{ref}_ci_high']:+.3f}]",
+                f"{row[f'vs_{ref}_diff']:+.{digits}f} [{row[f'vs_{ref}_ci_low']:+.{digits}f}, "
+                f"{row[f'vs_{ref}_ci_high']:+.{digits}f}]",
             ]
         lines.append("| " + " | ".join(cells) + " |")
-    return title + note + "\n".join(lines)
+    return title + note + resampling + "\n".join(lines)
 
 
 def _format_p(p: float) -> str:

@@ -20,6 +20,13 @@ per-example correctness (right / wrong) of model A and of the reference B:
   wins, losses and ties it drew, and those counts are Multinomial(n; wins/n, losses/n,
   ties/n) — drawing the counts is the same bootstrap as drawing the indices, at a cost that does
   not grow with n.
+
+A causal language model has no right/wrong per example; its examples (token blocks) are compared
+by their next-token loss (:func:`paired_loss_comparison`): ``wins`` = blocks where A's loss is
+lower, ``losses`` = where it is higher, p the same exact two-sided binomial (sign) test of the wins
+among the blocks that differ, ``diff`` = A's test loss minus B's (token-weighted mean next-token
+loss, i.e. the log of the perplexity ratio), its interval the percentiles of that difference over
+paired bootstrap resamples of the blocks.
 """
 
 from __future__ import annotations
@@ -122,6 +129,50 @@ def paired_comparison(
         diff=(wins - losses) / n,
         ci_low=low,
         ci_high=high,
+    )
+
+
+def paired_loss_comparison(
+    loss_a: np.ndarray,
+    loss_b: np.ndarray,
+    tokens: np.ndarray,
+    resamples: int,
+    seed: int,
+    confidence: float = CONFIDENCE,
+) -> PairedComparison:
+    """Sign test and bootstrap interval of language model A against reference B from the mean
+    next-token loss of each block (same blocks in the same order, ``tokens`` predicted in each);
+    see the module docstring."""
+    a, b = np.asarray(loss_a, dtype=np.float64), np.asarray(loss_b, dtype=np.float64)
+    weights = np.asarray(tokens, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or a.shape != weights.shape or len(a) == 0:
+        raise ValueError(
+            f"paired losses must be three non-empty vectors of one length; got {a.shape}, "
+            f"{b.shape}, {weights.shape}"
+        )
+    if resamples < 1:
+        raise ValueError(f"resamples must be ≥ 1; got {resamples}")
+    if not weights.sum() > 0:
+        raise ValueError("paired losses need at least one predicted token")
+    wins, losses = int(np.count_nonzero(a < b)), int(np.count_nonzero(a > b))
+    weighted = (a - b) * weights
+    generator = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    chunk = max(1, 4_000_000 // len(a))
+    for start in range(0, resamples, chunk):
+        count = min(chunk, resamples - start)
+        index = generator.integers(0, len(a), size=(count, len(a)))
+        diffs[start : start + count] = weighted[index].sum(axis=1) / weights[index].sum(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(diffs, [tail, 1.0 - tail])
+    return PairedComparison(
+        n=len(a),
+        wins=wins,
+        losses=losses,
+        p_value=mcnemar_exact_p(wins, losses),
+        diff=float(weighted.sum() / weights.sum()),
+        ci_low=float(low),
+        ci_high=float(high),
     )
 
 

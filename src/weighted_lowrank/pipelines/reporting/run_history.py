@@ -104,8 +104,12 @@ def _split_refined_metrics(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def task_metric(table: pd.DataFrame) -> str:
-    """``accuracy`` for classification runs, ``pearson`` for regression."""
-    return "accuracy" if "accuracy" in table else "pearson"
+    """``accuracy`` for classification runs, ``perplexity`` for language models, ``pearson``
+    for regression."""
+    for metric in ("accuracy", "perplexity"):
+        if metric in table:
+            return metric
+    return "pearson"
 
 
 def latest_per_budget(table: pd.DataFrame, refined_only: bool = False) -> pd.DataFrame:
@@ -395,7 +399,9 @@ def _correct_on_one_test_set(
         return None
     first, second = (table.sort_values("id", ignore_index=True) for table in (first, second))
     classification = all(
-        pd.api.types.is_integer_dtype(table["prediction"]) for table in (first, second)
+        {"prediction", "label"} <= set(table.columns)
+        and pd.api.types.is_integer_dtype(table["prediction"])
+        for table in (first, second)
     )
     same = len(first) == len(second) and all(
         np.array_equal(first[column].to_numpy(), second[column].to_numpy())

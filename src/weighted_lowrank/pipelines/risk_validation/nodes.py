@@ -57,7 +57,7 @@ from weighted_lowrank.lowrank.risk import RISK_STATISTICS
 from weighted_lowrank.lowrank.risk import spearman as spearman_rho
 from weighted_lowrank.lowrank.targets import ordered_kinds
 from weighted_lowrank.parameters import ModelParams, RiskValidationParams
-from weighted_lowrank.training import predict_examples, task_metrics
+from weighted_lowrank.training import language_model_metrics, predict_examples, task_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ def measure_layer_damage(
 
     config = fine_tuned_model.model.config
 
-    def predict(network: torch.nn.Module) -> tuple[float, float, np.ndarray]:
+    def predict(network: torch.nn.Module) -> tuple[float, float, np.ndarray | None]:
         result = predict_examples(
             network,
             fine_tuned_model.tokenizer,
@@ -377,14 +377,19 @@ def measure_layer_damage(
             batch_size=risk_validation.batch_size,
             device=run_device,
         )
+        if result.causal_lm:  # its vocabulary logits are not kept: no KL, token accuracy
+            return result.loss, language_model_metrics(result)["token_accuracy"], None
         scores = task_metrics(result.logits, frame["label"].to_numpy())
         return result.loss, scores.get("accuracy", math.nan), result.logits
 
     dense_loss, dense_accuracy, dense_logits = predict(working)
 
     def evaluate(network: torch.nn.Module = working) -> tuple[float, float, float]:
-        """Loss, accuracy and mean KL(p_dense ‖ p_network) of one validation pass."""
+        """Loss, accuracy and mean KL(p_dense ‖ p_network) of one validation pass (a language
+        model's: mean next-token loss, token accuracy, KL NaN)."""
         loss, accuracy, logits = predict(network)
+        if logits is None:
+            return loss, accuracy, math.nan
         return loss, accuracy, float(predictive_kl(dense_logits, logits, config).mean())
 
     measured = _measure_layers(

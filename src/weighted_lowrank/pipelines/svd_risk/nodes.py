@@ -20,11 +20,12 @@ from matplotlib.patches import Rectangle
 
 from weighted_lowrank.hf import ModelBundle
 from weighted_lowrank.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.lowrank.architectures import default_target_names
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
 from weighted_lowrank.lowrank.fisher import validate_fisher
 from weighted_lowrank.lowrank.risk import layer_statistics, risk_summary
-from weighted_lowrank.lowrank.targets import DEFAULT_TARGETS, ordered_kinds
+from weighted_lowrank.lowrank.targets import ordered_kinds
 from weighted_lowrank.parameters import CompressionParams, SvdRiskParams
 from weighted_lowrank.pipelines.fisher_estimation.nodes import recorded_num_examples
 
@@ -56,7 +57,7 @@ def compute_layer_risk(
     """
     model = fine_tuned_model.model
     fisher, metadata = fisher_information["tensors"], fisher_information["metadata"]
-    modules = validate_fisher(model, fisher, targets=_recorded_targets(metadata))
+    modules = validate_fisher(model, fisher, targets=_recorded_targets(metadata, model))
     weights = {f"{name}.weight": module.weight.detach().cpu() for name, module in modules.items()}
     rows = layer_statistics(
         weights,
@@ -73,7 +74,7 @@ def compute_layer_risk(
     return with_fingerprint(pd.DataFrame(rows), model_fingerprint(model))
 
 
-def _recorded_targets(metadata: dict[str, str]) -> Any:
+def _recorded_targets(metadata: dict[str, str], model: Any) -> Any:
     """The targets fisher_estimation recorded (JSON), so that missing tensors are caught."""
     if "targets" not in metadata:
         return None
@@ -83,8 +84,9 @@ def _recorded_targets(metadata: dict[str, str]) -> Any:
         raise ValueError(
             f"fisher_information metadata 'targets' is not JSON: {metadata['targets']!r}"
         ) from exc
-    # null means the default targets, which must then all be present.
-    return DEFAULT_TARGETS if targets is None else targets
+    # null means the default targets (the model's block projections), which must then all be
+    # present.
+    return default_target_names(model) if targets is None else targets
 
 
 def summarize_risk(layer_risk: pd.DataFrame, svd_risk: SvdRiskParams) -> dict[str, Any]:

@@ -1,0 +1,159 @@
+"""Saved versions that cannot be loaded: what is wrong, and which older version can be.
+
+A version directory can be incomplete — a copy or a save interrupted, a disk that filled up, a
+file removed by hand — and the loader's own error (safetensors' "incomplete metadata, file not
+fully covered") names neither the dataset, nor the version, nor what to load instead. The
+project's datasets check a version's files before loading it (sizes and headers; no tensor is
+read) and raise :class:`UnloadableVersionError`, which names the version directory and the newest
+older version whose files are complete. Nothing on disk is changed.
+
+A dataset does not know its catalog entry name in Kedro 1.7 (``AbstractDataset.from_config``
+receives it but does not pass it to the class; ``DataCatalog.load`` only prefixes it to the
+error), so the ``SavedVersionChecks`` hook (``hooks.py``) runs the same check just before the
+runner loads an entry, through :meth:`VersionChecked.check_load_version` with the entry's name:
+then the message also spells out the ``--load-versions=<entry>:<version>`` that pins the older
+version.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kedro.io.core import DatasetError, VersionNotFoundError, get_filepath_str
+
+_LENGTH_FIELD = 8  # a safetensors file starts with its header's length, u64 little-endian
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """What makes ``path`` an unloadable safetensors file, or ``None``: its header is read and
+    checked against the file's size; no tensor is read."""
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        return f"{name} is missing"
+    size = path.stat().st_size
+    if size < _LENGTH_FIELD:
+        return f"{name} is {size} bytes long, shorter than a safetensors header"
+    with path.open("rb") as handle:
+        header_size = int.from_bytes(handle.read(_LENGTH_FIELD), "little")
+        if header_size > size - _LENGTH_FIELD:
+            return (
+                f"{name} is truncated or not a safetensors file: its first 8 bytes announce a "
+                f"{header_size}-byte header, the file holds {size} bytes"
+            )
+        try:
+            header = json.loads(handle.read(header_size))
+            ends = [
+                int(entry["data_offsets"][1])
+                for key, entry in header.items()
+                if key != "__metadata__"
+            ]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+            return f"{name} has an unreadable safetensors header ({type(error).__name__}: {error})"
+    expected = _LENGTH_FIELD + header_size + max(ends, default=0)
+    if size < expected:
+        return (
+            f"{name} is truncated: its header describes {expected} bytes, the file holds {size} "
+            "(a save or copy that did not finish)"
+        )
+    if size > expected:
+        return f"{name} holds {size - expected} bytes beyond the tensors its header describes"
+    from safetensors import safe_open
+
+    try:  # the remaining rules (dtypes, shapes against offsets); maps the file, reads no tensor
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as error:  # safetensors raises its own SafetensorError
+        return f"{name} is not a valid safetensors file ({error})"
+    return None
+
+
+class UnloadableVersionError(DatasetError):
+    """A saved version that cannot be loaded: the message names the dataset (its catalog
+    ``entry`` when known), the version and its directory, what is wrong, and the previous
+    version whose files are complete — or that there is none."""
+
+    def __init__(
+        self,
+        dataset: str,
+        location: str,
+        version: str | None,
+        problem: str,
+        previous: str | None,
+        entry: str | None = None,
+    ) -> None:
+        self.dataset, self.location, self.version = dataset, location, version
+        self.problem, self.previous, self.entry = problem, previous, entry
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        what = f"catalog entry {self.entry!r}" if self.entry else self.dataset
+        where = f"version {self.version} ({self.location})" if self.version else self.location
+        entry = self.entry or "<catalog entry>"
+        if self.previous is not None:
+            fix = (
+                f"the previous version with complete files is {self.previous}: pin it with "
+                f"--load-versions={entry}:{self.previous} (or move the broken version directory "
+                "aside)"
+            )
+        elif self.version is not None:
+            fix = (
+                f"no older version has complete files: re-run the pipeline that makes {entry} "
+                f"(e.g. kedro run --to-outputs={entry})"
+            )
+        else:
+            fix = f"re-run the pipeline that makes {entry} (e.g. kedro run --to-outputs={entry})"
+        return (
+            f"{what} cannot be loaded from {where}: {self.problem}. Nothing on disk was "
+            f"changed; {fix}"
+        )
+
+
+class VersionChecked:
+    """Mix-in for the project's versioned datasets: :meth:`check_load_version` tells whether the
+    version ``load`` would read has complete files, and names the previous one that has.
+
+    A subclass implements :meth:`_problem` (what is wrong with the files at a path, or None) and
+    calls :meth:`check_load_version` first thing in ``load`` and :meth:`_unloadable` for an error
+    the loader raises despite complete files.
+    """
+
+    def _problem(self, path: str) -> str | None:
+        raise NotImplementedError
+
+    def check_load_version(self, entry: str | None = None) -> None:
+        """Raise :class:`UnloadableVersionError` (naming ``entry``, the catalog name, when given)
+        if the files of the version to load are incomplete. Reads sizes and headers only."""
+        try:
+            path = get_filepath_str(self._get_load_path(), self._protocol)
+        except VersionNotFoundError:
+            return  # no version at all: load() says so
+        if not self._exists_function(path):
+            return  # nothing saved there: load() says so
+        problem = self._problem(path)
+        if problem is not None:
+            raise self._unloadable(path, problem, entry)
+
+    def _unloadable(
+        self, path: str, problem: str, entry: str | None = None
+    ) -> UnloadableVersionError:
+        version = self.resolve_load_version()
+        return UnloadableVersionError(
+            type(self).__name__, path, version, problem, self._previous_complete(version), entry
+        )
+
+    def _previous_complete(self, version: str | None) -> str | None:
+        """The newest version older than ``version`` whose files are complete."""
+        if version is None:
+            return None
+        try:
+            versions = self.list_versions(full_path=False)  # newest first
+        except VersionNotFoundError:
+            return None
+        for older in versions:
+            if older < version:
+                path = get_filepath_str(self._get_versioned_path(older), self._protocol)
+                if self._problem(path) is None:
+                    return older
+        return None

@@ -1,0 +1,357 @@
+"""Architecture-aware model structure: transformer blocks, their projections, GPT-2's ``Conv1D``.
+
+The default compression targets are "the attention and MLP projections of every transformer
+block", found from the model's own structure rather than from one architecture's module names:
+
+* :func:`transformer_blocks` finds the blocks from the config and the module tree — the
+  ``nn.ModuleList`` whose length is the config's number of layers (``num_hidden_layers``, which
+  GPT-2's ``n_layer`` and DistilBERT's ``n_layers`` map to), or ALBERT's layer groups;
+* :func:`default_target_names` takes every ``nn.Linear`` inside those blocks, in model order.
+  Embeddings, the embedding→hidden projections of ALBERT and ELECTRA, heads (classifier,
+  ``score``, ``lm_head``), poolers and LayerNorms sit outside the blocks (or are not Linear) and
+  are never selected. Inside a block only relative-position projections (DeBERTa's
+  ``pos_key_proj`` / ``pos_query_proj``: they project the shared position table, not the tokens)
+  and mixture-of-experts routers are left out.
+
+GPT-2 (and the other OpenAI-style models) computes its projections with transformers' ``Conv1D``,
+``y = x·W + b`` with ``W`` stored (in × out). :func:`linearize_conv1d` swaps each one for a
+:class:`Conv1DLinear` — an ``nn.Linear`` holding the transposed weight (out × in), same outputs —
+so every later step (Fisher, statistics, solvers, ``LowRankLinear``) sees one layer type. A
+linearized model is written back in the stock layout with :func:`save_pretrained_model` (or
+``model.save_pretrained(dir, state_dict=pretrained_state_dict(model))``), so stock
+``from_pretrained`` reloads it.
+
+Plain torch + transformers; no Kedro import.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Linear modules inside a block that are not attention/MLP projections of the tokens: DeBERTa's
+#: relative-position projections (applied to the position-embedding table shared by every
+#: example, so no per-example gradient exists for them) and mixture-of-experts routers.
+_NOT_PROJECTIONS = re.compile(
+    r"(^|\.)(pos_key_proj|pos_query_proj|pos_proj|pos_q_proj|router|gate)$"
+)
+#: Config attributes holding the number of transformer blocks (GPT-2's ``n_layer`` and
+#: DistilBERT's ``n_layers`` are aliased to ``num_hidden_layers`` by their configs).
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+
+
+def _conv1d_class() -> type:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+class Conv1DLinear(nn.Linear):
+    """An ``nn.Linear`` made from a transformers ``Conv1D`` (GPT-2's projections).
+
+    ``Conv1D`` computes ``x·W + b`` with ``W`` of shape (in × out); this layer stores ``Wᵀ``
+    (out × in) as its ``weight`` and computes ``x·Wᵀᵀ + b``: the same outputs, the layout every
+    other ``nn.Linear`` has. The state-dict keys stay ``<name>.weight`` / ``<name>.bias``; only the
+    weight's shape is transposed (:func:`pretrained_state_dict` transposes it back for saving).
+    """
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module) -> Conv1DLinear:
+        """The layer computing what ``conv`` computes, on its device and in its dtype; the bias
+        parameter is reused, the weight is a transposed (contiguous) copy."""
+        weight = conv.weight
+        in_features, out_features = weight.shape
+        bias = getattr(conv, "bias", None)
+        # Built on the meta device: the parameters are replaced at once, nothing to initialise.
+        layer = cls(in_features, out_features, bias=bias is not None, device="meta")
+        layer.weight = nn.Parameter(
+            weight.detach().t().contiguous(), requires_grad=weight.requires_grad
+        )
+        if bias is not None:
+            layer.bias = bias
+        return layer
+
+    def to_conv1d(self) -> nn.Module:
+        """The stock ``Conv1D`` computing what this layer computes (weight transposed back)."""
+        conv = _conv1d_class()(self.out_features, self.in_features)
+        conv.weight = nn.Parameter(
+            self.weight.detach().t().contiguous(), requires_grad=self.weight.requires_grad
+        )
+        if self.bias is not None:
+            conv.bias = self.bias
+        return conv
+
+
+def _named_modules_all(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every ``(name, module)``, a module registered under several names once per name."""
+    return list(model.named_modules(remove_duplicate=False))
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, module)
+
+
+def linearize_conv1d(model: nn.Module) -> list[str]:
+    """Replace every transformers ``Conv1D`` of ``model`` by a :class:`Conv1DLinear`, in place.
+
+    Returns the names replaced, in model order (empty when there is none: idempotent, and a no-op
+    on every model without ``Conv1D``). Works on the ``meta`` device too (structure only).
+    """
+    conv1d = _conv1d_class()
+    replaced: dict[int, Conv1DLinear] = {}
+    names = []
+    for name, module in _named_modules_all(model):
+        if isinstance(module, conv1d):
+            layer = replaced.setdefault(id(module), Conv1DLinear.from_conv1d(module))
+            _set_submodule(model, name, layer)
+            names.append(name)
+    return names
+
+
+def conv1d_modules(model: nn.Module) -> list[str]:
+    """Names of the (not yet linearized) transformers ``Conv1D`` modules of ``model``."""
+    conv1d = _conv1d_class()
+    return [name for name, module in model.named_modules() if isinstance(module, conv1d)]
+
+
+def pretrained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` in the layout its stock transformers class expects.
+
+    Every :class:`Conv1DLinear` weight is transposed back to ``Conv1D``'s (in × out); every other
+    entry is the state dict's own tensor, so tied parameters (GPT-2's ``lm_head.weight`` and
+    ``transformer.wte.weight``) still share storage and ``save_pretrained`` writes them once.
+    For ``model.save_pretrained(directory, state_dict=pretrained_state_dict(model))``.
+    """
+    state = model.state_dict()
+    for name, module in _named_modules_all(model):
+        if isinstance(module, Conv1DLinear):
+            key = f"{name}.weight" if name else "weight"
+            state[key] = module.weight.detach().t().contiguous()
+    return state
+
+
+def save_pretrained_model(model: nn.Module, directory: str | Path, **save_args: Any) -> None:
+    """``model.save_pretrained(directory, **save_args)`` so that stock ``from_pretrained``
+    reloads it: a model with :class:`Conv1DLinear` layers is written in ``Conv1D`` layout (then
+    :func:`linearize_conv1d` the reloaded model again; outputs are identical).
+
+    A model with ``LowRankLinear`` layers has no stock layout: save it with
+    ``serialization.save_compressed``.
+    """
+    from weighted_lowrank.lowrank.layer import lowrank_modules
+
+    compressed = list(lowrank_modules(model))
+    if compressed:
+        raise ValueError(
+            f"model has low-rank layers ({compressed[:3]}…); save_pretrained cannot write them in "
+            "a layout from_pretrained reloads — use weighted_lowrank.lowrank.serialization."
+            "save_compressed"
+        )
+    has_linearized = any(isinstance(module, Conv1DLinear) for module in model.modules())
+    if has_linearized:
+        if "state_dict" in save_args:
+            raise ValueError(
+                "save_pretrained_model builds the state_dict of a model with Conv1DLinear layers "
+                "itself; do not pass one"
+            )
+        save_args["state_dict"] = pretrained_state_dict(model)
+    model.save_pretrained(str(directory), **save_args)
+
+
+# --------------------------------------------------------------------------- block discovery
+
+
+def architecture_name(model: nn.Module) -> str:
+    """``"<class> (model_type <type>)"``, for messages."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    name = type(model).__name__
+    return f"{name} (model_type {model_type!r})" if model_type else name
+
+
+def _layer_count(config: Any) -> int | None:
+    for key in _LAYER_COUNT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, _conv1d_class()))
+
+
+def _holds_linear(module: nn.Module) -> bool:
+    return any(_is_linear_like(sub) for sub in module.modules())
+
+
+def _module_lists(model: nn.Module, length: int) -> list[tuple[str, nn.ModuleList]]:
+    """The outermost ``nn.ModuleList`` of ``length`` items that each hold a Linear, in order."""
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) != length:
+            continue
+        if any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        if all(_holds_linear(item) for item in module):
+            found.append((name, module))
+    return found
+
+
+def _children(name: str, module_list: nn.ModuleList) -> list[tuple[str, nn.Module]]:
+    prefix = f"{name}." if name else ""
+    return [(f"{prefix}{index}", item) for index, item in enumerate(module_list)]
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` of every transformer block of ``model``, in model order.
+
+    The blocks are the items of the outermost ``nn.ModuleList`` whose length is the config's
+    number of layers (``num_hidden_layers``; GPT-2's ``n_layer``, DistilBERT's ``n_layers``) and
+    whose items hold Linear layers: ``bert.encoder.layer``, ``distilbert.transformer.layer``,
+    ``transformer.h`` (GPT-2), ``model.layers`` (LLaMA, ModernBERT), … An encoder-decoder with
+    as many decoder as encoder layers gives both lists.
+
+    ALBERT shares its layers: ``num_hidden_layers`` calls go through ``num_hidden_groups`` layer
+    groups of ``inner_group_num`` layers each (1 and 1 in every released checkpoint). Its blocks
+    are the distinct layers, ``…albert_layer_groups.<g>.albert_layers.<i>``: one set of weights
+    per layer, compressed once, whose Fisher and calibration statistics sum over every call of
+    the layer (``fisher._PerExampleAccumulator`` concatenates an example's calls along the token
+    axis before squaring, so each example's gradient is the sum over the calls, as autograd's).
+
+    Raises ``ValueError`` naming the architecture and listing its Linear modules when no block
+    is found.
+    """
+    config = getattr(model, "config", None)
+    groups = getattr(config, "num_hidden_groups", None)
+    inner = getattr(config, "inner_group_num", None)
+    if isinstance(groups, int) and isinstance(inner, int) and groups > 0 and inner > 0:
+        blocks = []
+        for name, group_list in _module_lists(model, groups):
+            for group_name, group in _children(name, group_list):
+                for inner_name, inner_list in _module_lists(group, inner):
+                    full = f"{group_name}.{inner_name}" if inner_name else group_name
+                    blocks.extend(_children(full, inner_list))
+        if blocks:
+            return blocks
+    count = _layer_count(config)
+    if count is not None:
+        blocks = [
+            child
+            for name, module_list in _module_lists(model, count)
+            for child in _children(name, module_list)
+        ]
+        if blocks:
+            return blocks
+    raise ValueError(
+        f"{architecture_name(model)}: found no transformer blocks (no nn.ModuleList of "
+        f"{count if count is not None else '<config num_hidden_layers>'} modules holding Linear "
+        f"layers); its Linear modules are {_describe_linear(model)}. Name the layers to compress "
+        "in compression.targets (a regex or a list of module names)"
+    )
+
+
+def _shape(module: nn.Module) -> str:
+    weight = module.weight
+    if isinstance(module, nn.Linear):
+        return f"{module.out_features}x{module.in_features}"
+    # Conv1D: (in × out) storage; report out × in like every Linear.
+    return f"{weight.shape[1]}x{weight.shape[0]}"
+
+
+def _describe_linear(model: nn.Module, limit: int = 40) -> str:
+    entries = [
+        f"{name} ({_shape(module)})"
+        for name, module in model.named_modules()
+        if _is_linear_like(module)
+    ]
+    if not entries:
+        return "none"
+    shown = ", ".join(entries[:limit])
+    return shown if len(entries) <= limit else f"{shown}, … ({len(entries)} in all)"
+
+
+def is_block_projection(name: str) -> bool:
+    """Whether a Linear named ``name`` inside a block is an attention/MLP projection."""
+    return not _NOT_PROJECTIONS.search(name)
+
+
+def default_target_names(model: nn.Module) -> list[str]:
+    """The attention and MLP projection ``nn.Linear`` modules of every transformer block, in
+    model order: the default compression targets (``compression.targets: null``).
+
+    Needs a linearized model (:func:`linearize_conv1d`; ``hf.load_base_model`` and
+    ``hf.model_structure`` do it) when the blocks hold ``Conv1D``. In a compressed model the
+    ``LowRankLinear`` layers' factors are not projections: only the dense ones remain. Raises ``ValueError`` naming
+    the architecture and listing its Linear modules when no block, or no projection inside the
+    blocks, is found.
+    """
+    from weighted_lowrank.lowrank.layer import LowRankLinear
+
+    blocks = transformer_blocks(model)
+    conv1d = _conv1d_class()
+    names: list[str] = []
+    unlinearized: list[str] = []
+    for block_name, block in blocks:
+        factorized: list[str] = []
+        for sub_name, module in block.named_modules():
+            if not sub_name:
+                continue
+            full = f"{block_name}.{sub_name}"
+            if isinstance(module, LowRankLinear):
+                factorized.append(f"{sub_name}.")
+            if sub_name.startswith(tuple(factorized)):
+                continue  # the factors of an already compressed layer are not projections
+            if isinstance(module, conv1d):
+                unlinearized.append(full)
+            elif isinstance(module, nn.Linear) and is_block_projection(sub_name):
+                names.append(full)
+    if unlinearized:
+        raise ValueError(
+            f"{architecture_name(model)} has transformers Conv1D projections "
+            f"({unlinearized[:3]}…); call weighted_lowrank.lowrank.architectures."
+            "linearize_conv1d(model) first (hf.load_base_model does)"
+        )
+    if not names:
+        raise ValueError(
+            f"{architecture_name(model)}: its transformer blocks ({blocks[0][0]}, …) hold no "
+            f"attention or MLP nn.Linear projection; its Linear modules are "
+            f"{_describe_linear(model)}. Name the layers to compress in compression.targets"
+        )
+    return names
+
+
+def describe_projections(model: nn.Module, names: Iterable[str] | None = None) -> str:
+    """A short listing of the default projections (``name (out x in)``, the first block in full
+    and a count) and of the other Linear modules of ``model``, for error messages."""
+    try:
+        projections = default_target_names(model) if names is None else list(names)
+    except ValueError as exc:
+        return f"no default projections ({exc})"
+    modules = dict(model.named_modules())
+    try:
+        blocks = [name for name, _ in transformer_blocks(model)]
+    except ValueError:
+        blocks = []
+    first = [
+        name for name in projections if blocks and name.startswith(f"{blocks[0]}.")
+    ] or projections
+    listed = ", ".join(f"{name} ({_shape(modules[name])})" for name in first)
+    text = f"{len(projections)} projections in {len(blocks)} blocks; block 0: {listed}"
+    chosen = set(projections)
+    others = [
+        f"{name} ({_shape(module)})"
+        for name, module in modules.items()
+        if _is_linear_like(module)
+        and name not in chosen
+        and not any(name.startswith(f"{block}.") for block in blocks)
+    ]
+    if others:
+        text += f"; Linear modules outside the blocks: {', '.join(others[:10])}"
+    return text

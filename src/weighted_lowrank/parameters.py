@@ -319,6 +319,7 @@ class CompressionParams(Block):
     targets: str | tuple[str, ...] | None = checked(targets)
     seed: int = checked(any_int)
     device: str = checked(device)
+    dask_address: str | None = checked(optional(text))
 
 
 @dataclass(frozen=True, init=False, eq=False)

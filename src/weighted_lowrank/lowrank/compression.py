@@ -56,6 +56,7 @@ def factorize_model(
     device: str | torch.device = "cpu",
     statistics: Mapping[str, torch.Tensor] | None = None,
     ranks: Mapping[str, int | None] | None = None,
+    dask_address: str | None = None,
     **solver_options: Any,
 ) -> dict[str, FactorizationResult]:
     """Factorize the targeted Linear layers of ``model``; ``{module name: result}`` in model order.
@@ -73,10 +74,13 @@ def factorize_model(
     on ``device`` in that dtype.
     ``solver_options`` go to :func:`~weighted_lowrank.lowrank.solvers.factorize_batch`, which
     solves same-(shape, rank) layers as one batch (see :func:`layer_seconds`). ``model`` is not
-    modified.
+    modified. ``dask_address`` (a Dask scheduler): the batches are solved on that cluster's
+    workers, each on its own ``device`` (:func:`_fan_out_layers`), with the same results but the
+    wall-clock fields; the factors come back on the CPU.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver {solver!r} is unknown; expected one of {list(SOLVERS)}")
+    device, solver_options = _fan_out_layers(device, dask_address, solver_options)
     layers = _targeted_layers(model, fisher, targets, device)
     if ranks is None:
         _check_budget(budget)
@@ -98,6 +102,7 @@ def factorize_model(
         solver=solver,
         statistics=[_layer_statistics(statistics, name, needs) for name in names],
         names=names,
+        dask_address=dask_address,
         **solver_options,
     )
     if len(results) != len(names):
@@ -117,6 +122,7 @@ def model_loss_curves(
     loss_model: str = "own",
     device: str | torch.device = "cpu",
     statistics: Mapping[str, torch.Tensor] | None = None,
+    dask_address: str | None = None,
     **solver_options: Any,
 ) -> dict[str, LossCurve]:
     """``{module name: LossCurve}`` of ``solver`` for every targeted layer, in model order.
@@ -126,10 +132,12 @@ def model_loss_curves(
     weighted spectrum, or the FWSVD proxy for the element-wise solvers, priced by the solver's own
     quadratic or, ``loss_model="kronecker"``, by the Kronecker-factored one), with ``fisher``
     summed over ``num_examples`` examples. Inputs are those of :func:`factorize_model`, checked the same
-    way before any decomposition.
+    way before any decomposition; ``dask_address`` fans the same-shape groups out to that Dask
+    cluster as :func:`factorize_model` does (the same curves).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver {solver!r} is unknown; expected one of {list(SOLVERS)}")
+    device, solver_options = _fan_out_layers(device, dask_address, solver_options)
     layers = _targeted_layers(model, fisher, targets, device)
     needs = curve_needs(solver, loss_model, **solver_options)
     losses = rank_loss_curves(
@@ -140,6 +148,7 @@ def model_loss_curves(
         loss_model=loss_model,
         statistics=[_layer_statistics(statistics, name, needs) for name in layers.names],
         names=layers.names,
+        dask_address=dask_address,
         **solver_options,
     )
     curves = {}
@@ -149,6 +158,18 @@ def model_loss_curves(
             out_features, in_features, values[: max_rank(out_features, in_features)].numpy()
         )
     return curves
+
+
+def _fan_out_layers(
+    device: str | torch.device, dask_address: str | None, solver_options: dict[str, Any]
+) -> tuple[str | torch.device, dict[str, Any]]:
+    """``(device for the layers here, solver options)``: unchanged without ``dask_address``; with
+    one, the layers stay on this process's CPU and ``device`` becomes the solver's ``device``
+    option (unless set), resolved on each worker — a driver without a GPU can fan out to
+    workers with one."""
+    if dask_address is None or solver_options.get("device") is not None:
+        return (device, solver_options) if dask_address is None else ("cpu", solver_options)
+    return "cpu", {**solver_options, "device": device}
 
 
 @dataclass
@@ -306,6 +327,7 @@ def svd_reference_losses(
     *,
     device: str | torch.device = "cpu",
     ranks: Mapping[str, int | None] | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, float]:
     """Plain truncated SVD's weighted loss per factorized layer, ``{module name: loss}``.
 
@@ -313,7 +335,9 @@ def svd_reference_losses(
     ``ranks``), dtypes, device and importance as :func:`factorize_model` with ``solver="svd"``
     (SVD's default options).
     """
-    results = factorize_model(model, fisher, budget, "svd", targets, device=device, ranks=ranks)
+    results = factorize_model(
+        model, fisher, budget, "svd", targets, device=device, ranks=ranks, dask_address=dask_address
+    )
     return {name: float(result.loss) for name, result in results.items()}
 
 

@@ -18,6 +18,7 @@ import torch
 
 from weighted_lowrank.lowrank.calibration import CALIBRATION_STATISTICS
 from weighted_lowrank.lowrank.devices import resolve_device
+from weighted_lowrank.lowrank.fanout import fan_out
 from weighted_lowrank.lowrank.objective import FactorizationResult, validate_problem, weighted_loss
 from weighted_lowrank.lowrank.solvers._common import (
     KFWSVD_NEEDS,
@@ -166,6 +167,7 @@ def factorize_batch(
     *,
     statistics: list[Mapping[str, torch.Tensor] | None] | None = None,
     names: list[str] | None = None,
+    dask_address: str | None = None,
     **options: Any,
 ) -> list[FactorizationResult]:
     """``factorize`` for many layers at once; layers of equal (shape, rank) share batched matmuls.
@@ -174,6 +176,13 @@ def factorize_batch(
     ``statistics`` gives each layer's calibration statistics by name (without a module prefix);
     every statistic the solver needs is checked for every layer before any solve. ``names``
     label the layers in errors (default ``"layer <index>"``).
+
+    ``dask_address`` (a Dask scheduler, e.g. ``tcp://host:8786``): every group is solved as one
+    task on that cluster (:func:`~weighted_lowrank.lowrank.fanout.fan_out`), on the worker's
+    device given by the ``device`` option (``None``: the weights' device type); the checks above
+    still run here first. The results are those of the sequential solve — same groups, seeds and
+    iteration-based stopping, the caller's torch thread count — except the wall-clock fields
+    (``seconds``, the history's times) and that the factors come back on the CPU.
     """
     spec = _spec(solver)
     resolved = resolve_options(solver, options, spec.options)
@@ -198,25 +207,77 @@ def factorize_batch(
     groups: dict[tuple, list[int]] = {}
     for index, (weight, rank) in enumerate(zip(weights, ranks, strict=True)):
         groups.setdefault((tuple(weight.shape), rank, weight.device), []).append(index)
-    results: list[FactorizationResult | None] = [None] * len(weights)
-    for (_, rank, source_device), indices in groups.items():
-        device = resolve_device(resolved["device"], source_device)
-        started = time.perf_counter()
-        problem = build_problem(
+    jobs = [
+        (
+            solver,
+            resolved,
+            rank,
+            resolved["device"] if dask_address is None else _worker_device(resolved, source),
             [weights[i] for i in indices],
             [importances[i] for i in indices],
-            rank,
-            device,
-            statistics=[needed[i] for i in indices] if needed else None,
-            names=[labels[i] for i in indices],
+            [needed[i] for i in indices] if needed else None,
+            [labels[i] for i in indices],
         )
-        outputs = spec.solve(problem, resolved, started)
-        seconds = time.perf_counter() - started
-        for position, (index, output) in enumerate(zip(indices, outputs, strict=True)):
-            results[index] = _to_result(
-                weights[index], importances[index], rank, solver, problem, position, output, seconds
-            )
+        for (_, rank, source), indices in groups.items()
+    ]
+    if dask_address is None:
+        solved = [_solve_group(*job) for job in jobs]
+    else:
+        solved = fan_out(dask_address, _solve_group, [_on_cpu(job) for job in jobs], name=solver)
+    results: list[FactorizationResult | None] = [None] * len(weights)
+    for indices, group_results in zip(groups.values(), solved, strict=True):
+        for index, result in zip(indices, group_results, strict=True):
+            results[index] = result
     return [result for result in results if result is not None]
+
+
+def _solve_group(
+    solver: str,
+    resolved: dict[str, Any],
+    rank: int,
+    device: str | torch.device | None,
+    weights: list[torch.Tensor],
+    importances: list[torch.Tensor | None],
+    statistics: list[dict[str, torch.Tensor]] | None,
+    labels: list[str],
+) -> list[FactorizationResult]:
+    """Solve one group of same-(shape, rank, device) layers, already checked; results in order.
+
+    ``device`` is where the solve runs (``None``: the weights' device). What
+    :func:`factorize_batch` runs per group, here or on a Dask worker.
+    """
+    device = resolve_device(device, weights[0].device)
+    started = time.perf_counter()
+    problem = build_problem(weights, importances, rank, device, statistics=statistics, names=labels)
+    outputs = _spec(solver).solve(problem, resolved, started)
+    seconds = time.perf_counter() - started
+    return [
+        _to_result(weight, importance, rank, solver, problem, position, output, seconds)
+        for position, (weight, importance, output) in enumerate(
+            zip(weights, importances, outputs, strict=True)
+        )
+    ]
+
+
+def _worker_device(resolved: dict[str, Any], source: torch.device) -> str | torch.device:
+    """Where a fanned-out group runs: the ``device`` option, else the weights' device type (the
+    worker's own GPU for weights on a GPU here)."""
+    return resolved["device"] if resolved["device"] is not None else source.type
+
+
+def _on_cpu(job: tuple) -> tuple:
+    """A group's arguments with every tensor on the CPU, to ship to a worker."""
+
+    def cpu(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.cpu()
+        if isinstance(value, list):
+            return [cpu(item) for item in value]
+        if isinstance(value, dict):
+            return {key: cpu(item) for key, item in value.items()}
+        return value
+
+    return tuple(cpu(value) for value in job)
 
 
 def solver_curve(solver: str) -> str:
@@ -241,6 +302,7 @@ def rank_loss_curves(
     loss_model: str = "own",
     statistics: list[Mapping[str, torch.Tensor] | None] | None = None,
     names: list[str] | None = None,
+    dask_address: str | None = None,
     **options: Any,
 ) -> list[torch.Tensor]:
     """Per layer, the predicted loss increase (nats per example) of ``solver`` at every rank.
@@ -253,7 +315,8 @@ def rank_loss_curves(
     way rescaled so that the curvature has the trace of the layer's diagonal Fisher,
     ``importance`` summed over ``num_examples`` examples (``None``: uniform importance 1).
     Same-shape layers share one batched decomposition; inputs are checked as
-    :func:`factorize_batch` checks them.
+    :func:`factorize_batch` checks them. ``dask_address``: every same-shape group is one task on
+    that Dask cluster, as in :func:`factorize_batch` (the same curves).
     """
     spec = _spec(solver)
     resolved = resolve_options(solver, options, spec.options)
@@ -277,32 +340,59 @@ def rank_loss_curves(
     groups: dict[tuple, list[int]] = {}
     for index, weight in enumerate(weights):
         groups.setdefault((tuple(weight.shape), weight.device), []).append(index)
-    curves: list[torch.Tensor | None] = [None] * len(weights)
-    for (_, source_device), indices in groups.items():
-        device = resolve_device(resolved["device"], source_device)
-        problem = build_problem(
+    jobs = [
+        (
+            solver,
+            resolved,
+            kronecker,
+            num_examples,
+            resolved["device"] if dask_address is None else _worker_device(resolved, source),
             [weights[i] for i in indices],
             [importances[i] for i in indices],
-            1,
-            device,
-            statistics=[needed[i] for i in indices] if needed else None,
-            names=[labels[i] for i in indices],
+            [needed[i] for i in indices] if needed else None,
+            [labels[i] for i in indices],
         )
-        totals = torch.tensor(
-            [
-                float(weights[i].numel())
-                if importances[i] is None
-                else float(importances[i].double().sum())
-                for i in indices
-            ],
-            dtype=torch.float64,
+        for (_, source), indices in groups.items()
+    ]
+    if dask_address is None:
+        priced = [_curve_group(*job) for job in jobs]
+    else:
+        priced = fan_out(
+            dask_address, _curve_group, [_on_cpu(job) for job in jobs], name=f"{solver}-curves"
         )
-        spectrum = spec.spectrum(problem, resolved, kronecker)
-        price = kronecker_rank_losses if kronecker else rank_losses
-        losses = price(spectrum, problem, totals, num_examples)
-        for position, index in enumerate(indices):
-            curves[index] = losses[position]
+    curves: list[torch.Tensor | None] = [None] * len(weights)
+    for indices, group_curves in zip(groups.values(), priced, strict=True):
+        for index, curve in zip(indices, group_curves, strict=True):
+            curves[index] = curve
     return [curve for curve in curves if curve is not None]
+
+
+def _curve_group(
+    solver: str,
+    resolved: dict[str, Any],
+    kronecker: bool,
+    num_examples: int,
+    device: str | torch.device | None,
+    weights: list[torch.Tensor],
+    importances: list[torch.Tensor | None],
+    statistics: list[dict[str, torch.Tensor]] | None,
+    labels: list[str],
+) -> list[torch.Tensor]:
+    """The loss curves of one group of same-shape layers, already checked (what
+    :func:`rank_loss_curves` runs per group, here or on a Dask worker)."""
+    device = resolve_device(device, weights[0].device)
+    problem = build_problem(weights, importances, 1, device, statistics=statistics, names=labels)
+    totals = torch.tensor(
+        [
+            float(weight.numel()) if importance is None else float(importance.double().sum())
+            for weight, importance in zip(weights, importances, strict=True)
+        ],
+        dtype=torch.float64,
+    )
+    spectrum = _spec(solver).spectrum(problem, resolved, kronecker)
+    price = kronecker_rank_losses if kronecker else rank_losses
+    losses = price(spectrum, problem, totals, num_examples)
+    return [losses[position] for position in range(len(weights))]
 
 
 #: The loss models a curve can price each rank's solution with.

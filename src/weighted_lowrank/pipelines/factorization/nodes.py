@@ -69,6 +69,7 @@ def svd_reference(
         compression.budget,
         compression.targets,
         device=compression.device,
+        dask_address=compression.dask_address,
     )
     shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in losses}
     ranks = layer_ranks(shapes, compression.budget)
@@ -109,6 +110,7 @@ def loss_curves(
         loss_model=compression.curve_loss_model,
         statistics=calibration_statistics["tensors"],
         device=compression.device,
+        dask_address=compression.dask_address,
         **{"seed": compression.seed, **options},
     )
     seconds = time.perf_counter() - started
@@ -297,6 +299,7 @@ def compress(
         statistics=calibration_statistics["tensors"],
         device=compression.device,
         ranks=ranks,
+        dask_address=compression.dask_address,
         **{"seed": compression.seed, **options},
     )
     total_seconds = time.perf_counter() - started
@@ -413,6 +416,7 @@ def _reference_losses(
             compression.targets,
             device=compression.device,
             ranks={**everything, **differing},
+            dask_address=compression.dask_address,
         )
     return [
         computed[name] if name in computed else float(reference.at[name, "svd_loss"])

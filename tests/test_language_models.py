@@ -57,9 +57,10 @@ def test_blocks_cut_the_document_stream_without_losing_a_token(architecture) -> 
     for text in frame["text"]:
         ids = tokenizer(text)["input_ids"]
         stream += [*ids, tokenizer.eos_token_id]
-    assert torch.cat([block["input_ids"] for block in blocks]).tolist() == stream[
-        : sum(len(block["input_ids"]) for block in blocks)
-    ]
+    assert (
+        torch.cat([block["input_ids"] for block in blocks]).tolist()
+        == stream[: sum(len(block["input_ids"]) for block in blocks)]
+    )
     assert all(len(block["input_ids"]) == 16 for block in blocks[:-1])
     assert 2 <= len(blocks[-1]["input_ids"]) <= 16
     assert all(torch.equal(block["labels"], block["input_ids"]) for block in blocks)
@@ -87,7 +88,9 @@ def test_padding_changes_no_block_loss() -> None:
         labels = padded.pop("labels")
         together = block_losses(bundle.model(**padded).logits, labels)
         alone = pad_examples([short], bundle.tokenizer.pad_token_id)
-        single = block_losses(bundle.model(**{"input_ids": alone["input_ids"]}).logits, alone["labels"])
+        single = block_losses(
+            bundle.model(**{"input_ids": alone["input_ids"]}).logits, alone["labels"]
+        )
     assert together.tokens.tolist() == [5, 9]
     torch.testing.assert_close(together.losses[0], single.losses[0], rtol=1e-5, atol=1e-6)
 
@@ -110,7 +113,9 @@ def test_per_example_fisher_of_the_next_token_loss_matches_brute_force(architect
                 expected[name] += grad.square()
     assert found.num_examples == sum(len(batch["input_ids"]) for batch in batches)
     for name in modules:
-        torch.testing.assert_close(found.fisher[f"{name}.weight"], expected[name], rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(
+            found.fisher[f"{name}.weight"], expected[name], rtol=1e-4, atol=1e-10
+        )
 
 
 def test_perplexity_is_exp_of_the_token_weighted_loss() -> None:
@@ -157,7 +162,9 @@ def test_a_corpus_keeps_texts_only_and_splits_at_random(tmp_path) -> None:
         {"text": [f"film number {i}" for i in range(80)] + ["", None], "category": ["x"] * 82}
     )
     source = resolve_source(data, model)
-    records, names = encode_labels(clean_records(load_source_records(reviews, source), source), source)
+    records, names = encode_labels(
+        clean_records(load_source_records(reviews, source), source), source
+    )
     train, validation, test = split_records(records, data, names)
     assert names == [] and list(train.columns) == ["text"]
     assert [len(train), len(validation), len(test)] == [40, 10, 20]

@@ -106,3 +106,42 @@ def test_split_without_label_column_raises() -> None:
             TrainingOptions(epochs=1),
             progress=False,
         )
+
+
+def test_training_batches_cover_every_example_once_per_epoch_nearly_unpadded() -> None:
+    """Each epoch is a seeded permutation of the examples cut into length-bucketed batches:
+    every example once, the same batches for the same (seed, epoch), other batches for another
+    epoch, and far fewer padded tokens than batches of random examples."""
+    from tests.conftest import varied_split
+    from weighted_lowrank.training import iterate_batches
+
+    tokenizer = make_tiny_bundle().tokenizer
+    examples = encode_examples(varied_split(400, seed=3), tokenizer, 32)
+    pad = tokenizer.pad_token_id
+
+    def epoch(seed: int, number: int) -> list[dict[str, torch.Tensor]]:
+        return list(iterate_batches(examples, 16, pad, seed, number))
+
+    first = epoch(7, 0)
+    seen = sorted(
+        tuple(row[mask.bool()].tolist())
+        for batch in first
+        for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    )
+    assert seen == sorted(tuple(example["input_ids"].tolist()) for example in examples)
+    assert all(
+        torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, epoch(7, 0), strict=True)
+    )
+    assert not all(
+        a["input_ids"].shape == b["input_ids"].shape and torch.equal(a["input_ids"], b["input_ids"])
+        for a, b in zip(first, epoch(7, 1), strict=True)
+    )
+    real = sum(int(batch["attention_mask"].sum()) for batch in first)
+    padded = sum(batch["attention_mask"].numel() for batch in first)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(examples))
+    random_padded = sum(
+        max(examples[i]["input_ids"].numel() for i in order[s : s + 16]) * len(order[s : s + 16])
+        for s in range(0, len(order), 16)
+    )
+    assert padded / real < 1.1 < random_padded / real

@@ -67,7 +67,7 @@ def make_batches(
     if label_dtype is None:
         label_dtype = torch.long if np.issubdtype(labels_np.dtype, np.integer) else torch.float32
     examples = encode_examples(frame, tokenizer, max_length, label_dtype)
-    order = _batch_order(
+    order = batch_order(
         lengths=np.array([example["input_ids"].numel() for example in examples]),
         batch_size=batch_size,
         bucket_by_length=bucket_by_length,
@@ -185,15 +185,16 @@ def pad_examples(
     return batch
 
 
-def _batch_order(
+def batch_order(
     lengths: np.ndarray,
     batch_size: int,
     bucket_by_length: bool,
     shuffle: bool,
-    seed: int,
+    seed: int | list[int],
     pool_batches: int,
 ) -> list[list[int]]:
-    """Indices of the examples of each batch."""
+    """Indices of the examples of each batch (see :func:`make_batches`); ``seed`` is anything
+    ``numpy.random.default_rng`` takes (e.g. ``[run seed, epoch]``)."""
     rng = np.random.default_rng(seed)
     indices = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
     if bucket_by_length:

@@ -91,12 +91,16 @@ def task_of_config(config: PretrainedConfig) -> str:
     and checkpoints saved without ``architectures``)."""
     architectures = getattr(config, "architectures", None) or []
     causal = _causal_lm_classes()
-    return "causal_lm" if any(name in causal for name in architectures) else "sequence_classification"
+    return (
+        "causal_lm" if any(name in causal for name in architectures) else "sequence_classification"
+    )
 
 
 def task_of_model(model: torch.nn.Module) -> str:
     """The task a loaded model computes: ``causal_lm`` for a transformers causal-LM class."""
-    return "causal_lm" if type(model).__name__ in _causal_lm_classes() else "sequence_classification"
+    return (
+        "causal_lm" if type(model).__name__ in _causal_lm_classes() else "sequence_classification"
+    )
 
 
 def check_task(task: str) -> str:

@@ -26,11 +26,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 from weighted_lowrank.batching import (
     LM_REQUIRED_COLUMNS,
     REQUIRED_COLUMNS,
+    batch_order,
     encode_examples,
     encode_lm_blocks,
     pad_examples,
 )
 from weighted_lowrank.lowrank.language_model import block_losses, is_causal_lm
+
+#: Batches per pool sorted by length before training batches are cut (``batching.batch_order``).
+TRAINING_POOL_BATCHES = 50
 
 
 @dataclass(frozen=True)
@@ -87,12 +91,21 @@ def iterate_batches(
     examples: list[dict[str, torch.Tensor]],
     batch_size: int,
     pad_token_id: int,
-    generator: torch.Generator,
+    seed: int,
+    epoch: int,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield padded batches in an order shuffled by ``generator``."""
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    for start in range(0, len(order), batch_size):
-        yield pad_examples([examples[i] for i in order[start : start + batch_size]], pad_token_id)
+    """Yield one epoch of padded training batches: the examples shuffled with ``[seed, epoch]``,
+    sorted by length within pools of 50 batches, the batch order shuffled again
+    (:func:`~weighted_lowrank.batching.batch_order`). Each batch then holds examples of nearly
+    one length, so padding costs ~3 % of the tokens instead of ~90 % for random batches of the
+    default data (docs/METHOD.md, "Fine-tuning")."""
+    lengths = np.array([example["input_ids"].numel() for example in examples])
+    order = batch_order(
+        lengths, batch_size, bucket_by_length=True, shuffle=True, seed=[seed, epoch],
+        pool_batches=TRAINING_POOL_BATCHES,
+    )  # fmt: skip
+    for indices in order:
+        yield pad_examples([examples[i] for i in indices], pad_token_id)
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -141,7 +154,7 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, config: object)
     )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_examples(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -290,13 +303,14 @@ def train_classifier(
     steps_per_epoch = math.ceil(len(examples) / options.batch_size)
     total_steps = steps_per_epoch * options.epochs
     optimizer, scheduler = _adamw_with_schedule(model, options, total_steps)
-    generator = torch.Generator().manual_seed(options.seed)
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     for epoch in range(options.epochs):
         model.train()
         running_loss, seen = 0.0, 0
-        batches = iterate_batches(examples, options.batch_size, tokenizer.pad_token_id, generator)
+        batches = iterate_batches(
+            examples, options.batch_size, tokenizer.pad_token_id, options.seed, epoch
+        )
         bar = tqdm(
             batches,
             total=steps_per_epoch,

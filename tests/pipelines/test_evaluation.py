@@ -16,13 +16,13 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from tests.conftest import TOY_NEGATIVE, TOY_POSITIVE, make_tiny_bundle, typed_params
 from tests.pipelines.conftest import BUDGET
+from weighted_lowrank import latency
 from weighted_lowrank.latency import measure_latency_ms
 from weighted_lowrank.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
 from weighted_lowrank.lowrank.compression import compress_model
 from weighted_lowrank.lowrank.serialization import WEIGHTS_FILE, save_compressed
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.pipelines.evaluation import create_pipeline as create_evaluation
-from weighted_lowrank.pipelines.evaluation import nodes
 from weighted_lowrank.pipelines.evaluation.nodes import (
     PREDICTION_COLUMNS,
     evaluate_compressed,
@@ -235,38 +235,49 @@ def test_dense_and_compressed_counts_are_consistent(evaluated):
         assert metrics["size_on_disk_bytes"] < dense["size_on_disk_bytes"], solver
 
 
-def test_latency_is_timed_once_per_row_with_the_latency_block(monkeypatch):
-    """Dense alone for its row; dense and compressed in turns for a compressed row; the options
-    are the ``evaluation.latency`` block as it is."""
+def test_latency_is_timed_once_per_model_shape_with_the_latency_block(monkeypatch):
+    """Dense once; a compressed shape once (a second model of that shape reuses its median, a
+    new shape is timed); the options are the ``evaluation.latency`` block as it is."""
     bundle = make_tiny_bundle(seed=2)
     compressed, results = compress_model(bundle.model, None, 0.5, "svd")
-    compressed_bundle = type(bundle)(model=compressed, tokenizer=bundle.tokenizer)
+    other, _ = compress_model(bundle.model, None, 0.5, "fwsvd")  # same shape, other values
+    smaller, smaller_results = compress_model(bundle.model, None, 0.25, "svd")
     calls = []
 
     def fake_latency(models, vocab_size, **options):
         calls.append((list(models), vocab_size, options))
-        return dict.fromkeys(models, 2.0) | ({"compressed": 1.0} if "compressed" in models else {})
+        return {name: 2.0 if name == "dense" else 1.0 for name in models}
 
-    monkeypatch.setattr(nodes, "measure_latency_ms", fake_latency)
+    monkeypatch.setattr(latency, "measure_latency_ms", fake_latency)
+    monkeypatch.setattr(latency, "_MEASURED", {})
     dense = evaluate_dense(bundle, TEST_SPLIT, MODEL, EVALUATION, COMPRESSION)[0]["metrics"]
-    metrics = evaluate_compressed(
-        compressed_bundle,
-        bundle,
-        fake_report(results),
-        fake_rank_map(results),
-        TEST_SPLIT,
-        MODEL,
-        EVALUATION,
-    )[0]["metrics"]
+    rows = [
+        evaluate_compressed(
+            type(bundle)(model=model, tokenizer=bundle.tokenizer),
+            bundle,
+            fake_report(found),
+            fake_rank_map(found),
+            TEST_SPLIT,
+            MODEL,
+            EVALUATION,
+        )[0]["metrics"]
+        for model, found in ((compressed, results), (other, results), (smaller, smaller_results))
+    ]
+    metrics = rows[0]
     vocab = bundle.model.config.vocab_size
-    latency = asdict(EVALUATION.latency)
-    assert calls == [(["dense"], vocab, latency), (["dense", "compressed"], vocab, latency)]
+    latency_block = asdict(EVALUATION.latency)
+    assert calls == [
+        (["dense"], vocab, latency_block),
+        (["compressed"], vocab, latency_block),
+        (["compressed"], vocab, latency_block),  # the smaller shape; `other` reused the first
+    ]
     assert (dense["latency_ms"], dense["latency_dense_ms"]) == (2.0, 2.0)
-    assert (metrics["latency_ms"], metrics["latency_dense_ms"], metrics["latency_ratio"]) == (
-        1.0,
-        2.0,
-        0.5,
-    )
+    for row in rows:
+        assert (row["latency_ms"], row["latency_dense_ms"], row["latency_ratio"]) == (
+            1.0,
+            2.0,
+            0.5,
+        )
     assert metrics["factorization_seconds"] == 0.25
     assert metrics["predicted_loss_increase"] == pytest.approx(0.125 * len(results))
 

@@ -39,7 +39,7 @@ import pandas as pd
 from torch import nn
 
 from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.latency import measure_latency_ms
+from weighted_lowrank.latency import latency_by_shape_ms
 from weighted_lowrank.lineage import with_fingerprint
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.layer import lowrank_ranks
@@ -155,7 +155,7 @@ def evaluate_dense(
     dense = fine_tuned_model.model.to("cpu")
     layers = list(select_linear_modules(dense, compression.targets))
     counts = parameter_counts(tensors_for_saving(dense)[0], layers)
-    latency_ms = measure_latency_ms(
+    latency_ms = latency_by_shape_ms(
         {"dense": dense}, dense.config.vocab_size, **evaluation.latency
     )["dense"]
     scores, predictions = score_examples(fine_tuned_model, test_split, model.max_length, evaluation)
@@ -193,7 +193,9 @@ def evaluate_compressed(
 
     The targeted layers are the rank map's modules — the factorized ones and any an allocation
     kept dense; the model must have exactly the rank map's ranks (checked before any scoring).
-    Latency is measured against the dense model in this process, the two timed in turns.
+    Latency: each distinct model shape is timed once per process (``latency_by_shape_ms``): the
+    first time the dense and the compressed shape are timed in turns, later rows of the same
+    shapes reuse those medians.
     ``layer_report`` and ``rank_map`` are the solver's (a refined model keeps its solver's
     factorization): the weighted loss relative to SVD's, the factorization seconds and the
     predicted loss increase (Σ of the rank map's) come from them.
@@ -204,7 +206,7 @@ def evaluate_compressed(
     layers = rank_map["module"].tolist()
     counts = parameter_counts(tensors_for_saving(compressed)[0], layers)
     dense_counts = parameter_counts(tensors_for_saving(dense)[0], layers)
-    timings = measure_latency_ms(
+    timings = latency_by_shape_ms(
         {"dense": dense, "compressed": compressed},
         compressed.config.vocab_size,
         **evaluation.latency,

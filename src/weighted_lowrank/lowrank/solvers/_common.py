@@ -9,8 +9,10 @@ minimiser unchanged and lets one set of default step sizes serve every layer.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Self, TypeVar
 
@@ -40,6 +42,8 @@ KFWSVD_NEEDS: tuple[str, ...] = ("input_moment", "output_moment")
 MAX_ALPHA = 2.0
 #: Axes of the closed-form Fisher-weighted SVD.
 FWSVD_AXES = ("in", "out", "both")
+#: tfwsvd's preconditioners (``solvers.tfwsvd``): the shared-basis block-Jacobi and the separable one.
+PRECONDITIONERS = ("rotated", "separable")
 
 
 @dataclass
@@ -118,6 +122,7 @@ _OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "restart": (lambda v: _is_int(v, 1), "an int >= 1"),
     "refresh_every": (lambda v: _is_int(v, 1), "an int >= 1"),
     "precondition_every": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "preconditioner": (lambda v: v in PRECONDITIONERS, f"one of {PRECONDITIONERS}"),
 }
 
 
@@ -254,6 +259,80 @@ def batched_loss(
     return (importance * residual * residual).sum(dim=(1, 2), dtype=torch.float64)
 
 
+# ----------------------------------------------------------------------------- CPU workers
+
+#: Python worker threads for work that OpenMP threads do not speed up (small batched LAPACK
+#: calls, cache-sized chunks): each worker runs its share on one torch thread.
+MAX_CPU_WORKERS = 2
+_WORKER_POOL: ThreadPoolExecutor | None = None
+
+Result = TypeVar("Result")
+
+
+def cpu_workers(device: torch.device) -> int:
+    """How many worker threads :func:`run_on_workers` should use on ``device``.
+
+    More than one only on CPU with ``OMP_WAIT_POLICY=PASSIVE`` (how the tests and benchmarks run):
+    there each small op waits for sleeping OpenMP threads, while two workers on one thread each
+    keep both cores busy. With the default (spinning) policy the spinning threads of one worker
+    steal the other's core, and intra-op threads do better (docs/BENCHMARKS.md, "tfwsvd timing").
+    """
+    if device.type != "cpu" or os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        return 1
+    return max(1, min(torch.get_num_threads(), MAX_CPU_WORKERS))
+
+
+def run_on_workers(tasks: list[Callable[[], Result]]) -> list[Result]:
+    """Run ``tasks`` concurrently, each on one torch thread, and return their results in order.
+
+    The calling thread runs the first task; torch's thread count is restored afterwards.
+    """
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    global _WORKER_POOL
+    if _WORKER_POOL is None or _WORKER_POOL._max_workers < len(tasks) - 1:  # noqa: SLF001
+        _WORKER_POOL = ThreadPoolExecutor(max_workers=len(tasks) - 1, thread_name_prefix="solver")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [_WORKER_POOL.submit(_on_one_thread, task) for task in tasks[1:]]
+        first = tasks[0]()
+        return [first, *(future.result() for future in futures)]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _on_one_thread(task: Callable[[], Result]) -> Result:
+    torch.set_num_threads(1)  # this thread's own OpenMP setting
+    return task()
+
+
+def split_batch(function: Callable[..., Any], matrices: torch.Tensor) -> Any:
+    """``function(matrices)`` for a batched LAPACK ``function`` (eigh, Cholesky, …), on one torch
+    thread per worker, the batch split between :func:`cpu_workers` workers. Each matrix is solved
+    alone, so the result does not depend on the split."""
+    workers = min(cpu_workers(matrices.device), matrices.shape[0])
+    if workers <= 1:
+        return batched_one_thread(function, matrices)
+    parts = torch.tensor_split(matrices, workers)
+    results = run_on_workers([lambda part=part: function(part) for part in parts])
+    if isinstance(results[0], torch.Tensor):
+        return torch.cat(results)
+    return type(results[0])(torch.cat(items) for items in zip(*results, strict=True))
+
+
+def batched_one_thread(function: Callable[..., Any], matrices: torch.Tensor) -> Any:
+    """``function(matrices)`` on one CPU thread (see ``devices.batched_eigh``)."""
+    if matrices.device.type != "cpu" or torch.get_num_threads() == 1:
+        return function(matrices)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return function(matrices)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- closed forms
 
 
@@ -272,7 +351,8 @@ def balanced_truncated_svd(
         return u[:, :, :rank] * root[:, None, :], root[:, :, None] * vh[:, :rank, :]
     tall = matrix.shape[1] >= matrix.shape[2]
     gram = matrix.transpose(1, 2) @ matrix if tall else matrix @ matrix.transpose(1, 2)
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    # One thread per worker: a batch of small eigensolves only pays fork/joins for more.
+    eigenvalues, eigenvectors = split_batch(torch.linalg.eigh, gram)
     top_values = eigenvalues.flip(-1)[:, :rank]
     top_vectors = eigenvectors.flip(-1)[:, :, :rank]
     singular = top_values.clamp_min(0).sqrt()
@@ -501,9 +581,14 @@ class _LayerRecords:
         now = time.perf_counter() - self.started
         loss = loss.detach().to("cpu", torch.float64)
         improved = loss < self.best_loss
-        mask = improved.to(left.device)[:, None, None]
-        self.best_left = torch.where(mask, left, self.best_left)
-        self.best_right = torch.where(mask, right, self.best_right)
+        if bool(improved.all()):
+            # Every layer improved (always, for a monotone solver): keep the points, no copy.
+            # Steps never modify the factors they were given, so holding them is safe.
+            self.best_left, self.best_right = left, right
+        else:
+            mask = improved.to(left.device)[:, None, None]
+            self.best_left = torch.where(mask, left, self.best_left)
+            self.best_right = torch.where(mask, right, self.best_right)
         self.best_loss = torch.where(improved, loss, self.best_loss)
         done = torch.zeros(len(self.active), dtype=torch.bool)
         for position, layer in enumerate(self.active.tolist()):

@@ -21,6 +21,7 @@ One iteration costs five (out × r × in) matmuls, all batched over the layers o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,20 +33,28 @@ from weighted_lowrank.lowrank.solvers._common import (
     IterateState,
     Problem,
     SolverOutput,
+    batched_one_thread,
+    cpu_workers,
     initial_factors,
     positive_weights,
     run_iterations,
+    run_on_workers,
+    split_batch,
 )
 
-# tol 3e-5 over 3 iterations: 13–88 iterations per layer on the default model at budget 0.5, summed
-# loss 0.023 % above a 400-iteration run; max_iters is a safety net (docs/METHOD.md, "Stopping").
+# tol 1e-4 over 3 iterations with the rotated preconditioner: 9–39 iterations per layer on the
+# default model at budget 0.5, every layer within 0.07 % of its best known loss (summed 0.025 %);
+# max_iters is a safety net. The preconditioner is rebuilt only at restarts: between them PR+
+# assumes one metric, and refreshing every 10 iterations bought nothing measurable for 13 % of
+# the CPU time (docs/METHOD.md, tfwsvd).
 TFWSVD_OPTIONS: dict[str, Any] = {
     **ITERATIVE_OPTIONS,
     "max_iters": 150,
-    "tol": 3e-5,
+    "tol": 1e-4,
     "restart": 50,
     "refresh_every": 10,
-    "precondition_every": 10,
+    "precondition_every": 50,
+    "preconditioner": "rotated",
 }
 #: Iterations over which ``tol`` is measured.
 TFWSVD_WINDOW = 3
@@ -59,12 +68,24 @@ def separable_weights(importance: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _inverse_gram(matrix: torch.Tensor) -> torch.Tensor:
+    """See :func:`_inverse_gram_lapack`; the LAPACK calls run on one CPU thread."""
+    return split_batch(_inverse_gram_lapack, matrix)
+
+
+def _inverse_gram_lapack(matrix: torch.Tensor) -> torch.Tensor:
     """Inverse of each PSD r × r matrix with a small relative ridge (Cholesky in float64).
 
     Only a preconditioner: any SPD approximation keeps the method convergent, so the ridge just
     keeps it finite when a factor is rank-deficient. ``M⁻¹ = L⁻ᵀ L⁻¹`` from one triangular
     solve (much faster on CPU than ``cholesky_inverse`` for batches of small matrices).
     """
+    inverse_factor = _inverse_cholesky_factor(matrix).to(matrix.dtype)
+    return inverse_factor.transpose(1, 2) @ inverse_factor
+
+
+def _inverse_cholesky_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """``L⁻¹`` (float64) of ``M + ridge = L Lᵀ`` for each PSD r × r matrix, the ridge relative
+    (1e-7 × mean diagonal, raised ×100 until the Cholesky succeeds)."""
     matrix64 = matrix.double()
     rank = matrix.shape[-1]
     diagonal = matrix64.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
@@ -77,10 +98,7 @@ def _inverse_gram(matrix: torch.Tensor) -> torch.Tensor:
         if not bool((info > 0).any()):
             break
         ridge *= 100
-    inverse_factor = torch.linalg.solve_triangular(
-        factor, identity.expand_as(factor), upper=False
-    ).to(matrix.dtype)
-    return inverse_factor.transpose(1, 2) @ inverse_factor
+    return torch.linalg.solve_triangular(factor, identity.expand_as(factor), upper=False)
 
 
 def inverse_grams(
@@ -102,7 +120,17 @@ class Preconditioner(Batched):
     left_inverse: torch.Tensor
     right_inverse: torch.Tensor
 
-    def refreshed(self, left: torch.Tensor, right: torch.Tensor) -> Preconditioner:
+    @classmethod
+    def start(
+        cls, importance: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+    ) -> Preconditioner:
+        rows, cols = separable_weights(importance)
+        left_inverse, right_inverse = inverse_grams(left, right, rows, cols)
+        return cls(rows=rows, cols=cols, left_inverse=left_inverse, right_inverse=right_inverse)
+
+    def refreshed(
+        self, importance: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+    ) -> Preconditioner:
         left_inverse, right_inverse = inverse_grams(left, right, self.rows, self.cols)
         return replace(self, left_inverse=left_inverse, right_inverse=right_inverse)
 
@@ -110,18 +138,147 @@ class Preconditioner(Batched):
         self, grad_left: torch.Tensor, grad_right: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(D_u⁻¹ ∇_A (B D_v Bᵀ)⁻¹, (Aᵀ D_u A)⁻¹ ∇_B D_v⁻¹)``."""
-        direction_left = (grad_left / self.rows[:, :, None]) @ self.right_inverse
-        direction_right = self.left_inverse @ (grad_right / self.cols[:, None, :])
+        direction_left = (grad_left @ self.right_inverse).div_(self.rows[:, :, None])
+        direction_right = (self.left_inverse @ grad_right).div_(self.cols[:, None, :])
         return direction_left, direction_right
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class Gradient(Batched):
-    """Residual ``AB − W``, weighted residual ``I ∘ (AB − W)``, gradients, preconditioned
-    gradients, and ``gᵀz`` (the Polak–Ribière denominator of the next iteration)."""
+class RotatedPreconditioner(Batched):
+    """Block-Jacobi in a shared basis: each row's Hessian block ``H_i = B diag(I_i) Bᵀ`` (and each
+    column's ``Aᵀ diag(I_:j) A``) approximated by its exact diagonal in one r × r basis per side.
 
-    residual: torch.Tensor
-    weighted: torch.Tensor
+    Row side: ``T = L⁻ᵀ V``, where ``L⁻¹`` whitens the separable Gram ``B D_v Bᵀ`` and ``V``
+    approximately diagonalises every whitened ``C_i = L⁻¹ H_i L⁻ᵀ / u_i`` at once: the
+    eigenvectors of ``Σ_k s_k² C(p_k)²``, ``C(p) = L⁻¹ B diag(p) Bᵀ L⁻ᵀ``, over the leading
+    principal components ``s_k p_k`` of the rows' profiles ``I_i / u_i`` (a cheap stand-in for
+    the second moment ``Σ_i (C_i − C̄)²``). Then ``H_i ≈ T⁻ᵀ diag(d_i) T⁻¹`` with the exact
+    ``d_i = Σ_j I_ij (Tᵀ b_j)²`` (all rows at once: one ``out × in × r`` matmul), and the
+    preconditioned row gradient is ``((g_i T) / d_i) Tᵀ``. Columns likewise (``Aᵀ D_u A``,
+    profiles ``I_:j / v_j``). For a separable importance every ``d_i = u_i`` and it is the
+    separable preconditioner; on the real Fisher it reaches most of exact block-Jacobi (per-row
+    r × r systems, as ALS), docs/METHOD.md.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    row_profiles: torch.Tensor
+    col_profiles: torch.Tensor
+    row_basis: torch.Tensor
+    col_basis: torch.Tensor
+    row_diagonal: torch.Tensor
+    col_diagonal: torch.Tensor
+
+    @classmethod
+    def start(
+        cls, importance: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+    ) -> RotatedPreconditioner:
+        rows, cols = separable_weights(importance)
+        empty = torch.empty(0, device=left.device)
+        placeholder = cls(
+            rows=rows,
+            cols=cols,
+            row_profiles=_profile_components(importance / rows[:, :, None]),
+            col_profiles=_profile_components((importance / cols[:, None, :]).transpose(1, 2)),
+            row_basis=empty,
+            col_basis=empty,
+            row_diagonal=empty,
+            col_diagonal=empty,
+        )
+        return placeholder.refreshed(importance, left, right)
+
+    def refreshed(
+        self, importance: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+    ) -> RotatedPreconditioner:
+        dtype = left.dtype
+        row_basis = _rotated_basis(right, self.cols, self.row_profiles).to(dtype)
+        col_basis = _rotated_basis(left.transpose(1, 2), self.rows, self.col_profiles).to(dtype)
+        # d_i = Σ_j I_ij (Tᵀ b_j)², d_j = Σ_i I_ij (a_i T)²: one matmul with I per side.
+        row_diagonal = importance @ (row_basis.transpose(1, 2) @ right).square_().transpose(1, 2)
+        col_diagonal = (left @ col_basis).square_().transpose(1, 2) @ importance
+        return replace(
+            self,
+            row_basis=row_basis,
+            col_basis=col_basis,
+            row_diagonal=_positive(row_diagonal, dim=1),
+            col_diagonal=_positive(col_diagonal, dim=2),
+        )
+
+    def apply(
+        self, grad_left: torch.Tensor, grad_right: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``((g_i T_R) / d_i) T_Rᵀ`` per row of ∇_A, ``T_C ((T_Cᵀ g_j) / d_j)`` per column of ∇_B."""
+        scaled_left = (grad_left @ self.row_basis).div_(self.row_diagonal)
+        scaled_right = (self.col_basis.transpose(1, 2) @ grad_right).div_(self.col_diagonal)
+        return scaled_left @ self.row_basis.transpose(1, 2), self.col_basis @ scaled_right
+
+
+#: Principal components of the row (column) profiles that choose the shared basis.
+_PROFILE_COMPONENTS = 8
+#: Subspace iterations that find them (randomised range finder, oversampled by 4).
+_PROFILE_ITERATIONS = 3
+
+
+def _profile_components(profiles: torch.Tensor) -> torch.Tensor:
+    """``(b, k, m)``: the leading principal components ``s_k p_k`` of each layer's ``n`` profiles
+    ``(b, n, m)`` about their mean, by subspace iteration from a fixed Gaussian start."""
+    batch, count, size = profiles.shape
+    width = min(_PROFILE_COMPONENTS + 4, count, size)
+    mean = profiles.mean(dim=1, keepdim=True)
+
+    def times(vectors: torch.Tensor) -> torch.Tensor:  # (profiles − mean) @ vectors
+        return profiles @ vectors - mean @ vectors
+
+    def times_t(vectors: torch.Tensor) -> torch.Tensor:  # (profiles − mean)ᵀ @ vectors
+        return profiles.transpose(1, 2) @ vectors - mean.transpose(1, 2) * vectors.sum(
+            dim=1, keepdim=True
+        )
+
+    generator = torch.Generator().manual_seed(0)
+    # The same start for every layer: a layer's components do not depend on its batch.
+    start = torch.randn(size, width, generator=generator, dtype=profiles.dtype)
+    basis = torch.linalg.qr(times_t(times(start.to(profiles.device).expand(batch, -1, -1)))).Q
+    for _ in range(_PROFILE_ITERATIONS - 1):
+        basis = torch.linalg.qr(times_t(times(basis))).Q
+    _, singular, right_vectors = torch.linalg.svd(times(basis), full_matrices=False)
+    components = basis @ right_vectors.transpose(1, 2)
+    keep = min(_PROFILE_COMPONENTS, width)
+    return (components[:, :, :keep] * singular[:, None, :keep]).transpose(1, 2)
+
+
+def _rotated_basis(
+    factor: torch.Tensor, weights: torch.Tensor, profiles: torch.Tensor
+) -> torch.Tensor:
+    """``T = L⁻ᵀ V`` (float64) for the blocks ``factor diag(·) factorᵀ`` (factor (b, r, m)):
+    ``L⁻¹`` whitens ``factor D_weights factorᵀ``, ``V`` diagonalises ``Σ_k C(p_k)²``."""
+    gram = (factor * weights[:, None, :]) @ factor.transpose(1, 2)
+    inverse_factor = split_batch(_inverse_cholesky_factor, gram)
+    whitened = inverse_factor.to(factor.dtype) @ factor
+    second_moment = torch.zeros_like(gram, dtype=torch.float64)
+    for component in profiles.unbind(dim=1):
+        block = (whitened * component[:, None, :]) @ whitened.transpose(1, 2)
+        second_moment += (block @ block).double()
+    _, vectors = split_batch(torch.linalg.eigh, (second_moment + second_moment.transpose(1, 2)) / 2)
+    return inverse_factor.transpose(1, 2) @ vectors
+
+
+def _positive(diagonal: torch.Tensor, dim: int) -> torch.Tensor:
+    """Diagonal entries floored at 1e-6 × their mean over ``dim`` (a row or column without
+    importance has a zero gradient, so any positive value serves)."""
+    mean = diagonal.mean(dim=dim, keepdim=True)
+    floor = 1e-6 * torch.where(mean > 0, mean, torch.ones_like(mean))
+    return diagonal.clamp_min(0).add_(floor)
+
+
+_PRECONDITIONER_CLASSES = {"rotated": RotatedPreconditioner, "separable": Preconditioner}
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Gradient(Batched):
+    """Half-gradients ``E Bᵀ``, ``Aᵀ E`` at (A, B) (``E = I ∘ (AB − W)``; CG with an exact line
+    search does not depend on the gradient's scale), preconditioned, and ``gᵀz`` (the
+    Polak–Ribière denominator of the next iteration)."""
+
     grad_left: torch.Tensor
     grad_right: torch.Tensor
     pre_left: torch.Tensor
@@ -129,21 +286,14 @@ class Gradient(Batched):
     grad_dot_pre: torch.Tensor
 
     @classmethod
-    def at(
+    def of(
         cls,
-        importance: torch.Tensor,
-        left: torch.Tensor,
-        right: torch.Tensor,
-        residual: torch.Tensor,
-        preconditioner: Preconditioner,
+        grad_left: torch.Tensor,
+        grad_right: torch.Tensor,
+        preconditioner: Preconditioner | RotatedPreconditioner,
     ) -> Gradient:
-        weighted = importance * residual
-        grad_left = 2 * weighted @ right.transpose(1, 2)
-        grad_right = 2 * left.transpose(1, 2) @ weighted
         pre_left, pre_right = preconditioner.apply(grad_left, grad_right)
         return cls(
-            residual=residual,
-            weighted=weighted,
             grad_left=grad_left,
             grad_right=grad_right,
             pre_left=pre_left,
@@ -154,12 +304,19 @@ class Gradient(Batched):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class TfwsvdState(IterateState):
-    """The CG iterate: preconditioner, gradient at (A, B), and the search direction."""
+    """The CG iterate: preconditioner, gradient at (A, B), the search direction, and the
+    element-wise arrays in *square-root-weighted* form: ``root = √I``, ``scaled_residual =
+    √I ∘ (AB − W)``; the workspace holds ``√I ∘ P`` and ``√I ∘ Q`` of the current line search
+    (overwritten every iteration, so not per layer: dropping a layer copies nothing).
+    ``√I ∘ P`` and ``√I ∘ Q`` of the current line search (overwritten every iteration)."""
 
-    preconditioner: Preconditioner
+    root: torch.Tensor
+    scaled_residual: torch.Tensor
+    preconditioner: Preconditioner | RotatedPreconditioner
     gradient: Gradient
     dir_left: torch.Tensor
     dir_right: torch.Tensor
+    workspace: Workspace
 
 
 def quartic_minimiser(coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,21 +359,28 @@ def solve_tfwsvd(problem: Problem, options: dict[str, Any], started: float) -> l
     """Preconditioned nonlinear CG with exact quartic line search (see the module docstring)."""
     weight, importance = problem.weight, problem.importance
     left, right = initial_factors(problem, options["init"], options["seed"])
-    rows, cols = separable_weights(importance)
-    left_inverse, right_inverse = inverse_grams(left, right, rows, cols)
-    preconditioner = Preconditioner(
-        rows=rows, cols=cols, left_inverse=left_inverse, right_inverse=right_inverse
+    preconditioner = _PRECONDITIONER_CLASSES[options["preconditioner"]].start(
+        importance, left, right
     )
-    gradient = Gradient.at(importance, left, right, left @ right - weight, preconditioner)
+    root = importance.clamp_min(0).sqrt()
+    scaled_residual = torch.empty_like(weight)
+    workspace = Workspace.for_problem(weight)
+    grad_left, grad_right = _update_and_gradient(
+        root, scaled_residual, None, None, None, left, right, weight, workspace
+    )
+    gradient = Gradient.of(grad_left, grad_right, preconditioner)
     state = TfwsvdState(
         weight=weight,
         importance=importance,
         left=left,
         right=right,
+        root=root,
+        scaled_residual=scaled_residual,
         preconditioner=preconditioner,
         gradient=gradient,
         dir_left=-gradient.pre_left,
         dir_right=-gradient.pre_right,
+        workspace=workspace,
     )
     return run_iterations(
         state, lambda state: _cg_step(state, options), options, started, window=TFWSVD_WINDOW
@@ -226,21 +390,30 @@ def solve_tfwsvd(problem: Problem, options: dict[str, Any], started: float) -> l
 def _cg_step(state: TfwsvdState, options: dict[str, Any]) -> tuple[TfwsvdState, torch.Tensor]:
     """One CG iteration: exact line search along the direction, then the next direction."""
     iteration = state.iteration
-    t, linear, quadratic, coefficients = _line_search(state)
-    left = state.left + t * state.dir_left
-    right = state.right + t * state.dir_right
-    if iteration % options["refresh_every"] == 0:
-        # The running residual drifts in float32; recompute it now and then.
-        residual = left @ right - state.weight
-    else:
-        residual = state.gradient.residual.addcmul(t, linear).addcmul_(t * t, quadratic)
+    coefficients = _line_search_coefficients(state)
+    step_size, _ = batched_one_thread(quartic_minimiser, coefficients)
+    t = step_size.to(state.left.device, state.left.dtype)[:, None, None]
+    left = torch.addcmul(state.left, t, state.dir_left)
+    right = torch.addcmul(state.right, t, state.dir_right)
+    # The running residual drifts in float32; recompute it now and then.
+    recompute = iteration % options["refresh_every"] == 0
+    grad_left, grad_right = _update_and_gradient(
+        state.root,
+        state.scaled_residual,
+        *state.workspace.line_buffers(state.weight.shape),
+        None if recompute else t,
+        left,
+        right,
+        state.weight,
+        state.workspace,
+    )
     preconditioner = state.preconditioner
     if iteration % options["precondition_every"] == 0:
-        # The r × r Grams drift slowly; a preconditioner held fixed for a few iterations
-        # is as good and saves most of the small-matrix LAPACK time.
-        preconditioner = preconditioner.refreshed(left, right)
+        # Rebuilt with the restart by default: a metric that changes under PR+ between restarts
+        # breaks the conjugacy of the directions, and the Grams drift slowly.
+        preconditioner = preconditioner.refreshed(state.importance, left, right)
     previous = state.gradient
-    gradient = Gradient.at(state.importance, left, right, residual, preconditioner)
+    gradient = Gradient.of(grad_left, grad_right, preconditioner)
     # Polak–Ribière+: β = g_newᵀ(z_new − z_old) / g_oldᵀ z_old, clipped at 0.
     cross = _dot(gradient.grad_left, previous.pre_left) + _dot(
         gradient.grad_right, previous.pre_right
@@ -255,42 +428,204 @@ def _cg_step(state: TfwsvdState, options: dict[str, Any]) -> tuple[TfwsvdState, 
         right=right,
         preconditioner=preconditioner,
         gradient=gradient,
-        dir_left=beta * state.dir_left - gradient.pre_left,
-        dir_right=beta * state.dir_right - gradient.pre_right,
+        dir_left=torch.mul(state.dir_left, beta).sub_(gradient.pre_left),
+        dir_right=torch.mul(state.dir_right, beta).sub_(gradient.pre_right),
     )
     return new_state, coefficients[:, 0]
 
 
-def _line_search(
-    state: TfwsvdState,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact minimiser ``t`` (shaped to broadcast over the factors) along ``(dA, dB)``.
+# ----------------------------------------------------------------------------- element-wise work
+#
+# Everything of size out × in happens in two sweeps per iteration over cache-sized chunks, so that
+# each chunk's arrays are read from memory once and then reused from cache: the line search
+# (P, Q by matmul, weighted by √I, their five inner products) and the update (residual, weighted
+# residual, both gradients). On the shared 2-core CPU a whole-batch element-wise pass ran at
+# DRAM speed (≈ 8 GB/s), 3–4× slower than the same pass on a cache-resident chunk.
 
-    Also returns the linear and quadratic terms ``P``, ``Q`` of the residual along the line
-    (``R(t) = R + t P + t² Q``) and the quartic's coefficients, whose constant term is the loss
-    at the current point.
+#: Elements per array in one chunk on CPU (1 MiB of float32): the six arrays a chunk touches
+#: stay in the shared L3 cache, and each chunk's matmuls keep ≥ a few hundred rows.
+_CPU_CHUNK_ELEMENTS = 1 << 18
+
+
+@dataclass(eq=False)
+class Workspace:
+    """Chunk layout of a (batch, out, in) problem, how many workers share the chunks, and one
+    reused scratch buffer per worker.
+
+    A fresh multi-megabyte tensor per chunk would cost a page fault per page on CPU; the buffers
+    are allocated once. Not per layer, so :meth:`Batched.select` carries it over unchanged (the
+    chunks are recomputed for the running layers).
     """
-    importance, left, right = state.importance, state.left, state.right
-    residual, weighted = state.gradient.residual, state.gradient.weighted
-    dir_left, dir_right = state.dir_left, state.dir_right
-    linear = torch.baddbmm(dir_left @ right, left, dir_right)
-    quadratic = dir_left @ dir_right
-    weighted_linear = importance * linear
-    coefficients = torch.stack(
-        [
-            _dot(weighted, residual),
-            2 * _dot(weighted, linear),
-            _dot(weighted_linear, linear) + 2 * _dot(weighted, quadratic),
-            2 * _dot(weighted_linear, quadratic),
-            _dot(importance * quadratic, quadratic),
-        ],
-        dim=1,
-    )
-    step_size, _ = quartic_minimiser(coefficients)
-    t = step_size.to(left.device, left.dtype)[:, None, None]
-    return t, linear, quadratic, coefficients
+
+    chunk_elements: int | None
+    buffers: list[torch.Tensor]
+    line: torch.Tensor | None = None
+
+    def line_buffers(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two ``shape`` arrays for ``√I ∘ P`` and ``√I ∘ Q`` (views of one buffer that is
+        allocated for the first, largest batch)."""
+        size = shape[0] * shape[1] * shape[2]
+        if self.line is None or self.line.numel() < 2 * size:
+            self.line = torch.empty(
+                2 * size, dtype=self.buffers[0].dtype, device=self.buffers[0].device
+            )
+        return self.line[:size].view(shape), self.line[size : 2 * size].view(shape)
+
+    @classmethod
+    def for_problem(cls, weight: torch.Tensor) -> Workspace:
+        on_cpu = weight.device.type == "cpu"
+        workers = cpu_workers(weight.device)
+        empty = [torch.empty(0, dtype=weight.dtype, device=weight.device) for _ in range(workers)]
+        return cls(_CPU_CHUNK_ELEMENTS if on_cpu else None, empty)
+
+    @property
+    def workers(self) -> int:
+        return len(self.buffers)
+
+    def chunks(self, shape: torch.Size) -> list[tuple[slice, slice]]:
+        """``(layers, rows)`` blocks that cover a ``(batch, out, in)`` array: several whole layers
+        when a layer is smaller than a chunk, else equal row blocks of one layer, and at least one
+        block per worker (the whole batch in one block on GPU)."""
+        batch, out_features, in_features = shape
+        if self.chunk_elements is None:
+            return [(slice(0, batch), slice(0, out_features))]
+        layer_elements = out_features * in_features
+        blocks = max(1, -(-layer_elements // self.chunk_elements))
+        layers = 1 if blocks > 1 else max(1, self.chunk_elements // layer_elements)
+        if -(-batch // layers) * blocks < self.workers:
+            layers, blocks = 1, max(blocks, -(-self.workers // batch))
+        rows = -(-out_features // min(blocks, out_features))
+        return [
+            (slice(first, min(first + layers, batch)), slice(row, min(row + rows, out_features)))
+            for first in range(0, batch, layers)
+            for row in range(0, out_features, rows)
+        ]
+
+    def scratch(self, worker: int, layers: int, rows: int, columns: int) -> torch.Tensor:
+        size = layers * rows * columns
+        buffer = self.buffers[worker]
+        if buffer.numel() < size:
+            buffer = self.buffers[worker] = torch.empty(
+                size, dtype=buffer.dtype, device=buffer.device
+            )
+        return buffer[:size].view(layers, rows, columns)
+
+    def run(self, shape: torch.Size, work: Callable[[int, list[tuple[slice, slice]]], Any]) -> list:
+        """``work(worker, chunks)`` for each worker on its share of the chunks, in parallel
+        (:func:`~weighted_lowrank.lowrank.solvers._common.run_on_workers`: one torch thread each;
+        a chunk's small ops gain nothing from OpenMP threads under ``OMP_WAIT_POLICY=PASSIVE``).
+        The shares are fixed (every ``workers``-th chunk), so the results do not depend on timing.
+        """
+        chunks = self.chunks(shape)
+        workers = min(self.workers, len(chunks))
+        return run_on_workers(
+            [
+                lambda worker=worker: work(worker, chunks[worker::workers])
+                for worker in range(workers)
+            ]
+        )
+
+
+def _line_search_coefficients(state: TfwsvdState) -> torch.Tensor:
+    """The quartic ``Σ_k c_k t^k`` = loss along ``(dA, dB)``, per layer (float64, (b, 5)).
+
+    With ``R(t) = R + tP + t²Q`` (``P = dA B + A dB``, ``Q = dA dB``) and every array weighted by
+    √I: ``c = (RᵀR, 2 RᵀP, PᵀP + 2 RᵀQ, 2 PᵀQ, QᵀQ)``; ``c_0`` is the loss at the current point.
+    Fills the workspace's line buffers with ``√I ∘ P``, ``√I ∘ Q`` for the update.
+    """
+    left, right, dir_left, dir_right = state.left, state.right, state.dir_left, state.dir_right
+    batch, _, in_features = state.root.shape
+    scaled_linear, scaled_quadratic = state.workspace.line_buffers(state.root.shape)
+
+    def work(worker: int, chunks: list[tuple[slice, slice]]) -> torch.Tensor:
+        products = torch.zeros(batch, 6, dtype=torch.float64, device=left.device)
+        for layers, rows in chunks:
+            root = state.root[layers, rows]
+            residual = state.scaled_residual[layers, rows]
+            linear = scaled_linear[layers, rows]
+            quadratic = scaled_quadratic[layers, rows]
+            scratch = state.workspace.scratch(worker, root.shape[0], root.shape[1], in_features)
+            torch.bmm(dir_left[layers, rows], right[layers], out=scratch)
+            scratch.baddbmm_(left[layers, rows], dir_right[layers])
+            torch.mul(scratch, root, out=linear)
+            torch.bmm(dir_left[layers, rows], dir_right[layers], out=scratch)
+            torch.mul(scratch, root, out=quadratic)
+            pairs = (
+                (residual, residual),
+                (residual, linear),
+                (linear, linear),
+                (residual, quadratic),
+                (linear, quadratic),
+                (quadratic, quadratic),
+            )
+            products[layers] += torch.stack(
+                [_row_dots(first, second) for first, second in pairs], dim=1
+            )
+        return products
+
+    products = sum(state.workspace.run(state.root.shape, work))
+    rr, rp, pp, rq, pq, qq = products.unbind(dim=1)
+    return torch.stack([rr, 2 * rp, pp + 2 * rq, 2 * pq, qq], dim=1)
+
+
+def _update_and_gradient(
+    root: torch.Tensor,
+    scaled_residual: torch.Tensor,
+    scaled_linear: torch.Tensor | None,
+    scaled_quadratic: torch.Tensor | None,
+    step: torch.Tensor | None,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    weight: torch.Tensor,
+    workspace: Workspace,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move the weighted residual to ``(A, B)`` and return the gradients there.
+
+    With ``step`` (t, shaped (b, 1, 1)) the residual is updated along the line, ``√I∘R +=
+    t √I∘P + t² √I∘Q``; without, it is recomputed as ``√I ∘ (AB − W)``. Then ``E = √I ∘ √I∘R
+    = I ∘ (AB − W)`` and the half-gradients ``E Bᵀ = ∇_A / 2``, ``Aᵀ E = ∇_B / 2``, chunk by
+    chunk (``Aᵀ E`` summed over row blocks, per worker, then over workers).
+    """
+    batch, out_features, in_features = root.shape
+    rank = left.shape[2]
+    grad_left = torch.empty(batch, out_features, rank, dtype=left.dtype, device=left.device)
+    right_t = right.transpose(1, 2)
+
+    def work(worker: int, chunks: list[tuple[slice, slice]]) -> torch.Tensor:
+        grad_right = torch.zeros(batch, rank, in_features, dtype=left.dtype, device=left.device)
+        for layers, rows in chunks:
+            chunk_root = root[layers, rows]
+            residual = scaled_residual[layers, rows]
+            scratch = workspace.scratch(
+                worker, chunk_root.shape[0], chunk_root.shape[1], in_features
+            )
+            if step is None:
+                torch.baddbmm(
+                    weight[layers, rows], left[layers, rows], right[layers], beta=-1, out=scratch
+                )
+                torch.mul(scratch, chunk_root, out=residual)
+            else:
+                t = step[layers]
+                residual.addcmul_(t, scaled_linear[layers, rows])
+                residual.addcmul_(t * t, scaled_quadratic[layers, rows])
+            torch.mul(residual, chunk_root, out=scratch)
+            grad_left[layers, rows] = torch.bmm(scratch, right_t[layers])
+            grad_right[layers].baddbmm_(left[layers, rows].transpose(1, 2), scratch)
+        return grad_right
+
+    parts = workspace.run(root.shape, work)
+    grad_right = parts[0]
+    for part in parts[1:]:
+        grad_right.add_(part)
+    return grad_left, grad_right
+
+
+def _row_dots(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Per-layer ``Σ first ∘ second`` of a (layers, rows, columns) chunk: float32 row sums,
+    float64 total."""
+    return torch.linalg.vecdot(first, second, dim=2).sum(dim=1, dtype=torch.float64)
 
 
 def _dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Per-layer Frobenius inner product: float32 row sums, float64 total (fast and accurate)."""
-    return (first * second).sum(dim=2).sum(dim=1, dtype=torch.float64)
+    return _row_dots(first, second)

@@ -13,14 +13,21 @@ The variants run interleaved (a load spike on a shared machine hits all of them)
 reports the median wall time of each, its ratio to the minibatch Fisher alone, the wall time
 spent inside the statistics, and the same for CPU seconds of all threads (a work measure that a
 shared machine disturbs less). ``--check`` also compares the statistics with a float64 reference pass.
+A variant name ending in ``@ref`` runs the pass of ``--reference-commit`` (its ``fisher.py`` and
+``calibration.py``; default: the commit before issue 15) instead of the working tree's, so
+before and after are timed side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -44,8 +51,51 @@ VARIANTS = {
 }
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_calibrate(commit: str):
+    """``calibrate`` of ``commit``: its fisher.py importing its own calibration.py."""
+    cache = REPO_ROOT / "benchmarks" / ".cache"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def load(path: str, name: str):
+        source = subprocess.run(
+            ["git", "show", f"{commit}:{path}"],
+            cwd=REPO_ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        target = cache / f"{name}_{commit}.py"
+        target.write_text(source)
+        spec = importlib.util.spec_from_file_location(f"{name}_{commit}", target)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    key = "weighted_lowrank.lowrank.calibration"
+    current = sys.modules[key]
+    sys.modules[key] = load("src/weighted_lowrank/lowrank/calibration.py", "calibration")
+    try:
+        return load("src/weighted_lowrank/lowrank/fisher.py", "fisher").calibrate
+    finally:
+        sys.modules[key] = current
+
+
 def load_model_and_examples(args):
     """(bundle, frame, description) of the default run's model and Fisher examples."""
+    if args.model is not None:
+        import pandas as pd
+
+        from weighted_lowrank.hf import load_base_model
+
+        config = __import__("json").loads((Path(args.model) / "config.json").read_text())
+        bundle = load_base_model(args.model, num_labels=len(config["id2label"]), fresh_head=False)
+        split = pd.read_parquet(args.train_split)
+        frame = split.sample(n=min(args.examples, len(split)), random_state=args.seed)
+        return bundle, frame.reset_index(drop=True), f"{args.model}, {args.train_split}"
     if not args.embedded:
         from project_catalog import project_catalog  # benchmarks/ is the script directory
 
@@ -123,12 +173,23 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--embedded", action="store_true", help="no fine-tuned model: see above")
     parser.add_argument(
+        "--model", default=None, help="a fine-tuned model directory instead of the catalog's"
+    )
+    parser.add_argument(
+        "--train-split", default=None, help="the train_split parquet that goes with --model"
+    )
+    parser.add_argument(
         "--variants",
         default="minibatch,per_example,per_example+all,minibatch+all",
         help=f"comma-separated, from {list(VARIANTS)}",
     )
     parser.add_argument("--check", action="store_true", help="accuracy against float64 products")
+    parser.add_argument(
+        "--reference-commit", default="df7a07e", help="the pass that '@ref' variants run"
+    )
     args = parser.parse_args()
+    if (args.model is None) != (args.train_split is None):
+        parser.error("--model and --train-split go together")
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
@@ -145,12 +206,18 @@ def main() -> None:
     inside: dict[str, list[float]] = {name: [] for name in chosen}
     loads = []
     results = {}
+    reference = (
+        reference_calibrate(args.reference_commit)
+        if any(name.endswith("@ref") for name in chosen)
+        else None
+    )
     for repeat in range(args.repeats):
         for name in chosen:
-            mode, wanted = VARIANTS[name]
+            mode, wanted = VARIANTS[name.removesuffix("@ref")]
+            run = reference if name.endswith("@ref") else calibrate
             loads.append(os.getloadavg()[0])
             start, start_cpu = time.perf_counter(), time.process_time()
-            results[name] = calibrate(
+            results[name] = run(
                 bundle.model, batches, mode=mode, statistics=wanted, device=args.device
             )
             wall[name].append(time.perf_counter() - start)
@@ -183,7 +250,9 @@ def main() -> None:
                 cells.append(f"{statistics.median(inside[name]):.1f}")
         print("| " + " | ".join(cells) + " |")
     if args.check:
-        complete = next((r for n, r in results.items() if len(VARIANTS[n][1]) == 3), None)
+        complete = next(
+            (r for n, r in results.items() if len(VARIANTS[n.removesuffix("@ref")][1]) == 3), None
+        )
         if complete is not None:
             reference = float64_reference(bundle.model, batches, torch.device(args.device))
             errors = {

@@ -302,3 +302,49 @@ def test_per_example_sums_calls_of_a_shared_module_before_squaring():
         cross_entropy_sum(model(features[n : n + 1]).logits, labels[n : n + 1]).backward()
         reference += model.shared.weight.grad.double() ** 2
     assert float((fisher["shared.weight"].double() - reference).norm() / reference.norm()) <= 1e-5
+
+
+@pytest.mark.parametrize("flush", [1, 2, 100])
+def test_per_example_totals_flushed_every_few_batches_equal_the_loop(monkeypatch, flush):
+    # Batches of two: four batches, so flush=2 adds the float32 totals into float64 twice and
+    # flush=100 only at the end (result); every setting equals the batch-size-1 loop.
+    from weighted_lowrank.lowrank import fisher as fisher_module
+
+    monkeypatch.setattr(fisher_module, "_FLUSH_BATCHES", flush)
+    bundle = make_tiny_bundle(seed=5)
+    frame = pd.DataFrame({"text": TEXTS, "label": LABELS})
+    batches = make_batches(frame, bundle.tokenizer, batch_size=2, bucket_by_length=False)
+    assert len(batches) == 4
+    fisher = empirical_fisher(bundle.model, batches)
+    reference = brute_force_fisher(bundle.model, frame, bundle.tokenizer, cross_entropy_sum)
+    assert max_relative_error(fisher, reference) <= 1e-5
+
+
+def test_a_non_finite_gradient_in_a_later_batch_names_that_batch(monkeypatch):
+    from weighted_lowrank.lowrank import fisher as fisher_module
+
+    monkeypatch.setattr(fisher_module, "_FLUSH_BATCHES", 8)
+    bundle = make_tiny_bundle()
+    frame = pd.DataFrame({"text": TEXTS, "label": LABELS})
+    batches = make_batches(frame, bundle.tokenizer, batch_size=2, bucket_by_length=False)
+    calls = {"count": 0}
+
+    class NanOnThirdBatch(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, tensor):
+            return tensor.view_as(tensor)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan") if calls["count"] == 3 else grad
+
+    def poison(module, args, output):
+        calls["count"] += 1
+        return NanOnThirdBatch.apply(output)
+
+    handle = bundle.model.bert.encoder.layer[1].output.dense.register_forward_hook(poison)
+    try:
+        with pytest.raises(ValueError, match=r"on batch 2 "):
+            empirical_fisher(bundle.model, batches)
+    finally:
+        handle.remove()

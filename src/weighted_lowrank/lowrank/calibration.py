@@ -131,17 +131,21 @@ class StatisticsAccumulator:
         output_gradients: Mapping[str, list[torch.Tensor]],
         attention_mask: torch.Tensor | None,
         examples: int,
+        live_rows: Mapping[str, list[torch.Tensor]] | None = None,
     ) -> None:
-        """Add one batch: per module, the inputs and output gradients of each of its calls."""
+        """Add one batch: per module, the inputs and output gradients of each of its calls;
+        ``live_rows``, when the caller has them, say which rows of each gradient are non-zero."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         started = time.perf_counter()
         if self.needs_inputs:
             self._add_inputs(inputs, attention_mask)
         for name, gram in self._output_moments.items():
-            for gradient in output_gradients.get(name, ()):
+            lives = live_rows.get(name) if live_rows is not None else None
+            for position, gradient in enumerate(output_gradients.get(name, ())):
                 rows = gradient.detach().reshape(-1, gradient.shape[-1]).to(torch.float32)
-                live = rows.any(dim=1)  # NaN counts as non-zero and reaches the sum
+                # NaN counts as non-zero and reaches the sum.
+                live = lives[position] if lives is not None else rows.any(dim=1)
                 count = int(live.count_nonzero())
                 if count < _LIVE_FRACTION_TO_COPY * rows.shape[0]:
                     rows = self._scratch.select(rows, live.nonzero().squeeze(1))

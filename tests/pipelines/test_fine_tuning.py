@@ -90,7 +90,9 @@ def test_the_new_head_is_drawn_from_the_seed_alone(tiny_model_dir) -> None:
     for seed in (5, 5, 6):
         torch.manual_seed(len(heads))  # the caller's RNG state must not matter
         state = torch.random.get_rng_state()
-        heads.append(initialise_model(model, ["a", "b"], ENABLED, seed).model.classifier.weight.detach())
+        heads.append(
+            initialise_model(model, ["a", "b"], ENABLED, seed).model.classifier.weight.detach()
+        )
         assert torch.equal(torch.random.get_rng_state(), state)  # and is left as it was
     assert torch.equal(heads[0], heads[1])
     assert not torch.equal(heads[0], heads[2])

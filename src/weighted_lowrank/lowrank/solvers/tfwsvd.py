@@ -8,7 +8,9 @@
   Cholesky factorisations per layer — no per-row r × r systems as in ALS — and for a separable
   importance it turns each half of the gradient into the exact ALS step, so the method inherits
   ALS's scale invariance while moving A and B *jointly* (ALS's slow "swamps" come from moving
-  them one at a time).
+  them one at a time). The default (``preconditioner="rotated"``, :class:`RotatedPreconditioner`)
+  keeps one r × r basis per side but each row's and column's exact diagonal in it: fewer
+  iterations on the real Fisher (9–39 vs 10–53 per layer), rebuilt at each restart.
 * **Direction**: Polak–Ribière+ conjugation of the preconditioned gradients, restarted every
   ``restart`` iterations.
 * **Exact line search**: along ``(dA, dB)`` the loss is a quartic polynomial in the step ``t``
@@ -16,7 +18,8 @@
   and the global minimiser is a root of a cubic. So every iteration decreases the loss, with no
   step size to tune.
 
-One iteration costs five (out × r × in) matmuls, all batched over the layers of a group.
+One iteration costs five (out × r × in) matmuls, all batched over the layers of a group, and two
+chunked sweeps over the element-wise arrays (:class:`Workspace`).
 """
 
 from __future__ import annotations
@@ -307,8 +310,7 @@ class TfwsvdState(IterateState):
     """The CG iterate: preconditioner, gradient at (A, B), the search direction, and the
     element-wise arrays in *square-root-weighted* form: ``root = √I``, ``scaled_residual =
     √I ∘ (AB − W)``; the workspace holds ``√I ∘ P`` and ``√I ∘ Q`` of the current line search
-    (overwritten every iteration, so not per layer: dropping a layer copies nothing).
-    ``√I ∘ P`` and ``√I ∘ Q`` of the current line search (overwritten every iteration)."""
+    (overwritten every iteration, so not per layer: dropping a layer copies nothing)."""
 
     root: torch.Tensor
     scaled_residual: torch.Tensor

@@ -16,7 +16,12 @@ from weighted_lowrank.lowrank.solvers import (
     factorize_batch,
     solver_options,
 )
-from weighted_lowrank.lowrank.solvers._common import Batched, IterateState, resolve_options
+from weighted_lowrank.lowrank.solvers._common import (
+    Batched,
+    IterateState,
+    balanced_truncated_svd,
+    resolve_options,
+)
 from weighted_lowrank.lowrank.solvers.als import AlsState
 from weighted_lowrank.lowrank.solvers.em import EmState
 from weighted_lowrank.lowrank.solvers.gradient import (
@@ -505,3 +510,18 @@ def test_every_option_is_checked_before_any_solve(solver, options, message):
     """Bad option values fail in the registry, before a Fisher or a model is touched."""
     with pytest.raises(ValueError, match=message):
         resolve_options(solver, options, solver_options(solver))
+
+
+@pytest.mark.parametrize("shape", [(7, 19), (19, 7), (12, 12)])
+def test_balanced_truncated_svd_is_the_best_rank_r_approximation_of_tall_and_wide_matrices(shape):
+    # Wide matrices are factored through their transpose (faster LAPACK path): same product, same
+    # balance (‖A‖ = ‖B‖ column/row-wise, both √S), as Eckart–Young's truncation.
+    generator = torch.Generator().manual_seed(15)
+    matrix = torch.randn(2, *shape, generator=generator, dtype=torch.float64)
+    left, right = balanced_truncated_svd(matrix, 4)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    best = u[:, :, :4] @ torch.diag_embed(s[:, :4]) @ vh[:, :4, :]
+    torch.testing.assert_close(left @ right, best)
+    assert left.shape == (2, shape[0], 4) and right.shape == (2, 4, shape[1])
+    torch.testing.assert_close(left.norm(dim=1), right.norm(dim=2))
+    torch.testing.assert_close(left.norm(dim=1).square(), s[:, :4])

@@ -196,18 +196,3 @@ def test_tfwsvd_is_deterministic():
     second = factorize(weight, importance, 4)
     assert first.iterations == second.iterations
     assert torch.equal(first.left, second.left) and torch.equal(first.right, second.right)
-
-
-@pytest.mark.parametrize("shape", [(7, 19), (19, 7), (12, 12)])
-def test_balanced_truncated_svd_is_the_best_rank_r_approximation_of_tall_and_wide_matrices(shape):
-    # Wide matrices are factored through their transpose (faster LAPACK path): same product, same
-    # balance (‖A‖ = ‖B‖ column/row-wise, both √S), as Eckart–Young's truncation.
-    generator = torch.Generator().manual_seed(15)
-    matrix = torch.randn(2, *shape, generator=generator, dtype=torch.float64)
-    left, right = common.balanced_truncated_svd(matrix, 4)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    best = u[:, :, :4] @ torch.diag_embed(s[:, :4]) @ vh[:, :4, :]
-    torch.testing.assert_close(left @ right, best)
-    assert left.shape == (2, shape[0], 4) and right.shape == (2, 4, shape[1])
-    torch.testing.assert_close(left.norm(dim=1), right.norm(dim=2))
-    torch.testing.assert_close(left.norm(dim=1).square(), s[:, :4])

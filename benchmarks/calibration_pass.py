@@ -21,10 +21,8 @@ before and after are timed side by side.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,35 +49,19 @@ VARIANTS = {
 }
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
 def reference_calibrate(commit: str):
     """``calibrate`` of ``commit``: its fisher.py importing its own calibration.py."""
-    cache = REPO_ROOT / "benchmarks" / ".cache"
-    cache.mkdir(parents=True, exist_ok=True)
-
-    def load(path: str, name: str):
-        source = subprocess.run(
-            ["git", "show", f"{commit}:{path}"],
-            cwd=REPO_ROOT,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        target = cache / f"{name}_{commit}.py"
-        target.write_text(source)
-        spec = importlib.util.spec_from_file_location(f"{name}_{commit}", target)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
+    from commit_modules import module_at_commit  # benchmarks/ is the script directory
 
     key = "weighted_lowrank.lowrank.calibration"
     current = sys.modules[key]
-    sys.modules[key] = load("src/weighted_lowrank/lowrank/calibration.py", "calibration")
+    sys.modules[key] = module_at_commit(
+        commit, "src/weighted_lowrank/lowrank/calibration.py", "calibration"
+    )
     try:
-        return load("src/weighted_lowrank/lowrank/fisher.py", "fisher").calibrate
+        return module_at_commit(
+            commit, "src/weighted_lowrank/lowrank/fisher.py", "fisher"
+        ).calibrate
     finally:
         sys.modules[key] = current
 

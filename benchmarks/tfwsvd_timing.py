@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -31,14 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from commit_modules import CACHE_DIR, module_at_commit  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from solvers import load_run_problem, run_solver  # noqa: E402
 
 import weighted_lowrank.lowrank.solvers as solvers_package  # noqa: E402
 from weighted_lowrank.lowrank.objective import rank_for_budget  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CACHE_DIR = REPO_ROOT / "benchmarks" / ".cache"
 #: The last commit with the unfused tfwsvd iteration (issue 15's baseline).
 BASELINE_COMMIT = "df7a07e"
 TFWSVD_PATH = "src/weighted_lowrank/lowrank/solvers/tfwsvd.py"
@@ -46,21 +43,7 @@ TFWSVD_PATH = "src/weighted_lowrank/lowrank/solvers/tfwsvd.py"
 
 def reference_module(commit: str):
     """The tfwsvd module of ``commit``, imported under another name (it uses today's _common)."""
-    source = subprocess.run(
-        ["git", "show", f"{commit}:{TFWSVD_PATH}"],
-        cwd=REPO_ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    path = CACHE_DIR / f"tfwsvd_{commit}.py"
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"tfwsvd_{commit}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return module_at_commit(commit, TFWSVD_PATH, "tfwsvd")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

@@ -18,6 +18,7 @@ version.
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from pathlib import Path
 
 from kedro.io.core import DatasetError, VersionNotFoundError, get_filepath_str
@@ -119,8 +120,9 @@ class VersionChecked:
     the loader raises despite complete files.
     """
 
+    @abstractmethod
     def _problem(self, path: str) -> str | None:
-        raise NotImplementedError
+        """What is wrong with the files of the version at ``path``, or None if they are complete."""
 
     def check_load_version(self, entry: str | None = None) -> None:
         """Raise :class:`UnloadableVersionError` (naming ``entry``, the catalog name, when given)

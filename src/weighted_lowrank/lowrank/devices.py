@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
+
+Result = TypeVar("Result")
 
 
 def resolve_device(
@@ -34,16 +39,18 @@ def batched_eigvalsh(matrices: torch.Tensor) -> torch.Tensor:
     cores) made 24 eigensolves of 384 × 384 take 2.7 s instead of 0.2 s on one thread
     (docs/BENCHMARKS.md, "Loss curves and allocation").
     """
-    return _one_thread_on_cpu(torch.linalg.eigvalsh, matrices)
+    return on_one_cpu_thread(torch.linalg.eigvalsh, matrices)
 
 
 def batched_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh`` of a batch, on one CPU thread (see :func:`batched_eigvalsh`)."""
-    return _one_thread_on_cpu(torch.linalg.eigh, matrices)
+    return on_one_cpu_thread(torch.linalg.eigh, matrices)
 
 
-def _one_thread_on_cpu(function, matrices: torch.Tensor):
-    if matrices.device.type != "cpu":
+def on_one_cpu_thread(function: Callable[[torch.Tensor], Result], matrices: torch.Tensor) -> Result:
+    """``function(matrices)`` with torch on one thread when ``matrices`` are on the CPU (a batch of
+    small LAPACK calls, or small ops that only pay fork/joins for more threads)."""
+    if matrices.device.type != "cpu" or torch.get_num_threads() == 1:
         return function(matrices)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -18,6 +18,7 @@ from typing import Any, Self, TypeVar
 
 import torch
 
+from weighted_lowrank.lowrank.devices import on_one_cpu_thread
 from weighted_lowrank.lowrank.objective import StopReason
 from weighted_lowrank.lowrank.solvers.whitening import DEFAULT_DAMPING, Moment, kronecker_truncation
 
@@ -313,24 +314,12 @@ def split_batch(function: Callable[..., Any], matrices: torch.Tensor) -> Any:
     alone, so the result does not depend on the split."""
     workers = min(cpu_workers(matrices.device), matrices.shape[0])
     if workers <= 1:
-        return batched_one_thread(function, matrices)
+        return on_one_cpu_thread(function, matrices)
     parts = torch.tensor_split(matrices, workers)
     results = run_on_workers([lambda part=part: function(part) for part in parts])
     if isinstance(results[0], torch.Tensor):
         return torch.cat(results)
     return type(results[0])(torch.cat(items) for items in zip(*results, strict=True))
-
-
-def batched_one_thread(function: Callable[..., Any], matrices: torch.Tensor) -> Any:
-    """``function(matrices)`` on one CPU thread (see ``devices.batched_eigh``)."""
-    if matrices.device.type != "cpu" or torch.get_num_threads() == 1:
-        return function(matrices)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return function(matrices)
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- closed forms

@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
+from weighted_lowrank.lowrank.devices import on_one_cpu_thread
 from weighted_lowrank.lowrank.solvers._common import (
     ITERATIVE_OPTIONS,
     Batched,
     IterateState,
     Problem,
     SolverOutput,
-    batched_one_thread,
     cpu_workers,
     initial_factors,
     positive_weights,
@@ -393,7 +393,7 @@ def _cg_step(state: TfwsvdState, options: dict[str, Any]) -> tuple[TfwsvdState, 
     """One CG iteration: exact line search along the direction, then the next direction."""
     iteration = state.iteration
     coefficients = _line_search_coefficients(state)
-    step_size, _ = batched_one_thread(quartic_minimiser, coefficients)
+    step_size, _ = on_one_cpu_thread(quartic_minimiser, coefficients)
     t = step_size.to(state.left.device, state.left.dtype)[:, None, None]
     left = torch.addcmul(state.left, t, state.dir_left)
     right = torch.addcmul(state.right, t, state.dir_right)

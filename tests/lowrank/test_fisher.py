@@ -167,6 +167,18 @@ def test_targets_restrict_the_keys():
         torch.testing.assert_close(tensor, full[key], rtol=1e-6, atol=0)
 
 
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: poisons the backward pass below a module."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 def test_non_finite_gradient_names_the_module():
     bundle = make_tiny_bundle()
     frame = pd.DataFrame({"text": TEXTS, "label": LABELS})
@@ -174,21 +186,12 @@ def test_non_finite_gradient_names_the_module():
     attention = bundle.model.bert.encoder.layer[1].attention.self
     poisoned = attention.value
 
-    class NanGradient(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, tensor):
-            return tensor.view_as(tensor)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * float("nan")
-
     def poison(module, args, output):
         # NaN enters the backward pass at the attention context: query, key and value of
         # layer 1 (value nearest the loss in module order) and everything below get NaN.
         if isinstance(output, tuple):
-            return (NanGradient.apply(output[0]), *output[1:])
-        return NanGradient.apply(output)
+            return (_NanGradient.apply(output[0]), *output[1:])
+        return _NanGradient.apply(output)
 
     handle = attention.register_forward_hook(poison)
     try:
@@ -329,18 +332,9 @@ def test_a_non_finite_gradient_in_a_later_batch_names_that_batch(monkeypatch):
     batches = make_batches(frame, bundle.tokenizer, batch_size=2, bucket_by_length=False)
     calls = {"count": 0}
 
-    class NanOnThirdBatch(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, tensor):
-            return tensor.view_as(tensor)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * float("nan") if calls["count"] == 3 else grad
-
     def poison(module, args, output):
         calls["count"] += 1
-        return NanOnThirdBatch.apply(output)
+        return _NanGradient.apply(output) if calls["count"] == 3 else output
 
     handle = bundle.model.bert.encoder.layer[1].output.dense.register_forward_hook(poison)
     try:

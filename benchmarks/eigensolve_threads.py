@@ -5,7 +5,7 @@
 
 24 random symmetric 384 × 384 matrices (the shape of MiniLM's attention Grams), one warm-up call,
 then one timed call per variant. Why ``lowrank.devices.batched_eigvalsh`` / ``batched_eigh`` run
-on one thread: a CPU batch is one LAPACK call per matrix, and with more threads each call pays a
+each LAPACK call on one thread (split between worker threads under PASSIVE): a CPU batch is one LAPACK call per matrix, and with more threads each call pays a
 fork/join — ruinous when idle threads sleep (PASSIVE) or the cores are busy.
 """
 

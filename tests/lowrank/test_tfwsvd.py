@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weighted_lowrank.lowrank.solvers import _common as common
+from weighted_lowrank.lowrank import devices
 from weighted_lowrank.lowrank.solvers import factorize, factorize_batch, tfwsvd
 from weighted_lowrank.lowrank.solvers._common import build_problem, initial_factors
 
@@ -96,9 +96,9 @@ def test_two_workers_give_the_result_of_one(monkeypatch):
     try:
         weights, importances = zip(*[_problem(40, 24, seed=s) for s in (6, 7)], strict=True)
         monkeypatch.setattr(tfwsvd, "_CPU_CHUNK_ELEMENTS", 200)
-        assert common.cpu_workers(torch.device("cpu")) == 2
+        assert devices.cpu_workers(torch.device("cpu")) == 2
         two = factorize_batch(list(weights), list(importances), [5, 5], max_iters=30, tol=0.0)
-        monkeypatch.setattr(common, "MAX_CPU_WORKERS", 1)
+        monkeypatch.setattr(devices, "MAX_CPU_WORKERS", 1)
         one = factorize_batch(list(weights), list(importances), [5, 5], max_iters=30, tol=0.0)
     finally:
         torch.set_num_threads(threads)
@@ -113,12 +113,12 @@ def test_split_batch_equals_one_call(monkeypatch):
     generator = torch.Generator().manual_seed(8)
     matrices = torch.randn(5, 6, 6, generator=generator, dtype=torch.float64)
     matrices = matrices @ matrices.transpose(1, 2)
-    values, vectors = common.split_batch(torch.linalg.eigh, matrices)
+    values, vectors = devices.split_batch(torch.linalg.eigh, matrices)
     expected_values, expected_vectors = torch.linalg.eigh(matrices)
     torch.testing.assert_close(values, expected_values)
     torch.testing.assert_close(vectors.abs(), expected_vectors.abs())
     torch.testing.assert_close(
-        common.split_batch(torch.linalg.cholesky, matrices), torch.linalg.cholesky(matrices)
+        devices.split_batch(torch.linalg.cholesky, matrices), torch.linalg.cholesky(matrices)
     )
 
 

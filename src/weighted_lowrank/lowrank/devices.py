@@ -1,9 +1,12 @@
-"""One rule for turning a configured device into a ``torch.device``."""
+"""Where torch work runs: one rule for turning a configured device into a ``torch.device``, and
+how small batched CPU work uses the threads (one torch thread per call, split between workers)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 
@@ -32,19 +35,19 @@ def resolve_device(
 
 
 def batched_eigvalsh(matrices: torch.Tensor) -> torch.Tensor:
-    """``torch.linalg.eigvalsh`` of a batch, on one CPU thread (any thread count on CUDA).
+    """``torch.linalg.eigvalsh`` of a batch, one torch thread per CPU call (see :func:`split_batch`).
 
     A CPU batch of small symmetric eigenproblems is solved one LAPACK call per matrix; extra
     threads only add a fork/join per call, which with ``OMP_WAIT_POLICY=PASSIVE`` (or busy
     cores) made 24 eigensolves of 384 × 384 take 2.7 s instead of 0.2 s on one thread
     (docs/BENCHMARKS.md, "Loss curves and allocation").
     """
-    return on_one_cpu_thread(torch.linalg.eigvalsh, matrices)
+    return split_batch(torch.linalg.eigvalsh, matrices)
 
 
 def batched_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh`` of a batch, on one CPU thread (see :func:`batched_eigvalsh`)."""
-    return on_one_cpu_thread(torch.linalg.eigh, matrices)
+    """``torch.linalg.eigh`` of a batch, one torch thread per CPU call (see :func:`batched_eigvalsh`)."""
+    return split_batch(torch.linalg.eigh, matrices)
 
 
 def on_one_cpu_thread(function: Callable[[torch.Tensor], Result], matrices: torch.Tensor) -> Result:
@@ -58,3 +61,61 @@ def on_one_cpu_thread(function: Callable[[torch.Tensor], Result], matrices: torc
         return function(matrices)
     finally:
         torch.set_num_threads(threads)
+
+
+#: Python worker threads for work that OpenMP threads do not speed up (small batched LAPACK
+#: calls, cache-sized chunks): each worker runs its share on one torch thread.
+MAX_CPU_WORKERS = 2
+_WORKER_POOL: ThreadPoolExecutor | None = None
+
+
+def cpu_workers(device: torch.device) -> int:
+    """How many worker threads :func:`run_on_workers` should use on ``device``.
+
+    More than one only on CPU with ``OMP_WAIT_POLICY=PASSIVE`` (how the tests and benchmarks run):
+    there each small op waits for sleeping OpenMP threads, while two workers on one thread each
+    keep both cores busy. With the default (spinning) policy the spinning threads of one worker
+    steal the other's core, and intra-op threads do better (docs/BENCHMARKS.md, "tfwsvd timing").
+    """
+    if device.type != "cpu" or os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        return 1
+    return max(1, min(torch.get_num_threads(), MAX_CPU_WORKERS))
+
+
+def run_on_workers(tasks: list[Callable[[], Result]]) -> list[Result]:
+    """Run ``tasks`` concurrently, each on one torch thread, and return their results in order.
+
+    The calling thread runs the first task; torch's thread count is restored afterwards.
+    """
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    global _WORKER_POOL
+    if _WORKER_POOL is None or _WORKER_POOL._max_workers < len(tasks) - 1:  # noqa: SLF001
+        _WORKER_POOL = ThreadPoolExecutor(max_workers=len(tasks) - 1, thread_name_prefix="solver")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [_WORKER_POOL.submit(_on_one_thread, task) for task in tasks[1:]]
+        first = tasks[0]()
+        return [first, *(future.result() for future in futures)]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _on_one_thread(task: Callable[[], Result]) -> Result:
+    torch.set_num_threads(1)  # this thread's own OpenMP setting
+    return task()
+
+
+def split_batch(function: Callable[..., Any], matrices: torch.Tensor) -> Any:
+    """``function(matrices)`` for a batched LAPACK ``function`` (eigh, Cholesky, …), on one torch
+    thread per worker, the batch split between :func:`cpu_workers` workers. Each matrix is solved
+    alone, so the result does not depend on the split."""
+    workers = min(cpu_workers(matrices.device), matrices.shape[0])
+    if workers <= 1:
+        return on_one_cpu_thread(function, matrices)
+    parts = torch.tensor_split(matrices, workers)
+    results = run_on_workers([lambda part=part: function(part) for part in parts])
+    if isinstance(results[0], torch.Tensor):
+        return torch.cat(results)
+    return type(results[0])(torch.cat(items) for items in zip(*results, strict=True))

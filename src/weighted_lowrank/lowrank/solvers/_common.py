@@ -9,16 +9,14 @@ minimiser unchanged and lets one set of default step sizes serve every layer.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Self, TypeVar
 
 import torch
 
-from weighted_lowrank.lowrank.devices import on_one_cpu_thread
+from weighted_lowrank.lowrank.devices import batched_eigh
 from weighted_lowrank.lowrank.objective import StopReason
 from weighted_lowrank.lowrank.solvers.whitening import DEFAULT_DAMPING, Moment, kronecker_truncation
 
@@ -260,68 +258,6 @@ def batched_loss(
     return (importance * residual * residual).sum(dim=(1, 2), dtype=torch.float64)
 
 
-# ----------------------------------------------------------------------------- CPU workers
-
-#: Python worker threads for work that OpenMP threads do not speed up (small batched LAPACK
-#: calls, cache-sized chunks): each worker runs its share on one torch thread.
-MAX_CPU_WORKERS = 2
-_WORKER_POOL: ThreadPoolExecutor | None = None
-
-Result = TypeVar("Result")
-
-
-def cpu_workers(device: torch.device) -> int:
-    """How many worker threads :func:`run_on_workers` should use on ``device``.
-
-    More than one only on CPU with ``OMP_WAIT_POLICY=PASSIVE`` (how the tests and benchmarks run):
-    there each small op waits for sleeping OpenMP threads, while two workers on one thread each
-    keep both cores busy. With the default (spinning) policy the spinning threads of one worker
-    steal the other's core, and intra-op threads do better (docs/BENCHMARKS.md, "tfwsvd timing").
-    """
-    if device.type != "cpu" or os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-        return 1
-    return max(1, min(torch.get_num_threads(), MAX_CPU_WORKERS))
-
-
-def run_on_workers(tasks: list[Callable[[], Result]]) -> list[Result]:
-    """Run ``tasks`` concurrently, each on one torch thread, and return their results in order.
-
-    The calling thread runs the first task; torch's thread count is restored afterwards.
-    """
-    if len(tasks) == 1:
-        return [tasks[0]()]
-    global _WORKER_POOL
-    if _WORKER_POOL is None or _WORKER_POOL._max_workers < len(tasks) - 1:  # noqa: SLF001
-        _WORKER_POOL = ThreadPoolExecutor(max_workers=len(tasks) - 1, thread_name_prefix="solver")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        futures = [_WORKER_POOL.submit(_on_one_thread, task) for task in tasks[1:]]
-        first = tasks[0]()
-        return [first, *(future.result() for future in futures)]
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _on_one_thread(task: Callable[[], Result]) -> Result:
-    torch.set_num_threads(1)  # this thread's own OpenMP setting
-    return task()
-
-
-def split_batch(function: Callable[..., Any], matrices: torch.Tensor) -> Any:
-    """``function(matrices)`` for a batched LAPACK ``function`` (eigh, Cholesky, …), on one torch
-    thread per worker, the batch split between :func:`cpu_workers` workers. Each matrix is solved
-    alone, so the result does not depend on the split."""
-    workers = min(cpu_workers(matrices.device), matrices.shape[0])
-    if workers <= 1:
-        return on_one_cpu_thread(function, matrices)
-    parts = torch.tensor_split(matrices, workers)
-    results = run_on_workers([lambda part=part: function(part) for part in parts])
-    if isinstance(results[0], torch.Tensor):
-        return torch.cat(results)
-    return type(results[0])(torch.cat(items) for items in zip(*results, strict=True))
-
-
 # ----------------------------------------------------------------------------- closed forms
 
 
@@ -345,8 +281,7 @@ def balanced_truncated_svd(
         return u[:, :, :rank] * root[:, None, :], root[:, :, None] * vh[:, :rank, :]
     tall = matrix.shape[1] >= matrix.shape[2]
     gram = matrix.transpose(1, 2) @ matrix if tall else matrix @ matrix.transpose(1, 2)
-    # One thread per worker: a batch of small eigensolves only pays fork/joins for more.
-    eigenvalues, eigenvectors = split_batch(torch.linalg.eigh, gram)
+    eigenvalues, eigenvectors = batched_eigh(gram)
     top_values = eigenvalues.flip(-1)[:, :rank]
     top_vectors = eigenvectors.flip(-1)[:, :, :rank]
     singular = top_values.clamp_min(0).sqrt()

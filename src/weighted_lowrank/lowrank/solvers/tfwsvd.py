@@ -30,19 +30,22 @@ from typing import Any
 
 import torch
 
-from weighted_lowrank.lowrank.devices import on_one_cpu_thread
+from weighted_lowrank.lowrank.devices import (
+    batched_eigh,
+    cpu_workers,
+    on_one_cpu_thread,
+    run_on_workers,
+    split_batch,
+)
 from weighted_lowrank.lowrank.solvers._common import (
     ITERATIVE_OPTIONS,
     Batched,
     IterateState,
     Problem,
     SolverOutput,
-    cpu_workers,
     initial_factors,
     positive_weights,
     run_iterations,
-    run_on_workers,
-    split_batch,
 )
 
 # tol 1e-4 over 3 iterations with the rotated preconditioner: 9–39 iterations per layer on the
@@ -261,7 +264,7 @@ def _rotated_basis(
     for component in profiles.unbind(dim=1):
         block = (whitened * component[:, None, :]) @ whitened.transpose(1, 2)
         second_moment += (block @ block).double()
-    _, vectors = split_batch(torch.linalg.eigh, (second_moment + second_moment.transpose(1, 2)) / 2)
+    _, vectors = batched_eigh((second_moment + second_moment.transpose(1, 2)) / 2)
     return inverse_factor.transpose(1, 2) @ vectors
 
 
@@ -514,7 +517,7 @@ class Workspace:
 
     def run(self, shape: torch.Size, work: Callable[[int, list[tuple[slice, slice]]], Any]) -> list:
         """``work(worker, chunks)`` for each worker on its share of the chunks, in parallel
-        (:func:`~weighted_lowrank.lowrank.solvers._common.run_on_workers`: one torch thread each;
+        (:func:`~weighted_lowrank.lowrank.devices.run_on_workers`: one torch thread each;
         a chunk's small ops gain nothing from OpenMP threads under ``OMP_WAIT_POLICY=PASSIVE``).
         The shares are fixed (every ``workers``-th chunk), so the results do not depend on timing.
         """
@@ -560,9 +563,7 @@ def _line_search_coefficients(state: TfwsvdState) -> torch.Tensor:
                 (linear, quadratic),
                 (quadratic, quadratic),
             )
-            products[layers] += torch.stack(
-                [_row_dots(first, second) for first, second in pairs], dim=1
-            )
+            products[layers] += torch.stack([_dot(first, second) for first, second in pairs], dim=1)
         return products
 
     products = sum(state.workspace.run(state.root.shape, work))
@@ -622,12 +623,7 @@ def _update_and_gradient(
     return grad_left, grad_right
 
 
-def _row_dots(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Per-layer ``Σ first ∘ second`` of a (layers, rows, columns) chunk: float32 row sums,
-    float64 total."""
-    return torch.linalg.vecdot(first, second, dim=2).sum(dim=1, dtype=torch.float64)
-
-
 def _dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Per-layer Frobenius inner product: float32 row sums, float64 total (fast and accurate)."""
-    return _row_dots(first, second)
+    """Per-layer Frobenius inner product of (layers, rows, columns) arrays or chunks: float32 row
+    sums, float64 total (fast and accurate)."""
+    return torch.linalg.vecdot(first, second, dim=2).sum(dim=1, dtype=torch.float64)

@@ -11,11 +11,16 @@ snippets are used instead: timing depends on the shapes and token counts, not on
 
 The variants run interleaved (a load spike on a shared machine hits all of them); the table
 reports the median wall time of each, its ratio to the minibatch Fisher alone, the wall time
-spent inside the statistics, and the same for CPU seconds of all threads (a work measure that a
-shared machine disturbs less). ``--check`` also compares the statistics with a float64 reference pass.
+spent inside the statistics and inside the per-example products and their squares, and the
+same for CPU seconds of all threads (a work measure that a shared machine disturbs less).
+``--check`` also compares the statistics with a float64 reference pass.
 A variant name ending in ``@ref`` runs the pass of ``--reference-commit`` (its ``fisher.py`` and
 ``calibration.py``; default: the commit before issue 15) instead of the working tree's, so
-before and after are timed side by side.
+before and after are timed side by side. ``@bf16`` runs the whole pass with oneDNN's bfloat16
+math for float32 matrix products (``torch.backends.mkldnn.matmul.fp32_precision``: float32 in
+and out, bfloat16 products, AMX where the CPU has it), ``@bf16-grams`` only the products of the
+Gram matrices A and G; both print their largest relative error against the same variant without
+the tag, so the speed a lower-precision statistic would buy is measured with what it costs.
 """
 
 from __future__ import annotations
@@ -25,15 +30,18 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
+from per_example_products import bf16_matmul  # benchmarks/ is the script directory
 from transformers.utils import logging as hf_logging
 
 from weighted_lowrank.batching import make_batches
+from weighted_lowrank.lowrank import calibration, fisher
 from weighted_lowrank.lowrank.calibration import CALIBRATION_STATISTICS, statistic_key
 from weighted_lowrank.lowrank.fisher import _prepare_batch, calibrate
 from weighted_lowrank.lowrank.targets import select_linear_modules
@@ -47,6 +55,62 @@ VARIANTS = {
     "per_example+A+absx": ("per_example", ("input_moment", "input_abs_mean")),
     "per_example+G": ("per_example", ("output_moment",)),
 }
+
+
+#: variant tags after "@": the pass of the reference commit, or bfloat16 products (module docstring)
+TAGS = ("ref", "bf16", "bf16-grams")
+
+
+@contextmanager
+def bf16_grams():
+    """Only the Gram products of the statistics (``calibration._Gram.add``) in bfloat16."""
+    exact_add = calibration._Gram.add
+
+    def add(self, rows):
+        with bf16_matmul():
+            exact_add(self, rows)
+
+    calibration._Gram.add = add
+    try:
+        yield
+    finally:
+        calibration._Gram.add = exact_add
+
+
+@contextmanager
+def timed_products(seconds: list[float]):
+    """Add the wall time inside the per-example products and squares (``fisher.
+    _PerExampleAccumulator.accumulate``, the working tree's pass only) to ``seconds[0]``."""
+    accumulate = fisher._PerExampleAccumulator.accumulate
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return accumulate(self, *args, **kwargs)
+        finally:
+            seconds[0] += time.perf_counter() - start
+
+    fisher._PerExampleAccumulator.accumulate = timed
+    try:
+        yield
+    finally:
+        fisher._PerExampleAccumulator.accumulate = accumulate
+
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    """(variant, tag) of ``"<variant>[@<tag>]"``."""
+    base, _, tag = name.partition("@")
+    if base not in VARIANTS or (tag and tag not in TAGS):
+        raise SystemExit(f"unknown variant {name!r}: expected one of {list(VARIANTS)}, tags {TAGS}")
+    return base, tag or None
+
+
+def largest_relative_error(tensors: dict, exact: dict) -> float:
+    """Largest Frobenius-relative difference of matching tensors."""
+    return max(
+        float((tensors[key].double() - exact[key].double()).norm() / exact[key].double().norm())
+        for key in exact
+    )
 
 
 def reference_calibrate(commit: str):
@@ -163,7 +227,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="minibatch,per_example,per_example+all,minibatch+all",
-        help=f"comma-separated, from {list(VARIANTS)}",
+        help=f"comma-separated, from {list(VARIANTS)}, each optionally @ one of {TAGS}",
     )
     parser.add_argument("--check", action="store_true", help="accuracy against float64 products")
     parser.add_argument(
@@ -183,28 +247,35 @@ def main() -> None:
     real = sum(int(batch["attention_mask"].sum()) for batch in batches)
     padded = sum(batch["attention_mask"].numel() for batch in batches)
     chosen = [name.strip() for name in args.variants.split(",")]
+    parts = {name: split_variant(name) for name in chosen}
     wall: dict[str, list[float]] = {name: [] for name in chosen}
     cpu: dict[str, list[float]] = {name: [] for name in chosen}
     inside: dict[str, list[float]] = {name: [] for name in chosen}
+    products: dict[str, list[float]] = {name: [] for name in chosen}
     loads = []
     results = {}
     reference = (
         reference_calibrate(args.reference_commit)
-        if any(name.endswith("@ref") for name in chosen)
+        if any(tag == "ref" for _, tag in parts.values())
         else None
     )
+    precision = {"bf16": bf16_matmul, "bf16-grams": bf16_grams}
     for repeat in range(args.repeats):
         for name in chosen:
-            mode, wanted = VARIANTS[name.removesuffix("@ref")]
-            run = reference if name.endswith("@ref") else calibrate
+            base, tag = parts[name]
+            mode, wanted = VARIANTS[base]
+            run = reference if tag == "ref" else calibrate
             loads.append(os.getloadavg()[0])
-            start, start_cpu = time.perf_counter(), time.process_time()
-            results[name] = run(
-                bundle.model, batches, mode=mode, statistics=wanted, device=args.device
-            )
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
+            products_seconds = [0.0]
+            with precision.get(tag, nullcontext)(), timed_products(products_seconds):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                results[name] = run(
+                    bundle.model, batches, mode=mode, statistics=wanted, device=args.device
+                )
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
             inside[name].append(results[name].statistics_seconds)
+            products[name].append(products_seconds[0])
             print(
                 f"run {repeat + 1} {name}: {wall[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU",
                 flush=True,
@@ -218,9 +289,10 @@ def main() -> None:
     )
     print(
         "| pass | median wall s | runs (s) | × minibatch | statistics wall s | "
+        "per-example products wall s | "
         "median CPU s (all threads) | runs (s) | × minibatch |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in chosen:
         cells = [name]
         for clock in (wall, cpu):
@@ -230,10 +302,30 @@ def main() -> None:
             cells.append(f"{median / base:.2f}" if base else "—")
             if clock is wall:
                 cells.append(f"{statistics.median(inside[name]):.1f}")
+                cells.append(f"{statistics.median(products[name]):.1f}")
         print("| " + " | ".join(cells) + " |")
+    for name, (base, tag) in parts.items():
+        if tag in precision and base in results:
+            exact, approximate = results[base], results[name]
+            fisher_error = largest_relative_error(approximate.fisher, exact.fisher)
+            print(
+                f"{name}: largest relative error (Frobenius, per tensor) against {base}: "
+                f"Fisher {fisher_error:.1e}",
+                end="",
+            )
+            for statistic in sorted({key.rsplit(".", 1)[1] for key in exact.statistics}):
+                keys = {k: v for k, v in exact.statistics.items() if k.endswith(statistic)}
+                error = largest_relative_error(approximate.statistics, keys)
+                print(f", {statistic} {error:.1e}", end="")
+            print()
     if args.check:
         complete = next(
-            (r for n, r in results.items() if len(VARIANTS[n.removesuffix("@ref")][1]) == 3), None
+            (
+                result
+                for name, result in results.items()
+                if parts[name][1] is None and len(VARIANTS[parts[name][0]][1]) == 3
+            ),
+            None,
         )
         if complete is not None:
             reference = float64_reference(bundle.model, batches, torch.device(args.device))

@@ -80,11 +80,12 @@ def row_tiles(
 @contextmanager
 def bf16_matmul():
     """float32 matrix products computed by oneDNN in bfloat16 (float32 accumulation and result)."""
+    previous = torch.backends.mkldnn.matmul.fp32_precision
     torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     try:
         yield
     finally:
-        torch.backends.mkldnn.matmul.fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = previous
 
 
 def in_bf16(function: Callable[..., Any]) -> Callable[..., Any]:

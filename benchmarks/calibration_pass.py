@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
-from per_example_products import bf16_matmul  # benchmarks/ is the script directory
+from per_example_products import bf16_matmul, in_bf16  # benchmarks/ is the script directory
 from transformers.utils import logging as hf_logging
 
 from weighted_lowrank.batching import make_batches
@@ -65,12 +65,7 @@ TAGS = ("ref", "bf16", "bf16-grams")
 def bf16_grams():
     """Only the Gram products of the statistics (``calibration._Gram.add``) in bfloat16."""
     exact_add = calibration._Gram.add
-
-    def add(self, rows):
-        with bf16_matmul():
-            exact_add(self, rows)
-
-    calibration._Gram.add = add
+    calibration._Gram.add = in_bf16(exact_add)
     try:
         yield
     finally:
@@ -330,13 +325,13 @@ def main() -> None:
         if complete is not None:
             reference = float64_reference(bundle.model, batches, torch.device(args.device))
             errors = {
-                statistic: max(
-                    float(
-                        (complete.statistics[key].double() - reference[key].cpu()).norm()
-                        / reference[key].norm()
-                    )
-                    for key in reference
-                    if key.endswith(statistic)
+                statistic: largest_relative_error(
+                    complete.statistics,
+                    {
+                        key: value.cpu()
+                        for key, value in reference.items()
+                        if key.endswith(statistic)
+                    },
                 )
                 for statistic in CALIBRATION_STATISTICS
             }

@@ -25,18 +25,18 @@ from mlflow.tracking import MlflowClient
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc_sections import write_section  # noqa: E402
 
-from weighted_lowrank.pipelines.reporting.nodes import markdown_table  # noqa: E402
-from weighted_lowrank.pipelines.reporting.paired import (  # noqa: E402
+from weighted_lowrank.analysis.paired import (  # noqa: E402
     discordant_counts,
     mcnemar_exact_p,
 )
-from weighted_lowrank.pipelines.reporting.run_history import (  # noqa: E402
+from weighted_lowrank.analysis.run_history import (  # noqa: E402
     _correct_on_one_test_set,
     _logged_predictions,
     child_runs,
     latest_per_seed,
     task_metric,
 )
+from weighted_lowrank.pipelines.reporting.nodes import markdown_table  # noqa: E402
 
 ARMS = ("uniform", "global (own)", "global (kronecker)")
 

@@ -19,7 +19,7 @@ curve="${CURVE_LOSS_MODEL:-kronecker}"
 store="sqlite:///$PWD/allocation_$curve.db"
 read -r -a seeds <<< "${SEEDS:-0 1 2}"
 read -r -a budgets <<< "${BUDGETS:-0.5 0.3 0.2 0.7}"
-.venv/bin/python -m weighted_lowrank.sweep run --seeds "${seeds[@]}" --budgets "${budgets[@]}" \
+.venv/bin/python -m weighted_lowrank.analysis.sweep run --seeds "${seeds[@]}" --budgets "${budgets[@]}" \
   --allocations global uniform --tracking-uri "$store" --params "compression.curve_loss_model=$curve"
 .venv/bin/python - "$store" "$curve" <<'PY'
 import sys
@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, "benchmarks")
 from doc_sections import write_section
 
-from weighted_lowrank.sweep import sweep_report
+from weighted_lowrank.analysis.sweep import sweep_report
 
 write_section(
     Path("docs/RESULTS.md"),

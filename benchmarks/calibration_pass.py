@@ -40,7 +40,7 @@ import torch
 from per_example_products import bf16_matmul, in_bf16  # benchmarks/ is the script directory
 from transformers.utils import logging as hf_logging
 
-from weighted_lowrank.batching import make_batches
+from weighted_lowrank.hf.batching import make_batches
 from weighted_lowrank.lowrank import calibration, fisher
 from weighted_lowrank.lowrank.calibration import CALIBRATION_STATISTICS, statistic_key
 from weighted_lowrank.lowrank.fisher import _prepare_batch, calibrate
@@ -130,7 +130,7 @@ def load_model_and_examples(args):
     if args.model is not None:
         import pandas as pd
 
-        from weighted_lowrank.hf import load_base_model
+        from weighted_lowrank.hf.models import load_base_model
 
         config = __import__("json").loads((Path(args.model) / "config.json").read_text())
         bundle = load_base_model(args.model, num_labels=len(config["id2label"]), fresh_head=False)
@@ -147,7 +147,7 @@ def load_model_and_examples(args):
         return bundle, frame.reset_index(drop=True), "fine_tuned_model (latest), train_split"
     from reviews import load_reviews
 
-    from weighted_lowrank.hf import EMBEDDED_MODEL, load_base_model
+    from weighted_lowrank.hf.models import EMBEDDED_MODEL, load_base_model
 
     bundle = load_base_model(EMBEDDED_MODEL, num_labels=2)
     return bundle, load_reviews(args.examples, args.seed), "embedded MiniLM, raw reviews"

@@ -48,7 +48,7 @@ def default_problem() -> tuple[str, torch.nn.Module, dict, dict, int]:
             calibrated.num_examples,
         )
     except Exception as error:  # no default run yet: the embedded model, synthetic importance
-        from weighted_lowrank.hf import EMBEDDED_MODEL, load_base_model
+        from weighted_lowrank.hf.models import EMBEDDED_MODEL, load_base_model
 
         model = load_base_model(EMBEDDED_MODEL, num_labels=2).model.eval()
         generator = torch.Generator().manual_seed(0)

@@ -22,8 +22,13 @@ from reviews import load_reviews  # benchmarks/ is the script directory
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from weighted_lowrank.batching import make_batches
-from weighted_lowrank.hf import EMBEDDED_MODEL, ModelBundle, load_base_model, resolve_model_source
+from weighted_lowrank.hf.batching import make_batches
+from weighted_lowrank.hf.models import (
+    EMBEDDED_MODEL,
+    ModelBundle,
+    load_base_model,
+    resolve_model_source,
+)
 from weighted_lowrank.lowrank.fisher import empirical_fisher, validate_fisher
 from weighted_lowrank.lowrank.risk import layer_statistics
 

@@ -33,14 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc_sections import write_section  # noqa: E402
 from project_catalog import REPO_ROOT, project_catalog  # noqa: E402
 
-from weighted_lowrank.lowrank.compression import compress_model  # noqa: E402
-from weighted_lowrank.lowrank.objective import weighted_loss  # noqa: E402
-from weighted_lowrank.pipelines.reporting.nodes import markdown_table  # noqa: E402
-from weighted_lowrank.pipelines.reporting.paired import (  # noqa: E402
+from weighted_lowrank.analysis.paired import (  # noqa: E402
     discordant_counts,
     mcnemar_exact_p,
 )
-from weighted_lowrank.training import predict_examples  # noqa: E402
+from weighted_lowrank.hf.training import predict_examples  # noqa: E402
+from weighted_lowrank.lowrank.compression import compress_model  # noqa: E402
+from weighted_lowrank.lowrank.objective import weighted_loss  # noqa: E402
+from weighted_lowrank.pipelines.reporting.nodes import markdown_table  # noqa: E402
 
 #: (row name, solver, options, which importance: "fisher" or "kronecker_diagonal").
 VARIANTS = (

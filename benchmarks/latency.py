@@ -26,8 +26,8 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-from weighted_lowrank.hf import EMBEDDED_MODEL, load_base_model  # noqa: E402
-from weighted_lowrank.latency import measure_latency_ms  # noqa: E402
+from weighted_lowrank.hf.latency import measure_latency_ms  # noqa: E402
+from weighted_lowrank.hf.models import EMBEDDED_MODEL, load_base_model  # noqa: E402
 from weighted_lowrank.lowrank.compression import compress_model  # noqa: E402
 from weighted_lowrank.lowrank.layer import lowrank_modules  # noqa: E402
 from weighted_lowrank.lowrank.serialization import (  # noqa: E402

@@ -9,7 +9,7 @@ it loads ``<row>.compressed_model`` through the project's catalog and predicts t
 It reports on how many sentences the two disagree (right vs wrong), who is right on those, the
 two-sided exact McNemar p-value and the paired bootstrap 95 % interval of the accuracy
 difference (``reporting.bootstrap_resamples`` / ``bootstrap_seed``), computed by
-``weighted_lowrank.pipelines.reporting.paired`` — the same code as the run's report.
+``weighted_lowrank.analysis.paired`` — the same code as the run's report.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import numpy as np  # noqa: E402
 from kedro.io import DatasetError  # noqa: E402
 from project_catalog import project_catalog  # noqa: E402  (benchmarks/ is the script directory)
 
-from weighted_lowrank.pipelines.reporting.paired import paired_comparison  # noqa: E402
-from weighted_lowrank.pipelines.reporting.run_history import REFINED_PREFIX  # noqa: E402
-from weighted_lowrank.training import predict  # noqa: E402
+from weighted_lowrank.analysis.paired import paired_comparison  # noqa: E402
+from weighted_lowrank.analysis.run_history import REFINED_PREFIX  # noqa: E402
+from weighted_lowrank.hf.training import predict  # noqa: E402
 
 
 def correct_per_example(catalog, row: str, test, max_length: int, batch_size: int) -> np.ndarray:

@@ -30,12 +30,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
 from project_catalog import project_catalog  # noqa: E402
 
-from weighted_lowrank.hf import ModelBundle  # noqa: E402
+from weighted_lowrank.hf.models import ModelBundle  # noqa: E402
+from weighted_lowrank.hf.training import train_classifier  # noqa: E402
+from weighted_lowrank.kedro_glue.parameters import parse_parameters  # noqa: E402
 from weighted_lowrank.lowrank.layer import lowrank_modules  # noqa: E402
-from weighted_lowrank.parameters import parse_parameters  # noqa: E402
 from weighted_lowrank.pipelines.evaluation.nodes import score_split  # noqa: E402
 from weighted_lowrank.pipelines.refinement.nodes import refine  # noqa: E402
-from weighted_lowrank.training import train_classifier  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

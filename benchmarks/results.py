@@ -22,11 +22,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
 
-from weighted_lowrank.pipelines.reporting.nodes import markdown_table  # noqa: E402
-from weighted_lowrank.pipelines.reporting.run_history import (  # noqa: E402
+from weighted_lowrank.analysis.run_history import (  # noqa: E402
     child_runs,
     is_refined,
     latest_per_budget,
+    markdown_table,  # noqa: E402
     quality_vs_params_figure,
     task_metric,
     with_refined_columns,

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 KEDRO_DISABLE_TELEMETRY=1
 store="sqlite:///$PWD/seeds.db"
-.venv/bin/python -m weighted_lowrank.sweep run --seeds 0 1 2 --budgets 0.5 0.3 --tracking-uri "$store"
+.venv/bin/python -m weighted_lowrank.analysis.sweep run --seeds 0 1 2 --budgets 0.5 0.3 --tracking-uri "$store"
 .venv/bin/python - "$store" <<'PY'
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, "benchmarks")
 from doc_sections import write_section
 
-from weighted_lowrank.sweep import sweep_report
+from weighted_lowrank.analysis.sweep import sweep_report
 
 write_section(Path("docs/RESULTS.md"), "seeds", sweep_report(sys.argv[1]), "benchmarks/seeds.sh")
 PY

@@ -34,8 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script directory)
 from reviews import load_reviews  # noqa: E402
 
-from weighted_lowrank.batching import make_batches  # noqa: E402
-from weighted_lowrank.hf import EMBEDDED_MODEL, load_base_model  # noqa: E402
+from weighted_lowrank.hf.batching import make_batches  # noqa: E402
+from weighted_lowrank.hf.models import EMBEDDED_MODEL, load_base_model  # noqa: E402
 from weighted_lowrank.lowrank.fisher import empirical_fisher  # noqa: E402
 from weighted_lowrank.lowrank.objective import rank_for_budget  # noqa: E402
 from weighted_lowrank.lowrank.solvers import factorize_batch  # noqa: E402

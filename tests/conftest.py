@@ -21,8 +21,8 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
-from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.parameters import BLOCKS, Block
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.kedro_glue.parameters import BLOCKS, Block
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

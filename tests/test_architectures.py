@@ -16,8 +16,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tests.conftest import conf_parameters
-from weighted_lowrank.hf import model_structure
-from weighted_lowrank.hooks import ParameterChecks
+from weighted_lowrank.hf.models import model_structure
+from weighted_lowrank.kedro_glue.parameter_checks import ParameterChecks
+from weighted_lowrank.kedro_glue.parameters import ParameterError
 from weighted_lowrank.lowrank.architectures import (
     Conv1DLinear,
     default_target_names,
@@ -31,7 +32,6 @@ from weighted_lowrank.lowrank.fisher import calibrate
 from weighted_lowrank.lowrank.layer import lowrank_modules, lowrank_ranks
 from weighted_lowrank.lowrank.serialization import WEIGHTS_FILE, load_compressed, save_compressed
 from weighted_lowrank.lowrank.targets import describe_module, ordered_kinds, select_linear_modules
-from weighted_lowrank.parameters import ParameterError
 
 VOCAB = 64
 _SIZES = dict(
@@ -528,7 +528,7 @@ def test_an_unreadable_model_source_skips_the_check(tmp_path, caplog):
         "compression": {**base["compression"], "targets": "nothing"},
     }
     catalog = DataCatalog({"parameters": MemoryDataset(values)})
-    with caplog.at_level(logging.WARNING, logger="weighted_lowrank.hooks"):
+    with caplog.at_level(logging.WARNING, logger="weighted_lowrank.kedro_glue.hooks"):
         ParameterChecks().before_pipeline_run(
             run_params={}, pipeline=_pipeline("fine_tune"), catalog=catalog
         )

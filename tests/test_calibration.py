@@ -14,8 +14,9 @@ from torch.nn import functional
 
 from tests.conftest import block_values, make_tiny_bundle, typed_params, varied_split
 from tests.lowrank.test_fisher import LABELS, TEXTS
-from weighted_lowrank.batching import make_batches
-from weighted_lowrank.lineage import fingerprint_of
+from weighted_lowrank.hf.batching import make_batches
+from weighted_lowrank.kedro_glue.lineage import fingerprint_of
+from weighted_lowrank.kedro_glue.parameters import FisherParams, ParameterError
 from weighted_lowrank.lowrank import calibration
 from weighted_lowrank.lowrank.calibration import (
     CALIBRATION_STATISTICS,
@@ -25,7 +26,6 @@ from weighted_lowrank.lowrank.calibration import (
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
 from weighted_lowrank.lowrank.fisher import calibrate, empirical_fisher
 from weighted_lowrank.lowrank.targets import select_linear_modules
-from weighted_lowrank.parameters import FisherParams, ParameterError
 from weighted_lowrank.pipelines.fisher_estimation.nodes import estimate_fisher
 
 

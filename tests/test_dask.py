@@ -27,11 +27,11 @@ from tests.pipelines.conftest import (
     make_calibration_statistics,
     make_fisher_information,
 )
-from weighted_lowrank.hooks import LineageCheck
+from weighted_lowrank.kedro_glue.hooks import LineageCheck
+from weighted_lowrank.kedro_glue.runner import DaskRunner, dataset_place
 from weighted_lowrank.lowrank.compression import factorize_model, model_loss_curves
 from weighted_lowrank.lowrank.fanout import close_clients, fan_out
 from weighted_lowrank.pipelines.factorization import create_pipeline
-from weighted_lowrank.runners import DaskRunner, dataset_place
 
 SOLVERS = ("als", "kfwsvd")
 
@@ -211,7 +211,7 @@ def _catalog(root, bundle, fisher_information, statistics, dask_address) -> Data
     catalog = DataCatalog.from_config(
         {
             "{solver}.compressed_model": {
-                "type": "weighted_lowrank.datasets.HFModelDataset",
+                "type": "weighted_lowrank.kedro_glue.datasets.HFModelDataset",
                 "filepath": str(root / "compressed" / "{solver}"),
                 "compressed": True,
                 "versioned": True,

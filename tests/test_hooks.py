@@ -11,11 +11,12 @@ from kedro.pipeline import Node
 from kedro.validation.parameter_validator import ParameterValidator
 
 from tests.conftest import conf_parameters, make_tiny_bundle
-from weighted_lowrank.datasets import HFModelDataset, SafetensorsDataset
-from weighted_lowrank.hooks import LineageCheck, ParameterChecks
-from weighted_lowrank.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
+from weighted_lowrank.kedro_glue.datasets import HFModelDataset, SafetensorsDataset
+from weighted_lowrank.kedro_glue.hooks import LineageCheck
+from weighted_lowrank.kedro_glue.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
+from weighted_lowrank.kedro_glue.parameter_checks import ParameterChecks
+from weighted_lowrank.kedro_glue.parameters import EvaluationParams, ParameterError
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
-from weighted_lowrank.parameters import EvaluationParams, ParameterError
 from weighted_lowrank.pipeline_registry import register_pipelines
 
 

@@ -14,14 +14,14 @@ import pytest
 
 from tests.conftest import typed_params
 from tests.test_session import copy_project, kedro_run
-from weighted_lowrank.parameters import DataParams, ParameterError
+from weighted_lowrank.hf.text_files import read_text
+from weighted_lowrank.kedro_glue.parameters import DataParams, ParameterError
 from weighted_lowrank.pipelines.data_processing.nodes import (
     clean_records,
     encode_labels,
     load_source_records,
     resolve_source,
 )
-from weighted_lowrank.text_files import read_text
 
 #: Texts a French/Spanish/German spreadsheet holds, three classes; none is ASCII-only.
 TWEETS = [
@@ -104,13 +104,13 @@ def test_auto_picks_utf8_when_it_decodes_else_a_single_byte_codec(tmp_path, data
 
 def test_auto_logs_the_single_byte_choice_and_reads_the_csv(tmp_path, caplog):
     path = _write_csv(tmp_path / "tweets.csv", LATIN1_TWEETS, "latin-1")
-    with caplog.at_level(logging.INFO, logger="weighted_lowrank.text_files"):
+    with caplog.at_level(logging.INFO, logger="weighted_lowrank.hf.text_files"):
         records = _records(_params(path=str(path), encoding="auto"))
     assert records["text"].tolist() == [text for text, _ in LATIN1_TWEETS]
     assert "is not UTF-8" in caplog.text and "decoding it as cp1252" in caplog.text
     utf8 = _write_csv(tmp_path / "utf8.csv", TWEETS, "utf-8")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="weighted_lowrank.text_files"):
+    with caplog.at_level(logging.INFO, logger="weighted_lowrank.hf.text_files"):
         assert _records(_params(path=str(utf8), encoding="auto"))["text"].tolist() == [
             text for text, _ in TWEETS
         ]

@@ -15,9 +15,11 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import lm_corpus, make_tiny_causal_lm, random_fisher, typed_params
 from tests.test_session import copy_project, run_smoke
-from weighted_lowrank.batching import encode_lm_blocks, make_lm_batches, pad_examples
-from weighted_lowrank.datasets import HFModelDataset
-from weighted_lowrank.hf import ModelBundle, prepare_tokenizer, resolve_task
+from weighted_lowrank.analysis.paired import paired_loss_comparison
+from weighted_lowrank.hf.batching import encode_lm_blocks, make_lm_batches, pad_examples
+from weighted_lowrank.hf.models import ModelBundle, prepare_tokenizer, resolve_task
+from weighted_lowrank.hf.training import predict_examples
+from weighted_lowrank.kedro_glue.datasets import HFModelDataset
 from weighted_lowrank.lowrank.architectures import linearize_conv1d
 from weighted_lowrank.lowrank.compression import compress_model
 from weighted_lowrank.lowrank.fisher import calibrate
@@ -32,8 +34,6 @@ from weighted_lowrank.pipelines.data_processing.nodes import (
     resolve_source,
     split_records,
 )
-from weighted_lowrank.pipelines.reporting.paired import paired_loss_comparison
-from weighted_lowrank.training import predict_examples
 
 ARCHITECTURES = ("gpt2", "llama")
 

@@ -12,7 +12,7 @@ import pytest
 from kedro.framework.project import configure_project
 
 from tests.conftest import PROJECT_ROOT, block_values, conf_parameters
-from weighted_lowrank.parameters import (
+from weighted_lowrank.kedro_glue.parameters import (
     BLOCKS,
     Block,
     DataParams,

@@ -25,16 +25,16 @@ from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 
 from tests.conftest import make_tiny_bundle
-from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.lowrank.layer import lowrank_modules
-from weighted_lowrank.lowrank.serialization import load_compressed
-from weighted_lowrank.lowrank.solvers import SOLVERS
-from weighted_lowrank.pipelines.reporting.run_history import (
+from weighted_lowrank.analysis.run_history import (
     budget_table,
     child_runs,
     latest_per_budget,
 )
-from weighted_lowrank.sweep import end_active_runs
+from weighted_lowrank.analysis.sweep import end_active_runs
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.lowrank.layer import lowrank_modules
+from weighted_lowrank.lowrank.serialization import load_compressed
+from weighted_lowrank.lowrank.solvers import SOLVERS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REFINED = tuple(f"refined.{solver}" for solver in SOLVERS)

@@ -9,11 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-import weighted_lowrank.sweep as sweep_module
+import weighted_lowrank.analysis.sweep as sweep_module
 from tests.test_session import copy_project
-from weighted_lowrank.lowrank.solvers import SOLVERS
-from weighted_lowrank.pipelines.refined.pipeline import default_pipeline
-from weighted_lowrank.pipelines.reporting.run_history import (
+from weighted_lowrank.analysis.run_history import (
     allocation_differences,
     allocation_p_values,
     child_runs,
@@ -22,13 +20,15 @@ from weighted_lowrank.pipelines.reporting.run_history import (
     seed_differences,
     seed_summary,
 )
-from weighted_lowrank.sweep import (
+from weighted_lowrank.analysis.sweep import (
     RESTART_NODES,
     _deep_merge,
     parse_overrides,
     run_sweep,
     sweep_report,
 )
+from weighted_lowrank.lowrank.solvers import SOLVERS
+from weighted_lowrank.pipelines.refined.pipeline import default_pipeline
 
 #: Metrics that measure time, which no repeat can reproduce.
 TIMINGS = {"latency_ms", "latency_dense_ms", "latency_ratio", "factorization_seconds"}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_bundle, toy_split
-from weighted_lowrank.batching import encode_examples, pad_examples
-from weighted_lowrank.training import (
+from weighted_lowrank.hf.batching import encode_examples, pad_examples
+from weighted_lowrank.hf.training import (
     TrainingOptions,
     evaluate_classifier,
     predict,
@@ -113,7 +113,7 @@ def test_training_batches_cover_every_example_once_per_epoch_nearly_unpadded() -
     every example once, the same batches for the same (seed, epoch), other batches for another
     epoch, and far fewer padded tokens than batches of random examples."""
     from tests.conftest import varied_split
-    from weighted_lowrank.training import iterate_batches
+    from weighted_lowrank.hf.training import iterate_batches
 
     tokenizer = make_tiny_bundle().tokenizer
     examples = encode_examples(varied_split(400, seed=3), tokenizer, 32)

@@ -7,7 +7,8 @@ from pathlib import Path
 from kedro.config import OmegaConfigLoader
 from kedro.utils import find_kedro_project
 
-from weighted_lowrank.hooks import LineageCheck, ParameterChecks, SavedVersionChecks
+from weighted_lowrank.kedro_glue.hooks import LineageCheck, SavedVersionChecks
+from weighted_lowrank.kedro_glue.parameter_checks import ParameterChecks
 
 
 def _project_root() -> str:

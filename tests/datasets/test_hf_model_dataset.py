@@ -8,8 +8,8 @@ from kedro.io import DataCatalog
 from kedro.io.core import DatasetError, Version
 
 from tests.conftest import make_tiny_bundle
-from weighted_lowrank.datasets import HFModelDataset
-from weighted_lowrank.hf import ModelBundle
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.kedro_glue.datasets import HFModelDataset
 
 SENTENCES = ["a wonderful lovely movie", "awful acting and bad story", "the plot"]
 
@@ -48,7 +48,7 @@ def test_unversioned_save_replaces_the_previous_model(tmp_path):
 
 def _catalog(path) -> DataCatalog:
     """A fresh catalog per run, as `kedro run` builds one (one save version per run)."""
-    config = {"type": "weighted_lowrank.datasets.HFModelDataset", "filepath": str(path)}
+    config = {"type": "weighted_lowrank.kedro_glue.datasets.HFModelDataset", "filepath": str(path)}
     return DataCatalog.from_config({"model": {**config, "versioned": True}})
 
 

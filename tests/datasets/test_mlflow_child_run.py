@@ -8,7 +8,7 @@ import pytest
 from kedro.io import DatasetError
 from mlflow.tracking import MlflowClient
 
-from weighted_lowrank.datasets import MlflowChildRunDataset
+from weighted_lowrank.kedro_glue.datasets import MlflowChildRunDataset
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from kedro.io.core import DatasetError, Version
 from safetensors import safe_open
 
-from weighted_lowrank.datasets import SafetensorsDataset
+from weighted_lowrank.kedro_glue.datasets import SafetensorsDataset
 
 
 def _tensor_file(seed: int) -> dict:

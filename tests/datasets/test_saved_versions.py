@@ -17,9 +17,9 @@ from kedro.pipeline import Node, Pipeline
 from kedro.runner import SequentialRunner
 
 from tests.conftest import make_tiny_bundle
-from weighted_lowrank.datasets.integrity import UnloadableVersionError
-from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.hooks import SavedVersionChecks
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.kedro_glue.datasets.integrity import UnloadableVersionError
+from weighted_lowrank.kedro_glue.hooks import SavedVersionChecks
 from weighted_lowrank.lowrank.layer import LowRankLinear, replace_module
 
 LAYER = "bert.encoder.layer.0.intermediate.dense"
@@ -27,8 +27,8 @@ LAYER = "bert.encoder.layer.0.intermediate.dense"
 
 def _entry(name: str, path: Path, kind: str, **extra) -> dict:
     types = {
-        "model": "weighted_lowrank.datasets.HFModelDataset",
-        "tensors": "weighted_lowrank.datasets.SafetensorsDataset",
+        "model": "weighted_lowrank.kedro_glue.datasets.HFModelDataset",
+        "tensors": "weighted_lowrank.kedro_glue.datasets.SafetensorsDataset",
         "table": "pandas.ParquetDataset",
     }
     return {name: {"type": types[kind], "filepath": str(path), "versioned": True, **extra}}

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional
 
 from tests.conftest import make_tiny_bundle
-from weighted_lowrank.batching import make_batches
+from weighted_lowrank.hf.batching import make_batches
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
 from weighted_lowrank.lowrank.fisher import empirical_fisher, validate_fisher
 from weighted_lowrank.lowrank.targets import select_linear_modules

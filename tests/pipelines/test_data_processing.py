@@ -12,7 +12,7 @@ from kedro.runner import SequentialRunner
 from kedro_datasets.json import JSONDataset
 
 from tests.conftest import block_values, typed_params
-from weighted_lowrank.parameters import DataParams, ParameterError
+from weighted_lowrank.kedro_glue.parameters import DataParams, ParameterError
 from weighted_lowrank.pipelines.data_processing import create_pipeline
 from weighted_lowrank.pipelines.data_processing.nodes import (
     clean_records,

@@ -16,9 +16,9 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from tests.conftest import TOY_NEGATIVE, TOY_POSITIVE, make_tiny_bundle, typed_params
 from tests.pipelines.conftest import BUDGET
-from weighted_lowrank import latency
-from weighted_lowrank.latency import measure_latency_ms
-from weighted_lowrank.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
+from weighted_lowrank.hf import latency
+from weighted_lowrank.hf.latency import measure_latency_ms
+from weighted_lowrank.kedro_glue.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
 from weighted_lowrank.lowrank.compression import compress_model
 from weighted_lowrank.lowrank.serialization import WEIGHTS_FILE, save_compressed
 from weighted_lowrank.lowrank.solvers import SOLVERS

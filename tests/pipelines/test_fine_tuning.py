@@ -8,12 +8,12 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from tests.conftest import block_values, make_tiny_bundle, toy_split, typed_params
-from weighted_lowrank.lineage import fingerprint_of
+from weighted_lowrank.hf.training import TrainingOptions, train_classifier
+from weighted_lowrank.kedro_glue.lineage import fingerprint_of
+from weighted_lowrank.kedro_glue.parameters import FineTuningParams, ModelParams, ParameterError
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
-from weighted_lowrank.parameters import FineTuningParams, ModelParams, ParameterError
 from weighted_lowrank.pipelines.fine_tuning import create_pipeline
 from weighted_lowrank.pipelines.fine_tuning.nodes import fine_tune, initialise_model
-from weighted_lowrank.training import TrainingOptions, train_classifier
 
 FAST = {"epochs": 3, "batch_size": 8, "learning_rate": 3e-3, "warmup_ratio": 0.0, "progress": False}
 ENABLED = typed_params("fine_tuning")

@@ -11,11 +11,11 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from tests.conftest import block_values, make_tiny_bundle, toy_split, typed_params, varied_split
-from weighted_lowrank.batching import make_batches
-from weighted_lowrank.lineage import fingerprint_of
+from weighted_lowrank.hf.batching import make_batches
+from weighted_lowrank.kedro_glue.lineage import fingerprint_of
+from weighted_lowrank.kedro_glue.parameters import FisherParams, ParameterError
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
 from weighted_lowrank.lowrank.fisher import empirical_fisher
-from weighted_lowrank.parameters import FisherParams, ParameterError
 from weighted_lowrank.pipelines.fine_tuning.nodes import fine_tune
 from weighted_lowrank.pipelines.fisher_estimation import create_pipeline
 from weighted_lowrank.pipelines.fisher_estimation.nodes import (

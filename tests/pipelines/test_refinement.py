@@ -20,20 +20,21 @@ from kedro.runner import SequentialRunner
 from kedro.validation import TypeExtractor
 
 from tests.conftest import PROJECT_ROOT, make_tiny_bundle, toy_split, typed_params
-from weighted_lowrank.datasets import HFModelDataset
-from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
-from weighted_lowrank.lowrank.compression import compress_model
-from weighted_lowrank.lowrank.layer import lowrank_modules
-from weighted_lowrank.lowrank.serialization import load_compressed
-from weighted_lowrank.lowrank.solvers import SOLVERS
-from weighted_lowrank.parameters import (
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.hf.training import TrainingOptions, train_classifier
+from weighted_lowrank.kedro_glue.datasets import HFModelDataset
+from weighted_lowrank.kedro_glue.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
+from weighted_lowrank.kedro_glue.parameters import (
     CompressionParams,
     DataParams,
     EvaluationParams,
     ModelParams,
     RefinementParams,
 )
+from weighted_lowrank.lowrank.compression import compress_model
+from weighted_lowrank.lowrank.layer import lowrank_modules
+from weighted_lowrank.lowrank.serialization import load_compressed
+from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.pipelines.evaluation import create_pipeline as create_evaluation
 from weighted_lowrank.pipelines.evaluation.nodes import score_split
 from weighted_lowrank.pipelines.refined.pipeline import DEFAULT_PACKAGES
@@ -46,7 +47,6 @@ from weighted_lowrank.pipelines.reporting.pipeline import (
     create_child_run_pipeline,
 )
 from weighted_lowrank.settings import CONFIG_LOADER_ARGS
-from weighted_lowrank.training import TrainingOptions, train_classifier
 
 FINGERPRINT = "feedfacefeedface"
 MODEL = typed_params("model", max_length=16)

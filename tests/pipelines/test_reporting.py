@@ -18,7 +18,19 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from tests.conftest import typed_params
-from weighted_lowrank.lineage import FINGERPRINT_KEY, fingerprint_of
+from weighted_lowrank.analysis.paired import (
+    bootstrap_diff_interval,
+    mcnemar_exact_p,
+    paired_comparison,
+)
+from weighted_lowrank.analysis.run_history import (
+    budget_table,
+    child_runs,
+    latest_per_budget,
+    quality_vs_params_figure,
+    with_refined_columns,
+)
+from weighted_lowrank.kedro_glue.lineage import FINGERPRINT_KEY, fingerprint_of
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.lowrank.targets import describe_module
 from weighted_lowrank.pipelines.reporting import create_pipeline
@@ -36,24 +48,12 @@ from weighted_lowrank.pipelines.reporting.nodes import (
     rank_allocation_figure,
     refined_child_run_record,
 )
-from weighted_lowrank.pipelines.reporting.paired import (
-    bootstrap_diff_interval,
-    mcnemar_exact_p,
-    paired_comparison,
-)
 from weighted_lowrank.pipelines.reporting.pipeline import (
     NAMESPACES,
     REFINED_NAMESPACES,
     SUMMARY_NODES,
     create_child_run_pipeline,
     create_refined_reporting,
-)
-from weighted_lowrank.pipelines.reporting.run_history import (
-    budget_table,
-    child_runs,
-    latest_per_budget,
-    quality_vs_params_figure,
-    with_refined_columns,
 )
 
 FINGERPRINT = "0123456789abcdef"

@@ -19,8 +19,10 @@ from scipy import special, stats
 
 from tests.conftest import block_values, make_tiny_bundle, typed_params, varied_split
 from tests.pipelines.conftest import BUDGET, make_calibration_statistics
-from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.hf.training import evaluate_classifier, predict
+from weighted_lowrank.kedro_glue.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.kedro_glue.parameters import ParameterError, RiskValidationParams
 from weighted_lowrank.lowrank.calibration import statistic_key
 from weighted_lowrank.lowrank.compression import compress_model
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
@@ -33,7 +35,6 @@ from weighted_lowrank.lowrank.loss_models import (
 from weighted_lowrank.lowrank.risk import layer_statistics
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.lowrank.targets import select_linear_modules
-from weighted_lowrank.parameters import ParameterError, RiskValidationParams
 from weighted_lowrank.pipelines.risk_validation import create_pipeline
 from weighted_lowrank.pipelines.risk_validation.loss_model_nodes import (
     loss_model_metrics,
@@ -46,7 +47,6 @@ from weighted_lowrank.pipelines.risk_validation.nodes import (
     predictive_kl,
     summarize_risk_validation,
 )
-from weighted_lowrank.training import evaluate_classifier, predict
 
 MAX_LENGTH = 16
 MODEL = typed_params("model", source="unused", max_length=MAX_LENGTH)

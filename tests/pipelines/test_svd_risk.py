@@ -15,13 +15,13 @@ from matplotlib.figure import Figure
 
 from tests.conftest import block_values, make_tiny_bundle, typed_params, varied_split
 from tests.pipelines.conftest import make_calibration_statistics
-from weighted_lowrank.batching import make_batches
-from weighted_lowrank.lineage import fingerprint_of
+from weighted_lowrank.hf.batching import make_batches
+from weighted_lowrank.kedro_glue.lineage import fingerprint_of
+from weighted_lowrank.kedro_glue.parameters import ParameterError, SvdRiskParams
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
 from weighted_lowrank.lowrank.fisher import empirical_fisher
 from weighted_lowrank.lowrank.loss_models import LayerCurvature, predicted_loss_increase
 from weighted_lowrank.lowrank.risk import DEFAULT_KRONECKER_THRESHOLD, fisher_variance
-from weighted_lowrank.parameters import ParameterError, SvdRiskParams
 from weighted_lowrank.pipelines.svd_risk import create_pipeline
 from weighted_lowrank.pipelines.svd_risk.nodes import compute_layer_risk
 

@@ -10,7 +10,7 @@ kind of device.
 
 The tensors travel in memory through Dask's own serialization (no files); each group's inputs are
 scattered straight to a worker, which runs the group there and returns its results. Called from
-inside a task of the same cluster (a node that :class:`~weighted_lowrank.runners.DaskRunner`
+inside a task of the same cluster (a node that :class:`~weighted_lowrank.kedro_glue.runner.DaskRunner`
 runs on a worker), the fan-out uses that worker's client and leaves the worker's thread pool
 while it waits, so nested fan-outs cannot deadlock a cluster of one-thread workers.
 

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from weighted_lowrank.parameters import (
+from weighted_lowrank.hf.text_files import jsonl_records, read_text, text_lines
+from weighted_lowrank.kedro_glue.parameters import (
     DataParams,
     LabelledColumns,
     ModelParams,
     SplitParams,
     label_key,
 )
-from weighted_lowrank.text_files import jsonl_records, read_text, text_lines
 
 SPLIT_NAMES = ("train", "validation", "test")
 _REGRESSION_STRATA = 5
@@ -163,7 +163,7 @@ def load_source_records(reviews_raw: pd.DataFrame, source: dict[str, Any]) -> pd
 def _read_local_file(source: dict[str, Any]) -> pd.DataFrame:
     """The table of a local file source. Text formats are decoded here with the source's
     ``encoding`` (a file that does not decode fails naming the byte offset and the option to
-    set, :mod:`weighted_lowrank.text_files`); Parquet stores UTF-8 by definition."""
+    set, :mod:`weighted_lowrank.hf.text_files`); Parquet stores UTF-8 by definition."""
     path = Path(source["path"]).expanduser()
     if not path.is_file():
         raise ValueError(f"data.local_file.path {str(path)!r} does not exist or is not a file")

@@ -3,7 +3,7 @@ counts, size, latency.
 
 Every row (``dense``, one namespace per solver and, in the ``refinement`` pipeline, one
 ``refined.<solver>`` per solver) returns two outputs stamped with the evaluated model's lineage
-(:mod:`weighted_lowrank.lineage`):
+(:mod:`weighted_lowrank.kedro_glue.lineage`):
 
 * a JSON record ``{"model_fingerprint": …, "metrics": {name: float}}`` whose ``metrics`` have the
   same keys in every row: the task metrics (accuracy, f1, mcc for classification; pearson,
@@ -38,9 +38,16 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.latency import latency_by_shape_ms
-from weighted_lowrank.lineage import with_fingerprint
+from weighted_lowrank.hf.latency import latency_by_shape_ms
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.hf.training import (
+    Predictions,
+    language_model_metrics,
+    predict_examples,
+    task_metrics,
+)
+from weighted_lowrank.kedro_glue.lineage import with_fingerprint
+from weighted_lowrank.kedro_glue.parameters import CompressionParams, EvaluationParams, ModelParams
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.layer import lowrank_ranks
 from weighted_lowrank.lowrank.objective import relative_loss
@@ -50,13 +57,6 @@ from weighted_lowrank.lowrank.serialization import (
     tensors_for_saving,
 )
 from weighted_lowrank.lowrank.targets import select_linear_modules
-from weighted_lowrank.parameters import CompressionParams, EvaluationParams, ModelParams
-from weighted_lowrank.training import (
-    Predictions,
-    language_model_metrics,
-    predict_examples,
-    task_metrics,
-)
 
 #: Columns of a ``<namespace>.predictions`` table (then, for classification, one float32
 #: ``logit_<k>`` per class, and ``model_fingerprint``). The logits let reporting measure how far

@@ -13,8 +13,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.kedro_glue.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.kedro_glue.parameters import CompressionParams
 from weighted_lowrank.lowrank.allocation import (
     LossCurve,
     allocate_ranks,
@@ -33,7 +34,6 @@ from weighted_lowrank.lowrank.compression import (
 from weighted_lowrank.lowrank.objective import FactorizationResult, relative_loss
 from weighted_lowrank.lowrank.solvers import solver_curve
 from weighted_lowrank.lowrank.targets import describe_module, select_linear_modules
-from weighted_lowrank.parameters import CompressionParams
 from weighted_lowrank.pipelines.fisher_estimation.nodes import recorded_num_examples
 
 #: Columns of ``convergence``: one row per point of a layer's loss history.

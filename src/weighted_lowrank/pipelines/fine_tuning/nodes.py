@@ -5,12 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from weighted_lowrank.hf import ModelBundle, load_base_model
-from weighted_lowrank.lineage import with_fingerprint
+from weighted_lowrank.hf.models import ModelBundle, load_base_model
+from weighted_lowrank.hf.training import evaluate_classifier, train_classifier
+from weighted_lowrank.kedro_glue.lineage import with_fingerprint
+from weighted_lowrank.kedro_glue.parameters import FineTuningParams, ModelParams
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
-from weighted_lowrank.parameters import FineTuningParams, ModelParams
-from weighted_lowrank.training import evaluate_classifier, train_classifier
 
 
 def initialise_model(

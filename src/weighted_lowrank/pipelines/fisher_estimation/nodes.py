@@ -10,15 +10,15 @@ from typing import Any
 
 import pandas as pd
 
-from weighted_lowrank.batching import make_batches, make_lm_batches
-from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.lineage import with_fingerprint
+from weighted_lowrank.hf.batching import make_batches, make_lm_batches
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.kedro_glue.lineage import with_fingerprint
+from weighted_lowrank.kedro_glue.parameters import FisherParams, ModelParams
 from weighted_lowrank.lowrank.calibration import NORMALISATION
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
 from weighted_lowrank.lowrank.fisher import Calibration, calibrate
 from weighted_lowrank.lowrank.language_model import is_causal_lm
-from weighted_lowrank.parameters import FisherParams, ModelParams
 
 logger = logging.getLogger(__name__)
 

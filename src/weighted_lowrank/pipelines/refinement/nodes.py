@@ -1,6 +1,6 @@
 """Nodes of the ``refinement`` pipeline: fine-tune a compressed model on the train split.
 
-The loop and its options are those of ``fine_tuning`` (:func:`~weighted_lowrank.training.
+The loop and its options are those of ``fine_tuning`` (:func:`~weighted_lowrank.hf.training.
 train_classifier`); ``trainable`` says whether every parameter is trained or only the low-rank
 factors. Whether refinement happens is decided by the pipeline that runs (``refinement`` or
 ``refined``), not by a parameter.
@@ -14,12 +14,12 @@ from typing import Any
 
 import pandas as pd
 
-from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.lineage import with_fingerprint
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.hf.training import train_classifier
+from weighted_lowrank.kedro_glue.lineage import with_fingerprint
+from weighted_lowrank.kedro_glue.parameters import ModelParams, RefinementParams
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.layer import lowrank_modules
-from weighted_lowrank.parameters import ModelParams, RefinementParams
-from weighted_lowrank.training import train_classifier
 
 
 def refine(

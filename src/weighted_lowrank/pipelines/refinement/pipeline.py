@@ -16,10 +16,10 @@ default run refines its latest compressed models and rewrites the comparison wit
 
 from kedro.pipeline import Node, Pipeline
 
+from weighted_lowrank.analysis.run_history import REFINED_PREFIX
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.pipelines.evaluation.pipeline import create_compressed_evaluation
 from weighted_lowrank.pipelines.reporting.pipeline import create_refined_reporting
-from weighted_lowrank.pipelines.reporting.run_history import REFINED_PREFIX
 
 from .nodes import refine
 

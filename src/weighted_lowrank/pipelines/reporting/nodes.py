@@ -22,23 +22,33 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy import special
 
-from weighted_lowrank.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
-from weighted_lowrank.lowrank.targets import (
-    DEFAULT_TARGETS_DESCRIPTION,
-    describe_module,
-    ordered_kinds,
+from weighted_lowrank.analysis.paired import (
+    CONFIDENCE,
+    STATISTICS,
+    paired_comparison,
+    paired_loss_comparison,
 )
-from weighted_lowrank.parameters import (
+from weighted_lowrank.analysis.run_history import (
+    PREDICTIONS_ARTIFACT,
+    base_solver,
+    is_refined,
+    markdown_table,
+    task_metric,
+)
+from weighted_lowrank.kedro_glue.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
+from weighted_lowrank.kedro_glue.parameters import (
     CompressionParams,
     DataParams,
     ModelParams,
     RefinementParams,
     ReportingParams,
 )
+from weighted_lowrank.lowrank.targets import (
+    DEFAULT_TARGETS_DESCRIPTION,
+    describe_module,
+    ordered_kinds,
+)
 from weighted_lowrank.pipelines.evaluation.nodes import LOGIT_PREFIX
-
-from .paired import CONFIDENCE, STATISTICS, paired_comparison, paired_loss_comparison
-from .run_history import PREDICTIONS_ARTIFACT, base_solver, is_refined, task_metric
 
 #: Columns of the comparison table, in reading order (absent task metrics are dropped).
 _TABLE_COLUMNS = [
@@ -511,22 +521,6 @@ def paired_markdown(table: pd.DataFrame, reporting: ReportingParams) -> str:
 
 def _format_p(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (floats to 4 significant digits)."""
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += [
-        "| " + " | ".join(cell(value) for value in row) + " |"
-        for row in table.itertuples(index=False)
-    ]
-    return "\n".join(lines)
 
 
 def accuracy_vs_params_figure(table: pd.DataFrame) -> Figure:

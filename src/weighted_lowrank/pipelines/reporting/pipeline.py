@@ -10,6 +10,7 @@ from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
 
+from weighted_lowrank.analysis.run_history import REFINED_PREFIX, base_solver
 from weighted_lowrank.lowrank.solvers import SOLVERS
 
 from .nodes import (
@@ -25,7 +26,6 @@ from .nodes import (
     rank_allocation_figure,
     refined_child_run_record,
 )
-from .run_history import REFINED_PREFIX, base_solver
 
 NAMESPACES = ("dense", *SOLVERS)
 REFINED_NAMESPACES = tuple(f"{REFINED_PREFIX}{solver}" for solver in SOLVERS)

@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from weighted_lowrank.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.kedro_glue.lineage import fingerprint_of, with_fingerprint
 from weighted_lowrank.lowrank.loss_models import LOSS_MODELS, REQUIRED_STATISTICS
 
 from .nodes import spearman

@@ -41,8 +41,10 @@ import torch
 from matplotlib.figure import Figure
 from scipy import stats
 
-from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.hf.training import language_model_metrics, predict_examples, task_metrics
+from weighted_lowrank.kedro_glue.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.kedro_glue.parameters import ModelParams, RiskValidationParams
 from weighted_lowrank.lowrank.calibration import statistic_key
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
@@ -56,8 +58,6 @@ from weighted_lowrank.lowrank.loss_models import (
 from weighted_lowrank.lowrank.risk import RISK_STATISTICS
 from weighted_lowrank.lowrank.risk import spearman as spearman_rho
 from weighted_lowrank.lowrank.targets import ordered_kinds
-from weighted_lowrank.parameters import ModelParams, RiskValidationParams
-from weighted_lowrank.training import language_model_metrics, predict_examples, task_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def predict_damage(
 def predictive_kl(reference: np.ndarray, logits: np.ndarray, config: object) -> np.ndarray:
     """Per-example KL(p_reference ‖ p_logits) in nats, from two models' (examples, num_labels)
     logits, for the predictive distribution of the task's head (``config.problem_type`` and
-    ``num_labels`` as in :func:`weighted_lowrank.training.per_example_loss`):
+    ``num_labels`` as in :func:`weighted_lowrank.hf.training.per_example_loss`):
 
     - classification: the categorical distributions softmax(logits);
     - ``multi_label_classification``: the sum over labels of the Bernoulli KLs, p = sigmoid(logit);

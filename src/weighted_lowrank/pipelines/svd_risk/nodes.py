@@ -1,6 +1,6 @@
 """Nodes of ``svd_risk``: risk statistics per layer, their per-model summary, and a heatmap.
 
-``params:svd_risk`` (:class:`~weighted_lowrank.parameters.SvdRiskParams`) picks the statistic
+``params:svd_risk`` (:class:`~weighted_lowrank.kedro_glue.parameters.SvdRiskParams`) picks the statistic
 that drives the high/low ``risk`` column and its threshold (default: ``svd_kronecker_loss``, the
 Kronecker loss model's predicted loss increase of SVD); the rest of the statistics are
 described by :func:`~weighted_lowrank.lowrank.risk.layer_statistics`.
@@ -18,15 +18,15 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.kedro_glue.lineage import fingerprint_of, with_fingerprint
+from weighted_lowrank.kedro_glue.parameters import CompressionParams, SvdRiskParams
 from weighted_lowrank.lowrank.architectures import default_target_names
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.fingerprint import model_fingerprint
 from weighted_lowrank.lowrank.fisher import validate_fisher
 from weighted_lowrank.lowrank.risk import layer_statistics, risk_summary
 from weighted_lowrank.lowrank.targets import ordered_kinds
-from weighted_lowrank.parameters import CompressionParams, SvdRiskParams
 from weighted_lowrank.pipelines.fisher_estimation.nodes import recorded_num_examples
 
 #: How each statistic is named in plot titles.

@@ -5,7 +5,7 @@ Shared by the ``fine_tuning`` pipeline and post-compression refinement. Which ta
 serves is read from its class (:func:`~weighted_lowrank.lowrank.language_model.is_causal_lm`): a
 classifier's split has ``text`` (+ ``text_pair``) and ``label`` columns, one example per row; a
 language model's has ``text`` only, its examples the token blocks of
-:func:`~weighted_lowrank.batching.encode_lm_blocks` (``max_length`` is the block length).
+:func:`~weighted_lowrank.hf.batching.encode_lm_blocks` (``max_length`` is the block length).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from weighted_lowrank.batching import (
+from weighted_lowrank.hf.batching import (
     LM_REQUIRED_COLUMNS,
     REQUIRED_COLUMNS,
     batch_order,
@@ -96,7 +96,7 @@ def iterate_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield one epoch of padded training batches: the examples shuffled with ``[seed, epoch]``,
     sorted by length within pools of 50 batches, the batch order shuffled again
-    (:func:`~weighted_lowrank.batching.batch_order`). Each batch then holds examples of nearly
+    (:func:`~weighted_lowrank.hf.batching.batch_order`). Each batch then holds examples of nearly
     one length, so padding costs ~3 % of the tokens instead of ~90 % for random batches of the
     default data (docs/METHOD.md, "Fine-tuning")."""
     lengths = np.array([example["input_ids"].numel() for example in examples])

@@ -19,8 +19,8 @@ from kedro.io.core import (
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from weighted_lowrank.datasets.integrity import VersionChecked, safetensors_problem
-from weighted_lowrank.lineage import FINGERPRINT_KEY
+from weighted_lowrank.kedro_glue.datasets.integrity import VersionChecked, safetensors_problem
+from weighted_lowrank.kedro_glue.lineage import FINGERPRINT_KEY
 
 TensorFile = dict[str, Any]
 """``{"tensors": dict[str, torch.Tensor], "metadata": dict[str, str]}``."""
@@ -35,13 +35,13 @@ class SafetensorsDataset(VersionChecked, AbstractVersionedDataset[TensorFile, Te
     tensors are written contiguous and loaded on CPU. No pickle is involved either way. A save
     writes a temporary file in the target directory and renames it, so readers never see a
     partial file; a file truncated or damaged anyway fails to load with an
-    :class:`~weighted_lowrank.datasets.integrity.UnloadableVersionError` naming the version and
+    :class:`~weighted_lowrank.kedro_glue.datasets.integrity.UnloadableVersionError` naming the version and
     the previous complete one.
 
     Example catalog entry::
 
         fisher_information:
-          type: weighted_lowrank.datasets.SafetensorsDataset
+          type: weighted_lowrank.kedro_glue.datasets.SafetensorsDataset
           filepath: data/04_feature/fisher_information.safetensors
           versioned: true
     """

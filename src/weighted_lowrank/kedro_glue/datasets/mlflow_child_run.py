@@ -31,7 +31,7 @@ class MlflowChildRunDataset(AbstractDataset[ChildRun, ChildRun]):
     Example catalog entry (one per solver through a factory pattern)::
 
         "{solver}.mlflow_run":
-          type: weighted_lowrank.datasets.MlflowChildRunDataset
+          type: weighted_lowrank.kedro_glue.datasets.MlflowChildRunDataset
           run_name: "{solver}"
     """
 

@@ -2,10 +2,10 @@
 
 Usage::
 
-    kedro run --runner weighted_lowrank.runners.DaskRunner                       # a LocalCluster
-    kedro run --runner weighted_lowrank.runners.DaskRunner \\
+    kedro run --runner weighted_lowrank.kedro_glue.runner.DaskRunner                       # a LocalCluster
+    kedro run --runner weighted_lowrank.kedro_glue.runner.DaskRunner \\
         --runner-params address=tcp://10.0.0.5:8786                              # a running cluster
-    DASK_SCHEDULER_ADDRESS=tcp://10.0.0.5:8786 kedro run --runner weighted_lowrank.runners.DaskRunner
+    DASK_SCHEDULER_ADDRESS=tcp://10.0.0.5:8786 kedro run --runner weighted_lowrank.kedro_glue.runner.DaskRunner
 
 It follows Kedro's Dask deployment guide (docs.kedro.org, "Dask"): one Dask task per node, each
 submitted once the nodes it depends on are done, so independent nodes — the solver namespaces of

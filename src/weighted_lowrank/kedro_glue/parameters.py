@@ -3,7 +3,7 @@
 The YAML under ``conf/`` is the only place that holds defaults: every key of a block must be
 present there, and an unknown key is an error. Nodes name these classes in their signatures;
 Kedro 1.x then builds each block from the run's parameters before any node runs, and
-``hooks.ParameterChecks`` parses every block — solver options and blocks of pipelines not being
+``parameter_checks.ParameterChecks`` parses every block — solver options and blocks of pipelines not being
 run included — at the start of the run, so a typo in a block read late (refinement, evaluation)
 fails at once, and nodes trust what they receive. Errors name the key, the value and what is
 expected.
@@ -295,7 +295,7 @@ class ModelParams(Block):
     def resolved_task(self) -> str:
         """``task``, or for ``auto`` the task the checkpoint's config declares (reads
         ``config.json``; see ``hf.resolve_task``)."""
-        from weighted_lowrank.hf import resolve_task
+        from weighted_lowrank.hf.models import resolve_task
 
         return resolve_task(self.source, self.task)
 
@@ -473,7 +473,7 @@ class TrainingLoopParams(Block):
 
     def training_options(self, max_length: int, seed: int) -> Any:
         """The loop's ``TrainingOptions`` for this block, the model's length and the run seed."""
-        from weighted_lowrank.training import TrainingOptions
+        from weighted_lowrank.hf.training import TrainingOptions
 
         return TrainingOptions(
             epochs=self.epochs,

@@ -19,9 +19,9 @@ from kedro.io.core import (
     get_protocol_and_path,
 )
 
-from weighted_lowrank.datasets.integrity import VersionChecked, safetensors_problem
-from weighted_lowrank.hf import ModelBundle
-from weighted_lowrank.lineage import FINGERPRINT_KEY
+from weighted_lowrank.hf.models import ModelBundle
+from weighted_lowrank.kedro_glue.datasets.integrity import VersionChecked, safetensors_problem
+from weighted_lowrank.kedro_glue.lineage import FINGERPRINT_KEY
 
 _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "model.safetensors"
@@ -42,13 +42,13 @@ class HFModelDataset(VersionChecked, AbstractVersionedDataset[ModelBundle, Model
     ``<filepath>/<version>/<name>``; a save is written to a hidden sibling directory first and
     renamed into place, so a crashed save never shows up as a loadable version. A version whose
     files are incomplete anyway (a copy cut short, a file removed) fails to load with an
-    :class:`~weighted_lowrank.datasets.integrity.UnloadableVersionError` naming the version and
+    :class:`~weighted_lowrank.kedro_glue.datasets.integrity.UnloadableVersionError` naming the version and
     the previous complete one.
 
     Example catalog entry::
 
         fine_tuned_model:
-          type: weighted_lowrank.datasets.HFModelDataset
+          type: weighted_lowrank.kedro_glue.datasets.HFModelDataset
           filepath: data/06_models/fine_tuned_model
           versioned: true
     """
@@ -161,7 +161,7 @@ class HFModelDataset(VersionChecked, AbstractVersionedDataset[ModelBundle, Model
     def _load_directory(self, load_path: str) -> ModelBundle:
         from transformers import AutoConfig, AutoTokenizer
 
-        from weighted_lowrank.hf import auto_model_class, prepare_tokenizer, task_of_config
+        from weighted_lowrank.hf.models import auto_model_class, prepare_tokenizer, task_of_config
         from weighted_lowrank.lowrank.architectures import linearize_conv1d
 
         if self._compressed:
@@ -189,7 +189,7 @@ class HFModelDataset(VersionChecked, AbstractVersionedDataset[ModelBundle, Model
     def save(self, data: ModelBundle) -> None:
         if not isinstance(data, ModelBundle):
             raise DatasetError(
-                f"HFModelDataset saves a weighted_lowrank.hf.ModelBundle, got {type(data).__name__}"
+                f"HFModelDataset saves a weighted_lowrank.hf.models.ModelBundle, got {type(data).__name__}"
             )
         target = Path(get_filepath_str(self._get_save_path(), self._protocol))
         # The staging directory sits next to the dataset root, outside the `<root>/*/<name>`

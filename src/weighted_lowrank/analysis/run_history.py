@@ -209,7 +209,7 @@ def latest_per_seed(table: pd.DataFrame) -> pd.DataFrame:
     """The newest child run of every (solver, budget, allocation, seed), dense (budget 1)
     included.
 
-    A seed sweep (``python -m weighted_lowrank.sweep run``) makes one parent run per seed, budget
+    A seed sweep (``python -m weighted_lowrank.analysis.sweep run``) makes one parent run per seed, budget
     and allocation; re-running a seed replaces its rows.
     """
     if "seed" not in table:
@@ -420,3 +420,19 @@ def _dense_first(table: pd.DataFrame) -> pd.DataFrame:
         .drop(columns="_order")
         .reset_index(drop=True)
     )
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (floats to 4 significant digits)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += [
+        "| " + " | ".join(cell(value) for value in row) + " |"
+        for row in table.itertuples(index=False)
+    ]
+    return "\n".join(lines)

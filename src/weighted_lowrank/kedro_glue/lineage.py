@@ -3,7 +3,7 @@
 Every dataset derived from a fine-tuned model carries that model's fingerprint
 (:func:`~weighted_lowrank.lowrank.fingerprint.model_fingerprint`) in its own metadata:
 
-* a :class:`~weighted_lowrank.hf.ModelBundle` in its ``model_fingerprint`` field (saved by
+* a :class:`~weighted_lowrank.hf.models.ModelBundle` in its ``model_fingerprint`` field (saved by
   ``HFModelDataset`` as ``lineage.json`` beside the weights); the fine-tuned model's is its own;
 * a tensor file ``{"tensors", "metadata"}`` in its safetensors header metadata;
 * a table in a ``model_fingerprint`` column;
@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from weighted_lowrank.hf import ModelBundle
+from weighted_lowrank.hf.models import ModelBundle
 
 #: The key (metadata entry, column, JSON field) that holds the fingerprint everywhere.
 FINGERPRINT_KEY = "model_fingerprint"

@@ -1,7 +1,7 @@
 """Seed sweeps: the default run for several seeds, budgets and allocations, and the comparison
 across seeds.
 
-``python -m weighted_lowrank.sweep run --seeds 0 1 2 --budgets 0.5 0.3 --allocations uniform
+``python -m weighted_lowrank.analysis.sweep run --seeds 0 1 2 --budgets 0.5 0.3 --allocations uniform
 global`` runs, for every seed, the whole default pipeline at the first (budget, allocation) pair
 (fine-tuning and the Fisher sample follow the seed) and then the factorization, evaluation and
 reporting at the other pairs — every allocation of a budget, then the next budget — on that
@@ -15,7 +15,7 @@ Runs that differ in another setting (e.g. ``--params compression.curve_loss_mode
 belong in their own store (``--tracking-uri``): the report keys rows by solver, budget,
 allocation and seed only.
 
-``python -m weighted_lowrank.sweep report`` reads the MLflow store and prints, as Markdown, the
+``python -m weighted_lowrank.analysis.sweep report`` reads the MLflow store and prints, as Markdown, the
 task metric's mean ± sd over seeds per solver, budget and allocation, the per-seed paired
 differences against ``fwsvd``, and global − uniform allocation paired by seed.
 """
@@ -29,18 +29,18 @@ from typing import Any
 
 import pandas as pd
 
-from weighted_lowrank.parameters import ALLOCATIONS
-from weighted_lowrank.pipelines.reporting.nodes import markdown_table
-from weighted_lowrank.pipelines.reporting.run_history import (
+from weighted_lowrank.analysis.run_history import (
     allocation_differences,
     allocation_p_values,
     child_runs,
     latest_per_seed,
+    markdown_table,
     paired_p_values,
     seed_differences,
     seed_summary,
     task_metric,
 )
+from weighted_lowrank.kedro_glue.parameters import ALLOCATIONS
 
 #: Where a sweep's later (budget, allocation) pairs restart: every node that reads the budget or
 #: the allocation is one of these or downstream of them (the rank maps are: ``allocate`` reads the
@@ -196,7 +196,7 @@ def _allocation_markdown(tracking_uri: str, runs: pd.DataFrame, metric: str) -> 
     if differences.empty:
         return (
             "(no solver and budget ran with both allocations at one seed: `python -m "
-            "weighted_lowrank.sweep run --allocations uniform global`)"
+            "weighted_lowrank.analysis.sweep run --allocations uniform global`)"
         )
     p_values = allocation_p_values(tracking_uri, runs).set_index(["solver", "budget", "seed"])
     shown = differences.assign(
@@ -233,7 +233,7 @@ def _p_by_seed(p_values: pd.DataFrame, key: tuple, seeds: dict[int, float]) -> s
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m weighted_lowrank.sweep", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m weighted_lowrank.analysis.sweep", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "run", help="run the default pipeline for every seed, budget and allocation"

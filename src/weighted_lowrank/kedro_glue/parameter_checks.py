@@ -1,0 +1,161 @@
+"""The hook that checks every parameter before any node runs: each block parsed, the statistics
+the chosen solvers need, and the targets against the model's own structure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+from kedro.pipeline import Pipeline
+
+from weighted_lowrank.kedro_glue.parameters import ParameterError, parse_parameters
+
+
+class ParameterChecks:
+    """Parses every parameter block once, at the start of a run, before any node runs.
+
+    Kedro already builds the typed blocks a node's signature names (:mod:`weighted_lowrank.
+    parameters`) for the pipelines being run; this also checks the solver option blocks, which
+    nodes receive as plain dicts, and the blocks of every other pipeline, so a bad value anywhere
+    in conf/ is reported now and not at the node that reads it.
+    """
+
+    @hook_impl
+    def before_pipeline_run(
+        self, run_params: dict[str, Any], pipeline: Pipeline, catalog: Any
+    ) -> None:
+        typed = parse_parameters(catalog.load("parameters"))
+        _check_statistics_cover_solvers(pipeline, typed)
+        _check_targets_fit_model(pipeline, typed)
+
+
+#: Nodes (the last part of a namespaced name) that select the targeted layers, or train a model
+#: that later ones compress: a ``targets`` setting that fits no layer fails before them.
+_TARGET_NODES = frozenset(
+    {
+        "initialise_model",
+        "fine_tune",
+        "estimate_fisher",
+        "compute_layer_risk",
+        "measure_layer_damage",
+        "svd_reference",
+        "loss_curves",
+        "allocate",
+        "compress",
+        "evaluate",
+        "refine",
+    }
+)
+#: ``(source, task, config.json mtime) → model structure`` of this process (meta device).
+_STRUCTURES: dict[tuple[str, str, float | None], Any] = {}
+
+
+def _check_targets_fit_model(pipeline: Pipeline | None, typed: dict[str, Any]) -> None:
+    """When the run has a node that selects targets (or fine-tunes), ``compression.targets``
+    (and ``fisher_estimation.targets`` when the Fisher is estimated) must select Linear modules
+    of ``model.source``'s architecture: resolved on its structure (``hf.model_structure``: the
+    config and the module tree on the meta device, no weight read), so a regex that matches
+    nothing, a named module that does not exist, or ``null`` on an architecture whose blocks
+    cannot be found fails now, with the model's projections (names, shapes) listed.
+
+    A model source whose config cannot be read here (a hub name offline and not cached, a
+    directory not made yet, an architecture transformers cannot build) skips the check with a
+    warning: the node that loads the model reports that, and the nodes that select targets
+    still check them on the loaded model.
+    """
+    if pipeline is None:
+        return
+    node_names = {node.name.rpartition(".")[2] for node in pipeline.nodes}
+    if not node_names & _TARGET_NODES:
+        return
+    model = typed["params:model"]
+    try:
+        structure = _model_structure(model)
+    except Exception as exc:  # noqa: BLE001 - any unreadable source: skipped, see docstring
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "compression.targets not checked before the run: model.source=%r cannot be read "
+            "here (%s: %s)",
+            model.source,
+            type(exc).__name__,
+            exc,
+        )
+        return
+    checks = {"compression.targets": typed["params:compression"].targets}
+    if "estimate_fisher" in node_names:
+        checks["fisher_estimation.targets"] = typed["params:fisher_estimation"].targets
+    for key, targets in checks.items():
+        _check_targets(structure, key, targets, model.source)
+
+
+def _model_structure(model: Any) -> Any:
+    from pathlib import Path
+
+    from weighted_lowrank.hf.models import model_structure, resolve_model_source
+
+    resolved = resolve_model_source(model.source)
+    config = Path(resolved) / "config.json"
+    key = (resolved, model.task, config.stat().st_mtime if config.is_file() else None)
+    if key not in _STRUCTURES:
+        _STRUCTURES.clear()  # one model per process in practice; keep no stale trees
+        _STRUCTURES[key] = model_structure(model.source, model.resolved_task())
+    return _STRUCTURES[key]
+
+
+def _check_targets(structure: Any, key: str, targets: Any, source: str) -> None:
+    from weighted_lowrank.lowrank.architectures import architecture_name, describe_projections
+    from weighted_lowrank.lowrank.targets import select_linear_modules
+
+    try:
+        select_linear_modules(structure, targets)
+    except ValueError as exc:
+        shown = list(targets) if isinstance(targets, tuple) else targets
+        if targets is None:  # the error lists the model's Linear modules itself
+            advice = f"Name the layers to compress in {key}: a regex or a list of module names"
+        else:
+            advice = (
+                f"The model's attention and MLP projections: {describe_projections(structure)}. "
+                f"Set {key} to null (those projections), a regex or a list of module names"
+            )
+        raise ParameterError(
+            f"{key}={shown!r} does not fit model.source={source!r} "
+            f"({architecture_name(structure)}): {exc}. {advice} (conf/base/parameters.yml)"
+        ) from None
+
+
+def _check_statistics_cover_solvers(pipeline: Pipeline | None, typed: dict[str, Any]) -> None:
+    """When this run estimates the calibration statistics, they must include every statistic a
+    solver compressed in the same run needs (for its factors or its loss curve), and A and G
+    when the risk signal is the Kronecker prediction — else that node would fail after the
+    Fisher pass."""
+    from weighted_lowrank.lowrank.risk import KRONECKER_NEEDS, KRONECKER_STATISTICS
+    from weighted_lowrank.lowrank.solvers import SOLVERS, curve_needs, solver_needs
+
+    node_names = {node.name for node in pipeline.nodes} if pipeline is not None else set()
+    if "estimate_fisher" not in node_names:
+        return
+    configured = set(typed["params:fisher_estimation"].statistics)
+    lacking = {}
+    curve_loss_model = typed["params:compression"].curve_loss_model
+    for solver in SOLVERS:
+        options = typed[f"params:{solver}.options"]
+        needs = set()
+        if f"{solver}.compress" in node_names:
+            needs.update(solver_needs(solver, **options))
+        if f"{solver}.loss_curves" in node_names:
+            needs.update(curve_needs(solver, curve_loss_model, **options))
+        missing = sorted(need for need in needs if need not in configured)
+        if missing:
+            lacking[solver] = missing
+    risk = typed["params:svd_risk"]
+    if "compute_layer_risk" in node_names and risk.statistic in KRONECKER_STATISTICS:
+        missing = [need for need in KRONECKER_NEEDS if need not in configured]
+        if missing:
+            lacking[f"svd_risk.statistic={risk.statistic}"] = missing
+    if lacking:
+        raise ParameterError(
+            f"fisher_estimation.statistics={sorted(configured)} lacks what the nodes of this run "
+            f"need: {lacking}; add them to fisher_estimation.statistics "
+            "(conf/base/parameters_fisher_estimation.yml)"
+        )

@@ -33,6 +33,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from weighted_lowrank.lowrank.layer import LowRankLinear, lowrank_modules, replace_module
 
 #: Linear modules inside a block that are not attention/MLP projections of the tokens: DeBERTa's
 #: relative-position projections (applied to the position-embedding table shared by every
@@ -45,19 +48,13 @@ _NOT_PROJECTIONS = re.compile(
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 
 
-def _conv1d_class() -> type:
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
-
-
 class Conv1DLinear(nn.Linear):
     """An ``nn.Linear`` made from a transformers ``Conv1D`` (GPT-2's projections).
 
     ``Conv1D`` computes ``x·W + b`` with ``W`` of shape (in × out); this layer stores ``Wᵀ``
-    (out × in) as its ``weight`` and computes ``x·Wᵀᵀ + b``: the same outputs, the layout every
-    other ``nn.Linear`` has. The state-dict keys stay ``<name>.weight`` / ``<name>.bias``; only the
-    weight's shape is transposed (:func:`pretrained_state_dict` transposes it back for saving).
+    (out × in) as its ``weight``: the same outputs, the layout every other ``nn.Linear`` has. The
+    state-dict keys stay ``<name>.weight`` / ``<name>.bias``; only the weight's shape is
+    transposed (:func:`pretrained_state_dict` transposes it back for saving).
     """
 
     @classmethod
@@ -76,27 +73,6 @@ class Conv1DLinear(nn.Linear):
             layer.bias = bias
         return layer
 
-    def to_conv1d(self) -> nn.Module:
-        """The stock ``Conv1D`` computing what this layer computes (weight transposed back)."""
-        conv = _conv1d_class()(self.out_features, self.in_features)
-        conv.weight = nn.Parameter(
-            self.weight.detach().t().contiguous(), requires_grad=self.weight.requires_grad
-        )
-        if self.bias is not None:
-            conv.bias = self.bias
-        return conv
-
-
-def _named_modules_all(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every ``(name, module)``, a module registered under several names once per name."""
-    return list(model.named_modules(remove_duplicate=False))
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child_name, module)
-
 
 def linearize_conv1d(model: nn.Module) -> list[str]:
     """Replace every transformers ``Conv1D`` of ``model`` by a :class:`Conv1DLinear`, in place.
@@ -104,21 +80,19 @@ def linearize_conv1d(model: nn.Module) -> list[str]:
     Returns the names replaced, in model order (empty when there is none: idempotent, and a no-op
     on every model without ``Conv1D``). Works on the ``meta`` device too (structure only).
     """
-    conv1d = _conv1d_class()
     replaced: dict[int, Conv1DLinear] = {}
     names = []
-    for name, module in _named_modules_all(model):
-        if isinstance(module, conv1d):
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, Conv1D):
             layer = replaced.setdefault(id(module), Conv1DLinear.from_conv1d(module))
-            _set_submodule(model, name, layer)
+            replace_module(model, name, layer)
             names.append(name)
     return names
 
 
 def conv1d_modules(model: nn.Module) -> list[str]:
     """Names of the (not yet linearized) transformers ``Conv1D`` modules of ``model``."""
-    conv1d = _conv1d_class()
-    return [name for name, module in model.named_modules() if isinstance(module, conv1d)]
+    return [name for name, module in model.named_modules() if isinstance(module, Conv1D)]
 
 
 def pretrained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -130,7 +104,7 @@ def pretrained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     For ``model.save_pretrained(directory, state_dict=pretrained_state_dict(model))``.
     """
     state = model.state_dict()
-    for name, module in _named_modules_all(model):
+    for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, Conv1DLinear):
             key = f"{name}.weight" if name else "weight"
             state[key] = module.weight.detach().t().contiguous()
@@ -145,8 +119,6 @@ def save_pretrained_model(model: nn.Module, directory: str | Path, **save_args: 
     A model with ``LowRankLinear`` layers has no stock layout: save it with
     ``serialization.save_compressed``.
     """
-    from weighted_lowrank.lowrank.layer import lowrank_modules
-
     compressed = list(lowrank_modules(model))
     if compressed:
         raise ValueError(
@@ -165,9 +137,6 @@ def save_pretrained_model(model: nn.Module, directory: str | Path, **save_args: 
     model.save_pretrained(str(directory), **save_args)
 
 
-# --------------------------------------------------------------------------- block discovery
-
-
 def architecture_name(model: nn.Module) -> str:
     """``"<class> (model_type <type>)"``, for messages."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -184,7 +153,7 @@ def _layer_count(config: Any) -> int | None:
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, _conv1d_class()))
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def _holds_linear(module: nn.Module) -> bool:
@@ -277,11 +246,6 @@ def _describe_linear(model: nn.Module, limit: int = 40) -> str:
     return shown if len(entries) <= limit else f"{shown}, … ({len(entries)} in all)"
 
 
-def is_block_projection(name: str) -> bool:
-    """Whether a Linear named ``name`` inside a block is an attention/MLP projection."""
-    return not _NOT_PROJECTIONS.search(name)
-
-
 def default_target_names(model: nn.Module) -> list[str]:
     """The attention and MLP projection ``nn.Linear`` modules of every transformer block, in
     model order: the default compression targets (``compression.targets: null``).
@@ -292,10 +256,7 @@ def default_target_names(model: nn.Module) -> list[str]:
     the architecture and listing its Linear modules when no block, or no projection inside the
     blocks, is found.
     """
-    from weighted_lowrank.lowrank.layer import LowRankLinear
-
     blocks = transformer_blocks(model)
-    conv1d = _conv1d_class()
     names: list[str] = []
     unlinearized: list[str] = []
     for block_name, block in blocks:
@@ -308,9 +269,9 @@ def default_target_names(model: nn.Module) -> list[str]:
                 factorized.append(f"{sub_name}.")
             if sub_name.startswith(tuple(factorized)):
                 continue  # the factors of an already compressed layer are not projections
-            if isinstance(module, conv1d):
+            if isinstance(module, Conv1D):
                 unlinearized.append(full)
-            elif isinstance(module, nn.Linear) and is_block_projection(sub_name):
+            elif isinstance(module, nn.Linear) and not _NOT_PROJECTIONS.search(sub_name):
                 names.append(full)
     if unlinearized:
         raise ValueError(

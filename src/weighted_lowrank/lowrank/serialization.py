@@ -28,8 +28,9 @@ import transformers
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
-from weighted_lowrank.lowrank.architectures import conv1d_modules, linearize_conv1d
+from weighted_lowrank.lowrank.architectures import linearize_conv1d
 from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.layer import LowRankLinear, lowrank_modules, replace_module
 
@@ -104,10 +105,6 @@ class LowRankConfig:
             "tied": dict(self.tied),
         }
 
-    def to_json(self) -> str:
-        """The text of ``lowrank_config.json``: two-space indented JSON and a final newline."""
-        return json.dumps(self.to_dict(), indent=2) + "\n"
-
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = LOWRANK_CONFIG_FILE) -> LowRankConfig:
         """Parse and check a ``lowrank_config.json`` object; ``source`` names it in errors."""
@@ -133,24 +130,19 @@ class LowRankConfig:
             format_version=version,
         )
 
-    @classmethod
-    def from_json(cls, path: str | Path) -> LowRankConfig:
-        """Read and check a ``lowrank_config.json`` file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"{path} is missing; expected a directory written by save_compressed")
-        return cls.from_dict(json.loads(path.read_text()), source=str(path))
-
     def save(self, directory: str | Path) -> Path:
-        """Write ``lowrank_config.json`` into ``directory``; returns its path."""
+        """Write ``lowrank_config.json`` (two-space indented, final newline) into ``directory``."""
         path = Path(directory) / LOWRANK_CONFIG_FILE
-        path.write_text(self.to_json())
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> LowRankConfig:
         """Read and check ``lowrank_config.json`` of a compressed model directory."""
-        return cls.from_json(Path(directory) / LOWRANK_CONFIG_FILE)
+        path = Path(directory) / LOWRANK_CONFIG_FILE
+        if not path.is_file():
+            raise ValueError(f"{path} is missing; expected a directory written by save_compressed")
+        return cls.from_dict(json.loads(path.read_text()), source=str(path))
 
 
 def tensors_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -161,7 +153,12 @@ def tensors_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     ``Conv1D`` not linearized yet is written transposed, in ``nn.Linear``'s (out × in) layout,
     the layout of a linearized one: a saved file has one layout whatever the model held.
     """
-    conv_weights = {f"{name}.weight" for name in _all_conv1d_names(model)}
+    # Every name of every Conv1D: a module registered twice has two state-dict keys.
+    conv_weights = {
+        f"{name}.weight"
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, Conv1D)
+    }
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
@@ -175,18 +172,6 @@ def tensors_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
             tensor = tensor.t()
         tensors[key] = tensor.detach().cpu().contiguous()
     return tensors, aliases
-
-
-def _all_conv1d_names(model: nn.Module) -> list[str]:
-    """Every name of every ``Conv1D`` (a module registered twice has two state-dict keys)."""
-    conv = set(conv1d_modules(model))
-    if not conv:
-        return []
-    modules = dict(model.named_modules())
-    ids = {id(modules[name]) for name in conv}
-    return [
-        name for name, module in model.named_modules(remove_duplicate=False) if id(module) in ids
-    ]
 
 
 def serialized_size_bytes(model: nn.Module) -> int:
@@ -209,12 +194,8 @@ def parameter_counts(tensors: Mapping[str, torch.Tensor], modules: Iterable[str]
 def save_compressed(
     model: PreTrainedModel, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> None:
-    """Write ``model`` (with its :class:`LowRankLinear` layers) as an HF-style directory.
-
-    Files: ``config.json``, ``model.safetensors`` (factors under ``<module>.right.weight`` /
-    ``<module>.left.weight`` / ``<module>.left.bias``), ``lowrank_config.json``
-    (:class:`LowRankConfig`) and the tokenizer files when given.
-    """
+    """Write ``model`` (with its :class:`LowRankLinear` layers) as the directory of the module
+    docstring, with the tokenizer files when ``tokenizer`` is given."""
     if not isinstance(model, PreTrainedModel):
         raise ValueError(
             f"save_compressed expects a transformers PreTrainedModel, got {type(model).__name__}"
@@ -242,8 +223,7 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu") -
     The stock transformers class named in ``lowrank_config.json`` is built from ``config.json``,
     its ``Conv1D`` layers (GPT-2) are linearized, the listed modules are replaced by
     :class:`LowRankLinear` of the saved ranks and ``model.safetensors`` is loaded; a missing or
-    unexpected key raises ``ValueError``.
-    Returns the model in eval mode on ``device``.
+    unexpected key raises ``ValueError``. Returns the model in eval mode on ``device``.
     """
     directory = Path(directory)
     for file_name in ("config.json", WEIGHTS_FILE):
@@ -252,28 +232,30 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu") -
                 f"{directory / file_name} is missing; expected a directory written by save_compressed"
             )
     lowrank_config = LowRankConfig.load(directory)
+    model = _rebuild(directory, lowrank_config)
+    model.load_state_dict(_checked_tensors(directory, model, lowrank_config.tied), strict=True)
+    model.eval()
+    return model.to(resolve_device(device))
+
+
+def _rebuild(directory: Path, lowrank_config: LowRankConfig) -> PreTrainedModel:
+    """The named stock class from ``config.json``, with the saved low-rank layers in place."""
+    source = directory / LOWRANK_CONFIG_FILE
     model_class = getattr(transformers, lowrank_config.model_class, None)
     if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
         raise ValueError(
-            f"{directory / LOWRANK_CONFIG_FILE} names model class {lowrank_config.model_class!r}, "
+            f"{source} names model class {lowrank_config.model_class!r}, "
             "which is not a transformers PreTrainedModel class"
         )
     dtype = getattr(torch, lowrank_config.dtype, None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(
-            f"{directory / LOWRANK_CONFIG_FILE} has an unknown dtype {lowrank_config.dtype!r}"
-        )
-    config = AutoConfig.from_pretrained(directory)
-    model = model_class(config).to(dtype)
+        raise ValueError(f"{source} has an unknown dtype {lowrank_config.dtype!r}")
+    model = model_class(AutoConfig.from_pretrained(directory)).to(dtype)
     # Conv1D weights are saved in nn.Linear layout (tensors_for_saving).
     linearize_conv1d(model)
+    modules = dict(model.named_modules(remove_duplicate=False))
     for name, spec in lowrank_config.modules.items():
-        try:
-            dense = model.get_submodule(name)
-        except AttributeError as exc:
-            raise ValueError(
-                f"low-rank module {name!r} does not exist in {model_class.__name__}"
-            ) from exc
+        dense = modules.get(name)
         if not isinstance(dense, nn.Linear) or (dense.out_features, dense.in_features) != (
             spec.out_features,
             spec.in_features,
@@ -286,33 +268,32 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu") -
             spec.in_features, spec.out_features, spec.rank, bias=spec.bias, dtype=dtype
         )
         replace_module(model, name, layer)
+    return model
+
+
+def _checked_tensors(
+    directory: Path, model: nn.Module, tied: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` with the tied aliases filled in, once its keys and shapes fit."""
     tensors = load_file(str(directory / WEIGHTS_FILE))
-    tied = lowrank_config.tied
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(tensors) - set(tied))
-    unexpected = sorted(set(tensors) - expected)
+    tensors.update({alias: tensors[source] for alias, source in tied.items() if source in tensors})
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{directory / WEIGHTS_FILE} does not match {model_class.__name__} with the low-rank modules of "
-            f"{LOWRANK_CONFIG_FILE}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}"
+            f"{directory / WEIGHTS_FILE} does not match {type(model).__name__} with the low-rank "
+            f"modules of {LOWRANK_CONFIG_FILE}: missing keys {missing[:10]}, unexpected keys "
+            f"{unexpected[:10]}"
         )
-    expected_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     wrong = {
-        key: (tuple(tensor.shape), expected_shapes[key])
+        key: (tuple(tensor.shape), expected[key])
         for key, tensor in tensors.items()
-        if tuple(tensor.shape) != expected_shapes[key]
+        if tuple(tensor.shape) != expected[key]
     }
     if wrong:
         raise ValueError(
             f"{directory / WEIGHTS_FILE} has tensors whose (saved, expected) shapes differ: "
             f"{dict(list(wrong.items())[:5])}; {LOWRANK_CONFIG_FILE} does not match the weights"
         )
-    for alias, source in tied.items():
-        if alias not in expected or source not in tensors:
-            raise ValueError(
-                f"tied alias {alias!r} -> {source!r} does not name keys of {model_class.__name__}"
-            )
-        tensors[alias] = tensors[source]
-    model.load_state_dict(tensors, strict=True)
-    model.eval()
-    return model.to(resolve_device(device))
+    return tensors

@@ -32,17 +32,13 @@ def make_batches(
     pool_batches: int = 50,
     label_dtype: torch.dtype | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Tokenize ``frame`` and group it into padded batches accepted by ``model(**batch)``.
+    """Tokenize ``frame`` (``text``, optional ``text_pair``, ``label``: class ids, or floats for
+    regression) into batches ``model(**batch)`` accepts, right-padded to each batch's longest
+    example.
 
-    ``frame`` has a ``"text"`` column, an optional ``"text_pair"`` column (sentence pairs) and a
-    ``"label"`` column (integer class ids, or floats for regression). Each batch holds
-    ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer makes them),
-    right-padded to the batch's longest example, plus ``labels``.
-
-    ``bucket_by_length`` sorts examples by token length so batches are nearly unpadded. Without
-    ``shuffle`` the whole frame is sorted (deterministic, best for inference and Fisher passes);
-    with ``shuffle`` examples are permuted with ``seed``, sorted within pools of
-    ``pool_batches × batch_size`` examples, and the batch order is shuffled (for training).
+    ``bucket_by_length`` sorts examples by token length so batches are nearly unpadded: the whole
+    frame without ``shuffle`` (inference, Fisher passes); with it, pools of ``pool_batches ×
+    batch_size`` examples permuted with ``seed``, then the batch order shuffled (training).
     ``label_dtype`` defaults to ``torch.long`` for integer labels and ``torch.float32`` otherwise.
     """
     missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
@@ -50,19 +46,11 @@ def make_batches(
         raise ValueError(
             f"frame lacks columns {missing}; expected 'text', optional 'text_pair', and 'label'"
         )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
-    if pool_batches < 1:
-        raise ValueError(f"pool_batches must be a positive integer, got {pool_batches}")
     if len(frame) == 0:
         raise ValueError("frame has no rows; expected at least one example")
-    if frame["label"].isna().any():
-        raise ValueError("column 'label' has missing values")
-    if frame["text"].isna().any():
-        raise ValueError("column 'text' has missing values")
-
+    for column in ("label", "text"):
+        if frame[column].isna().any():
+            raise ValueError(f"column {column!r} has missing values")
     labels_np = frame["label"].to_numpy()
     if label_dtype is None:
         label_dtype = torch.long if np.issubdtype(labels_np.dtype, np.integer) else torch.float32
@@ -121,8 +109,6 @@ def encode_lm_blocks(
             f"a language-modelling split needs a non-empty 'text' column; it has "
             f"{list(frame.columns)} and {len(frame)} rows"
         )
-    if block_length < 2:
-        raise ValueError(f"block_length must be at least 2 tokens, got {block_length}")
     encoded = tokenizer(frame["text"].astype(str).tolist(), verbose=False)["input_ids"]
     eos = tokenizer.eos_token_id
     stream: list[int] = []
@@ -138,21 +124,17 @@ def encode_lm_blocks(
         raise ValueError(
             f"the split's {len(frame)} documents give fewer than 2 tokens; nothing to predict"
         )
-    examples = []
-    for block in blocks:
-        ids = torch.tensor(block, dtype=torch.long)
-        examples.append(
-            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-        )
-    return examples
+    tensors = [torch.tensor(block, dtype=torch.long) for block in blocks]
+    return [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        for ids in tensors
+    ]
 
 
 def make_lm_batches(
     frame: pd.DataFrame, tokenizer, *, batch_size: int = 32, block_length: int = 64
 ) -> list[dict[str, torch.Tensor]]:
     """:func:`encode_lm_blocks` of ``frame`` in consecutive batches of ``batch_size`` blocks."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     examples = encode_lm_blocks(frame, tokenizer, block_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return [

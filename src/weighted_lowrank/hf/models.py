@@ -90,40 +90,21 @@ def task_of_config(config: PretrainedConfig) -> str:
     (``GPT2LMHeadModel``, ``LlamaForCausalLM``, …), else ``sequence_classification`` (encoders,
     and checkpoints saved without ``architectures``)."""
     architectures = getattr(config, "architectures", None) or []
-    causal = _causal_lm_classes()
-    return (
-        "causal_lm" if any(name in causal for name in architectures) else "sequence_classification"
-    )
-
-
-def task_of_model(model: torch.nn.Module) -> str:
-    """The task a loaded model computes: ``causal_lm`` for a transformers causal-LM class."""
-    return (
-        "causal_lm" if type(model).__name__ in _causal_lm_classes() else "sequence_classification"
-    )
-
-
-def check_task(task: str) -> str:
-    if task not in MODEL_TASKS:
-        raise ValueError(f"model.task {task!r} is unknown; expected one of {list(MODEL_TASKS)}")
-    return task
+    causal = any(name in _causal_lm_classes() for name in architectures)
+    return "causal_lm" if causal else "sequence_classification"
 
 
 def resolve_task(source: str, task: str) -> str:
-    """``task`` itself, or for ``auto`` the task the checkpoint's ``config.json`` declares
-    (:func:`task_of_config`); reads the config only, never the weights."""
-    if check_task(task) != "auto":
+    """``task`` itself (one of :data:`MODEL_TASKS`), or for ``auto`` the task the checkpoint's
+    ``config.json`` declares (:func:`task_of_config`); reads the config only, never the weights."""
+    if task != "auto":
         return task
     return task_of_config(AutoConfig.from_pretrained(resolve_model_source(source)))
 
 
 def auto_model_class(task: str) -> type:
-    """The ``AutoModelFor…`` class that loads a checkpoint for ``task``."""
-    if task == "causal_lm":
-        return AutoModelForCausalLM
-    if task == "sequence_classification":
-        return AutoModelForSequenceClassification
-    raise ValueError(f"task {task!r} has no model class; expected one of {list(TASKS)}")
+    """The ``AutoModelFor…`` class that loads a checkpoint for ``task`` (one of :data:`TASKS`)."""
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
 
 
 def model_structure(source: str, task: str, num_labels: int = 2) -> PreTrainedModel:
@@ -175,7 +156,7 @@ def load_base_model(
     resolved = resolve_model_source(source)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(resolved))
     if task == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(resolved)
+        model = auto_model_class(task).from_pretrained(resolved)
     else:
         kwargs: dict = {"num_labels": num_labels}
         if fresh_head:

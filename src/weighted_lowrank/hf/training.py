@@ -1,11 +1,9 @@
-"""Fine-tuning and evaluation loops for sequence classifiers and causal language models (plain
-torch, no Kedro).
+"""Fine-tuning and evaluation loops for sequence classifiers and causal language models.
 
-Shared by the ``fine_tuning`` pipeline and post-compression refinement. Which task a model
-serves is read from its class (:func:`~weighted_lowrank.lowrank.language_model.is_causal_lm`): a
-classifier's split has ``text`` (+ ``text_pair``) and ``label`` columns, one example per row; a
-language model's has ``text`` only, its examples the token blocks of
-:func:`~weighted_lowrank.hf.batching.encode_lm_blocks` (``max_length`` is the block length).
+The task is read from the model's class (``is_causal_lm``): a classifier's split has ``text``
+(+ ``text_pair``) and ``label``, one example per row; a language model's has ``text`` only, its
+examples the token blocks of :func:`~weighted_lowrank.hf.batching.encode_lm_blocks`
+(``max_length`` is the block length).
 """
 
 from __future__ import annotations
@@ -77,16 +75,6 @@ def check_split(frame: pd.DataFrame, name: str, causal_lm: bool = False) -> None
         raise ValueError(f"{name} is empty")
 
 
-def encode_split(
-    model: PreTrainedModel, frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> list[dict[str, torch.Tensor]]:
-    """A split's examples for ``model``: token blocks of ``max_length`` for a causal LM, else one
-    encoded row per example (truncated to ``max_length``)."""
-    if is_causal_lm(model):
-        return encode_lm_blocks(frame, tokenizer, max_length)
-    return encode_examples(frame, tokenizer, max_length)
-
-
 def iterate_batches(
     examples: list[dict[str, torch.Tensor]],
     batch_size: int,
@@ -114,20 +102,19 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 @dataclass(frozen=True)
 class Predictions:
-    """What one pass of a model over a split gives, every array in the split's example order
-    (a classifier's rows; a language model's token blocks)."""
+    """One pass of a model over a split, every array in the split's example order (a classifier's
+    rows; a language model's token blocks)."""
 
-    #: (examples, num_labels) float32 logits; (examples, 0) for a language model (its logits
-    #: over the vocabulary at every token are not kept).
+    #: (examples, num_labels) float32 logits; (examples, 0) for a language model.
     logits: np.ndarray
-    #: (examples,) the task loss of each example (see :func:`per_example_loss`; a block's mean
-    #: next-token loss).
+    #: (examples,) each example's task loss (:func:`per_example_loss`; a block's mean next-token
+    #: loss).
     losses: np.ndarray
-    #: The mean task loss as the model reports it (its batch losses weighted by batch size; a
-    #: language model's token-weighted mean next-token loss).
+    #: The mean task loss as the model reports it (batch losses weighted by batch size; a language
+    #: model's token-weighted mean next-token loss).
     loss: float
-    #: Language models only: (examples,) predicted tokens of each block, and how many of them
-    #: the model's top-1 guess got right.
+    #: Language models only: (examples,) predicted tokens per block, and how many the top-1 guess
+    #: got right.
     tokens: np.ndarray | None = None
     correct: np.ndarray | None = None
 
@@ -170,10 +157,21 @@ def predict_examples(
     device = torch.device(device)
     was_training = model.training
     model.eval().to(device)
-    if causal_lm:
-        result = _predict_blocks(model, tokenizer, frame, max_length, batch_size, device)
-        model.train(was_training)
-        return result
+    predict = _predict_blocks if causal_lm else _predict_rows
+    result = predict(model, tokenizer, frame, max_length, batch_size, device)
+    model.train(was_training)
+    return result
+
+
+def _predict_rows(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    frame: pd.DataFrame,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+) -> Predictions:
+    """A classifier's logits and losses over the rows of ``frame``, batched by length."""
     examples = encode_examples(frame, tokenizer, max_length)
     order = sorted(range(len(examples)), key=lambda i: examples[i]["input_ids"].numel())
     logits = np.zeros((len(examples), model.config.num_labels), dtype=np.float32)
@@ -190,7 +188,6 @@ def predict_examples(
         losses[rows] = (
             per_example_loss(output.logits.float(), batch["labels"], model.config).cpu().numpy()
         )
-    model.train(was_training)
     return Predictions(logits=logits, losses=losses, loss=total_loss / len(examples))
 
 
@@ -299,54 +296,67 @@ def train_classifier(
     device = torch.device(device)
     torch.manual_seed(options.seed)
     model.to(device)
-    examples = encode_split(model, train, tokenizer, options.max_length)
+    encode = encode_lm_blocks if causal_lm else encode_examples
+    examples = encode(train, tokenizer, options.max_length)
     steps_per_epoch = math.ceil(len(examples) / options.batch_size)
-    total_steps = steps_per_epoch * options.epochs
-    optimizer, scheduler = _adamw_with_schedule(model, options, total_steps)
+    optimizer, scheduler = _adamw_with_schedule(model, options, steps_per_epoch * options.epochs)
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     for epoch in range(options.epochs):
-        model.train()
-        running_loss, seen = 0.0, 0
-        batches = iterate_batches(
-            examples, options.batch_size, tokenizer.pad_token_id, options.seed, epoch
-        )
-        bar = tqdm(
-            batches,
+        batches = tqdm(
+            iterate_batches(
+                examples, options.batch_size, tokenizer.pad_token_id, options.seed, epoch
+            ),
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{options.epochs}",
             disable=not progress,
         )
-        for batch in bar:
-            batch = _to_device(batch, device)
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise ValueError(
-                    f"training loss became {float(loss)} at epoch {epoch + 1}; lower learning_rate"
-                )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], options.max_grad_norm
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            running_loss += float(loss.detach()) * batch["labels"].shape[0]
-            seen += batch["labels"].shape[0]
-            bar.set_postfix(loss=f"{running_loss / seen:.4f}")
+        train_loss = _train_epoch(model, batches, optimizer, scheduler, options, epoch, device)
         scores = evaluate_classifier(
             model, tokenizer, validation, options.max_length, options.eval_batch_size, device
         )
         history.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": running_loss / seen,
+                "train_loss": train_loss,
                 **{f"val_{key}": value for key, value in scores.items()},
                 "seconds": time.perf_counter() - started,
             }
         )
     model.eval()
     return history
+
+
+def _train_epoch(
+    model: PreTrainedModel,
+    batches: tqdm,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    options: TrainingOptions,
+    epoch: int,
+    device: torch.device,
+) -> float:
+    """One epoch of optimizer steps; the example-weighted mean training loss."""
+    model.train()
+    running_loss, seen = 0.0, 0
+    for batch in batches:
+        batch = _to_device(batch, device)
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise ValueError(
+                f"training loss became {float(loss)} at epoch {epoch + 1}; lower learning_rate"
+            )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], options.max_grad_norm
+        )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        running_loss += float(loss.detach()) * batch["labels"].shape[0]
+        seen += batch["labels"].shape[0]
+        batches.set_postfix(loss=f"{running_loss / seen:.4f}")
+    return running_loss / seen
 
 
 def _adamw_with_schedule(

@@ -42,13 +42,17 @@ def base_solver(solver: str) -> str:
     return solver.removeprefix(REFINED_PREFIX)
 
 
-def child_runs(tracking_uri: str, experiment: str = EXPERIMENT) -> pd.DataFrame:
-    """One row per child run: parent run id, run id, start time, every param and metric."""
+def _all_runs(tracking_uri: str, experiment: str) -> list:
+    """Every run of ``experiment`` in the store, parents and children."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"no {experiment!r} experiment in {tracking_uri}: run `kedro run` first")
-    runs = client.search_runs([found.experiment_id], max_results=50_000)
+    return client.search_runs([found.experiment_id], max_results=50_000)
+
+
+def child_runs(tracking_uri: str, experiment: str = EXPERIMENT) -> pd.DataFrame:
+    """One row per child run: parent run id, run id, start time, every param and metric."""
     rows = [
         {
             "parent_run": run.data.tags["mlflow.parentRunId"],
@@ -57,7 +61,7 @@ def child_runs(tracking_uri: str, experiment: str = EXPERIMENT) -> pd.DataFrame:
             **run.data.params,
             **run.data.metrics,
         }
-        for run in runs
+        for run in _all_runs(tracking_uri, experiment)
         if "mlflow.parentRunId" in run.data.tags and "solver" in run.data.params
     ]
     if not rows:
@@ -232,7 +236,12 @@ def seed_summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame
     metric = metric or task_metric(table)
     grouped = table.groupby(["solver", "budget", "allocation"])[metric]
     summary = grouped.agg(n="count", mean="mean", sd="std").reset_index()
-    return _dense_first(summary)
+    return (
+        summary.assign(_order=summary["solver"].ne("dense"))
+        .sort_values(["_order", "budget", "solver", "allocation"])
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )
 
 
 def seed_differences(
@@ -315,10 +324,6 @@ def paired_p_values(
     each run's parent logged it (``paired.<row>.vs_<reference>.p``); the newest parent run of a
     (seed, budget, allocation) wins. A parent run without ``compression.allocation`` was recorded
     before it existed: ``uniform``. Columns: solver, budget, allocation, seed, p."""
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise ValueError(f"no {experiment!r} experiment in {tracking_uri}: run `kedro run` first")
     prefix, suffix = "paired.", f".vs_{reference}.p"
     rows = [
         {
@@ -329,7 +334,7 @@ def paired_p_values(
             "started": run.info.start_time,
             "p": value,
         }
-        for run in client.search_runs([found.experiment_id], max_results=50_000)
+        for run in _all_runs(tracking_uri, experiment)
         if "mlflow.parentRunId" not in run.data.tags and "seed" in run.data.params
         for name, value in run.data.metrics.items()
         if name.startswith(prefix) and name.endswith(suffix)
@@ -412,27 +417,11 @@ def _correct_on_one_test_set(
     return tuple((table["prediction"] == table["label"]).to_numpy() for table in (first, second))
 
 
-def _dense_first(table: pd.DataFrame) -> pd.DataFrame:
-    order = table["solver"].ne("dense")
-    return (
-        table.assign(_order=order)
-        .sort_values(["_order", "budget", "solver", "allocation"])
-        .drop(columns="_order")
-        .reset_index(drop=True)
-    )
-
-
 def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (floats to 4 significant digits)."""
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += [
-        "| " + " | ".join(cell(value) for value in row) + " |"
+    rows = [
+        [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
         for row in table.itertuples(index=False)
     ]
-    return "\n".join(lines)
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

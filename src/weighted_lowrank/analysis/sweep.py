@@ -233,7 +233,9 @@ def _p_by_seed(p_values: pd.DataFrame, key: tuple, seeds: dict[int, float]) -> s
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m weighted_lowrank.analysis.sweep", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m weighted_lowrank.analysis.sweep", description=__doc__
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "run", help="run the default pipeline for every seed, budget and allocation"

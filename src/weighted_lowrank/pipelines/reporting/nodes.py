@@ -1,13 +1,10 @@
 """Nodes of the ``reporting`` pipeline: MLflow child runs, paired tests, comparison table, plots.
 
-Rows are named by namespace: ``dense``, one per solver and, after the ``refinement`` pipeline,
-``refined.<solver>`` for each solver's model fine-tuned after compression. Every row's record is
-``{"model_fingerprint", "metrics"}`` (evaluation); the metric names are the same in every row.
-Every row's per-example predictions (``<namespace>.predictions``: id, label, prediction, loss and,
-for classification, ``logit_<k>`` per class) feed its child run (as an artifact), the paired
-tests against :data:`PAIRED_REFERENCES` (:mod:`.paired`) and the row's ``kl_to_dense``. Every
-solver's rank map (``<solver>.rank_map``: the rank each targeted layer got and the loss predicted
-for it) is logged in the solver's child runs and drawn by :func:`rank_allocation_figure`.
+Rows are named by namespace: ``dense``, one per solver and ``refined.<solver>`` (the
+``refinement`` pipeline). Each row's evaluation record has the same metric names; its
+per-example predictions feed its child run, the paired tests against :data:`PAIRED_REFERENCES`
+and its ``kl_to_dense``; each solver's rank map is logged in its child runs and drawn by
+:func:`rank_allocation_figure`.
 """
 
 from __future__ import annotations
@@ -99,26 +96,10 @@ def dense_child_run_record(
     *,
     namespace: str = "dense",
 ) -> dict[str, Any]:
-    """Params, metrics, tags and the predictions artifact of the ``dense`` child run.
-
-    Nothing was factorized, so it has no ``iterations.<group>`` metrics, ``stop_reason.<group>``
-    tags nor rank map, and its ``allocation`` param is ``dense`` (see :func:`child_run_record`).
-    (``namespace`` comes last, keyword-only: Kedro maps a node's inputs onto the leading
-    parameters, whose annotations say which blocks it builds as typed objects.)
-    """
-    return _child_run(
-        evaluation,
-        predictions,
-        None,
-        None,
-        compression,
-        model,
-        data,
-        seed,
-        namespace,
-        "off",
-        "dense",
-    )
+    """The ``dense`` child run: no ``iterations.<group>`` metrics, ``stop_reason.<group>`` tags
+    nor rank map, allocation ``dense``. (``namespace`` is keyword-only: Kedro maps a node's inputs
+    onto the leading, annotated parameters.)"""
+    return _child_run(evaluation, predictions, None, compression, model, data, seed, namespace)
 
 
 def child_run_record(
@@ -133,28 +114,15 @@ def child_run_record(
     *,
     namespace: str,
 ) -> dict[str, Any]:
-    """Params, metrics, tags and artifacts of the child run of solver row ``namespace``.
+    """Params, metrics, tags and artifacts of solver row ``namespace``'s child run.
 
-    The same param and metric names in every solver row: the evaluation metrics plus
-    ``iterations.<group>`` per layer group of the solver's layer report, and tags ``kind``,
-    the lineage fingerprint and ``stop_reason.<group>`` (:func:`layer_group_summary`);
-    ``allocation`` is ``compression.allocation``, ``rank_rule`` says what it does, and
-    ``refinement`` is ``off`` (see :func:`refined_child_run_record`). The artifacts are the
-    predictions, ``predictions.parquet``, and the solver's rank map, ``rank_map.parquet``.
+    The same names in every solver row: the evaluation metrics plus ``iterations.<group>``,
+    tags ``kind``, the lineage fingerprint and ``stop_reason.<group>``
+    (:func:`layer_group_summary`); params include ``allocation``, the ``rank_rule`` it follows
+    and ``refinement: off``. Artifacts: ``predictions.parquet`` and ``rank_map.parquet``.
     """
-    return _child_run(
-        evaluation,
-        predictions,
-        layer_report,
-        rank_map,
-        compression,
-        model,
-        data,
-        seed,
-        namespace,
-        "off",
-        "solver",
-    )
+    reports = (layer_report, rank_map)
+    return _child_run(evaluation, predictions, reports, compression, model, data, seed, namespace)
 
 
 def refined_child_run_record(
@@ -170,21 +138,11 @@ def refined_child_run_record(
     *,
     namespace: str,
 ) -> dict[str, Any]:
-    """:func:`child_run_record` of a ``refined.<solver>`` row (``layer_report`` and ``rank_map``
-    are its solver's: the refined model keeps that factorization); its ``refinement`` param says
-    which parameters were trained for how many epochs (:meth:`RefinementParams.describe`)."""
+    """:func:`child_run_record` of a ``refined.<solver>`` row (its solver's layer report and rank
+    map); its ``refinement`` param says what was trained (:meth:`RefinementParams.describe`)."""
+    reports = (layer_report, rank_map)
     return _child_run(
-        evaluation,
-        predictions,
-        layer_report,
-        rank_map,
-        compression,
-        model,
-        data,
-        seed,
-        namespace,
-        refinement.describe(),
-        "refined",
+        evaluation, predictions, reports, compression, model, data, seed, namespace, refinement
     )
 
 
@@ -215,17 +173,17 @@ def layer_group_summary(layer_report: pd.DataFrame) -> tuple[dict[str, float], d
 def _child_run(
     evaluation: dict[str, Any],
     predictions: pd.DataFrame,
-    layer_report: pd.DataFrame | None,
-    rank_map: pd.DataFrame | None,
+    reports: tuple[pd.DataFrame, pd.DataFrame] | None,
     compression: CompressionParams,
     model: ModelParams,
     data: DataParams,
     seed: int,
     namespace: str,
-    refinement: str,
-    kind: str,
+    refinement: RefinementParams | None = None,
 ) -> dict[str, Any]:
-    is_dense = layer_report is None
+    is_dense = reports is None
+    layer_report, rank_map = reports or (None, None)
+    kind = "dense" if is_dense else "solver" if refinement is None else "refined"
     targets = compression.targets
     params = {
         "solver": namespace,
@@ -240,7 +198,7 @@ def _child_run(
         "model": model.source,
         "task": data.glue.task if data.source == "glue" else data.source,
         "seed": seed,
-        "refinement": refinement,
+        "refinement": "off" if refinement is None else refinement.describe(),
     }
     groups, reasons = ({}, {}) if is_dense else layer_group_summary(layer_report)
     fingerprint = fingerprint_of(evaluation)
@@ -267,24 +225,15 @@ def row_order(namespaces: list[str]) -> list[str]:
 
 
 def paired_tests(reporting: ReportingParams, **predictions: pd.DataFrame) -> pd.DataFrame:
-    """Every row against dense's predicted distributions and against each of
-    :data:`PAIRED_REFERENCES` on the shared test set.
+    """Every row against dense's predicted distributions and each of :data:`PAIRED_REFERENCES`
+    on the shared test set (refused unless every row has the same ids and labels).
 
-    One row per namespace (the comparison table's order) with ``kl_to_dense``
-    (:func:`kl_to_dense`) and columns
-    ``vs_<reference>_<statistic>`` for :data:`PAIRED_STATISTICS`: discordant pairs, wins (only
-    this row right), losses (only the reference right), exact McNemar p, accuracy difference
-    (row − reference) and its paired bootstrap interval (``reporting.bootstrap_resamples``
-    resamples, ``reporting.bootstrap_seed``; :mod:`.paired`). The reference's own row is NaN
-    (missing counts) there; a reference that is not a row gets no columns. Regression rows
-    (float predictions) have no right/wrong per example: the table is then the namespaces and
-    their ``kl_to_dense`` (NaN) alone.
-
-    Refuses predictions that are not on one test set: every row must have the same ids with the
-    same labels.
+    One row per namespace (the comparison table's order): ``kl_to_dense`` and
+    ``vs_<reference>_<statistic>`` for :data:`PAIRED_STATISTICS` (discordant pairs, wins, losses,
+    exact McNemar p, accuracy difference and its paired bootstrap interval; a language model's
+    loss sign test instead; :mod:`weighted_lowrank.analysis.paired`). The reference's own row is
+    missing there; an absent reference gets no columns; a regression gets ``kl_to_dense`` alone.
     """
-    if not predictions:
-        raise ValueError("paired tests need the predictions of at least one row")
     order = [name for name in row_order(list(predictions)) if name in predictions]
     tables = {name: predictions[name].sort_values("id", ignore_index=True) for name in order}
     _check_same_examples(tables)
@@ -326,14 +275,11 @@ def paired_tests(reporting: ReportingParams, **predictions: pd.DataFrame) -> pd.
 
 
 def kl_to_dense(tables: dict[str, pd.DataFrame]) -> list[float]:
-    """Per table, the mean over the examples of KL(p_dense ‖ p_row) in nats, p the softmax of the
-    ``logit_<k>`` columns (in float64); ``tables`` are sorted by ``id`` and hold one test set.
+    """Per table, the mean over the examples of KL(p_dense ‖ p_row) in nats, p the float64
+    softmax of the ``logit_<k>`` columns; ``tables`` are sorted by ``id`` and hold one test set.
 
-    A Fisher-weighted loss model predicts, to second order in the weight change, this divergence
-    of the compressed model's predicted distributions from the dense model's; the test loss moves
-    with it, but also with the labels. Dense's own row is 0; a row is NaN without ``dense`` among
-    the tables, or when it or dense has no logits (a regression row, or predictions saved before
-    the logits).
+    A Fisher-weighted loss model predicts this divergence to second order in the weight change;
+    the test loss moves with it, but also with the labels. NaN without ``dense`` or logits.
     """
     dense = _log_probabilities(tables["dense"]) if "dense" in tables else None
     values = []
@@ -402,23 +348,14 @@ def paired_metrics(paired: pd.DataFrame) -> dict[str, dict[str, float]]:
 
 
 def comparison_table(paired: pd.DataFrame, **evaluations: dict[str, Any]) -> pd.DataFrame:
-    """One row per namespace (dense first), the evaluation metrics side by side, then the paired
-    tests' ``vs_<reference>_<statistic>`` columns (:func:`paired_tests`).
-
-    Beside ``test_loss``: ``test_loss_increase`` (minus dense's), ``kl_to_dense`` (from the
-    paired tests) and ``predicted_loss_increase`` (the evaluation's; NaN where a record has
-    none). The table carries the fingerprint of the fine-tuned model its rows were made from.
-    """
+    """One row per namespace (dense first): the evaluation metrics, ``test_loss_increase``
+    (minus dense's), ``kl_to_dense`` and ``predicted_loss_increase`` (NaN where a record has
+    none), then the paired tests' columns; stamped with the fine-tuned model's fingerprint."""
     if "dense" not in evaluations:
         raise ValueError(
             f"comparison needs the dense evaluation; got namespaces {sorted(evaluations)}"
         )
     order = row_order(list(evaluations))
-    if sorted(paired["namespace"]) != sorted(order):
-        raise ValueError(
-            f"paired tests cover rows {sorted(paired['namespace'])}, the evaluations "
-            f"{sorted(order)}"
-        )
     table = pd.DataFrame([{"namespace": name, **evaluations[name]["metrics"]} for name in order])
     dense_loss = table.loc[table["namespace"] == "dense", "test_loss"].iloc[0]
     table["test_loss_increase"] = table["test_loss"] - dense_loss
@@ -476,29 +413,11 @@ def paired_markdown(table: pd.DataFrame, reporting: ReportingParams) -> str:
             "comparison."
         )
     level = f"{CONFIDENCE:.0%}"
-    against = " and ".join(f"`{ref}`" for ref in references)
+    difference, digits, note = _paired_note(language_model, references, level)
     resampling = (
         f"{reporting.bootstrap_resamples:,} paired bootstrap resamples of the "
         f"{'blocks' if language_model else 'examples'} (seed {reporting.bootstrap_seed}).\n\n"
     )
-    if language_model:
-        difference, digits = "Δ test loss", 4
-        note = (
-            f"Every row against {against} on the same test token blocks. *wins / losses*: blocks "
-            "where this row's mean next-token loss is lower / higher than the reference's. *p*: "
-            "exact two-sided sign test of the wins among the blocks that differ. "
-            f"*{difference} [{level} CI]*: this row's test loss (nats per token) minus the "
-            "reference's — exp of it is the perplexity ratio — with the percentile interval of "
-        )
-    else:
-        difference, digits = "Δ accuracy", 3
-        note = (
-            f"Every row against {against} on the same test examples. *wins / losses*: examples "
-            "only this row / only the reference gets right (the discordant pairs; the rest are "
-            "ties). *p*: exact two-sided McNemar test (binomial test of the wins among the "
-            f"discordant pairs). *{difference} [{level} CI]*: this row's accuracy minus the "
-            "reference's, with the percentile interval of "
-        )
     header = ["row"]
     for ref in references:
         header += [f"vs {ref}: wins / losses", "p", f"{difference} [{level} CI]"]
@@ -517,6 +436,30 @@ def paired_markdown(table: pd.DataFrame, reporting: ReportingParams) -> str:
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return title + note + resampling + "\n".join(lines)
+
+
+def _paired_note(language_model: bool, references: list[str], level: str) -> tuple[str, int, str]:
+    """The difference's name, its digits and the note explaining the paired tests' columns."""
+    against = " and ".join(f"`{ref}`" for ref in references)
+    if language_model:
+        difference, digits = "Δ test loss", 4
+        note = (
+            f"Every row against {against} on the same test token blocks. *wins / losses*: blocks "
+            "where this row's mean next-token loss is lower / higher than the reference's. *p*: "
+            "exact two-sided sign test of the wins among the blocks that differ. "
+            f"*{difference} [{level} CI]*: this row's test loss (nats per token) minus the "
+            "reference's — exp of it is the perplexity ratio — with the percentile interval of "
+        )
+    else:
+        difference, digits = "Δ accuracy", 3
+        note = (
+            f"Every row against {against} on the same test examples. *wins / losses*: examples "
+            "only this row / only the reference gets right (the discordant pairs; the rest are "
+            "ties). *p*: exact two-sided McNemar test (binomial test of the wins among the "
+            f"discordant pairs). *{difference} [{level} CI]*: this row's accuracy minus the "
+            "reference's, with the percentile interval of "
+        )
+    return difference, digits, note
 
 
 def _format_p(p: float) -> str:

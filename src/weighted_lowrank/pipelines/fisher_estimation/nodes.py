@@ -48,29 +48,14 @@ def estimate_fisher(
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, float]]]:
     """Empirical Fisher and calibration statistics of the targeted weights from one pass.
 
-    Returns the Fisher and the statistics, each as ``{"tensors", "metadata"}`` carrying the
-    fine-tuned model's fingerprint, plus metrics. Fisher metadata (strings, stored in the
-    safetensors header): mode, num_examples, targets (JSON), batch_size, max_length, seconds.
-    Statistics metadata: the same plus statistics (JSON list), num_tokens, normalisation and
-    statistics_seconds (module_tokens, JSON, only when a module's T differs from num_tokens).
-    Metrics (MLflow, step 0): seconds, num_examples, examples_per_second, statistics_seconds,
-    statistics_share.
+    Returns the Fisher and the statistics, each ``{"tensors", "metadata"}`` stamped with the
+    fine-tuned model's fingerprint, and metrics (MLflow, step 0). Fisher metadata (strings, in the
+    safetensors header): mode, num_examples, targets (JSON), batch_size, max_length, seconds;
+    the statistics' adds statistics (JSON), num_tokens, normalisation, statistics_seconds and,
+    when a module's token count differs from num_tokens, module_tokens (JSON).
     """
-    if is_causal_lm(fine_tuned_model.model):
-        # A language model's examples are the token blocks of the sampled documents.
-        batches = make_lm_batches(
-            fisher_examples,
-            fine_tuned_model.tokenizer,
-            batch_size=fisher_estimation.batch_size,
-            block_length=model.max_length,
-        )
-    else:
-        batches = make_batches(
-            fisher_examples,
-            fine_tuned_model.tokenizer,
-            batch_size=fisher_estimation.batch_size,
-            max_length=model.max_length,
-        )
+    batch_size = fisher_estimation.batch_size
+    batches = _batches(fine_tuned_model, fisher_examples, batch_size, model.max_length)
     started = time.perf_counter()
     found = calibrate(
         fine_tuned_model.model,
@@ -100,30 +85,35 @@ def estimate_fisher(
         "seconds": f"{seconds:.3f}",
     }
     fingerprint = model_fingerprint(fine_tuned_model.model)
-    fisher_information = with_fingerprint(
-        {"tensors": found.fisher, "metadata": metadata}, fingerprint
+    statistics = _statistics_metadata(found, fisher_estimation.statistics, metadata)
+    return (
+        with_fingerprint({"tensors": found.fisher, "metadata": metadata}, fingerprint),
+        with_fingerprint({"tensors": found.statistics, "metadata": statistics}, fingerprint),
+        _metrics(found, seconds),
     )
-    calibration_statistics = with_fingerprint(
-        {
-            "tensors": found.statistics,
-            "metadata": _statistics_metadata(found, fisher_estimation.statistics, metadata),
-        },
-        fingerprint,
-    )
-    metrics = {
-        "seconds": {"value": seconds, "step": 0},
-        "num_examples": {"value": float(found.num_examples), "step": 0},
-        "examples_per_second": {
-            "value": found.num_examples / seconds if seconds > 0 else 0.0,
-            "step": 0,
-        },
-        "statistics_seconds": {"value": found.statistics_seconds, "step": 0},
-        "statistics_share": {
-            "value": found.statistics_seconds / seconds if seconds > 0 else 0.0,
-            "step": 0,
-        },
+
+
+def _batches(
+    bundle: ModelBundle, examples: pd.DataFrame, batch_size: int, max_length: int
+) -> list[dict[str, Any]]:
+    """The Fisher pass's batches: a language model's are the token blocks of the documents."""
+    if is_causal_lm(bundle.model):
+        return make_lm_batches(
+            examples, bundle.tokenizer, batch_size=batch_size, block_length=max_length
+        )
+    return make_batches(examples, bundle.tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def _metrics(found: Calibration, seconds: float) -> dict[str, dict[str, float]]:
+    """The pass's timings as MLflow metrics at step 0."""
+    values = {
+        "seconds": seconds,
+        "num_examples": float(found.num_examples),
+        "examples_per_second": found.num_examples / seconds if seconds > 0 else 0.0,
+        "statistics_seconds": found.statistics_seconds,
+        "statistics_share": found.statistics_seconds / seconds if seconds > 0 else 0.0,
     }
-    return fisher_information, calibration_statistics, metrics
+    return {name: {"value": value, "step": 0} for name, value in values.items()}
 
 
 def _statistics_metadata(

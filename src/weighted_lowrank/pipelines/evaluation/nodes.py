@@ -1,33 +1,16 @@
 """Nodes of the ``evaluation`` pipeline: task metrics, per-example predictions, parameter
 counts, size, latency.
 
-Every row (``dense``, one namespace per solver and, in the ``refinement`` pipeline, one
-``refined.<solver>`` per solver) returns two outputs stamped with the evaluated model's lineage
-(:mod:`weighted_lowrank.kedro_glue.lineage`):
+Every row (``dense``, each solver, each ``refined.<solver>``) returns, stamped with the evaluated
+model's lineage, a JSON record ``{"model_fingerprint", "metrics"}`` with the same metric keys in
+every row, and its per-example predictions from the same forward pass (:data:`PREDICTION_COLUMNS`
+then, for classification, ``logit_<k>``; a causal language model's token blocks:
+:data:`LM_PREDICTION_COLUMNS`, metrics ``perplexity`` and ``token_accuracy``).
 
-* a JSON record ``{"model_fingerprint": …, "metrics": {name: float}}`` whose ``metrics`` have the
-  same keys in every row: the task metrics (accuracy, f1, mcc for classification; pearson,
-  spearman for regression), test_loss, weighted_loss_rel_svd, params_kept, params_model,
-  params_ratio_layers, params_ratio_model, size_on_disk_bytes, latency_ms, latency_dense_ms,
-  latency_ratio, factorization_seconds, predicted_loss_increase (Σ of the rank map's predicted
-  loss, nats per example; 0 for dense);
-* its per-example predictions (:data:`PREDICTION_COLUMNS`), from the same forward pass as the
-  task metrics: ``id`` (the example's position in the test split, the same in every row),
-  ``label``, ``prediction`` (the argmax class as int64; the predicted value as float64 for
-  regression) and ``loss`` (the example's task loss; their mean is ``test_loss`` up to float
-  rounding), then for classification the float32 logits ``logit_0`` … ``logit_<k-1>``, plus the
-  ``model_fingerprint`` column. A causal language model's examples are the test split's token
-  blocks (:data:`LM_PREDICTION_COLUMNS`): ``id``, ``tokens`` (predicted tokens), ``correct``
-  (those its top-1 guess got right) and ``loss`` (the block's mean next-token loss); its task
-  metrics are ``perplexity`` and ``token_accuracy``, and ``test_loss`` is the token-weighted mean
-  next-token loss (``log perplexity``).
-
-Parameter counts are element counts of the tensors ``save_compressed`` writes
-(:func:`~weighted_lowrank.lowrank.serialization.tensors_for_saving`: the state dict, tied tensors
-once); for a model reloaded by ``load_compressed`` these are exactly the tensors of its
-``model.safetensors`` (the load is strict). "layers" counts the targeted layers (weights and
-biases; those a rank allocation kept dense included), "model" every tensor. ``size_on_disk_bytes`` is the exact size of that
-``model.safetensors``, serialized in memory.
+Parameter counts are element counts of the tensors ``save_compressed`` writes (``tensors_for_
+saving``: tied tensors once), exactly those of a reloaded model's ``model.safetensors``;
+"layers" counts the targeted layers (those an allocation kept dense included), "model" every
+tensor; ``size_on_disk_bytes`` is that file's exact size, serialized in memory.
 """
 
 from __future__ import annotations
@@ -146,37 +129,16 @@ def evaluate_dense(
     evaluation: EvaluationParams,
     compression: CompressionParams,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """The record of the dense fine-tuned model, with the metric keys of :func:`evaluate_compressed`,
-    and its per-example predictions.
-
-    Its targeted layers are those ``compression.targets`` selects; ratios are 1, its weighted loss
-    relative to SVD 0 (nothing is approximated), its factorization time 0.
-    """
+    """The dense fine-tuned model's record (the keys of :func:`evaluate_compressed`, on the
+    layers ``compression.targets`` selects: ratios 1, nothing approximated) and predictions."""
     dense = fine_tuned_model.model.to("cpu")
     layers = list(select_linear_modules(dense, compression.targets))
-    counts = parameter_counts(tensors_for_saving(dense)[0], layers)
     latency_ms = latency_by_shape_ms(
         {"dense": dense}, dense.config.vocab_size, **evaluation.latency
     )["dense"]
     scores, predictions = score_examples(fine_tuned_model, test_split, model.max_length, evaluation)
-    record = evaluation_record(
-        fine_tuned_model,
-        {
-            **scores,
-            "weighted_loss_rel_svd": 0.0,
-            "params_kept": float(counts["layers"]),
-            "params_model": float(counts["model"]),
-            "params_ratio_layers": 1.0,
-            "params_ratio_model": 1.0,
-            "size_on_disk_bytes": float(serialized_size_bytes(dense)),
-            "latency_ms": latency_ms,
-            "latency_dense_ms": latency_ms,
-            "latency_ratio": 1.0,
-            "factorization_seconds": 0.0,
-            "predicted_loss_increase": 0.0,
-        },
-    )
-    return record, with_fingerprint(predictions, fine_tuned_model.model_fingerprint)
+    metrics = _size_and_speed(dense, dense, layers, latency_ms, latency_ms)
+    return _record(fine_tuned_model, scores, metrics, 0.0, 0.0, 0.0, predictions)
 
 
 def evaluate_compressed(
@@ -188,50 +150,76 @@ def evaluate_compressed(
     model: ModelParams,
     evaluation: EvaluationParams,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """The record of one compressed model (as factorized, or refined after compression), and its
-    per-example predictions.
+    """The record of one compressed model (as factorized, or refined) and its predictions.
 
-    The targeted layers are the rank map's modules — the factorized ones and any an allocation
-    kept dense; the model must have exactly the rank map's ranks (checked before any scoring).
-    Latency: each distinct model shape is timed once per process (``latency_by_shape_ms``): the
-    first time the dense and the compressed shape are timed in turns, later rows of the same
-    shapes reuse those medians.
-    ``layer_report`` and ``rank_map`` are the solver's (a refined model keeps its solver's
-    factorization): the weighted loss relative to SVD's, the factorization seconds and the
-    predicted loss increase (Σ of the rank map's) come from them.
+    The targeted layers are the rank map's (factorized or kept dense); the model must have its
+    ranks. Each distinct model shape is timed once per process (``latency_by_shape_ms``). The
+    weighted loss relative to SVD's, the factorization seconds and the predicted loss increase
+    come from the solver's ``layer_report`` and ``rank_map`` (a refined model keeps them).
     """
     compressed = compressed_model.model.to("cpu")
     dense = fine_tuned_model.model.to("cpu")
     check_rank_map(compressed, rank_map)
     layers = rank_map["module"].tolist()
-    counts = parameter_counts(tensors_for_saving(compressed)[0], layers)
-    dense_counts = parameter_counts(tensors_for_saving(dense)[0], layers)
     timings = latency_by_shape_ms(
         {"dense": dense, "compressed": compressed},
         compressed.config.vocab_size,
         **evaluation.latency,
     )
     scores, predictions = score_examples(compressed_model, test_split, model.max_length, evaluation)
-    record = evaluation_record(
+    metrics = _size_and_speed(compressed, dense, layers, timings["compressed"], timings["dense"])
+    return _record(
         compressed_model,
-        {
-            **scores,
-            "weighted_loss_rel_svd": relative_loss(
-                float(layer_report["weighted_loss"].sum()), float(layer_report["svd_loss"].sum())
-            ),
-            "params_kept": float(counts["layers"]),
-            "params_model": float(counts["model"]),
-            "params_ratio_layers": counts["layers"] / dense_counts["layers"],
-            "params_ratio_model": counts["model"] / dense_counts["model"],
-            "size_on_disk_bytes": float(serialized_size_bytes(compressed)),
-            "latency_ms": timings["compressed"],
-            "latency_dense_ms": timings["dense"],
-            "latency_ratio": timings["compressed"] / timings["dense"],
-            "factorization_seconds": float(layer_report["total_seconds"].iloc[0]),
-            "predicted_loss_increase": float(rank_map["predicted_loss"].sum()),
-        },
+        scores,
+        metrics,
+        relative_loss(
+            float(layer_report["weighted_loss"].sum()), float(layer_report["svd_loss"].sum())
+        ),
+        float(layer_report["total_seconds"].iloc[0]),
+        float(rank_map["predicted_loss"].sum()),
+        predictions,
     )
-    return record, with_fingerprint(predictions, compressed_model.model_fingerprint)
+
+
+def _size_and_speed(
+    network: nn.Module, dense: nn.Module, layers: list[str], latency_ms: float, dense_ms: float
+) -> dict[str, float]:
+    """Parameter counts and ratios to ``dense``, size on disk and latency of ``network``."""
+    counts = parameter_counts(tensors_for_saving(network)[0], layers)
+    dense_counts = parameter_counts(tensors_for_saving(dense)[0], layers)
+    return {
+        "params_kept": float(counts["layers"]),
+        "params_model": float(counts["model"]),
+        "params_ratio_layers": counts["layers"] / dense_counts["layers"],
+        "params_ratio_model": counts["model"] / dense_counts["model"],
+        "size_on_disk_bytes": float(serialized_size_bytes(network)),
+        "latency_ms": latency_ms,
+        "latency_dense_ms": dense_ms,
+        "latency_ratio": latency_ms / dense_ms,
+    }
+
+
+def _record(
+    bundle: ModelBundle,
+    scores: dict[str, float],
+    size_and_speed: dict[str, float],
+    weighted_loss_rel_svd: float,
+    factorization_seconds: float,
+    predicted_loss_increase: float,
+    predictions: pd.DataFrame,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """A row's record (its metric keys in one order for every row) and predictions, stamped."""
+    metrics = {
+        **scores,
+        "weighted_loss_rel_svd": weighted_loss_rel_svd,
+        **size_and_speed,
+        "factorization_seconds": factorization_seconds,
+        "predicted_loss_increase": predicted_loss_increase,
+    }
+    return (
+        evaluation_record(bundle, metrics),
+        with_fingerprint(predictions, bundle.model_fingerprint),
+    )
 
 
 def rank_map_ranks(rank_map: pd.DataFrame) -> dict[str, int]:

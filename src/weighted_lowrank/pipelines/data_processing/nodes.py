@@ -143,9 +143,7 @@ def load_source_records(reviews_raw: pd.DataFrame, source: dict[str, Any]) -> pd
     if len(frame) == 0:
         raise ValueError(f"the {origin} has no rows")
     columns = {"text": source["text_column"]}
-    if _is_corpus(source):
-        pass  # a language model reads the texts alone
-    else:
+    if not _is_corpus(source):  # a language model reads the texts alone
         if source["text_pair_column"]:
             columns["text_pair"] = source["text_pair_column"]
         columns["label"] = source["label_column"]
@@ -187,7 +185,8 @@ def _read_glue(source: dict[str, Any]) -> pd.DataFrame:
     if data_files:
         builder, data_files = _local_data_files(data_files)
         kwargs: dict[str, Any] = {"data_files": data_files, "cache_dir": source["cache_dir"]}
-        if builder == "csv" and _all_suffix(data_files, ".tsv"):
+        tsv = all(Path(p).suffix.lower() == ".tsv" for p in _paths(data_files))
+        if builder == "csv" and tsv:
             kwargs["delimiter"] = "\t"
         loaded = datasets.load_dataset(builder, **kwargs)
         default_splits = list(loaded)
@@ -212,20 +211,11 @@ def _read_glue(source: dict[str, Any]) -> pd.DataFrame:
 
 def _local_data_files(data_files: Any) -> tuple[str, Any]:
     """Check local GLUE files exist and pick the ``datasets`` builder from their suffix."""
-    if isinstance(data_files, str):
-        paths = [data_files]
-    elif isinstance(data_files, list | tuple):
-        paths = list(data_files)
-    elif isinstance(data_files, dict):
-        paths = [
-            p
-            for value in data_files.values()
-            for p in ([value] if isinstance(value, str) else value)
-        ]
-    else:
+    if not isinstance(data_files, str | list | tuple | dict):
         raise ValueError(
             f"data.glue.data_files must be a path, a list or a {{split: path}} dict, got {data_files!r}"
         )
+    paths = _paths(data_files)
     missing = [p for p in paths if not Path(p).expanduser().is_file()]
     if missing:
         raise ValueError(f"data.glue.data_files: file(s) {missing} do not exist")
@@ -234,15 +224,13 @@ def _local_data_files(data_files: Any) -> tuple[str, Any]:
         raise ValueError(
             f"data.glue.data_files must all be one of {sorted(_FILE_BUILDERS)} (same kind), got {paths}"
         )
-    if isinstance(data_files, dict):
-        return builders.pop(), {split: value for split, value in data_files.items()}
-    return builders.pop(), paths
+    return builders.pop(), dict(data_files) if isinstance(data_files, dict) else paths
 
 
-def _all_suffix(data_files: Any, suffix: str) -> bool:
-    paths = data_files.values() if isinstance(data_files, dict) else data_files
-    flat = [p for value in paths for p in ([value] if isinstance(value, str) else value)]
-    return all(Path(p).suffix.lower() == suffix for p in flat)
+def _paths(data_files: str | list | tuple | dict) -> list[str]:
+    """Every path of a ``data_files`` value (a path, a list, or ``{split: path or list}``)."""
+    values = data_files.values() if isinstance(data_files, dict) else [data_files]
+    return [p for value in values for p in ([value] if isinstance(value, str) else value)]
 
 
 def clean_records(records: pd.DataFrame, source: dict[str, Any]) -> pd.DataFrame:

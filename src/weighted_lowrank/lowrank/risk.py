@@ -34,7 +34,7 @@ from weighted_lowrank.lowrank.loss_models import (
     LayerCurvature,
     predicted_loss_increase,
 )
-from weighted_lowrank.lowrank.objective import rank_for_budget, weighted_loss
+from weighted_lowrank.lowrank.objective import FactorizationResult, rank_for_budget, weighted_loss
 from weighted_lowrank.lowrank.solvers import factorize_batch
 from weighted_lowrank.lowrank.targets import describe_module
 
@@ -78,23 +78,21 @@ KRONECKER_NEEDS = REQUIRED_STATISTICS["kronecker"]
 
 def fisher_variance(importance: torch.Tensor) -> float:
     """φ(W): variance of ``importance / mean(importance)`` over all entries (see module docstring)."""
-    values = _checked(importance, "importance").double()
+    values = _checked(importance).double()
     mean = values.mean()
     return float(((values / mean - 1.0) ** 2).mean())
 
 
 def top_share(importance: torch.Tensor, fraction: float = 0.01) -> float:
     """Share of the total importance held by the largest ``⌈fraction·|W|⌉`` entries."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    values = _checked(importance, "importance").double().flatten()
+    values = _checked(importance).double().flatten()
     count = max(1, math.ceil(fraction * values.numel()))
     return float(values.topk(count).values.sum() / values.sum())
 
 
 def max_to_mean(importance: torch.Tensor) -> float:
     """Largest importance entry over the mean entry (1 for uniform importance)."""
-    values = _checked(importance, "importance").double()
+    values = _checked(importance).double()
     return float(values.max() / values.mean())
 
 
@@ -175,15 +173,8 @@ def layer_statistics(
     naming the missing keys. Last, ``risk``: ``"high"`` when the row's ``statistic`` ≥
     ``threshold``. ``weights`` maps the same keys to the weight matrices.
     """
-    if not fisher:
-        raise ValueError("fisher is empty; expected one importance tensor per weight")
-    if not 0.0 < budget < 1.0:
-        raise ValueError(f"budget must be a fraction in (0, 1), got {budget}")
-    if num_examples is not None and (
-        isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1
-    ):
-        raise ValueError(f"num_examples must be a positive int or None, got {num_examples!r}")
-    modules = [key[: -len(".weight")] if key.endswith(".weight") else key for key in fisher]
+    keys = list(fisher)
+    modules = [key.removesuffix(".weight") for key in keys]
     missing_calibration = [
         statistic_key(module, name)
         for module in modules
@@ -191,33 +182,13 @@ def layer_statistics(
         if calibration is None or statistic_key(module, name) not in calibration
     ]
     check_risk_statistic(statistic, compare_solvers, num_examples, missing_calibration)
-    missing = [key for key in fisher if key not in weights]
+    missing = [key for key in keys if key not in weights]
     if missing:
         raise ValueError(f"weights lack the Fisher keys {missing[:5]}")
-    rows = []
-    for module, (key, importance) in zip(modules, fisher.items(), strict=True):
-        weight = weights[key]
-        if weight.dim() != 2 or tuple(weight.shape) != tuple(importance.shape):
-            raise ValueError(
-                f"{key}: importance shape {tuple(importance.shape)} does not match weight shape "
-                f"{tuple(weight.shape)}"
-            )
-        layer, kind = describe_module(module)
-        phi = fisher_variance(importance)
-        rows.append(
-            {
-                "module": module,
-                "layer": -1 if layer is None else layer,
-                "kind": kind,
-                "out_features": int(weight.shape[0]),
-                "in_features": int(weight.shape[1]),
-                "rank": rank_for_budget(tuple(weight.shape), budget),
-                "phi": phi,
-                "top_share": top_share(importance, top_fraction),
-                "max_to_mean": max_to_mean(importance),
-            }
-        )
-    keys = list(fisher)
+    rows = [
+        _importance_row(module, key, weights[key], fisher[key], budget, top_fraction)
+        for module, key in zip(modules, keys, strict=True)
+    ]
     curvatures = (
         None
         if missing_calibration
@@ -240,22 +211,58 @@ def layer_statistics(
         for row, matrix, importance, svd_result, fwsvd_result in zip(
             rows, matrices, importances, svd, fwsvd, strict=True
         ):
-            # SVD's error under uniform importance of the same total: the unweighted loss × mean I.
-            uniform = float(importance.double().mean()) * weighted_loss(
-                matrix, None, svd_result.left, svd_result.right
-            )
-            row["svd_error_alignment"] = svd_result.loss / uniform if uniform > 0 else 1.0
-            row["svd_loss_rel_fwsvd"] = (
-                svd_result.loss / fwsvd_result.loss if fwsvd_result.loss > 0 else 1.0
-            )
-            if num_examples is not None:
-                row["svd_taylor_loss"] = 0.5 * svd_result.loss / num_examples
-                row["fwsvd_taylor_gain"] = (
-                    0.5 * (svd_result.loss - fwsvd_result.loss) / num_examples
-                )
+            row.update(_solver_columns(matrix, importance, svd_result, fwsvd_result, num_examples))
     for row in rows:
         row["risk"] = risk_level(row[statistic], threshold)
     return rows
+
+
+def _importance_row(
+    module: str,
+    key: str,
+    weight: torch.Tensor,
+    importance: torch.Tensor,
+    budget: float,
+    top_fraction: float,
+) -> dict:
+    """The columns of one layer that need only its weight's shape and its importance."""
+    if weight.dim() != 2 or tuple(weight.shape) != tuple(importance.shape):
+        raise ValueError(
+            f"{key}: importance shape {tuple(importance.shape)} does not match weight shape "
+            f"{tuple(weight.shape)}"
+        )
+    layer, kind = describe_module(module)
+    return {
+        "module": module,
+        "layer": -1 if layer is None else layer,
+        "kind": kind,
+        "out_features": int(weight.shape[0]),
+        "in_features": int(weight.shape[1]),
+        "rank": rank_for_budget(tuple(weight.shape), budget),
+        "phi": fisher_variance(importance),
+        "top_share": top_share(importance, top_fraction),
+        "max_to_mean": max_to_mean(importance),
+    }
+
+
+def _solver_columns(
+    matrix: torch.Tensor,
+    importance: torch.Tensor,
+    svd: FactorizationResult,
+    fwsvd: FactorizationResult,
+    num_examples: int | None,
+) -> dict[str, float]:
+    """SVD's error alignment and loss against FWSVD's, and (with N) their Taylor estimates."""
+    # SVD's error under uniform importance of the same total: the unweighted loss × mean I.
+    uniform = float(importance.double().mean()) * weighted_loss(matrix, None, svd.left, svd.right)
+    columns = {
+        "svd_error_alignment": svd.loss / uniform if uniform > 0 else 1.0,
+        "svd_loss_rel_fwsvd": svd.loss / fwsvd.loss if fwsvd.loss > 0 else 1.0,
+    }
+    if num_examples is not None:
+        columns["svd_taylor_loss"] = 0.5 * svd.loss / num_examples
+        columns["fwsvd_taylor_gain"] = 0.5 * (svd.loss - fwsvd.loss) / num_examples
+    return columns
 
 
 def _curvatures(
@@ -290,8 +297,6 @@ def risk_summary(
 
     ``statistic`` and ``threshold`` are the rule the rows' ``risk`` column was assigned with.
     """
-    if not rows:
-        raise ValueError("no layer rows to summarise")
     phis = [row["phi"] for row in rows]
     highest = max(rows, key=lambda row: row["phi"])
     by_kind: dict[str, list[float]] = {}
@@ -328,10 +333,6 @@ def risk_summary(
 def spearman(first: Sequence[float], second: Sequence[float]) -> float:
     """Spearman rank correlation as ``scipy.stats.spearmanr`` computes it (tied values share their
     average rank); NaN for fewer than two pairs or a constant sequence."""
-    if len(first) != len(second):
-        raise ValueError(
-            f"spearman needs sequences of equal length, got {len(first)} and {len(second)}"
-        )
     if len(first) < 2:
         return float("nan")
     with warnings.catch_warnings():
@@ -339,15 +340,13 @@ def spearman(first: Sequence[float], second: Sequence[float]) -> float:
         return float(stats.spearmanr(first, second).statistic)
 
 
-def _checked(importance: torch.Tensor, what: str) -> torch.Tensor:
-    if not isinstance(importance, torch.Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(importance).__name__}")
+def _checked(importance: torch.Tensor) -> torch.Tensor:
     if importance.numel() == 0:
-        raise ValueError(f"{what} is empty")
+        raise ValueError("importance is empty")
     if not torch.isfinite(importance).all():
-        raise ValueError(f"{what} holds NaN or inf")
+        raise ValueError("importance holds NaN or inf")
     if (importance < 0).any():
-        raise ValueError(f"{what} has negative entries; importance must be ≥ 0")
+        raise ValueError("importance has negative entries; expected ≥ 0")
     if not (importance > 0).any():
-        raise ValueError(f"{what} is all zero; φ and shares are undefined")
+        raise ValueError("importance is all zero; φ and shares are undefined")
     return importance

@@ -156,30 +156,25 @@ def layer_statistics(
 ) -> list[dict]:
     """One row of risk statistics per Fisher key (``"<module>.weight"``), in the Fisher's order.
 
-    Columns: ``module``, ``layer``, ``kind``, ``out_features``, ``in_features``, ``rank`` (from
-    ``budget``), ``phi`` (φ(W)), ``top_share`` (share of importance in the top ``top_fraction`` of
-    entries), ``max_to_mean`` and, with ``compare_solvers``: ``svd_error_alignment`` =
-    Σ I R² / (Ī Σ R²) for SVD's residual R (1 when SVD's error falls on average-importance
-    entries, > 1 when it hits important ones) and ``svd_loss_rel_fwsvd`` = SVD's weighted loss /
-    two-sided FWSVD's at the same rank (≥ 1 means weighting pays); with ``compare_solvers`` and
-    ``num_examples`` (the N the Fisher sums over) also ``svd_taylor_loss`` = ½ Σ I R² / N (the
-    second-order estimate of the mean-loss increase from SVD) and ``fwsvd_taylor_gain`` = ½ (SVD's
-    − FWSVD's weighted loss) / N (the same estimate of what weighting saves). When
-    ``calibration`` (``{"<module>.input_moment": A, "<module>.output_moment": G, …}``, per
-    example, as ``calibration_statistics`` stores them) holds A and G of every layer, also
-    ``svd_kronecker_loss`` = ½ tr(RᵀGRA), the Kronecker loss model's predicted loss increase in
-    nats per example (:func:`~weighted_lowrank.lowrank.loss_models.predicted_loss_increase`),
-    whatever ``compare_solvers`` says; else that column is absent, and selecting it is an error
-    naming the missing keys. Last, ``risk``: ``"high"`` when the row's ``statistic`` ≥
-    ``threshold``. ``weights`` maps the same keys to the weight matrices.
+    ``weights`` maps the same keys to the weight matrices. Columns: ``module``, ``layer``,
+    ``kind``, ``out_features``, ``in_features``, ``rank`` (from ``budget``), ``phi`` (φ(W)),
+    ``top_share`` (of the top ``top_fraction`` of entries), ``max_to_mean``; with
+    ``compare_solvers``, for SVD's residual R: ``svd_error_alignment`` = Σ I R² / (Ī Σ R²) (> 1
+    when SVD's error hits important entries), ``svd_loss_rel_fwsvd`` = SVD's weighted loss /
+    two-sided FWSVD's (≥ 1: weighting pays) and, given the N examples the Fisher sums over,
+    ``svd_taylor_loss`` = ½ Σ I R² / N and ``fwsvd_taylor_gain`` = ½ (SVD's − FWSVD's loss) / N.
+    When ``calibration`` holds the per-example A and G of every layer (``"<module>.input_moment"``,
+    ``"<module>.output_moment"``), ``svd_kronecker_loss`` = ½ tr(RᵀGRA) in nats per example;
+    else that column is absent and selecting it is an error naming the missing keys. Last,
+    ``risk``: ``"high"`` when the row's ``statistic`` ≥ ``threshold``.
     """
     keys = list(fisher)
     modules = [key.removesuffix(".weight") for key in keys]
+    calibration = calibration or {}
     missing_calibration = [
-        statistic_key(module, name)
-        for module in modules
-        for name in KRONECKER_NEEDS
-        if calibration is None or statistic_key(module, name) not in calibration
+        key
+        for key in (statistic_key(module, name) for module in modules for name in KRONECKER_NEEDS)
+        if key not in calibration
     ]
     check_risk_statistic(statistic, compare_solvers, num_examples, missing_calibration)
     missing = [key for key in keys if key not in weights]
@@ -189,23 +184,15 @@ def layer_statistics(
         _importance_row(module, key, weights[key], fisher[key], budget, top_fraction)
         for module, key in zip(modules, keys, strict=True)
     ]
-    curvatures = (
-        None
-        if missing_calibration
-        else _curvatures(modules, [weights[key] for key in keys], calibration)
-    )
     matrices = [weights[key].detach().float() for key in keys]
+    curvatures = None if missing_calibration else _curvatures(modules, matrices, calibration)
     importances = [fisher[key].float() for key in keys]
     ranks = [row["rank"] for row in rows]
     if compare_solvers or curvatures is not None:
         svd = factorize_batch(matrices, importances, ranks, solver="svd", device=device)
     if curvatures is not None:
         for row, matrix, svd_result, curvature in zip(rows, matrices, svd, curvatures, strict=True):
-            approximation = svd_result.left.double().cpu() @ svd_result.right.double().cpu()
-            predicted = predicted_loss_increase(
-                matrix.double() - approximation, curvature, ["kronecker"]
-            )
-            row["svd_kronecker_loss"] = predicted["kronecker"]
+            row["svd_kronecker_loss"] = _kronecker_loss(matrix, svd_result, curvature)
     if compare_solvers:
         fwsvd = factorize_batch(matrices, importances, ranks, solver="fwsvd", device=device)
         for row, matrix, importance, svd_result, fwsvd_result in zip(
@@ -243,6 +230,14 @@ def _importance_row(
         "top_share": top_share(importance, top_fraction),
         "max_to_mean": max_to_mean(importance),
     }
+
+
+def _kronecker_loss(
+    matrix: torch.Tensor, svd: FactorizationResult, curvature: LayerCurvature
+) -> float:
+    """½ tr(RᵀGRA) for SVD's residual R, in float64."""
+    residual = matrix.double() - svd.left.double().cpu() @ svd.right.double().cpu()
+    return predicted_loss_increase(residual, curvature, ["kronecker"])["kronecker"]
 
 
 def _solver_columns(

@@ -1,9 +1,10 @@
 """``factorization``: fine-tuned model + Fisher → per solver a compressed model and a layer report.
 
 The shared node ``svd_reference`` computes plain SVD's weighted loss per layer once at the uniform
-ranks (``svd_reference_loss``). Then one namespace per solver in ``SOLVERS`` (the list lives in
-code because pipelines are built before parameters are read): ``loss_curves`` (every layer's
-predicted loss at every rank, ``<solver>.loss_curves``) → ``allocate`` (the ranks under
+ranks (``svd_reference_loss``; ``fisher_estimation`` makes it too, so that a run of one namespace
+finds it after the upstream pipelines). Then one namespace per solver in ``SOLVERS`` (the list
+lives in code because pipelines are built before parameters are read): ``loss_curves`` (every
+layer's predicted loss at every rank, ``<solver>.loss_curves``) → ``allocate`` (the ranks under
 ``compression.allocation``, ``<solver>.rank_map``; it reads the SVD reference's uniform ranks, so
 ``--from-nodes svd_reference`` redoes every allocation) → ``compress``. Every namespace shares
 ``fine_tuned_model``, ``fisher_information``, ``calibration_statistics``, ``svd_reference_loss``
@@ -76,18 +77,19 @@ def create_solver_template(solver: str) -> Pipeline:
     )
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    reference = Pipeline(
-        [
-            Node(
-                svd_reference,
-                inputs=["fine_tuned_model", "fisher_information", "params:compression"],
-                outputs="svd_reference_loss",
-                name="svd_reference",
-                tags=["factorization"],
-            )
-        ]
+def create_reference_pipeline() -> Pipeline:
+    """The shared ``svd_reference`` node (also in ``fisher_estimation``, see the registry)."""
+    node = Node(
+        svd_reference,
+        inputs=["fine_tuned_model", "fisher_information", "params:compression"],
+        outputs="svd_reference_loss",
+        name="svd_reference",
+        tags=["factorization"],
     )
+    return Pipeline([node])
+
+
+def create_pipeline(**kwargs) -> Pipeline:
     return sum(
         (
             Pipeline(
@@ -98,5 +100,5 @@ def create_pipeline(**kwargs) -> Pipeline:
             )
             for solver in SOLVERS
         ),
-        reference,
+        create_reference_pipeline(),
     )

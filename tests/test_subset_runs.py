@@ -1,0 +1,49 @@
+"""Subset runs as a new user types them: the upstream pipelines first, then one solver's
+factorization and evaluation (``--namespaces``) from what they persisted."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+
+from tests.test_session import copy_project
+from weighted_lowrank.analysis.sweep import end_active_runs
+
+
+def kedro_run(project, model_dir, pipelines: list[str], **options) -> None:
+    """``kedro run --env smoke --pipelines <pipelines> [--namespaces ...]`` in this process."""
+    previous_uri = mlflow.get_tracking_uri()
+    runtime_params = {
+        "mlflow_tracking_uri": f"sqlite:///{project / 'mlflow.db'}",
+        "model": {"source": str(model_dir)},
+    }
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(project)
+            bootstrap_project(project)
+            with KedroSession.create(
+                project_path=project, env="smoke", runtime_params=runtime_params
+            ) as session:
+                session.run(pipeline_names=pipelines, **options)
+    finally:
+        end_active_runs()
+        mlflow.set_tracking_uri(previous_uri)
+
+
+def test_one_solver_runs_after_only_the_upstream_pipelines(tmp_path):
+    model_dir = copy_project(tmp_path)
+    kedro_run(tmp_path, model_dir, ["data_processing", "fine_tuning", "fisher_estimation"])
+    data = tmp_path / "data"
+    # The SVD reference every namespace reads is made beside the Fisher it weighs.
+    assert (data / "04_feature" / "svd_reference_loss.parquet").is_file()
+    kedro_run(
+        tmp_path,
+        model_dir,
+        ["factorization", "evaluation"],
+        namespaces=["dense", "kfwsvd"],
+    )
+    assert (data / "08_reporting" / "evaluation" / "kfwsvd.json").is_file()
+    assert (data / "08_reporting" / "evaluation" / "dense.json").is_file()
+    assert not (data / "07_model_output" / "svd").exists()  # only the named namespaces ran

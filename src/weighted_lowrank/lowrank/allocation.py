@@ -51,7 +51,6 @@ def max_rank(out_features: int, in_features: int) -> int:
 
     0 when no rank saves parameters (1×1, 2×1, 2×2 layers): such a layer can only stay dense.
     """
-    out_features, in_features = _checked_shape((out_features, in_features), "max_rank")
     return (out_features * in_features - 1) // (out_features + in_features)
 
 
@@ -91,12 +90,14 @@ class LossCurve:
         """Weight parameters the layer keeps at ``rank`` (``None``: dense, out·in)."""
         if rank is None:
             return self.out_features * self.in_features
-        if isinstance(rank, bool) or not isinstance(rank, int | np.integer):
-            raise ValueError(f"rank must be an int or None (dense), got {rank!r}")
-        if not 1 <= rank <= self.max_rank:
+        if (
+            isinstance(rank, bool)
+            or not isinstance(rank, int | np.integer)
+            or not 1 <= rank <= self.max_rank
+        ):
             raise ValueError(
-                f"rank {rank} is no candidate for a {self.out_features}x{self.in_features} layer; "
-                f"expected 1..{self.max_rank} or None (dense)"
+                f"rank {rank!r} is no candidate for a {self.out_features}x{self.in_features} "
+                f"layer; expected 1..{self.max_rank} or None (dense)"
             )
         return int(rank) * (self.out_features + self.in_features)
 
@@ -164,11 +165,6 @@ def uniform_ranks(shapes: Mapping[str, tuple[int, int]], budget: float) -> dict[
                 f"budget {budget} gives rank 0 for layer {name!r} ({out_features}x{in_features}): {exc}; "
                 f"expected a budget of at least {smallest:.4g} so that every targeted layer keeps rank 1"
             ) from exc
-        if rank < 1:
-            raise ValueError(
-                f"budget {budget} gives rank {rank} for layer {name!r} ({out_features}x{in_features}); "
-                f"expected a budget of at least {smallest:.4g} so that every targeted layer keeps rank 1"
-            )
         if rank * (out_features + in_features) >= dense:
             raise ValueError(
                 f"rank {rank} for layer {name!r} ({out_features}x{in_features}) keeps "
@@ -195,12 +191,11 @@ def allocate_ranks(
 ) -> Allocation:
     """The ranks minimising Σ predicted loss with Σ kept parameters ≤ ``max_parameters``.
 
-    Exact for any curves (convex or not) by a dynamic programme over parameter quanta (module
-    docstring); above ``max_states`` table entries, (capacity + 1) × layers, the quantum is
-    coarsened and ``exact`` is ``False``. Every check runs before any work: an empty mapping, a
-    ``max_parameters`` or ``max_states`` that is not a positive int, a bad curve
-    (:func:`check_curves`), or a budget below the smallest model (every layer at rank 1, dense
-    where no rank saves parameters) raise ``ValueError`` saying what was expected.
+    Exact for any curves by a dynamic programme over parameter quanta (module docstring); above
+    ``max_states`` table entries, (capacity + 1) × layers, the quantum is coarsened and ``exact``
+    is ``False``. Every check runs before any work: an empty mapping, a ``max_parameters`` or
+    ``max_states`` that is not a positive int, a bad curve (:func:`check_curves`), or a budget
+    below the smallest model raise ``ValueError`` saying what was expected.
     """
     if not isinstance(curves, Mapping) or not curves:
         raise ValueError(
@@ -213,7 +208,6 @@ def allocate_ranks(
     layers = [curves[name] for name in names]
     # Candidate k of a layer: rank k + 1 for k < max_rank, then dense.
     costs = [_candidate_costs(curve) for curve in layers]
-    losses = [np.append(curve.losses, 0.0) for curve in layers]
     smallest = sum(int(cost[0]) for cost in costs)
     if smallest > max_parameters:
         raise ValueError(
@@ -226,7 +220,6 @@ def allocate_ranks(
             f"max_states={max_states} is fewer than the {len(layers)} layers; expected at least "
             "one table entry per layer"
         )
-
     gcd = reduce(math.gcd, (_cost_gcd(curve) for curve in layers))
     quantum = _quantum(costs, max_parameters, max_states, gcd)
     units = [-(-cost // quantum) for cost in costs]  # rounded up: never under-counts parameters
@@ -237,28 +230,33 @@ def allocate_ranks(
             f"smallest model ({smallest} parameters) no longer fits in max_parameters="
             f"{max_parameters}; expected a larger max_states"
         )
-
-    choices = _programme(units, losses, capacity)
-    ranks: dict[str, int | None] = {}
-    remaining = capacity
-    for index in reversed(range(len(layers))):
-        k = int(choices[index][remaining])
-        remaining -= int(units[index][k])
-        ranks[names[index]] = None if k == layers[index].max_rank else k + 1
-    ranks = {name: ranks[name] for name in names}
-    chosen = [curve.parameters(ranks[name]) for name, curve in zip(names, layers, strict=True)]
-    chosen_losses = [
-        0.0 if ranks[name] is None else float(curve.losses[ranks[name] - 1])
-        for name, curve in zip(names, layers, strict=True)
-    ]
+    choices = _programme(units, [np.append(curve.losses, 0.0) for curve in layers], capacity)
+    chosen = _read_back(choices, units, [curve.max_rank for curve in layers], capacity)
+    ranks = dict(zip(names, chosen, strict=True))
     return Allocation(
         ranks=ranks,
-        parameters=sum(chosen),
+        parameters=sum(curve.parameters(rank) for curve, rank in zip(layers, chosen, strict=True)),
         max_parameters=int(max_parameters),
-        predicted_loss=math.fsum(chosen_losses),
+        predicted_loss=math.fsum(
+            0.0 if rank is None else float(curve.losses[rank - 1])
+            for curve, rank in zip(layers, chosen, strict=True)
+        ),
         quantum=quantum,
         exact=quantum == gcd,
     )
+
+
+def _read_back(
+    choices: list[Any], units: list[np.ndarray], max_ranks: list[int], capacity: int
+) -> list[int | None]:
+    """Each layer's rank (``None``: dense), walking the choices back from the last layer."""
+    ranks: list[int | None] = [None] * len(choices)
+    remaining = capacity
+    for index in reversed(range(len(choices))):
+        k = int(choices[index][remaining])
+        remaining -= int(units[index][k])
+        ranks[index] = None if k == max_ranks[index] else k + 1
+    return ranks
 
 
 def _programme(units: list[np.ndarray], losses: list[np.ndarray], capacity: int) -> list[Any]:

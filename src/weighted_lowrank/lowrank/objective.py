@@ -49,21 +49,17 @@ def weighted_loss(
     right: torch.Tensor,
 ) -> float:
     """``Σ I (W − left @ right)²`` in float64; ``importance=None`` means uniform importance 1."""
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-    if left.ndim != 2 or right.ndim != 2:
-        raise ValueError(
-            f"left and right must be 2-D, got shapes {tuple(left.shape)} and {tuple(right.shape)}"
-        )
-    out_features, in_features = weight.shape
     if (
-        left.shape[0] != out_features
-        or right.shape[1] != in_features
+        weight.ndim != 2
+        or left.ndim != 2
+        or right.ndim != 2
+        or left.shape[0] != weight.shape[0]
+        or right.shape[1] != weight.shape[1]
         or left.shape[1] != right.shape[0]
     ):
         raise ValueError(
             f"left {tuple(left.shape)} @ right {tuple(right.shape)} does not give the weight's "
-            f"shape {tuple(weight.shape)}"
+            f"shape {tuple(weight.shape)}; expected 2-D (out, r) and (r, in) factors"
         )
     if importance is not None and importance.shape != weight.shape:
         raise ValueError(
@@ -93,8 +89,6 @@ def rank_for_budget(shape: tuple[int, int], fraction: float) -> int:
     The budget counts only the factored layer's weight parameters (``r·(out+in)`` against
     ``out·in``), not its bias.
     """
-    if len(shape) != 2 or any(int(size) < 1 for size in shape):
-        raise ValueError(f"shape must be two positive sizes (out, in), got {shape!r}")
     if not (isinstance(fraction, int | float) and math.isfinite(fraction) and 0 < fraction <= 1):
         raise ValueError(f"budget fraction must be a number in (0, 1], got {fraction!r}")
     out_features, in_features = (int(size) for size in shape)
@@ -110,19 +104,14 @@ def rank_for_budget(shape: tuple[int, int], fraction: float) -> int:
 
 def validate_problem(weight: torch.Tensor, importance: torch.Tensor | None, rank: int) -> None:
     """Raise ``ValueError`` unless (weight, importance, rank) is a well-formed problem."""
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-    if not weight.is_floating_point():
-        raise ValueError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    if weight.ndim != 2 or not weight.is_floating_point():
+        raise ValueError(
+            "weight must be a 2-D (out, in) floating-point tensor, got shape "
+            f"{tuple(weight.shape)} and dtype {weight.dtype}"
+        )
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight contains NaN or inf")
     if importance is not None:
-        if not isinstance(importance, torch.Tensor):
-            raise ValueError(
-                f"importance must be a torch.Tensor or None, got {type(importance).__name__}"
-            )
         if importance.shape != weight.shape:
             raise ValueError(
                 f"importance shape {tuple(importance.shape)} differs from weight shape "
@@ -134,11 +123,9 @@ def validate_problem(weight: torch.Tensor, importance: torch.Tensor | None, rank
             raise ValueError(
                 f"importance has negative entries (min {float(importance.min()):.3g}); expected >= 0"
             )
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise ValueError(f"rank must be an int, got {rank!r}")
     smallest = min(weight.shape)
-    if rank < 1 or rank >= smallest:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank < smallest:
         raise ValueError(
-            f"rank must satisfy 1 <= rank < min(out, in) = {smallest} for weight shape "
-            f"{tuple(weight.shape)}, got {rank}"
+            f"rank must be an int with 1 <= rank < min(out, in) = {smallest} for weight shape "
+            f"{tuple(weight.shape)}, got {rank!r}"
         )

@@ -1,14 +1,10 @@
-"""Read the per-row MLflow child runs of past ``kedro run``\\ s back as tables and plots.
+"""Read the per-row MLflow child runs of past runs back as tables and plots (plain
+MLflow + pandas; ``notebooks/compare_runs.ipynb``, ``benchmarks/results.py``).
 
-Used by ``notebooks/compare_runs.ipynb`` and ``benchmarks/results.py``; plain MLflow + pandas, no
-Kedro. Every child run carries the same params (``solver``, ``budget``, ``allocation``,
-``refinement``, …) and metrics (``accuracy``, ``latency_ms``, …). Its ``solver`` is the row's
-namespace: ``dense``, a solver, or ``refined.<solver>`` for that solver's model fine-tuned after
-compression (``kedro run --pipelines refined``, or ``--pipelines refinement`` after a run), whose
-``refinement`` param says what was trained; every other row says ``off``. Its ``allocation`` is
-how the budget was spread over the layers, ``uniform`` or ``global`` (``dense`` for the dense
-row). :func:`with_refined_columns` puts a refined row's metrics beside its solver's as
-``<metric>_refined``, the way the tables and plots show them.
+Every child run has the same params and metrics. Its ``solver`` is the row's namespace:
+``dense``, a solver, or ``refined.<solver>`` (that solver's model fine-tuned after compression,
+whose ``refinement`` param says what was trained; every other row says ``off``); its
+``allocation`` is ``uniform`` or ``global`` (``dense`` for the dense row).
 """
 
 from __future__ import annotations
@@ -82,14 +78,9 @@ def child_runs(tracking_uri: str, experiment: str = EXPERIMENT) -> pd.DataFrame:
 
 
 def _split_refined_metrics(table: pd.DataFrame) -> pd.DataFrame:
-    """Runs recorded before refined rows existed, as if they had them.
-
-    Such a run measured its refined model in ``<metric>_refined`` metrics (and
-    ``refinement_seconds``) of the solver's own child run. Each becomes a ``refined.<solver>`` row
-    with those values under the plain names (the size and latency metrics are the solver's: the
-    refined model has its layers) and the solver's row keeps the unrefined metrics, ``refinement``
-    ``off``.
-    """
+    """Runs recorded before refined rows existed, as if they had them: a solver row's
+    ``<metric>_refined`` metrics become a ``refined.<solver>`` row's plain metrics (size and
+    latency are the solver's: the refined model has its layers)."""
     suffixed = [column for column in table.columns if column.endswith(_SUFFIX)]
     if not suffixed:
         return table
@@ -108,8 +99,7 @@ def _split_refined_metrics(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def task_metric(table: pd.DataFrame) -> str:
-    """``accuracy`` for classification runs, ``perplexity`` for language models, ``pearson``
-    for regression."""
+    """``accuracy`` (classification), ``perplexity`` (language models), else ``pearson``."""
     for metric in ("accuracy", "perplexity"):
         if metric in table:
             return metric
@@ -117,12 +107,9 @@ def task_metric(table: pd.DataFrame) -> str:
 
 
 def latest_per_budget(table: pd.DataFrame, refined_only: bool = False) -> pd.DataFrame:
-    """The newest child run of every (solver, budget), refined rows included.
-
-    ``refined_only`` keeps the (solver, budget) pairs that have a refined row: those rows and
-    their solver's. ``dense`` (budget 1) is taken from the newest parent run that also holds kept
-    runs, so the reference line belongs to the same fine-tuned model.
-    """
+    """The newest child run of every (solver, budget), refined rows included (``refined_only``:
+    only the pairs that have one). ``dense`` comes from the newest parent run among those kept,
+    so the reference belongs to the same fine-tuned model."""
     refined = table["solver"].map(is_refined)
     if refined_only:
         if not refined.any():
@@ -141,11 +128,8 @@ def latest_per_budget(table: pd.DataFrame, refined_only: bool = False) -> pd.Dat
 
 
 def with_refined_columns(latest: pd.DataFrame) -> pd.DataFrame:
-    """The unrefined rows, each with its ``refined.<solver>`` row's metrics as ``<metric>_refined``.
-
-    Metrics are the numeric columns (``budget`` is the key); a row without a refined row has NaN
-    there, and without any refined row the table is returned as it is.
-    """
+    """The unrefined rows, each with its ``refined.<solver>`` row's numeric metrics as
+    ``<metric>_refined`` (NaN where it has none)."""
     refined = latest["solver"].map(is_refined)
     base = latest[~refined]
     if not refined.any():
@@ -173,11 +157,8 @@ def budget_table(latest: pd.DataFrame, metric: str | None = None) -> pd.DataFram
 
 
 def quality_vs_params_figure(latest: pd.DataFrame, metric: str | None = None) -> Figure:
-    """Task metric vs whole-model parameters kept, one line per solver across budgets.
-
-    Dense is a dashed reference line; where refined rows exist each solver also gets a dotted
-    line of the same colour for its models fine-tuned after compression.
-    """
+    """Task metric vs whole-model parameters kept, one line per solver across budgets; dense
+    dashed; refined models dotted in their solver's colour."""
     metric = metric or task_metric(latest)
     wide = with_refined_columns(latest)
     refined = f"{metric}{_SUFFIX}"
@@ -210,12 +191,8 @@ def quality_vs_params_figure(latest: pd.DataFrame, metric: str | None = None) ->
 
 
 def latest_per_seed(table: pd.DataFrame) -> pd.DataFrame:
-    """The newest child run of every (solver, budget, allocation, seed), dense (budget 1)
-    included.
-
-    A seed sweep (``python -m weighted_lowrank.analysis.sweep run``) makes one parent run per seed, budget
-    and allocation; re-running a seed replaces its rows.
-    """
+    """The newest child run of every (solver, budget, allocation, seed), dense included: a
+    re-run seed of a sweep (:mod:`.sweep`) replaces its rows."""
     if "seed" not in table:
         raise ValueError("the child runs carry no `seed` param; run the pipeline (`kedro run`)")
     keyed = table.assign(seed=table["seed"].astype(int))
@@ -228,11 +205,8 @@ def latest_per_seed(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def seed_summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
-    """Mean ± sd of the task metric over seeds, per (solver, budget, allocation); ``n`` seeds
-    each.
-
-    ``table`` is :func:`latest_per_seed`'s; sd is the sample standard deviation (NaN for one seed).
-    """
+    """``n``, mean and sample sd of the task metric over seeds per (solver, budget, allocation)
+    of :func:`latest_per_seed`'s table, dense first."""
     metric = metric or task_metric(table)
     grouped = table.groupby(["solver", "budget", "allocation"])[metric]
     summary = grouped.agg(n="count", mean="mean", sd="std").reset_index()
@@ -247,13 +221,8 @@ def seed_summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame
 def seed_differences(
     table: pd.DataFrame, reference: str = "fwsvd", metric: str | None = None
 ) -> pd.DataFrame:
-    """Per (solver, budget, allocation): the per-seed differences of the task metric against
-    ``reference`` at the same seed, budget and allocation (paired by seed), their mean and sd,
-    and on how many seeds the solver was ahead.
-
-    Columns: solver, budget, allocation, n, mean_diff, sd_diff, ahead, differences (seed →
-    difference).
-    """
+    """Per (solver, budget, allocation): the task metric minus ``reference``'s at the same seed
+    (:func:`_paired_summary`'s columns)."""
     metric = metric or task_metric(table)
     wide = table.pivot_table(
         index=["budget", "allocation", "seed"], columns="solver", values=metric
@@ -278,13 +247,9 @@ def seed_differences(
 
 
 def allocation_differences(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
-    """Per (solver, budget): global − uniform allocation at the same seed and budget, of the task
-    metric (n, mean_diff, sd_diff, ahead: seeds where global's is higher, differences: seed →
-    difference) and of ``test_loss`` (loss_mean_diff, loss_differences; lower is better).
-
-    ``table`` is :func:`latest_per_seed`'s; a (solver, budget) without both allocations at one
-    seed gets no row (nor does dense, which has neither).
-    """
+    """Per (solver, budget) with both allocations at a seed: global − uniform of the task metric
+    (:func:`_paired_summary`'s columns) and of ``test_loss`` (``loss_mean_diff``,
+    ``loss_differences``)."""
     metric = metric or task_metric(table)
     index = ["solver", "budget", "seed"]
     wide = table.pivot_table(index=index, columns="allocation", values=[metric, "test_loss"])
@@ -320,10 +285,8 @@ def _paired_summary(values: pd.Series) -> dict[str, Any]:
 def paired_p_values(
     tracking_uri: str, reference: str = "fwsvd", experiment: str = EXPERIMENT
 ) -> pd.DataFrame:
-    """The exact McNemar p of every row against ``reference`` per (seed, budget, allocation), as
-    each run's parent logged it (``paired.<row>.vs_<reference>.p``); the newest parent run of a
-    (seed, budget, allocation) wins. A parent run without ``compression.allocation`` was recorded
-    before it existed: ``uniform``. Columns: solver, budget, allocation, seed, p."""
+    """The McNemar p of every row against ``reference`` per (seed, budget, allocation) as the
+    newest parent run logged it (``paired.<row>.vs_<reference>.p``; no allocation: uniform)."""
     prefix, suffix = "paired.", f".vs_{reference}.p"
     rows = [
         {
@@ -347,14 +310,9 @@ def paired_p_values(
 
 
 def allocation_p_values(tracking_uri: str, table: pd.DataFrame) -> pd.DataFrame:
-    """The exact McNemar p of global against uniform allocation per (solver, budget, seed), from
-    the two child runs' per-example predictions (artifact ``predictions.parquet``).
-
-    ``table`` is :func:`latest_per_seed`'s. A pair gets no row when either run has no predictions
-    artifact (recorded before they were logged), the two are not on the same test examples, or
-    the task is a regression (no right/wrong per example). Columns: solver, budget, seed, wins
-    (examples only global gets right), losses, p.
-    """
+    """The McNemar p of global against uniform allocation per (solver, budget, seed) of
+    :func:`latest_per_seed`'s table, from the child runs' predictions artifacts; no row where
+    either has none, they are on other examples, or the task is a regression."""
     client = MlflowClient(tracking_uri)
     keyed = table[table["allocation"].isin(["uniform", "global"])]
     run_ids = keyed.set_index(["solver", "budget", "seed", "allocation"])["run_id"].unstack()

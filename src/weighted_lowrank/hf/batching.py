@@ -1,11 +1,5 @@
-"""Batches of tokenized text: length-bucketed examples for sequence classifiers, token blocks
-for causal language models.
-
-Classifier batches are padded only to their own longest example; sorting examples by token
-length first makes them nearly unpadded, so per-token work (Fisher estimation, training) is not
-wasted on padding. A language-modelling split is one token stream cut into equal blocks
-(:func:`encode_lm_blocks`), so its batches need no padding but the last block's.
-"""
+"""Batches of tokenized text: length-bucketed examples for sequence classifiers (padded to their
+own longest example, so nearly unpadded), equal token blocks for causal language models."""
 
 from __future__ import annotations
 
@@ -70,10 +64,8 @@ def make_batches(
 def encode_examples(
     frame: pd.DataFrame, tokenizer, max_length: int, label_dtype: torch.dtype | None = None
 ) -> list[dict[str, torch.Tensor]]:
-    """Tokenize ``frame`` into one unpadded example dict per row, ``labels`` included.
-
-    ``label_dtype`` defaults to ``torch.float32`` for float labels (regression), else ``torch.long``.
-    """
+    """One unpadded example dict per row, ``labels`` included (float32 for float labels, else
+    long, unless ``label_dtype`` says)."""
     texts = frame["text"].astype(str).tolist()
     pairs = frame["text_pair"].astype(str).tolist() if "text_pair" in frame.columns else None
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
@@ -97,11 +89,10 @@ def encode_lm_blocks(
 ) -> list[dict[str, torch.Tensor]]:
     """The documents of ``frame["text"]`` as blocks of ``block_length`` tokens for a causal LM.
 
-    Each document is tokenized as the tokenizer does by default (LLaMA's adds a BOS), followed
-    by the end-of-text token when the tokenizer has one and did not add it; the documents are
-    concatenated in row order and the stream is cut into consecutive blocks, as Hugging Face's
-    ``run_clm`` groups texts. The last, shorter block is kept when it has at least two tokens
-    (one prediction). ``labels`` are the block's own token ids (the model shifts them).
+    Each document as the tokenizer encodes it (LLaMA's adds a BOS), then end-of-text unless
+    already there, concatenated in row order and cut into consecutive blocks as Hugging Face's
+    ``run_clm`` groups texts; a shorter last block is kept if it predicts at least one token.
+    ``labels`` are the block's own ids (the model shifts them).
     """
     missing = [column for column in LM_REQUIRED_COLUMNS if column not in frame.columns]
     if missing or len(frame) == 0:
@@ -146,9 +137,8 @@ def make_lm_batches(
 def pad_examples(
     examples: list[dict[str, torch.Tensor]], pad_token_id: int
 ) -> dict[str, torch.Tensor]:
-    """Right-pad encoded examples to the longest one: ``input_ids`` with ``pad_token_id``, token
-    ``labels`` (a language model's) with -100, the other token columns with 0; one label per
-    example is stacked."""
+    """Right-pad encoded examples to the longest: ``input_ids`` with ``pad_token_id``, token
+    ``labels`` with -100, other columns with 0; scalar labels are stacked."""
     length = max(example["input_ids"].numel() for example in examples)
     batch: dict[str, torch.Tensor] = {}
     for key in examples[0]:

@@ -70,14 +70,9 @@ def model_shape(model: nn.Module) -> tuple:
 def latency_by_shape_ms(
     models: Mapping[str, nn.Module], vocab_size: int, **protocol: object
 ) -> dict[str, float]:
-    """:func:`measure_latency_ms`, timing each distinct model shape once per process.
-
-    A model whose shape (:func:`model_shape`) was already timed with the same vocabulary and
-    protocol gets that median again; the others (one per new shape) are timed together, in
-    turns. So the dense model is timed once per run, and the compressed models of a uniform
-    allocation — every solver's has the same shape — once between them, instead of once per
-    namespace: equal shapes run the same kernels, and their differences were noise.
-    """
+    """:func:`measure_latency_ms`, timing each distinct model shape (:func:`model_shape`, with
+    vocabulary and protocol) once per process, new shapes together in turns: equal shapes run the
+    same kernels, and their differences were noise."""
     options = tuple(sorted(protocol.items()))
     keys = {name: (model_shape(model), vocab_size, options) for name, model in models.items()}
     first_of: dict[tuple, str] = {}

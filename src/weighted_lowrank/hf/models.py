@@ -29,11 +29,8 @@ MODEL_TASKS = ("auto", *TASKS)
 
 @dataclass
 class ModelBundle:
-    """A model (sequence classifier or causal LM) with the tokenizer it was trained with.
-
-    ``model_fingerprint`` names the fine-tuned model this bundle derives from (the fine-tuned
-    model's own fingerprint; a compressed or refined model keeps its source's), see ``lineage``.
-    """
+    """A model (sequence classifier or causal LM) with its tokenizer; ``model_fingerprint``
+    names the fine-tuned model it derives from (``kedro_glue.lineage``)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -56,11 +53,8 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model_source(source: str) -> str:
-    """Map a configured model source to something ``from_pretrained`` accepts.
-
-    ``embedded:…`` → the packaged directory; an existing local directory → itself; anything else
-    is treated as a hub name (works only online or from the local HF cache).
-    """
+    """What ``from_pretrained`` accepts for a configured source: ``embedded:…`` the packaged
+    directory, a local directory itself, anything else a hub name (online or cached)."""
     if source.startswith("embedded:"):
         if source != EMBEDDED_MODEL:
             raise ValueError(f"unknown embedded model {source!r}; expected {EMBEDDED_MODEL!r}")
@@ -86,9 +80,8 @@ def _causal_lm_classes() -> set[str]:
 
 
 def task_of_config(config: PretrainedConfig) -> str:
-    """``causal_lm`` when the config's ``architectures`` name a causal-LM class of transformers
-    (``GPT2LMHeadModel``, ``LlamaForCausalLM``, …), else ``sequence_classification`` (encoders,
-    and checkpoints saved without ``architectures``)."""
+    """``causal_lm`` when the config's ``architectures`` name a transformers causal-LM class,
+    else ``sequence_classification``."""
     architectures = getattr(config, "architectures", None) or []
     causal = any(name in _causal_lm_classes() for name in architectures)
     return "causal_lm" if causal else "sequence_classification"
@@ -108,10 +101,8 @@ def auto_model_class(task: str) -> type:
 
 
 def model_structure(source: str, task: str, num_labels: int = 2) -> PreTrainedModel:
-    """The model ``source`` would load for ``task``, built from its config on the ``meta`` device:
-    the module tree (names, classes, shapes) without reading or allocating any weight, and with
-    GPT-2's ``Conv1D`` already turned into ``nn.Linear`` like a loaded model. For checks before
-    any training."""
+    """The module tree ``source`` would load for ``task``, on the ``meta`` device (no weight read
+    or allocated; ``Conv1D`` linearized as when loaded), for checks before any training."""
     from weighted_lowrank.lowrank.architectures import linearize_conv1d
 
     config = AutoConfig.from_pretrained(resolve_model_source(source))
@@ -143,14 +134,9 @@ def load_base_model(
     task: str = "sequence_classification",
     fresh_head: bool = True,
 ) -> ModelBundle:
-    """Load a base model for ``task``.
-
-    Sequence classification: a head of ``num_labels``, re-initialised when ``fresh_head`` (a
-    checkpoint may carry a head for another task); without it the checkpoint's own head must
-    fit (``fine_tuning.enabled: false`` scores the model as given). Causal LM: the checkpoint's
-    language-model head. GPT-2's ``Conv1D`` layers become ``nn.Linear`` (same outputs), so every
-    later step sees one layer type.
-    """
+    """Load a base model for ``task``: a classifier's head of ``num_labels`` re-initialised when
+    ``fresh_head``, else the checkpoint's own, which must fit; a causal LM's own head. GPT-2's
+    ``Conv1D`` layers become ``nn.Linear`` (same outputs), so later steps see one layer type."""
     from weighted_lowrank.lowrank.architectures import linearize_conv1d
 
     resolved = resolve_model_source(source)

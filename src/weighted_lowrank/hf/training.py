@@ -37,8 +37,7 @@ TRAINING_POOL_BATCHES = 50
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    """Knobs of :func:`train_classifier`; a run builds them from its parameters with
-    ``FineTuningParams.training_options``, the defaults serve library callers."""
+    """Knobs of :func:`train_classifier` (a run's come from ``FineTuningParams``)."""
 
     epochs: int = 2
     batch_size: int = 32
@@ -82,11 +81,9 @@ def iterate_batches(
     seed: int,
     epoch: int,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield one epoch of padded training batches: the examples shuffled with ``[seed, epoch]``,
-    sorted by length within pools of 50 batches, the batch order shuffled again
-    (:func:`~weighted_lowrank.hf.batching.batch_order`). Each batch then holds examples of nearly
-    one length, so padding costs ~3 % of the tokens instead of ~90 % for random batches of the
-    default data (docs/METHOD.md, "Fine-tuning")."""
+    """One epoch of padded training batches, shuffled with ``[seed, epoch]`` and length-sorted
+    within pools of 50 batches (``batching.batch_order``): padding costs ~3 % of the tokens
+    instead of ~90 % for random batches of the default data (docs/METHOD.md, "Fine-tuning")."""
     lengths = np.array([example["input_ids"].numel() for example in examples])
     order = batch_order(
         lengths, batch_size, bucket_by_length=True, shuffle=True, seed=[seed, epoch],
@@ -124,10 +121,9 @@ class Predictions:
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, config: object) -> torch.Tensor:
-    """The task loss of every example of a batch, as Hugging Face's classification heads define
-    it (their batch loss is the mean of these): squared error for regression (``num_labels ==
-    1``), mean binary cross-entropy over the labels for ``multi_label_classification``, else
-    cross-entropy."""
+    """Each example's task loss as Hugging Face's classification heads define it (their batch
+    loss is the mean): squared error for regression, mean binary cross-entropy for
+    ``multi_label_classification``, else cross-entropy."""
     problem_type = getattr(config, "problem_type", None)
     num_labels = logits.shape[-1]
     if problem_type == "regression" or num_labels == 1:
@@ -157,21 +153,10 @@ def predict_examples(
     device = torch.device(device)
     was_training = model.training
     model.eval().to(device)
-    predict = _predict_blocks if causal_lm else _predict_rows
-    result = predict(model, tokenizer, frame, max_length, batch_size, device)
-    model.train(was_training)
-    return result
-
-
-def _predict_rows(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    frame: pd.DataFrame,
-    max_length: int,
-    batch_size: int,
-    device: torch.device,
-) -> Predictions:
-    """A classifier's logits and losses over the rows of ``frame``, batched by length."""
+    if causal_lm:
+        result = _predict_blocks(model, tokenizer, frame, max_length, batch_size, device)
+        model.train(was_training)
+        return result
     examples = encode_examples(frame, tokenizer, max_length)
     order = sorted(range(len(examples)), key=lambda i: examples[i]["input_ids"].numel())
     logits = np.zeros((len(examples), model.config.num_labels), dtype=np.float32)
@@ -188,6 +173,7 @@ def _predict_rows(
         losses[rows] = (
             per_example_loss(output.logits.float(), batch["labels"], model.config).cpu().numpy()
         )
+    model.train(was_training)
     return Predictions(logits=logits, losses=losses, loss=total_loss / len(examples))
 
 

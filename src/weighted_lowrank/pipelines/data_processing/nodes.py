@@ -1,11 +1,8 @@
 """Nodes of the data_processing pipeline: pick a source, clean, encode labels, split.
 
-Every split has the columns ``text``, optionally ``text_pair``, and ``label`` (int ``0..k-1`` for
-classification, float for regression). ``label_names[i]`` names label id ``i``; an empty list
-means a regression task (GLUE STS-B) — or, when the run's task is ``causal_lm``, a language-
-modelling corpus: then every split has the column ``text`` alone (one document per row, cut into
-token blocks where a model reads it, ``batching.encode_lm_blocks``) and rows are split at random,
-without strata.
+Every split has ``text``, optionally ``text_pair``, and ``label`` (int ``0..k-1``, or float for
+regression, whose ``label_names`` are empty). A causal language model's corpus (``model.task:
+causal_lm``) has ``text`` alone, split at random without strata.
 """
 
 from __future__ import annotations
@@ -55,13 +52,9 @@ _FILE_BUILDERS = {
 
 
 def resolve_source(data: DataParams, model: ModelParams | None = None) -> dict[str, Any]:
-    """The chosen source as one flat description the later nodes read, whatever its kind.
-
-    It names the source (``type``, ``path``, GLUE ``task``/``data_files``), the raw column
-    names, the accepted raw label values with their display names, the task type, and
-    ``model_task``: the run's ``model.task`` resolved (``causal_lm`` reads texts only; without
-    ``model``, ``sequence_classification``).
-    """
+    """The chosen source as one flat description the later nodes read, whatever its kind: where
+    it is, its raw columns, accepted label values and names, task type, and ``model_task`` (the
+    run's ``model.task`` resolved; without ``model``, ``sequence_classification``)."""
     spec = _resolve_labelled_source(data)
     spec["model_task"] = "sequence_classification" if model is None else model.resolved_task()
     if spec["type"] == "text" and spec["model_task"] != "causal_lm":
@@ -104,8 +97,7 @@ def _resolve_labelled_source(data: DataParams) -> dict[str, Any]:
 
 
 def _resolve_glue(data: DataParams) -> dict[str, Any]:
-    """GLUE's own columns and label names for the task; the task name is checked here, beside
-    :data:`GLUE_TASKS` (before any download)."""
+    """GLUE's own columns and label names for the task (checked before any download)."""
     glue = data.glue
     task = glue.task.lower().replace("-", "")
     if task not in GLUE_TASKS:
@@ -129,11 +121,8 @@ def _resolve_glue(data: DataParams) -> dict[str, Any]:
 
 
 def load_source_records(reviews_raw: pd.DataFrame, source: dict[str, Any]) -> pd.DataFrame:
-    """Return the chosen source's rows with standard columns ``text``[, ``text_pair``], ``label``.
-
-    ``reviews_raw`` (the catalog entry) is used when the source type is ``catalog``; CSV/Parquet
-    files and GLUE tasks are read here because which one to read is itself a parameter.
-    """
+    """The source's rows with columns ``text``[, ``text_pair``], ``label``: ``reviews_raw`` for
+    a ``catalog`` source; files and GLUE tasks are read here (which one is itself a parameter)."""
     if source["type"] == "catalog":
         frame, origin = reviews_raw, "catalog entry reviews_raw"
     elif source["type"] == "glue":
@@ -159,9 +148,8 @@ def load_source_records(reviews_raw: pd.DataFrame, source: dict[str, Any]) -> pd
 
 
 def _read_local_file(source: dict[str, Any]) -> pd.DataFrame:
-    """The table of a local file source. Text formats are decoded here with the source's
-    ``encoding`` (a file that does not decode fails naming the byte offset and the option to
-    set, :mod:`weighted_lowrank.hf.text_files`); Parquet stores UTF-8 by definition."""
+    """The table of a local file; text formats decoded with the source's ``encoding``
+    (:mod:`weighted_lowrank.hf.text_files`), Parquet being UTF-8 by definition."""
     path = Path(source["path"]).expanduser()
     if not path.is_file():
         raise ValueError(f"data.local_file.path {str(path)!r} does not exist or is not a file")
@@ -234,13 +222,9 @@ def _paths(data_files: str | list | tuple | dict) -> list[str]:
 
 
 def clean_records(records: pd.DataFrame, source: dict[str, Any]) -> pd.DataFrame:
-    """Drop missing or empty texts/labels, labels outside ``label_values``, and duplicate texts.
-
-    HTML entities (``&amp;``) are decoded first when the source sets ``unescape_html``.
-
-    Texts that occur with different labels are dropped entirely (the label is ambiguous);
-    remaining duplicates keep their first row. A pair's identity is (text, text_pair).
-    """
+    """Drop missing or empty texts/labels, labels outside ``label_values``, texts seen with
+    different labels (ambiguous), and later duplicates of a (text, text_pair); HTML entities are
+    decoded first when the source sets ``unescape_html``."""
     text_columns = [column for column in ("text", "text_pair") if column in records.columns]
     labelled = "label" in records.columns
     cleaned = records.dropna(subset=[*text_columns, *(["label"] if labelled else [])]).copy()
@@ -277,12 +261,8 @@ def clean_records(records: pd.DataFrame, source: dict[str, Any]) -> pd.DataFrame
 
 
 def encode_labels(records: pd.DataFrame, source: dict[str, Any]) -> tuple[pd.DataFrame, list[str]]:
-    """Map raw labels to ids ``0..k-1`` in the configured order; return the data and label names.
-
-    Without configured ``label_values`` the distinct labels are used in sorted order. Regression
-    targets become float32 and the label names are empty; so are a language-modelling corpus's,
-    whose texts pass through.
-    """
+    """Map raw labels to ids ``0..k-1`` in the configured order (else sorted); return the data
+    and label names. Regression targets become float32, without names, as a corpus has none."""
     encoded = records.copy()
     if _is_corpus(source):
         return encoded, []
@@ -314,12 +294,9 @@ def encode_labels(records: pd.DataFrame, source: dict[str, Any]) -> tuple[pd.Dat
 def split_records(
     records: pd.DataFrame, data: DataParams, label_names: list[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Stratified train/validation/test split of ``data.split``'s sizes with a seeded shuffle.
-
-    Every split keeps each class within one example of its overall proportion (regression:
-    within one example per quantile bin of the target). Rows not needed by the three sizes are
-    left out.
-    """
+    """Stratified train/validation/test split of ``data.split``'s sizes, seeded: each split
+    keeps every class (regression: quantile bin of the target) within one example of its
+    proportion; rows the three sizes do not need are left out."""
     split = data.split
     sizes = _split_sizes(split, len(records))
     if "label" in records.columns:
@@ -345,8 +322,8 @@ def split_records(
 
 
 def _split_sizes(split: SplitParams, available: int) -> list[int]:
-    """Counts for the configured sizes (counts or fractions), checked against the rows left
-    after cleaning: only known now, so SplitParams cannot check it."""
+    """Counts for the configured sizes, checked against the rows left after cleaning (only known
+    now, so SplitParams cannot check it)."""
     counts = [
         size if isinstance(size, int) else math.floor(size * available + 1e-9)
         for size in split.sizes
@@ -375,11 +352,8 @@ def _strata(labels: pd.Series, regression: bool) -> pd.Series:
 
 
 def _allocate(sizes: list[int], class_counts: np.ndarray) -> np.ndarray:
-    """Rows per (split, class): each split's share of each class rounded to floor or ceil.
-
-    Largest-remainder rounding per split, never taking more rows of a class than exist; when a
-    class runs out, the unit goes to the class with the next largest remainder that has rows.
-    """
+    """Rows per (split, class): each split's share of each class, largest-remainder rounded per
+    split without taking more rows of a class than exist."""
     total = class_counts.sum()
     targets = np.outer(sizes, class_counts) / total
     allocation = np.floor(targets + 1e-9).astype(int)

@@ -58,7 +58,7 @@ def block_values(block: str, **overrides: Any) -> dict[str, Any]:
 
 def typed_params(block: str, **overrides: Any) -> Block:
     """The typed block a node receives in a run: conf/base's values with ``overrides``."""
-    return BLOCKS[block].parse(block_values(block, **overrides), block)
+    return BLOCKS[block].model_validate(block_values(block, **overrides))
 
 
 TOY_POSITIVE = ["good great fine film", "a wonderful lovely movie", "great acting and fine story"]

@@ -272,9 +272,10 @@ def test_bad_statistics_are_named(statistics, message):
 )
 def test_the_statistics_parameter_rejects_bad_values_naming_them(value, message):
     with pytest.raises(ParameterError, match=r"fisher_estimation\." + message):
-        FisherParams.parse(block_values("fisher_estimation", statistics=value), "fisher_estimation")
+        FisherParams.model_validate(block_values("fisher_estimation", statistics=value))
     assert (
-        FisherParams.parse(block_values("fisher_estimation", statistics=[]), "x").statistics == ()
+        FisherParams.model_validate(block_values("fisher_estimation", statistics=[])).statistics
+        == ()
     )
 
 

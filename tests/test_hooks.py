@@ -36,7 +36,7 @@ def test_parameter_checks_accept_the_blocks_kedro_already_built():
     configure_project("weighted_lowrank")
     typed = ParameterValidator(register_pipelines()).validate_raw_params(conf_parameters())
     assert isinstance(typed["evaluation"], EvaluationParams)
-    assert typed["evaluation"] == EvaluationParams.parse(conf_parameters()["evaluation"], "x")
+    assert typed["evaluation"] == EvaluationParams.model_validate(conf_parameters()["evaluation"])
     catalog = DataCatalog({"parameters": MemoryDataset(typed)})
     ParameterChecks().before_pipeline_run(run_params={}, pipeline=None, catalog=catalog)
 

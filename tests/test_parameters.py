@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import ast
 import copy
-import dataclasses
-import typing
+import pickle
 from pathlib import Path
 
 import pytest
 from kedro.framework.project import configure_project
+from kedro.pipeline import Node, Pipeline
+from kedro.validation import ParameterValidationError, ParameterValidator, instantiate_model
+from kedro_mlflow.framework.hooks import MlflowHook
+from pydantic import ValidationError
 
-from tests.conftest import PROJECT_ROOT, block_values, conf_parameters
+from tests.conftest import PROJECT_ROOT, block_values, conf_parameters, typed_params
+from weighted_lowrank.kedro_glue.parameter_checks import TypedParamsMlflowHook
 from weighted_lowrank.kedro_glue.parameters import (
     BLOCKS,
     Block,
+    CompressionParams,
     DataParams,
     EvaluationParams,
     ParameterError,
@@ -42,44 +47,75 @@ def test_every_environment_parses(env):
         ("data", {"source": "excel"}, r"data\.source='excel': expected one of"),
         ("data", {"source": "csv"}, r"data\.local_file\.path to be set"),
         ("data", {"catalog": {"label_names": ["a"]}}, r"data\.catalog\.label_names"),
+        ("data", {"split": 5}, r"data\.split=5: expected a mapping with the keys \['train'"),
         ("evaluation", {"latency": {"repeats": 0}}, r"evaluation\.latency\.repeats=0"),
         ("evaluation", {"device": "tpu"}, r"evaluation\.device='tpu'"),
         ("svd_risk", {"statistic": "nonsense"}, r"svd_risk\.statistic='nonsense'"),
         ("fine_tuning", {"warmup_ratio": 1.0}, r"fine_tuning\.warmup_ratio=1\.0"),
         ("compression", {"budget": 1.5}, r"compression\.budget=1\.5: expected a number in"),
+        ("compression", {"curve_loss_model": "x"}, r"curve_loss_model='x': expected one of"),
+        ("model", {"task": "seq2seq"}, r"model\.task='seq2seq': expected one of \['auto'"),
     ],
 )
 def test_bad_values_name_the_key_and_the_expectation(block, overrides, message):
     with pytest.raises(ParameterError, match=message):
-        BLOCKS[block].parse(block_values(block, **overrides), block)
+        BLOCKS[block].model_validate(block_values(block, **overrides))
 
 
 def test_unknown_and_missing_keys_are_errors_with_the_replacement_named():
     with pytest.raises(ParameterError, match=r"unknown keys \['enabled'\].*--pipelines refined"):
-        RefinementParams.parse(block_values("refinement", enabled=True), "refinement")
+        RefinementParams.model_validate(block_values("refinement", enabled=True))
     with pytest.raises(ParameterError, match=r"thresholds\.phi"):
-        SvdRiskParams.parse(block_values("svd_risk", phi_threshold=3.0), "svd_risk")
+        SvdRiskParams.model_validate(block_values("svd_risk", phi_threshold=3.0))
     values = block_values("evaluation")
     del values["batch_size"]
     with pytest.raises(ParameterError, match=r"evaluation lacks keys \['batch_size'\]"):
-        EvaluationParams.parse(values, "evaluation")
+        EvaluationParams.model_validate(values)
 
 
 def test_unknown_solver_option_fails_before_any_node():
     parameters = {**conf_parameters(), "tfwsvd": {"options": {"max_iter": 3}}}
     with pytest.raises(ParameterError, match=r"tfwsvd\.options.*max_iter"):
         parse_parameters(parameters)
+    parameters = {**conf_parameters(), "tfwsvd": {"option": {}}}
+    with pytest.raises(ParameterError, match=r"parameters tfwsvd has unknown keys \['option'\]"):
+        parse_parameters(parameters)
+    with pytest.raises(ParameterError, match=r"lack the solver blocks \['tfwsvd'\]"):
+        parse_parameters({k: v for k, v in conf_parameters().items() if k != "tfwsvd"})
 
 
-def test_typed_blocks_are_frozen_read_only_mappings_of_their_values():
-    data = DataParams.parse(block_values("data"), "data")
-    with pytest.raises(dataclasses.FrozenInstanceError):
+def _compress(compression: CompressionParams) -> float:
+    return compression.budget
+
+
+def test_kedro_builds_the_typed_blocks_and_reports_our_message():
+    """Kedro instantiates the blocks nodes name with ``model_validate``: the same parse."""
+    data = instantiate_model("data", block_values("data"), DataParams)
+    assert data == DataParams.model_validate(block_values("data"))
+    validator = ParameterValidator({"p": Pipeline([Node(_compress, "params:compression", "b")])})
+    typed = validator.validate_raw_params(conf_parameters())
+    assert typed["compression"] == typed_params("compression")
+    bad = {**conf_parameters(), "compression": block_values("compression", budget=0.0)}
+    with pytest.raises(ParameterValidationError, match=r"compression\.budget=0\.0: expected"):
+        validator.validate_raw_params(bad)
+
+
+def test_typed_blocks_are_frozen_and_survive_copies():
+    data = DataParams.model_validate(block_values("data"))
+    with pytest.raises(ValidationError, match="frozen"):
         data.source = "csv"  # type: ignore[misc]
-    with pytest.raises(TypeError, match="read-only"):
-        data["source"] = "csv"
-    assert data["split"]["train"] == data.split.train  # kedro-mlflow flattens it like a dict
-    assert DataParams(**block_values("data")) == data  # Kedro's own instantiation is the parse
-    assert copy.deepcopy(data) == data and type(copy.deepcopy(data).split) is type(data.split)
+    assert copy.deepcopy(data) == data and pickle.loads(pickle.dumps(data)) == data
+    assert type(copy.deepcopy(data).split) is type(data.split)
+
+
+def test_mlflow_logs_a_typed_block_one_param_per_key(monkeypatch):
+    """kedro-mlflow flattens only dicts: the project's MLflow hook hands it each block dumped."""
+    logged = {}
+    monkeypatch.setattr(MlflowHook, "before_node_run", lambda self, **kw: logged.update(kw))
+    inputs = {"params:evaluation": typed_params("evaluation"), "params:seed": 42}
+    TypedParamsMlflowHook().before_node_run(node=None, catalog=None, inputs=inputs, is_async=False)
+    assert logged["inputs"]["params:evaluation"]["latency"]["repeats"] == 20
+    assert logged["inputs"]["params:seed"] == 42
 
 
 # ----------------------------------------------------------------------------- conf ↔ code
@@ -118,13 +154,12 @@ def test_every_top_level_block_of_conf_base_is_read_by_a_node():
 
 def _unread_fields(block: type[Block], read: set[str]) -> set[str]:
     """Field names of a block (nested blocks included) that no code reads."""
-    hints = typing.get_type_hints(block)
     unread = set()
-    for item in dataclasses.fields(block):
-        kind = hints[item.name]
-        if item.name not in read:
-            unread.add(item.name)
-        if isinstance(kind, type) and issubclass(kind, Block) and f"**{item.name}" not in read:
+    for name, field in block.model_fields.items():
+        if name not in read:
+            unread.add(name)
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, Block) and f"**{name}" not in read:
             unread |= _unread_fields(kind, read)
     return unread
 
@@ -132,22 +167,27 @@ def _unread_fields(block: type[Block], read: set[str]) -> set[str]:
 def _attributes_read(path: Path, skip_validation: bool) -> set[str]:
     tree = ast.parse(path.read_text())
     skipped: set[int] = set()
-    if skip_validation:
+    if skip_validation:  # the blocks' own rules (model validators) do not count as reading
         for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef) and node.name == "_validate":
+            if isinstance(node, ast.FunctionDef) and any(
+                "model_validator" in ast.unparse(decorator) for decorator in node.decorator_list
+            ):
                 skipped |= {id(child) for child in ast.walk(node)}
     read = {
         node.attr
         for node in ast.walk(tree)
         if isinstance(node, ast.Attribute) and id(node) not in skipped
     }
-    # `**block.latency` hands every key of a nested block over (blocks are mappings).
+    # `**block.latency.model_dump()` hands every key of a nested block over.
     unpacked = {
-        f"**{node.value.attr}"
+        f"**{node.value.func.value.attr}"
         for node in ast.walk(tree)
         if isinstance(node, ast.keyword)
         and node.arg is None
-        and isinstance(node.value, ast.Attribute)
+        and isinstance(node.value, ast.Call)
+        and isinstance(node.value.func, ast.Attribute)
+        and node.value.func.attr == "model_dump"
+        and isinstance(node.value.func.value, ast.Attribute)
     }
     return read | unpacked
 

@@ -232,7 +232,7 @@ def test_glue_regression_task_keeps_float_targets(tmp_path):
 )
 def test_the_data_block_rejects_bad_values_naming_the_key(overrides, message):
     with pytest.raises(ParameterError, match=message):
-        DataParams.parse(block_values("data", **overrides), "data")
+        DataParams.model_validate(block_values("data", **overrides))
 
 
 def test_an_unknown_glue_task_fails_before_reading_anything():

@@ -122,4 +122,4 @@ def test_the_blocks_fine_tuning_reads_reject_bad_values_naming_the_key(
 ) -> None:
     name = "model" if block is ModelParams else "fine_tuning"
     with pytest.raises(ParameterError, match=message):
-        block.parse(block_values(name, **overrides), name)
+        block.model_validate(block_values(name, **overrides))

@@ -137,4 +137,4 @@ def test_the_fisher_carries_the_fingerprint_of_the_fine_tuned_model() -> None:
 )
 def test_the_fisher_block_rejects_bad_values_naming_the_key(overrides, message) -> None:
     with pytest.raises(ParameterError, match=message):
-        FisherParams.parse(block_values("fisher_estimation", **overrides), "fisher_estimation")
+        FisherParams.model_validate(block_values("fisher_estimation", **overrides))

@@ -307,7 +307,7 @@ def test_inputs_of_another_budget_or_targets_are_rejected_before_any_evaluation(
 )
 def test_the_risk_validation_block_rejects_bad_values_naming_the_key(overrides, message) -> None:
     with pytest.raises(ParameterError, match=message):
-        RiskValidationParams.parse(block_values("risk_validation", **overrides), "risk_validation")
+        RiskValidationParams.model_validate(block_values("risk_validation", **overrides))
 
 
 LOSS_SOLVERS = ["svd", "fwsvd", "tfwsvd"]

@@ -66,7 +66,7 @@ def run_pipeline(
             "fine_tuned_model": MemoryDataset(bundle, copy_mode="assign"),
             "fisher_information": MemoryDataset(fisher_information, copy_mode="assign"),
             "calibration_statistics": MemoryDataset(calibration_statistics, copy_mode="assign"),
-            "params:svd_risk": MemoryDataset(SvdRiskParams.parse(params, "svd_risk")),
+            "params:svd_risk": MemoryDataset(SvdRiskParams.model_validate(params)),
             "params:compression": MemoryDataset(COMPRESSION),
             "params:device": MemoryDataset("cpu"),
             # Persisted as in conf/base (a MemoryDataset would be released once consumed).
@@ -252,7 +252,7 @@ def test_without_a_and_g_the_kronecker_column_is_absent_or_a_clear_error(
             bundle,
             fisher_information,
             lacking,
-            SvdRiskParams.parse(default, "svd_risk"),
+            SvdRiskParams.model_validate(default),
             COMPRESSION,
             "cpu",
         )
@@ -261,7 +261,7 @@ def test_without_a_and_g_the_kronecker_column_is_absent_or_a_clear_error(
             bundle,
             fisher_information,
             abs_only,
-            SvdRiskParams.parse(default, "svd_risk"),
+            SvdRiskParams.model_validate(default),
             COMPRESSION,
             "cpu",
         )
@@ -286,4 +286,4 @@ def test_without_a_and_g_the_kronecker_column_is_absent_or_a_clear_error(
 )
 def test_the_svd_risk_block_rejects_bad_values_naming_the_key(change, message) -> None:
     with pytest.raises(ParameterError, match=message):
-        SvdRiskParams.parse({**block_values("svd_risk"), **change}, "svd_risk")
+        SvdRiskParams.model_validate({**block_values("svd_risk"), **change})

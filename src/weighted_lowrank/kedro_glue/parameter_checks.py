@@ -1,12 +1,15 @@
-"""The hook that checks every parameter before any node runs: each block parsed, the statistics
-the chosen solvers need, and the targets against the model's own structure."""
+"""The hooks for parameters: every block checked before any node runs (each block parsed, the
+statistics the chosen solvers need, the targets against the model's own structure), and
+kedro-mlflow logging each typed block key by key."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
-from kedro.pipeline import Pipeline
+from kedro.pipeline import Node, Pipeline
+from kedro_mlflow.framework.hooks import MlflowHook
+from pydantic import BaseModel
 
 from weighted_lowrank.kedro_glue.parameters import ParameterError, parse_parameters
 
@@ -14,10 +17,10 @@ from weighted_lowrank.kedro_glue.parameters import ParameterError, parse_paramet
 class ParameterChecks:
     """Parses every parameter block once, at the start of a run, before any node runs.
 
-    Kedro already builds the typed blocks a node's signature names (:mod:`weighted_lowrank.
-    parameters`) for the pipelines being run; this also checks the solver option blocks, which
-    nodes receive as plain dicts, and the blocks of every other pipeline, so a bad value anywhere
-    in conf/ is reported now and not at the node that reads it.
+    Kedro already builds the typed blocks a node's signature names (:mod:`.parameters`) for the
+    pipelines being run; this also checks the solver option blocks, which nodes receive as plain
+    dicts, and the blocks of every other pipeline, so a bad value anywhere in conf/ is reported
+    now and not at the node that reads it.
     """
 
     @hook_impl
@@ -27,6 +30,25 @@ class ParameterChecks:
         typed = parse_parameters(catalog.load("parameters"))
         _check_statistics_cover_solvers(pipeline, typed)
         _check_targets_fit_model(pipeline, typed)
+
+
+class TypedParamsMlflowHook(MlflowHook):
+    """kedro-mlflow's hook, registered in its place (``settings.DISABLE_HOOKS_FOR_PLUGINS``).
+
+    kedro-mlflow flattens parameters that are dicts into one MLflow param per key; a typed block
+    (a Pydantic model) is handed to it as its dict, so a run still logs ``model.source``,
+    ``compression.budget``, ``evaluation.latency.repeats``, … and not one string per block.
+    """
+
+    @hook_impl
+    def before_node_run(
+        self, node: Node, catalog: Any, inputs: dict[str, Any], is_async: bool
+    ) -> None:
+        plain = {
+            name: value.model_dump() if isinstance(value, BaseModel) else value
+            for name, value in inputs.items()
+        }
+        super().before_node_run(node=node, catalog=catalog, inputs=plain, is_async=is_async)
 
 
 #: Nodes (the last part of a namespaced name) that select the targeted layers, or train a model

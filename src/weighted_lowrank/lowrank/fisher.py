@@ -182,10 +182,11 @@ def validate_fisher(
                 f"Fisher tensor {name}.weight has shape {tuple(tensor.shape)}, "
                 f"but the model's weight is {tuple(module.weight.shape)}"
             )
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"Fisher tensor {name}.weight holds NaN or inf")
-        if (tensor < 0).any():
-            raise ValueError(f"Fisher tensor {name}.weight has negative entries; expected ≥ 0")
+        if not torch.isfinite(tensor).all() or (tensor < 0).any():
+            raise ValueError(
+                f"Fisher tensor {name}.weight holds NaN, inf or negative entries; expected finite "
+                "values ≥ 0"
+            )
     return modules
 
 
@@ -239,8 +240,8 @@ def _prepare_batch(
 @contextmanager
 def _prepared(model: nn.Module, modules: dict[str, nn.Linear], device: torch.device):
     """The model on ``device`` in eval mode with targeted weights requiring grad; then restored."""
-    parameters = list(model.parameters())
-    original_device = parameters[0].device if parameters else torch.device("cpu")
+    first = next(model.parameters(), None)
+    original_device = first.device if first is not None else torch.device("cpu")
     was_training = model.training
     weight_flags = {name: module.weight.requires_grad for name, module in modules.items()}
     try:
@@ -391,15 +392,9 @@ class _Pass:
         }
         if self.statistics is None:
             return Calibration(fisher, {}, self.examples, self.tokens)
-        statistics, module_tokens = self.statistics.result()
-        return Calibration(
-            fisher,
-            statistics,
-            self.examples,
-            self.tokens,
-            module_tokens,
-            self.statistics.seconds,
-        )
+        statistics, tokens = self.statistics.result()
+        seconds = self.statistics.seconds
+        return Calibration(fisher, statistics, self.examples, self.tokens, tokens, seconds)
 
 
 def _has_shared_call(

@@ -3,7 +3,6 @@ the ``--load-versions`` that avoids them."""
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
@@ -172,12 +171,9 @@ def _model_version(catalog: Any, name: str, ranks: dict[str, int]) -> str | None
 
 def _versions(catalog: Any, name: str) -> list[str]:
     """The saved versions of ``name``, newest first ([] when it is not versioned)."""
-    dataset = _dataset(catalog, name)
-    if not getattr(dataset, "_version", None):
-        return []
     try:
-        return dataset.list_versions(full_path=False)
-    except Exception:
+        return _dataset(catalog, name).list_versions(full_path=False)
+    except Exception:  # not versioned, no version yet, or no such entry
         return []
 
 
@@ -189,24 +185,17 @@ def _dataset(catalog: Any, name: str) -> Any:
 
 
 def _version_note(catalog: Any, name: str) -> str:
-    dataset = _dataset(catalog, name)
-    resolve = getattr(dataset, "resolve_load_version", None)
-    if resolve is None or not getattr(dataset, "_version", None):
-        return ""
     try:
-        return f" (version {resolve()})"
-    except Exception:
+        version = _dataset(catalog, name).resolve_load_version()
+    except Exception:  # not versioned (no such method), or nothing saved yet
         return ""
+    return "" if version is None else f" (version {version})"
 
 
 def _matching_version(catalog: Any, name: str, fingerprint: str) -> str | None:
     """The newest saved version of ``name`` made from ``fingerprint``, if the dataset can tell."""
     dataset = _dataset(catalog, name)
-    if not hasattr(dataset, "fingerprint_at") or not getattr(dataset, "_version", None):
+    if not hasattr(dataset, "fingerprint_at"):
         return None
-    # Kedro lists the versions of a dataset newest first.
-    for path in dataset._get_versions():
-        version = PurePosixPath(path).parent.name
-        if dataset.fingerprint_at(version) == fingerprint:
-            return version
-    return None
+    matching = (v for v in _versions(catalog, name) if dataset.fingerprint_at(v) == fingerprint)
+    return next(matching, None)

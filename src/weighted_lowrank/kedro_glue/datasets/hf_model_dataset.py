@@ -7,17 +7,10 @@ import os
 import shutil
 import uuid
 from copy import deepcopy
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-import fsspec
-from kedro.io.core import (
-    AbstractVersionedDataset,
-    DatasetError,
-    Version,
-    get_filepath_str,
-    get_protocol_and_path,
-)
+from kedro.io.core import DatasetError, Version
 
 from weighted_lowrank.hf.models import ModelBundle
 from weighted_lowrank.kedro_glue.datasets.integrity import VersionChecked, safetensors_problem
@@ -32,7 +25,7 @@ LOWRANK_CONFIG_FILE = "lowrank_config.json"
 LINEAGE_FILE = "lineage.json"
 
 
-class HFModelDataset(VersionChecked, AbstractVersionedDataset[ModelBundle, ModelBundle]):
+class HFModelDataset(VersionChecked):
     """Saves/loads a ``ModelBundle`` (model + tokenizer) as a Hugging Face directory.
 
     ``save`` writes ``model.save_pretrained`` (safetensors) and ``tokenizer.save_pretrained`` into
@@ -52,6 +45,8 @@ class HFModelDataset(VersionChecked, AbstractVersionedDataset[ModelBundle, Model
           filepath: data/06_models/fine_tuned_model
           versioned: true
     """
+
+    stored_as = "directories (transformers saves to local paths)"
 
     def __init__(
         self,
@@ -75,51 +70,38 @@ class HFModelDataset(VersionChecked, AbstractVersionedDataset[ModelBundle, Model
             save_args: Keyword arguments for ``model.save_pretrained`` (plain models only).
             metadata: Free-form metadata, ignored by Kedro.
         """
-        protocol, path = get_protocol_and_path(filepath, version)
-        if protocol != "file":
-            raise ValueError(
-                f"HFModelDataset filepath {str(filepath)!r} uses protocol {protocol!r}; only "
-                "local directories are supported (transformers saves to local paths)"
-            )
         if compressed and (load_args or save_args):
             raise ValueError(
                 "HFModelDataset with compressed=True takes no load_args/save_args "
                 "(save_compressed/load_compressed have no options); remove them"
             )
-        self._protocol = protocol
-        self._fs = fsspec.filesystem(protocol)
         self._compressed = bool(compressed)
         self._load_args = deepcopy(load_args) or {}
         self._save_args = deepcopy(save_args) or {}
         self.metadata = metadata
-        super().__init__(
-            filepath=PurePosixPath(path),
-            version=version,
-            exists_function=self._fs.exists,
-            glob_function=self._fs.glob,
-        )
+        super().__init__(filepath, version)
 
     def load(self) -> ModelBundle:
         # Incomplete files fail here, naming the version and the previous complete one.
         self.check_load_version()
-        load_path = get_filepath_str(self._get_load_path(), self._protocol)
-        if not self._fs.isfile(f"{load_path}/{_CONFIG_FILE}"):
+        load_path = self.load_path()
+        if not (load_path / _CONFIG_FILE).is_file():
             raise DatasetError(
-                f"HFModelDataset: no model at {load_path!r} (expected a directory with "
+                f"HFModelDataset: no model at {str(load_path)!r} (expected a directory with "
                 f"{_CONFIG_FILE}); run the pipeline that saves it first"
             )
         try:
-            return self._load_directory(load_path)
+            return self._load_directory(str(load_path))
         except Exception as error:
             problem = f"loading it failed with {type(error).__name__}: {error}"
             raise self._unloadable(load_path, problem) from error
 
-    def _problem(self, path: str) -> str | None:
+    def _problem(self, path: Path) -> str | None:
         """What makes the model directory ``path`` unloadable (:class:`VersionChecked`): no
         ``config.json`` or one that is not JSON, no weights, a shard the index lists that is
         missing, a safetensors file that is truncated or corrupt; the low-rank layout of a
         compressed model. Reads headers only."""
-        directory = Path(path)
+        directory = path
         for name in (_CONFIG_FILE, *((LOWRANK_CONFIG_FILE,) if self._compressed else ())):
             if not (directory / name).is_file():
                 return f"{name} is missing"
@@ -149,8 +131,8 @@ class HFModelDataset(VersionChecked, AbstractVersionedDataset[ModelBundle, Model
         """``{module: rank}`` of the compressed model saved as ``version``, from its
         ``lowrank_config.json`` (None when its files are incomplete, or it is not a compressed
         model)."""
-        path = Path(get_filepath_str(self._get_versioned_path(version), self._protocol))
-        if self._problem(str(path)) is not None:
+        path = self.path_of(version)
+        if self._problem(path) is not None:
             return None
         try:
             modules = json.loads((path / LOWRANK_CONFIG_FILE).read_text())["modules"]
@@ -177,13 +159,13 @@ class HFModelDataset(VersionChecked, AbstractVersionedDataset[ModelBundle, Model
         model.eval()
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(load_path))
         return ModelBundle(
-            model=model, tokenizer=tokenizer, model_fingerprint=_read_fingerprint(load_path)
+            model=model, tokenizer=tokenizer, model_fingerprint=_read_fingerprint(Path(load_path))
         )
 
     def fingerprint_at(self, version: str) -> str | None:
         """The lineage fingerprint recorded by the saved ``version`` (None if it has none, or if
         its files are incomplete: such a version matches nothing)."""
-        path = get_filepath_str(self._get_versioned_path(version), self._protocol)
+        path = self.path_of(version)
         return None if self._problem(path) is not None else _read_fingerprint(path)
 
     def save(self, data: ModelBundle) -> None:
@@ -191,12 +173,10 @@ class HFModelDataset(VersionChecked, AbstractVersionedDataset[ModelBundle, Model
             raise DatasetError(
                 f"HFModelDataset saves a weighted_lowrank.hf.models.ModelBundle, got {type(data).__name__}"
             )
-        target = Path(get_filepath_str(self._get_save_path(), self._protocol))
+        target = self.path_of(self.resolve_save_version())
         # The staging directory sits next to the dataset root, outside the `<root>/*/<name>`
         # glob Kedro uses to find versions, so a half-written save is never listed.
-        staging = Path(self._filepath.parent.as_posix()) / (
-            f".{self._filepath.name}.partial-{uuid.uuid4().hex}"
-        )
+        staging = self.root.with_name(f".{self.root.name}.partial-{uuid.uuid4().hex}")
         try:
             self._write_directory(data, staging)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +191,6 @@ class HFModelDataset(VersionChecked, AbstractVersionedDataset[ModelBundle, Model
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
-        self._fs.invalidate_cache(self._filepath.as_posix())
 
     def _write_directory(self, data: ModelBundle, directory: Path) -> None:
         if self._compressed:
@@ -233,29 +212,14 @@ class HFModelDataset(VersionChecked, AbstractVersionedDataset[ModelBundle, Model
             (directory / LINEAGE_FILE).write_text(json.dumps(lineage) + "\n")
 
     def _exists(self) -> bool:
-        try:
-            load_path = get_filepath_str(self._get_load_path(), self._protocol)
-        except DatasetError:
-            return False
-        return self._fs.isfile(f"{load_path}/{_CONFIG_FILE}")
+        return (self.load_path() / _CONFIG_FILE).is_file()
 
     def _describe(self) -> dict[str, Any]:
-        return {
-            "filepath": self._filepath,
-            "protocol": self._protocol,
-            "compressed": self._compressed,
-            "version": self._version,
-            "load_args": self._load_args,
-            "save_args": self._save_args,
-        }
-
-    def _release(self) -> None:
-        super()._release()
-        self._fs.invalidate_cache(self._filepath.as_posix())
+        return {**super()._describe(), "compressed": self._compressed}
 
 
-def _read_fingerprint(directory: str) -> str | None:
-    path = Path(directory) / LINEAGE_FILE
+def _read_fingerprint(directory: Path) -> str | None:
+    path = directory / LINEAGE_FILE
     if not path.is_file():
         return None  # saved before lineage was recorded
     return json.loads(path.read_text()).get(FINGERPRINT_KEY)

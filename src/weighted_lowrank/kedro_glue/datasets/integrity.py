@@ -18,10 +18,18 @@ version.
 from __future__ import annotations
 
 import json
+import os
 from abc import abstractmethod
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
-from kedro.io.core import DatasetError, VersionNotFoundError, get_filepath_str
+from kedro.io.core import (
+    AbstractVersionedDataset,
+    DatasetError,
+    Version,
+    VersionNotFoundError,
+    get_protocol_and_path,
+)
 
 _LENGTH_FIELD = 8  # a safetensors file starts with its header's length, u64 little-endian
 
@@ -111,38 +119,65 @@ class UnloadableVersionError(DatasetError):
         )
 
 
-class VersionChecked:
-    """Mix-in for the project's versioned datasets: :meth:`check_load_version` tells whether the
-    version ``load`` would read has complete files, and names the previous one that has.
+class VersionChecked(AbstractVersionedDataset):
+    """Base of the project's local versioned datasets: where a version lies (``path_of``) and
+    :meth:`check_load_version`, which tells whether the version ``load`` would read has complete
+    files and names the previous one that has. Only Kedro's public versioning API is used
+    (``resolve_load_version``, ``resolve_save_version``, ``list_versions``).
 
     A subclass implements :meth:`_problem` (what is wrong with the files at a path, or None) and
     calls :meth:`check_load_version` first thing in ``load`` and :meth:`_unloadable` for an error
     the loader raises despite complete files.
     """
 
+    #: What a version is on disk, for the error on a remote path.
+    stored_as = "files"
+
+    def __init__(self, filepath: str | os.PathLike, version: Version | None) -> None:
+        protocol, path = get_protocol_and_path(filepath, version)
+        if protocol != "file":
+            raise ValueError(
+                f"{type(self).__name__} filepath {str(filepath)!r} uses protocol {protocol!r}; "
+                f"only local {self.stored_as} are supported"
+            )
+        self.root = Path(path)
+        self.version_spec = version
+        super().__init__(filepath=PurePosixPath(path), version=version)
+
+    def path_of(self, version: str | None) -> Path:
+        """Where ``version`` lies: ``<root>/<version>/<name>`` (the root itself unversioned)."""
+        return self.root if version is None else self.root / version / self.root.name
+
+    def load_path(self) -> Path:
+        return self.path_of(self.resolve_load_version())
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self.root), "version": self.version_spec}
+
     @abstractmethod
-    def _problem(self, path: str) -> str | None:
+    def _problem(self, path: Path) -> str | None:
         """What is wrong with the files of the version at ``path``, or None if they are complete."""
 
     def check_load_version(self, entry: str | None = None) -> None:
         """Raise :class:`UnloadableVersionError` (naming ``entry``, the catalog name, when given)
         if the files of the version to load are incomplete. Reads sizes and headers only."""
         try:
-            path = get_filepath_str(self._get_load_path(), self._protocol)
+            path = self.load_path()
         except VersionNotFoundError:
             return  # no version at all: load() says so
-        if not self._exists_function(path):
+        if not path.exists():
             return  # nothing saved there: load() says so
         problem = self._problem(path)
         if problem is not None:
             raise self._unloadable(path, problem, entry)
 
     def _unloadable(
-        self, path: str, problem: str, entry: str | None = None
+        self, path: Path, problem: str, entry: str | None = None
     ) -> UnloadableVersionError:
         version = self.resolve_load_version()
+        previous = self._previous_complete(version)
         return UnloadableVersionError(
-            type(self).__name__, path, version, problem, self._previous_complete(version), entry
+            type(self).__name__, str(path), version, problem, previous, entry
         )
 
     def _previous_complete(self, version: str | None) -> str | None:
@@ -153,9 +188,5 @@ class VersionChecked:
             versions = self.list_versions(full_path=False)  # newest first
         except VersionNotFoundError:
             return None
-        for older in versions:
-            if older < version:
-                path = get_filepath_str(self._get_versioned_path(older), self._protocol)
-                if self._problem(path) is None:
-                    return older
-        return None
+        older = (name for name in versions if name < version)
+        return next((name for name in older if self._problem(self.path_of(name)) is None), None)

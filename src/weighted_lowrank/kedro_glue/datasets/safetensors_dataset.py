@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
-from kedro.io.core import (
-    AbstractVersionedDataset,
-    DatasetError,
-    Version,
-    get_filepath_str,
-    get_protocol_and_path,
-)
+from kedro.io.core import DatasetError, Version
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -28,7 +21,7 @@ TensorFile = dict[str, Any]
 _ALLOWED_KEYS = {"tensors", "metadata"}
 
 
-class SafetensorsDataset(VersionChecked, AbstractVersionedDataset[TensorFile, TensorFile]):
+class SafetensorsDataset(VersionChecked):
     """Saves/loads ``{"tensors": {name: Tensor}, "metadata": {str: str}}`` as a safetensors file.
 
     The metadata dict goes into the safetensors header (strings only, as the format requires);
@@ -52,83 +45,56 @@ class SafetensorsDataset(VersionChecked, AbstractVersionedDataset[TensorFile, Te
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        """Creates a new ``SafetensorsDataset``.
-
-        Args:
-            filepath: Local path of the ``.safetensors`` file (optionally ``file://``).
-            version: Kedro version (set by the catalog from ``versioned: true``).
-            metadata: Free-form Kedro metadata (not the file's header metadata), ignored by Kedro.
-        """
-        protocol, path = get_protocol_and_path(filepath, version)
-        if protocol != "file":
-            raise ValueError(
-                f"SafetensorsDataset filepath {str(filepath)!r} uses protocol {protocol!r}; "
-                "only local files are supported"
-            )
-        self._protocol = protocol
-        self._fs = fsspec.filesystem(protocol)
+        """``filepath``: the local ``.safetensors`` file (optionally ``file://``); ``version``:
+        set by the catalog from ``versioned: true``; ``metadata``: Kedro's free-form metadata
+        (not the file's header metadata)."""
         self.metadata = metadata
-        super().__init__(
-            filepath=PurePosixPath(path),
-            version=version,
-            exists_function=self._fs.exists,
-            glob_function=self._fs.glob,
-        )
+        super().__init__(filepath, version)
 
     def load(self) -> TensorFile:
-        load_path = get_filepath_str(self._get_load_path(), self._protocol)
-        if not self._fs.isfile(load_path):
+        path = self.load_path()
+        if not path.is_file():
             raise DatasetError(
-                f"SafetensorsDataset: no file at {load_path!r}; run the pipeline that saves it first"
+                f"SafetensorsDataset: no file at {str(path)!r}; run the pipeline that saves it first"
             )
         self.check_load_version()
         try:
-            tensors = load_file(load_path, device="cpu")
-            with safe_open(load_path, framework="pt") as handle:
-                header_metadata = handle.metadata() or {}
+            tensors = load_file(path, device="cpu")
+            header_metadata = _header_metadata(path)
         except Exception as error:  # safetensors' SafetensorError, OSError
             problem = f"loading it failed with {type(error).__name__}: {error}"
-            raise self._unloadable(load_path, problem) from error
-        return {"tensors": tensors, "metadata": dict(header_metadata)}
+            raise self._unloadable(path, problem) from error
+        return {"tensors": tensors, "metadata": header_metadata}
 
-    def _problem(self, path: str) -> str | None:
+    def _problem(self, path: Path) -> str | None:
         """What makes the file ``path`` unloadable (:class:`VersionChecked`); header only."""
         return safetensors_problem(path)
 
     def fingerprint_at(self, version: str) -> str | None:
         """The lineage fingerprint in the header of the saved ``version`` (None if it has none)."""
-        path = get_filepath_str(self._get_versioned_path(version), self._protocol)
+        path = self.path_of(version)
         if safetensors_problem(path) is not None:
             return None  # an incomplete version matches nothing
-        with safe_open(path, framework="pt") as handle:
-            return (handle.metadata() or {}).get(FINGERPRINT_KEY)
+        return _header_metadata(path).get(FINGERPRINT_KEY)
 
     def save(self, data: TensorFile) -> None:
         tensors, header_metadata = _validated(data)
-        target = Path(get_filepath_str(self._get_save_path(), self._protocol))
+        target = self.path_of(self.resolve_save_version())
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex}")
         try:
             save_file(tensors, str(staging), metadata=header_metadata)
             os.replace(staging, target)
         finally:
-            if staging.exists():
-                staging.unlink()
-        self._fs.invalidate_cache(self._filepath.as_posix())
+            staging.unlink(missing_ok=True)
 
     def _exists(self) -> bool:
-        try:
-            load_path = get_filepath_str(self._get_load_path(), self._protocol)
-        except DatasetError:
-            return False
-        return self._fs.isfile(load_path)
+        return self.load_path().is_file()
 
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath, "protocol": self._protocol, "version": self._version}
 
-    def _release(self) -> None:
-        super()._release()
-        self._fs.invalidate_cache(self._filepath.as_posix())
+def _header_metadata(path: Path) -> dict[str, str]:
+    with safe_open(path, framework="pt") as handle:
+        return dict(handle.metadata() or {})
 
 
 def _validated(data: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -84,6 +84,18 @@ def test_unknown_solver_option_fails_before_any_node():
         parse_parameters({k: v for k, v in conf_parameters().items() if k != "tfwsvd"})
 
 
+@pytest.mark.parametrize("value", ["serial", "threads", "threads:4", "tcp://10.0.0.5:8786"])
+def test_parallel_accepts_its_documented_forms(value):
+    assert typed_params("compression", parallel=value).parallel == value
+
+
+@pytest.mark.parametrize("value", ["dask", "threads:0", "threads:x", "tcp:/host", None, 4])
+def test_parallel_names_the_key_and_the_accepted_forms(value):
+    message = r"compression\.parallel=.*: expected one of the forms \['serial', 'threads'"
+    with pytest.raises(ParameterError, match=message):
+        typed_params("compression", parallel=value)
+
+
 def _compress(compression: CompressionParams) -> float:
     return compression.budget
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 import types
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
@@ -253,17 +252,15 @@ def check_statistics(value: Any) -> tuple[str, ...]:
         raise ValueError(f"{expected}; {error}") from None
 
 
-#: The forms of ``compression.parallel``: where the per-layer work runs.
-_PARALLEL = re.compile(r"serial|threads(:[1-9][0-9]*)?|(tcp|tls|inproc|ucx|ws|wss)://\S+")
-
-
 def check_parallel(value: Any) -> str:
-    if isinstance(value, str) and _PARALLEL.fullmatch(value):
-        return value
-    raise ValueError(
-        "serial, threads, threads:N (N >= 1) or a Dask scheduler address <scheme>://<host...> "
-        "(scheme tcp, tls, inproc, ucx, ws or wss)"
-    )
+    """``compression.parallel``: one of the forms ``lowrank.parallel`` accepts."""
+    from weighted_lowrank.lowrank.parallel import FORMS, parse_parallel
+
+    try:
+        parse_parallel(value)
+    except ValueError:
+        raise ValueError(f"one of the forms {list(FORMS)}") from None
+    return value
 
 
 Device = Annotated[str, PlainValidator(check_device)]
@@ -310,7 +307,7 @@ class CompressionParams(Block):
     targets: Targets
     seed: int
     device: Device
-    dask_address: Text | None
+    parallel: Annotated[str, PlainValidator(check_parallel)]
 
 
 class SolverParams(Block):

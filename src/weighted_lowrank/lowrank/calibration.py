@@ -162,25 +162,24 @@ class StatisticsAccumulator:
         token counts are empty when no input statistic was asked for.
         """
         means: dict[str, torch.Tensor] = {}
-        tokens = {name: slot.tokens for name, slot in self._slot_of.items()}
-        for name in self.modules:
+        for name, module in self.modules.items():
             slot = self._slot_of.get(name)
             for statistic in (item for item in CALIBRATION_STATISTICS if item in self.statistics):
-                key = statistic_key(name, statistic)
                 if statistic == "output_moment":
-                    total = self._output_moments[name].total()
-                    means[key] = _to_cpu_float(total / max(self.examples, 1))
-                    continue
-                size = self.modules[name].in_features
-                if slot is None:
+                    total, count = self._output_moments[name].total(), self.examples
+                elif slot is None:
+                    size = module.in_features
                     shape = (size, size) if statistic == "input_moment" else (size,)
-                    means[key] = torch.zeros(shape)
-                    continue
-                total = slot.moment.total() if statistic == "input_moment" else slot.abs_sum
-                means[key] = _to_cpu_float(total / max(slot.tokens, 1))
+                    total, count = torch.zeros(shape), 0
+                else:
+                    total = slot.moment.total() if statistic == "input_moment" else slot.abs_sum
+                    count = slot.tokens
+                means[statistic_key(name, statistic)] = (total / max(count, 1)).to(
+                    "cpu", torch.float32
+                )
         if not self.needs_inputs:
             return means, {}
-        return means, {name: tokens.get(name, 0) for name in self.modules}
+        return means, {name: getattr(self._slot_of.get(name), "tokens", 0) for name in self.modules}
 
     def _add_inputs(
         self, inputs: Mapping[str, list[torch.Tensor]], attention_mask: torch.Tensor | None
@@ -337,10 +336,6 @@ class _Scratch:
             self.buffer = torch.empty(count * columns, dtype=torch.float32, device=rows.device)
         out = self.buffer[: count * columns].view(count, columns)
         return torch.index_select(rows, 0, index, out=out)
-
-
-def _to_cpu_float(total: torch.Tensor) -> torch.Tensor:
-    return total.to("cpu", torch.float32)
 
 
 def _identity(x: torch.Tensor) -> tuple:

@@ -12,16 +12,12 @@ from weighted_lowrank.lowrank.objective import weighted_loss
 from weighted_lowrank.lowrank.solvers import (
     SOLVERS,
     STOPPING_WINDOWS,
+    check_solver_options,
     factorize,
     factorize_batch,
     solver_options,
 )
-from weighted_lowrank.lowrank.solvers._common import (
-    Batched,
-    IterateState,
-    balanced_truncated_svd,
-    resolve_options,
-)
+from weighted_lowrank.lowrank.solvers._common import Batched, IterateState, balanced_truncated_svd
 from weighted_lowrank.lowrank.solvers.als import AlsState
 from weighted_lowrank.lowrank.solvers.em import EmState
 from weighted_lowrank.lowrank.solvers.gradient import (
@@ -509,7 +505,7 @@ def test_bad_input_raises_value_error(call, message):
 def test_every_option_is_checked_before_any_solve(solver, options, message):
     """Bad option values fail in the registry, before a Fisher or a model is touched."""
     with pytest.raises(ValueError, match=message):
-        resolve_options(solver, options, solver_options(solver))
+        check_solver_options(solver, options)
 
 
 @pytest.mark.parametrize("shape", [(7, 19), (19, 7), (12, 12)])

@@ -35,7 +35,7 @@ def _state(weight, importance, rank, preconditioner="rotated"):
     original = tfwsvd.run_iterations
     tfwsvd.run_iterations = capture
     try:
-        options = {**tfwsvd.TFWSVD_OPTIONS, "preconditioner": preconditioner}
+        options = tfwsvd.TfwsvdOptions(preconditioner=preconditioner)
         tfwsvd.solve_tfwsvd(problem, options, 0.0)
     finally:
         tfwsvd.run_iterations = original
@@ -90,36 +90,33 @@ def test_chunks_cover_every_element_once():
 
 
 def test_two_workers_give_the_result_of_one(monkeypatch):
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        weights, importances = zip(*[_problem(40, 24, seed=s) for s in (6, 7)], strict=True)
-        monkeypatch.setattr(tfwsvd, "_CPU_CHUNK_ELEMENTS", 200)
+    weights, importances = zip(*[_problem(40, 24, seed=s) for s in (6, 7)], strict=True)
+    monkeypatch.setattr(tfwsvd, "_CPU_CHUNK_ELEMENTS", 200)
+    with devices.worker_threads(2):
         assert devices.cpu_workers(torch.device("cpu")) == 2
-        two = factorize_batch(list(weights), list(importances), [5, 5], max_iters=30, tol=0.0)
-        monkeypatch.setattr(devices, "MAX_CPU_WORKERS", 1)
-        one = factorize_batch(list(weights), list(importances), [5, 5], max_iters=30, tol=0.0)
-    finally:
-        torch.set_num_threads(threads)
+    assert devices.cpu_workers(torch.device("cpu")) == 1
+    two = factorize_batch(
+        list(weights), list(importances), [5, 5], max_iters=30, tol=0.0, threads=2
+    )
+    one = factorize_batch(list(weights), list(importances), [5, 5], max_iters=30, tol=0.0)
     assert torch.get_num_threads() == threads
     for first, second in zip(two, one, strict=True):
         assert first.iterations == second.iterations
         assert first.loss == pytest.approx(second.loss, rel=1e-10)
 
 
-def test_split_batch_equals_one_call(monkeypatch):
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+def test_split_batch_equals_one_call():
     generator = torch.Generator().manual_seed(8)
     matrices = torch.randn(5, 6, 6, generator=generator, dtype=torch.float64)
     matrices = matrices @ matrices.transpose(1, 2)
-    values, vectors = devices.split_batch(torch.linalg.eigh, matrices)
+    with devices.worker_threads(2):
+        values, vectors = devices.split_batch(torch.linalg.eigh, matrices)
+        cholesky = devices.split_batch(torch.linalg.cholesky, matrices)
     expected_values, expected_vectors = torch.linalg.eigh(matrices)
     torch.testing.assert_close(values, expected_values)
     torch.testing.assert_close(vectors.abs(), expected_vectors.abs())
-    torch.testing.assert_close(
-        devices.split_batch(torch.linalg.cholesky, matrices), torch.linalg.cholesky(matrices)
-    )
+    torch.testing.assert_close(cholesky, torch.linalg.cholesky(matrices))
 
 
 def test_rotated_preconditioner_is_the_separable_one_for_a_separable_importance():

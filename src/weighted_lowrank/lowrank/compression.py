@@ -27,7 +27,7 @@ from weighted_lowrank.lowrank.devices import resolve_device
 from weighted_lowrank.lowrank.layer import LowRankLinear, replace_module
 from weighted_lowrank.lowrank.objective import FactorizationResult
 from weighted_lowrank.lowrank.solvers import (
-    SOLVERS,
+    MapGroups,
     curve_needs,
     factorize_batch,
     rank_loss_curves,
@@ -56,7 +56,8 @@ def factorize_model(
     device: str | torch.device = "cpu",
     statistics: Mapping[str, torch.Tensor] | None = None,
     ranks: Mapping[str, int | None] | None = None,
-    dask_address: str | None = None,
+    map_groups: MapGroups = map,
+    threads: int = 1,
     **solver_options: Any,
 ) -> dict[str, FactorizationResult]:
     """Factorize the targeted Linear layers of ``model``; ``{module name: result}`` in model order.
@@ -73,14 +74,13 @@ def factorize_model(
     Half-precision weights are factorized in float32, float64 ones in float64; the factors stay
     on ``device`` in that dtype.
     ``solver_options`` go to :func:`~weighted_lowrank.lowrank.solvers.factorize_batch`, which
-    solves same-(shape, rank) layers as one batch (see :func:`layer_seconds`). ``model`` is not
-    modified. ``dask_address`` (a Dask scheduler): the batches are solved on that cluster's
-    workers, each on its own ``device`` (:func:`_fan_out_layers`), with the same results but the
-    wall-clock fields; the factors come back on the CPU.
+    solves same-(shape, rank) layers as one batch (see :func:`layer_seconds`), each batch through
+    ``map_groups`` with ``threads`` worker threads. ``model`` is not modified. A ``map_groups``
+    other than the builtin ``map`` (e.g. :func:`~weighted_lowrank.lowrank.dask_map.dask_map`)
+    may run the batches elsewhere, each on its own ``device`` (:func:`_staged`), with the same
+    results but the wall-clock fields; the factors then come back on the CPU.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver {solver!r} is unknown; expected one of {list(SOLVERS)}")
-    device, solver_options = _fan_out_layers(device, dask_address, solver_options)
+    device, solver_options = _staged(device, map_groups, solver_options)
     layers = _targeted_layers(model, fisher, targets, device)
     if ranks is None:
         _check_budget(budget)
@@ -102,13 +102,10 @@ def factorize_model(
         solver=solver,
         statistics=[_layer_statistics(statistics, name, needs) for name in names],
         names=names,
-        dask_address=dask_address,
+        map_groups=map_groups,
+        threads=threads,
         **solver_options,
     )
-    if len(results) != len(names):
-        raise ValueError(
-            f"solver {solver!r} returned {len(results)} results for {len(names)} layers"
-        )
     return dict(zip(names, results, strict=True))
 
 
@@ -122,7 +119,8 @@ def model_loss_curves(
     loss_model: str = "own",
     device: str | torch.device = "cpu",
     statistics: Mapping[str, torch.Tensor] | None = None,
-    dask_address: str | None = None,
+    map_groups: MapGroups = map,
+    threads: int = 1,
     **solver_options: Any,
 ) -> dict[str, LossCurve]:
     """``{module name: LossCurve}`` of ``solver`` for every targeted layer, in model order.
@@ -131,13 +129,10 @@ def model_loss_curves(
     parameters (:func:`~weighted_lowrank.lowrank.solvers.rank_loss_curves`: the solver's own
     weighted spectrum, or the FWSVD proxy for the element-wise solvers, priced by the solver's own
     quadratic or, ``loss_model="kronecker"``, by the Kronecker-factored one), with ``fisher``
-    summed over ``num_examples`` examples. Inputs are those of :func:`factorize_model`, checked the same
-    way before any decomposition; ``dask_address`` fans the same-shape groups out to that Dask
-    cluster as :func:`factorize_model` does (the same curves).
+    summed over ``num_examples`` examples. Inputs, their checks and ``map_groups`` / ``threads``
+    are those of :func:`factorize_model` (the same curves wherever the groups run).
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver {solver!r} is unknown; expected one of {list(SOLVERS)}")
-    device, solver_options = _fan_out_layers(device, dask_address, solver_options)
+    device, solver_options = _staged(device, map_groups, solver_options)
     layers = _targeted_layers(model, fisher, targets, device)
     needs = curve_needs(solver, loss_model, **solver_options)
     losses = rank_loss_curves(
@@ -148,7 +143,8 @@ def model_loss_curves(
         loss_model=loss_model,
         statistics=[_layer_statistics(statistics, name, needs) for name in layers.names],
         names=layers.names,
-        dask_address=dask_address,
+        map_groups=map_groups,
+        threads=threads,
         **solver_options,
     )
     curves = {}
@@ -160,16 +156,18 @@ def model_loss_curves(
     return curves
 
 
-def _fan_out_layers(
-    device: str | torch.device, dask_address: str | None, solver_options: dict[str, Any]
+def _staged(
+    device: str | torch.device, map_groups: MapGroups, solver_options: dict[str, Any]
 ) -> tuple[str | torch.device, dict[str, Any]]:
-    """``(device for the layers here, solver options)``: unchanged without ``dask_address``; with
-    one, the layers stay on this process's CPU and ``device`` becomes the solver's ``device``
-    option (unless set), resolved on each worker — a driver without a GPU can fan out to
-    workers with one."""
-    if dask_address is None or solver_options.get("device") is not None:
-        return (device, solver_options) if dask_address is None else ("cpu", solver_options)
-    return "cpu", {**solver_options, "device": device}
+    """``(device for the layers here, solver options)``: unchanged with the builtin ``map``;
+    otherwise the layers stay on this process's CPU and ``device`` becomes the solver's
+    ``device`` option (unless set), resolved where each group runs — a driver without a GPU can
+    fan out to workers with one."""
+    if map_groups is map:
+        return device, solver_options
+    if solver_options.get("device") is None:
+        solver_options = {**solver_options, "device": device}
+    return "cpu", solver_options
 
 
 @dataclass
@@ -327,7 +325,8 @@ def svd_reference_losses(
     *,
     device: str | torch.device = "cpu",
     ranks: Mapping[str, int | None] | None = None,
-    dask_address: str | None = None,
+    map_groups: MapGroups = map,
+    threads: int = 1,
 ) -> dict[str, float]:
     """Plain truncated SVD's weighted loss per factorized layer, ``{module name: loss}``.
 
@@ -336,7 +335,15 @@ def svd_reference_losses(
     (SVD's default options).
     """
     results = factorize_model(
-        model, fisher, budget, "svd", targets, device=device, ranks=ranks, dask_address=dask_address
+        model,
+        fisher,
+        budget,
+        "svd",
+        targets,
+        device=device,
+        ranks=ranks,
+        map_groups=map_groups,
+        threads=threads,
     )
     return {name: float(result.loss) for name, result in results.items()}
 

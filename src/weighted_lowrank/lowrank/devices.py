@@ -3,9 +3,10 @@ how small batched CPU work uses the threads (one torch thread per call, split be
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import torch
@@ -63,23 +64,32 @@ def on_one_cpu_thread(function: Callable[[torch.Tensor], Result], matrices: torc
         torch.set_num_threads(threads)
 
 
-#: Python worker threads for work that OpenMP threads do not speed up (small batched LAPACK
-#: calls, cache-sized chunks): each worker runs its share on one torch thread.
-MAX_CPU_WORKERS = 2
+#: How many worker threads small batched CPU work (small LAPACK calls, cache-sized chunks) is
+#: split between in this context: each worker runs its share on one torch thread. Set by
+#: :func:`worker_threads` around a solve (``compression.parallel: threads``); 1 runs it here.
+_THREADS: ContextVar[int] = ContextVar("worker_threads", default=1)
 _WORKER_POOL: ThreadPoolExecutor | None = None
 
 
-def cpu_workers(device: torch.device) -> int:
-    """How many worker threads :func:`run_on_workers` should use on ``device``.
+@contextmanager
+def worker_threads(threads: int) -> Iterator[None]:
+    """Split small batched CPU work between ``threads`` worker threads inside the block.
 
-    More than one only on CPU with ``OMP_WAIT_POLICY=PASSIVE`` (how the tests and benchmarks run):
-    there each small op waits for sleeping OpenMP threads, while two workers on one thread each
-    keep both cores busy. With the default (spinning) policy the spinning threads of one worker
-    steal the other's core, and intra-op threads do better (docs/BENCHMARKS.md, "tfwsvd timing").
+    Two workers on one torch thread each beat OpenMP threads when those sleep between small ops
+    (``OMP_WAIT_POLICY=PASSIVE``, or busy cores); with spinning OpenMP threads one worker's
+    threads steal the other's core (docs/BENCHMARKS.md, "tfwsvd timing"). Results do not depend
+    on the count beyond rounding of sums over chunks.
     """
-    if device.type != "cpu" or os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-        return 1
-    return max(1, min(torch.get_num_threads(), MAX_CPU_WORKERS))
+    token = _THREADS.set(threads)
+    try:
+        yield
+    finally:
+        _THREADS.reset(token)
+
+
+def cpu_workers(device: torch.device) -> int:
+    """How many worker threads :func:`run_on_workers` uses on ``device`` (1 off the CPU)."""
+    return _THREADS.get() if device.type == "cpu" else 1
 
 
 def run_on_workers(tasks: list[Callable[[], Result]]) -> list[Result]:

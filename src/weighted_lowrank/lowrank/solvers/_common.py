@@ -20,29 +20,12 @@ from weighted_lowrank.lowrank.devices import batched_eigh
 from weighted_lowrank.lowrank.objective import StopReason
 from weighted_lowrank.lowrank.solvers.whitening import DEFAULT_DAMPING, Moment, kronecker_truncation
 
-#: Options every solver accepts.
-COMMON_OPTIONS: dict[str, Any] = {"device": None, "seed": 0}
-#: Options every iterative solver accepts, with their defaults. Each solver module sets its own
-#: measured ``max_iters`` / ``tol``; ``max_seconds`` stays ``None`` everywhere, so that by default
-#: no solver reads the clock and the same inputs give the same factors on any machine.
-ITERATIVE_OPTIONS: dict[str, Any] = {
-    **COMMON_OPTIONS,
-    "max_iters": 500,
-    "max_seconds": None,
-    "tol": 1e-6,
-    "init": "fwsvd",
-}
 #: Initialisations an iterative solver may start from ("kfwsvd" needs both calibration moments).
 INITS = ("fwsvd", "fwsvd_in", "fwsvd_out", "svd", "best", "random", "kfwsvd")
 #: The calibration statistics the "kfwsvd" start reads.
 KFWSVD_NEEDS: tuple[str, ...] = ("input_moment", "output_moment")
-#: Largest ``alpha`` of ``asvd``: the scale's dynamic range grows as (max/min |x|)^alpha, and
-#: beyond ~2 it swamps a float64 factorization; ASVD itself uses 0.5 (and studies 0.1–1).
-MAX_ALPHA = 2.0
 #: Axes of the closed-form Fisher-weighted SVD.
 FWSVD_AXES = ("in", "out", "both")
-#: tfwsvd's preconditioners (``solvers.tfwsvd``): the shared-basis block-Jacobi and the separable one.
-PRECONDITIONERS = ("rotated", "separable")
 
 
 @dataclass
@@ -84,68 +67,92 @@ class SolverOutput:
     initial: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def _is_int(value: Any, minimum: int) -> bool:
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(value: Any, minimum: int = -(2**63)) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-#: Every option name any solver accepts: (is the value valid?, what is expected).
-_OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (lambda v: _is_int(v, -(2**63)), "an int"),
-    "device": (
-        lambda v: v is None or isinstance(v, str | torch.device),
-        "None, 'auto', 'cpu' or 'cuda'",
-    ),
-    "max_iters": (lambda v: _is_int(v, 0), "an int >= 0"),
-    "max_seconds": (lambda v: v is None or (_is_number(v) and v > 0), "a number > 0 or None"),
-    "tol": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "init": (lambda v: v in INITS, f"one of {INITS}"),
-    "axis": (lambda v: v in FWSVD_AXES, f"one of {FWSVD_AXES}"),
-    "lr": (lambda v: v == "auto" or (_is_number(v) and v > 0), "a number > 0 (or 'auto' for sgd)"),
-    "beta1": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "beta2": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "eps": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "switch_eps": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: never switch)"),
-    "damping": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "alpha": (
-        lambda v: _is_number(v) and 0 <= v <= MAX_ALPHA,
-        f"a number in [0, {MAX_ALPHA:g}] (0: plain SVD; ASVD uses 0.5)",
-    ),
-    "switch_min_iters": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "power_iters": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "chunk_elements": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "restart": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "refresh_every": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "precondition_every": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "preconditioner": (lambda v: v in PRECONDITIONERS, f"one of {PRECONDITIONERS}"),
-}
+def int_at_least(minimum: int) -> Rule:
+    return (lambda v: _is_int(v, minimum), f"an int >= {minimum}")
 
 
-def resolve_options(
-    solver: str, options: dict[str, Any], defaults: dict[str, Any]
-) -> dict[str, Any]:
-    """Merge user options over the solver's defaults, every value checked before any solve.
+def one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices, f"one of {choices}")
 
-    Unknown names and bad values are a ``ValueError`` naming the solver, the option and what
-    is expected.
+
+POSITIVE: Rule = (lambda v: is_number(v) and v > 0, "a number > 0")
+NON_NEGATIVE: Rule = (lambda v: is_number(v) and v >= 0, "a number >= 0")
+FRACTION: Rule = (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+
+
+def option(default: Any, rule: Rule) -> Any:
+    """A solver option: its default and its rule (is the value valid?, what is expected)."""
+    return field(default=default, metadata={"rule": rule})
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options every solver accepts; a family subclasses it with its own, each with its rule.
+
+    Building one checks every value: a ``ValueError`` names the option, what is expected and
+    the value.
     """
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"solver {solver!r} got unknown option(s) {unknown}; it accepts {sorted(defaults)}"
-        )
-    merged = {**defaults, **options}
-    if solver != "sgd" and merged.get("lr") == "auto":
-        raise ValueError(f"solver {solver!r}: lr must be a number > 0, got 'auto'")
-    for name, value in merged.items():
-        valid, expected = _OPTION_RULES[name]
-        if not valid(value):
-            raise ValueError(f"solver {solver!r}: {name} must be {expected}, got {value!r}")
-    return merged
+
+    device: str | torch.device | None = option(
+        None,
+        (lambda v: v is None or isinstance(v, str | torch.device), "None, 'auto', 'cpu' or 'cuda'"),
+    )
+    seed: int = option(0, (_is_int, "an int"))
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            valid, expected = item.metadata["rule"]
+            value = getattr(self, item.name)
+            if not valid(value):
+                raise ValueError(f"{item.name} must be {expected}, got {value!r}")
+
+    def added_needs(self) -> tuple[str, ...]:
+        """Calibration statistics these option values add to what the solver always reads."""
+        return ()
+
+
+@dataclass(frozen=True)
+class IterativeOptions(Options):
+    """Options every iterative solver accepts. Each family sets its own measured ``max_iters`` /
+    ``tol``; ``max_seconds`` stays ``None`` everywhere, so that by default no solver reads the
+    clock and the same inputs give the same factors on any machine."""
+
+    max_iters: int = option(500, int_at_least(0))
+    max_seconds: float | None = option(
+        None, (lambda v: v is None or (is_number(v) and v > 0), "a number > 0 or None")
+    )
+    tol: float = option(1e-6, NON_NEGATIVE)
+    init: str = option("fwsvd", one_of(*INITS))
+
+    def added_needs(self) -> tuple[str, ...]:
+        return KFWSVD_NEEDS if self.init == "kfwsvd" else ()
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """Everything the registry knows about a solver: its batched implementation, its options
+    class (defaults and checks), the calibration statistics it always reads (a subset of
+    ``CALIBRATION_STATISTICS``), the weighted spectrum its loss-vs-rank curve comes from
+    (:mod:`.spectra`) named by ``curve``, and for an iterative solver the iterations over which
+    its relative-improvement ``tol`` is measured (``window``)."""
+
+    solve: Callable[[Problem, Any, float], list[SolverOutput]]
+    options: type[Options]
+    spectrum: Callable[[Problem, Any, bool], Any]
+    curve: str
+    needs: tuple[str, ...] = ()
+    window: int | None = None
 
 
 def build_problem(
@@ -315,8 +322,6 @@ def fwsvd_factors(
     product of its marginals ``I ≈ r cᵀ / ΣI`` (the rank-one fit that keeps both marginal sums).
     Minimises ``‖D_r^½ (W − AB) D_c^½‖²`` exactly: scale, truncated SVD, unscale.
     """
-    if axis not in FWSVD_AXES:
-        raise ValueError(f"fwsvd axis must be one of {FWSVD_AXES}, got {axis!r}")
     rows = positive_weights(importance.sum(dim=2)) if axis in ("out", "both") else None
     cols = positive_weights(importance.sum(dim=1)) if axis in ("in", "both") else None
     scaled = weight
@@ -433,11 +438,7 @@ Step = Callable[[State], tuple[State, torch.Tensor]]
 
 
 def run_iterations(
-    state: State,
-    step: Step[State],
-    options: dict[str, Any],
-    started: float,
-    window: int = 1,
+    state: State, step: Step[State], options: IterativeOptions, started: float, window: int = 1
 ) -> list[SolverOutput]:
     """Drive ``step`` until each layer stops; return each layer's best iterate.
 
@@ -446,8 +447,8 @@ def run_iterations(
     elapsed for the batch. Stopped layers leave the batch (:meth:`Batched.select`) so the
     remaining ones run on smaller matmuls.
     """
-    max_iters, max_seconds = options["max_iters"], options["max_seconds"]
-    records = _LayerRecords.start(state, options["tol"], window, started)
+    max_iters, max_seconds = options.max_iters, options.max_seconds
+    records = _LayerRecords.start(state, options.tol, window, started)
     while True:
         if state.iteration >= max_iters:
             records.finish(state, torch.arange(state.left.shape[0]), "max_iters")
@@ -561,3 +562,11 @@ class _LayerRecords:
         self.best_right = self.best_right[device_running]
         self.best_loss = self.best_loss[running]
         self.active = self.active[running]
+
+
+def resolve_options(solver: str, options: dict[str, Any], defaults: Any = None) -> Any:
+    """Transition shim for ``kedro_glue.parameters`` until it calls
+    :func:`~weighted_lowrank.lowrank.solvers.check_solver_options`; delete it then."""
+    from weighted_lowrank.lowrank.solvers import resolve_options as resolve
+
+    return resolve(solver, options)

@@ -11,31 +11,36 @@ each half-step minimises "loss + damping" exactly from the old point, the loss n
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
 from weighted_lowrank.lowrank.solvers._common import (
-    ITERATIVE_OPTIONS,
+    NON_NEGATIVE,
+    POSITIVE,
     IterateState,
+    IterativeOptions,
     Problem,
     SolverOutput,
+    SolverSpec,
     batched_loss,
     initial_factors,
+    int_at_least,
+    option,
     run_iterations,
 )
+from weighted_lowrank.lowrank.solvers.spectra import PROXY_CURVE, proxy_spectrum
+
 
 # One sweep costs ≈ 27 s for MiniLM's 36 weights at budget 0.5 on 2 cores and ALS needs ≈ 12 to
 # flatten, so the default is the one sweep that fits the default run's time (stop_reason
 # "max_iters"; 1.8 % above the best solver's loss, docs/METHOD.md "Stopping"); tol is what would
 # stop it near its plateau when max_iters is raised.
-ALS_OPTIONS: dict[str, Any] = {
-    **ITERATIVE_OPTIONS,
-    "max_iters": 1,
-    "tol": 1e-4,
-    "damping": 1e-6,
-    "chunk_elements": 2**25,
-}
+@dataclass(frozen=True)
+class AlsOptions(IterativeOptions):
+    max_iters: int = option(1, int_at_least(0))
+    tol: float = option(1e-4, NON_NEGATIVE)
+    damping: float = option(1e-6, POSITIVE)
+    chunk_elements: int = option(2**25, int_at_least(1))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -126,11 +131,11 @@ def als_sweep(
     return left, right_t.transpose(1, 2).contiguous()
 
 
-def solve_als(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
+def solve_als(problem: Problem, options: AlsOptions, started: float) -> list[SolverOutput]:
     """Damped alternating least squares from the closed-form initialisation."""
-    damping = options["damping"]
-    left, right = initial_factors(problem, options["init"], options["seed"])
-    chunk = int(options["chunk_elements"])
+    damping = options.damping
+    left, right = initial_factors(problem, options.init, options.seed)
+    chunk = int(options.chunk_elements)
 
     def step(state: AlsState) -> tuple[AlsState, torch.Tensor]:
         weight, importance = state.weight, state.importance
@@ -140,3 +145,6 @@ def solve_als(problem: Problem, options: dict[str, Any], started: float) -> list
 
     state = AlsState(weight=problem.weight, importance=problem.importance, left=left, right=right)
     return run_iterations(state, step, options, started)
+
+
+SPEC = SolverSpec(solve_als, AlsOptions, proxy_spectrum, PROXY_CURVE, window=1)

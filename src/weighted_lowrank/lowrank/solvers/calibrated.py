@@ -21,12 +21,21 @@ statistics; ``FactorizationResult.loss`` stays the diagonal-importance loss ever
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from weighted_lowrank.lowrank.solvers._common import COMMON_OPTIONS, Problem, SolverOutput
-from weighted_lowrank.lowrank.solvers.closed_form import _outputs as exact_outputs
+from weighted_lowrank.lowrank.solvers._common import (
+    POSITIVE,
+    Options,
+    Problem,
+    SolverOutput,
+    SolverSpec,
+    is_number,
+    option,
+)
+from weighted_lowrank.lowrank.solvers.closed_form import exact_outputs
+from weighted_lowrank.lowrank.solvers.spectra import Spectrum, whitened_spectrum
 from weighted_lowrank.lowrank.solvers.whitening import (
     DEFAULT_DAMPING,
     Moment,
@@ -34,23 +43,55 @@ from weighted_lowrank.lowrank.solvers.whitening import (
     kronecker_truncation,
 )
 
-KFWSVD_OPTIONS: dict[str, Any] = {**COMMON_OPTIONS, "damping": DEFAULT_DAMPING}
-SVD_LLM_OPTIONS: dict[str, Any] = {**COMMON_OPTIONS, "damping": DEFAULT_DAMPING}
-ASVD_OPTIONS: dict[str, Any] = {**COMMON_OPTIONS, "alpha": 0.5}
 #: ASVD's floor on the channel scale, relative to its mean here (absolute 1e-6 in ASVD).
 ASVD_FLOOR = 1e-6
+#: Largest ``alpha`` of ``asvd``: the scale's dynamic range grows as (max/min |x|)^alpha, and
+#: beyond ~2 it swamps a float64 factorization; ASVD itself uses 0.5 (and studies 0.1–1).
+MAX_ALPHA = 2.0
 
 
-def solve_kfwsvd(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
-    """Truncated SVD of ``L_Gᵀ W L_A`` mapped back: the optimum of ``tr(ΔWᵀ G ΔW A)``."""
-    damping = options["damping"]
-    truncation = kronecker_truncation(
-        problem.weight,
-        problem.rank,
-        Moment(problem.input_moment, damping, "input_moment"),
-        Moment(problem.output_moment, damping, "output_moment"),
-        problem.names,
+@dataclass(frozen=True)
+class DampedOptions(Options):
+    """``kfwsvd`` and ``svd_llm``: the relative damping of each moment (``whitening``)."""
+
+    damping: float = option(DEFAULT_DAMPING, POSITIVE)
+
+
+@dataclass(frozen=True)
+class AsvdOptions(Options):
+    alpha: float = option(
+        0.5,
+        (
+            lambda v: is_number(v) and 0 <= v <= MAX_ALPHA,
+            f"a number in [0, {MAX_ALPHA:g}] (0: plain SVD; ASVD uses 0.5)",
+        ),
     )
+
+
+def kfwsvd_moments(problem: Problem, options: DampedOptions) -> tuple[Moment, Moment]:
+    """(input side A, output side G), damped: F ≈ G ⊗ A."""
+    return (
+        Moment(problem.input_moment, options.damping, "input_moment"),
+        Moment(problem.output_moment, options.damping, "output_moment"),
+    )
+
+
+def svd_llm_moments(problem: Problem, options: DampedOptions) -> tuple[Moment, Moment]:
+    """(A damped, identity): activation whitening."""
+    return Moment(problem.input_moment, options.damping, "input_moment"), Moment(None)
+
+
+def asvd_moments(problem: Problem, options: AsvdOptions) -> tuple[Moment, Moment]:
+    """(diag(s²), identity), s = (mean |x|)^alpha floored; a layer whose mean |x| is all 0 is
+    plain SVD."""
+    scale = problem.input_abs_mean.pow(float(options.alpha))
+    scale = scale + ASVD_FLOOR * scale.mean(dim=1, keepdim=True)
+    return Moment(scale.square(), 0.0, "input_abs_mean"), Moment(None)
+
+
+def solve_kfwsvd(problem: Problem, options: DampedOptions, started: float) -> list[SolverOutput]:
+    """Truncated SVD of ``L_Gᵀ W L_A`` mapped back: the optimum of ``tr(ΔWᵀ G ΔW A)``."""
+    truncation = _truncation(problem, *kfwsvd_moments(problem, options))
     units = problem.statistic_scale["input_moment"] * problem.statistic_scale["output_moment"]
     return _outputs(
         problem,
@@ -66,15 +107,9 @@ def solve_kfwsvd(problem: Problem, options: dict[str, Any], started: float) -> l
     )
 
 
-def solve_svd_llm(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
+def solve_svd_llm(problem: Problem, options: DampedOptions, started: float) -> list[SolverOutput]:
     """SVD-LLM: truncated SVD of ``W L_A`` mapped back, the optimum of ``‖ΔW L_A‖²``."""
-    truncation = kronecker_truncation(
-        problem.weight,
-        problem.rank,
-        Moment(problem.input_moment, options["damping"], "input_moment"),
-        Moment(None),
-        problem.names,
-    )
+    truncation = _truncation(problem, *svd_llm_moments(problem, options))
     units = problem.statistic_scale["input_moment"]
     return _outputs(
         problem,
@@ -88,19 +123,10 @@ def solve_svd_llm(problem: Problem, options: dict[str, Any], started: float) -> 
     )
 
 
-def solve_asvd(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
+def solve_asvd(problem: Problem, options: AsvdOptions, started: float) -> list[SolverOutput]:
     """ASVD: truncated SVD of ``W diag(s)``, s = (mean |x|)^alpha floored, mapped back."""
-    alpha = float(options["alpha"])
-    scale = problem.input_abs_mean.pow(alpha)
-    scale = scale + ASVD_FLOOR * scale.mean(dim=1, keepdim=True)
-    # The quadratic's "moment" is diag(s²); a layer whose mean |x| is all 0 is plain SVD.
-    truncation = kronecker_truncation(
-        problem.weight,
-        problem.rank,
-        Moment(scale.square(), 0.0, "input_abs_mean"),
-        Moment(None),
-        problem.names,
-    )
+    alpha = float(options.alpha)
+    truncation = _truncation(problem, *asvd_moments(problem, options))
     units = problem.statistic_scale["input_abs_mean"].pow(2 * alpha)
     return _outputs(
         problem,
@@ -112,6 +138,10 @@ def solve_asvd(problem: Problem, options: dict[str, Any], started: float) -> lis
             "input_identity_fallback": truncation.identity_input,
         },
     )
+
+
+def _truncation(problem: Problem, near: Moment, far: Moment) -> Truncation:
+    return kronecker_truncation(problem.weight, problem.rank, near, far, problem.names)
 
 
 def _original_units(
@@ -126,9 +156,33 @@ def _outputs(
 ) -> list[SolverOutput]:
     """One exact output per layer; ``info`` holds one (b,) tensor per reported fact."""
     dtype = problem.weight.dtype
-    outputs = exact_outputs(
-        problem, truncation.left.to(dtype), truncation.right.to(dtype), started, {}
-    )
+    outputs = exact_outputs(problem, truncation.left.to(dtype), truncation.right.to(dtype), started)
     for k, output in enumerate(outputs):
         output.info = {name: values[k].item() for name, values in info.items()}
     return outputs
+
+
+def _spectrum(moments):
+    """The spectrum of a family member from its moments (see :mod:`.spectra`)."""
+
+    def spectrum(problem: Problem, options: Options, terms: bool = False) -> Spectrum:
+        return whitened_spectrum(problem, *moments(problem, options), terms)
+
+    return spectrum
+
+
+SPECS = {
+    "kfwsvd": SolverSpec(
+        solve_kfwsvd,
+        DampedOptions,
+        _spectrum(kfwsvd_moments),
+        "kfwsvd",
+        ("input_moment", "output_moment"),
+    ),
+    "svd_llm": SolverSpec(
+        solve_svd_llm, DampedOptions, _spectrum(svd_llm_moments), "svd_llm", ("input_moment",)
+    ),
+    "asvd": SolverSpec(
+        solve_asvd, AsvdOptions, _spectrum(asvd_moments), "asvd", ("input_abs_mean",)
+    ),
+}

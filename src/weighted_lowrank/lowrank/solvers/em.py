@@ -9,24 +9,32 @@ peaked, because most entries then get a tiny ``Ĩ`` and move little per step.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
 from weighted_lowrank.lowrank.solvers._common import (
-    ITERATIVE_OPTIONS,
+    NON_NEGATIVE,
     IterateState,
+    IterativeOptions,
     Problem,
     SolverOutput,
+    SolverSpec,
     balanced_truncated_svd,
     initial_factors,
+    int_at_least,
+    option,
     run_iterations,
 )
+from weighted_lowrank.lowrank.solvers.spectra import PROXY_CURVE, proxy_spectrum
+
 
 # EM gains ≈ 1e-4 of the loss per iteration and is still improving after 300 iterations (14 min)
 # on the default model, so a per-iteration tol cannot detect its plateau: max_iters = 5 is the cap
 # that fits the default run's time (stop_reason "max_iters", docs/METHOD.md "Stopping").
-EM_OPTIONS: dict[str, Any] = {**ITERATIVE_OPTIONS, "max_iters": 5, "tol": 1e-6}
+@dataclass(frozen=True)
+class EmOptions(IterativeOptions):
+    max_iters: int = option(5, int_at_least(0))
+    tol: float = option(1e-6, NON_NEGATIVE)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -36,9 +44,9 @@ class EmState(IterateState):
     scaled: torch.Tensor
 
 
-def solve_em(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
+def solve_em(problem: Problem, options: EmOptions, started: float) -> list[SolverOutput]:
     """Srebro–Jaakkola EM from the closed-form initialisation."""
-    left, right = initial_factors(problem, options["init"], options["seed"])
+    left, right = initial_factors(problem, options.init, options.seed)
     maximum = problem.importance.amax(dim=(1, 2), keepdim=True)
     scaled = problem.importance / torch.where(maximum > 0, maximum, torch.ones_like(maximum))
     rank = problem.rank
@@ -55,3 +63,6 @@ def solve_em(problem: Problem, options: dict[str, Any], started: float) -> list[
         weight=problem.weight, importance=problem.importance, left=left, right=right, scaled=scaled
     )
     return run_iterations(state, step, options, started)
+
+
+SPEC = SolverSpec(solve_em, EmOptions, proxy_spectrum, PROXY_CURVE, window=1)

@@ -12,14 +12,23 @@ from typing import Any
 import torch
 
 from weighted_lowrank.lowrank.solvers._common import (
-    ITERATIVE_OPTIONS,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
     Batched,
     IterateState,
+    IterativeOptions,
     Problem,
     SolverOutput,
+    SolverSpec,
     initial_factors,
+    int_at_least,
+    is_number,
+    option,
     run_iterations,
 )
+from weighted_lowrank.lowrank.solvers.spectra import PROXY_CURVE, proxy_spectrum
+
 
 # Stopping defaults measured on the default model's Fisher (docs/METHOD.md, "Stopping"): Adam's
 # summed loss flattens after ≈ 170 iterations; tol 3e-4 over 20 iterations stops every layer past
@@ -27,29 +36,36 @@ from weighted_lowrank.lowrank.solvers._common import (
 # them, 0.04 %); max_iters is a safety net.
 # SGD at 1/λ_max is still improving after 3,000 iterations: 50 is the cap that fits the default
 # run's time (its layers report stop_reason "max_iters").
-ADAM_OPTIONS: dict[str, Any] = {
-    **ITERATIVE_OPTIONS,
-    "max_iters": 1000,
-    "tol": 3e-4,
-    "lr": 3e-3,
-    "beta1": 0.9,
-    "beta2": 0.999,
-    "eps": 1e-8,
-}
-SGD_OPTIONS: dict[str, Any] = {
-    **ITERATIVE_OPTIONS,
-    "max_iters": 50,
-    "tol": 1e-4,
-    "lr": "auto",
-    "momentum": 0.9,
-    "power_iters": 20,
-}
-ADAM_SGD_OPTIONS: dict[str, Any] = {
-    **ADAM_OPTIONS,
-    "switch_eps": 1e-2,
-    "switch_min_iters": 20,
-    "power_iters": 20,
-}
+@dataclass(frozen=True)
+class AdamOptions(IterativeOptions):
+    max_iters: int = option(1000, int_at_least(0))
+    tol: float = option(3e-4, NON_NEGATIVE)
+    lr: float = option(3e-3, POSITIVE)
+    beta1: float = option(0.9, FRACTION)
+    beta2: float = option(0.999, FRACTION)
+    eps: float = option(1e-8, POSITIVE)
+
+
+@dataclass(frozen=True)
+class SgdOptions(IterativeOptions):
+    """``lr="auto"``: 1 / λ_max of the Gauss–Newton matrix at the start."""
+
+    max_iters: int = option(50, int_at_least(0))
+    tol: float = option(1e-4, NON_NEGATIVE)
+    lr: float | str = option(
+        "auto", (lambda v: v == "auto" or (is_number(v) and v > 0), "a number > 0 or 'auto'")
+    )
+    momentum: float = option(0.9, FRACTION)
+    power_iters: int = option(20, int_at_least(1))
+
+
+@dataclass(frozen=True)
+class AdamSgdOptions(AdamOptions):
+    switch_eps: float = option(1e-2, (NON_NEGATIVE[0], "a number >= 0 (0: never switch)"))
+    switch_min_iters: int = option(20, int_at_least(1))
+    power_iters: int = option(20, int_at_least(1))
+
+
 #: Iterations over which the relative-improvement tolerance is measured (steps are not monotone).
 GRADIENT_WINDOW = 20
 
@@ -209,7 +225,7 @@ def _adam_direction(
     grad_left: torch.Tensor,
     grad_right: torch.Tensor,
     count: int,
-    options: dict[str, Any],
+    options: AdamOptions,
 ) -> tuple[AdamMoments, torch.Tensor, torch.Tensor]:
     """Adam's moments after step number ``count``; returns (moments, step on A, step on B)."""
     m_left, v_left, step_left = _adam_update(
@@ -227,10 +243,10 @@ def _adam_update(
     second: torch.Tensor,
     grad: torch.Tensor,
     count: int,
-    options: dict[str, Any],
+    options: AdamOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One factor's Adam moments after step ``count`` and its bias-corrected step."""
-    beta1, beta2, eps, lr = options["beta1"], options["beta2"], options["eps"], options["lr"]
+    beta1, beta2, eps, lr = options.beta1, options.beta2, options.eps, options.lr
     first = beta1 * first + (1 - beta1) * grad
     second = beta2 * second + (1 - beta2) * grad * grad
     corrected_first = first / (1 - beta1**count)
@@ -238,9 +254,9 @@ def _adam_update(
     return first, second, -lr * corrected_first / (corrected_second.sqrt() + eps)
 
 
-def solve_adam(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
+def solve_adam(problem: Problem, options: AdamOptions, started: float) -> list[SolverOutput]:
     """Full-batch Adam on (A, B) from the closed-form initialisation."""
-    left, right = initial_factors(problem, options["init"], options["seed"])
+    left, right = initial_factors(problem, options.init, options.seed)
     state = AdamState(
         weight=problem.weight,
         importance=problem.importance,
@@ -302,21 +318,21 @@ def _bounded_sgd_update(
     return new_left, new_right, updated
 
 
-def solve_sgd(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
+def solve_sgd(problem: Problem, options: SgdOptions, started: float) -> list[SolverOutput]:
     """Full-batch heavy-ball gradient descent with a curvature bound and backtracking.
 
     ``lr="auto"`` uses ``1 / λ_max`` of the Gauss–Newton matrix at the start (power iteration);
     a number is used as given but still halved whenever the loss rises.
     """
-    left, right = initial_factors(problem, options["init"], options["seed"])
+    left, right = initial_factors(problem, options.init, options.seed)
     device = left.device
-    if options["lr"] == "auto":
+    if options.lr == "auto":
         lambda_max = gauss_newton_lambda_max(
-            problem.importance, left, right, options["power_iters"], options["seed"]
+            problem.importance, left, right, options.power_iters, options.seed
         )
         lr = 1.0 / lambda_max
     else:
-        lr = torch.full((problem.batch,), float(options["lr"]), dtype=torch.float64, device=device)
+        lr = torch.full((problem.batch,), float(options.lr), dtype=torch.float64, device=device)
     state = SgdState(
         weight=problem.weight,
         importance=problem.importance,
@@ -337,7 +353,7 @@ def solve_sgd(problem: Problem, options: dict[str, Any], started: float) -> list
             grad_left,
             grad_right,
             loss,
-            options["momentum"],
+            options.momentum,
             everyone,
         )
         return replace(state, left=left, right=right, memory=memory), loss
@@ -345,7 +361,7 @@ def solve_sgd(problem: Problem, options: dict[str, Any], started: float) -> list
     return run_iterations(state, step, options, started, window=GRADIENT_WINDOW)
 
 
-def solve_adam_sgd(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
+def solve_adam_sgd(problem: Problem, options: AdamSgdOptions, started: float) -> list[SolverOutput]:
     """Adam, then heavy-ball SGD from the SWATS switching point (Keskar & Socher 2017).
 
     After each Adam step ``p`` with gradient ``g``: ``γ = (p·p)/(−p·g)``,
@@ -374,7 +390,7 @@ def solve_adam_sgd(problem: Problem, options: dict[str, Any], started: float) ->
             grad_left,
             grad_right,
             loss,
-            options["beta1"],
+            options.beta1,
             sgd_mode,
         )
         adam3 = (~sgd_mode)[:, None, None]
@@ -393,9 +409,9 @@ def solve_adam_sgd(problem: Problem, options: dict[str, Any], started: float) ->
     return run_iterations(state, step, options, started, window=GRADIENT_WINDOW)
 
 
-def _swats_start(problem: Problem, options: dict[str, Any]) -> SwatsState:
+def _swats_start(problem: Problem, options: AdamSgdOptions) -> SwatsState:
     """Adam from the initial factors; no layer has switched yet."""
-    left, right = initial_factors(problem, options["init"], options["seed"])
+    left, right = initial_factors(problem, options.init, options.seed)
     zeros = torch.zeros(problem.batch, dtype=torch.float64, device=left.device)
     return SwatsState(
         weight=problem.weight,
@@ -420,13 +436,13 @@ def _swats_estimate(
     adam_right: torch.Tensor,
     grad_left: torch.Tensor,
     grad_right: torch.Tensor,
-    options: dict[str, Any],
+    options: AdamSgdOptions,
 ) -> SwatsState:
     """Fold this Adam step into the SWATS estimate and switch the layers where it settled.
 
     γ is the SGD step size that, along Adam's step ``p``, matches Adam's step.
     """
-    beta2 = options["beta2"]
+    beta2 = options.beta2
     along = (adam_left * grad_left).sum(dim=(1, 2), dtype=torch.float64) + (
         adam_right * grad_right
     ).sum(dim=(1, 2), dtype=torch.float64)
@@ -442,8 +458,8 @@ def _swats_estimate(
     corrected = average / (1 - beta2 ** count.clamp_min(1))
     switch = (
         defined
-        & (count >= options["switch_min_iters"])
-        & ((corrected - gamma).abs() < options["switch_eps"] * corrected)
+        & (count >= options.switch_min_iters)
+        & ((corrected - gamma).abs() < options.switch_eps * corrected)
     )
     state = replace(state, swats_average=average, swats_count=count)
     if bool(switch.any()):
@@ -452,11 +468,11 @@ def _swats_estimate(
 
 
 def _switch_to_sgd(
-    state: SwatsState, switch: torch.Tensor, corrected: torch.Tensor, options: dict[str, Any]
+    state: SwatsState, switch: torch.Tensor, corrected: torch.Tensor, options: AdamSgdOptions
 ) -> SwatsState:
     """Start SGD on the ``switch`` layers: bounded step size, fresh memory, switch recorded."""
     lambda_max = gauss_newton_lambda_max(
-        state.importance, state.left, state.right, options["power_iters"], options["seed"]
+        state.importance, state.left, state.right, options.power_iters, options.seed
     )
     bounded = torch.minimum(corrected, 1.0 / lambda_max)
     memory = replace(
@@ -475,3 +491,13 @@ def _switch_to_sgd(
         sgd_lr=torch.where(switch, bounded, state.sgd_lr),
         lambda_max=torch.where(switch, lambda_max, state.lambda_max),
     )
+
+
+SPECS = {
+    name: SolverSpec(solve, options, proxy_spectrum, PROXY_CURVE, window=GRADIENT_WINDOW)
+    for name, solve, options in [
+        ("adam", solve_adam, AdamOptions),
+        ("sgd", solve_sgd, SgdOptions),
+        ("adam_sgd", solve_adam_sgd, AdamSgdOptions),
+    ]
+}

@@ -28,7 +28,6 @@ import torch
 
 from weighted_lowrank.lowrank.devices import batched_eigh, batched_eigvalsh
 from weighted_lowrank.lowrank.solvers._common import Problem, positive_weights
-from weighted_lowrank.lowrank.solvers.calibrated import ASVD_FLOOR
 from weighted_lowrank.lowrank.solvers.whitening import (
     Moment,
     kronecker_expansion,
@@ -53,46 +52,26 @@ class Spectrum:
     right: torch.Tensor | None = None
 
 
-SpectrumFunction = Callable[[Problem, dict[str, Any], bool], Spectrum]
+SpectrumFunction = Callable[[Problem, Any, bool], Spectrum]
+#: The curve of the element-wise solvers, which have no spectrum of their own.
+PROXY_CURVE = "fwsvd (proxy)"
 
 
-def svd_spectrum(problem: Problem, options: dict[str, Any], terms: bool = False) -> Spectrum:
+def svd_spectrum(problem: Problem, options: Any, terms: bool = False) -> Spectrum:
     """Plain SVD: the squared singular values of W; both sides are identities."""
     _, out_features, in_features = problem.weight.shape
     values, left, right = _gram_expansion(problem.weight, terms)
     return Spectrum(values, _full(problem, out_features), _full(problem, in_features), left, right)
 
 
-def fwsvd_spectrum(problem: Problem, options: dict[str, Any], terms: bool = False) -> Spectrum:
+def fwsvd_spectrum(problem: Problem, options: Any, terms: bool = False) -> Spectrum:
     """FWSVD along its ``axis``: the spectrum of ``√r W √c`` (row / column importance sums)."""
-    return _fwsvd(problem, options.get("axis", "both"), terms)
+    return _fwsvd(problem, options.axis, terms)
 
 
-def proxy_spectrum(problem: Problem, options: dict[str, Any], terms: bool = False) -> Spectrum:
+def proxy_spectrum(problem: Problem, options: Any, terms: bool = False) -> Spectrum:
     """The element-wise solvers' proxy: two-sided FWSVD's spectrum of the same importance."""
     return _fwsvd(problem, "both", terms)
-
-
-def kfwsvd_spectrum(problem: Problem, options: dict[str, Any], terms: bool = False) -> Spectrum:
-    """kfwsvd: the spectrum of ``L_Gᵀ W L_A`` (damped as the solver damps)."""
-    damping = options["damping"]
-    near = Moment(problem.input_moment, damping, "input_moment")
-    far = Moment(problem.output_moment, damping, "output_moment")
-    return _whitened(problem, near, far, terms, _trace(far))
-
-
-def svd_llm_spectrum(problem: Problem, options: dict[str, Any], terms: bool = False) -> Spectrum:
-    """svd_llm: the spectrum of ``W L_A``; the output side is the identity."""
-    near = Moment(problem.input_moment, options["damping"], "input_moment")
-    return _whitened(problem, near, Moment(None), terms, _full(problem, problem.weight.shape[1]))
-
-
-def asvd_spectrum(problem: Problem, options: dict[str, Any], terms: bool = False) -> Spectrum:
-    """asvd: the spectrum of ``W diag(s)``, s = (mean |x|)^alpha floored as the solver does."""
-    scale = problem.input_abs_mean.pow(float(options["alpha"]))
-    scale = scale + ASVD_FLOOR * scale.mean(dim=1, keepdim=True)
-    near = Moment(scale.square(), 0.0, "input_abs_mean")
-    return _whitened(problem, near, Moment(None), terms, _full(problem, problem.weight.shape[1]))
 
 
 def rank_losses(
@@ -172,16 +151,16 @@ def _fwsvd(problem: Problem, axis: str, terms: bool) -> Spectrum:
     return Spectrum(values, trace_output, trace_input, left, right)
 
 
-def _whitened(
-    problem: Problem, near: Moment, far: Moment, terms: bool, trace_output: torch.Tensor
-) -> Spectrum:
-    """A Kronecker-family spectrum (``near`` on the input side, ``far`` on the output side)."""
+def whitened_spectrum(problem: Problem, near: Moment, far: Moment, terms: bool) -> Spectrum:
+    """A Kronecker-family spectrum (``near`` on the input side, ``far`` on the output side; an
+    identity side's trace is its size)."""
     if terms:
         expansion = kronecker_expansion(problem.weight, near, far, problem.names)
         values, left, right = expansion.values, expansion.left, expansion.right
     else:
         values = kronecker_spectrum(problem.weight, near, far, problem.names)
         left = right = None
+    trace_output = _full(problem, problem.weight.shape[1]) if far.matrix is None else _trace(far)
     return Spectrum(_to_cpu(values), trace_output, _trace(near), left, right)
 
 

@@ -38,30 +38,39 @@ from weighted_lowrank.lowrank.devices import (
     split_batch,
 )
 from weighted_lowrank.lowrank.solvers._common import (
-    ITERATIVE_OPTIONS,
+    NON_NEGATIVE,
     Batched,
     IterateState,
+    IterativeOptions,
     Problem,
     SolverOutput,
+    SolverSpec,
     initial_factors,
+    int_at_least,
+    one_of,
+    option,
     positive_weights,
     run_iterations,
 )
+from weighted_lowrank.lowrank.solvers.spectra import PROXY_CURVE, proxy_spectrum
+
 
 # tol 1e-4 over 3 iterations with the rotated preconditioner: 9–39 iterations per layer on the
 # default model at budget 0.5, every layer within 0.07 % of its best known loss (summed 0.025 %);
 # max_iters is a safety net. The preconditioner is rebuilt only at restarts: between them PR+
 # assumes one metric, and refreshing every 10 iterations bought nothing measurable for 13 % of
 # the CPU time (docs/METHOD.md, tfwsvd).
-TFWSVD_OPTIONS: dict[str, Any] = {
-    **ITERATIVE_OPTIONS,
-    "max_iters": 150,
-    "tol": 1e-4,
-    "restart": 50,
-    "refresh_every": 10,
-    "precondition_every": 50,
-    "preconditioner": "rotated",
-}
+@dataclass(frozen=True)
+class TfwsvdOptions(IterativeOptions):
+    max_iters: int = option(150, int_at_least(0))
+    tol: float = option(1e-4, NON_NEGATIVE)
+    restart: int = option(50, int_at_least(1))
+    refresh_every: int = option(10, int_at_least(1))
+    precondition_every: int = option(50, int_at_least(1))
+    #: The shared-basis block-Jacobi (:class:`RotatedPreconditioner`) or the separable one.
+    preconditioner: str = option("rotated", one_of("rotated", "separable"))
+
+
 #: Iterations over which ``tol`` is measured.
 TFWSVD_WINDOW = 3
 
@@ -360,13 +369,11 @@ def quartic_minimiser(coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return steps[index, best], values[index, best]
 
 
-def solve_tfwsvd(problem: Problem, options: dict[str, Any], started: float) -> list[SolverOutput]:
+def solve_tfwsvd(problem: Problem, options: TfwsvdOptions, started: float) -> list[SolverOutput]:
     """Preconditioned nonlinear CG with exact quartic line search (see the module docstring)."""
     weight, importance = problem.weight, problem.importance
-    left, right = initial_factors(problem, options["init"], options["seed"])
-    preconditioner = _PRECONDITIONER_CLASSES[options["preconditioner"]].start(
-        importance, left, right
-    )
+    left, right = initial_factors(problem, options.init, options.seed)
+    preconditioner = _PRECONDITIONER_CLASSES[options.preconditioner].start(importance, left, right)
     root = importance.clamp_min(0).sqrt()
     scaled_residual = torch.empty_like(weight)
     workspace = Workspace.for_problem(weight)
@@ -392,7 +399,7 @@ def solve_tfwsvd(problem: Problem, options: dict[str, Any], started: float) -> l
     )
 
 
-def _cg_step(state: TfwsvdState, options: dict[str, Any]) -> tuple[TfwsvdState, torch.Tensor]:
+def _cg_step(state: TfwsvdState, options: TfwsvdOptions) -> tuple[TfwsvdState, torch.Tensor]:
     """One CG iteration: exact line search along the direction, then the next direction."""
     iteration = state.iteration
     coefficients = _line_search_coefficients(state)
@@ -401,7 +408,7 @@ def _cg_step(state: TfwsvdState, options: dict[str, Any]) -> tuple[TfwsvdState, 
     left = torch.addcmul(state.left, t, state.dir_left)
     right = torch.addcmul(state.right, t, state.dir_right)
     # The running residual drifts in float32; recompute it now and then.
-    recompute = iteration % options["refresh_every"] == 0
+    recompute = iteration % options.refresh_every == 0
     grad_left, grad_right = _update_and_gradient(
         state.root,
         state.scaled_residual,
@@ -413,7 +420,7 @@ def _cg_step(state: TfwsvdState, options: dict[str, Any]) -> tuple[TfwsvdState, 
         state.workspace,
     )
     preconditioner = state.preconditioner
-    if iteration % options["precondition_every"] == 0:
+    if iteration % options.precondition_every == 0:
         # Rebuilt with the restart by default: a metric that changes under PR+ between restarts
         # breaks the conjugacy of the directions, and the Grams drift slowly.
         preconditioner = preconditioner.refreshed(state.importance, left, right)
@@ -424,7 +431,7 @@ def _cg_step(state: TfwsvdState, options: dict[str, Any]) -> tuple[TfwsvdState, 
         gradient.grad_right, previous.pre_right
     )
     beta = ((gradient.grad_dot_pre - cross) / previous.grad_dot_pre.clamp_min(1e-300)).clamp_min(0)
-    if iteration % options["restart"] == 0:
+    if iteration % options.restart == 0:
         beta = torch.zeros_like(beta)
     beta = beta.to(left.dtype)[:, None, None]
     new_state = replace(
@@ -627,3 +634,6 @@ def _dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Per-layer Frobenius inner product of (layers, rows, columns) arrays or chunks: float32 row
     sums, float64 total (fast and accurate)."""
     return torch.linalg.vecdot(first, second, dim=2).sum(dim=1, dtype=torch.float64)
+
+
+SPEC = SolverSpec(solve_tfwsvd, TfwsvdOptions, proxy_spectrum, PROXY_CURVE, window=TFWSVD_WINDOW)

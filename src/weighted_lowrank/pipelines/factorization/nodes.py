@@ -32,6 +32,7 @@ from weighted_lowrank.lowrank.compression import (
     svd_reference_losses,
 )
 from weighted_lowrank.lowrank.objective import FactorizationResult, relative_loss
+from weighted_lowrank.lowrank.parallel import parse_parallel
 from weighted_lowrank.lowrank.solvers import solver_curve
 from weighted_lowrank.lowrank.targets import describe_module, select_linear_modules
 from weighted_lowrank.pipelines.fisher_estimation.nodes import recorded_num_examples
@@ -69,7 +70,7 @@ def svd_reference(
         compression.budget,
         compression.targets,
         device=compression.device,
-        dask_address=compression.dask_address,
+        **vars(parse_parallel(compression.parallel)),
     )
     shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in losses}
     ranks = layer_ranks(shapes, compression.budget)
@@ -110,7 +111,7 @@ def loss_curves(
         loss_model=compression.curve_loss_model,
         statistics=calibration_statistics["tensors"],
         device=compression.device,
-        dask_address=compression.dask_address,
+        **vars(parse_parallel(compression.parallel)),
         **{"seed": compression.seed, **options},
     )
     seconds = time.perf_counter() - started
@@ -299,7 +300,7 @@ def compress(
         statistics=calibration_statistics["tensors"],
         device=compression.device,
         ranks=ranks,
-        dask_address=compression.dask_address,
+        **vars(parse_parallel(compression.parallel)),
         **{"seed": compression.seed, **options},
     )
     total_seconds = time.perf_counter() - started
@@ -416,7 +417,7 @@ def _reference_losses(
             compression.targets,
             device=compression.device,
             ranks={**everything, **differing},
-            dask_address=compression.dask_address,
+            **vars(parse_parallel(compression.parallel)),
         )
     return [
         computed[name] if name in computed else float(reference.at[name, "svd_loss"])

@@ -1,27 +1,17 @@
 """Architecture-aware model structure: transformer blocks, their projections, GPT-2's ``Conv1D``.
 
-The default compression targets are "the attention and MLP projections of every transformer
-block", found from the model's own structure rather than from one architecture's module names:
-
-* :func:`transformer_blocks` finds the blocks from the config and the module tree — the
-  ``nn.ModuleList`` whose length is the config's number of layers (``num_hidden_layers``, which
-  GPT-2's ``n_layer`` and DistilBERT's ``n_layers`` map to), or ALBERT's layer groups;
-* :func:`default_target_names` takes every ``nn.Linear`` inside those blocks, in model order.
-  Embeddings, the embedding→hidden projections of ALBERT and ELECTRA, heads (classifier,
-  ``score``, ``lm_head``), poolers and LayerNorms sit outside the blocks (or are not Linear) and
-  are never selected. Inside a block only relative-position projections (DeBERTa's
-  ``pos_key_proj`` / ``pos_query_proj``: they project the shared position table, not the tokens)
-  and mixture-of-experts routers are left out.
+The default compression targets, "the attention and MLP projections of every transformer block",
+are found from the model's own structure (:func:`transformer_blocks`, then
+:func:`default_target_names`) rather than from one architecture's module names. Embeddings, the
+embedding→hidden projections of ALBERT and ELECTRA, heads, poolers and LayerNorms sit outside
+the blocks (or are not Linear) and are never selected.
 
 GPT-2 (and the other OpenAI-style models) computes its projections with transformers' ``Conv1D``,
 ``y = x·W + b`` with ``W`` stored (in × out). :func:`linearize_conv1d` swaps each one for a
-:class:`Conv1DLinear` — an ``nn.Linear`` holding the transposed weight (out × in), same outputs —
-so every later step (Fisher, statistics, solvers, ``LowRankLinear``) sees one layer type. A
-linearized model is written back in the stock layout with :func:`save_pretrained_model` (or
-``model.save_pretrained(dir, state_dict=pretrained_state_dict(model))``), so stock
-``from_pretrained`` reloads it.
-
-Plain torch + transformers; no Kedro import.
+:class:`Conv1DLinear` (same outputs, ``nn.Linear``'s out × in layout) so that every later step
+(Fisher, statistics, solvers, ``LowRankLinear``) sees one layer type;
+:func:`save_pretrained_model` writes it back in the stock layout, which stock ``from_pretrained``
+reloads.
 """
 
 from __future__ import annotations

@@ -77,12 +77,11 @@ def calibrate(
 ) -> Calibration:
     """One pass over ``batches``: the Fisher of the targeted Linear weights and ``statistics``.
 
-    ``batches`` yields dicts accepted by ``model(**batch)`` that also hold ``"labels"``. The loss
-    is a causal language model's next-token loss, each block's mean over its predicted tokens
-    (:mod:`~weighted_lowrank.lowrank.language_model`; labels are the block's token ids),
-    cross-entropy for classification (``num_labels > 1``), binary cross-entropy with logits for
-    ``problem_type == "multi_label_classification"``, and squared error for regression
-    (``num_labels == 1``), always *summed* over the examples of a batch.
+    ``batches`` yields dicts accepted by ``model(**batch)`` that also hold ``"labels"``. The loss,
+    always *summed* over the examples of a batch, is chosen as Hugging Face's heads choose it: a
+    causal language model's next-token loss, each block's mean over its predicted tokens
+    (:mod:`~weighted_lowrank.lowrank.language_model`); cross-entropy for classification; binary
+    cross-entropy with logits for ``multi_label_classification``; squared error for regression.
 
     ``mode="per_example"``: ``F = Σ_n (∇_W ℓ_n)²`` (exact empirical Fisher).
     ``mode="minibatch"``: ``F = Σ_b (∇_W Σ_{n∈b} ℓ_n)²``; in expectation this equals the
@@ -92,18 +91,15 @@ def calibrate(
     ``statistics``: any of :data:`~weighted_lowrank.lowrank.calibration.CALIBRATION_STATISTICS`
     (``()`` for the Fisher alone). They are exact in both modes (the output gradient of a summed
     loss is each example's own), come from the tensors the pass holds anyway, and leave the
-    Fisher unchanged. Input statistics count the real tokens of the batch's ``attention_mask``
-    when a module's input is ``(batch, tokens, in)`` matching it, else every row; see
-    :class:`~weighted_lowrank.lowrank.calibration.StatisticsAccumulator`.
+    Fisher unchanged; input statistics count real tokens
+    (:class:`~weighted_lowrank.lowrank.calibration.StatisticsAccumulator`).
 
-    ``targets`` selects Linear modules (regex or names; ``None`` = the attention and MLP
-    projections of every transformer block, ``architectures.default_target_names``). A module
-    called on an input every example shares (DeBERTa-v3's relative-position table) makes the
-    per-example mode run the batches one example at a time, exact.
-    The model runs in eval mode (no dropout) on ``device``; its mode, device and ``requires_grad``
-    flags are restored afterwards. Raises ``ValueError`` for an unknown mode or statistic, a batch
-    without labels, no examples, or a non-finite loss or gradient (naming the module nearest the
-    loss whose gradient is not finite).
+    ``targets`` selects Linear modules (:func:`~weighted_lowrank.lowrank.targets.
+    select_linear_modules`). A module called on an input every example shares (DeBERTa-v3's
+    relative-position table) makes the per-example mode run the batches one example at a time,
+    exact. The model runs in eval mode on ``device``; its mode, device and ``requires_grad``
+    flags are restored afterwards. A non-finite loss or gradient raises ``ValueError`` naming the
+    batch (and the module nearest the loss whose gradient is not finite).
     """
     if mode not in FISHER_MODES:
         raise ValueError(f"mode {mode!r} is not a Fisher mode; expected one of {FISHER_MODES}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ LOWRANK_FORMAT_VERSION = 1
 #: ``format: pt`` is what transformers expects in the safetensors header of PyTorch weights.
 _SAFETENSORS_METADATA = {"format": "pt"}
 _REQUIRED_KEYS = ("model_class", "dtype", "modules", "tied")
-_LAYER_KEYS = ("rank", "in_features", "out_features", "bias")
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,9 @@ class LayerSpec:
     in_features: int
     out_features: int
     bias: bool
+
+
+_LAYER_KEYS = tuple(item.name for item in fields(LayerSpec))
 
 
 @dataclass(frozen=True)
@@ -98,10 +100,7 @@ class LowRankConfig:
             "format_version": self.format_version,
             "model_class": self.model_class,
             "dtype": self.dtype,
-            "modules": {
-                name: {key: getattr(spec, key) for key in _LAYER_KEYS}
-                for name, spec in self.modules.items()
-            },
+            "modules": {name: asdict(spec) for name, spec in self.modules.items()},
             "tied": dict(self.tied),
         }
 

@@ -48,29 +48,12 @@ from weighted_lowrank.lowrank.targets import (
 from weighted_lowrank.pipelines.evaluation.nodes import LOGIT_PREFIX
 
 #: Columns of the comparison table, in reading order (absent task metrics are dropped).
-_TABLE_COLUMNS = [
-    "namespace",
-    "accuracy",
-    "f1",
-    "mcc",
-    "pearson",
-    "spearman",
-    "perplexity",
-    "token_accuracy",
-    "test_loss",
-    "test_loss_increase",
-    "kl_to_dense",
-    "predicted_loss_increase",
-    "weighted_loss_rel_svd",
-    "params_kept",
-    "params_ratio_layers",
-    "params_ratio_model",
-    "size_on_disk_bytes",
-    "latency_ms",
-    "latency_ratio",
-    "latency_dense_ms",
-    "factorization_seconds",
-]
+_TABLE_COLUMNS = (
+    "namespace accuracy f1 mcc pearson spearman perplexity token_accuracy test_loss "
+    "test_loss_increase kl_to_dense predicted_loss_increase weighted_loss_rel_svd params_kept "
+    "params_ratio_layers params_ratio_model size_on_disk_bytes latency_ms latency_ratio "
+    "latency_dense_ms factorization_seconds"
+).split()
 #: Every row is tested against these rows (when they are among the rows).
 PAIRED_REFERENCES = ("fwsvd", "svd")
 #: Per reference, the paired columns ``vs_<reference>_<statistic>`` of the comparison table and
@@ -111,35 +94,18 @@ def child_run_record(
     model: ModelParams,
     data: DataParams,
     seed: int,
+    refinement: RefinementParams | None = None,
     *,
     namespace: str,
 ) -> dict[str, Any]:
-    """Params, metrics, tags and artifacts of solver row ``namespace``'s child run.
+    """Params, metrics, tags and artifacts of the child run of solver row ``namespace`` or, with
+    ``refinement``, of its ``refined.<solver>`` row (its solver's layer report and rank map).
 
-    The same names in every solver row: the evaluation metrics plus ``iterations.<group>``,
-    tags ``kind``, the lineage fingerprint and ``stop_reason.<group>``
-    (:func:`layer_group_summary`); params include ``allocation``, the ``rank_rule`` it follows
-    and ``refinement: off``. Artifacts: ``predictions.parquet`` and ``rank_map.parquet``.
+    The same names in every row: the evaluation metrics plus ``iterations.<group>``, tags
+    ``kind``, the lineage fingerprint and ``stop_reason.<group>`` (:func:`layer_group_summary`);
+    params include ``allocation``, the ``rank_rule`` it follows and ``refinement`` (``off``, or
+    :meth:`RefinementParams.describe`). Artifacts: ``predictions.parquet``, ``rank_map.parquet``.
     """
-    reports = (layer_report, rank_map)
-    return _child_run(evaluation, predictions, reports, compression, model, data, seed, namespace)
-
-
-def refined_child_run_record(
-    evaluation: dict[str, Any],
-    predictions: pd.DataFrame,
-    layer_report: pd.DataFrame,
-    rank_map: pd.DataFrame,
-    compression: CompressionParams,
-    model: ModelParams,
-    data: DataParams,
-    seed: int,
-    refinement: RefinementParams,
-    *,
-    namespace: str,
-) -> dict[str, Any]:
-    """:func:`child_run_record` of a ``refined.<solver>`` row (its solver's layer report and rank
-    map); its ``refinement`` param says what was trained (:meth:`RefinementParams.describe`)."""
     reports = (layer_report, rank_map)
     return _child_run(
         evaluation, predictions, reports, compression, model, data, seed, namespace, refinement
@@ -147,10 +113,8 @@ def refined_child_run_record(
 
 
 def layer_group_summary(layer_report: pd.DataFrame) -> tuple[dict[str, float], dict[str, str]]:
-    """Per layer group (same shape, named ``<out>x<in>``, e.g. ``384x1536``):
-    ``iterations.<group>``, the most iterations any of its layers ran, and
-    ``stop_reason.<group>``, its layers' stop reason — ``converged:5,max_iters:1`` (most frequent
-    first) when they differ."""
+    """Per layer group (shape ``<out>x<in>``): ``iterations.<group>``, the most any layer ran,
+    and ``stop_reason.<group>``, e.g. ``converged:5,max_iters:1`` (most frequent first)."""
     # Shape alone, not shape and rank: a global allocation gives the layers of one shape many
     # ranks, which would give every solver's child run other names where MLflow's compare view
     # needs the same ones (under the uniform allocation a shape has one rank: the same groups).
@@ -258,17 +222,14 @@ def paired_tests(reporting: ReportingParams, **predictions: pd.DataFrame) -> pd.
     for reference in PAIRED_REFERENCES:
         if reference not in tables:
             continue
-        columns: dict[str, list[float]] = {stat: [] for stat in PAIRED_STATISTICS}
-        for name in order:
-            if name == reference:
-                for values in columns.values():
-                    values.append(math.nan)
-                continue
-            result = compare(name, reference).statistics()
-            for stat in PAIRED_STATISTICS:
-                columns[stat].append(result[stat])
-        for stat, values in columns.items():
-            column = pd.Series(values, dtype="float64")
+        results = [
+            compare(name, reference).statistics()
+            if name != reference
+            else dict.fromkeys(PAIRED_STATISTICS, math.nan)
+            for name in order
+        ]
+        for stat in PAIRED_STATISTICS:
+            column = pd.Series([result[stat] for result in results], dtype="float64")
             # Counts stay integers; the reference's own row is missing (<NA>) there.
             table[f"vs_{reference}_{stat}"] = column.astype("Int64") if stat in _COUNTS else column
     return with_fingerprint(table, fingerprint)
@@ -302,8 +263,7 @@ def _log_probabilities(predictions: pd.DataFrame) -> np.ndarray | None:
 
 
 def _check_same_examples(tables: dict[str, pd.DataFrame]) -> None:
-    """Raise unless every table has the ids and labels (a language model's: predicted tokens per
-    block) of the first."""
+    """Raise unless every table has the first's ids and labels (a language model's: tokens)."""
     names = list(tables)
     first = tables[names[0]]
     key = "label" if "label" in first.columns else "tokens"
@@ -330,9 +290,7 @@ def _check_same_examples(tables: dict[str, pd.DataFrame]) -> None:
 
 
 def paired_metrics(paired: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """The paired tests as parent-run metrics (step 0), ``<row>.vs_<reference>.<statistic>``
-    (logged under the prefix ``paired``); the reference's own row and a regression task give
-    none."""
+    """The paired tests as parent-run metrics ``<row>.vs_<reference>.<statistic>`` (step 0)."""
     metrics = {}
     for row in paired.to_dict("records"):
         for reference in PAIRED_REFERENCES:
@@ -467,11 +425,8 @@ def _format_p(p: float) -> str:
 
 
 def accuracy_vs_params_figure(table: pd.DataFrame) -> Figure:
-    """Task metric against whole-model parameters kept, one point per solver, dense as a line.
-
-    Each ``refined.<solver>`` row is a hollow marker in its solver's colour, joined to the
-    solver's point (the model before and after fine-tuning after compression).
-    """
+    """Task metric against whole-model parameters kept, one point per solver, dense as a line;
+    each ``refined.<solver>`` row a hollow marker joined to its solver's point."""
     metric = task_metric(table)
     figure = Figure(figsize=(7, 4.5))
     axis = figure.subplots()
@@ -481,21 +436,15 @@ def accuracy_vs_params_figure(table: pd.DataFrame) -> Figure:
     for name, row in rows.iterrows():
         if name == "dense" or is_refined(name):
             continue
-        points = axis.scatter(row["params_ratio_model"], row[metric], s=40)
-        colours[name] = points.get_facecolor()[0]
-        axis.annotate(
-            name,
-            (row["params_ratio_model"], row[metric]),
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
+        point = (row["params_ratio_model"], row[metric])
+        colours[name] = axis.scatter(*point, s=40).get_facecolor()[0]
+        axis.annotate(name, point, xytext=(4, 4), textcoords="offset points")
     refined = [name for name in rows.index if is_refined(name)]
     for name in refined:
         row, solver = rows.loc[name], base_solver(name)
         colour = colours.get(solver, "black")
-        axis.scatter(
-            row["params_ratio_model"], row[metric], s=40, facecolors="none", edgecolors=colour
-        )
+        point = (row["params_ratio_model"], row[metric])
+        axis.scatter(*point, s=40, facecolors="none", edgecolors=colour)
         if solver in colours:
             base = rows.loc[solver]
             axis.plot(
@@ -534,10 +483,8 @@ def layer_loss_figure(**layer_reports: pd.DataFrame) -> Figure:
 
 
 def rank_allocation_figure(compression: CompressionParams, **rank_maps: pd.DataFrame) -> Figure:
-    """Per solver a panel of each targeted layer's kept rank fraction (rank / min(out, in))
-    against its encoder layer, one line per kind (query … ffn_out, the same colour in every
-    panel); a layer kept dense is a black square at 1. Keyword tables: ``<solver>`` → its rank
-    map.
+    """Per solver (keyword: its rank map) a panel of each layer's kept rank / min(out, in)
+    against its encoder layer, one line per kind; a layer kept dense is a black square at 1.
 
     Small multiples rather than one panel per kind: the question is where each solver's loss
     curves sent the parameters, and a solver's whole allocation reads at a glance in its panel.
@@ -586,11 +533,8 @@ def rank_allocation_figure(compression: CompressionParams, **rank_maps: pd.DataF
 
 
 def convergence_figure(reporting: ReportingParams, **tables: pd.DataFrame) -> Figure:
-    """Loss vs seconds of every solver on the ``layers`` layers with the largest SVD gap.
-
-    Keyword tables: ``<solver>_report`` (its layer report, for ``loss_rel_svd``) and
-    ``<solver>_convergence`` (its loss histories: module, step, seconds, loss).
-    """
+    """Loss vs seconds of every solver (keywords ``<solver>_report``, ``<solver>_convergence``)
+    on the ``reporting.convergence_layers`` layers with the largest gain over SVD."""
     layers = reporting.convergence_layers
     reports = {k.removesuffix("_report"): v for k, v in tables.items() if k.endswith("_report")}
     histories = {

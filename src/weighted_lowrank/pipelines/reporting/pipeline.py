@@ -6,6 +6,7 @@ one per solver; :func:`create_refined_reporting` (part of ``refinement``) adds t
 the ``refined.<solver>`` rows and makes the comparison (:data:`SUMMARY_NODES`) over every row.
 """
 
+from collections.abc import Callable
 from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
@@ -24,7 +25,6 @@ from .nodes import (
     paired_metrics,
     paired_tests,
     rank_allocation_figure,
-    refined_child_run_record,
 )
 
 NAMESPACES = ("dense", *SOLVERS)
@@ -40,17 +40,21 @@ SUMMARY_NODES = (
 CHILD_RUN_PARAMETERS = ["params:compression", "params:model", "params:data", "params:seed"]
 
 
+def _node(func: Callable, inputs: str | list | dict, output: str) -> Node:
+    """A node named after its one output."""
+    return Node(func, inputs, output, name=output)
+
+
 def create_child_run_pipeline(namespace: str, refined: bool = False) -> Pipeline:
     """``<namespace>.evaluation_metrics`` + ``<namespace>.predictions`` (+ the solver's
     ``<solver>.layer_report`` and ``<solver>.rank_map`` for every row but ``dense``) →
     ``<namespace>.mlflow_run`` (a refined row also reads ``params:refinement``, which its
     ``refinement`` param describes)."""
+    solver = base_solver(namespace)
+    reports = {"layer_report": f"{solver}.layer_report", "rank_map": f"{solver}.rank_map"}
     if namespace == "dense":
-        function, reports = dense_child_run_record, {}
-    else:
-        function = refined_child_run_record if refined else child_run_record
-        solver = base_solver(namespace)
-        reports = {"layer_report": f"{solver}.layer_report", "rank_map": f"{solver}.rank_map"}
+        reports = {}
+    function = child_run_record if reports else dense_child_run_record
     record = update_wrapper(partial(function, namespace=namespace), function)
     parameters = CHILD_RUN_PARAMETERS + (["params:refinement"] if refined else [])
     return Pipeline(
@@ -77,38 +81,14 @@ def create_summary_pipeline(namespaces: tuple[str, ...]) -> Pipeline:
     ``namespaces``; the paired tests are also logged to the parent run (``paired_metrics``)."""
     evaluations = {namespace: f"{namespace}.evaluation_metrics" for namespace in namespaces}
     predictions = {namespace: f"{namespace}.predictions" for namespace in namespaces}
+    markdown_inputs = ["comparison_table", "params:compression", "params:reporting"]
     return Pipeline(
         [
-            Node(
-                paired_tests,
-                inputs={"reporting": "params:reporting", **predictions},
-                outputs="paired_tests",
-                name="paired_tests",
-            ),
-            Node(
-                paired_metrics,
-                inputs="paired_tests",
-                outputs="paired_metrics",
-                name="paired_metrics",
-            ),
-            Node(
-                comparison_table,
-                inputs={"paired": "paired_tests", **evaluations},
-                outputs="comparison_table",
-                name="comparison_table",
-            ),
-            Node(
-                comparison_markdown,
-                inputs=["comparison_table", "params:compression", "params:reporting"],
-                outputs="comparison_markdown",
-                name="comparison_markdown",
-            ),
-            Node(
-                accuracy_vs_params_figure,
-                inputs="comparison_table",
-                outputs="accuracy_vs_params_plot",
-                name="accuracy_vs_params_plot",
-            ),
+            _node(paired_tests, {"reporting": "params:reporting", **predictions}, "paired_tests"),
+            _node(paired_metrics, "paired_tests", "paired_metrics"),
+            _node(comparison_table, {"paired": "paired_tests", **evaluations}, "comparison_table"),
+            _node(comparison_markdown, markdown_inputs, "comparison_markdown"),
+            _node(accuracy_vs_params_figure, "comparison_table", "accuracy_vs_params_plot"),
         ]
     )
 
@@ -121,32 +101,23 @@ def create_refined_reporting() -> Pipeline:
 
 def create_pipeline(**kwargs) -> Pipeline:
     layer_reports = {solver: f"{solver}.layer_report" for solver in SOLVERS}
+    rank_maps = {solver: f"{solver}.rank_map" for solver in SOLVERS}
+    convergence = {
+        **{f"{solver}_report": f"{solver}.layer_report" for solver in SOLVERS},
+        **{f"{solver}_convergence": f"{solver}.convergence" for solver in SOLVERS},
+    }
     figures = Pipeline(
         [
-            Node(
-                layer_loss_figure,
-                inputs=layer_reports,
-                outputs="layer_loss_plot",
-                name="layer_loss_plot",
-            ),
-            Node(
+            _node(layer_loss_figure, layer_reports, "layer_loss_plot"),
+            _node(
                 rank_allocation_figure,
-                inputs={
-                    "compression": "params:compression",
-                    **{solver: f"{solver}.rank_map" for solver in SOLVERS},
-                },
-                outputs="rank_allocation_plot",
-                name="rank_allocation_plot",
+                {"compression": "params:compression", **rank_maps},
+                "rank_allocation_plot",
             ),
-            Node(
+            _node(
                 convergence_figure,
-                inputs={
-                    "reporting": "params:reporting",
-                    **{f"{solver}_report": f"{solver}.layer_report" for solver in SOLVERS},
-                    **{f"{solver}_convergence": f"{solver}.convergence" for solver in SOLVERS},
-                },
-                outputs="convergence_plot",
-                name="convergence_plot",
+                {"reporting": "params:reporting", **convergence},
+                "convergence_plot",
             ),
         ]
     )

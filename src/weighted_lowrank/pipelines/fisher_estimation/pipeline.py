@@ -18,18 +18,9 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 estimate_fisher,
-                inputs=[
-                    "fine_tuned_model",
-                    "fisher_examples",
-                    "params:fisher_estimation",
-                    "params:model",
-                    "params:device",
-                ],
-                outputs=[
-                    "fisher_information",
-                    "calibration_statistics",
-                    "fisher_estimation_metrics",
-                ],
+                ["fine_tuned_model", "fisher_examples"]
+                + ["params:fisher_estimation", "params:model", "params:device"],
+                ["fisher_information", "calibration_statistics", "fisher_estimation_metrics"],
                 name="estimate_fisher",
                 tags=["feature"],
             ),

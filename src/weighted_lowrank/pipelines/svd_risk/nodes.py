@@ -1,9 +1,6 @@
-"""Nodes of ``svd_risk``: risk statistics per layer, their per-model summary, and a heatmap.
-
-``params:svd_risk`` (:class:`~weighted_lowrank.kedro_glue.parameters.SvdRiskParams`) picks the statistic
-that drives the high/low ``risk`` column and its threshold (default: ``svd_kronecker_loss``, the
-Kronecker loss model's predicted loss increase of SVD); the rest of the statistics are
-described by :func:`~weighted_lowrank.lowrank.risk.layer_statistics`.
+"""Nodes of ``svd_risk``: risk statistics per layer (:func:`~weighted_lowrank.lowrank.risk.
+layer_statistics`), their per-model summary, and a heatmap of the statistic ``params:svd_risk``
+picks (default ``svd_kronecker_loss``, the Kronecker loss model's predicted loss increase of SVD).
 """
 
 from __future__ import annotations
@@ -45,15 +42,10 @@ def compute_layer_risk(
     compression: CompressionParams,
     device: str,
 ) -> pd.DataFrame:
-    """One row of risk statistics per Fisher tensor (see ``layer_statistics``) at the budget the
-    solvers use, stamped with the fine-tuned model's fingerprint (lineage).
-
-    A Taylor statistic needs the number of examples the Fisher sums over: only its metadata
-    knows it, so ``layer_statistics`` refuses that statistic here when it is not recorded. The
-    Kronecker one (``svd_kronecker_loss``, the default) needs A and G of every layer from
-    ``calibration_statistics`` (``"<module>.input_moment"``, ``"<module>.output_moment"``): without
-    them its column is left out, and selecting it is an error naming the missing keys, raised
-    before any factorization.
+    """One row of risk statistics per Fisher tensor at the solvers' budget, stamped with the
+    fine-tuned model's fingerprint. A Taylor statistic needs the Fisher's recorded number of
+    examples, the Kronecker one every layer's A and G from ``calibration_statistics``:
+    ``layer_statistics`` refuses the selected statistic without them, before any factorization.
     """
     model = fine_tuned_model.model
     fisher, metadata = fisher_information["tensors"], fisher_information["metadata"]
@@ -101,17 +93,9 @@ def summarize_risk(layer_risk: pd.DataFrame, svd_risk: SvdRiskParams) -> dict[st
 
 
 def plot_risk_heatmap(layer_risk: pd.DataFrame, svd_risk: SvdRiskParams) -> Figure:
-    """The risk statistic (``svd_kronecker_loss`` by default) per layer × module kind on a log
-    colour scale.
-
-    Cells of high-risk layers are outlined; non-positive values are left blank.
-    """
+    """The risk statistic per layer × module kind on a log colour scale; high-risk cells
+    outlined, non-positive ones blank."""
     statistic, threshold = svd_risk.statistic, svd_risk.threshold
-    if statistic not in layer_risk.columns:
-        raise ValueError(
-            f"layer_risk has no column {statistic!r} (svd_risk.statistic); it has "
-            f"{list(layer_risk.columns)}"
-        )
     label = STATISTIC_LABELS.get(statistic, statistic)
     kinds = ordered_kinds(layer_risk["kind"])
     layers = sorted(set(layer_risk["layer"]))

@@ -7,35 +7,14 @@ from .nodes import compute_layer_risk, plot_risk_heatmap, summarize_risk
 
 
 def create_pipeline(**kwargs) -> Pipeline:
+    data = ["fine_tuned_model", "fisher_information", "calibration_statistics"]
+    risk_inputs = data + ["params:svd_risk", "params:compression", "params:device"]
+    table = ["layer_risk", "params:svd_risk"]
     return Pipeline(
         [
-            Node(
-                compute_layer_risk,
-                inputs=[
-                    "fine_tuned_model",
-                    "fisher_information",
-                    "calibration_statistics",
-                    "params:svd_risk",
-                    "params:compression",
-                    "params:device",
-                ],
-                outputs="layer_risk",
-                name="compute_layer_risk",
-                tags=["reporting"],
-            ),
-            Node(
-                summarize_risk,
-                inputs=["layer_risk", "params:svd_risk"],
-                outputs="risk_summary",
-                name="summarize_risk",
-                tags=["reporting"],
-            ),
-            Node(
-                plot_risk_heatmap,
-                inputs=["layer_risk", "params:svd_risk"],
-                outputs="risk_heatmap",
-                name="plot_risk_heatmap",
-                tags=["reporting"],
-            ),
-        ]
+            Node(compute_layer_risk, risk_inputs, "layer_risk", name="compute_layer_risk"),
+            Node(summarize_risk, table, "risk_summary", name="summarize_risk"),
+            Node(plot_risk_heatmap, table, "risk_heatmap", name="plot_risk_heatmap"),
+        ],
+        tags=["reporting"],
     )

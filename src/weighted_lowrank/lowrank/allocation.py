@@ -90,11 +90,7 @@ class LossCurve:
         """Weight parameters the layer keeps at ``rank`` (``None``: dense, out·in)."""
         if rank is None:
             return self.out_features * self.in_features
-        if (
-            isinstance(rank, bool)
-            or not isinstance(rank, int | np.integer)
-            or not 1 <= rank <= self.max_rank
-        ):
+        if not _is_positive_int(rank) or rank > self.max_rank:
             raise ValueError(
                 f"rank {rank!r} is no candidate for a {self.out_features}x{self.in_features} "
                 f"layer; expected 1..{self.max_rank} or None (dense)"
@@ -335,15 +331,16 @@ def _checked_shape(shape: Any, what: str) -> tuple[int, int]:
     if (
         not isinstance(shape, tuple | list)
         or len(shape) != 2
-        or any(
-            isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1
-            for size in shape
-        )
+        or not all(map(_is_positive_int, shape))
     ):
         raise ValueError(f"{what}: shape must be two positive int sizes (out, in), got {shape!r}")
     return int(shape[0]), int(shape[1])
 
 
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
+
+
 def _check_positive_int(value: Any, name: str, meaning: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+    if not _is_positive_int(value):
         raise ValueError(f"{name} must be a positive int ({meaning}), got {value!r}")

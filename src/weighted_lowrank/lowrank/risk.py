@@ -48,27 +48,13 @@ DEFAULT_PHI_THRESHOLD = 50.0
 #: measured KL ≥ 0.0088 nats from the 32 others (≤ 0.0048 but one, layer 5 value: 0.013).
 DEFAULT_KRONECKER_THRESHOLD = 0.013
 
+#: The statistics that need the number of examples the Fisher sums over (and ``compare_solvers``).
+TAYLOR_STATISTICS = ("svd_taylor_loss", "fwsvd_taylor_gain")
+#: The statistics that need the per-layer SVD and FWSVD (``compare_solvers``).
+SOLVER_STATISTICS = ("svd_error_alignment", "svd_loss_rel_fwsvd", *TAYLOR_STATISTICS)
 #: Per-layer statistics of :func:`layer_statistics` that may drive the ``risk`` column (larger
 #: means riskier for every one of them).
-RISK_STATISTICS = (
-    "svd_kronecker_loss",
-    "phi",
-    "top_share",
-    "max_to_mean",
-    "svd_error_alignment",
-    "svd_loss_rel_fwsvd",
-    "svd_taylor_loss",
-    "fwsvd_taylor_gain",
-)
-#: The statistics that need the per-layer SVD and FWSVD (``compare_solvers``).
-SOLVER_STATISTICS = (
-    "svd_error_alignment",
-    "svd_loss_rel_fwsvd",
-    "svd_taylor_loss",
-    "fwsvd_taylor_gain",
-)
-#: The statistics that also need the number of examples the Fisher sums over.
-TAYLOR_STATISTICS = ("svd_taylor_loss", "fwsvd_taylor_gain")
+RISK_STATISTICS = ("svd_kronecker_loss", "phi", "top_share", "max_to_mean", *SOLVER_STATISTICS)
 #: The statistics of the Kronecker-factored loss model: they need every layer's calibration
 #: statistics :data:`KRONECKER_NEEDS` (not ``compare_solvers``: they run their own SVD).
 KRONECKER_STATISTICS = ("svd_kronecker_loss",)

@@ -70,16 +70,7 @@ def _conv1d_hint(model: nn.Module) -> str:
 #: The kinds of a block's projections, in the order a block computes them (``qkv``: one fused
 #: query/key/value projection; ``ffn_gate``: the gate of a gated MLP; ``ffn_in`` also names a
 #: fused gate+input projection such as ModernBERT's ``Wi``).
-KIND_ORDER = (
-    "query",
-    "key",
-    "value",
-    "qkv",
-    "attention_output",
-    "ffn_gate",
-    "ffn_in",
-    "ffn_out",
-)
+KIND_ORDER = ("query", "key", "value", "qkv", "attention_output", "ffn_gate", "ffn_in", "ffn_out")
 
 #: Name suffix (whole dotted components) → kind of a block's projection, first match wins (so
 #: BERT's ``attention.output.dense`` is found before its FFN ``output.dense``).

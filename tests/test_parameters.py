@@ -190,17 +190,27 @@ def _attributes_read(path: Path, skip_validation: bool) -> set[str]:
         for node in ast.walk(tree)
         if isinstance(node, ast.Attribute) and id(node) not in skipped
     }
-    # `**block.latency.model_dump()` hands every key of a nested block over.
-    unpacked = {
-        f"**{node.value.func.value.attr}"
-        for node in ast.walk(tree)
-        if isinstance(node, ast.keyword)
-        and node.arg is None
-        and isinstance(node.value, ast.Call)
-        and isinstance(node.value.func, ast.Attribute)
-        and node.value.func.attr == "model_dump"
-        and isinstance(node.value.func.value, ast.Attribute)
-    }
+    # `block.latency.model_dump()` hands every key of a nested block over, as does
+    # `block.model_dump()` after `block = data.catalog if … else data.local_file`.
+    assigned: dict[str, list[ast.AST]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name) and node.value is not None:
+                    assigned.setdefault(target.id, []).append(node.value)
+    unpacked = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr != "model_dump":
+                continue
+            dumped = node.func.value
+            sources = assigned.get(dumped.id, []) if isinstance(dumped, ast.Name) else [dumped]
+            unpacked |= {
+                f"**{part.attr}"
+                for source in sources
+                for part in ast.walk(source)
+                if isinstance(part, ast.Attribute)
+            }
     return read | unpacked
 
 

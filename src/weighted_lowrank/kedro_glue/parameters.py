@@ -1,16 +1,12 @@
 """Typed Kedro parameters: one Pydantic model per block, parsed and checked once per run.
 
-The YAML under ``conf/`` is the only place that holds defaults: every key of a block must be
-present there, and an unknown key is an error. Nodes name these classes in their signatures;
-Kedro builds each block with ``model_validate`` before any node runs (``kedro.validation``),
-and ``parameter_checks.ParameterChecks`` parses the whole run's parameters — solver options and
-blocks of pipelines not being run included — at the start of the run, so a typo in a block read
-late (refinement, evaluation) fails at once, and nodes trust what they receive. Errors name the
-key, the value and what is expected (:func:`describe`).
-
-No torch at import time: ``settings.py`` loads this module for every ``kedro`` command; values
-the numerical core owns (solvers, Fisher modes, statistics, devices) are checked against it
-when a block is parsed.
+Defaults live only in ``conf/``: every key of a block is set there, an unknown key is an error.
+Kedro builds the blocks a node's signature names with ``model_validate`` before any node runs;
+``parameter_checks.ParameterChecks`` parses the whole run (:func:`parse_parameters`) at its start,
+so a typo in a block read late fails at once, and nodes trust what they receive. Errors name the
+key, the value and what is expected (:func:`describe`). No torch at import time (``settings.py``
+loads this module for every ``kedro`` command): values the numerical core owns are checked
+against it when a block is parsed.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ import importlib
 import math
 import types
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt, MinLen
 from pydantic import (
@@ -39,6 +35,8 @@ RENAMED = {
     "refinement.enabled": "refinement runs when its pipeline does: `kedro run --pipelines "
     "refined` (the whole run with refinement) or `kedro run --pipelines refinement` after a run",
     "svd_risk.phi_threshold": "phi_threshold is now thresholds.phi (with statistic: phi)",
+    "risk_validation.solvers": "the solvers are fixed when the pipeline is built (SOLVERS in "
+    "pipelines/risk_validation/pipeline.py)",
 }
 
 
@@ -62,13 +60,11 @@ class Block(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    #: The block's top-level YAML key (nested blocks get theirs from the enclosing block).
-    PATH: ClassVar[str] = ""
-
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
         """Pydantic's parse (Kedro's, for a typed node input), failing with a ParameterError."""
-        return parse(cls, obj, cls.PATH, **kwargs)
+        path = next((name for name, block in BLOCKS.items() if block is cls), "")
+        return parse(cls, obj, path, **kwargs)
 
 
 def parse(block: type[BlockT], values: Any, path: str, **kwargs: Any) -> BlockT:
@@ -219,17 +215,14 @@ def check_device(value: Any) -> str:
     return value
 
 
-def check_codec(value: Any) -> str:
+def check_codec(value: str) -> str:
     """``auto`` or a text codec Python knows: utf-8, latin-1, cp1252, utf-16, … (not base64)."""
-    if value == "auto":
-        return value
     try:
-        if isinstance(value, str) and value:
+        if value != "auto":
             "".encode(value)  # looks the codec up, and refuses bytes-to-bytes ones
-            return value
     except LookupError:
-        pass
-    raise ValueError("auto or a Python text codec name (utf-8, latin-1, cp1252, utf-16, …)")
+        raise ValueError("auto or a Python text codec name (utf-8, latin-1, cp1252, …)") from None
+    return value
 
 
 def check_split_size(value: Any) -> int | float:
@@ -271,18 +264,14 @@ Targets = Annotated[str | tuple[str, ...] | None, PlainValidator(check_targets)]
 
 
 class ModelParams(Block):
-    """``model``: which checkpoint is fine-tuned and compressed, for which task, and its
-    tokenization length (a language model's block length)."""
-
-    PATH: ClassVar[str] = "model"
+    """``model``: the checkpoint fine-tuned and compressed, its task and tokenization length."""
 
     source: Text
     task: Annotated[Text, owned_choice("weighted_lowrank.hf.models", "MODEL_TASKS")]
     max_length: Annotated[int, Ge(2)]
 
     def resolved_task(self) -> str:
-        """``task``, or for ``auto`` the task the checkpoint's config declares (reads
-        ``config.json``; see ``hf.resolve_task``)."""
+        """``task``, or for ``auto`` the one the checkpoint's ``config.json`` declares."""
         from weighted_lowrank.hf.models import resolve_task
 
         return resolve_task(self.source, self.task)
@@ -294,10 +283,7 @@ ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 
 
 class CompressionParams(Block):
-    """``compression``: the budget, how it is spread over layers, targets, seed, device and
-    where the per-layer work runs, shared by every solver."""
-
-    PATH: ClassVar[str] = "compression"
+    """``compression``: what every solver shares (budget, allocation, targets, seed, device, …)."""
 
     budget: Annotated[float, Gt(0), Lt(1)]
     allocation: Allocation
@@ -347,12 +333,11 @@ class LabelledColumns(Block):
 
 
 class LocalFileParams(LabelledColumns):
-    """``data.local_file``: a CSV/TSV, Parquet, JSON Lines or plain text file; ``path`` is
-    required when it is the source. ``encoding`` decodes the text formats (``auto`` detects it,
-    see ``text_files``); Parquet stores UTF-8 by definition and ignores it."""
+    """``data.local_file``: a CSV/TSV, Parquet, JSON Lines or plain text file (``encoding``:
+    the text formats'; Parquet is UTF-8 by definition)."""
 
     path: Text | None
-    encoding: Annotated[str, PlainValidator(check_codec)]
+    encoding: Annotated[str, AfterValidator(check_codec)]
     read_args: dict[str, Any]
 
     @model_validator(mode="after")
@@ -400,8 +385,6 @@ FILE_SOURCES = ("csv", "parquet", "jsonl", "text")
 
 class DataParams(Block):
     """``data``: which source the rows come from, how they are read, and how they are split."""
-
-    PATH: ClassVar[str] = "data"
 
     source: Literal["catalog", "csv", "parquet", "jsonl", "text", "glue"]
     catalog: LabelledColumns
@@ -473,15 +456,11 @@ class FineTuningParams(TrainingLoopParams):
     model as given (the usual setting for a pretrained language model, or a classifier already
     fine-tuned for the task)."""
 
-    PATH: ClassVar[str] = "fine_tuning"
-
     enabled: bool
 
 
 class RefinementParams(TrainingLoopParams):
     """``refinement``: the fine-tuning loop again, after compression (``refined`` pipeline)."""
-
-    PATH: ClassVar[str] = "refinement"
 
     #: all: every parameter; factors: only the low-rank factors (the rest stays frozen).
     trainable: Literal["all", "factors"]
@@ -497,8 +476,6 @@ class RefinementParams(TrainingLoopParams):
 class FisherParams(Block):
     """``fisher_estimation``: examples, estimator, batching and the calibration statistics."""
 
-    PATH: ClassVar[str] = "fisher_estimation"
-
     num_examples: PositiveInt | None
     mode: Annotated[Text, owned_choice("weighted_lowrank.lowrank.fisher", "FISHER_MODES")]
     targets: Targets
@@ -509,8 +486,6 @@ class FisherParams(Block):
 
 class SvdRiskParams(Block):
     """``svd_risk``: which statistic flags a layer as high risk, at which threshold."""
-
-    PATH: ClassVar[str] = "svd_risk"
 
     statistic: Text
     thresholds: dict[str, float]
@@ -554,8 +529,6 @@ class LatencyParams(Block):
 class EvaluationParams(Block):
     """``evaluation``: test-split scoring and latency of every model."""
 
-    PATH: ClassVar[str] = "evaluation"
-
     batch_size: PositiveInt
     device: Device
     latency: LatencyParams
@@ -563,8 +536,6 @@ class EvaluationParams(Block):
 
 class ReportingParams(Block):
     """``reporting``: what the plots show, and the paired tests' bootstrap."""
-
-    PATH: ClassVar[str] = "reporting"
 
     convergence_layers: PositiveInt
     bootstrap_resamples: PositiveInt
@@ -574,8 +545,6 @@ class ReportingParams(Block):
 class RiskValidationParams(Block):
     """``risk_validation``: the per-layer and whole-model damage measurement and the loss models
     it is set against (pipeline ``risk_validation``)."""
-
-    PATH: ClassVar[str] = "risk_validation"
 
     batch_size: PositiveInt
     max_examples: PositiveInt | None

@@ -1,4 +1,5 @@
-"""Dask: the layer fan-out and ``DaskRunner`` give the sequential results, logging in the driver.
+"""Dask: the layer fan-out (``compression.parallel: tcp://…``) and ``DaskRunner`` give the
+sequential results, logging in the driver.
 
 One LocalCluster of two single-thread worker processes serves the module; the tiny BERT's
 targeted layers fall into three shape groups, so each fan-out is three tasks.
@@ -30,7 +31,8 @@ from tests.pipelines.conftest import (
 from weighted_lowrank.kedro_glue.hooks import LineageCheck
 from weighted_lowrank.kedro_glue.runner import DaskRunner, dataset_place
 from weighted_lowrank.lowrank.compression import factorize_model, model_loss_curves
-from weighted_lowrank.lowrank.fanout import close_clients, fan_out
+from weighted_lowrank.lowrank.dask_map import close_clients
+from weighted_lowrank.lowrank.parallel import parse_parallel
 from weighted_lowrank.pipelines.factorization import create_pipeline
 
 SOLVERS = ("als", "kfwsvd")
@@ -97,14 +99,13 @@ def test_fanned_out_factorization_equals_the_sequential_one(cluster, problem, so
             fisher_information["tensors"],
             BUDGET,
             solver,
-            dask_address=local_cluster.scheduler_address,
+            map_groups=parse_parallel(local_cluster.scheduler_address).map_groups,
             device="cpu",
             **arguments,
         )
     _same_results(sequential, fanned)
     # One task per (shape, rank) group: q/k/v/o, the FFN's up and its down projection.
-    solved = [task for task in stream.data if str(task["key"]).startswith(f"{solver}-")]
-    assert len(solved) == 3
+    assert len(stream.data) == 3
     assert all(result.left.device.type == "cpu" for result in fanned.values())
 
 
@@ -118,7 +119,7 @@ def test_fanned_out_loss_curves_equal_the_sequential_ones(cluster, problem, solv
         bundle.model,
         fisher_information["tensors"],
         solver,
-        dask_address=local_cluster.scheduler_address,
+        map_groups=parse_parallel(local_cluster.scheduler_address).map_groups,
         **arguments,
     )
     assert list(sequential) == list(fanned)
@@ -130,16 +131,19 @@ def test_fanned_out_loss_curves_equal_the_sequential_ones(cluster, problem, solv
         assert (curve.losses == fanned[name].losses).all(), name
 
 
+def torch_threads(_) -> int:
+    return torch.get_num_threads()
+
+
 def test_every_task_runs_with_the_callers_torch_thread_count(cluster):
     # Workers start with one thread (Dask sets OMP_NUM_THREADS=1); CPU reductions round
     # differently with another count, so each task takes the caller's.
     local_cluster, _ = cluster
+    map_groups = parse_parallel(local_cluster.scheduler_address).map_groups
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        counts = fan_out(
-            local_cluster.scheduler_address, torch.get_num_threads, [(), ()], name="threads"
-        )
+        counts = list(map_groups(torch_threads, [0, 1]))
     finally:
         torch.set_num_threads(previous)
     assert counts == [2, 2]
@@ -156,7 +160,7 @@ def test_a_scheduler_that_does_not_answer_is_named_in_the_error(problem):
             fisher_information["tensors"],
             BUDGET,
             "svd",
-            dask_address="tcp://127.0.0.1:9",
+            map_groups=parse_parallel("tcp://127.0.0.1:9").map_groups,
         )
 
 
@@ -204,7 +208,7 @@ class WorkerPidFile:
             lines.write(f"{node.name} {os.getpid()} {len(inputs)}\n")
 
 
-def _catalog(root, bundle, fisher_information, statistics, dask_address) -> DataCatalog:
+def _catalog(root, bundle, fisher_information, statistics, parallel) -> DataCatalog:
     """The factorization catalog in ``root``: the project's file datasets (versioned model
     directories and rank maps), an in-memory SVD reference, and one MLflow-like dataset."""
     parquet = "pandas.ParquetDataset"
@@ -240,7 +244,7 @@ def _catalog(root, bundle, fisher_information, statistics, dask_address) -> Data
         curve_loss_model="kronecker",
         seed=0,
         device="cpu",
-        dask_address=dask_address,
+        parallel=parallel,
     )
     for solver in SOLVERS:
         catalog[f"params:{solver}.options"] = fast_options(solver)
@@ -271,7 +275,7 @@ def test_dask_runner_gives_the_sequential_outputs_and_keeps_logging_in_the_drive
     pipeline = create_pipeline().only_nodes_with_namespaces(
         list(SOLVERS)
     ) + create_pipeline().only_nodes("svd_reference")
-    sequential = _catalog(tmp_path / "sequential", bundle, fisher_information, statistics, None)
+    sequential = _catalog(tmp_path / "sequential", bundle, fisher_information, statistics, "serial")
     SequentialRunner().run(pipeline, sequential)
 
     # The Dask run also fans each node's layer groups out to the same cluster, from the worker
@@ -366,7 +370,7 @@ def test_dask_runner_passes_in_memory_outputs_between_workers_with_their_copy_mo
 def test_dask_runner_reports_a_failing_node_with_its_own_error(cluster, problem, tmp_path):
     local_cluster, _ = cluster
     bundle, fisher_information, statistics = problem
-    catalog = _catalog(tmp_path, bundle, fisher_information, statistics, None)
+    catalog = _catalog(tmp_path, bundle, fisher_information, statistics, "serial")
     catalog["params:als.options"] = {"max_iters": -1}
     pipeline = create_pipeline().only_nodes("svd_reference", "als.loss_curves")
     runner = DaskRunner(address=local_cluster.scheduler_address, worker_hooks=[])

@@ -35,15 +35,9 @@ from weighted_lowrank.lowrank.solvers import (
 )
 from weighted_lowrank.lowrank.targets import select_linear_modules
 
-
-def layer_ranks(shapes: Mapping[str, tuple[int, int]], budget: float) -> dict[str, int]:
-    """``{module name: rank}`` keeping ``budget`` of each (out × in) layer's dense parameters.
-
-    The uniform allocation (:func:`~weighted_lowrank.lowrank.allocation.uniform_ranks`): a layer
-    where that rank is 0 or keeps at least as many parameters as the dense weight raises
-    ``ValueError`` naming it.
-    """
-    return uniform_ranks(shapes, budget)
+#: ``{module name: rank}`` keeping ``budget`` of each layer's dense parameters (the uniform
+#: allocation; a layer where that rank is 0 or saves nothing raises ``ValueError`` naming it).
+layer_ranks = uniform_ranks
 
 
 def factorize_model(
@@ -186,9 +180,8 @@ def _targeted_layers(
     targets: str | Iterable[str] | None,
     device: str | torch.device,
 ) -> _TargetedLayers:
-    """Select the targets and check the Fisher covers them with the weights' shapes."""
+    """Select the targets and check the Fisher covers them (its shapes: ``factorize_batch``)."""
     modules = select_linear_modules(model, targets)
-    shapes = {name: tuple(module.weight.shape) for name, module in modules.items()}
     if fisher is not None:
         missing = [f"{name}.weight" for name in modules if f"{name}.weight" not in fisher]
         if missing:
@@ -196,33 +189,18 @@ def _targeted_layers(
                 f"fisher has no importance for {missing[:5]} ({len(missing)} targeted weights); "
                 f"expected keys '<module>.weight' for every targeted module, got e.g. {sorted(fisher)[:5]}"
             )
-        wrong = {
-            f"{name}.weight": tuple(fisher[f"{name}.weight"].shape)
-            for name in modules
-            if tuple(fisher[f"{name}.weight"].shape) != shapes[name]
-        }
-        if wrong:
-            raise ValueError(f"fisher tensors {wrong} do not have the shape of their weights")
     run_device = resolve_device(device)
-    # Half-precision weights are factorized in float32; float64 ones keep their precision.
-    dtypes = {
-        name: torch.float64 if module.weight.dtype == torch.float64 else torch.float32
-        for name, module in modules.items()
-    }
-    return _TargetedLayers(
-        names=list(modules),
-        shapes=shapes,
-        weights={
-            name: module.weight.detach().to(run_device, dtypes[name])
-            for name, module in modules.items()
-        },
-        importances={
-            name: None
-            if fisher is None
-            else fisher[f"{name}.weight"].detach().to(run_device, dtypes[name])
-            for name in modules
-        },
-    )
+    weights, importances = {}, {}
+    for name, module in modules.items():
+        # Half-precision weights are factorized in float32; float64 ones keep their precision.
+        dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+        weights[name] = module.weight.detach().to(run_device, dtype)
+        importance = None if fisher is None else fisher[f"{name}.weight"]
+        importances[name] = (
+            None if importance is None else importance.detach().to(run_device, dtype)
+        )
+    shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
+    return _TargetedLayers(list(modules), shapes, weights, importances)
 
 
 def _check_budget(budget: Any) -> None:

@@ -1,49 +1,52 @@
-"""``map_groups`` on a Dask cluster: each group of layers is one task (``compression.parallel:
-tcp://host:8786``), results in order.
+"""``map_groups`` on a Dask cluster (``compression.parallel: tcp://host:8786``): each group of
+layers is one task, results in order.
 
-Same groups, same code, same seeds, so the results of the serial run, as long as each task runs
-with the caller's torch thread count (CPU reductions round differently with another) on the same
-kind of device. A group's tensors travel on the CPU through Dask's own serialization, scattered
-straight to a worker. From inside a Dask task (a node run on a worker) the worker's own client is
-used and the task leaves the worker's thread pool while it waits, so nested fan-outs cannot
-deadlock one-thread workers. ``distributed`` is imported only when a group is mapped.
+Same groups, code and seeds, so the serial run's results, as long as each task runs with the
+caller's torch thread count (CPU reductions round differently with another) on the same kind of
+device. Tensors travel on the CPU, scattered straight to a worker. From inside a Dask task the
+worker's client is used and the task leaves the worker's pool while it waits, so nested
+fan-outs cannot deadlock one-thread workers. ``distributed`` is imported only when used.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-#: Clients this process opened, by address (a handshake each; a model's solves and curves reuse
-#: one). Closed by :func:`close_clients`.
+#: This process's clients by address (a handshake each; a model's solves and curves reuse one).
 _CLIENTS: dict[str, Any] = {}
 _LOCK = threading.Lock()
 
 
 def dask_map(address: str) -> Callable[..., list[Any]]:
-    """A ``map``-like callable that runs ``function(*job)`` for each job as a task on the Dask
-    scheduler at ``address``; a task that fails raises its own exception here."""
+    """``map`` that runs ``function(*job)`` for each job as a task on the scheduler at
+    ``address``; a task that fails raises its own exception here."""
 
     def map_groups(function: Callable[..., Any], *iterables: Any) -> list[Any]:
+        import distributed
+
         jobs = [_on_cpu(job) for job in zip(*iterables, strict=True)]
-        if not jobs:
-            return []
         threads = torch.get_num_threads()
-        with _client(address) as client:
-            payloads = client.scatter(jobs, hash=False)
-            futures = [
-                client.submit(_run, function, threads, payload, pure=False) for payload in payloads
-            ]
-            try:
-                return client.gather(futures)
-            finally:
-                client.cancel([*futures, *payloads])
+        try:
+            distributed.get_worker()
+        except ValueError:
+            return _gather(_client(address), function, threads, jobs)
+        with distributed.worker_client() as client:
+            return _gather(client, function, threads, jobs)
 
     return map_groups
+
+
+def _gather(client: Any, function: Callable[..., Any], threads: int, jobs: list) -> list[Any]:
+    payloads = client.scatter(jobs, hash=False)
+    futures = [client.submit(_run, function, threads, job, pure=False) for job in payloads]
+    try:
+        return client.gather(futures)
+    finally:
+        client.cancel([*futures, *payloads])
 
 
 def _run(function: Callable[..., Any], threads: int, job: tuple) -> Any:
@@ -70,18 +73,9 @@ def _on_cpu(value: Any) -> Any:
     return value
 
 
-@contextlib.contextmanager
-def _client(address: str) -> Iterator[Any]:
+def _client(address: str) -> Any:
     import distributed
 
-    try:
-        distributed.get_worker()
-    except ValueError:
-        pass
-    else:
-        with distributed.worker_client() as client:
-            yield client
-        return
     with _LOCK:
         client = _CLIENTS.get(address)
         if client is None or client.status not in ("running", "connecting", "newly-created"):
@@ -93,7 +87,7 @@ def _client(address: str) -> Iterator[Any]:
                     "`dask scheduler` and workers with `dask worker <address>` (docs/CLUSTER.md), "
                     "or set compression.parallel to serial"
                 ) from error
-    yield client
+        return client
 
 
 def close_clients() -> None:

@@ -115,8 +115,12 @@ def solver_needs(solver: str, **options: Any) -> tuple[str, ...]:
 
 def curve_needs(solver: str, loss_model: str = "own", **options: Any) -> tuple[str, ...]:
     """The calibration statistics ``solver``'s loss curve reads under ``loss_model``."""
+    if loss_model not in CURVE_LOSS_MODELS:
+        raise ValueError(
+            f"curve loss model {loss_model!r} is unknown; expected one of {CURVE_LOSS_MODELS}"
+        )
     needs = set(solver_needs(solver, **options))
-    if _checked_curve_model(loss_model) == "kronecker":
+    if loss_model == "kronecker":
         needs.update(KFWSVD_NEEDS)
     return tuple(name for name in CALIBRATION_STATISTICS if name in needs)
 
@@ -174,7 +178,7 @@ def factorize_batch(
     return _by_group(
         _solve_group,
         lambda index: (tuple(weights[index].shape), ranks[index], weights[index].device),
-        lambda key, indices: (solver, resolved, key[1], threads),
+        lambda key: (solver, resolved, key[1], threads),
         (weights, importances, needed, labels),
         resolved.device,
         map_groups,
@@ -207,17 +211,16 @@ def rank_loss_curves(
     ``threads`` used, as :func:`factorize_batch` does.
     """
     resolved = resolve_options(solver, options)
-    kronecker = _checked_curve_model(loss_model) == "kronecker"
+    needs = curve_needs(solver, loss_model, **options)
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
         raise ValueError(f"num_examples must be an int >= 1, got {num_examples!r}")
-    needs = curve_needs(solver, loss_model, **options)
     labels, needed = _checked_layers(
         solver, weights, importances, [1] * len(weights), statistics, names, needs
     )
     return _by_group(
         _curve_group,
         lambda index: (tuple(weights[index].shape), weights[index].device),
-        lambda key, indices: (solver, resolved, kronecker, num_examples, threads),
+        lambda key: (solver, resolved, loss_model == "kronecker", num_examples, threads),
         (weights, importances, needed, labels),
         resolved.device,
         map_groups,
@@ -227,13 +230,13 @@ def rank_loss_curves(
 def _by_group(
     function: Callable[..., list[Any]],
     group_of: Callable[[int], Hashable],
-    arguments_of: Callable[[Any, list[int]], tuple],
+    arguments_of: Callable[[Any], tuple],
     per_layer: tuple[list[Any], ...],
     device: str | torch.device | None,
     map_groups: MapGroups,
 ) -> list[Any]:
     """Group the layers by ``group_of(index)`` (whose last element is the layers' device), run
-    ``function(*arguments_of(key, indices), device, *per-layer lists)`` once per group through
+    ``function(*arguments_of(key), device, *per-layer lists)`` once per group through
     ``map_groups``, and return the per-layer results in input order.
 
     ``device`` is where each group runs (``None``: the layers' device — for a ``map_groups``
@@ -245,7 +248,7 @@ def _by_group(
         groups.setdefault(group_of(index), []).append(index)
     jobs = [
         (
-            *arguments_of(key, indices),
+            *arguments_of(key),
             device if device is not None or map_groups is map else key[-1].type,
             *([values[i] for i in indices] if values else None for values in per_layer),
         )
@@ -312,14 +315,6 @@ def _curve_group(
     price = kronecker_rank_losses if kronecker else rank_losses
     losses = price(spectrum, problem, totals, num_examples)
     return [losses[position] for position in range(len(weights))]
-
-
-def _checked_curve_model(loss_model: str) -> str:
-    if loss_model not in CURVE_LOSS_MODELS:
-        raise ValueError(
-            f"curve loss model {loss_model!r} is unknown; expected one of {CURVE_LOSS_MODELS}"
-        )
-    return loss_model
 
 
 def _checked_layers(

@@ -348,11 +348,6 @@ def initial_factors(
     """
     weight, importance, rank = problem.weight, problem.importance, problem.rank
     if init == "kfwsvd":
-        if problem.input_moment is None or problem.output_moment is None:
-            raise ValueError(
-                f"init 'kfwsvd' needs the calibration statistics {list(KFWSVD_NEEDS)} of every "
-                "layer; pass statistics= to factorize_batch / factorize_model"
-            )
         truncation = kronecker_truncation(
             weight,
             rank,
@@ -373,18 +368,17 @@ def initial_factors(
     if init in ("fwsvd", "fwsvd_in", "fwsvd_out"):
         axis = {"fwsvd": "both", "fwsvd_in": "in", "fwsvd_out": "out"}[init]
         return fwsvd_factors(weight, importance, rank, axis, "gram")
-    if init == "best":
-        candidates = [balanced_truncated_svd(weight, rank, "gram")] + [
-            fwsvd_factors(weight, importance, rank, axis, "gram") for axis in FWSVD_AXES
-        ]
-        losses = torch.stack(
-            [batched_loss(weight, importance, left @ right) for left, right in candidates]
-        )
-        best = losses.argmin(dim=0)
-        left = torch.stack([candidates[int(k)][0][i] for i, k in enumerate(best)])
-        right = torch.stack([candidates[int(k)][1][i] for i, k in enumerate(best)])
-        return left, right
-    raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    # "best", the last of INITS (every option value is checked against them before a solve).
+    candidates = [balanced_truncated_svd(weight, rank, "gram")] + [
+        fwsvd_factors(weight, importance, rank, axis, "gram") for axis in FWSVD_AXES
+    ]
+    losses = torch.stack(
+        [batched_loss(weight, importance, left @ right) for left, right in candidates]
+    )
+    best = losses.argmin(dim=0)
+    left = torch.stack([candidates[int(k)][0][i] for i, k in enumerate(best)])
+    right = torch.stack([candidates[int(k)][1][i] for i, k in enumerate(best)])
+    return left, right
 
 
 # ----------------------------------------------------------------------------- iterative loop

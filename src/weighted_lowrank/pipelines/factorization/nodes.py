@@ -190,26 +190,15 @@ def allocate(
 
 
 def curves_from_table(loss_curves: pd.DataFrame) -> dict[str, LossCurve]:
-    """``{module: LossCurve}`` in the table's (model) order, each checked (complete, finite, ≥ 0)."""
-    missing = [column for column in CURVE_COLUMNS if column not in loss_curves.columns]
-    if missing:
-        raise ValueError(f"loss_curves lacks columns {missing}; expected {list(CURVE_COLUMNS)}")
-    if loss_curves.empty:
-        raise ValueError("loss_curves is empty; expected one row per targeted layer and rank")
-    curves = {}
-    for name, rows in loss_curves.groupby("module", sort=False):
-        rows = rows.sort_values("rank")
-        expected = list(range(1, len(rows) + 1))
-        if rows["rank"].tolist() != expected:
-            raise ValueError(
-                f"loss_curves for layer {name!r} has ranks {rows['rank'].tolist()[:5]}…; "
-                "expected 1, 2, … without gaps"
-            )
-        curves[name] = LossCurve(
+    """``{module: LossCurve}`` in the table's (model) order, each checked (finite, ≥ 0)."""
+    curves = {
+        name: LossCurve(
             int(rows["out_features"].iloc[0]),
             int(rows["in_features"].iloc[0]),
-            rows["predicted_loss"].to_numpy(dtype=float),
+            rows.sort_values("rank")["predicted_loss"].to_numpy(dtype=float),
         )
+        for name, rows in loss_curves.groupby("module", sort=False)
+    }
     check_curves(curves)
     return curves
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -265,7 +263,7 @@ def test_latency_is_timed_once_per_model_shape_with_the_latency_block(monkeypatc
     ]
     metrics = rows[0]
     vocab = bundle.model.config.vocab_size
-    latency_block = asdict(EVALUATION.latency)
+    latency_block = EVALUATION.latency.model_dump()
     assert calls == [
         (["dense"], vocab, latency_block),
         (["compressed"], vocab, latency_block),

@@ -42,19 +42,12 @@ from weighted_lowrank.lowrank.serialization import (
 from weighted_lowrank.lowrank.targets import select_linear_modules
 
 #: Columns of a ``<namespace>.predictions`` table (then, for classification, one float32
-#: ``logit_<k>`` per class, and ``model_fingerprint``). The logits let reporting measure how far
-#: a row's predicted distribution moved from dense's (``kl_to_dense``), which the argmax alone
-#: cannot tell.
+#: ``logit_<k>`` per class: reporting's ``kl_to_dense`` needs them, the argmax cannot tell).
 PREDICTION_COLUMNS = ("id", "label", "prediction", "loss")
 #: Columns of a causal language model's ``<namespace>.predictions`` (one row per token block).
 LM_PREDICTION_COLUMNS = ("id", "tokens", "correct", "loss")
 #: Name prefix of the per-class logit columns of a predictions table.
 LOGIT_PREFIX = "logit_"
-
-
-def evaluation_record(bundle: ModelBundle, metrics: dict[str, float]) -> dict[str, Any]:
-    """The JSON record of one evaluated model: its metrics, stamped with its lineage."""
-    return with_fingerprint({"metrics": metrics}, bundle.model_fingerprint)
 
 
 def predictions_table(predictions: Predictions, labels: np.ndarray) -> pd.DataFrame:
@@ -134,7 +127,7 @@ def evaluate_dense(
     dense = fine_tuned_model.model.to("cpu")
     layers = list(select_linear_modules(dense, compression.targets))
     latency_ms = latency_by_shape_ms(
-        {"dense": dense}, dense.config.vocab_size, **evaluation.latency
+        {"dense": dense}, dense.config.vocab_size, **evaluation.latency.model_dump()
     )["dense"]
     scores, predictions = score_examples(fine_tuned_model, test_split, model.max_length, evaluation)
     metrics = _size_and_speed(dense, dense, layers, latency_ms, latency_ms)
@@ -164,7 +157,7 @@ def evaluate_compressed(
     timings = latency_by_shape_ms(
         {"dense": dense, "compressed": compressed},
         compressed.config.vocab_size,
-        **evaluation.latency,
+        **evaluation.latency.model_dump(),
     )
     scores, predictions = score_examples(compressed_model, test_split, model.max_length, evaluation)
     metrics = _size_and_speed(compressed, dense, layers, timings["compressed"], timings["dense"])
@@ -216,10 +209,8 @@ def _record(
         "factorization_seconds": factorization_seconds,
         "predicted_loss_increase": predicted_loss_increase,
     }
-    return (
-        evaluation_record(bundle, metrics),
-        with_fingerprint(predictions, bundle.model_fingerprint),
-    )
+    record = with_fingerprint({"metrics": metrics}, bundle.model_fingerprint)
+    return record, with_fingerprint(predictions, bundle.model_fingerprint)
 
 
 def rank_map_ranks(rank_map: pd.DataFrame) -> dict[str, int]:
@@ -228,13 +219,9 @@ def rank_map_ranks(rank_map: pd.DataFrame) -> dict[str, int]:
 
 
 def check_rank_map(compressed: nn.Module, rank_map: pd.DataFrame) -> None:
-    """Raise ``ValueError`` unless the model's low-rank layers are exactly the rank map's.
-
-    Every non-dense row must be a low-rank layer of that rank, every dense row a plain layer, and
-    no other low-rank layer may exist: a rank map from another run or version would otherwise
-    count the wrong parameters. In a run, the ``SavedVersionChecks`` hook makes the same check
-    before this node and names the catalog entries, their versions and a matching pair.
-    """
+    """Raise ``ValueError`` unless the model's low-rank layers are exactly the rank map's (a rank
+    map of another version would count the wrong parameters). In a run, the
+    ``SavedVersionChecks`` hook checks it first, naming the versions and a matching pair."""
     found = lowrank_ranks(compressed)
     expected = rank_map_ranks(rank_map)
     if found != expected:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt, MinLen
@@ -193,6 +193,19 @@ def owned_choice(module: str, name: str) -> AfterValidator:
     return AfterValidator(check_choice)
 
 
+def owned_check(module: str, function: str, expected: str) -> Callable[[Any], Any]:
+    """A check that ``module.function`` accepts the value (imported when a block is parsed)."""
+
+    def check(value: Any) -> Any:
+        try:
+            getattr(importlib.import_module(module), function)(value)
+        except ValueError as error:
+            raise ValueError(f"{expected} ({error})") from None
+        return value
+
+    return check
+
+
 def check_targets(value: Any) -> str | tuple[str, ...] | None:
     """``null`` (the default projections), a regex over module names, or a list of names."""
     if value is None or (isinstance(value, str) and value):
@@ -200,19 +213,6 @@ def check_targets(value: Any) -> str | tuple[str, ...] | None:
     if isinstance(value, list | tuple) and value and all(isinstance(v, str) and v for v in value):
         return tuple(value)
     raise ValueError("null, a regex over module names or a list of module names")
-
-
-def check_device(value: Any) -> str:
-    """``auto``, ``cpu`` or ``cuda[:N]``; CUDA without a GPU fails here, at the start of a run."""
-    if not isinstance(value, str):
-        raise ValueError("auto, cpu or cuda")
-    from weighted_lowrank.lowrank.devices import resolve_device
-
-    try:
-        resolve_device(value)
-    except ValueError as error:
-        raise ValueError(f"auto, cpu or cuda on a machine that has it ({error})") from None
-    return value
 
 
 def check_codec(value: str) -> str:
@@ -245,18 +245,17 @@ def check_statistics(value: Any) -> tuple[str, ...]:
         raise ValueError(f"{expected}; {error}") from None
 
 
-def check_parallel(value: Any) -> str:
-    """``compression.parallel``: one of the forms ``lowrank.parallel`` accepts."""
-    from weighted_lowrank.lowrank.parallel import FORMS, parse_parallel
-
-    try:
-        parse_parallel(value)
-    except ValueError:
-        raise ValueError(f"one of the forms {list(FORMS)}") from None
-    return value
-
-
-Device = Annotated[str, PlainValidator(check_device)]
+#: ``auto``, ``cpu`` or ``cuda[:N]``; CUDA without a GPU fails at the start of a run.
+Device = Annotated[
+    str,
+    AfterValidator(
+        owned_check(
+            "weighted_lowrank.lowrank.devices",
+            "resolve_device",
+            "auto, cpu or cuda on a machine that has it",
+        )
+    ),
+]
 Targets = Annotated[str | tuple[str, ...] | None, PlainValidator(check_targets)]
 
 
@@ -293,7 +292,16 @@ class CompressionParams(Block):
     targets: Targets
     seed: int
     device: Device
-    parallel: Annotated[str, PlainValidator(check_parallel)]
+    parallel: Annotated[
+        str,
+        PlainValidator(
+            owned_check(
+                "weighted_lowrank.lowrank.parallel",
+                "parse_parallel",
+                "one of the forms lowrank.parallel accepts",
+            )
+        ),
+    ]
 
 
 class SolverParams(Block):
@@ -597,7 +605,7 @@ def parse_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
     Solver blocks become ``"params:<solver>.options"`` dicts checked by the solver registry
     (unknown option names and bad values fail here, before fine-tuning).
     """
-    from weighted_lowrank.lowrank.solvers import SOLVERS
+    from weighted_lowrank.lowrank.solvers import SOLVERS, check_solver_options
 
     run = RunParameters.model_validate(parameters)
     solvers = run.model_extra or {}
@@ -616,17 +624,9 @@ def parse_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
     }
     for solver in SOLVERS:
         options = parse(SolverParams, solvers[solver], solver).options
-        typed[f"params:{solver}.options"] = _check_solver_options(solver, options)
+        try:
+            check_solver_options(solver, options)
+        except ValueError as error:
+            raise ParameterError(f"parameters {solver}.options: {error}") from None
+        typed[f"params:{solver}.options"] = options
     return typed
-
-
-def _check_solver_options(solver: str, options: dict[str, Any]) -> dict[str, Any]:
-    # Until the solver registry has check_solver_options (issue 23, one spec per solver).
-    from weighted_lowrank.lowrank.solvers import solver_options
-    from weighted_lowrank.lowrank.solvers._common import resolve_options
-
-    try:
-        resolve_options(solver, options, solver_options(solver))
-    except ValueError as error:
-        raise ParameterError(f"parameters {solver}.options: {error}") from None
-    return options

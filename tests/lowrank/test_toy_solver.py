@@ -20,21 +20,19 @@ from tests.pipelines.conftest import (
 )
 from weighted_lowrank.lowrank.solvers import (
     _REGISTRY,
-    check_solver_options,
-    factorize_batch,
-    register_solver,
-    solver_needs,
-    solver_options,
-)
-from weighted_lowrank.lowrank.solvers._common import (
     Options,
     Problem,
     SolverOutput,
     SolverSpec,
-    balanced_truncated_svd,
+    check_solver_options,
+    exact_outputs,
+    factorize_batch,
     option,
+    register_solver,
+    solver_needs,
+    solver_options,
 )
-from weighted_lowrank.lowrank.solvers.closed_form import exact_outputs
+from weighted_lowrank.lowrank.solvers._common import balanced_truncated_svd
 from weighted_lowrank.lowrank.solvers.spectra import svd_spectrum
 from weighted_lowrank.pipelines.factorization.pipeline import (
     SHARED_INPUTS,

@@ -28,7 +28,13 @@ from weighted_lowrank.lowrank.serialization import (
     load_compressed,
     save_compressed,
 )
-from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, factorize_batch, solver_needs
+from weighted_lowrank.lowrank.solvers import (
+    SOLVERS,
+    factorize,
+    factorize_batch,
+    register_solver,
+    solver_needs,
+)
 from weighted_lowrank.lowrank.targets import select_linear_modules
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "load_compressed",
     "lowrank_modules",
     "rank_for_budget",
+    "register_solver",
     "replace_module",
     "save_compressed",
     "save_pretrained_model",

@@ -4,7 +4,8 @@
 Each solver family lives in its own module and declares its ``SPEC`` (or ``SPECS``): a
 :class:`~._common.SolverSpec` with its batched implementation, its options (a frozen dataclass
 with defaults and checks), the calibration statistics it reads, its loss curve and its stopping
-window. The registry collects them; :func:`register_solver` adds one from anywhere.
+window. The registry collects them; :func:`register_solver` adds one from anywhere (what a
+solver needs is re-exported here: ``SolverSpec``, ``Options``, ``option``, ``Problem``, …).
 ``factorize_batch`` groups layers by (shape, rank) so the layers of one group share batched
 matmuls, and returns the same results as one ``factorize`` call per layer (up to time caps).
 """
@@ -22,16 +23,21 @@ from weighted_lowrank.lowrank.calibration import CALIBRATION_STATISTICS
 from weighted_lowrank.lowrank.devices import resolve_device, worker_threads
 from weighted_lowrank.lowrank.objective import FactorizationResult, validate_problem, weighted_loss
 from weighted_lowrank.lowrank.solvers import als, calibrated, closed_form, em, gradient, tfwsvd
-from weighted_lowrank.lowrank.solvers._common import (
+
+# IterativeOptions, option, exact_outputs: re-exported for solver modules outside the package.
+from weighted_lowrank.lowrank.solvers._common import (  # noqa: F401
     KFWSVD_NEEDS,
+    IterativeOptions,
     Options,
     Problem,
     SolverOutput,
     SolverSpec,
     build_problem,
+    option,
     statistic_shapes,
     validate_statistic,
 )
+from weighted_lowrank.lowrank.solvers.closed_form import exact_outputs  # noqa: F401
 from weighted_lowrank.lowrank.solvers.spectra import kronecker_rank_losses, rank_losses
 
 #: A callable with the builtin ``map``'s signature that runs one function per group of layers:

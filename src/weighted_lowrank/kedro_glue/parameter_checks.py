@@ -4,6 +4,8 @@ kedro-mlflow logging each typed block key by key."""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
@@ -68,22 +70,17 @@ _TARGET_NODES = frozenset(
         "refine",
     }
 )
-#: ``(source, task, config.json mtime) → model structure`` of this process (meta device).
-_STRUCTURES: dict[tuple[str, str, float | None], Any] = {}
 
 
 def _check_targets_fit_model(pipeline: Pipeline | None, typed: dict[str, Any]) -> None:
     """When the run has a node that selects targets (or fine-tunes), ``compression.targets``
     (and ``fisher_estimation.targets`` when the Fisher is estimated) must select Linear modules
-    of ``model.source``'s architecture: resolved on its structure (``hf.model_structure``: the
-    config and the module tree on the meta device, no weight read), so a regex that matches
-    nothing, a named module that does not exist, or ``null`` on an architecture whose blocks
-    cannot be found fails now, with the model's projections (names, shapes) listed.
+    of ``model.source``'s structure (config and module tree on the meta device, no weight read):
+    a regex that matches nothing or a missing module fails now, listing the model's projections.
 
-    A model source whose config cannot be read here (a hub name offline and not cached, a
-    directory not made yet, an architecture transformers cannot build) skips the check with a
-    warning: the node that loads the model reports that, and the nodes that select targets
-    still check them on the loaded model.
+    A source whose config cannot be read here (offline hub name, a directory not made yet)
+    skips the check with a warning: the nodes that load the model report it, and check the
+    targets on the loaded model.
     """
     if pipeline is None:
         return
@@ -92,7 +89,7 @@ def _check_targets_fit_model(pipeline: Pipeline | None, typed: dict[str, Any]) -
         return
     model = typed["params:model"]
     try:
-        structure = _model_structure(model)
+        structure = _model_structure(model.source, model.task)
     except Exception as exc:  # noqa: BLE001 - any unreadable source: skipped, see docstring
         import logging
 
@@ -111,18 +108,18 @@ def _check_targets_fit_model(pipeline: Pipeline | None, typed: dict[str, Any]) -
         _check_targets(structure, key, targets, model.source)
 
 
-def _model_structure(model: Any) -> Any:
-    from pathlib import Path
+def _model_structure(source: str, task: str) -> Any:
+    from weighted_lowrank.hf.models import resolve_model_source
 
-    from weighted_lowrank.hf.models import model_structure, resolve_model_source
+    config = Path(resolve_model_source(source)) / "config.json"
+    return _structure(source, task, config.stat().st_mtime if config.is_file() else None)
 
-    resolved = resolve_model_source(model.source)
-    config = Path(resolved) / "config.json"
-    key = (resolved, model.task, config.stat().st_mtime if config.is_file() else None)
-    if key not in _STRUCTURES:
-        _STRUCTURES.clear()  # one model per process in practice; keep no stale trees
-        _STRUCTURES[key] = model_structure(model.source, model.resolved_task())
-    return _STRUCTURES[key]
+
+@functools.lru_cache(maxsize=1)  # one model per process in practice; a changed config re-reads
+def _structure(source: str, task: str, config_mtime: float | None) -> Any:
+    from weighted_lowrank.hf.models import model_structure, resolve_task
+
+    return model_structure(source, resolve_task(source, task))
 
 
 def _check_targets(structure: Any, key: str, targets: Any, source: str) -> None:

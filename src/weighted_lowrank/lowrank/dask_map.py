@@ -50,15 +50,11 @@ def _gather(client: Any, function: Callable[..., Any], threads: int, jobs: list)
 
 
 def _run(function: Callable[..., Any], threads: int, job: tuple) -> Any:
-    return call_with_threads(function, threads, *job)
-
-
-def call_with_threads(function: Callable[..., Any], threads: int, *args: Any) -> Any:
-    """``function(*args)`` with ``threads`` torch threads, then the previous count."""
+    """``function(*job)`` on the worker with the caller's torch thread count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return function(*args)
+        return function(*job)
     finally:
         torch.set_num_threads(previous)
 

@@ -556,11 +556,3 @@ class _LayerRecords:
         self.best_right = self.best_right[device_running]
         self.best_loss = self.best_loss[running]
         self.active = self.active[running]
-
-
-def resolve_options(solver: str, options: dict[str, Any], defaults: Any = None) -> Any:
-    """Transition shim for ``kedro_glue.parameters`` until it calls
-    :func:`~weighted_lowrank.lowrank.solvers.check_solver_options`; delete it then."""
-    from weighted_lowrank.lowrank.solvers import resolve_options as resolve
-
-    return resolve(solver, options)

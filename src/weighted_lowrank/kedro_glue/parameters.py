@@ -27,9 +27,6 @@ from pydantic import (
     model_validator,
 )
 
-#: Top-level keys that are not parameter blocks read by nodes but are legitimate in a run's
-#: parameters (``--params mlflow_tracking_uri=…`` reaches conf/base/mlflow.yml).
-RUNTIME_ONLY_KEYS = ("mlflow_tracking_uri",)
 #: Keys that used to exist, with what replaced them (shown when someone still sets one).
 RENAMED = {
     "refinement.enabled": "refinement runs when its pipeline does: `kedro run --pipelines "
@@ -387,10 +384,6 @@ class SplitParams(Block):
         return (self.train, self.validation, self.test)
 
 
-#: Sources read from ``data.local_file.path``.
-FILE_SOURCES = ("csv", "parquet", "jsonl", "text")
-
-
 class DataParams(Block):
     """``data``: which source the rows come from, how they are read, and how they are split."""
 
@@ -402,7 +395,7 @@ class DataParams(Block):
 
     @model_validator(mode="after")
     def _source_is_readable(self) -> DataParams:
-        if self.source in FILE_SOURCES and self.local_file.path is None:
+        if self.source in ("csv", "parquet", "jsonl", "text") and self.local_file.path is None:
             raise Expected(
                 f"data.local_file.path to be set when data.source is {self.source!r}", "source"
             )
@@ -588,7 +581,8 @@ class RunParameters(Block):
     evaluation: EvaluationParams
     reporting: ReportingParams
     risk_validation: RiskValidationParams
-    mlflow_tracking_uri: Text | None = None  # runtime only, read by conf/base/mlflow.yml
+    # Not read by nodes: `--params mlflow_tracking_uri=…` reaches conf/base/mlflow.yml.
+    mlflow_tracking_uri: Text | None = None
 
 
 #: Every block a node reads, by its top-level YAML key.
@@ -617,11 +611,7 @@ def parse_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
             f"{unknown}; expected the blocks {[*RunParameters.model_fields]} and one per solver "
             f"{list(SOLVERS)} (conf/base defines them all)"
         )
-    typed = {
-        f"params:{name}": getattr(run, name)
-        for name in RunParameters.model_fields
-        if name not in RUNTIME_ONLY_KEYS
-    }
+    typed = {f"params:{name}": getattr(run, name) for name in ("seed", "device", *BLOCKS)}
     for solver in SOLVERS:
         options = parse(SolverParams, solvers[solver], solver).options
         try:

@@ -33,7 +33,6 @@ from weighted_lowrank.lowrank.loss_models import (
     predicted_loss_increase,
 )
 from weighted_lowrank.lowrank.risk import layer_statistics
-from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.lowrank.targets import select_linear_modules
 from weighted_lowrank.pipelines.risk_validation import create_pipeline
 from weighted_lowrank.pipelines.risk_validation.loss_model_nodes import (
@@ -41,22 +40,32 @@ from weighted_lowrank.pipelines.risk_validation.loss_model_nodes import (
     summarize_loss_models,
 )
 from weighted_lowrank.pipelines.risk_validation.nodes import (
-    VALIDATED_SOLVERS,
     WHOLE_MODEL,
-    measure_layer_damage,
+    collect_damage,
+    measure_damage,
+    measure_dense_reference,
     predictive_kl,
-    summarize_risk_validation,
+)
+from weighted_lowrank.pipelines.risk_validation.pipeline import REFERENCE, SOLVERS, WEIGHTED
+from weighted_lowrank.pipelines.risk_validation.statistic_nodes import (
+    summarize_risk_validation as summarize_statistics,
 )
 
 MAX_LENGTH = 16
 MODEL = typed_params("model", source="unused", max_length=MAX_LENGTH)
 #: What the φ-comparison tests measure (the cheapest valid run); the loss-model tests add fwsvd.
 PHI_SOLVERS = ["svd", "tfwsvd"]
+#: The two solvers of the φ comparison, as the pipeline binds them.
+NAMES = {"reference": REFERENCE, "weighted": WEIGHTED}
 
 
 def options(**overrides) -> RiskValidationParams:
-    """The typed risk_validation block (small batches, svd and tfwsvd) with ``overrides``."""
-    return typed_params("risk_validation", **{"batch_size": 8, "solvers": PHI_SOLVERS, **overrides})
+    """The typed risk_validation block (small batches) with ``overrides``."""
+    return typed_params("risk_validation", **{"batch_size": 8, **overrides})
+
+
+def summarize_risk_validation(table, risk_validation):
+    return summarize_statistics(table, risk_validation, **NAMES)
 
 
 OPTIONS = options()
@@ -78,12 +87,7 @@ def setup(factorized):
         "fisher": fisher,
         "fisher_information": fisher_information,
         "calibration_statistics": make_calibration_statistics(bundle.model),
-        # Every wired solver the registry has (the others are stood in for in the pipeline test).
-        "models": {
-            solver: catalog.load(f"{solver}.compressed_model")
-            for solver in VALIDATED_SOLVERS
-            if solver in SOLVERS
-        },
+        "models": {solver: catalog.load(f"{solver}.compressed_model") for solver in SOLVERS},
         "layer_risk": risk,
         "validation": varied_split(40, seed=7),
     }
@@ -97,22 +101,35 @@ def measure(
     validation=None,
     options=OPTIONS,
     calibration_statistics=None,
+    solvers=PHI_SOLVERS,
 ):
-    """Both tables of ``measure_layer_damage``; ``svd`` / ``tfwsvd`` replace those models."""
+    """Both tables of a run of the measuring nodes (dense reference, each solver of ``solvers``,
+    collect); ``svd`` / ``tfwsvd`` replace those models."""
     models = {**setup["models"], **{k: v for k, v in (("svd", svd), ("tfwsvd", tfwsvd)) if v}}
-    return measure_layer_damage(
-        setup["bundle"],
-        setup["validation"] if validation is None else validation,
-        setup["layer_risk"] if layer_risk is None else layer_risk,
-        setup["fisher_information"],
-        setup["calibration_statistics"]
+    inputs = {
+        "fine_tuned_model": setup["bundle"],
+        "validation_split": setup["validation"] if validation is None else validation,
+        "layer_risk": setup["layer_risk"] if layer_risk is None else layer_risk,
+        "fisher_information": setup["fisher_information"],
+        "calibration_statistics": setup["calibration_statistics"]
         if calibration_statistics is None
         else calibration_statistics,
-        MODEL,
-        options,
-        "cpu",
-        **models,
-    )
+        "model": MODEL,
+        "risk_validation": options,
+        "device": "cpu",
+    }
+    dense = measure_dense_reference(**inputs)
+    damage = {
+        solver: measure_damage(
+            models[solver],
+            **inputs,
+            dense_reference=dense,
+            solver=solver,
+            mirror=solver == REFERENCE,
+        )
+        for solver in solvers
+    }
+    return collect_damage(inputs["layer_risk"], dense, **NAMES, **damage)
 
 
 def evaluate(model, setup) -> dict[str, float]:
@@ -269,22 +286,53 @@ def test_summary_spearman_is_scipys_and_names_the_best_predictor(setup) -> None:
 def test_inputs_of_another_budget_or_targets_are_rejected_before_any_evaluation(setup) -> None:
     """What lineage cannot tell: every input may come from the same fine-tuned model and still
     be compressed at another budget or with other targets."""
-    # An empty validation split would fail later: the layer check must come first.
-    empty = setup["validation"].iloc[:0]
+    dense = measure_dense_reference(
+        setup["bundle"],
+        setup["validation"],
+        setup["layer_risk"],
+        setup["fisher_information"],
+        setup["calibration_statistics"],
+        MODEL,
+        OPTIONS,
+        "cpu",
+    )
+
+    def damage(solver, model=None, layer_risk=setup["layer_risk"]):
+        # An empty validation split would fail later: the layer check must come first.
+        return measure_damage(
+            model or setup["models"][solver],
+            dense,
+            setup["bundle"],
+            setup["validation"].iloc[:0],
+            layer_risk,
+            setup["fisher_information"],
+            setup["calibration_statistics"],
+            MODEL,
+            OPTIONS,
+            "cpu",
+            solver=solver,
+        )
+
     risk = setup["layer_risk"]
-    with pytest.raises(ValueError, match="only in layer_risk \\[\\], only in the models \\['bert"):
-        measure(setup, layer_risk=risk.iloc[1:], validation=empty)
+    with pytest.raises(
+        ValueError,
+        match=r"layer_risk and svd.compressed_model differ: modules only in layer_risk \[\], "
+        r"only in the model \['bert",
+    ):
+        damage("svd", layer_risk=risk.iloc[1:])
     queries, _ = compress_model(
         setup["bundle"].model, setup["fisher"], BUDGET, "svd", targets="query$"
     )
-    with pytest.raises(ValueError, match="differ: modules only in svd \\[\\], only in tfwsvd"):
-        measure(setup, svd=ModelBundle(queries, None), validation=empty)
+    with pytest.raises(ValueError, match=r"only in layer_risk \['bert.*only in the model \[\]"):
+        damage("svd", ModelBundle(queries, None))
     smaller, _ = compress_model(setup["bundle"].model, setup["fisher"], 0.2, "svd")
-    with pytest.raises(ValueError, match="ranks \\(svd, tfwsvd\\)"):
-        measure(setup, svd=ModelBundle(smaller, None), validation=empty)
+    with pytest.raises(ValueError, match=r"tfwsvd.compressed_model differ: .*ranks \(layer_risk"):
+        damage("tfwsvd", ModelBundle(smaller, None))
     wrong_rank = risk.assign(rank=risk["rank"] + 1)
-    with pytest.raises(ValueError, match="layer_risk's ranks differ"):
-        measure(setup, layer_risk=wrong_rank, validation=empty)
+    with pytest.raises(ValueError, match=r"ranks \(layer_risk, model\) \{'bert"):
+        damage("svd", layer_risk=wrong_rank)
+    with pytest.raises(ValueError, match="duplicated layer_risk rows"):
+        damage("svd", layer_risk=pd.concat([risk, risk.iloc[:1]]))
 
 
 @pytest.mark.parametrize(
@@ -298,7 +346,6 @@ def test_inputs_of_another_budget_or_targets_are_rejected_before_any_evaluation(
             r"risk_validation\.statistics='phi': expected a non-empty list of strings",
         ),
         ({"max_rows": 3}, r"risk_validation has unknown keys \['max_rows'\]"),
-        ({"solvers": []}, r"risk_validation\.solvers=\[\]: expected a non-empty list of strings"),
         (
             {"loss_models": "kronecker"},
             r"risk_validation\.loss_models='kronecker': expected a non-empty list of strings or null",
@@ -316,7 +363,7 @@ LOSS_SOLVERS = ["svd", "fwsvd", "tfwsvd"]
 @pytest.fixture(scope="module")
 def loss_run(setup):
     """Both tables of one run measuring three solvers on 24 examples."""
-    return measure(setup, options=options(max_examples=24, solvers=LOSS_SOLVERS))
+    return measure(setup, options=options(max_examples=24), solvers=LOSS_SOLVERS)
 
 
 def curvature_of(setup, module: str) -> LayerCurvature:
@@ -397,7 +444,7 @@ def test_loss_model_summary_is_scipys_spearman_and_numpys_ratios(
 ) -> None:
     """The KL block (top level, primary) and the loss-increase block read their own column."""
     table, losses = loss_run
-    full = summarize_loss_models(losses, table)
+    full = summarize_loss_models(losses, table, reference=REFERENCE)
     summary = full
     for key in block:
         summary = summary[key]
@@ -451,7 +498,7 @@ def test_loss_model_summary_is_scipys_spearman_and_numpys_ratios(
     assert fingerprint_of(full) == model_fingerprint(setup["bundle"].model)
     # MLflow names: "_kl" for the KL block; the loss-increase block keeps the earlier names.
     suffix = "_kl" if measured == "measured_kl" else ""
-    metrics = loss_model_metrics(full)
+    metrics = loss_model_metrics(full, reference=REFERENCE)
     for model in LOSS_MODELS:
         value = summary["per_layer"][model]
         assert metrics[f"{model}.spearman{suffix}"]["value"] == value["pooled"]["rho"]
@@ -495,22 +542,33 @@ def test_predictive_kl_is_each_heads_divergence() -> None:
 
 
 @pytest.mark.parametrize(
+    ("solvers", "message"),
+    [
+        (
+            ("svd", "tfwsvd", "newton"),
+            r"risk_validation solvers \['svd', 'tfwsvd', 'newton'\]: unknown \['newton'\]; "
+            r"expected distinct solvers of \['svd', 'fwsvd', .*\] including svd and tfwsvd",
+        ),
+        (("svd", "tfwsvd", "svd"), r": repeated \['svd'\]; expected distinct"),
+        (("svd", "fwsvd"), r"\['svd', 'fwsvd'\]: missing \['tfwsvd'\]; expected"),
+    ],
+)
+def test_bad_solver_lists_are_rejected_when_the_pipeline_is_built(solvers, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        create_pipeline(solvers=solvers)
+
+
+@pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (
-            {"solvers": ["svd", "tfwsvd", "adam"]},
-            r"risk_validation\.solvers names \['adam'\]; expected solvers whose compressed models "
-            r"the pipeline loads: \['svd', 'fwsvd', 'tfwsvd'",
-        ),
-        ({"solvers": ["svd", "tfwsvd", "svd"]}, r"solvers lists \['svd'\] more than once"),
-        ({"solvers": ["svd", "fwsvd"]}, r"solvers=\['svd', 'fwsvd'\] lacks \['tfwsvd'\]"),
-        (
             {"loss_models": ["kronecker", "hessian"]},
-            r"risk_validation\.loss_models names \['hessian'\]; expected some of \['identity'",
+            r"risk_validation\.loss_models=\['kronecker', 'hessian'\] names \['hessian'\] unknown "
+            r"or more than once; expected distinct names among \['identity'",
         ),
         (
             {"loss_models": ["diagonal", "diagonal"]},
-            r"loss_models lists \['diagonal'\] more than once",
+            r"loss_models=\['diagonal', 'diagonal'\] names \['diagonal'\] unknown or more than once",
         ),
     ],
 )
@@ -550,7 +608,7 @@ def test_loss_models_without_statistics_are_named_or_skipped(setup, caplog) -> N
         r"fisher_information '<module>\.weight' and its metadata num_examples \(absent: "
         r"\['metadata num_examples'\]\)",
     ):
-        measure_layer_damage(
+        measure_dense_reference(
             setup["bundle"],
             empty,
             setup["layer_risk"],
@@ -559,7 +617,6 @@ def test_loss_models_without_statistics_are_named_or_skipped(setup, caplog) -> N
             MODEL,
             OPTIONS,
             "cpu",
-            **setup["models"],
         )
     # By default the loss models the statistics allow are computed, and the others named.
     with caplog.at_level("WARNING"):
@@ -568,21 +625,30 @@ def test_loss_models_without_statistics_are_named_or_skipped(setup, caplog) -> N
         )
     assert "skipping loss models ['kronecker', 'activation']" in caplog.text
     assert list(dict.fromkeys(losses["loss_model"])) == ["identity", "fwsvd", "diagonal"]
-    summary = summarize_loss_models(losses, table)
+    summary = summarize_loss_models(losses, table, reference=REFERENCE)
     assert summary["skipped_loss_models"] == {
         "kronecker": ["input_moment", "output_moment"],
         "activation": ["input_moment", "output_moment"],
     }
 
 
+def test_only_the_wired_solvers_are_loaded_one_namespace_each() -> None:
+    """The default wires one namespace per solver of ``SOLVERS``; another list wires only its
+    own models."""
+    for solvers in (SOLVERS, tuple(LOSS_SOLVERS)):
+        pipeline = create_pipeline() if solvers == SOLVERS else create_pipeline(solvers=solvers)
+        models = {name for name in pipeline.inputs() if name.endswith(".compressed_model")}
+        assert models == {f"{solver}.compressed_model" for solver in solvers}
+        namespaced = sorted(node.name for node in pipeline.nodes if node.namespace)
+        assert namespaced == sorted(f"{solver}.measure_damage" for solver in solvers)
+        collect = next(node for node in pipeline.nodes if node.name == "collect_damage")
+        assert collect.outputs == ["risk_validation_table", "loss_model_table"]
+
+
 def test_pipeline_runs_from_an_in_memory_catalog(setup, tmp_path) -> None:
-    # Solvers the registry does not have yet are stood in for by fwsvd's model: the wiring is
-    # under test here, and they are not among the solvers measured.
     models = {
-        f"{solver}.compressed_model": MemoryDataset(
-            setup["models"].get(solver, setup["models"]["fwsvd"]), copy_mode="assign"
-        )
-        for solver in VALIDATED_SOLVERS
+        f"{solver}.compressed_model": MemoryDataset(setup["models"][solver], copy_mode="assign")
+        for solver in LOSS_SOLVERS
     }
     catalog = DataCatalog(
         {
@@ -594,9 +660,7 @@ def test_pipeline_runs_from_an_in_memory_catalog(setup, tmp_path) -> None:
             "calibration_statistics": MemoryDataset(setup["calibration_statistics"]),
             # Typed, as the TypedParameters hook hands them to the nodes in a run.
             "params:model": MemoryDataset(MODEL),
-            "params:risk_validation": MemoryDataset(
-                options(max_examples=16, solvers=["svd", "fwsvd", "tfwsvd"])
-            ),
+            "params:risk_validation": MemoryDataset(options(max_examples=16)),
             "params:device": MemoryDataset("cpu"),
             # Persisted as in conf/base (a MemoryDataset would be released once consumed).
             "risk_validation_table": ParquetDataset(filepath=str(tmp_path / "table.parquet")),
@@ -609,7 +673,7 @@ def test_pipeline_runs_from_an_in_memory_catalog(setup, tmp_path) -> None:
             "loss_model_plot": MemoryDataset(copy_mode="assign"),
         }
     )
-    SequentialRunner().run(create_pipeline(), catalog)
+    SequentialRunner().run(create_pipeline(solvers=tuple(LOSS_SOLVERS)), catalog)
     table = catalog.load("risk_validation_table")
     summary = catalog.load("risk_validation_summary")
     metrics = catalog.load("risk_validation_metrics")
@@ -659,5 +723,5 @@ def test_risk_validation_is_registered_but_not_in_default() -> None:
     configure_project("weighted_lowrank")
     pipelines = register_pipelines()
     default = {node.name for node in pipelines["__default__"].nodes}
-    assert "measure_layer_damage" in {node.name for node in pipelines["risk_validation"].nodes}
-    assert "measure_layer_damage" not in default and "compute_layer_risk" in default
+    assert "collect_damage" in {node.name for node in pipelines["risk_validation"].nodes}
+    assert "collect_damage" not in default and "compute_layer_risk" in default

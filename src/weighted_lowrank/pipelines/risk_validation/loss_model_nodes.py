@@ -15,7 +15,6 @@ compressed model's predictions are the dense one's).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from matplotlib.ticker import NullFormatter
 from weighted_lowrank.kedro_glue.lineage import fingerprint_of, with_fingerprint
 from weighted_lowrank.lowrank.loss_models import LOSS_MODELS, REQUIRED_STATISTICS
 
-from .nodes import spearman
+from .statistic_nodes import finite, largest_rho, spearman
 
 
 def agreement(predicted: pd.Series, measured: pd.Series) -> dict[str, float | int | None]:
@@ -40,9 +39,9 @@ def agreement(predicted: pd.Series, measured: pd.Series) -> dict[str, float | in
     quartiles = np.quantile(ratios, [0.25, 0.5, 0.75]) if ratios.size else [None] * 3
     result.update(
         {
-            "ratio_median": _number(quartiles[1]),
-            "ratio_q25": _number(quartiles[0]),
-            "ratio_q75": _number(quartiles[2]),
+            "ratio_median": finite(quartiles[1]),
+            "ratio_q25": finite(quartiles[0]),
+            "ratio_q75": finite(quartiles[2]),
             "ratio_n": int(ratios.size),
             "negative_measured": int((measured <= 0).sum()),
         }
@@ -58,25 +57,14 @@ MEASUREMENTS = {
 
 
 def summarize_loss_models(
-    loss_model_table: pd.DataFrame, risk_validation_table: pd.DataFrame
+    loss_model_table: pd.DataFrame, risk_validation_table: pd.DataFrame, *, reference: str
 ) -> dict[str, Any]:
-    """Per loss model: how well its prediction agrees with the measured KL and loss increase.
-
-    Against the KL (``measured_kl``, the primary outcome): ``per_layer[model]``, :func:`agreement`
-    over the single-layer rows pooled over solvers (``pooled``) and per solver (``by_solver``);
-    ``whole_model[model]``, the same over the whole compressed models (one point per solver) with
-    each model's ``predicted``, ``measured_kl`` and ``ratio_kl``; ``best_loss_model``, the largest
-    pooled per-layer ρ; ``phi_comparison``, Spearman of φ (``layer_risk``) and of the best loss
-    model against SVD's per-layer KL on the same rows, and the verdict.
-    ``vs_loss_increase`` holds the same four keys against the validation-loss increase
-    (``measured``; whole models with ``measured`` and ``ratio``). ``skipped_loss_models`` names
-    the loss models the statistics did not allow, with what each needs.
+    """How well each loss model's prediction agrees with the measured KL (the primary outcome, at
+    the top level) and with the loss increase (``vs_loss_increase``): :func:`_block`'s four keys
+    each; the loss models computed and those the statistics did not allow, with what each needs.
     """
     table = loss_model_table
-    layers = table[table["scope"] == "layer"]
     loss_models = list(dict.fromkeys(table["loss_model"]))
-    solvers = list(dict.fromkeys(table["solver"]))
-    kl = _block(table, risk_validation_table, "measured_kl")
     summary: dict[str, Any] = {
         "loss_models": loss_models,
         "skipped_loss_models": {
@@ -84,22 +72,24 @@ def summarize_loss_models(
             for model in LOSS_MODELS
             if model not in loss_models
         },
-        "solvers": solvers,
-        "layers": int(layers["module"].nunique()),
+        "solvers": list(dict.fromkeys(table["solver"])),
+        "layers": int(table.loc[table["scope"] == "layer", "module"].nunique()),
         "examples": int(table["examples"].iloc[0]),
         "dense_loss": float(table["dense_loss"].iloc[0]),
         "outcome": "measured_kl",
-        **kl,
-        "vs_loss_increase": _block(table, risk_validation_table, "measured"),
+        **_block(table, risk_validation_table, "measured_kl", reference),
+        "vs_loss_increase": _block(table, risk_validation_table, "measured", reference),
     }
     return with_fingerprint(summary, fingerprint_of(table))
 
 
 def _block(
-    table: pd.DataFrame, risk_validation_table: pd.DataFrame, measured: str
+    table: pd.DataFrame, risk_validation_table: pd.DataFrame, measured: str, reference: str
 ) -> dict[str, Any]:
-    """``per_layer``, ``whole_model``, ``best_loss_model`` and ``phi_comparison`` against the
-    column ``measured`` of ``loss_model_table``."""
+    """Against the column ``measured`` of ``loss_model_table``: ``per_layer[model]``,
+    :func:`agreement` over the single-layer rows pooled over solvers and per solver;
+    ``whole_model[model]``, the same over the whole models (one point per solver) with each one's
+    values; ``best_loss_model``, the largest pooled ρ; ``phi_comparison``."""
     ratio = MEASUREMENTS[measured][0]
     layers = table[table["scope"] == "layer"]
     models = table[table["scope"] == "model"]
@@ -120,22 +110,17 @@ def _block(
                 row["solver"]: {
                     "predicted": float(row["predicted"]),
                     measured: float(row[measured]),
-                    ratio: _number(row[ratio]),
+                    ratio: finite(row[ratio]),
                 }
                 for _, row in rows.iterrows()
             },
         }
-    ranked = [
-        (value["pooled"]["rho"], model)
-        for model, value in per_layer.items()
-        if value["pooled"]["rho"] is not None
-    ]
-    best = max(ranked)[1] if ranked else None
+    best = largest_rho({model: value["pooled"] for model, value in per_layer.items()})
     return {
         "per_layer": per_layer,
         "whole_model": whole_model,
         "best_loss_model": best,
-        "phi_comparison": phi_comparison(layers, risk_validation_table, best, measured),
+        "phi_comparison": phi_comparison(layers, risk_validation_table, best, measured, reference),
     }
 
 
@@ -143,15 +128,18 @@ def phi_comparison(
     layers: pd.DataFrame,
     risk_validation_table: pd.DataFrame,
     loss_model: str | None,
-    measured: str = "measured_kl",
+    measured: str,
+    reference: str,
 ) -> dict[str, Any] | None:
-    """Spearman of φ and of ``loss_model``'s prediction against SVD's single-layer ``measured``
-    (KL or loss increase), on the same rows (one per layer); None without φ in the risk table or
-    a loss model."""
+    """Spearman of φ and of ``loss_model``'s prediction against the ``reference`` solver's
+    single-layer ``measured`` (KL or loss increase), on the same rows (one per layer); None
+    without φ in the risk table or a loss model."""
     if loss_model is None or "phi" not in risk_validation_table.columns:
         return None
-    svd = layers[(layers["solver"] == "svd") & (layers["loss_model"] == loss_model)]
-    rows = svd.merge(risk_validation_table[["module", "phi"]], on="module", validate="one_to_one")
+    chosen = layers[(layers["solver"] == reference) & (layers["loss_model"] == loss_model)]
+    rows = chosen.merge(
+        risk_validation_table[["module", "phi"]], on="module", validate="one_to_one"
+    )
     phi = spearman(rows["phi"], rows[measured])
     model = spearman(rows["predicted"], rows[measured])
     better = model["rho"] is not None and (phi["rho"] is None or model["rho"] > phi["rho"])
@@ -162,7 +150,8 @@ def phi_comparison(
         "best": model,
         "loss_model_better": better,
         "verdict": (
-            f"{loss_model} {'predicts' if better else 'does not predict'} SVD's per-layer "
+            f"{loss_model} {'predicts' if better else 'does not predict'} {reference.upper()}'s "
+            "per-layer "
             f"{MEASUREMENTS[measured][1]} better than φ: Spearman {_rho(model)} vs φ {_rho(phi)}, "
             f"n = {model['n']} layers (the same rows; the difference is not tested for "
             "significance)"
@@ -170,44 +159,35 @@ def phi_comparison(
     }
 
 
-def loss_model_metrics(loss_model_summary: dict[str, Any]) -> dict[str, dict]:
+def loss_model_metrics(loss_model_summary: dict[str, Any], *, reference: str) -> dict[str, dict]:
     """The summary as MLflow metrics (step 0), logged under ``risk_validation.loss_model.``.
 
     Against the KL: ``<model>.spearman_kl``, ``<model>.p_value_kl``, ``<model>.ratio_kl_median``
     / ``ratio_kl_q25`` / ``ratio_kl_q75`` (per layer, pooled over solvers),
     ``<model>.<solver>.spearman_kl`` / ``.p_value_kl``, ``<model>.whole_model.spearman_kl`` /
-    ``.p_value_kl`` / ``.ratio_kl_median``, and ``phi_svd.spearman_kl``, ``best_svd.spearman_kl``,
+    ``.p_value_kl`` / ``.ratio_kl_median``, and ``phi_<reference>.spearman_kl``,
+    ``best_<reference>.spearman_kl``,
     ``beats_phi_kl`` (1 or 0) from the φ comparison. Against the loss increase, the same names
     without ``_kl`` (``<model>.spearman``, ``<model>.ratio_median``, …, ``beats_phi``).
     """
     metrics: dict[str, float | None] = {}
     for block, suffix in (
         (loss_model_summary, "_kl"),
-        (loss_model_summary.get("vs_loss_increase"), ""),
+        (loss_model_summary["vs_loss_increase"], ""),
     ):
-        if block is None:
-            continue
-        names = {
-            "rho": f"spearman{suffix}",
-            "p_value": f"p_value{suffix}",
-            **{
-                key: f"ratio{suffix}_{key[6:]}"
-                for key in ("ratio_median", "ratio_q25", "ratio_q75")
-            },
-        }
+        names = {"rho": f"spearman{suffix}", "p_value": f"p_value{suffix}"}
+        names |= {f"ratio_{part}": f"ratio{suffix}_{part}" for part in ("median", "q25", "q75")}
         for model, value in block["per_layer"].items():
-            for key in ("rho", "p_value", "ratio_median", "ratio_q25", "ratio_q75"):
-                metrics[f"{model}.{names[key]}"] = value["pooled"][key]
+            metrics |= {f"{model}.{names[key]}": value["pooled"][key] for key in names}
             for solver, by_solver in value["by_solver"].items():
                 for key in ("rho", "p_value"):
                     metrics[f"{model}.{solver}.{names[key]}"] = by_solver[key]
-            whole = block["whole_model"][model]
             for key in ("rho", "p_value", "ratio_median"):
-                metrics[f"{model}.whole_model.{names[key]}"] = whole[key]
+                metrics[f"{model}.whole_model.{names[key]}"] = block["whole_model"][model][key]
         comparison = block["phi_comparison"]
         if comparison is not None:
-            metrics[f"phi_svd.spearman{suffix}"] = comparison["phi"]["rho"]
-            metrics[f"best_svd.spearman{suffix}"] = comparison["best"]["rho"]
+            metrics[f"phi_{reference}.spearman{suffix}"] = comparison["phi"]["rho"]
+            metrics[f"best_{reference}.spearman{suffix}"] = comparison["best"]["rho"]
             metrics[f"beats_phi{suffix}"] = float(comparison["loss_model_better"])
     return {
         key: {"value": float(value), "step": 0}
@@ -218,8 +198,7 @@ def loss_model_metrics(loss_model_summary: dict[str, Any]) -> dict[str, dict]:
 
 def plot_loss_models(loss_model_table: pd.DataFrame, loss_model_summary: dict[str, Any]) -> Figure:
     """Predicted (x) against measured (y), one column per loss model: the top row against the KL
-    (the primary outcome), the bottom row against the validation-loss increase (when the summary
-    has its block). Single-layer points coloured by solver, whole models as stars, the line
+    (the primary outcome), the bottom row against the validation-loss increase. Single-layer points coloured by solver, whole models as stars, the line
     predicted = measured where the two ranges overlap, Spearman ρ in the titles. An axis is
     logarithmic where all its values are positive (the measured one symmetric-log otherwise, since
     compressing a layer can lower the loss).
@@ -228,9 +207,10 @@ def plot_loss_models(loss_model_table: pd.DataFrame, loss_model_summary: dict[st
     loss_models = loss_model_summary["loss_models"]
     solvers = loss_model_summary["solvers"]
     colours = {solver: f"C{index % 10}" for index, solver in enumerate(solvers)}
-    outcomes = [("measured_kl", loss_model_summary)]
-    if loss_model_summary.get("vs_loss_increase") is not None:
-        outcomes.append(("measured", loss_model_summary["vs_loss_increase"]))
+    outcomes = [
+        ("measured_kl", loss_model_summary),
+        ("measured", loss_model_summary["vs_loss_increase"]),
+    ]
     columns = len(loss_models)
     figure = Figure(figsize=(4.6 * columns, 4.4 * len(outcomes)))
     grid = figure.subplots(len(outcomes), columns, squeeze=False)
@@ -304,10 +284,3 @@ def _rho(value: dict[str, Any]) -> str:
     if value["rho"] is None:
         return "n/a"
     return f"{value['rho']:+.3f} (p {value['p_value']:.2g})"
-
-
-def _number(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None

@@ -1,82 +1,108 @@
-"""``risk_validation``: per-layer and whole-model damage of each validated solver, set against
-the risk statistics of ``layer_risk`` and against each loss model's prediction."""
+"""``risk_validation``: per-layer and whole-model damage of each solver, set against the risk
+statistics of ``layer_risk`` and against each loss model's prediction.
+
+``measure_dense_reference`` evaluates the fine-tuned model once; one namespace per solver measures
+``<solver>.compressed_model`` layer by layer; ``collect_damage`` joins them into
+``risk_validation_table`` (the φ comparison: ``REFERENCE``'s damage, ``WEIGHTED``'s gain over it)
+and ``loss_model_table``, which the summaries, metrics and plots read. The solver list lives in
+code (pipelines are built before parameters are read), so only the wired models load.
+"""
+
+from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
 
+from weighted_lowrank.lowrank import solvers as registry
+
 from .loss_model_nodes import loss_model_metrics, plot_loss_models, summarize_loss_models
-from .nodes import (
-    VALIDATED_SOLVERS,
-    measure_layer_damage,
+from .nodes import collect_damage, measure_damage, measure_dense_reference
+from .statistic_nodes import (
     plot_risk_validation,
     risk_validation_metrics,
     summarize_risk_validation,
 )
 
+#: The φ comparison: SVD's damage, and the gain of the element-wise weighted solver over it.
+REFERENCE, WEIGHTED = "svd", "tfwsvd"
+#: One closed form or solver per loss model: svd (identity), fwsvd (rank-one Fisher), tfwsvd
+#: (diagonal; the other element-wise solvers minimise the same objective), kfwsvd (Kronecker),
+#: svd_llm (activation). Cost ∝ their number.
+SOLVERS: tuple[str, ...] = ("svd", "fwsvd", WEIGHTED, "kfwsvd", "svd_llm")
 
-def create_pipeline(**kwargs) -> Pipeline:
-    # Every solver that risk_validation.solvers may name is wired in (and loaded): the parameter
-    # is read only when the node runs.
-    compressed_models = {solver: f"{solver}.compressed_model" for solver in VALIDATED_SOLVERS}
-    return Pipeline(
-        [
-            Node(
-                measure_layer_damage,
-                inputs={
-                    "fine_tuned_model": "fine_tuned_model",
-                    "validation_split": "validation_split",
-                    "layer_risk": "layer_risk",
-                    "fisher_information": "fisher_information",
-                    "calibration_statistics": "calibration_statistics",
-                    "model": "params:model",
-                    "risk_validation": "params:risk_validation",
-                    "device": "params:device",
-                    **compressed_models,
-                },
-                outputs=["risk_validation_table", "loss_model_table"],
-                name="measure_layer_damage",
-                tags=["reporting"],
-            ),
-            Node(
-                summarize_risk_validation,
-                inputs=["risk_validation_table", "params:risk_validation"],
-                outputs="risk_validation_summary",
-                name="summarize_risk_validation",
-                tags=["reporting"],
-            ),
-            Node(
-                risk_validation_metrics,
-                inputs="risk_validation_summary",
-                outputs="risk_validation_metrics",
-                name="risk_validation_metrics",
-                tags=["reporting"],
-            ),
-            Node(
-                plot_risk_validation,
-                inputs=["risk_validation_table", "risk_validation_summary"],
-                outputs="risk_validation_plot",
-                name="plot_risk_validation",
-                tags=["reporting"],
-            ),
-            Node(
-                summarize_loss_models,
-                inputs=["loss_model_table", "risk_validation_table"],
-                outputs="loss_model_summary",
-                name="summarize_loss_models",
-                tags=["reporting"],
-            ),
-            Node(
-                loss_model_metrics,
-                inputs="loss_model_summary",
-                outputs="loss_model_metrics",
-                name="loss_model_metrics",
-                tags=["reporting"],
-            ),
-            Node(
-                plot_loss_models,
-                inputs=["loss_model_table", "loss_model_summary"],
-                outputs="loss_model_plot",
-                name="plot_loss_models",
-                tags=["reporting"],
-            ),
-        ]
+#: What the dense reference and every solver's measurement read (the latter after its own model).
+MEASURE_INPUTS = [
+    "dense_reference",
+    "fine_tuned_model",
+    "validation_split",
+    "layer_risk",
+    "fisher_information",
+    "calibration_statistics",
+    "params:model",
+    "params:risk_validation",
+    "params:device",
+]
+
+
+def node(function, inputs, outputs, **names) -> Node:
+    """A node named after ``function``, with the keyword arguments ``names`` bound."""
+    bound = update_wrapper(partial(function, **names), function)
+    return Node(bound, inputs, outputs, name=function.__name__)
+
+
+def create_solver_template(solver: str) -> Pipeline:
+    """The un-namespaced measurement of one solver's compressed model."""
+    inputs = ["compressed_model", *MEASURE_INPUTS]
+    measure = node(
+        measure_damage, inputs, "layer_damage", solver=solver, mirror=solver == REFERENCE
     )
+    return Pipeline([measure], tags=[solver])
+
+
+def check_solvers(solvers: tuple[str, ...]) -> None:
+    """Registered solvers, each once, the two of the φ comparison among them."""
+    problems = {
+        "unknown": [solver for solver in solvers if solver not in registry.SOLVERS],
+        "repeated": sorted({solver for solver in solvers if solvers.count(solver) > 1}),
+        "missing": [solver for solver in (REFERENCE, WEIGHTED) if solver not in solvers],
+    }
+    if any(problems.values()):
+        raise ValueError(
+            f"risk_validation solvers {list(solvers)}: "
+            + ", ".join(f"{kind} {names}" for kind, names in problems.items() if names)
+            + f"; expected distinct solvers of {list(registry.SOLVERS)} including {REFERENCE} "
+            f"and {WEIGHTED} (the φ comparison measures {REFERENCE}'s damage and {WEIGHTED}'s "
+            "gain over it)"
+        )
+
+
+def create_pipeline(solvers: tuple[str, ...] = SOLVERS, **kwargs) -> Pipeline:
+    check_solvers(tuple(solvers))
+    both = {"reference": REFERENCE, "weighted": WEIGHTED}
+    damage = {solver: f"{solver}.layer_damage" for solver in solvers}
+    table, summary = "risk_validation_table", "risk_validation_summary"
+    losses, loss_summary = "loss_model_table", "loss_model_summary"
+    nodes = [
+        node(measure_dense_reference, MEASURE_INPUTS[1:], "dense_reference"),
+        node(
+            collect_damage,
+            {"layer_risk": "layer_risk", "dense_reference": "dense_reference", **damage},
+            [table, losses],
+            **both,
+        ),
+        node(summarize_risk_validation, [table, "params:risk_validation"], summary, **both),
+        node(risk_validation_metrics, summary, "risk_validation_metrics", reference=REFERENCE),
+        node(plot_risk_validation, [table, summary], "risk_validation_plot", **both),
+        node(summarize_loss_models, [losses, table], loss_summary, reference=REFERENCE),
+        node(loss_model_metrics, loss_summary, "loss_model_metrics", reference=REFERENCE),
+        node(plot_loss_models, [losses, loss_summary], "loss_model_plot"),
+    ]
+    measured = (
+        Pipeline(
+            create_solver_template(solver),
+            namespace=solver,
+            inputs={name for name in MEASURE_INPUTS if not name.startswith("params:")},
+            parameters={name for name in MEASURE_INPUTS if name.startswith("params:")},
+        )
+        for solver in solvers
+    )
+    return Pipeline([*nodes, *measured], tags=["reporting"])

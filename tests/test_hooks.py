@@ -147,3 +147,46 @@ def test_lineage_check_names_datasets_versions_and_the_pin_that_fixes_it(tmp_pat
     )
     assert "fisher_information (version 2026-02-01T00.00.00.000Z) comes from model 0000" in message
     assert "--load-versions=fisher_information:2026-01-01T00.00.00.000Z" in message
+
+
+def _parameters_catalog(damping: float, budget: float = 0.5) -> DataCatalog:
+    parameters = {
+        "compression": {"budget": budget, "allocation": "uniform", "targets": "all"},
+        "kfwsvd": {"options": {"damping": damping}},
+    }
+    return DataCatalog({"parameters": MemoryDataset(parameters)})
+
+
+def test_loss_curves_made_under_other_solver_options_are_refused_naming_keys_and_the_remake(
+    tmp_path,
+):
+    """A ``--from-nodes svd_reference`` run after a changed kfwsvd damping must not reuse the
+    curves the old damping made; a changed budget, which the curves do not depend on, may."""
+    from kedro_datasets.pandas import ParquetDataset
+
+    from weighted_lowrank.pipelines.factorization import create_pipeline
+
+    (curves_node,) = create_pipeline().only_nodes("kfwsvd.loss_curves").nodes
+    inputs = {
+        "params:compression": {"budget": 0.5, "allocation": "uniform", "targets": "all"},
+        "params:kfwsvd.options": {"damping": 0.01},
+    }
+    outputs = {"kfwsvd.loss_curves": pd.DataFrame({"module": ["a"], "predicted_loss": [1.0]})}
+    LineageCheck().after_node_run(node=curves_node, inputs=inputs, outputs=outputs)
+    stored = ParquetDataset(filepath=str(tmp_path / "loss_curves.parquet"))
+    stored.save(outputs["kfwsvd.loss_curves"])
+    reloaded = {"kfwsvd.loss_curves": stored.load()}
+    allocate = Node(_identity, ["kfwsvd.loss_curves"], "kfwsvd.rank_map", name="kfwsvd.allocate")
+
+    # A later run at another budget may reuse them, one with another damping may not.
+    later = _parameters_catalog(damping=0.01, budget=0.3)
+    LineageCheck().before_node_run(node=allocate, catalog=later, inputs=reloaded)
+    with pytest.raises(ValueError) as raised:
+        LineageCheck().before_node_run(
+            node=allocate, catalog=_parameters_catalog(damping=0.1), inputs=reloaded
+        )
+    message = str(raised.value)
+    assert "kfwsvd.loss_curves was made by node 'kfwsvd.loss_curves'" in message
+    assert "kfwsvd.options.damping: 0.01 when made, 0.1 now" in message
+    assert "compression.budget" not in message
+    assert "--from-nodes=kfwsvd.loss_curves" in message

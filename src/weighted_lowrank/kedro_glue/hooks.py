@@ -1,5 +1,5 @@
-"""Lineage hooks: one lineage check per node, and saved versions that cannot be used named with
-the ``--load-versions`` that avoids them."""
+"""Lineage hooks: one lineage check per node (fine-tuned model and parameters), and saved versions
+that cannot be used named with the ``--load-versions`` that avoids them."""
 
 from __future__ import annotations
 
@@ -10,55 +10,101 @@ from kedro.pipeline import Node, Pipeline
 
 
 class LineageCheck:
-    """Refuses to run a node whose inputs were made from different fine-tuned models.
+    """Refuses to run a node whose inputs were made from different fine-tuned models, or under
+    other parameter values than the current run's; stamps what a node returns with the
+    parameters it read (:mod:`lineage`).
 
-    Every dataset derived from a fine-tuned model carries its fingerprint (:mod:`lineage`); a
-    mix-up happens when one input is re-made (a new fine-tune) and another is loaded from an
-    older version. The error names both datasets with their versions and the ``--load-versions``
-    that pins a matching pair, when one exists on disk.
+    A model mix-up happens when one input is re-made (a new fine-tune) and another is loaded from
+    an older version: the error names both datasets with their versions and the
+    ``--load-versions`` that pins a matching pair, when one exists on disk. A parameter mix-up
+    happens when a run starts after the node that reads a changed key (``--from-nodes``,
+    ``--namespaces``): the error names the dataset, the differing keys and the node to remake it.
     """
 
     @hook_impl
     def before_node_run(self, node: Node, catalog: Any, inputs: dict[str, Any]) -> None:
-        # Imported here: settings.py loads this module for every kedro command, and lineage
-        # pulls in transformers (seconds).
-        from weighted_lowrank.kedro_glue.lineage import (
-            disagreements,
-            fingerprint_of,
-            reference_fingerprint,
-        )
-
-        fingerprints = {
-            name: fingerprint_of(value)
+        data = {
+            name: value
             for name, value in inputs.items()
             if not name.startswith("params:") and name != "parameters"
         }
-        wrong = disagreements(fingerprints)
-        if not wrong:
-            return
-        known = {name: value for name, value in fingerprints.items() if value is not None}
-        reference = reference_fingerprint(known)
-        agreeing = [name for name, value in known.items() if value == reference]
-        lines = [
-            f"node {node.name!r} has inputs made from different fine-tuned models:",
-            *(
-                f"  {name}{_version_note(catalog, name)} comes from model {known[name]}"
-                for name in [*agreeing, *wrong]
-            ),
-        ]
-        fixes = [
-            f"{name}:{version}"
-            for name in wrong
-            if (version := _matching_version(catalog, name, reference)) is not None
-        ]
-        if fixes:
-            lines.append(f"pin matching versions with --load-versions={','.join(fixes)}")
-        else:
-            lines.append(
-                f"re-run the pipelines that make {sorted(wrong)} on the current model, or pin "
-                "matching versions with --load-versions=<dataset>:<version>"
+        _check_fingerprints(node, catalog, data)
+        _check_parameters(node, catalog, data)
+
+    @hook_impl
+    def after_node_run(self, node: Node, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+        from weighted_lowrank.kedro_glue.lineage import parameters_read, with_parameters
+
+        # Kedro's runners save the values of this dict after the hook: the stamped copies.
+        stamp = parameters_read(node.name, node.func, inputs)
+        for name, value in outputs.items():
+            outputs[name] = with_parameters(value, stamp)
+
+
+def _check_fingerprints(node: Node, catalog: Any, inputs: dict[str, Any]) -> None:
+    # Imported here: settings.py loads this module for every kedro command, and lineage
+    # pulls in transformers (seconds).
+    from weighted_lowrank.kedro_glue.lineage import (
+        disagreements,
+        fingerprint_of,
+        reference_fingerprint,
+    )
+
+    fingerprints = {name: fingerprint_of(value) for name, value in inputs.items()}
+    wrong = disagreements(fingerprints)
+    if not wrong:
+        return
+    known = {name: value for name, value in fingerprints.items() if value is not None}
+    reference = reference_fingerprint(known)
+    agreeing = [name for name, value in known.items() if value == reference]
+    lines = [
+        f"node {node.name!r} has inputs made from different fine-tuned models:",
+        *(
+            f"  {name}{_version_note(catalog, name)} comes from model {known[name]}"
+            for name in [*agreeing, *wrong]
+        ),
+    ]
+    fixes = [
+        f"{name}:{version}"
+        for name in wrong
+        if (version := _matching_version(catalog, name, reference)) is not None
+    ]
+    if fixes:
+        lines.append(f"pin matching versions with --load-versions={','.join(fixes)}")
+    else:
+        lines.append(
+            f"re-run the pipelines that make {sorted(wrong)} on the current model, or pin "
+            "matching versions with --load-versions=<dataset>:<version>"
+        )
+    raise ValueError("\n".join(lines))
+
+
+def _check_parameters(node: Node, catalog: Any, inputs: dict[str, Any]) -> None:
+    from weighted_lowrank.kedro_glue.lineage import flatten, parameter_differences
+
+    parameters = _dataset(catalog, "parameters")
+    if parameters is None:  # in-memory test catalogs
+        return
+    current = {key[1:]: text for key, text in flatten("", parameters.load()).items()}
+    for name, value in inputs.items():
+        found = parameter_differences(value, current)
+        if found is None:
+            continue
+        producer, differing = found
+        raise ValueError(
+            "\n".join(
+                [
+                    f"node {node.name!r}: its input {name}{_version_note(catalog, name)} was "
+                    f"made by node {producer!r} under other parameters than this run's:",
+                    *(
+                        f"  {key}: {made or 'unset'} when made, {now or 'unset'} now"
+                        for key, (made, now) in sorted(differing.items())
+                    ),
+                    f"remake it with kedro run --from-nodes={producer} (with this run's "
+                    "--params), or run with the values it was made under",
+                ]
             )
-        raise ValueError("\n".join(lines))
+        )
 
 
 class SavedVersionChecks:

@@ -1,4 +1,4 @@
-"""Which fine-tuned model a dataset was made from: one fingerprint, written and read in one place.
+"""Which fine-tuned model, and which parameters, a dataset was made from: written and read here.
 
 Every dataset derived from a fine-tuned model carries that model's fingerprint
 (:func:`~weighted_lowrank.lowrank.fingerprint.model_fingerprint`) in its own metadata:
@@ -11,12 +11,22 @@ Every dataset derived from a fine-tuned model carries that model's fingerprint
 
 ``hooks.LineageCheck`` reads the inputs of every node with :func:`fingerprint_of` and refuses to
 run a node whose inputs come from different fine-tuned models.
+
+The parameters follow the same protocol: after a node runs, ``LineageCheck`` stamps each table
+(in ``DataFrame.attrs``, which Parquet keeps in its schema metadata) and tensor file (header
+metadata) it returns with :func:`parameters_read`, the node's name and the flattened values of
+the ``params:`` inputs it read; before a node runs, an input whose stamp differs from the
+current run's values is refused (:func:`parameter_differences`). A node function declares keys
+its outputs do not depend on in ``independent_of`` (set by :func:`independent_of`), so that e.g.
+the loss curves, made once per seed, are reused across a sweep's budgets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
+from functools import partial, update_wrapper
 from typing import Any
 
 import pandas as pd
@@ -25,6 +35,10 @@ from weighted_lowrank.hf.models import ModelBundle
 
 #: The key (metadata entry, column, JSON field) that holds the fingerprint everywhere.
 FINGERPRINT_KEY = "model_fingerprint"
+#: The key (table attrs, tensor-file metadata) of ``{"node": name, "parameters": {key: JSON}}``.
+PARAMETERS_KEY = "made_under"
+#: Parameter names (last part of the key) that change what a run shows, never what it makes.
+DISPLAY_ONLY = frozenset({"progress"})
 
 
 def _is_tensor_file(data: Any) -> bool:
@@ -89,3 +103,88 @@ def reference_fingerprint(known: Mapping[str, str]) -> str:
     for value in known.values():
         counts[value] = counts.get(value, 0) + 1
     return max(counts, key=lambda value: (counts[value], -list(known.values()).index(value)))
+
+
+def independent_of(function: Callable, *keys: str) -> Callable:
+    """``function`` as a node whose outputs do not depend on the parameter ``keys`` (dotted,
+    e.g. ``compression.budget``) of the blocks it reads: they are left out of its stamp."""
+    wrapped = update_wrapper(partial(function), function)
+    wrapped.independent_of = frozenset(keys)
+    return wrapped
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """``{dotted key: JSON of the value}`` of every leaf of a parameter value (a mapping, a
+    Pydantic model or a dataclass nests; anything else is a leaf; an empty mapping has none)."""
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {
+            key: text
+            for name, item in value.items()
+            for key, text in flatten(f"{prefix}.{name}", item).items()
+        }
+    return {prefix: json.dumps(value, sort_keys=True, default=str)}
+
+
+def _relevant(values: Mapping[str, str], read: list[str], ignored: list[str]) -> dict[str, str]:
+    """The entries of ``values`` under the blocks ``read``, less ``ignored`` and display keys."""
+    return {
+        key: text
+        for key, text in values.items()
+        if any(key == block or key.startswith(f"{block}.") for block in read)
+        and key not in ignored
+        and key.rpartition(".")[2] not in DISPLAY_ONLY
+    }
+
+
+def parameters_read(node_name: str, function: Any, inputs: Mapping[str, Any]) -> str:
+    """The stamp of a node's outputs, as JSON: its name, the parameter blocks it read, the keys
+    it declares :func:`independent_of` and the values of the others."""
+    read = sorted(name.removeprefix("params:") for name in inputs if name.startswith("params:"))
+    ignored = sorted(getattr(function, "independent_of", ()))
+    values = {
+        key: text
+        for block in read
+        for key, text in flatten(block, inputs[f"params:{block}"]).items()
+    }
+    stamp = {"node": node_name, "read": read, "ignored": ignored}
+    return json.dumps({**stamp, "parameters": _relevant(values, read, ignored)}, sort_keys=True)
+
+
+def with_parameters(data: Any, stamp: str) -> Any:
+    """``data`` stamped with :func:`parameters_read`'s ``stamp`` (a table or a tensor file; any
+    other output is returned as it is)."""
+    if isinstance(data, pd.DataFrame):
+        stamped = data.copy(deep=False)
+        stamped.attrs = {**data.attrs, PARAMETERS_KEY: stamp}
+        return stamped
+    if _is_tensor_file(data):
+        return {**data, "metadata": {**(data.get("metadata") or {}), PARAMETERS_KEY: stamp}}
+    return data
+
+
+def parameter_differences(
+    data: Any, current: Mapping[str, str]
+) -> tuple[str, dict[str, tuple[str | None, str | None]]] | None:
+    """``(producing node, {key: (value when made, value now)})`` (None: unset) for a stamped
+    ``data`` made under other parameter values than ``current`` (:func:`flatten` of the run's
+    parameters); None when it carries no stamp or agrees."""
+    if isinstance(data, pd.DataFrame):
+        stamp = data.attrs.get(PARAMETERS_KEY)
+    elif _is_tensor_file(data):
+        stamp = (data.get("metadata") or {}).get(PARAMETERS_KEY)
+    else:
+        return None
+    if not stamp:
+        return None
+    made = json.loads(stamp)
+    now = _relevant(current, made["read"], made["ignored"])
+    differing = {
+        key: (made["parameters"].get(key), now.get(key))
+        for key in {*made["parameters"], *now}
+        if made["parameters"].get(key) != now.get(key)
+    }
+    return (made["node"], differing) if differing else None

@@ -11,7 +11,9 @@ solver template under ``refined.<solver>`` (:func:`create_compressed_evaluation`
 
 from kedro.pipeline import Node, Pipeline
 
+from weighted_lowrank.kedro_glue.lineage import independent_of
 from weighted_lowrank.lowrank.solvers import SOLVERS
+from weighted_lowrank.pipelines.factorization.pipeline import BUDGET_KEYS
 
 from .nodes import evaluate_compressed, evaluate_dense
 
@@ -46,7 +48,7 @@ def create_dense_pipeline() -> Pipeline:
     return Pipeline(
         [
             Node(
-                evaluate_dense,
+                independent_of(evaluate_dense, *BUDGET_KEYS),  # reads compression.targets
                 inputs=[
                     "fine_tuned_model",
                     "test_split",

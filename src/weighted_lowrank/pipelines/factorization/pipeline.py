@@ -17,6 +17,7 @@ from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
 
+from weighted_lowrank.kedro_glue.lineage import independent_of
 from weighted_lowrank.lowrank.solvers import SOLVERS
 
 from .nodes import allocate, compress, loss_curves, svd_reference
@@ -28,6 +29,8 @@ SHARED_INPUTS = {
     "svd_reference_loss",
 }
 SHARED_PARAMETERS = {"params:compression"}
+#: The keys a sweep varies after the first run of a seed; the curves do not depend on them.
+BUDGET_KEYS = ("compression.budget", "compression.allocation")
 
 
 def create_solver_template(solver: str) -> Pipeline:
@@ -39,7 +42,8 @@ def create_solver_template(solver: str) -> Pipeline:
     return Pipeline(
         [
             Node(
-                bound(loss_curves),
+                # Made once per seed: a sweep's later budgets reuse them (sweep.RESTART_NODES).
+                independent_of(bound(loss_curves), *BUDGET_KEYS),
                 inputs=[
                     "fine_tuned_model",
                     "fisher_information",

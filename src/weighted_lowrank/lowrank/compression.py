@@ -76,15 +76,7 @@ def factorize_model(
     """
     device, solver_options = _staged(device, map_groups, solver_options)
     layers = _targeted_layers(model, fisher, targets, device)
-    if ranks is None:
-        _check_budget(budget)
-        chosen: dict[str, int | None] = dict(layer_ranks(layers.shapes, budget))
-    else:
-        if budget is not None:
-            raise ValueError(
-                f"factorize_model got both budget={budget!r} and ranks; expected one of them"
-            )
-        chosen = _checked_ranks(ranks, layers.shapes)
+    chosen = _chosen_ranks(budget, ranks, layers.shapes)
     needs = solver_needs(solver, **solver_options)
     names = [name for name in layers.names if chosen[name] is not None]
     if not names:
@@ -203,17 +195,19 @@ def _targeted_layers(
     return _TargetedLayers(list(modules), shapes, weights, importances)
 
 
-def _check_budget(budget: Any) -> None:
-    if not isinstance(budget, int | float) or isinstance(budget, bool) or not 0 < budget < 1:
-        raise ValueError(
-            f"budget must be a fraction in (0, 1) of dense layer parameters, got {budget!r}"
-        )
-
-
-def _checked_ranks(
-    ranks: Mapping[str, int | None], shapes: Mapping[str, tuple[int, int]]
+def _chosen_ranks(
+    budget: Any, ranks: Mapping[str, int | None] | None, shapes: Mapping[str, tuple[int, int]]
 ) -> dict[str, int | None]:
-    """``ranks`` for exactly the targeted modules, each None (dense) or an int in [1, min(out, in))."""
+    """Each targeted layer's rank (None: dense) from ``budget`` or ``ranks``, exactly one given;
+    ``factorize_batch`` checks each rank against its layer's shape."""
+    if ranks is None:
+        if not isinstance(budget, int | float) or isinstance(budget, bool) or not 0 < budget < 1:
+            raise ValueError(
+                f"budget must be a fraction in (0, 1) of dense layer parameters, got {budget!r}"
+            )
+        return dict(layer_ranks(shapes, budget))
+    if budget is not None:
+        raise ValueError(f"factorize_model got both budget={budget!r} and ranks; expected one")
     missing = [name for name in shapes if name not in ranks]
     extra = [name for name in ranks if name not in shapes]
     if missing or extra:
@@ -221,15 +215,6 @@ def _checked_ranks(
             f"ranks must name every targeted module and nothing else; missing {missing[:5]}, "
             f"not targeted {extra[:5]}"
         )
-    for name, rank in ranks.items():
-        if rank is None:
-            continue
-        smallest_side = min(shapes[name])
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank < smallest_side:
-            raise ValueError(
-                f"rank {rank!r} for layer {name!r} {shapes[name]}; expected None (keep dense) or "
-                f"an int in [1, {smallest_side - 1}]"
-            )
     return {name: ranks[name] for name in shapes}
 
 

@@ -15,28 +15,25 @@ seeds both stores hold), each global − uniform paired by seed with the exact M
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
+from doc_sections import write_section  # benchmarks/ is the script directory
 from mlflow.tracking import MlflowClient
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc_sections import write_section  # noqa: E402
-
-from weighted_lowrank.analysis.paired import (  # noqa: E402
+from weighted_lowrank.analysis.paired import (
     discordant_counts,
     mcnemar_exact_p,
 )
-from weighted_lowrank.analysis.run_history import (  # noqa: E402
+from weighted_lowrank.analysis.run_history import (
     _correct_on_one_test_set,
     _logged_predictions,
     child_runs,
     latest_per_seed,
+    markdown_table,
     task_metric,
 )
-from weighted_lowrank.pipelines.reporting.nodes import markdown_table  # noqa: E402
 
 ARMS = ("uniform", "global (own)", "global (kronecker)")
 

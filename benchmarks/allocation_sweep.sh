@@ -25,8 +25,7 @@ read -r -a budgets <<< "${BUDGETS:-0.5 0.3 0.2 0.7}"
 import sys
 from pathlib import Path
 
-sys.path.insert(0, "benchmarks")
-from doc_sections import write_section
+from benchmarks.doc_sections import write_section
 
 from weighted_lowrank.analysis.sweep import sweep_report
 

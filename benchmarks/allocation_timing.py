@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from project_catalog import load_calibrated, project_catalog  # benchmarks/ is the script directory
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from project_catalog import load_calibrated, project_catalog  # noqa: E402
-
-from weighted_lowrank.lowrank.allocation import allocate_ranks, parameter_budget  # noqa: E402
-from weighted_lowrank.lowrank.compression import model_loss_curves  # noqa: E402
-from weighted_lowrank.lowrank.targets import describe_module  # noqa: E402
+from weighted_lowrank.lowrank.allocation import allocate_ranks, parameter_budget
+from weighted_lowrank.lowrank.compression import model_loss_curves
+from weighted_lowrank.lowrank.targets import describe_module
 
 #: One solver per distinct curve (tfwsvd stands for every element-wise solver: the proxy).
 SOLVERS = ("svd", "fwsvd", "kfwsvd", "svd_llm", "asvd", "tfwsvd")

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from project_catalog import project_catalog  # benchmarks/ is the script directory
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from project_catalog import project_catalog  # noqa: E402
-
-from weighted_lowrank.lowrank.compression import factorize_model  # noqa: E402
+from weighted_lowrank.lowrank.compression import factorize_model
 
 SOLVERS = ("svd", "fwsvd", "kfwsvd", "svd_llm", "asvd")
 

@@ -6,7 +6,7 @@
 Factorizes every targeted layer of the default model with each solver (``factorize_model``,
 budget 0.5, the solvers' default options) and computes the kfwsvd loss curves priced by the
 Kronecker model (``model_loss_curves``, the allocation's input), once in this process and once
-fanned out (``dask_address``) to a ``LocalCluster`` of ``--workers`` single-thread worker
+fanned out (``map_groups`` of ``compression.parallel: <scheduler address>``) to a ``LocalCluster`` of ``--workers`` single-thread worker
 processes on this machine; prints the medians over ``--repeats`` runs, the cluster's start-up and
 the first (cold) fan-out, and checks that every fanned-out result equals the sequential one bit
 for bit (factors, losses, loss histories without their times).
@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from weighted_lowrank.lowrank.compression import factorize_model, model_loss_curves  # noqa: E402
-from weighted_lowrank.lowrank.fanout import close_clients  # noqa: E402
-from weighted_lowrank.lowrank.targets import select_linear_modules  # noqa: E402
+from weighted_lowrank.lowrank.compression import factorize_model, model_loss_curves
+from weighted_lowrank.lowrank.dask_map import close_clients
+from weighted_lowrank.lowrank.parallel import parse_parallel
+from weighted_lowrank.lowrank.targets import select_linear_modules
 
 
 def default_problem() -> tuple[str, torch.nn.Module, dict, dict, int]:
@@ -115,7 +112,7 @@ def main() -> None:
     print(
         f"LocalCluster of {arguments.workers} workers started in {time.perf_counter() - started:.2f} s"
     )
-    address = cluster.scheduler_address
+    map_groups = parse_parallel(cluster.scheduler_address).map_groups
 
     jobs = {
         f"factorize {solver}": (
@@ -143,7 +140,7 @@ def main() -> None:
     try:
         for label, job in jobs.items():
             started = time.perf_counter()
-            first = job(dask_address=address)
+            first = job(map_groups=map_groups)
             cold = time.perf_counter() - started
             sequential_seconds, fanned_seconds = [], []
             for _ in range(arguments.repeats):
@@ -151,7 +148,7 @@ def main() -> None:
                 sequential = job()
                 sequential_seconds.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                fanned = job(dask_address=address)
+                fanned = job(map_groups=map_groups)
                 fanned_seconds.append(time.perf_counter() - started)
             identical = same(sequential, fanned) and same(sequential, first)
             median_sequential = statistics.median(sequential_seconds)

@@ -13,15 +13,22 @@ from kedro.io import CatalogProtocol
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def project_catalog(load_versions: dict[str, str] | None = None) -> CatalogProtocol:
-    """The catalog of the project's base/local conf; ``load_versions`` pins datasets to versions."""
+def project_catalog(load_versions: dict[str, str] | None = None) -> Any:
+    """The catalog of the project's base/local conf; ``load_versions`` pins datasets to versions
+    (what ``catalog.load`` returns; each load asks ``DataCatalog.load`` for that version)."""
     bootstrap_project(REPO_ROOT)
     with KedroSession.create(project_path=REPO_ROOT) as session:
-        context = session.load_context()
-        if not load_versions:
-            return context.catalog
-        # The public catalog loads the latest versions; pinning needs the context's factory.
-        return context._get_catalog(load_versions=load_versions)
+        catalog = session.load_context().catalog
+    return _Pinned(catalog, load_versions) if load_versions else catalog
+
+
+@dataclass
+class _Pinned:
+    catalog: CatalogProtocol
+    versions: dict[str, str]
+
+    def load(self, name: str) -> Any:
+        return self.catalog.load(name, version=self.versions.get(name))
 
 
 @dataclass
@@ -38,14 +45,12 @@ class Calibrated:
 
 def load_calibrated(catalog: CatalogProtocol) -> Calibrated:
     """The latest (or pinned) fine-tuned model with its Fisher and calibration statistics."""
-    from weighted_lowrank.pipelines.fisher_estimation.nodes import recorded_num_examples
-
     fisher_information = catalog.load("fisher_information")
     fisher = fisher_information["tensors"]
     return Calibrated(
         model=catalog.load("fine_tuned_model").model,
         fisher=fisher,
-        num_examples=recorded_num_examples(fisher_information["metadata"]) or 1,
+        num_examples=int(fisher_information["metadata"].get("num_examples", 1)),
         statistics=catalog.load("calibration_statistics")["tensors"],
         names=[key[: -len(".weight")] for key in fisher],
     )

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from project_catalog import load_calibrated, project_catalog  # noqa: E402
+from project_catalog import load_calibrated, project_catalog  # benchmarks/ is the script directory
 
-from weighted_lowrank.lowrank.allocation import (  # noqa: E402
+from weighted_lowrank.lowrank.allocation import (
     allocate_ranks,
     parameter_budget,
     uniform_ranks,
 )
-from weighted_lowrank.lowrank.compression import factorize_model, model_loss_curves  # noqa: E402
+from weighted_lowrank.lowrank.compression import factorize_model, model_loss_curves
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import datetime as dt
 import os
 import platform
@@ -31,11 +30,32 @@ from doc_sections import write_section  # noqa: E402  (benchmarks/ is the script
 from project_catalog import project_catalog  # noqa: E402
 
 from weighted_lowrank.hf.models import ModelBundle  # noqa: E402
-from weighted_lowrank.hf.training import train_classifier  # noqa: E402
+from weighted_lowrank.hf.training import evaluate_classifier, train_classifier  # noqa: E402
 from weighted_lowrank.kedro_glue.parameters import parse_parameters  # noqa: E402
+from weighted_lowrank.lowrank.devices import resolve_device  # noqa: E402
 from weighted_lowrank.lowrank.layer import lowrank_modules  # noqa: E402
-from weighted_lowrank.pipelines.evaluation.nodes import score_split  # noqa: E402
-from weighted_lowrank.pipelines.refinement.nodes import refine  # noqa: E402
+
+
+def score(bundle: ModelBundle, frame, max_length: int, evaluation) -> dict[str, float]:
+    """Task metrics and ``test_loss`` of ``bundle`` on ``frame``, as the evaluation node scores."""
+    device = resolve_device(evaluation.device)
+    metrics = evaluate_classifier(
+        bundle.model, bundle.tokenizer, frame, max_length, evaluation.batch_size, device
+    )
+    bundle.model.to("cpu")
+    return {**metrics, "test_loss": metrics.pop("loss")}
+
+
+def refined(bundle: ModelBundle, trainable: str, train, validation, options, device) -> ModelBundle:
+    """A copy of ``bundle`` fine-tuned as the refinement node does: every parameter
+    (``trainable="all"``) or only the low-rank factors (``"factors"``)."""
+    network = copy.deepcopy(bundle.model)
+    factors = {id(p) for module in lowrank_modules(network).values() for p in module.parameters()}
+    for parameter in network.parameters():
+        parameter.requires_grad_(trainable == "all" or id(parameter) in factors)
+    train_classifier(network, bundle.tokenizer, train, validation, options, device, progress=False)
+    network.requires_grad_(True).to("cpu")
+    return ModelBundle(network, bundle.tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = catalog.load("fine_tuned_model")
     compressed = {solver: catalog.load(f"{solver}.compressed_model") for solver in solvers}
     if args.epochs:
-        refinement = dataclasses.replace(refinement, epochs=args.epochs)
+        refinement = refinement.model_copy(update={"epochs": args.epochs})
     max_length = model_params.max_length
     layers = lowrank_modules(next(iter(compressed.values())).model).values()
     kept = sum(m.rank * (m.in_features + m.out_features) for m in layers) / sum(
@@ -80,20 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     options = refinement.training_options(max_length, seed)
 
     rows = []
-    before = score_split(dense, test, max_length, evaluation)
+    before = score(dense, test, max_length, evaluation)
     started = time.perf_counter()
     control = ModelBundle(copy.deepcopy(dense.model), dense.tokenizer)
     train_classifier(control.model, control.tokenizer, train, validation, options, progress=False)
     control.model.to("cpu")
-    after = score_split(control, test, max_length, evaluation)
+    after = score(control, test, max_length, evaluation)
     rows.append(("dense (control)", "all", before, after, time.perf_counter() - started))
     for solver, bundle in compressed.items():
-        before = score_split(bundle, test, max_length, evaluation)
+        before = score(bundle, test, max_length, evaluation)
         for trainable in args.trainable.split(","):
-            settings = dataclasses.replace(refinement, trainable=trainable)
             started = time.perf_counter()
-            refined, _ = refine(bundle, train, validation, model_params, settings, seed, device)
-            after = score_split(refined, test, max_length, evaluation)
+            model = refined(bundle, trainable, train, validation, options, resolve_device(device))
+            after = score(model, test, max_length, evaluation)
             rows.append((solver, trainable, before, after, time.perf_counter() - started))
             print(rows[-1][:2], before["accuracy"], after["accuracy"], flush=True)
 

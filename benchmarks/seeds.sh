@@ -13,8 +13,7 @@ store="sqlite:///$PWD/seeds.db"
 import sys
 from pathlib import Path
 
-sys.path.insert(0, "benchmarks")
-from doc_sections import write_section
+from benchmarks.doc_sections import write_section
 
 from weighted_lowrank.analysis.sweep import sweep_report
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping
 from functools import partial, update_wrapper
 from typing import Any
@@ -99,10 +100,7 @@ def reference_fingerprint(known: Mapping[str, str]) -> str:
     """The fingerprint the other inputs of a node are compared with (see :func:`disagreements`)."""
     if "fine_tuned_model" in known:
         return known["fine_tuned_model"]
-    counts: dict[str, int] = {}
-    for value in known.values():
-        counts[value] = counts.get(value, 0) + 1
-    return max(counts, key=lambda value: (counts[value], -list(known.values()).index(value)))
+    return Counter(known.values()).most_common(1)[0][0]  # ties: the first in insertion order
 
 
 def independent_of(function: Callable, *keys: str) -> Callable:

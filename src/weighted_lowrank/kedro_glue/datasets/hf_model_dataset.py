@@ -57,19 +57,10 @@ class HFModelDataset(VersionChecked):
         save_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        """Creates a new ``HFModelDataset``.
-
-        Args:
-            filepath: Local directory (optionally ``file://``) holding the model.
-            compressed: Save/load through ``save_compressed``/``load_compressed`` (low-rank
-                layers) instead of ``save_pretrained``/``from_pretrained``.
-            version: Kedro version (set by the catalog from ``versioned: true``).
-            load_args: Keyword arguments for ``from_pretrained`` of the class the directory was
-                saved from (``AutoModelForCausalLM`` for a causal LM, else
-                ``AutoModelForSequenceClassification``; plain models only).
-            save_args: Keyword arguments for ``model.save_pretrained`` (plain models only).
-            metadata: Free-form metadata, ignored by Kedro.
-        """
+        """``filepath``: the local model directory (optionally ``file://``); ``compressed``: go
+        through ``save_compressed``/``load_compressed`` (low-rank layers); ``load_args`` /
+        ``save_args``: for ``from_pretrained`` of the class the directory was saved from /
+        ``save_pretrained`` (plain models only)."""
         if compressed and (load_args or save_args):
             raise ValueError(
                 "HFModelDataset with compressed=True takes no load_args/save_args "

@@ -1,18 +1,12 @@
 """Saved versions that cannot be loaded: what is wrong, and which older version can be.
 
-A version directory can be incomplete — a copy or a save interrupted, a disk that filled up, a
-file removed by hand — and the loader's own error (safetensors' "incomplete metadata, file not
-fully covered") names neither the dataset, nor the version, nor what to load instead. The
-project's datasets check a version's files before loading it (sizes and headers; no tensor is
-read) and raise :class:`UnloadableVersionError`, which names the version directory and the newest
-older version whose files are complete. Nothing on disk is changed.
-
-A dataset does not know its catalog entry name in Kedro 1.7 (``AbstractDataset.from_config``
-receives it but does not pass it to the class; ``DataCatalog.load`` only prefixes it to the
-error), so the ``SavedVersionChecks`` hook (``hooks.py``) runs the same check just before the
-runner loads an entry, through :meth:`VersionChecked.check_load_version` with the entry's name:
-then the message also spells out the ``--load-versions=<entry>:<version>`` that pins the older
-version.
+A version directory can be incomplete (a copy or save interrupted, a full disk, a file removed by
+hand), and the loader's own error names neither the dataset, nor the version, nor what to load
+instead. The project's datasets check a version's files first (sizes and headers; no tensor is
+read) and raise :class:`UnloadableVersionError`, naming the version directory and the newest older
+complete version; nothing on disk is changed. A Kedro 1.7 dataset does not know its catalog name,
+so the ``SavedVersionChecks`` hook runs the same check with it just before the runner loads an
+entry: then the message also spells out ``--load-versions=<entry>:<version>``.
 """
 
 from __future__ import annotations

@@ -94,20 +94,15 @@ class MlflowChildRunDataset(AbstractDataset[ChildRun, ChildRun]):
 
 def _check_artifact(run_name: str, path: str, value: Any) -> None:
     relative = PurePosixPath(path)
+    problem = None
     if not path or relative.is_absolute() or ".." in relative.parts:
-        raise DatasetError(
-            f"MlflowChildRunDataset({run_name!r}): artifact path {path!r} must be relative"
-        )
-    if isinstance(value, pd.DataFrame):
-        if relative.suffix != ".parquet":
-            raise DatasetError(
-                f"MlflowChildRunDataset({run_name!r}): table artifact {path!r} must end in .parquet"
-            )
-    elif not isinstance(value, str | bytes):
-        raise DatasetError(
-            f"MlflowChildRunDataset({run_name!r}): artifact {path!r} is a "
-            f"{type(value).__name__}; expected a DataFrame, str or bytes"
-        )
+        problem = "must be relative"
+    elif isinstance(value, pd.DataFrame) and relative.suffix != ".parquet":
+        problem = "is a table: it must end in .parquet"
+    elif not isinstance(value, pd.DataFrame | str | bytes):
+        problem = f"is a {type(value).__name__}; expected a DataFrame, str or bytes"
+    if problem is not None:
+        raise DatasetError(f"MlflowChildRunDataset({run_name!r}): artifact {path!r} {problem}")
 
 
 def _log_artifacts(artifacts: dict[str, pd.DataFrame | str | bytes]) -> None:

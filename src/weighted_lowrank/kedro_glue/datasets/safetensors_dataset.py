@@ -106,13 +106,11 @@ def _validated(data: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             f"'metadata' (dict[str, str]); got {keys}"
         )
     tensors = data["tensors"]
-    if not isinstance(tensors, dict):
-        raise DatasetError(f"'tensors' must be a dict[str, Tensor], got {type(tensors).__name__}")
-    bad = [
-        name
-        for name, value in tensors.items()
-        if not isinstance(name, str) or not isinstance(value, torch.Tensor)
-    ]
+    bad = (
+        [n for n, v in tensors.items() if not isinstance(n, str) or not torch.is_tensor(v)]
+        if isinstance(tensors, dict)
+        else [f"not a dict but a {type(tensors).__name__}"]
+    )
     if bad:
         raise DatasetError(f"'tensors' must map str to torch.Tensor; offending entries: {bad[:5]}")
     header_metadata = data.get("metadata") or {}

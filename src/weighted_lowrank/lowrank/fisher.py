@@ -322,8 +322,7 @@ class _Pass:
                 del loss
                 self.captured.clear()
                 self.one_example_at_a_time = True
-                for example in _single_examples(batch):
-                    self._step(example, batch_index)
+                self.step(batch, batch_index)
                 return
             if not torch.isfinite(loss):
                 raise ValueError(

@@ -151,33 +151,35 @@ class SavedVersionChecks:
         rank_maps = [name for name in inputs if name.rpartition(".")[2] == "rank_map"]
         if len(models) != 1 or len(rank_maps) != 1:
             return
-        # Imported here: the evaluation nodes pull in torch (settings.py imports this module).
-        from weighted_lowrank.pipelines.evaluation.nodes import check_rank_map
+        # Imported here: the core pulls in torch (settings.py imports this module).
+        from weighted_lowrank.lowrank.layer import lowrank_ranks
 
         model, rank_map = models[0], rank_maps[0]
-        try:
-            check_rank_map(inputs[model].model, inputs[rank_map])
-        except ValueError as error:
-            raise ValueError(
-                _rank_map_mismatch(node, catalog, inputs, model, rank_map, error)
-            ) from None
+        found, expected = lowrank_ranks(inputs[model].model), _map_ranks(inputs[rank_map])
+        if found != expected:
+            raise ValueError(_rank_map_mismatch(node, catalog, model, rank_map, found, expected))
+
+
+def _map_ranks(rank_map: Any) -> dict[str, int]:
+    """``{module: rank}`` of a rank map's factorized layers (its rows not kept dense)."""
+    return {str(row.module): int(row.rank) for row in rank_map.itertuples() if not bool(row.dense)}
 
 
 def _rank_map_mismatch(
-    node: Node, catalog: Any, inputs: dict[str, Any], model: str, rank_map: str, error: Exception
+    node: Node, catalog: Any, model: str, rank_map: str, found: dict, expected: dict
 ) -> str:
-    from weighted_lowrank.lowrank.layer import lowrank_ranks
-    from weighted_lowrank.pipelines.evaluation.nodes import rank_map_ranks
-
+    differing = sorted(key for key in {*found, *expected} if found.get(key) != expected.get(key))
     lines = [
         f"node {node.name!r}: the compressed model {model}{_version_note(catalog, model)} and "
-        f"the rank map {rank_map}{_version_note(catalog, rank_map)} are not one pair — {error}"
+        f"the rank map {rank_map}{_version_note(catalog, rank_map)} are not one pair — they "
+        f"disagree at {len(differing)} layers, e.g. {differing[0]!r}: rank "
+        f"{found.get(differing[0])} in the model, {expected.get(differing[0])} in the rank map"
     ]
     fixes = []
-    map_version = _rank_map_version(catalog, rank_map, lowrank_ranks(inputs[model].model))
+    map_version = _rank_map_version(catalog, rank_map, found)
     if map_version is not None:
         fixes.append(f"--load-versions={rank_map}:{map_version} (the rank map of this model)")
-    model_version = _model_version(catalog, model, rank_map_ranks(inputs[rank_map]))
+    model_version = _model_version(catalog, model, expected)
     if model_version is not None:
         fixes.append(f"--load-versions={model}:{model_version} (the model of this rank map)")
     if fixes:
@@ -192,11 +194,9 @@ def _rank_map_mismatch(
 
 def _rank_map_version(catalog: Any, name: str, ranks: dict[str, int]) -> str | None:
     """The newest saved version of the rank map ``name`` whose factorized layers are ``ranks``."""
-    from weighted_lowrank.pipelines.evaluation.nodes import rank_map_ranks
-
     for version in _versions(catalog, name):
         try:
-            if rank_map_ranks(catalog.load(name, version=version)) == ranks:
+            if _map_ranks(catalog.load(name, version=version)) == ranks:
                 return version
         except Exception:  # an unreadable version matches nothing
             continue

@@ -266,7 +266,6 @@ class _Pass:
     ) -> None:
         self.model = model
         self.modules = modules
-        self.mode = mode
         self.loss_of = _loss_function(model)
         self.sums = {
             name: torch.zeros(module.weight.shape, dtype=torch.float64, device=device)
@@ -361,7 +360,7 @@ class _Pass:
                     f"targeted modules {unused[:5]} were not called in the forward pass"
                 )
         weights = (
-            [module.weight for module in self.modules.values()] if self.mode == "minibatch" else []
+            [module.weight for module in self.modules.values()] if self.per_example is None else []
         )
         outputs = []
         if self.output_gradients:

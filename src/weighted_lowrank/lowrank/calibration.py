@@ -110,12 +110,11 @@ class StatisticsAccumulator:
         self.seconds = 0.0
         self._slot_of: dict[str, _InputSums] = {}
         self._scratch = _Scratch(device)
-        self._output_moments: dict[str, _Gram] = {}
-        if "output_moment" in self.statistics:
-            self._output_moments = {
-                name: _Gram(module.out_features, device, flush_every)
-                for name, module in self.modules.items()
-            }
+        self._output_moments = {
+            name: _Gram(module.out_features, device, flush_every)
+            for name, module in self.modules.items()
+            if "output_moment" in self.statistics
+        }
 
     @property
     def needs_inputs(self) -> bool:

@@ -32,9 +32,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-#: Every loss model, from the crudest curvature to the richest.
-LOSS_MODELS: tuple[str, ...] = ("identity", "fwsvd", "diagonal", "kronecker", "activation")
-#: The :class:`LayerCurvature` fields each loss model needs.
+#: The :class:`LayerCurvature` fields each loss model needs, from the crudest curvature to the
+#: richest.
 REQUIRED_STATISTICS: dict[str, tuple[str, ...]] = {
     "identity": ("fisher",),
     "fwsvd": ("fisher",),
@@ -42,6 +41,8 @@ REQUIRED_STATISTICS: dict[str, tuple[str, ...]] = {
     "kronecker": ("input_moment", "output_moment"),
     "activation": ("input_moment", "output_moment"),
 }
+#: Every loss model, in :data:`REQUIRED_STATISTICS` order.
+LOSS_MODELS: tuple[str, ...] = tuple(REQUIRED_STATISTICS)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,10 @@ class LayerCurvature:
 
     def missing(self, loss_model: str) -> tuple[str, ...]:
         """The statistics ``loss_model`` needs that this layer lacks (empty: it can be computed)."""
-        return tuple(name for name in _required(loss_model) if getattr(self, name) is None)
+        if loss_model not in REQUIRED_STATISTICS:
+            raise ValueError(f"unknown loss model {loss_model!r}; expected one of {LOSS_MODELS}")
+        needed = REQUIRED_STATISTICS[loss_model]
+        return tuple(name for name in needed if getattr(self, name) is None)
 
     def loss_models(self) -> tuple[str, ...]:
         """The loss models these statistics allow, in :data:`LOSS_MODELS` order."""
@@ -87,12 +91,6 @@ def predicted_loss_increase(
     delta = delta.detach().double()
     statistics = _checked_statistics(curvature, tuple(delta.shape))
     return {model: 0.5 * _QUADRATICS[model](delta, statistics) for model in requested}
-
-
-def _required(loss_model: str) -> tuple[str, ...]:
-    if loss_model not in REQUIRED_STATISTICS:
-        raise ValueError(f"unknown loss model {loss_model!r}; expected one of {LOSS_MODELS}")
-    return REQUIRED_STATISTICS[loss_model]
 
 
 def _checked_statistics(

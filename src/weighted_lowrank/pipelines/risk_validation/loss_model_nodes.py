@@ -29,9 +29,8 @@ from .statistic_nodes import finite, largest_rho, spearman
 
 
 def agreement(predicted: pd.Series, measured: pd.Series) -> dict[str, float | int | None]:
-    """Spearman ρ, p and n of ``predicted`` vs ``measured``, and the median and quartiles of
-    predicted / measured over the ``ratio_n`` rows whose measured increase is positive (None
-    without such rows)."""
+    """:func:`spearman` of ``predicted`` vs ``measured``, and the median and quartiles of
+    predicted / measured over the ``ratio_n`` rows whose measurement is positive."""
     result: dict[str, float | int | None] = dict(spearman(predicted, measured))
     predicted, measured = predicted.to_numpy(dtype=float), measured.to_numpy(dtype=float)
     positive = np.isfinite(predicted) & np.isfinite(measured) & (measured > 0)
@@ -160,16 +159,9 @@ def phi_comparison(
 
 
 def loss_model_metrics(loss_model_summary: dict[str, Any], *, reference: str) -> dict[str, dict]:
-    """The summary as MLflow metrics (step 0), logged under ``risk_validation.loss_model.``.
-
-    Against the KL: ``<model>.spearman_kl``, ``<model>.p_value_kl``, ``<model>.ratio_kl_median``
-    / ``ratio_kl_q25`` / ``ratio_kl_q75`` (per layer, pooled over solvers),
-    ``<model>.<solver>.spearman_kl`` / ``.p_value_kl``, ``<model>.whole_model.spearman_kl`` /
-    ``.p_value_kl`` / ``.ratio_kl_median``, and ``phi_<reference>.spearman_kl``,
-    ``best_<reference>.spearman_kl``,
-    ``beats_phi_kl`` (1 or 0) from the φ comparison. Against the loss increase, the same names
-    without ``_kl`` (``<model>.spearman``, ``<model>.ratio_median``, …, ``beats_phi``).
-    """
+    """The summary as MLflow metrics (step 0; names in conf/base/catalog_risk_validation.yml):
+    ρ, p and ratio quartiles per loss model pooled, per solver and over whole models, and the φ
+    comparison; ``_kl`` for those against the KL."""
     metrics: dict[str, float | None] = {}
     for block, suffix in (
         (loss_model_summary, "_kl"),
@@ -197,12 +189,9 @@ def loss_model_metrics(loss_model_summary: dict[str, Any], *, reference: str) ->
 
 
 def plot_loss_models(loss_model_table: pd.DataFrame, loss_model_summary: dict[str, Any]) -> Figure:
-    """Predicted (x) against measured (y), one column per loss model: the top row against the KL
-    (the primary outcome), the bottom row against the validation-loss increase. Single-layer points coloured by solver, whole models as stars, the line
-    predicted = measured where the two ranges overlap, Spearman ρ in the titles. An axis is
-    logarithmic where all its values are positive (the measured one symmetric-log otherwise, since
-    compressing a layer can lower the loss).
-    """
+    """Predicted (x) against measured (y), one column per loss model, the KL on top and the
+    loss increase below: layers coloured by solver, whole models as stars, the line
+    predicted = measured where the ranges overlap, Spearman ρ in the titles."""
     table = loss_model_table
     loss_models = loss_model_summary["loss_models"]
     solvers = loss_model_summary["solvers"]

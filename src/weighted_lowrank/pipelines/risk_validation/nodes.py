@@ -1,14 +1,10 @@
-"""Nodes of ``risk_validation`` that measure the real damage of each solver.
+"""Nodes of ``risk_validation`` that measure each solver's real damage, layer by layer.
 
-Every targeted layer is compressed alone — its ``LowRankLinear`` taken from one solver's
-compressed model, swapped into a copy of the dense model — and the validation loss and accuracy
-are measured; then the solver's whole compressed model is measured too. A layer's *damage* is the
-validation-loss increase over the dense model; from the same passes' logits, its *KL* is the mean
-over validation examples of KL(p_dense ‖ p_compressed) (:func:`predictive_kl`), the quantity a
-Fisher quadratic approximates: the loss increase also holds a first-order term g·ΔW (the
-validation gradient g is not zero) that no quadratic predicts. Beside each measurement, every
-loss model of :mod:`weighted_lowrank.lowrank.loss_models` predicts ΔL = ½ vec(ΔW)ᵀ F vec(ΔW) from
-the solver's ΔW (a whole model's prediction is the sum over its layers).
+A layer's *damage* is the validation-loss increase over the dense model with that layer alone
+compressed; from the same passes' logits, its *KL* is the mean KL(p_dense ‖ p_compressed)
+(:func:`predictive_kl`), the quantity a Fisher quadratic ½ vec(ΔW)ᵀ F vec(ΔW) approximates: the
+loss increase also holds a first-order term g·ΔW (the validation gradient g is not zero) that no
+quadratic predicts.
 
 With ``curvature`` the reference solver's layer is also evaluated with the mirrored weight
 W + R = 2W − W_svd (R the SVD residual). Writing L(W − R) = L(W) − g·R + ½ RᵀHR + O(R³), the odd
@@ -64,11 +60,9 @@ def layer_curvatures(
     fisher_information: Mapping[str, Any],
     calibration_statistics: Mapping[str, Any],
 ) -> tuple[dict[str, LayerCurvature], dict[str, list[str]]]:
-    """Each module's per-example statistics, and ``{statistic: [absent keys]}`` for the absent.
-
-    The diagonal Fisher is stored summed over examples: it is divided by its metadata's
-    ``num_examples`` (absent: the Fisher counts as absent). A and G are stored per example.
-    """
+    """Each module's per-example statistics, and ``{statistic: [absent keys]}``. The diagonal
+    Fisher is stored summed over examples: it is divided by its metadata's ``num_examples``
+    (absent: the Fisher counts as absent)."""
     fisher = fisher_information.get("tensors") or {}
     calibration = calibration_statistics.get("tensors") or {}
     num_examples = (fisher_information.get("metadata") or {}).get("num_examples")
@@ -135,18 +129,11 @@ def resolve_loss_models(requested: list[str] | None, absent: Mapping[str, list[s
 
 
 def predictive_kl(reference: np.ndarray, logits: np.ndarray, config: object) -> np.ndarray:
-    """Per-example KL(p_reference ‖ p_logits) in nats, from two models' (examples, num_labels)
-    logits, for the predictive distribution of the task's head (``config.problem_type`` and
-    ``num_labels`` as in :func:`weighted_lowrank.hf.training.per_example_loss`):
-
-    - classification: the categorical distributions softmax(logits);
-    - ``multi_label_classification``: the sum over labels of the Bernoulli KLs, p = sigmoid(logit);
-    - regression (``num_labels == 1``): Gaussians of unit variance centred on the outputs, whose
-      KL is ½ (y_reference − y)².
-
-    Computed in float64; rounding can make a KL of two near-identical distributions a few ulp
-    below zero, so each is clipped at 0 (a KL is never negative).
-    """
+    """Per-example KL(p_reference ‖ p_logits) in nats between the predictive distributions of
+    the task's head (as :func:`weighted_lowrank.hf.training.per_example_loss` reads ``config``):
+    softmax categoricals; for ``multi_label_classification`` the sum of the per-label Bernoulli
+    KLs; for regression unit-variance Gaussians, ½ (y_reference − y)². In float64, clipped at 0:
+    rounding can put the KL of near-identical distributions a few ulp below zero."""
     a = torch.as_tensor(np.asarray(reference), dtype=torch.float64)
     b = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     if a.shape != b.shape or a.ndim != 2:
@@ -230,11 +217,8 @@ def check_layers(
     solver: str, compressed: torch.nn.Module, layer_risk: pd.DataFrame
 ) -> dict[str, LowRankLinear]:
     """``{module: layer}`` of ``compressed`` in ``layer_risk`` order, once both name the same
-    modules at the same ranks.
-
-    Lineage (``hooks.LineageCheck``) says the inputs come from one fine-tuned model; it cannot
-    tell that they were compressed at one budget and targets, which this checks.
-    """
+    modules at the same ranks: lineage says the inputs come from one fine-tuned model, not that
+    they were compressed at one budget and targets."""
     layers = lowrank_modules(compressed)
     expected = {
         module: int(rank)
@@ -306,27 +290,20 @@ def measure_damage(
             weight = dense.get_submodule(name).weight
             delta = weight.double() - layer.dense_weight().to(weight).double()
         rows.append({**row, **predicted_loss_increase(delta, curvatures[name], loss_models)})
-        logger.info(
-            "risk_validation %s %d/%d %s: loss increase %.4g, KL %.4g (%.1f s)",
-            solver,
-            index + 1,
-            len(layers),
-            name,
-            row["loss"] - dense_reference["loss"],
-            row["kl"],
-            row["seconds"],
-        )
+        _log(f"{solver} {index + 1}/{len(layers)} {name}", row, dense_reference)
     started = time.perf_counter()
     whole = evaluate(copy.deepcopy(compressed_model.model).to(run_device).eval())
-    logger.info(
-        "risk_validation %s whole model: loss increase %.4g, KL %.4g",
-        solver,
-        whole["loss"] - dense_reference["loss"],
-        whole["kl"],
-    )
     whole.update(module=WHOLE_MODEL, seconds=time.perf_counter() - started)
+    _log(f"{solver} whole model", whole, dense_reference)
     whole.update({name: sum(row[name] for row in rows) for name in loss_models})
     return pd.DataFrame([*rows, whole])
+
+
+def _log(what: str, row: Mapping[str, Any], dense: Mapping[str, Any]) -> None:
+    increase, kl, seconds = row["loss"] - dense["loss"], row["kl"], row["seconds"]
+    logger.info(
+        "risk_validation %s: loss increase %.4g, KL %.4g (%.1f s)", what, increase, kl, seconds
+    )
 
 
 def _swap_in(
@@ -365,10 +342,8 @@ def collect_damage(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``risk_validation_table`` (``layer_risk`` with the ``reference`` and ``weighted`` solvers'
     measurements) and ``loss_model_table`` (one row per layer × solver × loss model, then per
-    whole model × loss model), from ``damage``: every solver's :func:`measure_damage` table.
-
-    Every column is described in conf/base/catalog_risk_validation.yml.
-    """
+    whole model × loss model; columns in conf/base/catalog_risk_validation.yml), from ``damage``:
+    every solver's :func:`measure_damage` table."""
     layers = layer_risk.reset_index(drop=True)
     per_layer = {solver: frame.iloc[:-1] for solver, frame in damage.items()}
     fingerprint = fingerprint_of(dense_reference)

@@ -86,11 +86,10 @@ def summarize_risk_validation(
     reference: str,
     weighted: str,
 ) -> dict[str, Any]:
-    """Spearman correlations of every statistic with each outcome of :func:`outcomes` in the
-    table, ``correlations[outcome][statistic]`` = ``{"rho", "p_value", "n"}``; the
-    ``best_predictor`` of each (largest ρ); the dense model's loss and accuracy, layer and example
-    counts, KL, damage and gain totals; with ``svd_taylor_loss``, its total over the measured
-    damage's (and over the curvature damage's)."""
+    """``correlations[outcome][statistic]``, :func:`spearman` of every statistic with each
+    outcome of :func:`outcomes`; the ``best_predictor`` of each (largest ρ); counts, the dense
+    loss and accuracy, KL, damage and gain totals (what conf/base/catalog_risk_validation.yml
+    lists)."""
     table = risk_validation_table
     statistics = _statistics(table, risk_validation.statistics, reference)
     correlations = {
@@ -176,29 +175,11 @@ def plot_risk_validation(
         f"{reference}_loss_increase": f"{name} damage (val. loss increase)",
         "weighted_gain": f"weighted gain ({name} − {weighted} loss increase)",
     }
-    kinds = ordered_kinds(table["kind"])
     rows = math.ceil(len(panels) / 2)
     figure = Figure(figsize=(11, 4.2 * rows))
     grid = figure.subplots(rows, 2, squeeze=False)
     for axes, (statistic, outcome) in zip(grid.flat, panels, strict=False):
-        for index, kind in enumerate(kinds):
-            of_kind = table[table["kind"] == kind]
-            axes.scatter(
-                of_kind[statistic],
-                of_kind[outcome],
-                label=kind,
-                color=f"C{index % 10}",
-                s=28,
-                alpha=0.85,
-            )
-        x = table[statistic].to_numpy(dtype=float)
-        if np.all(x[np.isfinite(x)] > 0):
-            axes.set_xscale("log")
-        y = np.abs(table[outcome].to_numpy(dtype=float))
-        nonzero = y[np.isfinite(y) & (y > 0)]
-        if nonzero.size:
-            axes.set_yscale("symlog", linthresh=float(np.median(nonzero)))
-        axes.axhline(0.0, color="grey", linewidth=0.8)
+        _scatter_by_kind(axes, table, statistic, outcome)
         value = correlations[outcome][statistic]
         rho = "n/a" if value["rho"] is None else f"{value['rho']:.2f} (p = {value['p_value']:.2g})"
         prefix = "best predictor: " if statistic == best[outcome] else ""
@@ -218,3 +199,19 @@ def plot_risk_validation(
     )
     figure.tight_layout()
     return figure
+
+
+def _scatter_by_kind(axes: Any, table: pd.DataFrame, x: str, y: str) -> None:
+    """Column ``y`` against ``x``, coloured by module kind; x logarithmic where it is positive,
+    y symmetric-log."""
+    for index, kind in enumerate(ordered_kinds(table["kind"])):
+        of_kind = table[table["kind"] == kind]
+        axes.scatter(of_kind[x], of_kind[y], label=kind, color=f"C{index % 10}", s=28, alpha=0.85)
+    values = table[x].to_numpy(dtype=float)
+    if np.all(values[np.isfinite(values)] > 0):
+        axes.set_xscale("log")
+    values = np.abs(table[y].to_numpy(dtype=float))
+    nonzero = values[np.isfinite(values) & (values > 0)]
+    if nonzero.size:
+        axes.set_yscale("symlog", linthresh=float(np.median(nonzero)))
+    axes.axhline(0.0, color="grey", linewidth=0.8)

@@ -152,9 +152,8 @@ def validate_fisher(
     linear = {
         name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)
     }
-    unknown = [
-        key for key in fisher if not key.endswith(".weight") or key[: -len(".weight")] not in linear
-    ]
+    modules = {key: key.removesuffix(".weight") for key in fisher}
+    unknown = [key for key, name in modules.items() if key == name or name not in linear]
     if unknown:
         raise ValueError(
             f"Fisher keys {unknown[:5]} are not '<Linear module>.weight' of this model "
@@ -170,20 +169,18 @@ def validate_fisher(
             raise ValueError(
                 f"Fisher information lacks targeted weights {missing[:5]} ({len(missing)} missing)"
             )
-    modules = {key[: -len(".weight")]: linear[key[: -len(".weight")]] for key in fisher}
-    for name, module in modules.items():
-        tensor = fisher[f"{name}.weight"]
-        if tuple(tensor.shape) != tuple(module.weight.shape):
+    for key, tensor in fisher.items():
+        shape = tuple(linear[modules[key]].weight.shape)
+        if tuple(tensor.shape) != shape:
             raise ValueError(
-                f"Fisher tensor {name}.weight has shape {tuple(tensor.shape)}, "
-                f"but the model's weight is {tuple(module.weight.shape)}"
+                f"Fisher tensor {key} has shape {tuple(tensor.shape)}, but the model's weight is "
+                f"{shape}"
             )
         if not torch.isfinite(tensor).all() or (tensor < 0).any():
             raise ValueError(
-                f"Fisher tensor {name}.weight holds NaN, inf or negative entries; expected finite "
-                "values ≥ 0"
+                f"Fisher tensor {key} holds NaN, inf or negative entries; expected finite values ≥ 0"
             )
-    return modules
+    return {name: linear[name] for name in modules.values()}
 
 
 def _loss_function(model: nn.Module):

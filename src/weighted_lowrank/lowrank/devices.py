@@ -64,21 +64,19 @@ def on_one_cpu_thread(function: Callable[[torch.Tensor], Result], matrices: torc
         torch.set_num_threads(threads)
 
 
-#: How many worker threads small batched CPU work (small LAPACK calls, cache-sized chunks) is
-#: split between in this context: each worker runs its share on one torch thread. Set by
-#: :func:`worker_threads` around a solve (``compression.parallel: threads``); 1 runs it here.
+#: Worker threads that share small batched CPU work in this context (:func:`worker_threads`).
 _THREADS: ContextVar[int] = ContextVar("worker_threads", default=1)
 _WORKER_POOL: ThreadPoolExecutor | None = None
 
 
 @contextmanager
 def worker_threads(threads: int) -> Iterator[None]:
-    """Split small batched CPU work between ``threads`` worker threads inside the block.
+    """Inside the block, small batched CPU work (small LAPACK calls, cache-sized chunks) is split
+    between ``threads`` workers on one torch thread each (``compression.parallel: threads``).
 
-    Two workers on one torch thread each beat OpenMP threads when those sleep between small ops
-    (``OMP_WAIT_POLICY=PASSIVE``, or busy cores); with spinning OpenMP threads one worker's
-    threads steal the other's core (docs/BENCHMARKS.md, "tfwsvd timing"). Results do not depend
-    on the count beyond rounding of sums over chunks.
+    Two such workers beat OpenMP threads that sleep between small ops (``OMP_WAIT_POLICY=PASSIVE``
+    or busy cores); spinning OpenMP threads steal a worker's core (docs/BENCHMARKS.md, "tfwsvd
+    timing"). Only sums over chunks round differently with another count.
     """
     token = _THREADS.set(threads)
     try:

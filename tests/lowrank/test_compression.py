@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import pytest
@@ -20,6 +21,7 @@ from weighted_lowrank.lowrank.compression import (
 )
 from weighted_lowrank.lowrank.layer import lowrank_modules
 from weighted_lowrank.lowrank.objective import FactorizationResult, rank_for_budget, weighted_loss
+from weighted_lowrank.lowrank.parallel import Parallel, parse_parallel
 from weighted_lowrank.lowrank.solvers import SOLVERS, factorize, solver_options
 from weighted_lowrank.lowrank.targets import select_linear_modules
 
@@ -203,3 +205,32 @@ def test_cuda_solvers_match_cpu_and_factors_follow_the_model(tiny_bundle):
     model = tiny_bundle.model.to("cuda")
     compressed, _ = compress_model(model, fisher, 0.5, "svd")
     assert all(p.device.type == "cuda" for p in compressed.parameters())
+
+
+def test_parallel_forms_and_their_errors():
+    assert parse_parallel("serial") == Parallel(map, 1)
+    assert parse_parallel("threads") == Parallel(map, torch.get_num_threads())
+    assert parse_parallel("threads:3") == Parallel(map, 3)
+    assert parse_parallel("tcp://127.0.0.1:8786").threads == 1
+    for bad in ("fast", "threads:0", "threads:two", "", None, 2):
+        with pytest.raises(ValueError, match=rf"parallel {re.escape(repr(bad))} is not one of"):
+            parse_parallel(bad)
+
+
+def test_worker_threads_give_the_serial_result_up_to_rounding(tiny_bundle):
+    # compression.parallel: threads:2 — two workers share tfwsvd's chunks; only sums over chunks
+    # round differently, so the iterations agree and the losses to float32 rounding.
+    fisher = random_fisher(tiny_bundle.model)
+    serial = factorize_model(tiny_bundle.model, fisher, 0.5, "tfwsvd", max_iters=20, tol=0.0)
+    threaded = factorize_model(
+        tiny_bundle.model,
+        fisher,
+        0.5,
+        "tfwsvd",
+        max_iters=20,
+        tol=0.0,
+        **vars(parse_parallel("threads:2")),
+    )
+    for name, result in serial.items():
+        assert threaded[name].iterations == result.iterations
+        assert threaded[name].loss == pytest.approx(result.loss, rel=1e-6)  # float32 weights

@@ -6,7 +6,9 @@ so the loss of its rank-r solution under its own quadratic ``‖S_out ΔW S_in�
 ``Σ_{i>r} σ_i²`` of M's squared singular values — exact for every rank at once. The element-wise
 solvers (tfwsvd, adam, sgd, adam_sgd, als, em) have no such spectrum: their curve is the
 two-sided FWSVD spectrum of the same diagonal Fisher (its rank-one fit, with the same marginals
-and trace), a documented proxy (docs/METHOD.md "Rank allocation").
+and trace), a documented proxy (docs/METHOD.md "Rank allocation"). The Kronecker family's
+spectra (kfwsvd, svd_llm, asvd) are :func:`whitened_spectrum` of their moments, beside their
+solvers in :mod:`.calibrated`.
 
 Asked for its ``terms``, a spectrum also carries the solver's truncation path (the rank-one terms
 whose first r make its rank-r solution), which :func:`kronecker_rank_losses` prices under the

@@ -17,13 +17,7 @@ import numpy as np
 import pandas as pd
 
 from weighted_lowrank.hf.text_files import jsonl_records, read_text, text_lines
-from weighted_lowrank.kedro_glue.parameters import (
-    DataParams,
-    LabelledColumns,
-    ModelParams,
-    SplitParams,
-    label_key,
-)
+from weighted_lowrank.kedro_glue.parameters import DataParams, ModelParams, SplitParams, label_key
 
 SPLIT_NAMES = ("train", "validation", "test")
 _REGRESSION_STRATA = 5
@@ -69,30 +63,11 @@ def resolve_source(data: DataParams, model: ModelParams | None = None) -> dict[s
 def _resolve_labelled_source(data: DataParams) -> dict[str, Any]:
     if data.source == "glue":
         return _resolve_glue(data)
-    block: LabelledColumns = data.catalog if data.source == "catalog" else data.local_file
-    spec = {
-        "type": data.source,
-        "text_column": block.text_column,
-        "text_pair_column": block.text_pair_column,
-        "label_column": block.label_column,
-        "label_values": block.label_values,
-        "label_names": block.label_names,
-        "task_type": block.task_type,
-        "read_args": {},
-        "unescape_html": block.unescape_html,
-    }
-    if data.source != "catalog":
-        spec["path"] = data.local_file.path
-        spec["encoding"] = data.local_file.encoding
-        spec["read_args"] = dict(data.local_file.read_args)
+    block = data.catalog if data.source == "catalog" else data.local_file
+    spec = {"type": data.source, "read_args": {}, **block.model_dump()}
     if data.source == "text":  # one document per line, read into `text`; there are no labels
-        spec.update(
-            text_column="text",
-            text_pair_column=None,
-            label_column=None,
-            label_values=None,
-            label_names=None,
-        )
+        unlabelled = ("text_pair_column", "label_column", "label_values", "label_names")
+        spec.update(dict.fromkeys(unlabelled), text_column="text")
     return spec
 
 

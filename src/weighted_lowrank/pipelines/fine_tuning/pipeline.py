@@ -17,16 +17,9 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 fine_tune,
-                inputs=[
-                    "base_model",
-                    "train_split",
-                    "validation_split",
-                    "params:model",
-                    "params:fine_tuning",
-                    "params:seed",
-                    "params:device",
-                ],
-                outputs=["fine_tuned_model", "fine_tuning_metrics"],
+                ["base_model", "train_split", "validation_split"]
+                + ["params:model", "params:fine_tuning", "params:seed", "params:device"],
+                ["fine_tuned_model", "fine_tuning_metrics"],
                 name="fine_tune",
             ),
         ]

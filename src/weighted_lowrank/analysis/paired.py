@@ -58,15 +58,7 @@ class PairedComparison:
 
     def statistics(self) -> dict[str, float]:
         """The reported values by name (see :data:`STATISTICS`)."""
-        return {
-            "disagreements": self.disagreements,
-            "wins": self.wins,
-            "losses": self.losses,
-            "p": self.p_value,
-            "diff": self.diff,
-            "ci_low": self.ci_low,
-            "ci_high": self.ci_high,
-        }
+        return {name: getattr(self, "p_value" if name == "p" else name) for name in STATISTICS}
 
 
 #: The names :meth:`PairedComparison.statistics` reports, in order.
@@ -101,12 +93,14 @@ def bootstrap_diff_interval(
     ``n`` examples of which ``wins`` only A and ``losses`` only B got right."""
     if n < 1 or wins + losses > n or min(wins, losses) < 0:
         raise ValueError(f"need 0 ≤ wins + losses ≤ n, n ≥ 1; got {wins}, {losses}, {n}")
-    if resamples < 1:
-        raise ValueError(f"resamples must be ≥ 1; got {resamples}")
     generator = np.random.default_rng(seed)
     shares = np.array([wins, losses, n - wins - losses], dtype=np.float64) / n
     counts = generator.multinomial(n, shares, size=resamples)
-    diffs = (counts[:, 0] - counts[:, 1]) / n
+    return _interval((counts[:, 0] - counts[:, 1]) / n, confidence)
+
+
+def _interval(diffs: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` percentile interval of the resampled differences."""
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(diffs, [tail, 1.0 - tail])
     return float(low), float(high)
@@ -117,9 +111,8 @@ def paired_comparison(
 ) -> PairedComparison:
     """McNemar test and bootstrap interval of model A against reference B (per-example
     correctness, same examples in the same order)."""
-    a, _ = _as_outcomes(correct_a, correct_b)
     wins, losses = discordant_counts(correct_a, correct_b)
-    n = len(a)
+    n = len(correct_a)
     low, high = bootstrap_diff_interval(wins, losses, n, resamples, seed)
     return PairedComparison(
         n=n,
@@ -150,8 +143,6 @@ def paired_loss_comparison(
             f"paired losses must be three non-empty vectors of one length; got {a.shape}, "
             f"{b.shape}, {weights.shape}"
         )
-    if resamples < 1:
-        raise ValueError(f"resamples must be ≥ 1; got {resamples}")
     if not weights.sum() > 0:
         raise ValueError("paired losses need at least one predicted token")
     wins, losses = int(np.count_nonzero(a < b)), int(np.count_nonzero(a > b))
@@ -163,16 +154,15 @@ def paired_loss_comparison(
         count = min(chunk, resamples - start)
         index = generator.integers(0, len(a), size=(count, len(a)))
         diffs[start : start + count] = weighted[index].sum(axis=1) / weights[index].sum(axis=1)
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(diffs, [tail, 1.0 - tail])
+    low, high = _interval(diffs, confidence)
     return PairedComparison(
         n=len(a),
         wins=wins,
         losses=losses,
         p_value=mcnemar_exact_p(wins, losses),
         diff=float(weighted.sum() / weights.sum()),
-        ci_low=float(low),
-        ci_high=float(high),
+        ci_low=low,
+        ci_high=high,
     )
 
 

@@ -46,12 +46,9 @@ logger = logging.getLogger(__name__)
 
 
 def read_text(path: str | Path, encoding: str, compression: Any = "infer") -> tuple[str, str]:
-    """The text of ``path`` and the encoding it was decoded with (``auto`` resolved).
-
-    ``compression`` takes pandas' values (``infer`` from the suffix, ``None``, ``gzip``, ``bz2``,
-    ``xz``, ``zip``, ``zstd``, or ``{"method": …}``). UTF-8 ignores a leading byte-order mark,
-    as pandas does.
-    """
+    """The text of ``path`` and the encoding it was decoded with (``auto`` resolved);
+    ``compression`` takes pandas' values (:data:`_COMPRESSIONS` or ``{"method": …}``). UTF-8
+    ignores a leading byte-order mark, as pandas does."""
     data = read_bytes(path, compression)
     chosen = detect_encoding(data, path) if encoding == AUTO else encoding
     if codecs.lookup(chosen).name == "utf-8":

@@ -46,6 +46,7 @@ from weighted_lowrank.pipelines.reporting.nodes import (
     paired_metrics,
     paired_tests,
     rank_allocation_figure,
+    refined_child_run_record,
 )
 from weighted_lowrank.pipelines.reporting.pipeline import (
     NAMESPACES,
@@ -363,7 +364,7 @@ def test_child_run_params_come_from_the_typed_blocks() -> None:
     compression = typed_params("compression", budget=0.3, targets=targets)
     model = typed_params("model")
     predictions, report, rank_map = fake_predictions(1), fake_report(1), fake_rank_map(1)
-    record = child_run_record(
+    record = refined_child_run_record(
         fake_record(1),
         predictions,
         report,

@@ -94,18 +94,35 @@ def child_run_record(
     model: ModelParams,
     data: DataParams,
     seed: int,
-    refinement: RefinementParams | None = None,
     *,
     namespace: str,
 ) -> dict[str, Any]:
-    """Params, metrics, tags and artifacts of the child run of solver row ``namespace`` or, with
-    ``refinement``, of its ``refined.<solver>`` row (its solver's layer report and rank map).
+    """Params, metrics, tags and artifacts of solver row ``namespace``'s child run.
 
-    The same names in every row: the evaluation metrics plus ``iterations.<group>``, tags
-    ``kind``, the lineage fingerprint and ``stop_reason.<group>`` (:func:`layer_group_summary`);
-    params include ``allocation``, the ``rank_rule`` it follows and ``refinement`` (``off``, or
-    :meth:`RefinementParams.describe`). Artifacts: ``predictions.parquet``, ``rank_map.parquet``.
+    The same names in every solver row: the evaluation metrics plus ``iterations.<group>``,
+    tags ``kind``, the lineage fingerprint and ``stop_reason.<group>``
+    (:func:`layer_group_summary`); params include ``allocation``, the ``rank_rule`` it follows
+    and ``refinement: off``. Artifacts: ``predictions.parquet`` and ``rank_map.parquet``.
     """
+    reports = (layer_report, rank_map)
+    return _child_run(evaluation, predictions, reports, compression, model, data, seed, namespace)
+
+
+def refined_child_run_record(
+    evaluation: dict[str, Any],
+    predictions: pd.DataFrame,
+    layer_report: pd.DataFrame,
+    rank_map: pd.DataFrame,
+    compression: CompressionParams,
+    model: ModelParams,
+    data: DataParams,
+    seed: int,
+    refinement: RefinementParams,
+    *,
+    namespace: str,
+) -> dict[str, Any]:
+    """:func:`child_run_record` of a ``refined.<solver>`` row (its solver's layer report and rank
+    map); its ``refinement`` param says what was trained (:meth:`RefinementParams.describe`)."""
     reports = (layer_report, rank_map)
     return _child_run(
         evaluation, predictions, reports, compression, model, data, seed, namespace, refinement

@@ -25,6 +25,7 @@ from .nodes import (
     paired_metrics,
     paired_tests,
     rank_allocation_figure,
+    refined_child_run_record,
 )
 
 NAMESPACES = ("dense", *SOLVERS)
@@ -52,9 +53,9 @@ def create_child_run_pipeline(namespace: str, refined: bool = False) -> Pipeline
     ``refinement`` param describes)."""
     solver = base_solver(namespace)
     reports = {"layer_report": f"{solver}.layer_report", "rank_map": f"{solver}.rank_map"}
+    function = refined_child_run_record if refined else child_run_record
     if namespace == "dense":
-        reports = {}
-    function = child_run_record if reports else dense_child_run_record
+        function, reports = dense_child_run_record, {}
     record = update_wrapper(partial(function, namespace=namespace), function)
     parameters = CHILD_RUN_PARAMETERS + (["params:refinement"] if refined else [])
     return Pipeline(

@@ -4,7 +4,6 @@ pipelines that switch it on (``refinement``, ``refined``) or leave it out (``__d
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections import Counter
 
@@ -152,7 +151,7 @@ def test_refinement_is_the_fine_tuning_loop_with_the_same_options(compressed):
 def test_factors_only_trains_the_low_rank_layers_and_unfreezes_afterwards(compressed):
     _, bundle, _ = compressed
     before = state(bundle.model)
-    factors_only = dataclasses.replace(REFINEMENT, trainable="factors")
+    factors_only = REFINEMENT.model_copy(update={"trainable": "factors"})
     refined, record = refine(fresh(bundle), TRAIN, VALIDATION, MODEL, factors_only, 0, "cpu")
     prefixes = tuple(f"{name}." for name in lowrank_modules(refined.model))
     after = state(refined.model)

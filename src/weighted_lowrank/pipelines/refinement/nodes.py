@@ -1,10 +1,5 @@
-"""Nodes of the ``refinement`` pipeline: fine-tune a compressed model on the train split.
-
-The loop and its options are those of ``fine_tuning`` (:func:`~weighted_lowrank.hf.training.
-train_classifier`); ``trainable`` says whether every parameter is trained or only the low-rank
-factors. Whether refinement happens is decided by the pipeline that runs (``refinement`` or
-``refined``), not by a parameter.
-"""
+"""Nodes of the ``refinement`` pipeline: fine-tune a compressed model on the train split with
+``fine_tuning``'s loop, every parameter or only the low-rank factors (``trainable``)."""
 
 from __future__ import annotations
 
@@ -31,13 +26,9 @@ def refine(
     seed: int,
     device: str,
 ) -> tuple[ModelBundle, dict[str, Any]]:
-    """Fine-tune a copy of ``compressed_model`` (all parameters or only its factors).
-
-    ``compressed_model`` is left untouched. Returns the refined bundle (same tokenizer and
-    lineage) and a JSON record stamped with the lineage: ``refinement`` (what was trained, as the
-    child run's param says), ``trainable``, the training ``options`` and one entry per ``epochs``
-    (train loss, validation metrics, cumulative seconds).
-    """
+    """Fine-tune a copy of ``compressed_model``; return it (same tokenizer and lineage) and a
+    record stamped with the lineage: ``refinement`` (as the child run's param says),
+    ``trainable``, the training ``options`` and one entry per epoch in ``epochs``."""
     network = copy.deepcopy(compressed_model.model)
     factors = lowrank_modules(network)
     if not factors:

@@ -1,17 +1,10 @@
 """``refinement``: fine-tune every compressed model after compression, and report it as its own rows.
 
-Not part of ``__default__`` (a pipeline, not a parameter, switches it on, since Kedro builds
-pipelines before it reads parameters). Per solver in ``SOLVERS``, namespace ``refined.<solver>``:
-
-* ``refine``: ``<solver>.compressed_model`` → ``refined.<solver>.compressed_model`` +
-  ``refined.<solver>.refinement_history``;
-* the evaluation template of every solver (``refined.<solver>.evaluation_metrics``, with the
-  solver's ``<solver>.layer_report``) and one MLflow child run ``refined.<solver>``;
-
-then the comparison table, its Markdown and the accuracy-vs-parameters plot over every row
-(``dense``, the solvers, the refined solvers). ``kedro run --pipelines refinement`` after a
-default run refines its latest compressed models and rewrites the comparison with refined rows;
-``kedro run --pipelines refined`` is the whole run with refinement (see ``pipeline_registry``).
+Not part of ``__default__`` (Kedro builds pipelines before it reads parameters, so a pipeline,
+not a parameter, switches it on). Per solver, namespace ``refined.<solver>``: ``refine`` its
+``<solver>.compressed_model``, the evaluation template and a child run; then the comparison over
+every row. ``kedro run --pipelines refinement`` after a default run refines its latest models;
+``kedro run --pipelines refined`` is the whole run with refinement.
 """
 
 from kedro.pipeline import Node, Pipeline
@@ -29,25 +22,10 @@ SHARED_PARAMETERS = {"params:model", "params:refinement", "params:seed", "params
 
 def create_solver_template() -> Pipeline:
     """The un-namespaced refinement of one compressed model (``unrefined_model`` is the input)."""
-    return Pipeline(
-        [
-            Node(
-                refine,
-                inputs=[
-                    "unrefined_model",
-                    "train_split",
-                    "validation_split",
-                    "params:model",
-                    "params:refinement",
-                    "params:seed",
-                    "params:device",
-                ],
-                outputs=["compressed_model", "refinement_history"],
-                name="refine",
-                tags=["refinement"],
-            )
-        ]
-    )
+    data = ["unrefined_model", "train_split", "validation_split"]
+    inputs = data + ["params:model", "params:refinement", "params:seed", "params:device"]
+    outputs = ["compressed_model", "refinement_history"]
+    return Pipeline([Node(refine, inputs, outputs, name="refine", tags=["refinement"])])
 
 
 def create_refine_pipeline() -> Pipeline:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import make_tiny_bundle, toy_split
+from tests.conftest import make_tiny_bundle, toy_split, typed_params
 from weighted_lowrank.hf.batching import encode_examples, pad_examples
 from weighted_lowrank.hf.training import (
     TrainingOptions,
@@ -16,6 +16,7 @@ from weighted_lowrank.hf.training import (
     task_metrics,
     train_classifier,
 )
+from weighted_lowrank.kedro_glue.parameters import ParameterError
 
 
 def test_fine_tuning_learns_a_separable_task() -> None:
@@ -81,18 +82,22 @@ def test_task_metrics_classification_and_regression() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("block", "field", "value"),
     [
-        ("epochs", 0),
-        ("batch_size", -1),
-        ("learning_rate", 0.0),
-        ("warmup_ratio", 1.0),
-        ("max_length", 2.5),
+        ("fine_tuning", "epochs", 0),
+        ("fine_tuning", "batch_size", -1),
+        ("fine_tuning", "learning_rate", 0.0),
+        ("fine_tuning", "warmup_ratio", 1.0),
+        ("model", "max_length", 2.5),
+        ("refinement", "eval_batch_size", 0),
     ],
 )
-def test_bad_training_options_raise(field: str, value: object) -> None:
-    with pytest.raises(ValueError, match=field):
-        TrainingOptions(**{field: value})
+def test_bad_training_options_are_refused_by_their_parameter_block(
+    block: str, field: str, value: object
+) -> None:
+    # TrainingOptions are built from these checked blocks (TrainingLoopParams.training_options).
+    with pytest.raises(ParameterError, match=rf"{block}\.{field}={value}"):
+        typed_params(block, **{field: value})
 
 
 def test_split_without_label_column_raises() -> None:

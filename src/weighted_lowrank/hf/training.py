@@ -37,7 +37,8 @@ TRAINING_POOL_BATCHES = 50
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    """Knobs of :func:`train_classifier` (a run's come from ``FineTuningParams``)."""
+    """Knobs of :func:`train_classifier`; a run's come from the checked ``fine_tuning`` or
+    ``refinement`` block (``TrainingLoopParams.training_options``)."""
 
     epochs: int = 2
     batch_size: int = 32
@@ -48,20 +49,6 @@ class TrainingOptions:
     max_grad_norm: float = 1.0
     seed: int = 42
     eval_batch_size: int = 128
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"training option {name}={value!r}: expected a positive integer")
-        if not self.learning_rate > 0:
-            raise ValueError(f"training option learning_rate={self.learning_rate!r}: expected > 0")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(
-                f"training option warmup_ratio={self.warmup_ratio!r}: expected in [0, 1)"
-            )
-        if self.weight_decay < 0 or self.max_grad_norm <= 0:
-            raise ValueError("training options weight_decay must be >= 0 and max_grad_norm > 0")
 
 
 def check_split(frame: pd.DataFrame, name: str, causal_lm: bool = False) -> None:

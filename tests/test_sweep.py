@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -344,7 +346,9 @@ def test_the_sweep_runs_every_allocation_of_a_budget_and_the_whole_pipeline_once
             return False
 
         def load_context(self):
-            return type("Context", (), {"params": {"data": {"split": {"seed": 42}}}})()
+            # Kedro hands the context's parameters over as the typed blocks.
+            data = SimpleNamespace(split=SimpleNamespace(seed=42))
+            return SimpleNamespace(params={"data": data})
 
         def run(self, pipeline_names, from_nodes):
             sessions.append((self.runtime_params, from_nodes))

@@ -1,23 +1,16 @@
 """Seed sweeps: the default run for several seeds, budgets and allocations, and the comparison
 across seeds.
 
-``python -m weighted_lowrank.analysis.sweep run --seeds 0 1 2 --budgets 0.5 0.3 --allocations uniform
-global`` runs, for every seed, the whole default pipeline at the first (budget, allocation) pair
-(fine-tuning and the Fisher sample follow the seed) and then the factorization, evaluation and
-reporting at the other pairs — every allocation of a budget, then the next budget — on that
-seed's fine-tuned model and Fisher (from :data:`RESTART_NODES`: the SVD reference, which the
-allocations read, and the layer risk). ``--allocations`` defaults to
-``uniform`` alone. Every run is one ``KedroSession`` and so one MLflow parent run, its child runs
-carrying ``seed``, ``budget`` and ``allocation``. The data split stays the configured one for
-every seed, so every model of every seed is scored on the same test sentences.
+``python -m weighted_lowrank.analysis.sweep run --seeds 0 1 2 --budgets 0.5 0.3 --allocations
+uniform global`` runs, per seed, the whole default pipeline at the first (budget, allocation)
+pair, then every other pair from :data:`RESTART_NODES` on that seed's fine-tuned model and
+Fisher. Each run is one ``KedroSession`` (one MLflow parent run; child runs carry ``seed``,
+``budget``, ``allocation``); the data split stays the configured one, so every model is scored on
+the same test sentences. Runs that differ in another setting belong in their own store
+(``--tracking-uri``): the report keys rows by solver, budget, allocation and seed only.
 
-Runs that differ in another setting (e.g. ``--params compression.curve_loss_model=kronecker``)
-belong in their own store (``--tracking-uri``): the report keys rows by solver, budget,
-allocation and seed only.
-
-``python -m weighted_lowrank.analysis.sweep report`` reads the MLflow store and prints, as Markdown, the
-task metric's mean ± sd over seeds per solver, budget and allocation, the per-seed paired
-differences against ``fwsvd``, and global − uniform allocation paired by seed.
+``python -m weighted_lowrank.analysis.sweep report`` prints, as Markdown, the task metric's mean ±
+sd over seeds, the per-seed paired differences against ``fwsvd``, and global − uniform.
 """
 
 from __future__ import annotations
@@ -43,9 +36,8 @@ from weighted_lowrank.analysis.run_history import (
 from weighted_lowrank.kedro_glue.parameters import ALLOCATIONS
 
 #: Where a sweep's later (budget, allocation) pairs restart: every node that reads the budget or
-#: the allocation is one of these or downstream of them (the rank maps are: ``allocate`` reads the
-#: SVD reference; the loss curves do not depend on either and are reused). Left out: the dense
-#: row's nodes and the loss curves, which read the targets, device and seed, not the budget.
+#: the allocation is one of these or downstream (``allocate`` reads the SVD reference). The dense
+#: row and the loss curves read neither and are reused.
 RESTART_NODES: tuple[str, ...] = ("svd_reference", "compute_layer_risk")
 
 
@@ -67,7 +59,7 @@ def run_sweep(
     bootstrap_project(project_path)
     extra = dict(runtime_params or {})
     with KedroSession.create(project_path=project_path, env=env, runtime_params=extra) as session:
-        split_seed = session.load_context().params["data"]["split"]["seed"]
+        split_seed = session.load_context().params["data"].split.seed
     pairs = [(budget, allocation) for budget in budgets for allocation in allocations]
     for seed in seeds:
         for index, (budget, allocation) in enumerate(pairs):
@@ -113,12 +105,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 def end_active_runs() -> None:
-    """Close every MLflow run this process still holds open.
-
-    kedro-mlflow 2.0.3 re-enters the parent run before every node and closes it once after the
-    pipeline, so the run stays open in the process; the next session would log into it (and fail
-    on a changed param) instead of starting its own parent run.
-    """
+    """Close every MLflow run this process still holds open: kedro-mlflow 2.0.3 leaves the parent
+    run open, and the next session would log into it instead of starting its own."""
     import mlflow
 
     while mlflow.active_run() is not None:
@@ -126,8 +114,7 @@ def end_active_runs() -> None:
 
 
 def sweep_report(tracking_uri: str, reference: str = "fwsvd") -> str:
-    """Markdown: mean ± sd over seeds per solver × allocation × budget, paired differences vs
-    ``reference``, and global − uniform allocation paired by seed."""
+    """The report of ``python -m weighted_lowrank.analysis.sweep report`` (Markdown)."""
     runs = latest_per_seed(child_runs(tracking_uri))
     metric = task_metric(runs)
     lines = [
@@ -170,19 +157,10 @@ def _reference_markdown(tracking_uri: str, runs: pd.DataFrame, reference: str, m
     differences = seed_differences(runs, reference, metric)
     if differences.empty:
         return f"(no {reference!r} rows to pair with)"
-    p_values = paired_p_values(tracking_uri, reference).set_index(
-        ["solver", "budget", "allocation", "seed"]
-    )
-    shown = differences.assign(
-        differences=differences["differences"].map(_by_seed),
-        ahead=[f"{row.ahead}/{row.n}" for row in differences.itertuples()],
-        mcnemar_p=[
-            _p_by_seed(p_values, (row.solver, row.budget, row.allocation), row.differences)
-            for row in differences.itertuples()
-        ],
-    )
+    keys = ["solver", "budget", "allocation"]
+    p_values = paired_p_values(tracking_uri, reference).set_index([*keys, "seed"])
     return (
-        markdown_table(pd.DataFrame(shown))
+        _differences_table(differences, p_values, keys)
         + "\n\n"
         + f"`mcnemar_p`: per seed, the exact McNemar test of the row against {reference} on the "
         "shared test sentences (the run's paired tests)."
@@ -199,17 +177,14 @@ def _allocation_markdown(tracking_uri: str, runs: pd.DataFrame, metric: str) -> 
             "weighted_lowrank.analysis.sweep run --allocations uniform global`)"
         )
     p_values = allocation_p_values(tracking_uri, runs).set_index(["solver", "budget", "seed"])
-    shown = differences.assign(
-        differences=differences["differences"].map(_by_seed),
-        ahead=[f"{row.ahead}/{row.n}" for row in differences.itertuples()],
+    table = _differences_table(
+        differences,
+        p_values,
+        ["solver", "budget"],
         loss_differences=differences["loss_differences"].map(_by_seed),
-        mcnemar_p=[
-            _p_by_seed(p_values, (row.solver, row.budget), row.differences)
-            for row in differences.itertuples()
-        ],
     )
     return (
-        markdown_table(pd.DataFrame(shown))
+        table
         + "\n\n"
         + f"Per seed, the global allocation's {metric} (`mean_diff`, `differences`; `ahead`: "
         "seeds where global's is higher) and test_loss (`loss_mean_diff`, `loss_differences`; "
@@ -217,6 +192,23 @@ def _allocation_markdown(tracking_uri: str, runs: pd.DataFrame, metric: str) -> 
         "`mcnemar_p`: per seed, the exact McNemar test of the two models on the shared test "
         "sentences, from their child runs' predictions (none where a run has no predictions)."
     )
+
+
+def _differences_table(
+    differences: pd.DataFrame, p_values: pd.DataFrame, keys: list[str], **columns: pd.Series
+) -> str:
+    """Per-seed differences as Markdown, with each seed's McNemar p under ``(*keys, seed)``."""
+    rows = list(differences.itertuples())
+    shown = differences.assign(
+        differences=differences["differences"].map(_by_seed),
+        ahead=[f"{row.ahead}/{row.n}" for row in rows],
+        **columns,
+        mcnemar_p=[
+            _p_by_seed(p_values, tuple(getattr(row, key) for key in keys), row.differences)
+            for row in rows
+        ],
+    )
+    return markdown_table(pd.DataFrame(shown))
 
 
 def _by_seed(values: dict[int, float]) -> str:

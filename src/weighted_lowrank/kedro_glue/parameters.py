@@ -21,8 +21,8 @@ from annotated_types import Ge, Gt, Le, Lt, MinLen
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
-    PlainValidator,
     ValidationError,
     model_validator,
 )
@@ -253,7 +253,7 @@ Device = Annotated[
         )
     ),
 ]
-Targets = Annotated[str | tuple[str, ...] | None, PlainValidator(check_targets)]
+Targets = Annotated[str | tuple[str, ...] | None, BeforeValidator(check_targets)]
 
 
 # ----------------------------------------------------------------------------- shared blocks
@@ -291,7 +291,7 @@ class CompressionParams(Block):
     device: Device
     parallel: Annotated[
         str,
-        PlainValidator(
+        BeforeValidator(
             owned_check(
                 "weighted_lowrank.lowrank.parallel",
                 "parse_parallel",
@@ -361,7 +361,7 @@ class GlueParams(Block):
     cache_dir: Text | None
 
 
-SplitSize = Annotated[int | float, PlainValidator(check_split_size)]
+SplitSize = Annotated[int | float, BeforeValidator(check_split_size)]
 
 
 class SplitParams(Block):
@@ -481,7 +481,7 @@ class FisherParams(Block):
     mode: Annotated[Text, owned_choice("weighted_lowrank.lowrank.fisher", "FISHER_MODES")]
     targets: Targets
     batch_size: PositiveInt
-    statistics: Annotated[tuple[str, ...], PlainValidator(check_statistics)]
+    statistics: Annotated[tuple[str, ...], BeforeValidator(check_statistics)]
     progress: bool
 
 

@@ -65,6 +65,8 @@ def test_bad_values_name_the_key_and_the_expectation(block, overrides, message):
 def test_unknown_and_missing_keys_are_errors_with_the_replacement_named():
     with pytest.raises(ParameterError, match=r"unknown keys \['enabled'\].*--pipelines refined"):
         RefinementParams.model_validate(block_values("refinement", enabled=True))
+    with pytest.raises(ParameterError, match=r"dask_address is now compression\.parallel"):
+        CompressionParams.model_validate(block_values("compression", dask_address=None))
     with pytest.raises(ParameterError, match=r"thresholds\.phi"):
         SvdRiskParams.model_validate(block_values("svd_risk", phi_threshold=3.0))
     values = block_values("evaluation")

@@ -34,6 +34,8 @@ RENAMED = {
     "svd_risk.phi_threshold": "phi_threshold is now thresholds.phi (with statistic: phi)",
     "risk_validation.solvers": "the solvers are fixed when the pipeline is built (SOLVERS in "
     "pipelines/risk_validation/pipeline.py)",
+    "compression.dask_address": "dask_address is now compression.parallel (e.g. parallel: "
+    "tcp://host:8786)",
 }
 
 

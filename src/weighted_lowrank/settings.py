@@ -8,7 +8,7 @@ from kedro.config import OmegaConfigLoader
 from kedro.utils import find_kedro_project
 
 from weighted_lowrank.kedro_glue.hooks import LineageCheck, SavedVersionChecks
-from weighted_lowrank.kedro_glue.parameter_checks import ParameterChecks
+from weighted_lowrank.kedro_glue.parameter_checks import ParameterChecks, TypedParamsMlflowHook
 
 
 def _project_root() -> str:
@@ -20,7 +20,10 @@ def _project_root() -> str:
     return str(Path(found) if found else Path(__file__).resolve().parents[2])
 
 
-HOOKS = (ParameterChecks(), LineageCheck(), SavedVersionChecks())
+HOOKS = (ParameterChecks(), LineageCheck(), SavedVersionChecks(), TypedParamsMlflowHook())
+# TypedParamsMlflowHook is kedro-mlflow's own hook, handed the typed blocks as dicts so that it
+# flattens them into one MLflow param per key (it registers in the plugin's place).
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow",)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -553,9 +553,6 @@ class RiskValidationParams(Block):
     max_examples: PositiveInt | None
     statistics: Texts | None
     curvature: bool
-    # Names are checked where the compressed models and statistics are known: by the
-    # risk_validation node, before its first evaluation.
-    solvers: Texts
     loss_models: Texts | None
 
 

@@ -140,14 +140,9 @@ def layer_group_summary(layer_report: pd.DataFrame) -> tuple[dict[str, float], d
     for group, rows in layer_report.groupby(groups, sort=True):
         metrics[f"iterations.{group}"] = float(rows["iterations"].max())
         counts = Counter(rows["stop_reason"].astype(str))
-        tags[f"stop_reason.{group}"] = (
-            next(iter(counts))
-            if len(counts) == 1
-            else ",".join(
-                f"{reason}:{count}"
-                for reason, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-            )
-        )
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        summary = ",".join(f"{reason}:{count}" for reason, count in ranked)
+        tags[f"stop_reason.{group}"] = ranked[0][0] if len(ranked) == 1 else summary
     return metrics, tags
 
 

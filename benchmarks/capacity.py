@@ -2,7 +2,8 @@
 and a 7B LLaMA-architecture decoder.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/capacity.py [--threads 2] [--repeats 3] \
-        [--large] [--sample-iterations 3] [--iterations tfwsvd=21:39,adam=88:357,...]
+        [--large] [--sample-iterations 3] [--iterations tfwsvd=21:39,adam=88:357,...] \
+        [--parallel threads]
 
 Each solver runs through ``factorize_batch`` on one random layer of each shape at budget 0.5
 (rank ⌊0.5·out·in/(out+in)⌋): a Gaussian weight, a Fisher-like positive importance (row profile ×
@@ -18,7 +19,9 @@ An iterative solver (tfwsvd, adam, adam_sgd, sgd, em) is timed as its start (``m
 plus ``--sample-iterations`` iterations (``tol 0``); a layer's time is start + n × per-iteration,
 with n the iteration counts its default stopping rule took on the default MiniLM at budget 0.5
 (median and maximum over the 36 layers, from the run's ``layer_report.parquet``; ``--iterations``
-overrides them). The closed forms are timed whole.
+overrides them). The closed forms are timed whole. ``--parallel`` (a ``compression.parallel``
+form, default ``threads``: the worker threads the documented runs under ``OMP_WAIT_POLICY=PASSIVE``
+had) sets the worker threads that share a layer's small CPU work.
 
 Memory is the peak resident-set growth of the process during one call (sampled every 5 ms), i.e.
 what one layer solve adds to a worker that already holds the layer's weight and importance.
@@ -38,6 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from weighted_lowrank.lowrank.objective import rank_for_budget  # noqa: E402
+from weighted_lowrank.lowrank.parallel import parse_parallel  # noqa: E402
 from weighted_lowrank.lowrank.solvers import factorize_batch  # noqa: E402
 
 BUDGET = 0.5
@@ -182,9 +186,11 @@ def main() -> None:
     parser.add_argument(
         "--targets", default="600,3600", help="target wall times (s) for the workers column"
     )
+    parser.add_argument("--parallel", default="threads", help="serial, threads or threads:N")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = parse_parallel(args.parallel).threads
     iterations = dict(DEFAULT_ITERATIONS)
     for item in filter(None, args.iterations.split(",")):
         solver, _, counts = item.partition("=")
@@ -209,14 +215,16 @@ def main() -> None:
             runs, memories, per_iteration = [], [], []
             for _ in range(repeats):
                 if solver in iterations:
-                    start, memory0 = solve(layer, solver, max_iters=0)
+                    start, memory0 = solve(layer, solver, threads=threads, max_iters=0)
                     sample = args.sample_iterations
-                    total, memory1 = solve(layer, solver, max_iters=sample, tol=0.0)
+                    total, memory1 = solve(
+                        layer, solver, threads=threads, max_iters=sample, tol=0.0
+                    )
                     runs.append(start)
                     per_iteration.append((total - start) / sample)
                     memories.append(max(memory0, memory1))
                 else:
-                    seconds, memory = solve(layer, solver)
+                    seconds, memory = solve(layer, solver, threads=threads)
                     runs.append(seconds)
                     memories.append(memory)
             record = {

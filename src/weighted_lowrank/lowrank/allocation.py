@@ -1,36 +1,15 @@
 """Global rank allocation: one parameter budget for all layers, spent where it lowers the loss most.
 
-The uniform rule (:func:`uniform_ranks`) gives every targeted Linear layer (out × in) the same
-fraction of its dense parameters. :func:`allocate_ranks` instead chooses, per layer, a rank
-r ∈ 1..max_rank costing r·(out+in) parameters, or keeps the layer dense (out·in parameters,
-predicted loss 0), so that the summed predicted loss increase is minimal under one total of
-parameters. A dense choice is rank ``None`` in every mapping of this module. Ranks that would not
-save parameters (r·(out+in) ≥ out·in, :func:`max_rank`) are no candidates: dense is cheaper and
-loses nothing. The global budget of a fraction is :func:`parameter_budget`, the parameters the
-uniform ranks keep, so the uniform allocation is always feasible and a global one is never larger
-nor, by its predicted loss, worse.
-
-Why a dynamic programme and not a greedy or Lagrangian sweep: those are exact only on convex
-curves, and measured loss curves are neither convex nor monotone (a solver may do worse at a
-higher rank). The programme is exact for any curves: with every candidate cost a multiple of the
-quantum g (the gcd of all costs), ``best[c]`` = the least loss of the layers so far within c
-quanta, one min-plus pass per layer and candidate, vectorised over c; the argmin candidate per
-layer and c (int16; int32 past 32 767 candidates) is kept to read the choice back. Ties go to
-the first candidate in the order rank 1, 2, …, max_rank, dense (strict ``<``), so a flat curve
-gets its lowest rank and the result is the same on any machine (IEEE float64 element-wise
-operations, no reductions in the table).
-
-Cost: (C+1) × layers table entries, C = max_parameters // g capped at every layer dense, times
-the candidates per layer. Above ``max_states`` entries the quantum is coarsened to the smallest
-multiple q of g that fits, every cost is rounded *up* to a multiple of q: the result still keeps
-at most ``max_parameters``, but it is optimal only for the rounded costs (``Allocation.exact`` is
-then ``False``).
-
-Measured on 2 CPU cores (Intel Xeon, numpy 2.4, float64; shared machine, best-to-worst of a few
-runs), max_parameters = ``parameter_budget(shapes, 0.3)``: MiniLM-L6 shapes (36 layers,
-g = 384, C = 8 256, ~8 k candidates) take 0.11–0.17 s; BERT-base shapes (72 layers, g = 768,
-C = 33 120, ~33 k candidates) take 1.3–1.9 s, 2.3 s at budget 0.6 (C = 66 240). Time grows as
-C × candidates, i.e. with the budget and the square of the width.
+:func:`allocate_ranks` chooses per layer (out × in) a rank r ∈ 1..:func:`max_rank` costing
+r·(out+in) parameters, or dense (rank ``None``, out·in parameters, loss 0), minimising the summed
+predicted loss within :func:`parameter_budget` (what :func:`uniform_ranks` keep, so uniform is
+always feasible). A dynamic programme over parameter quanta (the gcd g of all costs), exact for
+any curves, since measured curves are neither convex nor monotone: ``best[c]`` = least loss of
+the layers so far within c quanta, argmins kept (int16, int32 past 32 767 candidates); ties go to
+the first candidate (rank 1, 2, …, dense), the same on any machine. Above ``max_states`` table
+entries the quantum is coarsened and costs rounded *up* (``Allocation.exact`` is ``False``).
+docs/METHOD.md "The programme" and docs/BENCHMARKS.md "Loss curves and allocation" record the
+tests and timings.
 """
 
 from __future__ import annotations
@@ -47,23 +26,15 @@ from weighted_lowrank.lowrank.objective import rank_for_budget
 
 
 def max_rank(out_features: int, in_features: int) -> int:
-    """The largest rank r with r·(out+in) < out·in: above it a factored layer saves nothing.
-
-    0 when no rank saves parameters (1×1, 2×1, 2×2 layers): such a layer can only stay dense.
-    """
+    """The largest rank r with r·(out+in) < out·in (0: the layer can only stay dense)."""
     return (out_features * in_features - 1) // (out_features + in_features)
 
 
 @dataclass(frozen=True, eq=False)
 class LossCurve:
-    """One layer's predicted loss increase (nats) at every rank that saves parameters.
-
-    ``losses[r - 1]`` is the loss at rank r, for r = 1..:attr:`max_rank`; dense costs
-    ``out·in`` parameters and loses 0. ``losses`` is stored as a read-only float64 copy so that a
-    checked curve stays checked. Its length and values are checked against the layer's name by
-    :func:`check_curves` (which :func:`allocate_ranks` calls), where a message can name the layer.
-    Equality is identity (``eq=False``): element-wise array equality has no single truth value.
-    """
+    """One layer's predicted loss increase (nats), ``losses[r - 1]`` at rank r = 1..max_rank,
+    stored read-only so a checked curve stays checked (:func:`check_curves` names the layer).
+    Equality is identity: element-wise array equality has no single truth value."""
 
     out_features: int
     in_features: int
@@ -83,7 +54,6 @@ class LossCurve:
 
     @property
     def max_rank(self) -> int:
-        """The highest candidate rank, :func:`max_rank` of the layer's shape."""
         return max_rank(self.out_features, self.in_features)
 
     def parameters(self, rank: int | None) -> int:
@@ -100,13 +70,8 @@ class LossCurve:
 
 @dataclass(frozen=True)
 class Allocation:
-    """The chosen rank per layer (``None``: dense) and what it keeps and predicts.
-
-    ``ranks`` is in the curves' (model) order; ``parameters`` = Σ kept weight parameters ≤
-    ``max_parameters``; ``predicted_loss`` = Σ the chosen losses (nats). ``quantum`` is the
-    parameter unit the programme counted in; ``exact`` is ``False`` when it was coarsened beyond
-    the gcd of the costs (module docstring) and the optimum holds only for costs rounded up to it.
-    """
+    """The chosen rank per layer (``None``: dense) in model order, the kept parameters, the
+    summed predicted loss (nats), the programme's ``quantum`` and whether it was the gcd."""
 
     ranks: dict[str, int | None]
     parameters: int
@@ -117,11 +82,8 @@ class Allocation:
 
 
 def check_curves(curves: Mapping[str, LossCurve]) -> None:
-    """Raise ``ValueError`` naming the first layer whose curve is not one loss ≥ 0 per rank.
-
-    Length must be :func:`max_rank` of the layer's shape, every value finite and ≥ 0: a negative
-    or NaN loss would make the programme prefer a compressed layer to a dense one for nothing.
-    """
+    """``ValueError`` naming the first layer whose curve is not one finite loss ≥ 0 per rank (a
+    negative or NaN loss would make a compressed layer look better than dense)."""
     for name, curve in curves.items():
         if not isinstance(curve, LossCurve):
             raise ValueError(f"layer {name!r} has a {type(curve).__name__}; expected a LossCurve")
@@ -143,12 +105,8 @@ def check_curves(curves: Mapping[str, LossCurve]) -> None:
 
 
 def uniform_ranks(shapes: Mapping[str, tuple[int, int]], budget: float) -> dict[str, int]:
-    """``{layer: rank}`` keeping ``budget`` of each (out × in) layer's dense parameters.
-
-    Rank from :func:`~weighted_lowrank.lowrank.objective.rank_for_budget`, ⌊budget·out·in/(out+in)⌋;
-    a layer where that rank is 0 or keeps at least as many parameters as the dense weight raises
-    ``ValueError`` naming it — the uniform rule has no dense choice.
-    """
+    """``{layer: rank_for_budget}`` keeping ``budget`` of each layer's dense parameters; a rank 0
+    or one that saves nothing raises ``ValueError`` naming the layer (uniform has no dense)."""
     ranks = {}
     for name, shape in shapes.items():
         out_features, in_features = _checked_shape(shape, f"layer {name!r}")
@@ -172,12 +130,8 @@ def uniform_ranks(shapes: Mapping[str, tuple[int, int]], budget: float) -> dict[
 
 
 def parameter_budget(shapes: Mapping[str, tuple[int, int]], budget: float) -> int:
-    """The global budget of ``budget``: Σ r·(out+in) over the :func:`uniform_ranks`.
-
-    Defined by what the uniform allocation keeps (not ⌊budget·Σ out·in⌋, which the floors of the
-    uniform ranks undershoot) so that at the same ``budget`` a global model is never larger than
-    the uniform one, and the uniform ranks are always a feasible global allocation.
-    """
+    """Σ r·(out+in) over the :func:`uniform_ranks` (not ⌊budget·Σ out·in⌋): a global model is
+    then never larger than the uniform one, which is always feasible."""
     ranks = uniform_ranks(shapes, budget)
     return sum(rank * (int(shapes[name][0]) + int(shapes[name][1])) for name, rank in ranks.items())
 
@@ -185,14 +139,8 @@ def parameter_budget(shapes: Mapping[str, tuple[int, int]], budget: float) -> in
 def allocate_ranks(
     curves: Mapping[str, LossCurve], max_parameters: int, *, max_states: int = 50_000_000
 ) -> Allocation:
-    """The ranks minimising Σ predicted loss with Σ kept parameters ≤ ``max_parameters``.
-
-    Exact for any curves by a dynamic programme over parameter quanta (module docstring); above
-    ``max_states`` table entries, (capacity + 1) × layers, the quantum is coarsened and ``exact``
-    is ``False``. Every check runs before any work: an empty mapping, a ``max_parameters`` or
-    ``max_states`` that is not a positive int, a bad curve (:func:`check_curves`), or a budget
-    below the smallest model raise ``ValueError`` saying what was expected.
-    """
+    """The ranks minimising Σ predicted loss with Σ kept parameters ≤ ``max_parameters`` (module
+    docstring); every input is checked before any work."""
     if not isinstance(curves, Mapping) or not curves:
         raise ValueError(
             f"curves must be a non-empty mapping {{layer name: LossCurve}}, got {curves!r}"
@@ -256,10 +204,7 @@ def _read_back(
 
 
 def _programme(units: list[np.ndarray], losses: list[np.ndarray], capacity: int) -> list[Any]:
-    """Per layer, the argmin candidate at every capacity 0..C of ``best`` (min-plus knapsack).
-
-    ``best[c]`` is the least loss of the layers so far with cost ≤ c quanta (``inf``: none fits).
-    """
+    """Per layer, the argmin candidate at every capacity 0..C of the min-plus knapsack."""
     size = capacity + 1
     best = np.zeros(size)
     index_dtype = (
@@ -300,11 +245,8 @@ def _cost_gcd(curve: LossCurve) -> int:
 
 
 def _capacity(costs: list[np.ndarray], max_parameters: int, quantum: int) -> int:
-    """Quanta available: ``max_parameters // quantum``, capped at every layer dense (rounded up).
-
-    The cap changes no optimum (no choice costs more) and keeps a generous budget from growing
-    the table.
-    """
+    """``max_parameters // quantum``, capped at every layer dense: no optimum changes, and a
+    generous budget does not grow the table."""
     densest = sum(-(-int(cost[-1]) // quantum) for cost in costs)
     return min(max_parameters // quantum, densest)
 

@@ -1,17 +1,9 @@
 """Architecture-aware model structure: transformer blocks, their projections, GPT-2's ``Conv1D``.
 
-The default compression targets, "the attention and MLP projections of every transformer block",
-are found from the model's own structure (:func:`transformer_blocks`, then
-:func:`default_target_names`) rather than from one architecture's module names. Embeddings, the
-embedding→hidden projections of ALBERT and ELECTRA, heads, poolers and LayerNorms sit outside
-the blocks (or are not Linear) and are never selected.
-
-GPT-2 (and the other OpenAI-style models) computes its projections with transformers' ``Conv1D``,
-``y = x·W + b`` with ``W`` stored (in × out). :func:`linearize_conv1d` swaps each one for a
-:class:`Conv1DLinear` (same outputs, ``nn.Linear``'s out × in layout) so that every later step
-(Fisher, statistics, solvers, ``LowRankLinear``) sees one layer type;
-:func:`save_pretrained_model` writes it back in the stock layout, which stock ``from_pretrained``
-reloads.
+The default targets are found from the model's own structure (:func:`transformer_blocks`, then
+:func:`default_target_names`), not from one architecture's module names. GPT-2's ``Conv1D``
+(``x·W + b``, W stored in × out) becomes a :class:`Conv1DLinear` so every later step sees one
+layer type; :func:`save_pretrained_model` writes the stock layout back.
 """
 
 from __future__ import annotations
@@ -27,30 +19,22 @@ from transformers.pytorch_utils import Conv1D
 
 from weighted_lowrank.lowrank.layer import LowRankLinear, lowrank_modules, replace_module
 
-#: Linear modules inside a block that are not attention/MLP projections of the tokens: DeBERTa's
-#: relative-position projections (applied to the position-embedding table shared by every
-#: example, so no per-example gradient exists for them) and mixture-of-experts routers.
+#: Linear modules in a block that are not token projections: DeBERTa's relative-position ones (on
+#: a table every example shares: no per-example gradient) and mixture-of-experts routers.
 _NOT_PROJECTIONS = re.compile(
     r"(^|\.)(pos_key_proj|pos_query_proj|pos_proj|pos_q_proj|router|gate)$"
 )
-#: Config attributes holding the number of transformer blocks (GPT-2's ``n_layer`` and
-#: DistilBERT's ``n_layers`` are aliased to ``num_hidden_layers`` by their configs).
+#: Config attributes holding the number of transformer blocks.
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 
 
 class Conv1DLinear(nn.Linear):
-    """An ``nn.Linear`` made from a transformers ``Conv1D`` (GPT-2's projections).
-
-    ``Conv1D`` computes ``x·W + b`` with ``W`` of shape (in × out); this layer stores ``Wᵀ``
-    (out × in) as its ``weight``: the same outputs, the layout every other ``nn.Linear`` has. The
-    state-dict keys stay ``<name>.weight`` / ``<name>.bias``; only the weight's shape is
-    transposed (:func:`pretrained_state_dict` transposes it back for saving).
-    """
+    """An ``nn.Linear`` computing what a transformers ``Conv1D`` does, its weight transposed to
+    out × in (same state-dict keys; :func:`pretrained_state_dict` transposes it back)."""
 
     @classmethod
     def from_conv1d(cls, conv: nn.Module) -> Conv1DLinear:
-        """The layer computing what ``conv`` computes, on its device and in its dtype; the bias
-        parameter is reused, the weight is a transposed (contiguous) copy."""
+        """The layer for ``conv`` on its device and dtype (bias reused, weight a transposed copy)."""
         weight = conv.weight
         in_features, out_features = weight.shape
         bias = getattr(conv, "bias", None)
@@ -65,11 +49,8 @@ class Conv1DLinear(nn.Linear):
 
 
 def linearize_conv1d(model: nn.Module) -> list[str]:
-    """Replace every transformers ``Conv1D`` of ``model`` by a :class:`Conv1DLinear`, in place.
-
-    Returns the names replaced, in model order (empty when there is none: idempotent, and a no-op
-    on every model without ``Conv1D``). Works on the ``meta`` device too (structure only).
-    """
+    """Replace every ``Conv1D`` of ``model`` by a :class:`Conv1DLinear` in place (idempotent,
+    works on the ``meta`` device); the names replaced, in model order."""
     replaced: dict[int, Conv1DLinear] = {}
     names = []
     for name, module in model.named_modules(remove_duplicate=False):
@@ -86,13 +67,8 @@ def conv1d_modules(model: nn.Module) -> list[str]:
 
 
 def pretrained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` in the layout its stock transformers class expects.
-
-    Every :class:`Conv1DLinear` weight is transposed back to ``Conv1D``'s (in × out); every other
-    entry is the state dict's own tensor, so tied parameters (GPT-2's ``lm_head.weight`` and
-    ``transformer.wte.weight``) still share storage and ``save_pretrained`` writes them once.
-    For ``model.save_pretrained(directory, state_dict=pretrained_state_dict(model))``.
-    """
+    """``model.state_dict()`` in its stock class's layout: :class:`Conv1DLinear` weights back to
+    in × out; every other entry the state dict's own tensor, so tied parameters stay tied."""
     state = model.state_dict()
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, Conv1DLinear):
@@ -102,13 +78,8 @@ def pretrained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained_model(model: nn.Module, directory: str | Path, **save_args: Any) -> None:
-    """``model.save_pretrained(directory, **save_args)`` so that stock ``from_pretrained``
-    reloads it: a model with :class:`Conv1DLinear` layers is written in ``Conv1D`` layout (then
-    :func:`linearize_conv1d` the reloaded model again; outputs are identical).
-
-    A model with ``LowRankLinear`` layers has no stock layout: save it with
-    ``serialization.save_compressed``.
-    """
+    """``model.save_pretrained`` in the layout stock ``from_pretrained`` reloads (``Conv1D`` for
+    :class:`Conv1DLinear`); a low-rank model has none (``serialization.save_compressed``)."""
     compressed = list(lowrank_modules(model))
     if compressed:
         raise ValueError(
@@ -169,24 +140,11 @@ def _children(name: str, module_list: nn.ModuleList) -> list[tuple[str, nn.Modul
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, block)`` of every transformer block of ``model``, in model order.
-
-    The blocks are the items of the outermost ``nn.ModuleList`` whose length is the config's
-    number of layers (``num_hidden_layers``; GPT-2's ``n_layer``, DistilBERT's ``n_layers``) and
-    whose items hold Linear layers: ``bert.encoder.layer``, ``distilbert.transformer.layer``,
-    ``transformer.h`` (GPT-2), ``model.layers`` (LLaMA, ModernBERT), … An encoder-decoder with
-    as many decoder as encoder layers gives both lists.
-
-    ALBERT shares its layers: ``num_hidden_layers`` calls go through ``num_hidden_groups`` layer
-    groups of ``inner_group_num`` layers each (1 and 1 in every released checkpoint). Its blocks
-    are the distinct layers, ``…albert_layer_groups.<g>.albert_layers.<i>``: one set of weights
-    per layer, compressed once, whose Fisher and calibration statistics sum over every call of
-    the layer (``fisher._PerExampleAccumulator`` concatenates an example's calls along the token
-    axis before squaring, so each example's gradient is the sum over the calls, as autograd's).
-
-    Raises ``ValueError`` naming the architecture and listing its Linear modules when no block
-    is found.
-    """
+    """``(name, block)`` of every transformer block, in model order: the items of the outermost
+    ``nn.ModuleList`` as long as the config's layer count whose items hold Linear layers
+    (``bert.encoder.layer``, ``transformer.h``, ``model.layers``, …). ALBERT's blocks are its
+    distinct shared layers (``…albert_layer_groups.<g>.albert_layers.<i>``), each compressed once,
+    their statistics summed over every call."""
     config = getattr(model, "config", None)
     groups = getattr(config, "num_hidden_groups", None)
     inner = getattr(config, "inner_group_num", None)
@@ -237,15 +195,9 @@ def _describe_linear(model: nn.Module, limit: int = 40) -> str:
 
 
 def default_target_names(model: nn.Module) -> list[str]:
-    """The attention and MLP projection ``nn.Linear`` modules of every transformer block, in
-    model order: the default compression targets (``compression.targets: null``).
-
-    Needs a linearized model (:func:`linearize_conv1d`; ``hf.load_base_model`` and
-    ``hf.model_structure`` do it) when the blocks hold ``Conv1D``. In a compressed model the
-    ``LowRankLinear`` layers' factors are not projections: only the dense ones remain. Raises ``ValueError`` naming
-    the architecture and listing its Linear modules when no block, or no projection inside the
-    blocks, is found.
-    """
+    """The attention and MLP ``nn.Linear`` projections of every transformer block, in model
+    order (``compression.targets: null``); a compressed layer's factors are not projections.
+    Needs a linearized model (:func:`linearize_conv1d`)."""
     blocks = transformer_blocks(model)
     names: list[str] = []
     unlinearized: list[str] = []

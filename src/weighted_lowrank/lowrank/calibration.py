@@ -1,17 +1,12 @@
-"""Calibration statistics of a targeted Linear layer, beyond the diagonal Fisher.
-
-Names and normalisation shared by the pass that accumulates them (``fisher_estimation``) and the
-solvers that use them. For a Linear layer ``y = W x`` seen on ``N`` examples with ``T`` real
-(non-padding) tokens in all:
+"""Calibration statistics of a targeted Linear layer ``y = W x`` seen on ``N`` examples with
+``T`` real (non-padding) tokens in all:
 
 - ``input_moment``   A = (1/T) Σ_tokens x xᵀ          (in × in), the mean input second moment;
 - ``output_moment``  G = (1/N) Σ_n Σ_t g_nt g_ntᵀ     (out × out), g_nt = ∂ℓ_n/∂y at token t;
 - ``input_abs_mean`` (1/T) Σ_tokens |x|                (in,), ASVD's activation scale.
 
-With this normalisation ``½ tr(ΔWᵀ G ΔW A)`` is the Kronecker-factored (K-FAC, "expand" over
-tokens) estimate of the task-loss increase in nats *per example*, comparable across layers, and
-``G_ii A_jj`` approximates the diagonal empirical Fisher divided by ``N``.
-Stored as ``"<module>.<statistic>"`` float32 tensors.
+so that ``½ tr(ΔWᵀ G ΔW A)`` is the Kronecker-factored (K-FAC "expand") task-loss increase in
+nats per example. Stored as ``"<module>.<statistic>"`` float32 tensors.
 """
 
 from __future__ import annotations
@@ -35,16 +30,12 @@ NORMALISATION = (
     "T = num_tokens (non-padding tokens the module saw), N = num_examples"
 )
 
-#: Float32 products summed before they are added to the float64 totals. Each product already sums
-#: ~1,000 tokens in float32 (relative error ~1e-7); a few of them more cost no accuracy that
-#: matters, while adding a 1536² float32 matrix into float64 after every batch costs ~10 % of the
-#: product itself on CPU.
+#: Float32 products summed before they go into the float64 totals (flushing every product costs
+#: ~10 % of the product on CPU; a few more float32 sums cost no accuracy that matters).
 _FLUSH_EVERY = 8
 
-#: Zero output-gradient rows add nothing to G. Below this fraction of live rows they are dropped
-#: before the product (a classifier's last layer: one live row per example); above it (padding
-#: only, a few per cent after length bucketing) multiplying the zeros costs less than copying the
-#: live rows out.
+#: Below this fraction of non-zero output-gradient rows the zero rows are copied out before the
+#: product (a classifier's last layer); above it multiplying the zeros is cheaper.
 _LIVE_FRACTION_TO_COPY = 0.9
 
 
@@ -79,20 +70,9 @@ def check_statistics(statistics: Iterable[str]) -> tuple[str, ...]:
 class StatisticsAccumulator:
     """Sums of the requested statistics over the batches of one pass, then their means.
 
-    Fed once per batch with each targeted module's captured inputs and output gradients (one
-    tensor per call of the module in the forward pass; several calls add up).
-
-    - Inputs of shape ``(batch, tokens, in)`` whose leading dims match the batch's attention mask
-      contribute their real tokens only; any other input shape contributes every row (documented
-      fallback: such a module's ``T`` counts rows, not tokens).
-    - Output-gradient rows that are zero (padding; in a classifier's last layer every position
-      but the pooled one) add nothing to G; when they are many they are dropped before the
-      product.
-    - Modules that receive the *same input tensor* (BERT's query, key and value) share one sum:
-      the product is computed once per batch. The sharing is re-checked on every batch and undone
-      for a module whose input stops being shared.
-    - Products are float32 (on CPU only the lower triangle, in column panels) summed into
-      float64 totals every ``flush_every`` products.
+    Inputs ``(batch, tokens, in)`` matching the attention mask count their real tokens only
+    (other shapes count every row). Modules fed the same input tensor (BERT's query, key and
+    value) share one sum, re-checked every batch.
     """
 
     def __init__(
@@ -155,11 +135,8 @@ class StatisticsAccumulator:
         self.seconds += time.perf_counter() - started
 
     def result(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """``({"<module>.<statistic>": float32 CPU tensor}, {module: T})`` in storage order.
-
-        A module that saw no token (never called) gets zero input statistics and ``T = 0``; the
-        token counts are empty when no input statistic was asked for.
-        """
+        """``({"<module>.<statistic>": float32 CPU tensor}, {module: T})`` in storage order (an
+        uncalled module: zero input statistics, ``T = 0``; no counts without input statistics)."""
         means: dict[str, torch.Tensor] = {}
         for name, module in self.modules.items():
             slot = self._slot_of.get(name)
@@ -253,11 +230,8 @@ class _InputSums:
 
 
 class _Gram:
-    """Σ rowsᵀ rows over batches: float32 products, summed into a float64 total now and then.
-
-    On CPU only the lower triangle is computed, in column panels (about 0.6–0.75 of a full GEMM's
-    time for 384–1536 columns); on CUDA a full GEMM is cheaper than several panel launches.
-    """
+    """Σ rowsᵀ rows over batches, float32 products flushed into a float64 total. On CPU only the
+    lower triangle, in column panels (0.6–0.75 of a full GEMM's time); on CUDA a full GEMM."""
 
     def __init__(self, size: int, device: torch.device, flush_every: int) -> None:
         self.panel = _panel_width(size) if device.type == "cpu" else size
@@ -294,8 +268,7 @@ class _Gram:
 
 
 def _panel_width(size: int) -> int:
-    """Column panels of the lower triangle on CPU: about eight, at least 128 columns wide (narrower
-    panels lose more GEMM efficiency than the triangle saves)."""
+    """About eight panels, at least 128 columns wide (narrower ones lose more than they save)."""
     return max(128, -(-size // 8))
 
 

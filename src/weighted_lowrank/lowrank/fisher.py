@@ -1,17 +1,9 @@
 """Empirical Fisher information of Linear weights: exact per-example, or squared minibatch gradients.
 
-Per-example mode never forms a per-parameter gradient through autograd. Forward hooks keep each
-targeted Linear's input ``X`` (batch, tokens, in) and output ``Y``; one ``torch.autograd.grad`` of
-the loss *summed* over the batch returns ``G = ∂loss/∂Y``, whose row ``n`` depends only on example
-``n`` (examples do not interact in an eval-mode transformer). Example ``n``'s weight gradient is
-then ``G_nᵀ X_n``, and the Fisher accumulates ``Σ_n (G_nᵀ X_n)²``. Asking autograd only for the
-outputs' gradients skips every weight-gradient product, so the per-example products replace
-rather than add to the backward work of an ordinary minibatch pass.
-
-The same pass can accumulate the calibration statistics of
-:mod:`~weighted_lowrank.lowrank.calibration` (:func:`calibrate`): the input second moment and mean
-|x| come from the held inputs, the output-gradient second moment from ``∂loss/∂Y`` — asked of the
-same ``torch.autograd.grad`` call in minibatch mode too, beside the weights' gradients.
+Per-example mode: forward hooks keep each targeted Linear's input ``X`` and output ``Y``; one
+``autograd.grad`` of the batch-summed loss gives ``G = ∂loss/∂Y``, whose row ``n`` is example
+``n``'s own, so the Fisher accumulates ``Σ_n (G_nᵀ X_n)²`` without any weight-gradient product.
+The same pass can accumulate the statistics of :mod:`~weighted_lowrank.lowrank.calibration`.
 """
 
 from __future__ import annotations
@@ -47,16 +39,10 @@ _FLUSH_BATCHES = 8
 
 @dataclass(frozen=True)
 class Calibration:
-    """What one calibration pass found (:func:`calibrate`).
-
-    ``fisher``: ``{"<module>.weight": float32 CPU tensor}``, the diagonal empirical Fisher (a sum
-    over examples). ``statistics``: ``{"<module>.<statistic>": float32 CPU tensor}``, the requested
-    statistics of :mod:`~weighted_lowrank.lowrank.calibration` (means: A and |x| per real token,
-    G per example). ``num_examples``: N. ``num_tokens``: real (non-padding) tokens of the
-    batches (their attention masks; every ``input_ids`` position without one; 0 without
-    either). ``module_tokens``: the ``T`` each module's input statistics were divided by (empty
-    when none were asked for). ``statistics_seconds``: wall time spent on the statistics.
-    """
+    """What one calibration pass found (:func:`calibrate`): the diagonal Fisher summed over
+    examples (``"<module>.weight"``), the requested statistics (``"<module>.<statistic>"``),
+    N, the real tokens of the batches, the ``T`` of each module's input statistics, and the
+    seconds spent on the statistics."""
 
     fisher: dict[str, torch.Tensor]
     statistics: dict[str, torch.Tensor]
@@ -75,31 +61,14 @@ def calibrate(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> Calibration:
-    """One pass over ``batches``: the Fisher of the targeted Linear weights and ``statistics``.
+    """One pass over ``batches`` (dicts for ``model(**batch)`` with ``"labels"``): the Fisher of
+    the ``targets`` Linear weights and the calibration ``statistics`` (exact in both modes).
 
-    ``batches`` yields dicts accepted by ``model(**batch)`` that also hold ``"labels"``. The loss,
-    always *summed* over the examples of a batch, is chosen as Hugging Face's heads choose it: a
-    causal language model's next-token loss, each block's mean over its predicted tokens
-    (:mod:`~weighted_lowrank.lowrank.language_model`); cross-entropy for classification; binary
-    cross-entropy with logits for ``multi_label_classification``; squared error for regression.
-
-    ``mode="per_example"``: ``F = Σ_n (∇_W ℓ_n)²`` (exact empirical Fisher).
-    ``mode="minibatch"``: ``F = Σ_b (∇_W Σ_{n∈b} ℓ_n)²``; in expectation this equals the
-    per-example sum when per-example gradients have zero mean (a converged model), so both modes
-    share one scale.
-
-    ``statistics``: any of :data:`~weighted_lowrank.lowrank.calibration.CALIBRATION_STATISTICS`
-    (``()`` for the Fisher alone). They are exact in both modes (the output gradient of a summed
-    loss is each example's own), come from the tensors the pass holds anyway, and leave the
-    Fisher unchanged; input statistics count real tokens
-    (:class:`~weighted_lowrank.lowrank.calibration.StatisticsAccumulator`).
-
-    ``targets`` selects Linear modules (:func:`~weighted_lowrank.lowrank.targets.
-    select_linear_modules`). A module called on an input every example shares (DeBERTa-v3's
-    relative-position table) makes the per-example mode run the batches one example at a time,
-    exact. The model runs in eval mode on ``device``; its mode, device and ``requires_grad``
-    flags are restored afterwards. A non-finite loss or gradient raises ``ValueError`` naming the
-    batch (and the module nearest the loss whose gradient is not finite).
+    The loss is summed over a batch's examples and chosen as Hugging Face's heads choose it.
+    ``mode="per_example"``: ``F = Σ_n (∇_W ℓ_n)²``; ``"minibatch"``: ``F = Σ_b (∇_W Σ_{n∈b} ℓ_n)²``,
+    the same in expectation at zero-mean per-example gradients (a converged model). The model
+    runs in eval mode on ``device`` and is restored afterwards; a non-finite loss or gradient
+    raises ``ValueError`` naming the batch (and the module nearest the loss).
     """
     if mode not in FISHER_MODES:
         raise ValueError(f"mode {mode!r} is not a Fisher mode; expected one of {FISHER_MODES}")
@@ -129,10 +98,7 @@ def empirical_fisher(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Sum over examples of squared gradients of the task loss w.r.t. targeted Linear weights.
-
-    :func:`calibrate` without statistics; returns ``{"<module>.weight": float32 CPU tensor}``.
-    """
+    """:func:`calibrate`'s Fisher alone: ``{"<module>.weight": float32 CPU tensor}``."""
     return calibrate(model, batches, targets, mode, (), device, progress).fisher
 
 
@@ -141,12 +107,8 @@ def validate_fisher(
     fisher: Mapping[str, torch.Tensor],
     targets: str | Iterable[str] | None = None,
 ) -> dict[str, nn.Linear]:
-    """Check that ``fisher`` fits ``model``; return ``{module name: Linear}`` for its keys.
-
-    Every key must be ``"<Linear module>.weight"`` of the model with the weight's shape, finite
-    and non-negative. With ``targets`` given, every targeted module must have an entry.
-    Raises ``ValueError`` naming the offending keys.
-    """
+    """``{module name: Linear}`` for the keys of ``fisher``, once each is a ``"<Linear>.weight"``
+    of ``model`` of the weight's shape, finite and ≥ 0, and every targeted module has one."""
     if not fisher:
         raise ValueError("Fisher information is empty; expected one tensor per targeted weight")
     linear = {
@@ -184,8 +146,7 @@ def validate_fisher(
 
 
 def _loss_function(model: nn.Module):
-    """Summed task loss of logits vs labels, chosen like Hugging Face's heads: a causal LM's is
-    the sum over blocks of each block's mean next-token loss."""
+    """Summed task loss of logits vs labels, chosen like Hugging Face's heads."""
     if is_causal_lm(model):
         return summed_block_loss
     config = getattr(model, "config", None)
@@ -272,7 +233,6 @@ class _Pass:
             _PerExampleAccumulator(modules, device) if mode == "per_example" else None
         )
         self.statistics = StatisticsAccumulator(modules, statistics, device) if statistics else None
-        # Output gradients: the per-example products need them, and so does G in either mode.
         self.output_gradients = self.per_example is not None or bool(
             self.statistics and self.statistics.needs_output_gradients
         )
@@ -280,10 +240,8 @@ class _Pass:
         self.device = device
         self.examples = 0
         self.tokens = 0
-        # Per-example mode on a model that applies a targeted module to an input shared by every
-        # example (DeBERTa-v3 projects its relative-position table with query_proj / key_proj):
-        # that call's output gradient is a sum over the batch, so batches run one example at a
-        # time from the first such batch on (exact, slower).
+        # A module called on an input every example shares (DeBERTa-v3's relative positions) has
+        # a batch-summed output gradient: from then on batches run one example at a time.
         self.one_example_at_a_time = False
 
     @contextmanager
@@ -326,8 +284,7 @@ class _Pass:
                     "check the model weights and labels for NaN/inf"
                 )
             weight_grads, output_grads = self._gradients(loss)
-        # Which rows of each output gradient are non-zero: asked once, used by the per-example
-        # products and by G (NaN counts as non-zero: it stays and is reported).
+        # Non-zero output-gradient rows, asked once (NaN counts as non-zero: it is reported).
         live_rows = {
             name: [g.reshape(-1, g.shape[-1]).any(dim=1) for g in grads]
             for name, grads in output_grads.items()
@@ -391,15 +348,14 @@ class _Pass:
 def _has_shared_call(
     captured: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]], batch_size: int
 ) -> bool:
-    """Whether a targeted module was called on an input without the batch's leading dimension
-    (one shared by every example), in a batch of several examples."""
+    """Whether a module saw an input without the batch's leading dimension (several examples)."""
     return batch_size > 1 and any(
         x.dim() >= 2 and x.shape[0] != batch_size for calls in captured.values() for x, _ in calls
     )
 
 
 def _single_examples(batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """``batch`` cut into batches of one example (tensors whose leading size is the batch's)."""
+    """``batch`` cut into batches of one example."""
     size = batch["labels"].shape[0]
     return [
         {
@@ -427,14 +383,9 @@ def _capture_hook(name: str, captured: dict[str, list[tuple[torch.Tensor, torch.
 
 
 class _PerExampleAccumulator:
-    """Adds ``Σ_n (G_nᵀ X_n)²`` of each batch to float32 running totals, with reused buffers,
-    and those into the float64 sums every ``_FLUSH_BATCHES`` batches.
-
-    Buffers are allocated once: fresh multi-megabyte tensors per block would cost a page fault
-    per page on every batch, which on CPU is as expensive as the products themselves. Adding a
-    float32 total into float64 after every batch cost ≈ 5 % of the pass (a cast and an add of
-    every weight-sized tensor); a few batches more in float32 cost no accuracy that matters.
-    """
+    """Adds ``Σ_n (G_nᵀ X_n)²`` of each batch to float32 totals, and those into the float64
+    sums every ``_FLUSH_BATCHES`` batches (flushing every batch cost ≈ 5 % of the pass). Buffers
+    are allocated once: fresh ones would page-fault as much as the products cost on CPU."""
 
     def __init__(self, modules: dict[str, nn.Linear], device: torch.device) -> None:
         self.modules = modules
@@ -499,10 +450,8 @@ class _PerExampleAccumulator:
         live: torch.Tensor,
         total: torch.Tensor,
     ) -> None:
-        """``total += Σ_n (G_nᵀ X_n)²`` for G (batch, tokens, out) and X (batch, tokens, in);
-        ``live`` (tokens,): positions whose output gradient is non-zero in some example."""
-        # Token positions whose output gradient is zero in every example add nothing: padding, and
-        # in a classifier's last layer every token but the pooled one (query, FFN, output dense).
+        """``total += Σ_n (G_nᵀ X_n)²``; positions not ``live`` (zero output gradient in every
+        example: padding, a classifier's unpooled tokens) add nothing and are dropped."""
         if not bool(live.all()):
             positions = live.nonzero().squeeze(1)
             output_grad, activation = output_grad[:, positions], activation[:, positions]
@@ -547,7 +496,7 @@ def _add_minibatch(
 
 
 def _raise_if_non_finite(non_finite: list[str], kind: str, batch_index: int) -> None:
-    """Name the targeted module nearest the loss (the last in model order) whose gradient broke."""
+    """Name the module nearest the loss (last in model order) whose gradient is not finite."""
     if non_finite:
         raise ValueError(
             f"non-finite {kind} gradient of {non_finite[-1]}.weight on batch {batch_index} "

@@ -4,19 +4,11 @@
 
     φ(W) = (1/|W|) Σ_ij (I_ij / Ī − 1)²,   Ī = (1/|W|) Σ_ij I_ij,
 
-i.e. the squared coefficient of variation of I. It is invariant to the scale of I (the number of
-examples, the loss scale), zero exactly when I is uniform (the case where SVD is already optimal
-for the weighted objective), and grows as importance concentrates on few entries.
-
-Any statistic in :data:`RISK_STATISTICS` can drive the high/low ``risk`` column. The project's
-risk signal (the default of ``svd_risk.statistic``) is ``svd_kronecker_loss``: the
-Kronecker-factored loss model's prediction ½ tr(ΔWᵀ G ΔW A) of the loss increase, in nats per
-example, when the layer's W is replaced by its rank-r truncated SVD (ΔW = W − SVD_r(W); A and G the
-layer's calibration statistics, :mod:`weighted_lowrank.lowrank.loss_models`). On the default
-fine-tuned MiniLM it predicts the KL divergence of the compressed model's predictions from the
-dense one's with Spearman ρ = 0.87 over the 36 layers compressed alone, where φ reaches 0.16
-(``risk_validation``; docs/METHOD.md). ``svd_taylor_loss`` = ½ Σ_ij I_ij (W − SVD_r(W))²_ij / N is
-the same prediction under the diagonal Fisher (I summed over N examples; ρ = 0.54 there).
+the squared coefficient of variation of I: scale-free, zero exactly when I is uniform (where SVD
+is already optimal). Any of :data:`RISK_STATISTICS` can drive the ``risk`` column; the default,
+``svd_kronecker_loss`` = ½ tr(ΔWᵀ G ΔW A) for ΔW = W − SVD_r(W), predicts the measured KL of the
+36 MiniLM layers compressed alone with Spearman ρ = 0.87, where φ reaches 0.16 and
+``svd_taylor_loss`` (the diagonal Fisher's) 0.54 (``risk_validation``; docs/METHOD.md).
 """
 
 from __future__ import annotations
@@ -38,27 +30,22 @@ from weighted_lowrank.lowrank.objective import FactorizationResult, rank_for_bud
 from weighted_lowrank.lowrank.solvers import factorize_batch
 from weighted_lowrank.lowrank.targets import describe_module
 
-#: A layer is "high" risk when φ(W) ≥ this. Chosen on a fine-tuned MiniLM's Fisher (docs/METHOD.md):
-#: of the thresholds tried it best separated layers where SVD's weighted loss is at least twice
-#: two-sided FWSVD's; φ is only a moderate predictor (value projections are counterexamples).
+#: "high" risk at φ(W) ≥ this: on a fine-tuned MiniLM it best separated layers where SVD's
+#: weighted loss is at least twice two-sided FWSVD's (docs/METHOD.md).
 DEFAULT_PHI_THRESHOLD = 50.0
 
-#: A layer is "high" risk when ``svd_kronecker_loss`` ≥ this (nats per example). On the default
-#: fine-tuned MiniLM (docs/METHOD.md) it separates the 4 layers whose SVD moves the predictions by a
-#: measured KL ≥ 0.0088 nats from the 32 others (≤ 0.0048 but one, layer 5 value: 0.013).
+#: "high" risk at ``svd_kronecker_loss`` ≥ this (nats per example): on the default MiniLM it
+#: separates the 4 layers whose SVD moves the predictions most (docs/METHOD.md).
 DEFAULT_KRONECKER_THRESHOLD = 0.013
 
 #: The statistics that need the number of examples the Fisher sums over (and ``compare_solvers``).
 TAYLOR_STATISTICS = ("svd_taylor_loss", "fwsvd_taylor_gain")
 #: The statistics that need the per-layer SVD and FWSVD (``compare_solvers``).
 SOLVER_STATISTICS = ("svd_error_alignment", "svd_loss_rel_fwsvd", *TAYLOR_STATISTICS)
-#: Per-layer statistics of :func:`layer_statistics` that may drive the ``risk`` column (larger
-#: means riskier for every one of them).
+#: Statistics that may drive the ``risk`` column (larger = riskier for each).
 RISK_STATISTICS = ("svd_kronecker_loss", "phi", "top_share", "max_to_mean", *SOLVER_STATISTICS)
-#: The statistics of the Kronecker-factored loss model: they need every layer's calibration
-#: statistics :data:`KRONECKER_NEEDS` (not ``compare_solvers``: they run their own SVD).
+#: The statistics that need every layer's A and G (:data:`KRONECKER_NEEDS`), not ``compare_solvers``.
 KRONECKER_STATISTICS = ("svd_kronecker_loss",)
-#: The calibration statistics (``"<module>.<name>"`` keys) the Kronecker statistics need: A and G.
 KRONECKER_NEEDS = REQUIRED_STATISTICS["kronecker"]
 
 
@@ -93,12 +80,8 @@ def check_risk_statistic(
     num_examples: int | None = 1,
     missing_calibration: Sequence[str] = (),
 ) -> str:
-    """Return ``statistic`` if it is in :data:`RISK_STATISTICS` and computable, else raise.
-
-    Statistics in :data:`SOLVER_STATISTICS` need ``compare_solvers``; the Taylor ones also need
-    the number of examples the Fisher sums over; the Kronecker ones need the calibration
-    statistics, and ``missing_calibration`` lists the keys that are absent.
-    """
+    """``statistic`` once it is known and computable from what is given (``missing_calibration``:
+    the absent calibration keys), else a ``ValueError`` saying what it needs."""
     if statistic not in RISK_STATISTICS:
         raise ValueError(
             f"risk statistic {statistic!r} is unknown; expected one of {list(RISK_STATISTICS)}"
@@ -142,17 +125,11 @@ def layer_statistics(
 ) -> list[dict]:
     """One row of risk statistics per Fisher key (``"<module>.weight"``), in the Fisher's order.
 
-    ``weights`` maps the same keys to the weight matrices. Columns: ``module``, ``layer``,
-    ``kind``, ``out_features``, ``in_features``, ``rank`` (from ``budget``), ``phi`` (φ(W)),
-    ``top_share`` (of the top ``top_fraction`` of entries), ``max_to_mean``; with
-    ``compare_solvers``, for SVD's residual R: ``svd_error_alignment`` = Σ I R² / (Ī Σ R²) (> 1
-    when SVD's error hits important entries), ``svd_loss_rel_fwsvd`` = SVD's weighted loss /
-    two-sided FWSVD's (≥ 1: weighting pays) and, given the N examples the Fisher sums over,
-    ``svd_taylor_loss`` = ½ Σ I R² / N and ``fwsvd_taylor_gain`` = ½ (SVD's − FWSVD's loss) / N.
-    When ``calibration`` holds the per-example A and G of every layer (``"<module>.input_moment"``,
-    ``"<module>.output_moment"``), ``svd_kronecker_loss`` = ½ tr(RᵀGRA) in nats per example;
-    else that column is absent and selecting it is an error naming the missing keys. Last,
-    ``risk``: ``"high"`` when the row's ``statistic`` ≥ ``threshold``.
+    For SVD's residual R: with ``compare_solvers``, ``svd_error_alignment`` = Σ I R² / (Ī Σ R²),
+    ``svd_loss_rel_fwsvd`` = SVD's weighted loss / two-sided FWSVD's and, given the N examples
+    the Fisher sums over, ``svd_taylor_loss`` = ½ Σ I R² / N and ``fwsvd_taylor_gain`` =
+    ½ (SVD's − FWSVD's loss) / N; with every layer's A and G in ``calibration``,
+    ``svd_kronecker_loss`` = ½ tr(RᵀGRA). ``risk``: ``"high"`` when ``statistic`` ≥ ``threshold``.
     """
     keys = list(fisher)
     modules = [key.removesuffix(".weight") for key in keys]
@@ -274,10 +251,8 @@ def _curvatures(
 def risk_summary(
     rows: list[dict], statistic: str = "phi", threshold: float = DEFAULT_PHI_THRESHOLD
 ) -> dict:
-    """Per-model aggregates of :func:`layer_statistics` rows (JSON-friendly).
-
-    ``statistic`` and ``threshold`` are the rule the rows' ``risk`` column was assigned with.
-    """
+    """Per-model aggregates of :func:`layer_statistics` rows (JSON-friendly), with the
+    ``statistic`` and ``threshold`` their ``risk`` column was assigned with."""
     phis = [row["phi"] for row in rows]
     highest = max(rows, key=lambda row: row["phi"])
     by_kind: dict[str, list[float]] = {}

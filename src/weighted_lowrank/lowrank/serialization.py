@@ -1,17 +1,10 @@
 """Save and reload compressed models: an HF-style directory plus ``lowrank_config.json``.
 
-A compressed model is saved as a directory with ``config.json``, tokenizer files,
-``model.safetensors`` (the factors of every low-rank layer ``m`` under ``m.right.weight``,
-``m.left.weight`` and ``m.left.bias``) and ``lowrank_config.json`` (:class:`LowRankConfig`: the
-model class, dtype, every low-rank module with its rank, tied aliases). It is rebuilt from the
-stock transformers class named there: no remote code, no pickle. ``AutoModel*.from_pretrained``
-on such a directory would silently re-initialise the dense layers it cannot find; always reload
-it with :func:`load_compressed`.
-
-Layout of GPT-2-style ``Conv1D`` weights: always ``nn.Linear``'s (out × in), whether the saved
-model's dense ``Conv1D`` layers were linearized (:class:`~weighted_lowrank.lowrank.architectures.
-Conv1DLinear`, as every loaded model's are) or not; :func:`load_compressed` linearizes the fresh
-model before loading, so its dense layers are ``Conv1DLinear`` like a loaded model's.
+The directory holds ``config.json``, tokenizer files, ``model.safetensors`` (low-rank layer ``m``
+as ``m.right.weight``, ``m.left.weight``, ``m.left.bias``; ``Conv1D`` weights always out × in)
+and :class:`LowRankConfig`. It is rebuilt from the stock transformers class named there (no
+remote code, no pickle); ``AutoModel*.from_pretrained`` would silently re-initialise the
+low-rank layers, so reload it with :func:`load_compressed`.
 """
 
 from __future__ import annotations
@@ -58,13 +51,9 @@ _LAYER_KEYS = tuple(item.name for item in fields(LayerSpec))
 
 @dataclass(frozen=True)
 class LowRankConfig:
-    """The contents of ``lowrank_config.json`` (in the spirit of PEFT's ``LoraConfig``).
-
-    ``model_class`` is the stock transformers class to rebuild, ``dtype`` the name of the saved
-    floating-point dtype (``"float32"``), ``modules`` maps each low-rank module name to its
-    :class:`LayerSpec` in model order, ``tied`` maps each state-dict key that was not written
-    (a tied parameter) to the key holding its tensor.
-    """
+    """The contents of ``lowrank_config.json`` (in the spirit of PEFT's ``LoraConfig``): the stock
+    class to rebuild, the saved dtype's name, each low-rank module's :class:`LayerSpec` in model
+    order, and each tied key that was not written mapped to the key holding its tensor."""
 
     model_class: str
     dtype: str
@@ -96,13 +85,7 @@ class LowRankConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``lowrank_config.json`` (key order as written since format 1)."""
-        return {
-            "format_version": self.format_version,
-            "model_class": self.model_class,
-            "dtype": self.dtype,
-            "modules": {name: asdict(spec) for name, spec in self.modules.items()},
-            "tied": dict(self.tied),
-        }
+        return {"format_version": self.format_version, **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = LOWRANK_CONFIG_FILE) -> LowRankConfig:
@@ -145,13 +128,8 @@ class LowRankConfig:
 
 
 def tensors_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state dict as contiguous CPU tensors, one key per storage.
-
-    Tied parameters (several names for one tensor) are written once; the second return value maps
-    each dropped alias to the key it shares its tensor with. The weight of a transformers
-    ``Conv1D`` not linearized yet is written transposed, in ``nn.Linear``'s (out × in) layout,
-    the layout of a linearized one: a saved file has one layout whatever the model held.
-    """
+    """The state dict as contiguous CPU tensors, one key per storage, and ``{dropped tied alias:
+    key}``; a not yet linearized ``Conv1D`` weight is written out × in like a linearized one."""
     # Every name of every Conv1D: a module registered twice has two state-dict keys.
     conv_weights = {
         f"{name}.weight"
@@ -180,11 +158,7 @@ def serialized_size_bytes(model: nn.Module) -> int:
 
 
 def parameter_counts(tensors: Mapping[str, torch.Tensor], modules: Iterable[str]) -> dict[str, int]:
-    """Count parameters in saved tensors: ``{"layers": under the given modules, "model": all}``.
-
-    A tensor belongs to module ``m`` when its key starts with ``"m."``; counts are element counts of
-    the tensors as stored (each tied tensor once).
-    """
+    """Elements of the saved tensors: ``{"layers": under the keys "<module>.", "model": all}``."""
     prefixes = tuple(f"{name}." for name in modules)
     layers = sum(tensor.numel() for key, tensor in tensors.items() if key.startswith(prefixes))
     return {"layers": int(layers), "model": int(sum(tensor.numel() for tensor in tensors.values()))}
@@ -217,13 +191,8 @@ def save_compressed(
 
 
 def load_compressed(directory: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
-    """Rebuild a model written by :func:`save_compressed`; strict about every tensor key.
-
-    The stock transformers class named in ``lowrank_config.json`` is built from ``config.json``,
-    its ``Conv1D`` layers (GPT-2) are linearized, the listed modules are replaced by
-    :class:`LowRankLinear` of the saved ranks and ``model.safetensors`` is loaded; a missing or
-    unexpected key raises ``ValueError``. Returns the model in eval mode on ``device``.
-    """
+    """The model :func:`save_compressed` wrote, in eval mode on ``device``; a missing or
+    unexpected tensor key raises ``ValueError``."""
     directory = Path(directory)
     for file_name in ("config.json", WEIGHTS_FILE):
         if not (directory / file_name).is_file():

@@ -29,9 +29,8 @@ class DaskRunner(AbstractRunner):
     """Runs each node as a task on a Dask cluster; MLflow logging stays in this process.
 
     Kedro's Dask deployment shape: every node is submitted at once as a task whose arguments are
-    the futures of what it depends on, and Dask orders the work. Each task takes this process's
-    torch thread count, so outputs equal ``SequentialRunner``'s but for wall-clock fields
-    (docs/CLUSTER.md).
+    the futures of what it depends on, and Dask orders the work. Outputs equal
+    ``SequentialRunner``'s but for wall-clock fields (docs/CLUSTER.md).
 
     ``address``: the scheduler, e.g. ``tcp://10.0.0.5:8786``; default ``DASK_SCHEDULER_ADDRESS``,
     and without it a ``LocalCluster(**cluster)`` for the run (``n_workers``, ``threads_per_worker``
@@ -96,6 +95,8 @@ class DaskRunner(AbstractRunner):
     def submit(self, node: Node) -> None:
         """Submit ``node`` with the futures of the nodes before it (and of the driver's inputs)."""
         datasets = {n: self.datasets[n] for n in node.outputs if self.places[n] == "worker"}
+        if (parameters := self.catalog.get("parameters")) is not None:  # the lineage check's
+            datasets["parameters"] = parameters
         received = {}
         for name in node.inputs:
             if self.places[name] == "worker":
@@ -134,8 +135,7 @@ class DaskRunner(AbstractRunner):
                     raise error
                 self.collect(node)
                 done.add(node)
-                logger.info("Completed node: %s", node.name)
-                logger.info("Completed %d out of %d tasks", len(done), len(nodes))
+                logger.info("Completed node %s (%d of %d)", node.name, len(done), len(nodes))
         except BaseException:
             self.client.cancel(list(self.futures.values()))
             logger.warning("Not run: %s", [n.name for n in nodes.values() if n not in done])

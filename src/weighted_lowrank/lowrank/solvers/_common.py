@@ -1,9 +1,7 @@
 """Machinery shared by the solver families: batched problems, options, closed forms, the loop.
 
-Every solver works on a *batch* of same-shape layers at once (``(b, out, in)`` tensors), so that
-``factorize_batch`` shares matmuls between layers; ``factorize`` is a batch of one. Inside a
-batch each layer is normalised — weight by its RMS, importance by its mean — which leaves every
-minimiser unchanged and lets one set of default step sizes serve every layer.
+Every solver works on a batch of same-shape layers (``(b, out, in)`` tensors), each normalised
+(weight RMS 1, importance mean 1: no minimiser changes, one set of default step sizes serves).
 """
 
 from __future__ import annotations
@@ -32,10 +30,8 @@ FWSVD_AXES = ("in", "out", "both")
 class Problem:
     """A batch of normalised same-shape problems: loss_original = scale · loss_normalised.
 
-    The calibration statistics a solver needs ride along stacked in float64, each layer's divided
-    by its mean diagonal (moments) or mean (``input_abs_mean``), which leaves every minimiser
-    unchanged; ``statistic_scale[name]`` (b,) holds that divisor, and a statistic nobody needs is
-    ``None``. ``names`` label the layers in error messages.
+    The statistics the solver needs ride along stacked in float64, each layer's divided by its
+    mean diagonal (or mean): ``statistic_scale[name]`` (b,); one nobody needs is ``None``.
     """
 
     weight: torch.Tensor
@@ -98,11 +94,8 @@ def option(default: Any, rule: Rule) -> Any:
 
 @dataclass(frozen=True)
 class Options:
-    """Options every solver accepts; a family subclasses it with its own, each with its rule.
-
-    Building one checks every value: a ``ValueError`` names the option, what is expected and
-    the value.
-    """
+    """Options every solver accepts; a family subclasses it with its own. Building one checks
+    every value (a ``ValueError`` names the option, what is expected and the value)."""
 
     device: str | torch.device | None = option(
         None,
@@ -124,9 +117,8 @@ class Options:
 
 @dataclass(frozen=True)
 class IterativeOptions(Options):
-    """Options every iterative solver accepts. Each family sets its own measured ``max_iters`` /
-    ``tol``; ``max_seconds`` stays ``None`` everywhere, so that by default no solver reads the
-    clock and the same inputs give the same factors on any machine."""
+    """Options every iterative solver accepts; ``max_seconds`` stays ``None`` by default, so no
+    solver reads the clock and the same inputs give the same factors on any machine."""
 
     max_iters: int = option(500, int_at_least(0))
     max_seconds: float | None = option(
@@ -141,11 +133,9 @@ class IterativeOptions(Options):
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """Everything the registry knows about a solver: its batched implementation, its options
-    class (defaults and checks), the calibration statistics it always reads (a subset of
-    ``CALIBRATION_STATISTICS``), the weighted spectrum its loss-vs-rank curve comes from
-    (:mod:`.spectra`) named by ``curve``, and for an iterative solver the iterations over which
-    its relative-improvement ``tol`` is measured (``window``)."""
+    """A solver: its batched implementation, options class, the weighted spectrum its loss curve
+    comes from (:mod:`.spectra`) named ``curve``, the calibration statistics it always reads and,
+    if iterative, the iterations over which its ``tol`` is measured (``window``)."""
 
     solve: Callable[[Problem, Any, float], list[SolverOutput]]
     options: type[Options]
@@ -163,11 +153,8 @@ def build_problem(
     statistics: list[Mapping[str, torch.Tensor]] | None = None,
     names: list[str] | None = None,
 ) -> Problem:
-    """Stack same-shape layers, normalise each (weight RMS 1, importance mean 1).
-
-    ``statistics`` (one mapping per layer, already checked by ``factorize_batch``) holds
-    exactly the calibration statistics the solver needs.
-    """
+    """Stack same-shape layers, normalise each; ``statistics`` (one mapping per layer, checked by
+    ``factorize_batch``) hold exactly what the solver needs."""
     dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
     weight = torch.stack([w.detach().to(device, dtype) for w in weights])
     importance = torch.stack(
@@ -301,14 +288,12 @@ def balanced_truncated_svd(
     return top_vectors * root[:, None, :], (top_vectors.transpose(1, 2) @ matrix) / root[:, :, None]
 
 
-def positive_weights(weights: torch.Tensor, relative_floor: float = 1e-6) -> torch.Tensor:
-    """Row/column weights made strictly positive so that unscaling never divides by zero.
-
-    A row (column) whose importance sums to zero gets a tiny weight ``relative_floor · mean``:
-    its entries do not count in the loss, so any finite value is optimal for them.
-    """
-    mean = weights.mean(dim=-1, keepdim=True)
-    floor = relative_floor * torch.where(mean > 0, mean, torch.ones_like(mean))
+def positive_weights(weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Weights made strictly positive so that unscaling never divides by zero: each gets
+    ``1e-6 · mean`` over ``dim`` added (a row or column without importance does not count in the
+    loss, so any finite value is optimal for it)."""
+    mean = weights.mean(dim=dim, keepdim=True)
+    floor = 1e-6 * torch.where(mean > 0, mean, torch.ones_like(mean))
     return weights.clamp_min(0) + floor
 
 
@@ -386,12 +371,8 @@ def initial_factors(
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Batched:
-    """Per-layer tensors of a batch of same-shape layers, batch first.
-
-    :meth:`select` is how the iterative loop drops the layers that stopped: every tensor field
-    is indexed along its first dimension, a nested :class:`Batched` field selects in turn, and
-    any other field (an iteration counter) is carried over unchanged.
-    """
+    """Per-layer tensors of a batch, batch first. :meth:`select` drops the layers that stopped:
+    tensor fields are indexed, nested :class:`Batched` fields select in turn, others are kept."""
 
     def select(self, layers: torch.Tensor) -> Self:
         """The same state restricted to ``layers`` (indices or a boolean mask over the batch)."""
@@ -407,12 +388,9 @@ class Batched:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class IterateState(Batched):
-    """The state of an iterative solver for the layers still running; each family extends it.
-
-    ``weight`` and ``importance`` are the running layers' slice of the normalised problem, so a
-    step reads everything it needs from its state. ``iteration`` counts the steps taken; the loop
-    advances it before each step, so a step sees its own 1-based number (Adam's ``t``).
-    """
+    """The state of an iterative solver for the running layers (their slice of the problem);
+    each family extends it. The loop advances ``iteration`` before each step, so a step sees its
+    own 1-based number (Adam's ``t``)."""
 
     weight: torch.Tensor
     importance: torch.Tensor
@@ -465,11 +443,8 @@ def run_iterations(
 
 @dataclass
 class _LayerRecords:
-    """The loop's bookkeeping: histories and outputs by layer, best iterates of running layers.
-
-    ``active`` maps a running layer's position in the (shrinking) batch to its index in the
-    original batch; ``best_*`` are indexed by position, the lists by original index.
-    """
+    """The loop's bookkeeping. ``active`` maps a running layer's position in the shrinking batch
+    to its original index; ``best_*`` are indexed by position, the lists by original index."""
 
     tol: float
     window: int

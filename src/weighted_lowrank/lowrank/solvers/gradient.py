@@ -70,14 +70,18 @@ class AdamSgdOptions(AdamOptions):
 GRADIENT_WINDOW = 20
 
 
-def loss_and_gradients(
-    weight: torch.Tensor, importance: torch.Tensor, left: torch.Tensor, right: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-layer loss (float64) and the gradients with respect to ``left`` and ``right``."""
-    difference = left @ right - weight
-    weighted = importance * difference
+def loss_and_gradients(state: IterateState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-layer loss (float64) at the state's factors and the gradients on ``left``, ``right``."""
+    left, right = state.left, state.right
+    difference = left @ right - state.weight
+    weighted = state.importance * difference
     loss = (weighted * difference).sum(dim=(1, 2), dtype=torch.float64)
     return loss, 2 * weighted @ right.transpose(1, 2), 2 * left.transpose(1, 2) @ weighted
+
+
+def _squared_norm(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Per layer, ``‖first‖² + ‖second‖²`` of a pair of (b, ·, ·) factors."""
+    return first.square().sum(dim=(1, 2)) + second.square().sum(dim=(1, 2))
 
 
 def gauss_newton_lambda_max(
@@ -92,38 +96,32 @@ def gauss_newton_lambda_max(
     ``J(dA, dB) = dA B + A dB`` and ``D = 2 I``; near a good fit this is the Hessian's top
     eigenvalue, so a step size below ``2 / λ_max`` keeps gradient descent stable.
     """
+
     # One draw per layer from the same seed, so a layer's estimate does not depend on its batch.
-    draws = [
-        (
-            torch.randn(
-                left.shape[1:], generator=torch.Generator().manual_seed(seed), dtype=left.dtype
-            ),
-            torch.randn(
-                right.shape[1:],
-                generator=torch.Generator().manual_seed(seed + 1),
-                dtype=right.dtype,
-            ),
-        )
-        for _ in range(left.shape[0])
-    ]
-    direction_left = torch.stack([d[0] for d in draws]).to(left.device)
-    direction_right = torch.stack([d[1] for d in draws]).to(right.device)
+    def draws(factor: torch.Tensor, offset: int) -> torch.Tensor:
+        generator = torch.Generator()
+        return torch.stack(
+            [
+                torch.randn(
+                    factor.shape[1:],
+                    generator=generator.manual_seed(seed + offset),
+                    dtype=factor.dtype,
+                )
+                for _ in range(factor.shape[0])
+            ]
+        ).to(factor.device)
+
+    direction_left, direction_right = draws(left, 0), draws(right, 1)
     estimate = torch.zeros(left.shape[0], dtype=torch.float64, device=left.device)
     for _ in range(max(iterations, 1)):
-        norm = (
-            direction_left.square().sum(dim=(1, 2)) + direction_right.square().sum(dim=(1, 2))
-        ).sqrt()
+        norm = _squared_norm(direction_left, direction_right).sqrt()
         norm = norm.clamp_min(torch.finfo(left.dtype).tiny)
         direction_left = direction_left / norm[:, None, None]
         direction_right = direction_right / norm[:, None, None]
         image = 2 * importance * (direction_left @ right + left @ direction_right)
         direction_left = image @ right.transpose(1, 2)
         direction_right = left.transpose(1, 2) @ image
-        estimate = (
-            (direction_left.square().sum(dim=(1, 2)) + direction_right.square().sum(dim=(1, 2)))
-            .sqrt()
-            .double()
-        )
+        estimate = _squared_norm(direction_left, direction_right).sqrt().double()
     return estimate.clamp_min(torch.finfo(torch.float64).tiny)
 
 
@@ -175,28 +173,19 @@ class HeavyBallMemory(Batched):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class AdamState(IterateState):
-    """Full-batch Adam: the factors and their moments."""
-
     moments: AdamMoments
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class SgdState(IterateState):
-    """Heavy-ball SGD with backtracking: the factors and the SGD memory."""
-
     memory: HeavyBallMemory
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class SwatsState(IterateState):
-    """Adam→SGD (SWATS): both solvers' memories, the running estimate of the SGD step size, and
-    the switch of each layer.
-
-    ``swats_average`` / ``swats_count`` are the exponential average of the projected step size γ
-    and how many γ went into it; ``sgd_mode`` marks the layers that switched. The switch
-    record (iteration, SWATS estimate, the step size SGD used, the curvature bound) is meaningful
-    only where ``sgd_mode`` is set; :meth:`info` reports ``None`` elsewhere.
-    """
+    """Adam→SGD (SWATS): both memories, the exponential average of the projected step size γ
+    (``swats_average``, over ``swats_count`` values) and each layer's switch; the switch record
+    (iteration, SWATS estimate, SGD's step size, the curvature bound) counts where ``sgd_mode``."""
 
     moments: AdamMoments
     memory: HeavyBallMemory
@@ -266,9 +255,7 @@ def solve_adam(problem: Problem, options: AdamOptions, started: float) -> list[S
     )
 
     def step(state: AdamState) -> tuple[AdamState, torch.Tensor]:
-        loss, grad_left, grad_right = loss_and_gradients(
-            state.weight, state.importance, state.left, state.right
-        )
+        loss, grad_left, grad_right = loss_and_gradients(state)
         moments, step_left, step_right = _adam_direction(
             state.moments, grad_left, grad_right, state.iteration, options
         )
@@ -280,9 +267,7 @@ def solve_adam(problem: Problem, options: AdamOptions, started: float) -> list[S
 
 
 def _bounded_sgd_update(
-    memory: HeavyBallMemory,
-    left: torch.Tensor,
-    right: torch.Tensor,
+    state: SgdState | SwatsState,
     grad_left: torch.Tensor,
     grad_right: torch.Tensor,
     loss: torch.Tensor,
@@ -295,6 +280,7 @@ def _bounded_sgd_update(
     and drops its momentum; the others take ``buf ← μ·buf + g``, ``x ← x − (1 − μ)·lr·buf`` (the
     SWATS form: in steady state the step is ``lr·g``, so ``lr`` compares with Adam's).
     """
+    memory, left, right = state.memory, state.left, state.right
     rose = (loss > memory.previous_loss) & sgd_mask
     keep = sgd_mask & ~rose
     lr = torch.where(rose, memory.lr / 2, memory.lr)
@@ -342,19 +328,10 @@ def solve_sgd(problem: Problem, options: SgdOptions, started: float) -> list[Sol
     )
 
     def step(state: SgdState) -> tuple[SgdState, torch.Tensor]:
-        loss, grad_left, grad_right = loss_and_gradients(
-            state.weight, state.importance, state.left, state.right
-        )
+        loss, grad_left, grad_right = loss_and_gradients(state)
         everyone = torch.ones(state.left.shape[0], dtype=torch.bool, device=state.left.device)
         left, right, memory = _bounded_sgd_update(
-            state.memory,
-            state.left,
-            state.right,
-            grad_left,
-            grad_right,
-            loss,
-            options.momentum,
-            everyone,
+            state, grad_left, grad_right, loss, options.momentum, everyone
         )
         return replace(state, left=left, right=right, memory=memory), loss
 
@@ -376,24 +353,14 @@ def solve_adam_sgd(problem: Problem, options: AdamSgdOptions, started: float) ->
     state = _swats_start(problem, options)
 
     def step(state: SwatsState) -> tuple[SwatsState, torch.Tensor]:
-        loss, grad_left, grad_right = loss_and_gradients(
-            state.weight, state.importance, state.left, state.right
-        )
-        sgd_mode = state.sgd_mode
+        loss, grad_left, grad_right = loss_and_gradients(state)
         moments, adam_left, adam_right = _adam_direction(
             state.moments, grad_left, grad_right, state.iteration, options
         )
         sgd_left, sgd_right, memory = _bounded_sgd_update(
-            state.memory,
-            state.left,
-            state.right,
-            grad_left,
-            grad_right,
-            loss,
-            options.beta1,
-            sgd_mode,
+            state, grad_left, grad_right, loss, options.beta1, state.sgd_mode
         )
-        adam3 = (~sgd_mode)[:, None, None]
+        adam3 = (~state.sgd_mode)[:, None, None]
         new_state = replace(
             state,
             left=torch.where(adam3, state.left + adam_left, sgd_left),
@@ -438,14 +405,14 @@ def _swats_estimate(
     grad_right: torch.Tensor,
     options: AdamSgdOptions,
 ) -> SwatsState:
-    """Fold this Adam step into the SWATS estimate and switch the layers where it settled.
-
-    γ is the SGD step size that, along Adam's step ``p``, matches Adam's step.
-    """
+    """Fold this Adam step into the SWATS estimate (γ: the SGD step size that matches Adam's step
+    ``p`` along it) and switch the layers where it settled."""
     beta2 = options.beta2
-    along = (adam_left * grad_left).sum(dim=(1, 2), dtype=torch.float64) + (
-        adam_right * grad_right
-    ).sum(dim=(1, 2), dtype=torch.float64)
+
+    def dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return (first * second).sum(dim=(1, 2), dtype=torch.float64)
+
+    along = dot(adam_left, grad_left) + dot(adam_right, grad_right)
     length = adam_left.square().sum(dim=(1, 2), dtype=torch.float64) + adam_right.square().sum(
         dim=(1, 2), dtype=torch.float64
     )

@@ -1,25 +1,12 @@
 """TFWSVD, the default element-wise solver: preconditioned nonlinear conjugate gradients on (A, B).
 
-* **Start** from the two-sided closed form (``init="fwsvd"``), on the default model's Fisher 1–46 %
-  (median ≈ 5 %) above the optimum at budget 0.5 (docs/METHOD.md).
-* **Preconditioner** from the same separable approximation ``I ≈ u vᵀ`` (row sums × column
-  sums / total): the Hessian block of row ``a_i`` is ``2 B diag(I_i) Bᵀ ≈ 2 u_i B D_v Bᵀ`` and
-  that of column ``b_j`` is ``≈ 2 v_j Aᵀ D_u A``. Applying their inverses costs two r × r
-  Cholesky factorisations per layer — no per-row r × r systems as in ALS — and for a separable
-  importance it turns each half of the gradient into the exact ALS step, so the method inherits
-  ALS's scale invariance while moving A and B *jointly* (ALS's slow "swamps" come from moving
-  them one at a time). The default (``preconditioner="rotated"``, :class:`RotatedPreconditioner`)
-  keeps one r × r basis per side but each row's and column's exact diagonal in it: fewer
-  iterations on the real Fisher (9–39 vs 10–53 per layer), rebuilt at each restart.
-* **Direction**: Polak–Ribière+ conjugation of the preconditioned gradients, restarted every
-  ``restart`` iterations.
-* **Exact line search**: along ``(dA, dB)`` the loss is a quartic polynomial in the step ``t``
-  (``W − (A + t dA)(B + t dB) = R − t P − t² Q``); its five coefficients cost three matmuls
-  and the global minimiser is a root of a cubic. So every iteration decreases the loss, with no
-  step size to tune.
-
-One iteration costs five (out × r × in) matmuls, all batched over the layers of a group, and two
-chunked sweeps over the element-wise arrays (:class:`Workspace`).
+From the two-sided closed form, Polak–Ribière+ directions (restarted every ``restart``
+iterations) preconditioned by the separable ``I ≈ u vᵀ`` blocks (:class:`Preconditioner`) or, by
+default, their exact diagonals in one shared basis per side (:class:`RotatedPreconditioner`), and
+an exact line search: along ``(dA, dB)`` the loss is a quartic in the step, minimised through the
+roots of its cubic derivative, so every iteration decreases the loss with no step size to tune
+(docs/METHOD.md, "tfwsvd"). One iteration costs five (out × r × in) matmuls, batched over the
+layers of a group, and two chunked sweeps over the element-wise arrays (:class:`Workspace`).
 """
 
 from __future__ import annotations
@@ -83,11 +70,6 @@ def separable_weights(importance: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _inverse_gram(matrix: torch.Tensor) -> torch.Tensor:
-    """See :func:`_inverse_gram_lapack`; the LAPACK calls run on one CPU thread."""
-    return split_batch(_inverse_gram_lapack, matrix)
-
-
-def _inverse_gram_lapack(matrix: torch.Tensor) -> torch.Tensor:
     """Inverse of each PSD r × r matrix with a small relative ridge (Cholesky in float64).
 
     Only a preconditioner: any SPD approximation keeps the method convergent, so the ridge just
@@ -120,8 +102,8 @@ def inverse_grams(
     left: torch.Tensor, right: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``((Aᵀ D_u A)⁻¹, (B D_v Bᵀ)⁻¹)``: the separable Hessian blocks of B's columns and A's rows."""
-    left_inverse = _inverse_gram(left.transpose(1, 2) @ (left * rows[:, :, None]))
-    right_inverse = _inverse_gram((right * cols[:, None, :]) @ right.transpose(1, 2))
+    left_inverse = split_batch(_inverse_gram, left.transpose(1, 2) @ (left * rows[:, :, None]))
+    right_inverse = split_batch(_inverse_gram, (right * cols[:, None, :]) @ right.transpose(1, 2))
     return left_inverse, right_inverse
 
 
@@ -215,8 +197,8 @@ class RotatedPreconditioner(Batched):
             self,
             row_basis=row_basis,
             col_basis=col_basis,
-            row_diagonal=_positive(row_diagonal, dim=1),
-            col_diagonal=_positive(col_diagonal, dim=2),
+            row_diagonal=positive_weights(row_diagonal, dim=1),
+            col_diagonal=positive_weights(col_diagonal, dim=2),
         )
 
     def apply(
@@ -275,14 +257,6 @@ def _rotated_basis(
         second_moment += (block @ block).double()
     _, vectors = batched_eigh((second_moment + second_moment.transpose(1, 2)) / 2)
     return inverse_factor.transpose(1, 2) @ vectors
-
-
-def _positive(diagonal: torch.Tensor, dim: int) -> torch.Tensor:
-    """Diagonal entries floored at 1e-6 × their mean over ``dim`` (a row or column without
-    importance has a zero gradient, so any positive value serves)."""
-    mean = diagonal.mean(dim=dim, keepdim=True)
-    floor = 1e-6 * torch.where(mean > 0, mean, torch.ones_like(mean))
-    return diagonal.clamp_min(0).add_(floor)
 
 
 _PRECONDITIONER_CLASSES = {"rotated": RotatedPreconditioner, "separable": Preconditioner}
@@ -447,12 +421,9 @@ def _cg_step(state: TfwsvdState, options: TfwsvdOptions) -> tuple[TfwsvdState, t
 
 
 # ----------------------------------------------------------------------------- element-wise work
-#
-# Everything of size out × in happens in two sweeps per iteration over cache-sized chunks, so that
-# each chunk's arrays are read from memory once and then reused from cache: the line search
-# (P, Q by matmul, weighted by √I, their five inner products) and the update (residual, weighted
-# residual, both gradients). On the shared 2-core CPU a whole-batch element-wise pass ran at
-# DRAM speed (≈ 8 GB/s), 3–4× slower than the same pass on a cache-resident chunk.
+# Everything of size out × in happens in two sweeps per iteration over cache-sized chunks (the line
+# search, then the update): on the shared 2-core CPU a whole-batch pass ran at DRAM speed, 3–4×
+# slower than on a cache-resident chunk.
 
 #: Elements per array in one chunk on CPU (1 MiB of float32): the six arrays a chunk touches
 #: stay in the shared L3 cache, and each chunk's matmuls keep ≥ a few hundred rows.
@@ -461,13 +432,9 @@ _CPU_CHUNK_ELEMENTS = 1 << 18
 
 @dataclass(eq=False)
 class Workspace:
-    """Chunk layout of a (batch, out, in) problem, how many workers share the chunks, and one
-    reused scratch buffer per worker.
-
-    A fresh multi-megabyte tensor per chunk would cost a page fault per page on CPU; the buffers
-    are allocated once. Not per layer, so :meth:`Batched.select` carries it over unchanged (the
-    chunks are recomputed for the running layers).
-    """
+    """Chunk layout of a (batch, out, in) problem and one reused scratch buffer per worker (a
+    fresh tensor per chunk would page-fault on CPU). Not per layer: :meth:`Batched.select`
+    carries it over and the chunks are recomputed for the running layers."""
 
     chunk_elements: int | None
     buffers: list[torch.Tensor]
@@ -523,11 +490,9 @@ class Workspace:
         return buffer[:size].view(layers, rows, columns)
 
     def run(self, shape: torch.Size, work: Callable[[int, list[tuple[slice, slice]]], Any]) -> list:
-        """``work(worker, chunks)`` for each worker on its share of the chunks, in parallel
-        (:func:`~weighted_lowrank.lowrank.devices.run_on_workers`: one torch thread each;
-        a chunk's small ops gain nothing from OpenMP threads under ``OMP_WAIT_POLICY=PASSIVE``).
-        The shares are fixed (every ``workers``-th chunk), so the results do not depend on timing.
-        """
+        """``work(worker, chunks)`` for each worker on its fixed share of the chunks (every
+        ``workers``-th, so the results do not depend on timing), in parallel
+        (:func:`~weighted_lowrank.lowrank.devices.run_on_workers`)."""
         chunks = self.chunks(shape)
         workers = min(self.workers, len(chunks))
         return run_on_workers(

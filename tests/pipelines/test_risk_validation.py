@@ -20,7 +20,7 @@ from scipy import special, stats
 from tests.conftest import block_values, make_tiny_bundle, typed_params, varied_split
 from tests.pipelines.conftest import BUDGET, make_calibration_statistics
 from weighted_lowrank.hf.models import ModelBundle
-from weighted_lowrank.hf.training import evaluate_classifier, predict
+from weighted_lowrank.hf.training import evaluate_classifier, predict_examples
 from weighted_lowrank.kedro_glue.lineage import fingerprint_of, with_fingerprint
 from weighted_lowrank.kedro_glue.parameters import ParameterError, RiskValidationParams
 from weighted_lowrank.lowrank.calibration import statistic_key
@@ -142,7 +142,9 @@ def kl_from(dense, model, tokenizer, frame) -> float:
     """Mean KL(p_dense ‖ p_model) over ``frame``, from each model's own pass (scipy's softmax and
     relative entropy, independently of the node)."""
     p, q = (
-        special.softmax(predict(net, tokenizer, frame, MAX_LENGTH, 8)[0].astype(np.float64), axis=1)
+        special.softmax(
+            predict_examples(net, tokenizer, frame, MAX_LENGTH, 8).logits.astype(np.float64), axis=1
+        )
         for net in (dense, model)
     )
     return float(special.rel_entr(p, q).sum(axis=1).mean())

@@ -37,8 +37,7 @@ TRAINING_POOL_BATCHES = 50
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    """Knobs of :func:`train_classifier`; a run's come from the checked ``fine_tuning`` or
-    ``refinement`` block (``TrainingLoopParams.training_options``)."""
+    """Knobs of :func:`train_classifier` (a run's: ``TrainingLoopParams.training_options``)."""
 
     epochs: int = 2
     batch_size: int = 32
@@ -86,19 +85,14 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 @dataclass(frozen=True)
 class Predictions:
-    """One pass of a model over a split, every array in the split's example order (a classifier's
-    rows; a language model's token blocks)."""
+    """One pass of a model over a split in its example order (rows; a language model's blocks):
+    float32 ``logits`` (examples, num_labels; 0 columns for a language model), each example's
+    task loss, the mean loss as the model reports it; a language model's predicted ``tokens`` per
+    block and how many the top-1 guess got ``correct``."""
 
-    #: (examples, num_labels) float32 logits; (examples, 0) for a language model.
     logits: np.ndarray
-    #: (examples,) each example's task loss (:func:`per_example_loss`; a block's mean next-token
-    #: loss).
     losses: np.ndarray
-    #: The mean task loss as the model reports it (batch losses weighted by batch size; a language
-    #: model's token-weighted mean next-token loss).
     loss: float
-    #: Language models only: (examples,) predicted tokens per block, and how many the top-1 guess
-    #: got right.
     tokens: np.ndarray | None = None
     correct: np.ndarray | None = None
 
@@ -202,19 +196,6 @@ def language_model_metrics(predictions: Predictions) -> dict[str, float]:
         "perplexity": float(np.exp(predictions.loss)),
         "token_accuracy": float(predictions.correct.sum() / total),
     }
-
-
-def predict(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    frame: pd.DataFrame,
-    max_length: int,
-    batch_size: int = 128,
-    device: torch.device | str = "cpu",
-) -> tuple[np.ndarray, float]:
-    """Logits for every row of ``frame`` (in row order) and the mean task loss."""
-    result = predict_examples(model, tokenizer, frame, max_length, batch_size, device)
-    return result.logits, result.loss
 
 
 def task_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

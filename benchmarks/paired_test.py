@@ -26,7 +26,7 @@ from project_catalog import project_catalog  # noqa: E402  (benchmarks/ is the s
 
 from weighted_lowrank.analysis.paired import paired_comparison  # noqa: E402
 from weighted_lowrank.analysis.run_history import REFINED_PREFIX  # noqa: E402
-from weighted_lowrank.hf.training import predict  # noqa: E402
+from weighted_lowrank.hf.training import predict_examples  # noqa: E402
 
 
 def correct_per_example(catalog, row: str, test, max_length: int, batch_size: int) -> np.ndarray:
@@ -35,7 +35,9 @@ def correct_per_example(catalog, row: str, test, max_length: int, batch_size: in
         predictions = catalog.load(f"{row}.predictions").sort_values("id")
     except DatasetError:  # a run from before predictions were saved: predict again
         bundle = catalog.load(f"{row}.compressed_model")
-        logits, _ = predict(bundle.model, bundle.tokenizer, test, max_length, batch_size)
+        logits = predict_examples(
+            bundle.model, bundle.tokenizer, test, max_length, batch_size
+        ).logits
         return logits.argmax(axis=1) == test["label"].to_numpy()
     if not np.array_equal(predictions["label"].to_numpy(), test["label"].to_numpy()):
         raise SystemExit(f"{row}.predictions is not on the current test split")

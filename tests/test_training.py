@@ -12,7 +12,7 @@ from weighted_lowrank.hf.batching import encode_examples, pad_examples
 from weighted_lowrank.hf.training import (
     TrainingOptions,
     evaluate_classifier,
-    predict,
+    predict_examples,
     task_metrics,
     train_classifier,
 )
@@ -50,9 +50,9 @@ def test_predict_keeps_row_order_despite_length_sorting() -> None:
     frame = pd.DataFrame(
         {"text": ["good", "a terrible dull movie and bad plot", "fine film"], "label": [1, 0, 1]}
     )
-    logits, _ = predict(bundle.model, bundle.tokenizer, frame, max_length=16)
+    logits = predict_examples(bundle.model, bundle.tokenizer, frame, max_length=16).logits
     for row in range(len(frame)):
-        single = predict(bundle.model, bundle.tokenizer, frame.iloc[[row]], max_length=16)[0]
+        single = predict_examples(bundle.model, bundle.tokenizer, frame.iloc[[row]], 16).logits
         np.testing.assert_allclose(logits[row], single[0], atol=1e-5)
 
 

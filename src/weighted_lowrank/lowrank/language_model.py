@@ -1,10 +1,7 @@
 """The next-token loss of causal language models, per example (plain torch).
 
-An example of a language-modelling split is a *block* of ``block_length`` tokens; its loss is
-the mean negative log-likelihood of every token after the first given the tokens before it
-(what Hugging Face's ``…ForCausalLM`` heads compute from ``labels = input_ids``: logits at
-position ``t`` predict the label at ``t + 1``; positions labelled ``-100`` — padding — are not
-predicted). Perplexity is ``exp`` of the token-weighted mean of those losses.
+An example is a *block* of tokens; its loss is the mean next-token NLL, as Hugging Face's
+``…ForCausalLM`` heads compute it from ``labels = input_ids`` (``-100``: not predicted).
 """
 
 from __future__ import annotations
@@ -20,8 +17,7 @@ IGNORE_INDEX = -100
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is one of transformers' causal-LM classes (``GPT2LMHeadModel``,
-    ``LlamaForCausalLM``, …): its forward returns next-token logits (batch, tokens, vocab)."""
+    """Whether ``model`` is one of transformers' causal-LM classes (next-token logits)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -37,9 +33,7 @@ class BlockLosses:
 
 
 def block_losses(logits: torch.Tensor, labels: torch.Tensor) -> BlockLosses:
-    """Next-token losses of every block of a batch: ``logits`` (batch, tokens, vocab) predict
-    ``labels`` (batch, tokens) shifted by one; ``-100`` labels are skipped. A block with no
-    predicted token (one real token) has loss 0 and 0 tokens."""
+    """Next-token losses of every block of a batch (a block with no predicted token: loss 0)."""
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
             f"causal-LM logits must be (batch, tokens, vocab) and labels (batch, tokens); got "
@@ -61,6 +55,5 @@ def block_losses(logits: torch.Tensor, labels: torch.Tensor) -> BlockLosses:
 
 
 def summed_block_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ over the blocks of a batch of each block's mean next-token loss: the language-model
-    counterpart of a classifier's summed per-example loss (the Fisher's ``ℓ_n``)."""
+    """Σ of each block's mean next-token loss: a classifier's summed per-example loss's analogue."""
     return block_losses(logits, labels).losses.sum()

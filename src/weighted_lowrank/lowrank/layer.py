@@ -1,10 +1,7 @@
 """The low-rank replacement of ``nn.Linear`` and the helpers that find and swap such layers.
 
-A compressed layer computes ``y = left(right(x)) = x·Bᵀ·Aᵀ + bias`` with ``B = right.weight``
-(rank × in) and ``A = left.weight`` (out × rank), the factors ``W ≈ A·B`` of
-:class:`~weighted_lowrank.lowrank.objective.FactorizationResult` (``left`` = A, ``right`` = B).
-The state-dict keys of a compressed layer ``m`` are therefore ``m.right.weight``,
-``m.left.weight`` and ``m.left.bias``.
+A compressed layer ``m`` computes ``left(right(x))`` for the factors ``W ≈ A·B`` (``left`` = A,
+``right`` = B), stored as ``m.right.weight``, ``m.left.weight`` and ``m.left.bias``.
 """
 
 from __future__ import annotations
@@ -14,12 +11,8 @@ from torch import nn
 
 
 class LowRankLinear(nn.Module):
-    """Drop-in replacement for ``nn.Linear`` computing ``left(right(x))`` with a rank bottleneck.
-
-    Same ``forward(input)`` signature and ``in_features`` / ``out_features`` attributes as
-    ``nn.Linear`` but no ``weight``: the dense product is available from :meth:`dense_weight`.
-    Parameters: ``rank·(in_features + out_features)`` (+ ``out_features`` for the bias).
-    """
+    """Drop-in replacement for ``nn.Linear`` computing ``left(right(x))`` with a rank bottleneck;
+    no ``weight`` (the product is :meth:`dense_weight`)."""
 
     def __init__(
         self,

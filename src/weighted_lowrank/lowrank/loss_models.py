@@ -1,29 +1,15 @@
-"""Loss models: the quadratic each solver minimises, as a prediction of the task-loss increase.
+"""Loss models: the quadratic each solver minimises, ΔL ≈ ½ vec(ΔW)ᵀ F vec(ΔW) for ΔW = W − AB
+(vec row-major), as a prediction of the task-loss increase in nats per example. With Ī the mean
+of the per-example diagonal Fisher I / N, and A, G of :mod:`weighted_lowrank.lowrank.calibration`:
 
-Every solver of this project minimises an approximation of the second-order increase of the task
-loss when a Linear layer's weight W (out × in) is replaced by its low-rank approximation,
+- ``identity``   (svd) F = Ī·𝟙 — ½ Ī ‖ΔW‖²;
+- ``fwsvd``      (two-sided FWSVD, row/column sums r, c, total S) — ½ Σ r_i c_j ΔW²_ij / (S N);
+- ``diagonal``   (element-wise solvers) F = diag(vec(I)) / N — ½ Σ I ΔW² / N;
+- ``kronecker``  (kfwsvd, K-FAC) F = G ⊗ A — ½ tr(ΔWᵀ G ΔW A) = ½ Σ (G ΔW) ⊙ (ΔW A);
+- ``activation`` (svd_llm) F = ḡ·𝟙_out ⊗ A, ḡ = tr(G)/out — ½ ḡ tr(ΔW A ΔWᵀ).
 
-    ΔL ≈ ½ vec(ΔW)ᵀ F vec(ΔW),   ΔW = W − AB,   vec row-major (``ΔW.flatten()``),
-
-and differs only in the curvature F it assumes. With the per-example statistics of the layer —
-the diagonal empirical Fisher divided by the N examples it sums over, Ī its mean entry; A and G
-of :mod:`weighted_lowrank.lowrank.calibration` — the loss models are, in nats per example:
-
-- ``identity``   F = Ī·𝟙: plain SVD's isotropic curvature, scaled so that its total (trace)
-  equals the diagonal Fisher's — ½ Ī ‖ΔW‖²;
-- ``fwsvd``      F = diag(vec(r cᵀ / S)) / N: two-sided FWSVD's rank-one fit of the Fisher
-  (row sums r, column sums c, total S; same marginals, so the same trace) — ½ Σ r_i c_j ΔW²_ij / (S N);
-- ``diagonal``   F = diag(vec(I)) / N: the element-wise solvers' — ½ Σ I ΔW² / N;
-- ``kronecker``  F = G ⊗ A: K-FAC, kfwsvd's — ½ tr(ΔWᵀ G ΔW A) = ½ Σ (G ΔW) ⊙ (ΔW A);
-- ``activation`` F = ḡ·𝟙_out ⊗ A with ḡ = tr(G)/out, the mean output-gradient second moment:
-  svd_llm's (G = identity), scaled so that its trace equals the Kronecker model's —
-  ½ ḡ tr(ΔW A ΔWᵀ).
-
-Why these scales: ``identity`` and ``activation`` carry no unit of their own (SVD and SVD-LLM
-minimise them up to a constant); the two above give each the trace of the model it simplifies,
-so ``identity`` = ``diagonal`` exactly when the Fisher is uniform and ``activation`` =
-``kronecker`` exactly when G is isotropic, and the ratios between loss models read as what the
-simplification ignores. A rank correlation (Spearman) is unaffected by any scale.
+``identity`` and ``activation`` are scaled to the trace of the model they simplify, so ratios
+between loss models say what each simplification ignores (docs/METHOD.md "Loss models").
 """
 
 from __future__ import annotations
@@ -32,8 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-#: The :class:`LayerCurvature` fields each loss model needs, from the crudest curvature to the
-#: richest.
+#: The :class:`LayerCurvature` fields each loss model needs, crudest curvature first.
 REQUIRED_STATISTICS: dict[str, tuple[str, ...]] = {
     "identity": ("fisher",),
     "fwsvd": ("fisher",),
@@ -47,11 +32,8 @@ LOSS_MODELS: tuple[str, ...] = tuple(REQUIRED_STATISTICS)
 
 @dataclass(frozen=True)
 class LayerCurvature:
-    """One Linear layer's curvature statistics, each *per example*; ``None`` = not available.
-
-    ``fisher``: the diagonal empirical Fisher divided by the number of examples it sums over
-    (out × in); ``input_moment``: A (in × in); ``output_moment``: G (out × out).
-    """
+    """One layer's per-example diagonal Fisher (out × in), A (in × in) and G (out × out); ``None``
+    where not available."""
 
     fisher: torch.Tensor | None = None
     input_moment: torch.Tensor | None = None
@@ -74,11 +56,8 @@ def predicted_loss_increase(
     curvature: LayerCurvature,
     loss_models: tuple[str, ...] | list[str] | None = None,
 ) -> dict[str, float]:
-    """``{loss model: ½ vec(ΔW)ᵀ F vec(ΔW)}`` in nats per example (module docstring), in float64.
-
-    ``delta`` is ΔW = W − AB (out × in). ``loss_models=None`` computes every model the statistics
-    allow; naming one whose statistics are missing is a ``ValueError`` that names them.
-    """
+    """``{loss model: ½ vec(ΔW)ᵀ F vec(ΔW)}`` in nats per example, float64, for ΔW = W − AB;
+    ``None``: every model the statistics allow (one named without them: ``ValueError``)."""
     if delta.ndim != 2:
         raise ValueError(f"ΔW must be 2-D (out, in), got shape {tuple(delta.shape)}")
     requested = curvature.loss_models() if loss_models is None else tuple(loss_models)

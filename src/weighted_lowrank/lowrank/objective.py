@@ -12,22 +12,16 @@ from typing import Any, Literal
 
 import torch
 
-#: Why a solver stopped, per layer (layers of one batch stop at different times):
-#: "converged" — the best loss improved by less than ``tol`` (relative) over the solver's window,
-#: or reached 0; "max_iters" / "max_seconds" — a cap was hit first; "exact" — a closed form.
+#: Why a solver stopped, per layer: "converged" (the best loss improved by less than ``tol`` over
+#: the solver's window, or reached 0), a cap hit first, or "exact" (a closed form).
 StopReason = Literal["converged", "max_iters", "max_seconds", "exact"]
 STOP_REASONS: tuple[StopReason, ...] = ("converged", "max_iters", "max_seconds", "exact")
 
 
 @dataclass
 class FactorizationResult:
-    """Factors of one weight, ``left @ right ≈ weight``, and how the solver got there.
-
-    ``loss`` is the weighted loss of the returned factors accumulated in float64;
-    ``history`` holds ``(seconds since the solver started, loss)`` from the initial point on;
-    ``iterations`` is the number of steps the solver had taken when this layer stopped, and
-    ``stop_reason`` says why it stopped (see :data:`StopReason`), as scipy.optimize's results do.
-    """
+    """Factors of one weight, ``left @ right ≈ weight``, their float64 weighted ``loss``, and how
+    the solver got there (``history``: ``(seconds, loss)`` from the initial point on)."""
 
     left: torch.Tensor
     right: torch.Tensor
@@ -84,11 +78,7 @@ def relative_loss(loss: float, reference: float) -> float:
 
 
 def rank_for_budget(shape: tuple[int, int], fraction: float) -> int:
-    """Rank that keeps ``fraction`` of a dense (out × in) layer's parameters: ⌊f·out·in/(out+in)⌋.
-
-    The budget counts only the factored layer's weight parameters (``r·(out+in)`` against
-    ``out·in``), not its bias.
-    """
+    """Rank keeping ``fraction`` of a dense layer's weight parameters: ⌊f·out·in/(out+in)⌋."""
     if not (isinstance(fraction, int | float) and math.isfinite(fraction) and 0 < fraction <= 1):
         raise ValueError(f"budget fraction must be a number in (0, 1], got {fraction!r}")
     out_features, in_features = (int(size) for size in shape)

@@ -9,23 +9,15 @@ from torch import nn
 
 from weighted_lowrank.lowrank.architectures import conv1d_modules, default_target_names
 
-#: What ``targets: null`` selects (docs/METHOD.md, row "targeted layers" of the choices table):
-#: the attention and MLP projections of every transformer block, found per architecture from the
-#: model's structure (:func:`~weighted_lowrank.lowrank.architectures.default_target_names`).
-#: Embeddings, pooler, heads and LayerNorms stay dense.
+#: What ``targets: null`` selects (docs/METHOD.md, "targeted layers"; embeddings, heads stay dense).
 DEFAULT_TARGETS_DESCRIPTION = "default: attention + MLP projections of every transformer block"
 
 
 def select_linear_modules(
     model: nn.Module, targets: str | Iterable[str] | None = None
 ) -> dict[str, nn.Linear]:
-    """Return ``{module name: nn.Linear}`` for the targeted Linear modules, in model order.
-
-    ``targets`` is a regular expression matched with ``re.search`` against module names, an
-    iterable of exact module names, or ``None`` for the attention and MLP projections of every
-    transformer block (:func:`~weighted_lowrank.lowrank.architectures.default_target_names`,
-    whatever the architecture; GPT-2's ``Conv1D`` must be linearized first).
-    Raises ``ValueError`` when nothing matches or a named module is missing / not Linear.
+    """``{module name: nn.Linear}`` of the targets, in model order: a regex (``re.search``), exact
+    module names, or ``None`` (:func:`~weighted_lowrank.lowrank.architectures.default_target_names`).
     """
     linear = {
         name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)
@@ -67,8 +59,7 @@ def _conv1d_hint(model: nn.Module) -> str:
     )
 
 
-#: The kinds of a block's projections, in the order a block computes them (``qkv``: one fused
-#: query/key/value projection; ``ffn_gate``: the gate of a gated MLP; ``ffn_in`` also names a
+#: The kinds of a block's projections, in the order a block computes them (``ffn_in`` also names a
 #: fused gate+input projection such as ModernBERT's ``Wi``).
 KIND_ORDER = ("query", "key", "value", "qkv", "attention_output", "ffn_gate", "ffn_in", "ffn_out")
 
@@ -134,13 +125,8 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 
 
 def describe_module(name: str) -> tuple[int | None, str]:
-    """``(layer index, kind)`` of a block projection's module name, for tables and plots.
-
-    Kinds (:data:`KIND_ORDER`): query, key, value, qkv, attention_output, ffn_gate, ffn_in,
-    ffn_out, for every architecture of :data:`MODULE_KINDS`; other names keep their last
-    component. The layer is the first numeric component of the name (None without one); for
-    ALBERT it is the layer group (0 in released checkpoints, whose one layer every call shares).
-    """
+    """``(layer index, kind)`` of a module name: the first numeric component (None without one;
+    ALBERT's layer group) and its :data:`MODULE_KINDS` kind, else its last component."""
     match = _LAYER_INDEX.search(name)
     layer = int(match.group(1)) if match else None
     for suffix, kind in MODULE_KINDS:

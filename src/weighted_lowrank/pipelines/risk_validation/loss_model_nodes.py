@@ -1,16 +1,10 @@
 """Nodes of ``risk_validation`` that read ``loss_model_table``: which loss model predicts damage?
 
-The primary outcome is the measured KL(p_dense ‖ p_compressed) (``measured_kl``), the quantity the
-quadratic ½ vec(ΔW)ᵀ F vec(ΔW) approximates (no first-order term, never negative); the measured
-validation-loss increase (``measured``) is compared too, as a second block ``vs_loss_increase``:
-it holds a first-order term g·ΔW that no quadratic predicts.
-
-Agreement of a loss model with a measurement is read two ways: the Spearman correlation of
-predicted and measured (does it rank layers by damage?) and the ratio predicted / measured (does
-it get the scale right?). Ratios are taken only where the measurement is positive: a layer whose
-compression *lowers* the validation loss has no meaningful ratio (a quadratic form is never
-negative), and how many such rows there are is part of the answer (a KL is positive unless the
-compressed model's predictions are the dense one's).
+The primary outcome is the measured KL (``measured_kl``), what the quadratic approximates; the
+validation-loss increase (``measured``, block ``vs_loss_increase``) holds a first-order term no
+quadratic predicts. Agreement is the Spearman ρ (does it rank layers?) and the ratio predicted /
+measured (does it get the scale?), the latter only where the measurement is positive (a
+quadratic form is never negative; how many are not is part of the answer).
 """
 
 from __future__ import annotations
@@ -58,10 +52,8 @@ MEASUREMENTS = {
 def summarize_loss_models(
     loss_model_table: pd.DataFrame, risk_validation_table: pd.DataFrame, *, reference: str
 ) -> dict[str, Any]:
-    """How well each loss model's prediction agrees with the measured KL (the primary outcome, at
-    the top level) and with the loss increase (``vs_loss_increase``): :func:`_block`'s four keys
-    each; the loss models computed and those the statistics did not allow, with what each needs.
-    """
+    """Each loss model's agreement with the KL (top level) and the loss increase
+    (``vs_loss_increase``), and the loss models the statistics did not allow."""
     table = loss_model_table
     loss_models = list(dict.fromkeys(table["loss_model"]))
     summary: dict[str, Any] = {
@@ -85,10 +77,8 @@ def summarize_loss_models(
 def _block(
     table: pd.DataFrame, risk_validation_table: pd.DataFrame, measured: str, reference: str
 ) -> dict[str, Any]:
-    """Against the column ``measured`` of ``loss_model_table``: ``per_layer[model]``,
-    :func:`agreement` over the single-layer rows pooled over solvers and per solver;
-    ``whole_model[model]``, the same over the whole models (one point per solver) with each one's
-    values; ``best_loss_model``, the largest pooled ρ; ``phi_comparison``."""
+    """:func:`agreement` with the column ``measured`` per loss model, over single layers (pooled
+    and per solver) and whole models; the ``best_loss_model`` (largest pooled ρ) against φ."""
     ratio = MEASUREMENTS[measured][0]
     layers = table[table["scope"] == "layer"]
     models = table[table["scope"] == "model"]
@@ -130,9 +120,8 @@ def phi_comparison(
     measured: str,
     reference: str,
 ) -> dict[str, Any] | None:
-    """Spearman of φ and of ``loss_model``'s prediction against the ``reference`` solver's
-    single-layer ``measured`` (KL or loss increase), on the same rows (one per layer); None
-    without φ in the risk table or a loss model."""
+    """Spearman of φ and of ``loss_model``'s prediction with the ``reference`` solver's
+    single-layer ``measured`` on the same rows; None without φ or a loss model."""
     if loss_model is None or "phi" not in risk_validation_table.columns:
         return None
     chosen = layers[(layers["solver"] == reference) & (layers["loss_model"] == loss_model)]
@@ -159,9 +148,7 @@ def phi_comparison(
 
 
 def loss_model_metrics(loss_model_summary: dict[str, Any], *, reference: str) -> dict[str, dict]:
-    """The summary as MLflow metrics (step 0; names in conf/base/catalog_risk_validation.yml):
-    ρ, p and ratio quartiles per loss model pooled, per solver and over whole models, and the φ
-    comparison; ``_kl`` for those against the KL."""
+    """The summary as MLflow metrics (step 0; names in conf/base/catalog_risk_validation.yml)."""
     metrics: dict[str, float | None] = {}
     for block, suffix in (
         (loss_model_summary, "_kl"),
@@ -189,9 +176,8 @@ def loss_model_metrics(loss_model_summary: dict[str, Any], *, reference: str) ->
 
 
 def plot_loss_models(loss_model_table: pd.DataFrame, loss_model_summary: dict[str, Any]) -> Figure:
-    """Predicted (x) against measured (y), one column per loss model, the KL on top and the
-    loss increase below: layers coloured by solver, whole models as stars, the line
-    predicted = measured where the ranges overlap, Spearman ρ in the titles."""
+    """Predicted (x) against measured (y) per loss model, the KL on top and the loss increase
+    below; layers coloured by solver, whole models as stars."""
     table = loss_model_table
     loss_models = loss_model_summary["loss_models"]
     solvers = loss_model_summary["solvers"]
@@ -242,7 +228,8 @@ def plot_loss_models(loss_model_table: pd.DataFrame, loss_model_summary: dict[st
 
 
 def _scale_axes(axes: Any, predicted: np.ndarray, measured: np.ndarray) -> None:
-    """Log axes where every value is positive (symlog for measured otherwise); the line y = x."""
+    """Log axes where every value is positive (symlog for measured otherwise); y = x where the
+    ranges overlap (else the scales differ by more than either's spread, as the axes show)."""
     finite = predicted[np.isfinite(predicted)]
     if finite.size and np.all(finite > 0):
         axes.set_xscale("log")
@@ -255,8 +242,6 @@ def _scale_axes(axes: Any, predicted: np.ndarray, measured: np.ndarray) -> None:
         axes.set_yscale("symlog", linthresh=linthresh, linscale=2.0)
     axes.margins(0.08)
     axes.axhline(0.0, color="grey", linewidth=0.8)
-    # y = x where the predicted and the positive measured ranges overlap (none: the scales differ
-    # by more than the spread of either, which the axes then show).
     x, y = finite[finite > 0], values[values > 0]
     if x.size and y.size and max(x.min(), y.min()) < min(x.max(), y.max()):
         line = np.geomspace(max(x.min(), y.min()), min(x.max(), y.max()), 50)

@@ -1,16 +1,11 @@
 """Nodes of ``risk_validation`` that measure each solver's real damage, layer by layer.
 
-A layer's *damage* is the validation-loss increase over the dense model with that layer alone
-compressed; from the same passes' logits, its *KL* is the mean KL(p_dense ‖ p_compressed)
-(:func:`predictive_kl`), the quantity a Fisher quadratic ½ vec(ΔW)ᵀ F vec(ΔW) approximates: the
-loss increase also holds a first-order term g·ΔW (the validation gradient g is not zero) that no
-quadratic predicts.
-
-With ``curvature`` the reference solver's layer is also evaluated with the mirrored weight
-W + R = 2W − W_svd (R the SVD residual). Writing L(W − R) = L(W) − g·R + ½ RᵀHR + O(R³), the odd
-(first-order) part ``svd_first_order`` = (L(W − R) − L(W + R)) / 2 and the even part
-``svd_curvature_damage`` = (L(W − R) + L(W + R)) / 2 − L(W) ≈ ½ RᵀHR separate; a Fisher statistic
-can only predict the even part, since the Fisher knows nothing of the validation gradient's sign.
+A layer's *damage* is the validation-loss increase with that layer alone compressed; its *KL*,
+the mean KL(p_dense ‖ p_compressed) (:func:`predictive_kl`), is what a Fisher quadratic
+approximates (the loss increase also holds a first-order term g·ΔW). With ``curvature`` the
+reference solver's layer is also evaluated at the mirrored weight W + R = 2W − W_svd, so that
+L(W − R) = L(W) − g·R + ½ RᵀHR + O(R³) splits into an odd part ``svd_first_order`` and an even
+part ``svd_curvature_damage`` ≈ ½ RᵀHR, the only one a Fisher can predict (docs/METHOD.md).
 """
 
 from __future__ import annotations
@@ -60,9 +55,8 @@ def layer_curvatures(
     fisher_information: Mapping[str, Any],
     calibration_statistics: Mapping[str, Any],
 ) -> tuple[dict[str, LayerCurvature], dict[str, list[str]]]:
-    """Each module's per-example statistics, and ``{statistic: [absent keys]}``. The diagonal
-    Fisher is stored summed over examples: it is divided by its metadata's ``num_examples``
-    (absent: the Fisher counts as absent)."""
+    """Each module's per-example statistics (the stored Fisher divided by its metadata's
+    ``num_examples``), and ``{statistic: [absent keys]}``."""
     fisher = fisher_information.get("tensors") or {}
     calibration = calibration_statistics.get("tensors") or {}
     num_examples = (fisher_information.get("metadata") or {}).get("num_examples")
@@ -87,9 +81,8 @@ def layer_curvatures(
 
 
 def resolve_loss_models(requested: list[str] | None, absent: Mapping[str, list[str]]) -> list[str]:
-    """The loss models to compute: the requested ones, or (``None``) every one whose statistics
-    every layer has, the others skipped with a warning; a requested one whose statistics are
-    absent is an error naming them."""
+    """The requested loss models (their statistics absent: an error), or (``None``) every one
+    the statistics allow, the others skipped with a warning."""
     requested_names = list(requested or ())
     wrong = [
         name
@@ -129,11 +122,9 @@ def resolve_loss_models(requested: list[str] | None, absent: Mapping[str, list[s
 
 
 def predictive_kl(reference: np.ndarray, logits: np.ndarray, config: object) -> np.ndarray:
-    """Per-example KL(p_reference ‖ p_logits) in nats between the predictive distributions of
-    the task's head (as :func:`weighted_lowrank.hf.training.per_example_loss` reads ``config``):
-    softmax categoricals; for ``multi_label_classification`` the sum of the per-label Bernoulli
-    KLs; for regression unit-variance Gaussians, ½ (y_reference − y)². In float64, clipped at 0:
-    rounding can put the KL of near-identical distributions a few ulp below zero."""
+    """Per-example KL(p_reference ‖ p_logits) in nats of the head's predictive distributions:
+    categorical, per-label Bernoulli (summed) or unit-variance Gaussian, as ``config`` says. In
+    float64, clipped at 0 (rounding can put near-identical distributions a few ulp below)."""
     a = torch.as_tensor(np.asarray(reference), dtype=torch.float64)
     b = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     if a.shape != b.shape or a.ndim != 2:
@@ -189,12 +180,8 @@ def measure_dense_reference(
     risk_validation: RiskValidationParams,
     device: str,
 ) -> dict[str, Any]:
-    """What every solver's damage is measured against: the dense model's validation ``loss``,
-    ``accuracy`` and ``logits`` (None for a language model), the number of ``examples``, and the
-    ``loss_models`` the statistics allow (:func:`resolve_loss_models`, checked first)."""
-    missing = [column for column in LAYER_COLUMNS if column not in layer_risk.columns]
-    if missing:
-        raise ValueError(f"layer_risk lacks the columns {missing}; it has {list(layer_risk)}")
+    """The dense model's validation ``loss``, ``accuracy`` and ``logits`` (None for a language
+    model), the ``examples`` and the ``loss_models`` the statistics allow (checked first)."""
     modules = layer_risk["module"].tolist()
     _, absent = layer_curvatures(modules, fisher_information, calibration_statistics)
     loss_models = resolve_loss_models(risk_validation.loss_models, absent)
@@ -217,8 +204,7 @@ def check_layers(
     solver: str, compressed: torch.nn.Module, layer_risk: pd.DataFrame
 ) -> dict[str, LowRankLinear]:
     """``{module: layer}`` of ``compressed`` in ``layer_risk`` order, once both name the same
-    modules at the same ranks: lineage says the inputs come from one fine-tuned model, not that
-    they were compressed at one budget and targets."""
+    modules at the same ranks (lineage does not say they share a budget and targets)."""
     layers = lowrank_modules(compressed)
     expected = {
         module: int(rank)
@@ -258,12 +244,9 @@ def measure_damage(
     solver: str,
     mirror: bool = False,
 ) -> pd.DataFrame:
-    """One solver's damage: per ``layer_risk`` row, ``module``, then ``loss``, ``accuracy`` and
-    ``kl`` with that layer alone taken from ``compressed_model`` (with ``mirror`` and
-    ``risk_validation.curvature`` also ``mirror_loss``: the weight 2W − W_solver), ``seconds``,
-    and one column per loss model of ``dense_reference``: its prediction for the layer's
-    ΔW = W − AB; then a row :data:`WHOLE_MODEL` for the whole compressed model (predictions
-    summed over its layers). Inputs are checked before the first evaluation."""
+    """One solver's damage per ``layer_risk`` row with that layer alone compressed (``loss``,
+    ``accuracy``, ``kl``, ``mirror_loss`` with ``mirror`` and ``curvature``, ``seconds``, each
+    loss model's prediction), then a :data:`WHOLE_MODEL` row (predictions summed)."""
     dense, loss_models = fine_tuned_model.model, dense_reference["loss_models"]
     layers = check_layers(solver, compressed_model.model, layer_risk)
     curvatures, _ = layer_curvatures(list(layers), fisher_information, calibration_statistics)
@@ -271,8 +254,6 @@ def measure_damage(
     working = copy.deepcopy(dense).to(run_device).eval()
 
     def evaluate(network: torch.nn.Module = working) -> dict[str, float]:
-        """Loss, accuracy and mean KL(p_dense ‖ p_network) of one validation pass (KL NaN for a
-        language model)."""
         loss, accuracy, logits = _validation_pass(
             network, fine_tuned_model, validation_split, model, risk_validation, run_device
         )
@@ -313,9 +294,8 @@ def _swap_in(
     evaluate: Callable[[], dict[str, float]],
     mirror: bool,
 ) -> dict[str, Any]:
-    """``module``, ``loss``, ``accuracy`` and ``kl`` of ``working`` with its layer ``name``
-    replaced by ``layer`` (and with ``mirror``, ``mirror_loss`` with the mirrored weight
-    2W − AB instead); ``working`` is restored."""
+    """:func:`measure_damage`'s row for ``working`` with ``name`` replaced by ``layer`` (then
+    restored)."""
     original = working.get_submodule(name)
     working.set_submodule(name, copy.deepcopy(layer).to(original.weight.device))
     try:
@@ -340,10 +320,8 @@ def collect_damage(
     weighted: str,
     **damage: pd.DataFrame,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``risk_validation_table`` (``layer_risk`` with the ``reference`` and ``weighted`` solvers'
-    measurements) and ``loss_model_table`` (one row per layer × solver × loss model, then per
-    whole model × loss model; columns in conf/base/catalog_risk_validation.yml), from ``damage``:
-    every solver's :func:`measure_damage` table."""
+    """``risk_validation_table`` and ``loss_model_table`` (conf/base/catalog_risk_validation.yml)
+    from every solver's :func:`measure_damage` table."""
     layers = layer_risk.reset_index(drop=True)
     per_layer = {solver: frame.iloc[:-1] for solver, frame in damage.items()}
     fingerprint = fingerprint_of(dense_reference)
@@ -392,8 +370,7 @@ def _risk_table(
 def _loss_model_table(
     layers: pd.DataFrame, damage: Mapping[str, pd.DataFrame], dense: Mapping[str, Any]
 ) -> pd.DataFrame:
-    """The long table of predicted against measured damage (layer rows first, then whole
-    models), with the ratios of predicted to measured."""
+    """Predicted against measured damage, layer rows then whole models, with their ratios."""
     whole = {"module": WHOLE_MODEL, "layer": -1, "kind": WHOLE_MODEL, "rank": -1}
     points = [
         ("layer", {"module": module, "layer": int(layer), "kind": kind, "rank": int(rank)}, index)

@@ -1,11 +1,7 @@
-"""``risk_validation``: per-layer and whole-model damage of each solver, set against the risk
-statistics of ``layer_risk`` and against each loss model's prediction.
-
-``measure_dense_reference`` evaluates the fine-tuned model once; one namespace per solver measures
-``<solver>.compressed_model`` layer by layer; ``collect_damage`` joins them into
-``risk_validation_table`` (the φ comparison: ``REFERENCE``'s damage, ``WEIGHTED``'s gain over it)
-and ``loss_model_table``, which the summaries, metrics and plots read. The solver list lives in
-code (pipelines are built before parameters are read), so only the wired models load.
+"""``risk_validation``: one dense reference, one namespace per solver measuring its damage layer
+by layer, one ``collect_damage`` into the tables the summaries, metrics and plots read. The
+solver list lives in code (pipelines are built before parameters are read): only the wired
+models load.
 """
 
 from functools import partial, update_wrapper
@@ -24,9 +20,8 @@ from .statistic_nodes import (
 
 #: The φ comparison: SVD's damage, and the gain of the element-wise weighted solver over it.
 REFERENCE, WEIGHTED = "svd", "tfwsvd"
-#: One closed form or solver per loss model: svd (identity), fwsvd (rank-one Fisher), tfwsvd
-#: (diagonal; the other element-wise solvers minimise the same objective), kfwsvd (Kronecker),
-#: svd_llm (activation). Cost ∝ their number.
+#: One solver per loss model (identity, rank-one Fisher, diagonal, Kronecker, activation); cost ∝
+#: their number.
 SOLVERS: tuple[str, ...] = ("svd", "fwsvd", WEIGHTED, "kfwsvd", "svd_llm")
 
 #: What the dense reference and every solver's measurement read (the latter after its own model).

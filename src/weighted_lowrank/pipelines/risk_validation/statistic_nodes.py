@@ -26,10 +26,8 @@ DESCRIPTIVE = (*LAYER_COLUMNS, "out_features", "in_features", "risk", "model_fin
 
 
 def spearman(x: pd.Series, y: pd.Series) -> dict[str, float | int | None]:
-    """Spearman ρ, its two-sided p-value and n over the rows where both are finite.
-
-    ρ and p are ``None`` (JSON null) for fewer than three rows or a constant column.
-    """
+    """Spearman ρ, its two-sided p-value and n over the rows where both are finite (ρ and p
+    ``None`` for fewer than three rows or a constant column)."""
     both = pd.DataFrame({"x": x, "y": y}).astype(float).replace([np.inf, -np.inf], np.nan).dropna()
     n = len(both)
     if n < 3 or both["x"].nunique() < 2 or both["y"].nunique() < 2:
@@ -53,8 +51,7 @@ def finite(value: Any) -> float | None:
 
 
 def outcomes(reference: str) -> dict[str, str]:
-    """What the statistics are correlated with (those in the table): the column, and its short
-    name in MLflow metrics."""
+    """The outcomes the statistics are correlated with: ``{column: short name}``."""
     return {
         f"{reference}_kl": "kl",
         f"{reference}_loss_increase": "damage",
@@ -86,10 +83,8 @@ def summarize_risk_validation(
     reference: str,
     weighted: str,
 ) -> dict[str, Any]:
-    """``correlations[outcome][statistic]``, :func:`spearman` of every statistic with each
-    outcome of :func:`outcomes`; the ``best_predictor`` of each (largest ρ); counts, the dense
-    loss and accuracy, KL, damage and gain totals (what conf/base/catalog_risk_validation.yml
-    lists)."""
+    """:func:`spearman` of every statistic with each outcome, each outcome's ``best_predictor``
+    and the totals conf/base/catalog_risk_validation.yml lists."""
     table = risk_validation_table
     statistics = _statistics(table, risk_validation.statistics, reference)
     correlations = {
@@ -134,9 +129,7 @@ def summarize_risk_validation(
 def risk_validation_metrics(
     risk_validation_summary: dict[str, Any], *, reference: str
 ) -> dict[str, dict]:
-    """The summary as MLflow metrics (step 0): ``spearman_<kl|damage|gain|curvature>.<statistic>``,
-    ``p_value_<…>.<statistic>``, and every total of the summary (not the largest damage nor the
-    count of layers with a positive gain)."""
+    """The summary as MLflow metrics (step 0): ρ and p per outcome and statistic, and its totals."""
     short = outcomes(reference)
     metrics = {}
     for outcome, by_statistic in risk_validation_summary["correlations"].items():
@@ -157,8 +150,7 @@ def plot_risk_validation(
     reference: str,
     weighted: str,
 ) -> Figure:
-    """φ (log x) against each outcome, points coloured by module kind, Spearman ρ in the titles;
-    further panels do the same for the best predictor of each outcome when that is not φ."""
+    """φ, and each outcome's best predictor when that is not φ, against each outcome."""
     table = risk_validation_table
     correlations = risk_validation_summary["correlations"]
     best = risk_validation_summary["best_predictor"]
@@ -202,8 +194,7 @@ def plot_risk_validation(
 
 
 def _scatter_by_kind(axes: Any, table: pd.DataFrame, x: str, y: str) -> None:
-    """Column ``y`` against ``x``, coloured by module kind; x logarithmic where it is positive,
-    y symmetric-log."""
+    """Column ``y`` against ``x`` by module kind; x log where positive, y symmetric-log."""
     for index, kind in enumerate(ordered_kinds(table["kind"])):
         of_kind = table[table["kind"] == kind]
         axes.scatter(of_kind[x], of_kind[y], label=kind, color=f"C{index % 10}", s=28, alpha=0.85)

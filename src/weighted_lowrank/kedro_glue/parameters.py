@@ -1,12 +1,10 @@
 """Typed Kedro parameters: one Pydantic model per block, parsed and checked once per run.
 
-Defaults live only in ``conf/``: every key of a block is set there, an unknown key is an error.
-Kedro builds the blocks a node's signature names with ``model_validate`` before any node runs;
-``parameter_checks.ParameterChecks`` parses the whole run (:func:`parse_parameters`) at its start,
-so a typo in a block read late fails at once, and nodes trust what they receive. Errors name the
-key, the value and what is expected (:func:`describe`). No torch at import time (``settings.py``
-loads this module for every ``kedro`` command): values the numerical core owns are checked
-against it when a block is parsed.
+Every key is set in ``conf/`` (no defaults here; an unknown key is an error). Kedro builds the
+blocks a node's signature names with ``model_validate``; ``ParameterChecks`` parses the whole run
+at its start (:func:`parse_parameters`), so nodes trust what they receive. No torch at import
+(``settings.py`` loads this module for every ``kedro`` command): values the numerical core owns
+are checked against it when a block is parsed.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import importlib
 import math
 import types
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt, MinLen
 from pydantic import (
@@ -39,9 +37,6 @@ RENAMED = {
 }
 
 
-BlockT = TypeVar("BlockT", bound="Block")
-
-
 class ParameterError(ValueError):
     """A parameter has a value the run cannot use; the message names key, value and expectation."""
 
@@ -60,47 +55,40 @@ class Block(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
-        """Pydantic's parse (Kedro's, for a typed node input), failing with a ParameterError."""
-        path = next((name for name, block in BLOCKS.items() if block is cls), "")
-        return parse(cls, obj, path, **kwargs)
-
-
-def parse(block: type[BlockT], values: Any, path: str, **kwargs: Any) -> BlockT:
-    """``block`` from its YAML ``values``; a ParameterError names every bad key under ``path``."""
-    try:
-        return super(Block, block).model_validate(values, **kwargs)
-    except ValidationError as error:
-        raise ParameterError(describe(error, block, values, path)) from None
-
-
-# ----------------------------------------------------------------------------- error messages
+    def model_validate(cls, obj: Any, *, path: str | None = None, **kwargs: Any) -> Any:
+        """Pydantic's parse (Kedro's, for a typed node input); a ParameterError names every bad
+        key under ``path`` (default: the block's key in :data:`BLOCKS`)."""
+        if path is None:
+            path = next((name for name, block in BLOCKS.items() if block is cls), "")
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as error:
+            raise ParameterError(describe(error, cls, obj, path)) from None
 
 
 def describe(error: ValidationError, block: type[BaseModel], values: Any, path: str) -> str:
     """One line per problem of ``error``: the dotted key, its value and what was expected."""
     lines = []
     for item in error.errors():
-        loc = list(item["loc"])
-        cause = (item.get("ctx") or {}).get("error")
+        loc, cause = list(item["loc"]), (item.get("ctx") or {}).get("error")
         if getattr(cause, "key", None):  # a rule across fields that names its key
             loc.append(cause.key)
-        if item["type"] in ("missing", "extra_forbidden"):
-            holder, where = _locate(block, loc[:-1])[0], _dotted(path, loc[:-1])
-            lines.append(_key_problem(item["type"], holder, where, loc[-1]))
-            continue
         holder, depth, field = _locate(block, loc)
-        if field is None and cause is not None:  # a rule over a whole block
+        if item["type"] in ("missing", "extra_forbidden"):
+            lines.append(_key_problem(item["type"], holder, _dotted(path, loc[:-1]), loc[-1]))
+        elif field is None and cause is not None:  # a rule over a whole block
             lines.append(f"parameters {_dotted(path, loc)}: expected {cause}")
-            continue
-        key = loc[: depth + 1] if field is not None else loc
-        value = values
-        for part in key:
-            value = value[part] if isinstance(value, Mapping) else getattr(value, part)
-        what = cause or (
-            _expected(field.annotation, field.metadata) if field else _expected(holder, [])
-        )
-        lines.append(f"parameter {_dotted(path, key)}={value!r}: expected {what or item['msg']}")
+        else:
+            key = loc[: depth + 1] if field is not None else loc
+            value = values
+            for part in key:
+                value = value[part] if isinstance(value, Mapping) else getattr(value, part)
+            what = cause or (
+                _expected(field.annotation, field.metadata) if field else _expected(holder, [])
+            )
+            lines.append(
+                f"parameter {_dotted(path, key)}={value!r}: expected {what or item['msg']}"
+            )
     return "\n".join(dict.fromkeys(lines))  # an error per list item would repeat its line
 
 
@@ -110,7 +98,7 @@ def _dotted(path: str, loc: list[Any]) -> str:
 
 def _locate(block: type[BaseModel], loc: list[Any]) -> tuple[type[BaseModel], int, Any]:
     """The block that holds ``loc``'s field, the field's index in ``loc`` and its FieldInfo
-    (None when ``loc`` ends at a block)."""
+    (None when ``loc`` ends at a block or at a key the block lacks)."""
     for depth, part in enumerate(loc):
         field = block.model_fields.get(part) if isinstance(part, str) else None
         if field is None or not _is_block(field.annotation):
@@ -172,32 +160,35 @@ def _expected(kind: Any, metadata: list[Any]) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------- value types
-
 PositiveInt = Annotated[int, Ge(1)]
 Text = Annotated[str, MinLen(1)]
 Texts = Annotated[list[Text], MinLen(1)]
 
 
-def owned_choice(module: str, name: str) -> AfterValidator:
-    """A value of the tuple ``module.name``, which the numerical core owns (imported when a
-    block is parsed)."""
+def _owned(dotted: str) -> Any:
+    """``weighted_lowrank.<dotted>``: a value the numerical core owns, imported when a block is
+    parsed (not when this module is)."""
+    module, _, name = f"weighted_lowrank.{dotted}".rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def owned_choice(dotted: str) -> AfterValidator:
+    """A value of the core's tuple ``dotted`` (e.g. ``hf.models.MODEL_TASKS``)."""
 
     def check_choice(value: Any) -> Any:
-        choices = getattr(importlib.import_module(module), name)
-        if value not in choices:
-            raise ValueError(f"one of {list(choices)}")
+        if value not in _owned(dotted):
+            raise ValueError(f"one of {list(_owned(dotted))}")
         return value
 
     return AfterValidator(check_choice)
 
 
-def owned_check(module: str, function: str, expected: str) -> Callable[[Any], Any]:
-    """A check that ``module.function`` accepts the value (imported when a block is parsed)."""
+def owned_check(dotted: str, expected: str) -> Callable[[Any], Any]:
+    """A check that the core's function ``dotted`` accepts the value."""
 
     def check(value: Any) -> Any:
         try:
-            getattr(importlib.import_module(module), function)(value)
+            _owned(dotted)(value)
         except ValueError as error:
             raise ValueError(f"{expected} ({error})") from None
         return value
@@ -247,25 +238,16 @@ def check_statistics(value: Any) -> tuple[str, ...]:
 #: ``auto``, ``cpu`` or ``cuda[:N]``; CUDA without a GPU fails at the start of a run.
 Device = Annotated[
     str,
-    AfterValidator(
-        owned_check(
-            "weighted_lowrank.lowrank.devices",
-            "resolve_device",
-            "auto, cpu or cuda on a machine that has it",
-        )
-    ),
+    AfterValidator(owned_check("lowrank.devices.resolve_device", "auto, cpu or an available cuda")),
 ]
 Targets = Annotated[str | tuple[str, ...] | None, BeforeValidator(check_targets)]
-
-
-# ----------------------------------------------------------------------------- shared blocks
 
 
 class ModelParams(Block):
     """``model``: the checkpoint fine-tuned and compressed, its task and tokenization length."""
 
     source: Text
-    task: Annotated[Text, owned_choice("weighted_lowrank.hf.models", "MODEL_TASKS")]
+    task: Annotated[Text, owned_choice("hf.models.MODEL_TASKS")]
     max_length: Annotated[int, Ge(2)]
 
     def resolved_task(self) -> str:
@@ -285,9 +267,7 @@ class CompressionParams(Block):
 
     budget: Annotated[float, Gt(0), Lt(1)]
     allocation: Allocation
-    curve_loss_model: Annotated[
-        Text, owned_choice("weighted_lowrank.lowrank.solvers", "CURVE_LOSS_MODELS")
-    ]
+    curve_loss_model: Annotated[Text, owned_choice("lowrank.solvers.CURVE_LOSS_MODELS")]
     targets: Targets
     seed: int
     device: Device
@@ -295,9 +275,7 @@ class CompressionParams(Block):
         str,
         BeforeValidator(
             owned_check(
-                "weighted_lowrank.lowrank.parallel",
-                "parse_parallel",
-                "one of the forms lowrank.parallel accepts",
+                "lowrank.parallel.parse_parallel", "one of the forms lowrank.parallel accepts"
             )
         ),
     ]
@@ -307,9 +285,6 @@ class SolverParams(Block):
     """``<solver>``: the solver's own options (names and defaults: ``solver_options(name)``)."""
 
     options: dict[str, Any]
-
-
-# ----------------------------------------------------------------------------- data
 
 
 class LabelledColumns(Block):
@@ -340,8 +315,7 @@ class LabelledColumns(Block):
 
 
 class LocalFileParams(LabelledColumns):
-    """``data.local_file``: a CSV/TSV, Parquet, JSON Lines or plain text file (``encoding``:
-    the text formats'; Parquet is UTF-8 by definition)."""
+    """``data.local_file``: a CSV/TSV, Parquet (always UTF-8), JSON Lines or plain text file."""
 
     path: Text | None
     encoding: Annotated[str, AfterValidator(check_codec)]
@@ -421,12 +395,8 @@ def label_key(value: Any) -> str:
     return str(value)
 
 
-# ----------------------------------------------------------------------------- training
-
-
 class TrainingLoopParams(Block):
-    """AdamW with linear warm-up and decay (see ``training.TrainingOptions``): the knobs
-    fine-tuning and refinement share."""
+    """The AdamW loop's knobs fine-tuning and refinement share (``training.TrainingOptions``)."""
 
     epochs: PositiveInt
     batch_size: PositiveInt
@@ -441,23 +411,13 @@ class TrainingLoopParams(Block):
         """The loop's ``TrainingOptions`` for this block, the model's length and the run seed."""
         from weighted_lowrank.hf.training import TrainingOptions
 
-        return TrainingOptions(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            warmup_ratio=self.warmup_ratio,
-            max_length=max_length,
-            max_grad_norm=self.max_grad_norm,
-            seed=seed,
-            eval_batch_size=self.eval_batch_size,
-        )
+        loop = self.model_dump(include=set(TrainingLoopParams.model_fields) - {"progress"})
+        return TrainingOptions(**loop, max_length=max_length, seed=seed)
 
 
 class FineTuningParams(TrainingLoopParams):
-    """``fine_tuning``: the training loop before compression; ``enabled: false`` compresses the
-    model as given (the usual setting for a pretrained language model, or a classifier already
-    fine-tuned for the task)."""
+    """``fine_tuning``: the loop before compression; ``enabled: false`` compresses the model as
+    given (a pretrained language model, or a classifier already fine-tuned for the task)."""
 
     enabled: bool
 
@@ -473,14 +433,11 @@ class RefinementParams(TrainingLoopParams):
         return f"{self.trainable}, {self.epochs} epoch(s)"
 
 
-# ----------------------------------------------------------------------------- analysis
-
-
 class FisherParams(Block):
     """``fisher_estimation``: examples, estimator, batching and the calibration statistics."""
 
     num_examples: PositiveInt | None
-    mode: Annotated[Text, owned_choice("weighted_lowrank.lowrank.fisher", "FISHER_MODES")]
+    mode: Annotated[Text, owned_choice("lowrank.fisher.FISHER_MODES")]
     targets: Targets
     batch_size: PositiveInt
     statistics: Annotated[tuple[str, ...], BeforeValidator(check_statistics)]
@@ -514,7 +471,6 @@ class SvdRiskParams(Block):
 
     @property
     def threshold(self) -> float:
-        """The threshold of the selected statistic."""
         return self.thresholds[self.statistic]
 
 
@@ -546,8 +502,7 @@ class ReportingParams(Block):
 
 
 class RiskValidationParams(Block):
-    """``risk_validation``: the per-layer and whole-model damage measurement and the loss models
-    it is set against (pipeline ``risk_validation``)."""
+    """``risk_validation``: per-layer and whole-model damage against the loss models' forecasts."""
 
     batch_size: PositiveInt
     max_examples: PositiveInt | None
@@ -556,15 +511,9 @@ class RiskValidationParams(Block):
     loss_models: Texts | None
 
 
-# ----------------------------------------------------------------------------- the whole run
-
-
 class RunParameters(Block):
-    """A run's parameters: the scalars every pipeline shares and every block a node reads.
-
-    The solver blocks (``<solver>: {options: …}``) are the extra keys; :func:`parse_parameters`
-    checks them against the solver registry.
-    """
+    """A run's parameters: the shared scalars and every block a node reads; the solver blocks
+    (``<solver>: {options: …}``) are the extra keys, checked by :func:`parse_parameters`."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -593,11 +542,8 @@ BLOCKS: dict[str, type[Block]] = {
 
 
 def parse_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
-    """Every block of a run's parameters, typed: ``{"params:<block>": object}``.
-
-    Solver blocks become ``"params:<solver>.options"`` dicts checked by the solver registry
-    (unknown option names and bad values fail here, before fine-tuning).
-    """
+    """Every block of a run's parameters, typed: ``{"params:<block>": object}``, and each solver's
+    ``"params:<solver>.options"`` dict checked by the solver registry."""
     from weighted_lowrank.lowrank.solvers import SOLVERS, check_solver_options
 
     run = RunParameters.model_validate(parameters)
@@ -612,7 +558,7 @@ def parse_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
         )
     typed = {f"params:{name}": getattr(run, name) for name in ("seed", "device", *BLOCKS)}
     for solver in SOLVERS:
-        options = parse(SolverParams, solvers[solver], solver).options
+        options = SolverParams.model_validate(solvers[solver], path=solver).options
         try:
             check_solver_options(solver, options)
         except ValueError as error:

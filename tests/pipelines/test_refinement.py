@@ -35,7 +35,7 @@ from weighted_lowrank.lowrank.layer import lowrank_modules
 from weighted_lowrank.lowrank.serialization import load_compressed
 from weighted_lowrank.lowrank.solvers import SOLVERS
 from weighted_lowrank.pipelines.evaluation import create_pipeline as create_evaluation
-from weighted_lowrank.pipelines.evaluation.nodes import score_split
+from weighted_lowrank.pipelines.evaluation.nodes import score_examples
 from weighted_lowrank.pipelines.refined.pipeline import DEFAULT_PACKAGES
 from weighted_lowrank.pipelines.refinement import create_pipeline as create_refinement
 from weighted_lowrank.pipelines.refinement.nodes import refine
@@ -269,7 +269,7 @@ def test_a_refined_row_scores_the_refined_model_with_its_solver_report(refined_r
     refined_model = catalog.load("refined.svd.compressed_model")
     metrics = catalog.load("refined.svd.evaluation_metrics")["metrics"]
     base = catalog.load("svd.evaluation_metrics")["metrics"]
-    by_hand = score_split(refined_model, TEST, MODEL.max_length, EVALUATION)
+    by_hand = score_examples(refined_model, TEST, MODEL.max_length, EVALUATION)[0]
     for key, value in by_hand.items():
         assert metrics[key] == pytest.approx(value), key
     assert metrics["test_loss"] < base["test_loss"]

@@ -1,11 +1,6 @@
-"""Nodes of the ``evaluation`` pipeline: task metrics, per-example predictions, parameter
-counts, size, latency.
-
-Every row (``dense``, each solver, each ``refined.<solver>``) returns, stamped with the evaluated
-model's lineage, a JSON record ``{"model_fingerprint", "metrics"}`` with the same metric keys in
-every row, and its per-example predictions from the same forward pass (:data:`PREDICTION_COLUMNS`
-then, for classification, ``logit_<k>``; a causal language model's token blocks:
-:data:`LM_PREDICTION_COLUMNS`, metrics ``perplexity`` and ``token_accuracy``).
+"""Nodes of the ``evaluation`` pipeline: per row (``dense``, a solver, ``refined.<solver>``) a
+record ``{"model_fingerprint", "metrics"}`` with the same metric keys in every row, and its
+per-example predictions from the same forward pass.
 
 Parameter counts are element counts of the tensors ``save_compressed`` writes (``tensors_for_
 saving``: tied tensors once), exactly those of a reloaded model's ``model.safetensors``;
@@ -32,7 +27,6 @@ from weighted_lowrank.hf.training import (
 from weighted_lowrank.kedro_glue.lineage import with_fingerprint
 from weighted_lowrank.kedro_glue.parameters import CompressionParams, EvaluationParams, ModelParams
 from weighted_lowrank.lowrank.devices import resolve_device
-from weighted_lowrank.lowrank.layer import lowrank_ranks
 from weighted_lowrank.lowrank.objective import relative_loss
 from weighted_lowrank.lowrank.serialization import (
     parameter_counts,
@@ -51,10 +45,9 @@ LOGIT_PREFIX = "logit_"
 
 
 def predictions_table(predictions: Predictions, labels: np.ndarray) -> pd.DataFrame:
-    """One row per example of the split, in its order (see :data:`PREDICTION_COLUMNS`); a
-    classification table also holds every class's logit (``logit_<k>``, float32 as computed)."""
+    """One row per example of the split, in its order; a classification table also holds every
+    class's float32 logit (a regression's prediction is its single output already)."""
     logits = predictions.logits
-    # A regression prediction is its single output already: no logit column would add anything.
     classes: dict[str, np.ndarray] = {}
     if logits.shape[1] == 1:
         predicted = logits[:, 0].astype(np.float64)
@@ -108,13 +101,6 @@ def score_examples(
     return scores, predictions_table(predictions, labels)
 
 
-def score_split(
-    bundle: ModelBundle, test_split: pd.DataFrame, max_length: int, evaluation: EvaluationParams
-) -> dict[str, float]:
-    """Task metrics and ``test_loss`` of ``bundle`` on a split (model left on the CPU)."""
-    return score_examples(bundle, test_split, max_length, evaluation)[0]
-
-
 def evaluate_dense(
     fine_tuned_model: ModelBundle,
     test_split: pd.DataFrame,
@@ -145,14 +131,13 @@ def evaluate_compressed(
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """The record of one compressed model (as factorized, or refined) and its predictions.
 
-    The targeted layers are the rank map's (factorized or kept dense); the model must have its
-    ranks. Each distinct model shape is timed once per process (``latency_by_shape_ms``). The
+    The targeted layers are the rank map's (factorized or kept dense); that the model has its
+    ranks is checked before the node runs (``SavedVersionChecks``). Each distinct model shape is timed once per process (``latency_by_shape_ms``). The
     weighted loss relative to SVD's, the factorization seconds and the predicted loss increase
     come from the solver's ``layer_report`` and ``rank_map`` (a refined model keeps them).
     """
     compressed = compressed_model.model.to("cpu")
     dense = fine_tuned_model.model.to("cpu")
-    check_rank_map(compressed, rank_map)
     layers = rank_map["module"].tolist()
     timings = latency_by_shape_ms(
         {"dense": dense, "compressed": compressed},
@@ -211,27 +196,3 @@ def _record(
     }
     record = with_fingerprint({"metrics": metrics}, bundle.model_fingerprint)
     return record, with_fingerprint(predictions, bundle.model_fingerprint)
-
-
-def rank_map_ranks(rank_map: pd.DataFrame) -> dict[str, int]:
-    """``{module: rank}`` of a rank map's factorized layers (its rows not kept dense)."""
-    return {str(row.module): int(row.rank) for row in rank_map.itertuples() if not bool(row.dense)}
-
-
-def check_rank_map(compressed: nn.Module, rank_map: pd.DataFrame) -> None:
-    """Raise ``ValueError`` unless the model's low-rank layers are exactly the rank map's (a rank
-    map of another version would count the wrong parameters). In a run, the
-    ``SavedVersionChecks`` hook checks it first, naming the versions and a matching pair."""
-    found = lowrank_ranks(compressed)
-    expected = rank_map_ranks(rank_map)
-    if found != expected:
-        differing = sorted(
-            name for name in set(found) | set(expected) if found.get(name) != expected.get(name)
-        )
-        raise ValueError(
-            f"the compressed model's low-rank layers disagree with its rank_map at {differing[:5]} "
-            f"({len(differing)} layers; model "
-            f"{ {name: found.get(name) for name in differing[:3]} }, rank map "
-            f"{ {name: expected.get(name) for name in differing[:3]} }); expected the rank map "
-            "saved with this compressed model — load matching versions (--load-versions)"
-        )

@@ -1,12 +1,8 @@
 """``evaluation``: test-split metrics, parameter counts, size and CPU latency of every model.
 
-Namespace ``dense`` evaluates the fine-tuned model; one namespace per solver in ``SOLVERS``
-evaluates ``<solver>.compressed_model`` (with ``<solver>.layer_report`` and ``<solver>.rank_map``)
-against it. Each writes
-``<namespace>.evaluation_metrics``, a record ``{"model_fingerprint", "metrics"}`` whose metrics
-have the same keys everywhere, and ``<namespace>.predictions``, its per-example predictions on
-the test split (id, label, prediction, loss, model_fingerprint) from the same forward pass. The ``refinement`` pipeline evaluates its models with the same
-solver template under ``refined.<solver>`` (:func:`create_compressed_evaluation`).
+Namespace ``dense`` evaluates the fine-tuned model, one namespace per solver in ``SOLVERS`` its
+``compressed_model``; each writes ``<namespace>.evaluation_metrics`` and ``.predictions``. The
+``refinement`` pipeline reuses the solver template under ``refined.<solver>``.
 """
 
 from kedro.pipeline import Node, Pipeline
@@ -69,12 +65,8 @@ def create_dense_pipeline() -> Pipeline:
 
 
 def create_compressed_evaluation(namespace: str, solver: str) -> Pipeline:
-    """The solver template under ``namespace``: ``<namespace>.compressed_model`` (with
-    ``<solver>.layer_report`` and ``<solver>.rank_map``) → ``<namespace>.evaluation_metrics`` + ``<namespace>.predictions``.
-
-    ``namespace`` is the solver itself, or ``refined.<solver>`` for its model fine-tuned after
-    compression (which keeps the solver's factorization, hence its layer report).
-    """
+    """The solver template under ``namespace`` (the solver, or ``refined.<solver>``, which keeps
+    the solver's factorization, hence its ``layer_report`` and ``rank_map``)."""
     return Pipeline(
         create_solver_template(),
         namespace=namespace,

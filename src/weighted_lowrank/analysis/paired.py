@@ -1,32 +1,12 @@
-"""Paired comparison of two classifiers scored on the same examples (plain numpy / SciPy).
+"""Paired comparison of two models scored on the same examples (plain numpy / SciPy).
 
-Two models evaluated on one test set are compared example by example. With ``a`` and ``b`` the
-per-example correctness (right / wrong) of model A and of the reference B:
-
-* ``wins`` = #{A right, B wrong}, ``losses`` = #{A wrong, B right}; their sum is the number of
-  discordant pairs, ``disagreements``. Examples both get right or both get wrong say nothing
-  about which model is better.
-* **Exact McNemar test**: under H0 (both models equally accurate) each discordant pair is A's
-  win with probability 1/2, so ``wins`` ~ Binomial(disagreements, 1/2). The two-sided p-value is
-  the probability, under H0, of an outcome no more likely than the observed one:
-  p = Σ_{k : P(k) ≤ P(wins)} P(k) — for this symmetric binomial, min(1, 2·P(X ≤ min(wins,
-  losses))); p = 1 without disagreements. It equals ``scipy.stats.binomtest(wins,
-  disagreements).pvalue``.
-* **Accuracy difference** ``diff`` = acc(A) − acc(B) = (wins − losses) / n.
-* **Paired bootstrap interval**: resample the n examples with replacement (each example keeps its
-  pair of outcomes), recompute the accuracy difference, ``resamples`` times with a seeded
-  generator; the 95 % interval is the 2.5th and 97.5th percentile of those differences
-  (``numpy.quantile``, linear interpolation). A resample's difference depends only on how many
-  wins, losses and ties it drew, and those counts are Multinomial(n; wins/n, losses/n,
-  ties/n) — drawing the counts is the same bootstrap as drawing the indices, at a cost that does
-  not grow with n.
-
-A causal language model has no right/wrong per example; its examples (token blocks) are compared
-by their next-token loss (:func:`paired_loss_comparison`): ``wins`` = blocks where A's loss is
-lower, ``losses`` = where it is higher, p the same exact two-sided binomial (sign) test of the wins
-among the blocks that differ, ``diff`` = A's test loss minus B's (token-weighted mean next-token
-loss, i.e. the log of the perplexity ratio), its interval the percentiles of that difference over
-paired bootstrap resamples of the blocks.
+A classifier's examples are compared by right / wrong: ``wins`` = only A right, ``losses`` =
+only the reference B right; exact McNemar p; accuracy difference with its paired bootstrap
+interval, resampled as Multinomial counts of wins, losses and ties (the same distribution as
+resampled indices, at a cost independent of n). A causal language model's token blocks are
+compared by their next-token loss: a sign test, and the token-weighted loss difference with a
+bootstrap over blocks. The maths and its tests: docs/METHOD.md, "Reporting: child runs, paired
+tests, comparison".
 """
 
 from __future__ import annotations
@@ -73,8 +53,6 @@ def discordant_counts(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int
 
 def mcnemar_exact_p(wins: int, losses: int) -> float:
     """Two-sided exact McNemar p-value of ``wins`` against ``losses`` discordant pairs."""
-    if wins < 0 or losses < 0:
-        raise ValueError(f"counts must be non-negative; got wins={wins}, losses={losses}")
     n = wins + losses
     if n == 0:
         return 1.0
@@ -91,8 +69,6 @@ def bootstrap_diff_interval(
 ) -> tuple[float, float]:
     """Percentile interval of acc(A) − acc(B) over ``resamples`` paired bootstrap resamples of
     ``n`` examples of which ``wins`` only A and ``losses`` only B got right."""
-    if n < 1 or wins + losses > n or min(wins, losses) < 0:
-        raise ValueError(f"need 0 ≤ wins + losses ≤ n, n ≥ 1; got {wins}, {losses}, {n}")
     generator = np.random.default_rng(seed)
     shares = np.array([wins, losses, n - wins - losses], dtype=np.float64) / n
     counts = generator.multinomial(n, shares, size=resamples)
@@ -134,17 +110,10 @@ def paired_loss_comparison(
     confidence: float = CONFIDENCE,
 ) -> PairedComparison:
     """Sign test and bootstrap interval of language model A against reference B from the mean
-    next-token loss of each block (same blocks in the same order, ``tokens`` predicted in each);
-    see the module docstring."""
+    next-token loss of each block (same blocks in the same order, checked by the caller,
+    ``tokens`` predicted in each)."""
     a, b = np.asarray(loss_a, dtype=np.float64), np.asarray(loss_b, dtype=np.float64)
     weights = np.asarray(tokens, dtype=np.float64)
-    if a.ndim != 1 or a.shape != b.shape or a.shape != weights.shape or len(a) == 0:
-        raise ValueError(
-            f"paired losses must be three non-empty vectors of one length; got {a.shape}, "
-            f"{b.shape}, {weights.shape}"
-        )
-    if not weights.sum() > 0:
-        raise ValueError("paired losses need at least one predicted token")
     wins, losses = int(np.count_nonzero(a < b)), int(np.count_nonzero(a > b))
     weighted = (a - b) * weights
     generator = np.random.default_rng(seed)

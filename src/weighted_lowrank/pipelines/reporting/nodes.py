@@ -1,10 +1,6 @@
 """Nodes of the ``reporting`` pipeline: MLflow child runs, paired tests, comparison table, plots.
 
-Rows are named by namespace: ``dense``, one per solver and ``refined.<solver>`` (the
-``refinement`` pipeline). Each row's evaluation record has the same metric names; its
-per-example predictions feed its child run, the paired tests against :data:`PAIRED_REFERENCES`
-and its ``kl_to_dense``; each solver's rank map is logged in its child runs and drawn by
-:func:`rank_allocation_figure`.
+Rows are named by namespace: ``dense``, one per solver and ``refined.<solver>``.
 """
 
 from __future__ import annotations
@@ -56,11 +52,9 @@ _TABLE_COLUMNS = (
 ).split()
 #: Every row is tested against these rows (when they are among the rows).
 PAIRED_REFERENCES = ("fwsvd", "svd")
-#: Per reference, the paired columns ``vs_<reference>_<statistic>`` of the comparison table and
-#: the parent-run metrics ``paired.<row>.vs_<reference>.<statistic>``.
+#: Columns ``vs_<reference>_<statistic>``, parent-run metrics ``paired.<row>.vs_<ref>.<stat>``.
 PAIRED_STATISTICS = STATISTICS
 _COUNTS = ("disagreements", "wins", "losses")
-#: A solver row's child-run artifact that holds its solver's rank map.
 RANK_MAP_ARTIFACT = "rank_map.parquet"
 #: A solver row's ``rank_rule`` param, per ``compression.allocation``.
 RANK_RULES = {
@@ -79,9 +73,8 @@ def dense_child_run_record(
     *,
     namespace: str = "dense",
 ) -> dict[str, Any]:
-    """The ``dense`` child run: no ``iterations.<group>`` metrics, ``stop_reason.<group>`` tags
-    nor rank map, allocation ``dense``. (``namespace`` is keyword-only: Kedro maps a node's inputs
-    onto the leading, annotated parameters.)"""
+    """The ``dense`` child run: no layer groups nor rank map, allocation ``dense``. (Keyword-only
+    ``namespace``: Kedro maps a node's inputs onto the leading, annotated parameters.)"""
     return _child_run(evaluation, predictions, None, compression, model, data, seed, namespace)
 
 
@@ -97,13 +90,8 @@ def child_run_record(
     *,
     namespace: str,
 ) -> dict[str, Any]:
-    """Params, metrics, tags and artifacts of solver row ``namespace``'s child run.
-
-    The same names in every solver row: the evaluation metrics plus ``iterations.<group>``,
-    tags ``kind``, the lineage fingerprint and ``stop_reason.<group>``
-    (:func:`layer_group_summary`); params include ``allocation``, the ``rank_rule`` it follows
-    and ``refinement: off``. Artifacts: ``predictions.parquet`` and ``rank_map.parquet``.
-    """
+    """Params, metrics, tags and artifacts of solver row ``namespace``'s child run, with the same
+    names in every solver row (metrics and tags per layer group: :func:`layer_group_summary`)."""
     reports = (layer_report, rank_map)
     return _child_run(evaluation, predictions, reports, compression, model, data, seed, namespace)
 
@@ -121,8 +109,8 @@ def refined_child_run_record(
     *,
     namespace: str,
 ) -> dict[str, Any]:
-    """:func:`child_run_record` of a ``refined.<solver>`` row (its solver's layer report and rank
-    map); its ``refinement`` param says what was trained (:meth:`RefinementParams.describe`)."""
+    """:func:`child_run_record` of a ``refined.<solver>`` row, whose ``refinement`` param says
+    what was trained."""
     reports = (layer_report, rank_map)
     return _child_run(
         evaluation, predictions, reports, compression, model, data, seed, namespace, refinement
@@ -132,9 +120,8 @@ def refined_child_run_record(
 def layer_group_summary(layer_report: pd.DataFrame) -> tuple[dict[str, float], dict[str, str]]:
     """Per layer group (shape ``<out>x<in>``): ``iterations.<group>``, the most any layer ran,
     and ``stop_reason.<group>``, e.g. ``converged:5,max_iters:1`` (most frequent first)."""
-    # Shape alone, not shape and rank: a global allocation gives the layers of one shape many
-    # ranks, which would give every solver's child run other names where MLflow's compare view
-    # needs the same ones (under the uniform allocation a shape has one rank: the same groups).
+    # Shape alone, not rank: a global allocation's ranks would give each solver's child run
+    # other names where MLflow's compare view needs the same ones.
     groups = layer_report["shape"].astype(str)
     metrics, tags = {}, {}
     for group, rows in layer_report.groupby(groups, sort=True):
@@ -201,15 +188,10 @@ def row_order(namespaces: list[str]) -> list[str]:
 
 
 def paired_tests(reporting: ReportingParams, **predictions: pd.DataFrame) -> pd.DataFrame:
-    """Every row against dense's predicted distributions and each of :data:`PAIRED_REFERENCES`
-    on the shared test set (refused unless every row has the same ids and labels).
-
-    One row per namespace (the comparison table's order): ``kl_to_dense`` and
-    ``vs_<reference>_<statistic>`` for :data:`PAIRED_STATISTICS` (discordant pairs, wins, losses,
-    exact McNemar p, accuracy difference and its paired bootstrap interval; a language model's
-    loss sign test instead; :mod:`weighted_lowrank.analysis.paired`). The reference's own row is
-    missing there; an absent reference gets no columns; a regression gets ``kl_to_dense`` alone.
-    """
+    """Per row (the comparison table's order), ``kl_to_dense`` and the paired tests
+    (:mod:`weighted_lowrank.analysis.paired`) against each of :data:`PAIRED_REFERENCES` on the
+    shared test set: ``vs_<reference>_<statistic>``, missing in the reference's own row; a
+    regression gets ``kl_to_dense`` alone."""
     order = [name for name in row_order(list(predictions)) if name in predictions]
     tables = {name: predictions[name].sort_values("id", ignore_index=True) for name in order}
     _check_same_examples(tables)
@@ -248,12 +230,9 @@ def paired_tests(reporting: ReportingParams, **predictions: pd.DataFrame) -> pd.
 
 
 def kl_to_dense(tables: dict[str, pd.DataFrame]) -> list[float]:
-    """Per table, the mean over the examples of KL(p_dense ‖ p_row) in nats, p the float64
-    softmax of the ``logit_<k>`` columns; ``tables`` are sorted by ``id`` and hold one test set.
-
-    A Fisher-weighted loss model predicts this divergence to second order in the weight change;
-    the test loss moves with it, but also with the labels. NaN without ``dense`` or logits.
-    """
+    """Per table (sorted by ``id``, one test set), the mean KL(p_dense ‖ p_row) in nats over the
+    examples, p the float64 softmax of the logits — what a Fisher-weighted loss model predicts to
+    second order; NaN without ``dense`` or logits."""
     dense = _log_probabilities(tables["dense"]) if "dense" in tables else None
     values = []
     for table in tables.values():
@@ -319,8 +298,7 @@ def paired_metrics(paired: pd.DataFrame) -> dict[str, dict[str, float]]:
 
 def comparison_table(paired: pd.DataFrame, **evaluations: dict[str, Any]) -> pd.DataFrame:
     """One row per namespace (dense first): the evaluation metrics, ``test_loss_increase``
-    (minus dense's), ``kl_to_dense`` and ``predicted_loss_increase`` (NaN where a record has
-    none), then the paired tests' columns; stamped with the fine-tuned model's fingerprint."""
+    (minus dense's), then the paired tests' columns; stamped with dense's fingerprint."""
     if "dense" not in evaluations:
         raise ValueError(
             f"comparison needs the dense evaluation; got namespaces {sorted(evaluations)}"
@@ -344,8 +322,7 @@ def comparison_table(paired: pd.DataFrame, **evaluations: dict[str, Any]) -> pd.
 def comparison_markdown(
     table: pd.DataFrame, compression: CompressionParams, reporting: ReportingParams
 ) -> str:
-    """The comparison table as Markdown, saying what the ratios count, then the paired tests as
-    a second table (or why there are none)."""
+    """The comparison table as Markdown, saying what the ratios count, then the paired tests."""
     header = (
         f"# Solver comparison at budget {compression.budget}, {compression.allocation} "
         "allocation\n\n"
@@ -365,8 +342,7 @@ def comparison_markdown(
 
 def paired_markdown(table: pd.DataFrame, reporting: ReportingParams) -> str:
     """The "Paired tests" section: per row and reference, wins / losses, the exact p and the
-    difference with its bootstrap interval — of accuracy (McNemar over examples), or for a
-    language model of test loss (sign test over token blocks; :mod:`.paired`)."""
+    difference with its bootstrap interval (or why there are none)."""
     title = "## Paired tests\n\n"
     language_model = "perplexity" in table
     if "accuracy" not in table and not language_model:
@@ -437,8 +413,8 @@ def _format_p(p: float) -> str:
 
 
 def accuracy_vs_params_figure(table: pd.DataFrame) -> Figure:
-    """Task metric against whole-model parameters kept, one point per solver, dense as a line;
-    each ``refined.<solver>`` row a hollow marker joined to its solver's point."""
+    """Task metric against whole-model parameters kept, one point per solver, dense as a line,
+    each refined row a hollow marker joined to its solver's point."""
     metric = task_metric(table)
     figure = Figure(figsize=(7, 4.5))
     axis = figure.subplots()
@@ -497,10 +473,7 @@ def layer_loss_figure(**layer_reports: pd.DataFrame) -> Figure:
 def rank_allocation_figure(compression: CompressionParams, **rank_maps: pd.DataFrame) -> Figure:
     """Per solver (keyword: its rank map) a panel of each layer's kept rank / min(out, in)
     against its encoder layer, one line per kind; a layer kept dense is a black square at 1.
-
-    Small multiples rather than one panel per kind: the question is where each solver's loss
-    curves sent the parameters, and a solver's whole allocation reads at a glance in its panel.
-    """
+    (A panel per solver: its whole allocation reads at a glance.)"""
     columns = 4
     rows = math.ceil(len(rank_maps) / columns)
     figure = Figure(figsize=(3.3 * columns + 1.5, 2.5 * rows + 0.6), layout="constrained")

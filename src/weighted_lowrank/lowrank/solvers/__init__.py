@@ -1,13 +1,10 @@
 """Registry of weighted low-rank solvers and the entry points ``factorize`` / ``factorize_batch``
 / ``rank_loss_curves``.
 
-Each solver family lives in its own module and declares its ``SPEC`` (or ``SPECS``): a
-:class:`~._common.SolverSpec` with its batched implementation, its options (a frozen dataclass
-with defaults and checks), the calibration statistics it reads, its loss curve and its stopping
-window. The registry collects them; :func:`register_solver` adds one from anywhere (what a
-solver needs is re-exported here: ``SolverSpec``, ``Options``, ``option``, ``Problem``, …).
-``factorize_batch`` groups layers by (shape, rank) so the layers of one group share batched
-matmuls, and returns the same results as one ``factorize`` call per layer (up to time caps).
+Each family module declares its ``SPEC`` (or ``SPECS``), a :class:`~._common.SolverSpec`; the
+registry collects them and :func:`register_solver` adds one from anywhere (what a solver needs is
+re-exported here). ``factorize_batch`` solves layers of equal (shape, rank) as one batch, with the
+results of one ``factorize`` call per layer (up to time caps).
 """
 
 from __future__ import annotations
@@ -74,12 +71,9 @@ def solver_spec(solver: str) -> SolverSpec:
     return _REGISTRY[solver]
 
 
-def resolve_options(solver: str, options: Mapping[str, Any]) -> Options:
-    """``solver``'s options with ``options`` over its defaults, every value checked.
-
-    Unknown names and bad values are a ``ValueError`` naming the solver, the option, the value
-    and what is expected.
-    """
+def check_solver_options(solver: str, options: Mapping[str, Any]) -> Options:
+    """``solver``'s options with ``options`` over its defaults; unknown names and bad values are a
+    ``ValueError`` naming the solver, the option, the value and what is expected."""
     spec = solver_spec(solver)
     accepted = sorted(item.name for item in fields(spec.options))
     unknown = sorted(set(options) - set(accepted))
@@ -91,12 +85,6 @@ def resolve_options(solver: str, options: Mapping[str, Any]) -> Options:
         return spec.options(**options)
     except ValueError as error:
         raise ValueError(f"solver {solver!r}: {error}") from None
-
-
-def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` unless ``options`` are valid options of ``solver`` (see
-    :func:`resolve_options`); what the parameter layer checks before any work."""
-    resolve_options(solver, options)
 
 
 def solver_options(solver: str) -> dict[str, Any]:
@@ -111,11 +99,8 @@ def solver_curve(solver: str) -> str:
 
 
 def solver_needs(solver: str, **options: Any) -> tuple[str, ...]:
-    """The calibration statistics ``solver`` reads with these options, in storage order.
-
-    An iterative solver started from ``init="kfwsvd"`` reads both moments.
-    """
-    needs = {*solver_spec(solver).needs, *resolve_options(solver, options).added_needs()}
+    """The calibration statistics ``solver`` reads with these options, in storage order."""
+    needs = {*solver_spec(solver).needs, *check_solver_options(solver, options).added_needs()}
     return tuple(name for name in CALIBRATION_STATISTICS if name in needs)
 
 
@@ -142,11 +127,10 @@ def factorize(
 ) -> FactorizationResult:
     """Factorize ``weight ≈ left @ right`` with rank ``rank`` minimising ``Σ I (W − left@right)²``.
 
-    ``importance`` has the weight's shape and is ``>= 0`` (``None`` = uniform). Options depend on
-    the solver (see :func:`solver_options`); unknown ones raise ``ValueError``. ``statistics``
-    holds the calibration statistics the solver needs (:func:`solver_needs`), e.g.
-    ``{"input_moment": A}``; the solver then minimises its own quadratic, while ``loss`` stays
-    the importance-weighted one.
+    ``importance`` has the weight's shape and is ``>= 0`` (``None`` = uniform); options: see
+    :func:`solver_options`. ``statistics`` holds what the solver needs (:func:`solver_needs`),
+    e.g. ``{"input_moment": A}``: it then minimises its own quadratic, while ``loss`` stays the
+    importance-weighted one.
     """
     return factorize_batch(
         [weight], [importance], [rank], solver=solver, statistics=[statistics], **options
@@ -165,19 +149,16 @@ def factorize_batch(
     threads: int = 1,
     **options: Any,
 ) -> list[FactorizationResult]:
-    """``factorize`` for many layers at once; layers of equal (shape, rank) share batched matmuls.
+    """``factorize`` for many layers at once, results in input order; layers of equal (shape,
+    rank) share batched matmuls, and time caps (``max_seconds``) apply per group.
 
-    Results come back in input order. Time caps (``max_seconds``) apply per group of layers.
-    ``statistics`` gives each layer's calibration statistics by name (without a module prefix);
-    every statistic the solver needs is checked for every layer before any solve. ``names``
-    label the layers in errors (default ``"layer <index>"``).
-
-    ``map_groups`` runs the groups (:func:`_by_group`); ``threads`` worker threads share each
-    group's small CPU work (:func:`~weighted_lowrank.lowrank.devices.worker_threads`). The
-    results do not depend on either beyond the wall-clock fields (``seconds``, the history's
-    times) and, for ``threads``, the rounding of sums over chunks.
+    ``statistics``: each layer's calibration statistics by name, all checked before any solve;
+    ``names`` label the layers in errors. ``map_groups`` runs the groups (:func:`_by_group`);
+    ``threads`` worker threads share each group's small CPU work
+    (:func:`~weighted_lowrank.lowrank.devices.worker_threads`). Neither changes the results but
+    for the wall-clock fields and, for ``threads``, the rounding of sums over chunks.
     """
-    resolved = resolve_options(solver, options)
+    resolved = check_solver_options(solver, options)
     labels, needed = _checked_layers(
         solver, weights, importances, ranks, statistics, names, solver_needs(solver, **options)
     )
@@ -206,17 +187,14 @@ def rank_loss_curves(
 ) -> list[torch.Tensor]:
     """Per layer, the predicted loss increase (nats per example) of ``solver`` at every rank.
 
-    Element ``r − 1`` of each (min(out, in),) float64 tensor is the loss of the rank-r solution.
-    ``loss_model="own"``: under the solver's own quadratic — exact for the closed forms, the
-    two-sided FWSVD proxy for the element-wise solvers (:mod:`.spectra`). ``"kronecker"``: the
-    same solutions (the solver's truncation path; the proxy's for the element-wise solvers)
-    priced by the Kronecker-factored model ½ tr(ΔWᵀ G ΔW A), which needs both moments. Either
-    way rescaled so that the curvature has the trace of the layer's diagonal Fisher,
-    ``importance`` summed over ``num_examples`` examples (``None``: uniform importance 1).
-    Same-shape layers share one batched decomposition; inputs are checked, and ``map_groups`` /
-    ``threads`` used, as :func:`factorize_batch` does.
+    Element ``r − 1`` of each (min(out, in),) float64 tensor prices the rank-r solution (the FWSVD
+    proxy's for the element-wise solvers, :mod:`.spectra`) under the solver's own quadratic
+    (``loss_model="own"``) or the Kronecker-factored ½ tr(ΔWᵀ G ΔW A) (``"kronecker"``, needs
+    both moments), rescaled to the trace of the layer's diagonal Fisher, ``importance`` summed
+    over ``num_examples`` examples. Inputs, ``map_groups`` and ``threads``: as
+    :func:`factorize_batch`.
     """
-    resolved = resolve_options(solver, options)
+    resolved = check_solver_options(solver, options)
     needs = curve_needs(solver, loss_model, **options)
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
         raise ValueError(f"num_examples must be an int >= 1, got {num_examples!r}")
@@ -241,13 +219,11 @@ def _by_group(
     device: str | torch.device | None,
     map_groups: MapGroups,
 ) -> list[Any]:
-    """Group the layers by ``group_of(index)`` (whose last element is the layers' device), run
-    ``function(*arguments_of(key), device, *per-layer lists)`` once per group through
-    ``map_groups``, and return the per-layer results in input order.
+    """Run ``function(*arguments_of(key), device, *per-layer lists)`` once per group of layers
+    ``group_of(index)`` through ``map_groups``; per-layer results in input order.
 
-    ``device`` is where each group runs (``None``: the layers' device — for a ``map_groups``
-    other than the builtin ``map``, which may run elsewhere, the device type, e.g. a worker's
-    own GPU).
+    ``device`` ``None`` runs a group on its layers' device (the key's last element) — its type
+    under a ``map_groups`` that may run elsewhere (e.g. a worker's own GPU).
     """
     groups: dict[Hashable, list[int]] = {}
     for index in range(len(per_layer[0])):
@@ -332,8 +308,7 @@ def _checked_layers(
     names: list[str] | None,
     needs: tuple[str, ...],
 ) -> tuple[list[str], list[dict[str, torch.Tensor]]]:
-    """Every layer checked before any solve: ``(labels, each layer's needed statistics)``; the
-    statistics list is empty when the solver needs none."""
+    """Every layer checked before any solve: ``(labels, each layer's needed statistics or [])``."""
     if not weights or not (len(weights) == len(importances) == len(ranks)):
         raise ValueError(
             f"weights, importances and ranks must be non-empty and of equal lengths, got "

@@ -56,19 +56,13 @@ def solve_rows(
     damping: float,
     chunk_elements: int,
 ) -> torch.Tensor:
-    """Damped weighted least squares for every row of every layer in the batch.
+    """Damped weighted least squares for every row of every layer in the batch, in float64.
 
-    Row ``i`` of layer ``b`` solves ``(G_i + δ_i Id) x_i = rhs_i + δ_i x_i^prev`` with
-    ``G_i = Σ_j importance[b, i, j] · basis[b, :, j] basis[b, :, j]ᵀ`` (r × r), in float64.
-    ``δ_i = damping · (tr G_i / r + mean_k tr G_k / r)``: relative to the row's own curvature,
-    with a floor from the layer's average so all-zero rows get a positive δ too. A Cholesky
-    failure (float32 products can leave a Gram slightly indefinite) retries that row with 100×
-    the damping.
-
-    Grams are built and solved a chunk of rows at a time (one matmul against the upper-triangle
-    products of the basis columns, half the work of full outer products), so only about
-    ``chunk_elements`` Gram entries exist at once: holding every row's Gram of a batch of FFN
-    weights (6 × 1536 × 153² in float64) took 8.5 GB.
+    Row ``i`` solves ``(G_i + δ_i Id) x_i = rhs_i + δ_i x_i^prev``, ``G_i = Σ_j I_ij b_j b_jᵀ``,
+    ``δ_i = damping · (tr G_i / r + mean_k tr G_k / r)``, 100× the damping where a Cholesky fails
+    (docs/METHOD.md, "als"). Grams are built a chunk of rows at a time from the upper-triangle
+    products of the basis, about ``chunk_elements`` entries at once: every row's Gram of a batch
+    of FFN weights took 8.5 GB.
     """
     batch, rows, _ = importance.shape
     rank = basis.shape[1]

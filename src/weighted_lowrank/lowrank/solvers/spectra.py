@@ -1,28 +1,16 @@
 """Each solver's weighted spectrum: the loss of every rank from one decomposition per layer.
 
-A closed-form solver truncates the SVD of a scaled weight ``M = S_out W S_in`` (plain SVD:
-``M = W``; FWSVD: ``√r W √c``; kfwsvd: ``L_Gᵀ W L_A``; svd_llm: ``W L_A``; asvd: ``W diag(s)``),
-so the loss of its rank-r solution under its own quadratic ``‖S_out ΔW S_in‖²`` is the tail
-``Σ_{i>r} σ_i²`` of M's squared singular values — exact for every rank at once. The element-wise
-solvers (tfwsvd, adam, sgd, adam_sgd, als, em) have no such spectrum: their curve is the
-two-sided FWSVD spectrum of the same diagonal Fisher (its rank-one fit, with the same marginals
-and trace), a documented proxy (docs/METHOD.md "Rank allocation"). The Kronecker family's
-spectra (kfwsvd, svd_llm, asvd) are :func:`whitened_spectrum` of their moments, beside their
-solvers in :mod:`.calibrated`.
-
-Asked for its ``terms``, a spectrum also carries the solver's truncation path (the rank-one terms
-whose first r make its rank-r solution), which :func:`kronecker_rank_losses` prices under the
-Kronecker-factored model instead of the solver's own quadratic (``curve_loss_model: kronecker``).
-
-A :class:`Spectrum` also carries the traces of the two sides of the curvature the quadratic
-assumes (``tr(S_outᵀ S_out)``, ``tr(S_in S_inᵀ)``): the loss curve scales the tail so that this
-curvature has the trace of the layer's diagonal Fisher (:func:`rank_losses`), which puts every
-solver's curve in nats per example and makes layers comparable.
+A closed-form solver truncates the SVD of a scaled weight ``M = S_out W S_in`` (SVD: ``W``;
+FWSVD: ``√r W √c``; the Kronecker family: :func:`whitened_spectrum` of its moments), so its
+rank-r loss under its own quadratic is the tail ``Σ_{i>r} σ_i²``. The element-wise solvers have
+no spectrum: their curve is two-sided FWSVD's, a documented proxy (docs/METHOD.md "Rank
+allocation"). With ``terms`` a spectrum carries the truncation path that
+:func:`kronecker_rank_losses` prices instead; its two curvature traces scale every curve to the
+trace of the layer's diagonal Fisher (:func:`rank_losses`), in nats per example.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +42,6 @@ class Spectrum:
     right: torch.Tensor | None = None
 
 
-SpectrumFunction = Callable[[Problem, Any, bool], Spectrum]
 #: The curve of the element-wise solvers, which have no spectrum of their own.
 PROXY_CURVE = "fwsvd (proxy)"
 
@@ -90,10 +77,17 @@ def rank_losses(
     # The tail summed from the smallest value up: no cancellation at high ranks.
     tails = values.flip(-1).cumsum(dim=-1).flip(-1)
     tails = torch.cat([tails[:, 1:], torch.zeros_like(tails[:, :1])], dim=1)
-    weight_units = problem.weight_scale.double().cpu().square()
     traces = spectrum.trace_output.double().cpu() * spectrum.trace_input.double().cpu()
-    scale = 0.5 * importance_totals.double().cpu() / num_examples * weight_units / traces
-    return tails * scale[:, None]
+    return tails * _fisher_scale(problem, importance_totals, num_examples, traces)[:, None]
+
+
+def _fisher_scale(
+    problem: Problem, importance_totals: torch.Tensor, num_examples: int, traces: torch.Tensor
+) -> torch.Tensor:
+    """``½ (ΣI / N) / traces`` in the weight's original units: what scales a curve's curvature to
+    the trace of the layer's diagonal Fisher."""
+    weight_units = problem.weight_scale.double().cpu().square()
+    return 0.5 * importance_totals.double().cpu() / num_examples * weight_units / traces
 
 
 def kronecker_rank_losses(
@@ -125,10 +119,8 @@ def kronecker_rank_losses(
     losses = torch.cat(
         [dropped_from[:, 1:], torch.zeros_like(dropped_from[:, :1])], dim=1
     ).clamp_min(0)
-    weight_units = problem.weight_scale.double().cpu().square()
     traces = _trace_of(output_moment) * _trace_of(input_moment)
-    scale = 0.5 * importance_totals.double().cpu() / num_examples * weight_units / traces
-    return losses.cpu() * scale[:, None]
+    return losses.cpu() * _fisher_scale(problem, importance_totals, num_examples, traces)[:, None]
 
 
 def _fwsvd(problem: Problem, axis: str, terms: bool) -> Spectrum:

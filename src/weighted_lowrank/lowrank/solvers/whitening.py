@@ -4,25 +4,14 @@
 With ΔW = W − left·right, A = L_A L_Aᵀ (in × in) and G = L_G L_Gᵀ (out × out),
 ``tr(ΔWᵀ G ΔW A) = ‖L_Gᵀ ΔW L_A‖²``, so the truncated SVD ``U_r S_r V_rᵀ`` of
 ``M = L_Gᵀ W L_A`` mapped back (left = L_G⁻ᵀ U_r √S_r, right = √S_r V_rᵀ L_A⁻¹) is the exact
-minimiser, and the loss is ``Σ_{i>r} s_i²``: each discarded singular value costs exactly its
-square (SVD-LLM's "truncation-aware" property). G = I gives activation whitening (SVD-LLM),
-A = diag(s²) ASVD's scaling, A = G = I plain SVD.
+minimiser, and the loss is ``Σ_{i>r} s_i²`` (SVD-LLM's "truncation-aware" property). G = I gives
+activation whitening (SVD-LLM), A = diag(s²) ASVD's scaling, A = G = I plain SVD.
 
-Only the smaller side is ever factorised. For a tall layer (out ≥ in) the right singular pairs of
-M are the eigenpairs of ``Mᵀ M = L_Aᵀ (Wᵀ G W) L_A`` (in × in), and then
-``left = W L_A V_r S_r^{-½}`` — G enters only through ``Wᵀ G W``; a wide layer is solved
-transposed. So an FFN layer never Cholesky-factorises its 1536 × 1536 moment, and the eigensolve
-is on the small side. The eigendecomposition squares the condition number of M: in float64 that
-leaves every kept singular value with ~1e-16·s_1²/s_r² relative error, far below what matters.
-
-Damping: each moment gets ``damping · mean(diag) · I`` added (relative, so the same value serves
-every layer); if a Cholesky still fails the damping is raised ×10 per try, at most
-:data:`MAX_DAMPING_RAISES` times, then a ``ValueError`` names the layer. A moment that is all zero
-(a layer that never saw a real token) is replaced by the identity and reported. Zero rows and
-columns of A (input features that are always 0, or seen only on padding): the damping makes A
-positive definite, and the weight along such a direction costs ~damping in the loss, so the
-truncation all but ignores it — the product keeps only what the kept subspace says about it
-(a bounded projection, no division by a near-zero root).
+Only the smaller side is factorised: for a tall layer (out ≥ in) the right singular pairs of M
+are the eigenpairs of ``L_Aᵀ (Wᵀ G W) L_A`` (in × in) and ``left = W L_A V_r S_r^{-½}``; a wide
+layer is solved transposed. In float64 the squared condition number leaves each kept singular
+value ~1e-16·s_1²/s_r² relative error. Damping, the identity fallback of an all-zero moment and
+zero rows of A: docs/METHOD.md, "Damping".
 """
 
 from __future__ import annotations
@@ -58,12 +47,13 @@ class Moment:
     def diagonal(self) -> bool:
         return self.matrix is not None and self.matrix.ndim == 2
 
-    def zero(self) -> torch.Tensor:
-        """Which layers have an all-zero moment (replaced by the identity)."""
+    def zero(self, batch: int = 0) -> torch.Tensor:
+        """Which of the ``batch`` layers have an all-zero moment (replaced by the identity), on
+        the CPU; none for an identity side."""
         if self.matrix is None:
-            return torch.zeros(0, dtype=torch.bool)
+            return torch.zeros(batch, dtype=torch.bool)
         values = self.matrix if self.diagonal else self.matrix.diagonal(dim1=1, dim2=2)
-        return ~(values > 0).any(dim=1)
+        return ~(values > 0).any(dim=1).cpu()
 
     def used(self) -> torch.Tensor | None:
         """The moment the solve uses: zero layers replaced by the identity (undamped)."""
@@ -110,7 +100,7 @@ def kronecker_truncation(
     if weight.shape[1] >= weight.shape[2]:
         return _tall_truncation(weight, rank, input_moment, output_moment, names)
     # A wide layer is the tall problem of Wᵀ with the two moments' roles swapped.
-    swapped = _tall_truncation(weight.transpose(1, 2), rank, output_moment, input_moment, names)
+    swapped = _tall_truncation(weight.mT, rank, output_moment, input_moment, names)
     return Truncation(
         left=swapped.right.transpose(1, 2),
         right=swapped.left.transpose(1, 2),
@@ -163,8 +153,8 @@ def _tall_truncation(
         objective=objective.cpu(),
         damping_input=whitened.near_damping,
         damping_output=whitened.far_damping,
-        identity_input=_zero_or_false(near, batch),
-        identity_output=_zero_or_false(far, batch),
+        identity_input=near.zero(batch),
+        identity_output=far.zero(batch),
     )
 
 
@@ -213,7 +203,7 @@ def kronecker_spectrum(
     if weight.shape[1] >= weight.shape[2]:
         whitened = _whitened_gram(weight, input_moment, output_moment, names)
     else:
-        whitened = _whitened_gram(weight.transpose(1, 2), output_moment, input_moment, names)
+        whitened = _whitened_gram(weight.mT, output_moment, input_moment, names)
     return batched_eigvalsh(whitened.matrix).flip(-1).clamp_min(0)
 
 
@@ -237,7 +227,7 @@ def kronecker_expansion(
     weight = weight.double()
     if weight.shape[1] >= weight.shape[2]:
         return _tall_expansion(weight, input_moment, output_moment, names)
-    swapped = _tall_expansion(weight.transpose(1, 2), output_moment, input_moment, names)
+    swapped = _tall_expansion(weight.mT, output_moment, input_moment, names)
     return Expansion(swapped.values, left=swapped.right, right=swapped.left)
 
 
@@ -248,12 +238,6 @@ def _tall_expansion(weight: torch.Tensor, near: Moment, far: Moment, names: list
     rooted = _times_root(vectors.transpose(1, 2), whitened.root, transpose=True).transpose(1, 2)
     unrooted = _solve_root(vectors.transpose(1, 2), whitened.root).transpose(1, 2)
     return Expansion(eigenvalues.flip(-1).clamp_min(0), left=weight @ rooted, right=unrooted)
-
-
-def _zero_or_false(moment: Moment, batch: int) -> torch.Tensor:
-    return (
-        moment.zero().cpu() if moment.matrix is not None else torch.zeros(batch, dtype=torch.bool)
-    )
 
 
 def _far_gram(

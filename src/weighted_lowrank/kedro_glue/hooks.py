@@ -3,6 +3,7 @@ that cannot be used named with the ``--load-versions`` that avoids them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
@@ -10,16 +11,10 @@ from kedro.pipeline import Node, Pipeline
 
 
 class LineageCheck:
-    """Refuses to run a node whose inputs were made from different fine-tuned models, or under
-    other parameter values than the current run's; stamps what a node returns with the
-    parameters it read (:mod:`lineage`).
-
-    A model mix-up happens when one input is re-made (a new fine-tune) and another is loaded from
-    an older version: the error names both datasets with their versions and the
-    ``--load-versions`` that pins a matching pair, when one exists on disk. A parameter mix-up
-    happens when a run starts after the node that reads a changed key (``--from-nodes``,
-    ``--namespaces``): the error names the dataset, the differing keys and the node to remake it.
-    """
+    """Refuses a node whose inputs were made from different fine-tuned models (naming both
+    datasets' versions and the ``--load-versions`` of a matching pair on disk), or under other
+    parameter values than the run's (naming the keys and the node that remakes it); stamps what a
+    node returns with the parameters it read (:mod:`lineage`)."""
 
     @hook_impl
     def before_node_run(self, node: Node, catalog: Any, inputs: dict[str, Any]) -> None:
@@ -44,18 +39,17 @@ class LineageCheck:
 def _check_fingerprints(node: Node, catalog: Any, inputs: dict[str, Any]) -> None:
     # Imported here: settings.py loads this module for every kedro command, and lineage
     # pulls in transformers (seconds).
-    from weighted_lowrank.kedro_glue.lineage import (
-        disagreements,
-        fingerprint_of,
-        reference_fingerprint,
-    )
+    from weighted_lowrank.kedro_glue.lineage import fingerprint_of, reference_fingerprint
 
-    fingerprints = {name: fingerprint_of(value) for name, value in inputs.items()}
-    wrong = disagreements(fingerprints)
+    known = {
+        name: found
+        for name, value in inputs.items()
+        if (found := fingerprint_of(value)) is not None
+    }
+    reference = reference_fingerprint(known)
+    wrong = [name for name, value in known.items() if value != reference]
     if not wrong:
         return
-    known = {name: value for name, value in fingerprints.items() if value is not None}
-    reference = reference_fingerprint(known)
     agreeing = [name for name, value in known.items() if value == reference]
     lines = [
         f"node {node.name!r} has inputs made from different fine-tuned models:",
@@ -67,7 +61,7 @@ def _check_fingerprints(node: Node, catalog: Any, inputs: dict[str, Any]) -> Non
     fixes = [
         f"{name}:{version}"
         for name in wrong
-        if (version := _matching_version(catalog, name, reference)) is not None
+        if (version := _newest(catalog, name, "fingerprint_at", reference)) is not None
     ]
     if fixes:
         lines.append(f"pin matching versions with --load-versions={','.join(fixes)}")
@@ -108,19 +102,10 @@ def _check_parameters(node: Node, catalog: Any, inputs: dict[str, Any]) -> None:
 
 
 class SavedVersionChecks:
-    """Names the catalog entry, its version and the fix when a saved version cannot be used.
-
-    * Before the runner loads an entry, the project datasets check the files of the version they
-      would load (``check_load_version``: sizes and headers, no tensor read) — a truncated
-      ``model.safetensors``, a missing ``config.json``, a damaged tensor file fail here naming
-      the entry, the version directory and ``--load-versions=<entry>:<previous complete
-      version>``. Kedro does not tell a dataset its catalog name (``DataCatalog.load`` only
-      prefixes it to the error), hence this hook; it keeps the catalog it is given at the start
-      of the run.
-    * Before a node that reads a compressed model and a rank map (``evaluate``), their ranks must
-      agree; the error names both entries with their versions and the ``--load-versions`` of a
-      saved version of either that matches the other.
-    """
+    """Names the catalog entry, its version and the fix when a saved version cannot be used:
+    before the runner loads an entry, the dataset checks the files of that version
+    (``check_load_version``, told the entry's name, which Kedro does not tell a dataset); before
+    a node that reads a compressed model and a rank map, their ranks must agree."""
 
     def __init__(self) -> None:
         self._catalog: Any = None
@@ -175,13 +160,15 @@ def _rank_map_mismatch(
         f"disagree at {len(differing)} layers, e.g. {differing[0]!r}: rank "
         f"{found.get(differing[0])} in the model, {expected.get(differing[0])} in the rank map"
     ]
+
+    def load(version: str) -> dict[str, int]:
+        return _map_ranks(catalog.load(rank_map, version=version))
+
     fixes = []
-    map_version = _rank_map_version(catalog, rank_map, found)
-    if map_version is not None:
-        fixes.append(f"--load-versions={rank_map}:{map_version} (the rank map of this model)")
-    model_version = _model_version(catalog, model, expected)
-    if model_version is not None:
-        fixes.append(f"--load-versions={model}:{model_version} (the model of this rank map)")
+    if (version := _newest(catalog, rank_map, load, found)) is not None:
+        fixes.append(f"--load-versions={rank_map}:{version} (the rank map of this model)")
+    if (version := _newest(catalog, model, "lowrank_ranks_at", expected)) is not None:
+        fixes.append(f"--load-versions={model}:{version} (the model of this rank map)")
     if fixes:
         lines.append("pin a matching pair with " + ", or ".join(fixes))
     else:
@@ -192,26 +179,17 @@ def _rank_map_mismatch(
     return "\n".join(lines)
 
 
-def _rank_map_version(catalog: Any, name: str, ranks: dict[str, int]) -> str | None:
-    """The newest saved version of the rank map ``name`` whose factorized layers are ``ranks``."""
-    for version in _versions(catalog, name):
+def _newest(catalog: Any, name: str, read: str | Callable[[str], Any], wanted: Any) -> str | None:
+    """The newest saved version ``v`` of ``name`` with ``read(v) == wanted``; a str ``read`` names
+    a method of the dataset (no match when it has none). An unreadable version matches nothing."""
+    if isinstance(read, str):
+        read = getattr(_dataset(catalog, name), read, None)
+    for version in _versions(catalog, name) if read is not None else []:
         try:
-            if _map_ranks(catalog.load(name, version=version)) == ranks:
+            if read(version) == wanted:
                 return version
-        except Exception:  # an unreadable version matches nothing
+        except Exception:  # noqa: BLE001 - an unreadable version matches nothing
             continue
-    return None
-
-
-def _model_version(catalog: Any, name: str, ranks: dict[str, int]) -> str | None:
-    """The newest saved version of the compressed model ``name`` whose low-rank layers are
-    ``ranks`` and whose files are complete."""
-    dataset = _dataset(catalog, name)
-    if not hasattr(dataset, "lowrank_ranks_at"):
-        return None
-    for version in _versions(catalog, name):
-        if dataset.lowrank_ranks_at(version) == ranks:
-            return version
     return None
 
 
@@ -236,12 +214,3 @@ def _version_note(catalog: Any, name: str) -> str:
     except Exception:  # not versioned (no such method), or nothing saved yet
         return ""
     return "" if version is None else f" (version {version})"
-
-
-def _matching_version(catalog: Any, name: str, fingerprint: str) -> str | None:
-    """The newest saved version of ``name`` made from ``fingerprint``, if the dataset can tell."""
-    dataset = _dataset(catalog, name)
-    if not hasattr(dataset, "fingerprint_at"):
-        return None
-    matching = (v for v in _versions(catalog, name) if dataset.fingerprint_at(v) == fingerprint)
-    return next(matching, None)

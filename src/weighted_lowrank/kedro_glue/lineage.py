@@ -1,24 +1,12 @@
 """Which fine-tuned model, and which parameters, a dataset was made from: written and read here.
 
-Every dataset derived from a fine-tuned model carries that model's fingerprint
-(:func:`~weighted_lowrank.lowrank.fingerprint.model_fingerprint`) in its own metadata:
-
-* a :class:`~weighted_lowrank.hf.models.ModelBundle` in its ``model_fingerprint`` field (saved by
-  ``HFModelDataset`` as ``lineage.json`` beside the weights); the fine-tuned model's is its own;
-* a tensor file ``{"tensors", "metadata"}`` in its safetensors header metadata;
-* a table in a ``model_fingerprint`` column;
-* a JSON record under a top-level ``model_fingerprint`` key.
-
-``hooks.LineageCheck`` reads the inputs of every node with :func:`fingerprint_of` and refuses to
-run a node whose inputs come from different fine-tuned models.
-
-The parameters follow the same protocol: after a node runs, ``LineageCheck`` stamps each table
-(in ``DataFrame.attrs``, which Parquet keeps in its schema metadata) and tensor file (header
-metadata) it returns with :func:`parameters_read`, the node's name and the flattened values of
-the ``params:`` inputs it read; before a node runs, an input whose stamp differs from the
-current run's values is refused (:func:`parameter_differences`). A node function declares keys
-its outputs do not depend on in ``independent_of`` (set by :func:`independent_of`), so that e.g.
-the loss curves, made once per seed, are reused across a sweep's budgets.
+The fingerprint (:func:`~weighted_lowrank.lowrank.fingerprint.model_fingerprint`) of the model a
+dataset derives from travels in its own metadata: a ``ModelBundle``'s ``model_fingerprint`` field
+(``lineage.json`` beside the weights), a tensor file's header metadata, a table's column, a JSON
+record's top-level key. A node's outputs are stamped (table ``attrs``, which Parquet keeps, or
+tensor-file metadata) with the values of the ``params:`` it read (:func:`parameters_read`), less
+the keys it declares :func:`independent_of`. ``hooks.LineageCheck`` refuses a node whose inputs
+come from different models or were made under other values than the run's.
 """
 
 from __future__ import annotations
@@ -46,11 +34,14 @@ def _is_tensor_file(data: Any) -> bool:
     return isinstance(data, Mapping) and "tensors" in data and "metadata" in data
 
 
-def fingerprint_of(data: Any) -> str | None:
-    """The fingerprint ``data`` carries, or None when it carries none (raw data, parameters).
+def _with_metadata(data: Mapping[str, Any], key: str, value: str) -> dict[str, Any]:
+    """A tensor file ``data`` with ``key: value`` added to its header metadata."""
+    return {**data, "metadata": {**(data.get("metadata") or {}), key: value}}
 
-    A table whose rows name more than one model is an error: it mixes runs.
-    """
+
+def fingerprint_of(data: Any) -> str | None:
+    """The fingerprint ``data`` carries, or None (raw data, parameters); a table whose rows name
+    more than one model mixes runs: an error."""
     if isinstance(data, ModelBundle):
         return data.model_fingerprint
     if isinstance(data, pd.DataFrame):
@@ -77,30 +68,19 @@ def with_fingerprint(data: Any, fingerprint: str | None) -> Any:
     if isinstance(data, pd.DataFrame):
         return data.assign(**{FINGERPRINT_KEY: fingerprint})
     if _is_tensor_file(data):
-        return {**data, "metadata": {**(data.get("metadata") or {}), FINGERPRINT_KEY: fingerprint}}
+        return _with_metadata(data, FINGERPRINT_KEY, fingerprint)
     if isinstance(data, Mapping):
         return {**data, FINGERPRINT_KEY: fingerprint}
     raise TypeError(f"cannot record a model fingerprint on a {type(data).__name__}")
 
 
-def disagreements(fingerprints: Mapping[str, str | None]) -> dict[str, str]:
-    """The inputs whose fingerprint differs from the reference, ``{name: fingerprint}``.
-
-    The reference is the fine-tuned model's own fingerprint when it is an input, else the most
-    common one (ties: the first input). Inputs without a fingerprint never disagree.
-    """
-    known = {name: value for name, value in fingerprints.items() if value is not None}
-    if len(set(known.values())) < 2:
-        return {}
-    reference = reference_fingerprint(known)
-    return {name: value for name, value in known.items() if value != reference}
-
-
-def reference_fingerprint(known: Mapping[str, str]) -> str:
-    """The fingerprint the other inputs of a node are compared with (see :func:`disagreements`)."""
-    if "fine_tuned_model" in known:
-        return known["fine_tuned_model"]
-    return Counter(known.values()).most_common(1)[0][0]  # ties: the first in insertion order
+def reference_fingerprint(fingerprints: Mapping[str, str]) -> str | None:
+    """The fingerprint a node's inputs ``{name: fingerprint}`` should share: the fine-tuned
+    model's own when it is an input, else the most common (ties: the first input)."""
+    if "fine_tuned_model" in fingerprints:
+        return fingerprints["fine_tuned_model"]
+    counts = Counter(fingerprints.values()).most_common(1)  # ties: the first in insertion order
+    return counts[0][0] if counts else None
 
 
 def independent_of(function: Callable, *keys: str) -> Callable:
@@ -112,8 +92,8 @@ def independent_of(function: Callable, *keys: str) -> Callable:
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
-    """``{dotted key: JSON of the value}`` of every leaf of a parameter value (a mapping, a
-    Pydantic model or a dataclass nests; anything else is a leaf; an empty mapping has none)."""
+    """``{dotted key: JSON of the value}`` of every leaf of a parameter value (mappings, Pydantic
+    models and dataclasses nest; an empty mapping has no leaf)."""
     if hasattr(value, "model_dump"):
         value = value.model_dump(mode="json")
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -139,8 +119,8 @@ def _relevant(values: Mapping[str, str], read: list[str], ignored: list[str]) ->
 
 
 def parameters_read(node_name: str, function: Any, inputs: Mapping[str, Any]) -> str:
-    """The stamp of a node's outputs, as JSON: its name, the parameter blocks it read, the keys
-    it declares :func:`independent_of` and the values of the others."""
+    """The JSON stamp of a node's outputs: its name, the blocks it read, the keys it declares
+    :func:`independent_of` and the values of the others."""
     read = sorted(name.removeprefix("params:") for name in inputs if name.startswith("params:"))
     ignored = sorted(getattr(function, "independent_of", ()))
     values = {
@@ -153,14 +133,13 @@ def parameters_read(node_name: str, function: Any, inputs: Mapping[str, Any]) ->
 
 
 def with_parameters(data: Any, stamp: str) -> Any:
-    """``data`` stamped with :func:`parameters_read`'s ``stamp`` (a table or a tensor file; any
-    other output is returned as it is)."""
+    """A table or tensor file ``data`` stamped with ``stamp``; any other output as it is."""
     if isinstance(data, pd.DataFrame):
         stamped = data.copy(deep=False)
         stamped.attrs = {**data.attrs, PARAMETERS_KEY: stamp}
         return stamped
     if _is_tensor_file(data):
-        return {**data, "metadata": {**(data.get("metadata") or {}), PARAMETERS_KEY: stamp}}
+        return _with_metadata(data, PARAMETERS_KEY, stamp)
     return data
 
 

@@ -1,10 +1,6 @@
-"""Read the per-row MLflow child runs of past runs back as tables and plots (plain
-MLflow + pandas; ``notebooks/compare_runs.ipynb``, ``benchmarks/results.py``).
-
-Every child run has the same params and metrics. Its ``solver`` is the row's namespace:
-``dense``, a solver, or ``refined.<solver>`` (that solver's model fine-tuned after compression,
-whose ``refinement`` param says what was trained; every other row says ``off``); its
-``allocation`` is ``uniform`` or ``global`` (``dense`` for the dense row).
+"""Read the per-row MLflow child runs of past runs back as tables and plots (plain MLflow +
+pandas). Every child run has the same params and metrics; its ``solver`` is the row's namespace
+(``dense``, a solver, or ``refined.<solver>``).
 """
 
 from __future__ import annotations
@@ -21,15 +17,14 @@ from mlflow.tracking import MlflowClient
 from .paired import discordant_counts, mcnemar_exact_p
 
 EXPERIMENT = "weighted_lowrank"
-#: Namespace (and ``solver`` param) prefix of the rows of models fine-tuned after compression.
+#: Namespace prefix of the rows of models fine-tuned after compression.
 REFINED_PREFIX = "refined."
 _SUFFIX = "_refined"
-#: The child run's artifact that holds the row's per-example predictions.
 PREDICTIONS_ARTIFACT = "predictions.parquet"
 
 
 def is_refined(solver: str) -> bool:
-    """Whether a row (namespace / ``solver`` param) is a model fine-tuned after compression."""
+    """Whether a row is a model fine-tuned after compression."""
     return solver.startswith(REFINED_PREFIX)
 
 
@@ -39,7 +34,6 @@ def base_solver(solver: str) -> str:
 
 
 def _all_runs(tracking_uri: str, experiment: str) -> list:
-    """Every run of ``experiment`` in the store, parents and children."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -79,8 +73,7 @@ def child_runs(tracking_uri: str, experiment: str = EXPERIMENT) -> pd.DataFrame:
 
 def _split_refined_metrics(table: pd.DataFrame) -> pd.DataFrame:
     """Runs recorded before refined rows existed, as if they had them: a solver row's
-    ``<metric>_refined`` metrics become a ``refined.<solver>`` row's plain metrics (size and
-    latency are the solver's: the refined model has its layers)."""
+    ``<metric>_refined`` metrics become a ``refined.<solver>`` row's."""
     suffixed = [column for column in table.columns if column.endswith(_SUFFIX)]
     if not suffixed:
         return table
@@ -107,9 +100,8 @@ def task_metric(table: pd.DataFrame) -> str:
 
 
 def latest_per_budget(table: pd.DataFrame, refined_only: bool = False) -> pd.DataFrame:
-    """The newest child run of every (solver, budget), refined rows included (``refined_only``:
-    only the pairs that have one). ``dense`` comes from the newest parent run among those kept,
-    so the reference belongs to the same fine-tuned model."""
+    """The newest child run of every (solver, budget) (``refined_only``: only the pairs that have
+    a refined row), and ``dense`` of the newest parent run among those kept (same model)."""
     refined = table["solver"].map(is_refined)
     if refined_only:
         if not refined.any():
@@ -157,8 +149,7 @@ def budget_table(latest: pd.DataFrame, metric: str | None = None) -> pd.DataFram
 
 
 def quality_vs_params_figure(latest: pd.DataFrame, metric: str | None = None) -> Figure:
-    """Task metric vs whole-model parameters kept, one line per solver across budgets; dense
-    dashed; refined models dotted in their solver's colour."""
+    """Task metric vs whole-model parameters kept, one line per solver across budgets."""
     metric = metric or task_metric(latest)
     wide = with_refined_columns(latest)
     refined = f"{metric}{_SUFFIX}"
@@ -187,12 +178,8 @@ def quality_vs_params_figure(latest: pd.DataFrame, metric: str | None = None) ->
     return figure
 
 
-# ----------------------------------------------------------------------------- across seeds
-
-
 def latest_per_seed(table: pd.DataFrame) -> pd.DataFrame:
-    """The newest child run of every (solver, budget, allocation, seed), dense included: a
-    re-run seed of a sweep (:mod:`.sweep`) replaces its rows."""
+    """The newest child run of every (solver, budget, allocation, seed), dense included."""
     if "seed" not in table:
         raise ValueError("the child runs carry no `seed` param; run the pipeline (`kedro run`)")
     keyed = table.assign(seed=table["seed"].astype(int))
@@ -205,8 +192,8 @@ def latest_per_seed(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def seed_summary(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
-    """``n``, mean and sample sd of the task metric over seeds per (solver, budget, allocation)
-    of :func:`latest_per_seed`'s table, dense first."""
+    """``n``, mean and sample sd of the task metric over seeds per (solver, budget, allocation),
+    dense first."""
     metric = metric or task_metric(table)
     grouped = table.groupby(["solver", "budget", "allocation"])[metric]
     summary = grouped.agg(n="count", mean="mean", sd="std").reset_index()
@@ -248,8 +235,7 @@ def seed_differences(
 
 def allocation_differences(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """Per (solver, budget) with both allocations at a seed: global − uniform of the task metric
-    (:func:`_paired_summary`'s columns) and of ``test_loss`` (``loss_mean_diff``,
-    ``loss_differences``)."""
+    (:func:`_paired_summary`'s columns) and of ``test_loss`` (``loss_*``)."""
     metric = metric or task_metric(table)
     index = ["solver", "budget", "seed"]
     wide = table.pivot_table(index=index, columns="allocation", values=[metric, "test_loss"])
@@ -310,9 +296,8 @@ def paired_p_values(
 
 
 def allocation_p_values(tracking_uri: str, table: pd.DataFrame) -> pd.DataFrame:
-    """The McNemar p of global against uniform allocation per (solver, budget, seed) of
-    :func:`latest_per_seed`'s table, from the child runs' predictions artifacts; no row where
-    either has none, they are on other examples, or the task is a regression."""
+    """The McNemar p of global against uniform allocation per (solver, budget, seed), from the
+    child runs' predictions (no row where a pair cannot be compared)."""
     client = MlflowClient(tracking_uri)
     keyed = table[table["allocation"].isin(["uniform", "global"])]
     run_ids = keyed.set_index(["solver", "budget", "seed", "allocation"])["run_id"].unstack()
@@ -343,7 +328,6 @@ def allocation_p_values(tracking_uri: str, table: pd.DataFrame) -> pd.DataFrame:
 def _logged_predictions(
     client: MlflowClient, run_id: str | None, directory: Path
 ) -> pd.DataFrame | None:
-    """A child run's predictions artifact, or None when it has none."""
     if not isinstance(run_id, str):
         return None
     if PREDICTIONS_ARTIFACT not in {item.path for item in client.list_artifacts(run_id)}:
@@ -356,8 +340,7 @@ def _logged_predictions(
 def _correct_on_one_test_set(
     first: pd.DataFrame | None, second: pd.DataFrame | None
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per-example correctness of two classification prediction tables on the same examples (by
-    id), or None when that cannot be said."""
+    """Per-example correctness of two classifiers' predictions on one test set, else None."""
     if first is None or second is None:
         return None
     first, second = (table.sort_values("id", ignore_index=True) for table in (first, second))

@@ -46,9 +46,8 @@ _FILE_BUILDERS = {
 
 
 def resolve_source(data: DataParams, model: ModelParams | None = None) -> dict[str, Any]:
-    """The chosen source as one flat description the later nodes read, whatever its kind: where
-    it is, its raw columns, accepted label values and names, task type, and ``model_task`` (the
-    run's ``model.task`` resolved; without ``model``, ``sequence_classification``)."""
+    """The chosen source as one flat description the later nodes read, whatever its kind, with
+    ``model_task`` (the run's ``model.task`` resolved; without ``model``, classification)."""
     spec = _resolve_labelled_source(data)
     spec["model_task"] = "sequence_classification" if model is None else model.resolved_task()
     if spec["type"] == "text" and spec["model_task"] != "causal_lm":
@@ -97,7 +96,7 @@ def _resolve_glue(data: DataParams) -> dict[str, Any]:
 
 def load_source_records(reviews_raw: pd.DataFrame, source: dict[str, Any]) -> pd.DataFrame:
     """The source's rows with columns ``text``[, ``text_pair``], ``label``: ``reviews_raw`` for
-    a ``catalog`` source; files and GLUE tasks are read here (which one is itself a parameter)."""
+    a ``catalog`` source; files and GLUE tasks are read here (which one is a parameter)."""
     if source["type"] == "catalog":
         frame, origin = reviews_raw, "catalog entry reviews_raw"
     elif source["type"] == "glue":
@@ -123,8 +122,7 @@ def load_source_records(reviews_raw: pd.DataFrame, source: dict[str, Any]) -> pd
 
 
 def _read_local_file(source: dict[str, Any]) -> pd.DataFrame:
-    """The table of a local file; text formats decoded with the source's ``encoding``
-    (:mod:`weighted_lowrank.hf.text_files`), Parquet being UTF-8 by definition."""
+    """The table of a local file; text formats decoded with the source's ``encoding``."""
     path = Path(source["path"]).expanduser()
     if not path.is_file():
         raise ValueError(f"data.local_file.path {str(path)!r} does not exist or is not a file")
@@ -191,15 +189,14 @@ def _local_data_files(data_files: Any) -> tuple[str, Any]:
 
 
 def _paths(data_files: str | list | tuple | dict) -> list[str]:
-    """Every path of a ``data_files`` value (a path, a list, or ``{split: path or list}``)."""
     values = data_files.values() if isinstance(data_files, dict) else [data_files]
     return [p for value in values for p in ([value] if isinstance(value, str) else value)]
 
 
 def clean_records(records: pd.DataFrame, source: dict[str, Any]) -> pd.DataFrame:
     """Drop missing or empty texts/labels, labels outside ``label_values``, texts seen with
-    different labels (ambiguous), and later duplicates of a (text, text_pair); HTML entities are
-    decoded first when the source sets ``unescape_html``."""
+    different labels, and later duplicates of a (text, text_pair); HTML entities decoded first
+    when the source sets ``unescape_html``."""
     text_columns = [column for column in ("text", "text_pair") if column in records.columns]
     labelled = "label" in records.columns
     cleaned = records.dropna(subset=[*text_columns, *(["label"] if labelled else [])]).copy()
@@ -237,7 +234,7 @@ def clean_records(records: pd.DataFrame, source: dict[str, Any]) -> pd.DataFrame
 
 def encode_labels(records: pd.DataFrame, source: dict[str, Any]) -> tuple[pd.DataFrame, list[str]]:
     """Map raw labels to ids ``0..k-1`` in the configured order (else sorted); return the data
-    and label names. Regression targets become float32, without names, as a corpus has none."""
+    and label names (none for a regression target, float32, nor a corpus)."""
     encoded = records.copy()
     if _is_corpus(source):
         return encoded, []
@@ -269,9 +266,8 @@ def encode_labels(records: pd.DataFrame, source: dict[str, Any]) -> tuple[pd.Dat
 def split_records(
     records: pd.DataFrame, data: DataParams, label_names: list[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Stratified train/validation/test split of ``data.split``'s sizes, seeded: each split
-    keeps every class (regression: quantile bin of the target) within one example of its
-    proportion; rows the three sizes do not need are left out."""
+    """Seeded train/validation/test split of ``data.split``'s sizes, each keeping every class
+    (regression: quantile bin of the target) within one example of its proportion."""
     split = data.split
     sizes = _split_sizes(split, len(records))
     if "label" in records.columns:
@@ -297,8 +293,7 @@ def split_records(
 
 
 def _split_sizes(split: SplitParams, available: int) -> list[int]:
-    """Counts for the configured sizes, checked against the rows left after cleaning (only known
-    now, so SplitParams cannot check it)."""
+    """Counts for the configured sizes, checked against the rows left after cleaning."""
     counts = [
         size if isinstance(size, int) else math.floor(size * available + 1e-9)
         for size in split.sizes
@@ -346,7 +341,6 @@ def _allocate(sizes: list[int], class_counts: np.ndarray) -> np.ndarray:
 
 
 def _is_corpus(source: dict[str, Any]) -> bool:
-    """Whether the run models language (texts only) rather than labels."""
     return source.get("model_task") == "causal_lm"
 
 

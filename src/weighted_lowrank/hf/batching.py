@@ -26,14 +26,10 @@ def make_batches(
     pool_batches: int = 50,
     label_dtype: torch.dtype | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Tokenize ``frame`` (``text``, optional ``text_pair``, ``label``: class ids, or floats for
-    regression) into batches ``model(**batch)`` accepts, right-padded to each batch's longest
-    example.
-
-    ``bucket_by_length`` sorts examples by token length so batches are nearly unpadded: the whole
-    frame without ``shuffle`` (inference, Fisher passes); with it, pools of ``pool_batches ×
-    batch_size`` examples permuted with ``seed``, then the batch order shuffled (training).
-    ``label_dtype`` defaults to ``torch.long`` for integer labels and ``torch.float32`` otherwise.
+    """Tokenize ``frame`` into batches ``model(**batch)`` accepts, right-padded to each batch's
+    longest example. ``bucket_by_length`` sorts examples by token length: the whole frame without
+    ``shuffle``; with it, pools of ``pool_batches × batch_size`` permuted examples, then the batch
+    order shuffled. ``label_dtype``: long for integer labels, else float32, unless given.
     """
     missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
     if missing:
@@ -87,13 +83,9 @@ def encode_examples(
 def encode_lm_blocks(
     frame: pd.DataFrame, tokenizer, block_length: int
 ) -> list[dict[str, torch.Tensor]]:
-    """The documents of ``frame["text"]`` as blocks of ``block_length`` tokens for a causal LM.
-
-    Each document as the tokenizer encodes it (LLaMA's adds a BOS), then end-of-text unless
-    already there, concatenated in row order and cut into consecutive blocks as Hugging Face's
-    ``run_clm`` groups texts; a shorter last block is kept if it predicts at least one token.
-    ``labels`` are the block's own ids (the model shifts them).
-    """
+    """The documents of ``frame["text"]``, each followed by end-of-text, concatenated and cut
+    into blocks of ``block_length`` tokens as Hugging Face's ``run_clm`` groups texts (a shorter
+    last block kept if it predicts a token); ``labels`` are the ids (the model shifts them)."""
     missing = [column for column in LM_REQUIRED_COLUMNS if column not in frame.columns]
     if missing or len(frame) == 0:
         raise ValueError(

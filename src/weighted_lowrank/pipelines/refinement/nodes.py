@@ -27,8 +27,7 @@ def refine(
     device: str,
 ) -> tuple[ModelBundle, dict[str, Any]]:
     """Fine-tune a copy of ``compressed_model``; return it (same tokenizer and lineage) and a
-    record stamped with the lineage: ``refinement`` (as the child run's param says),
-    ``trainable``, the training ``options`` and one entry per epoch in ``epochs``."""
+    record of what was trained and how, one entry per epoch, stamped with the lineage."""
     network = copy.deepcopy(compressed_model.model)
     factors = lowrank_modules(network)
     if not factors:

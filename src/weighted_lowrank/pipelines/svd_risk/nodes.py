@@ -1,7 +1,5 @@
-"""Nodes of ``svd_risk``: risk statistics per layer (:func:`~weighted_lowrank.lowrank.risk.
-layer_statistics`), their per-model summary, and a heatmap of the statistic ``params:svd_risk``
-picks (default ``svd_kronecker_loss``, the Kronecker loss model's predicted loss increase of SVD).
-"""
+"""Nodes of ``svd_risk``: risk statistics per layer, their per-model summary, and a heatmap of
+the statistic ``params:svd_risk`` picks."""
 
 from __future__ import annotations
 
@@ -43,9 +41,7 @@ def compute_layer_risk(
     device: str,
 ) -> pd.DataFrame:
     """One row of risk statistics per Fisher tensor at the solvers' budget, stamped with the
-    fine-tuned model's fingerprint. A Taylor statistic needs the Fisher's recorded number of
-    examples, the Kronecker one every layer's A and G from ``calibration_statistics``:
-    ``layer_statistics`` refuses the selected statistic without them, before any factorization.
+    fine-tuned model's fingerprint (``layer_statistics`` refuses a statistic without its inputs).
     """
     model = fine_tuned_model.model
     fisher, metadata = fisher_information["tensors"], fisher_information["metadata"]
@@ -67,17 +63,11 @@ def compute_layer_risk(
 
 
 def _recorded_targets(metadata: dict[str, str], model: Any) -> Any:
-    """The targets fisher_estimation recorded (JSON), so that missing tensors are caught."""
+    """The targets fisher_estimation recorded, so that missing tensors are caught (null: the
+    model's default targets)."""
     if "targets" not in metadata:
         return None
-    try:
-        targets = json.loads(metadata["targets"])
-    except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"fisher_information metadata 'targets' is not JSON: {metadata['targets']!r}"
-        ) from exc
-    # null means the default targets (the model's block projections), which must then all be
-    # present.
+    targets = json.loads(metadata["targets"])
     return default_target_names(model) if targets is None else targets
 
 

@@ -26,19 +26,11 @@ LINEAGE_FILE = "lineage.json"
 
 
 class HFModelDataset(VersionChecked):
-    """Saves/loads a ``ModelBundle`` (model + tokenizer) as a Hugging Face directory.
-
-    ``save`` writes ``model.save_pretrained`` (safetensors) and ``tokenizer.save_pretrained`` into
-    one directory, or ``weighted_lowrank.lowrank.serialization.save_compressed`` when ``compressed`` is
-    true (models holding ``LowRankLinear`` layers). ``load`` returns a ``ModelBundle`` in eval
-    mode. With ``versioned: true`` each save is a new directory
-    ``<filepath>/<version>/<name>``; a save is written to a hidden sibling directory first and
-    renamed into place, so a crashed save never shows up as a loadable version. A version whose
-    files are incomplete anyway (a copy cut short, a file removed) fails to load with an
-    :class:`~weighted_lowrank.kedro_glue.datasets.integrity.UnloadableVersionError` naming the version and
-    the previous complete one.
-
-    Example catalog entry::
+    """Saves/loads a ``ModelBundle`` (model + tokenizer, eval mode) as a Hugging Face directory,
+    through ``lowrank.serialization.save_compressed`` when ``compressed`` (``LowRankLinear``
+    layers). A save is written to a hidden sibling directory and renamed into place, so a crashed
+    save is never a loadable version; incomplete files fail to load naming the previous complete
+    version (:mod:`.integrity`). Example catalog entry::
 
         fine_tuned_model:
           type: weighted_lowrank.kedro_glue.datasets.HFModelDataset
@@ -57,10 +49,8 @@ class HFModelDataset(VersionChecked):
         save_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        """``filepath``: the local model directory (optionally ``file://``); ``compressed``: go
-        through ``save_compressed``/``load_compressed`` (low-rank layers); ``load_args`` /
-        ``save_args``: for ``from_pretrained`` of the class the directory was saved from /
-        ``save_pretrained`` (plain models only)."""
+        """``load_args``/``save_args``: for ``from_pretrained``/``save_pretrained`` (plain
+        models only)."""
         if compressed and (load_args or save_args):
             raise ValueError(
                 "HFModelDataset with compressed=True takes no load_args/save_args "
@@ -87,12 +77,8 @@ class HFModelDataset(VersionChecked):
             problem = f"loading it failed with {type(error).__name__}: {error}"
             raise self._unloadable(load_path, problem) from error
 
-    def _problem(self, path: Path) -> str | None:
-        """What makes the model directory ``path`` unloadable (:class:`VersionChecked`): no
-        ``config.json`` or one that is not JSON, no weights, a shard the index lists that is
-        missing, a safetensors file that is truncated or corrupt; the low-rank layout of a
-        compressed model. Reads headers only."""
-        directory = path
+    def _problem(self, directory: Path) -> str | None:
+        """What makes the model directory ``directory`` unloadable; reads headers only."""
         for name in (_CONFIG_FILE, *((LOWRANK_CONFIG_FILE,) if self._compressed else ())):
             if not (directory / name).is_file():
                 return f"{name} is missing"
@@ -119,9 +105,8 @@ class HFModelDataset(VersionChecked):
         return None
 
     def lowrank_ranks_at(self, version: str) -> dict[str, int] | None:
-        """``{module: rank}`` of the compressed model saved as ``version``, from its
-        ``lowrank_config.json`` (None when its files are incomplete, or it is not a compressed
-        model)."""
+        """``{module: rank}`` of the compressed model saved as ``version`` (None when its files are
+        incomplete, or it is not a compressed model)."""
         path = self.path_of(version)
         if self._problem(path) is not None:
             return None
@@ -154,8 +139,7 @@ class HFModelDataset(VersionChecked):
         )
 
     def fingerprint_at(self, version: str) -> str | None:
-        """The lineage fingerprint recorded by the saved ``version`` (None if it has none, or if
-        its files are incomplete: such a version matches nothing)."""
+        """The lineage fingerprint of the saved ``version`` (None if none, or files incomplete)."""
         path = self.path_of(version)
         return None if self._problem(path) is not None else _read_fingerprint(path)
 
@@ -188,10 +172,6 @@ class HFModelDataset(VersionChecked):
             from weighted_lowrank.lowrank.serialization import save_compressed
 
             save_compressed(data.model, str(directory), data.tokenizer)
-            if not (directory / _CONFIG_FILE).is_file():
-                raise DatasetError(f"save_compressed wrote no {_CONFIG_FILE} into {directory}")
-            if not any(directory.glob("tokenizer*")):
-                data.tokenizer.save_pretrained(str(directory))
         else:
             from weighted_lowrank.lowrank.architectures import save_pretrained_model
 

@@ -1,12 +1,9 @@
 """Saved versions that cannot be loaded: what is wrong, and which older version can be.
 
-A version directory can be incomplete (a copy or save interrupted, a full disk, a file removed by
-hand), and the loader's own error names neither the dataset, nor the version, nor what to load
-instead. The project's datasets check a version's files first (sizes and headers; no tensor is
-read) and raise :class:`UnloadableVersionError`, naming the version directory and the newest older
-complete version; nothing on disk is changed. A Kedro 1.7 dataset does not know its catalog name,
-so the ``SavedVersionChecks`` hook runs the same check with it just before the runner loads an
-entry: then the message also spells out ``--load-versions=<entry>:<version>``.
+A version directory can be incomplete (an interrupted save or copy, a full disk, a file removed by
+hand), and the loader's own error names neither dataset, version, nor what to load instead. The
+project's datasets check a version's files first (sizes and headers; no tensor read) and raise
+:class:`UnloadableVersionError`; nothing on disk is changed.
 """
 
 from __future__ import annotations
@@ -73,56 +70,15 @@ def safetensors_problem(path: str | Path) -> str | None:
 
 
 class UnloadableVersionError(DatasetError):
-    """A saved version that cannot be loaded: the message names the dataset (its catalog
-    ``entry`` when known), the version and its directory, what is wrong, and the previous
-    version whose files are complete — or that there is none."""
-
-    def __init__(
-        self,
-        dataset: str,
-        location: str,
-        version: str | None,
-        problem: str,
-        previous: str | None,
-        entry: str | None = None,
-    ) -> None:
-        self.dataset, self.location, self.version = dataset, location, version
-        self.problem, self.previous, self.entry = problem, previous, entry
-        super().__init__(self._message())
-
-    def _message(self) -> str:
-        what = f"catalog entry {self.entry!r}" if self.entry else self.dataset
-        where = f"version {self.version} ({self.location})" if self.version else self.location
-        entry = self.entry or "<catalog entry>"
-        if self.previous is not None:
-            fix = (
-                f"the previous version with complete files is {self.previous}: pin it with "
-                f"--load-versions={entry}:{self.previous} (or move the broken version directory "
-                "aside)"
-            )
-        elif self.version is not None:
-            fix = (
-                f"no older version has complete files: re-run the pipeline that makes {entry} "
-                f"(e.g. kedro run --to-outputs={entry})"
-            )
-        else:
-            fix = f"re-run the pipeline that makes {entry} (e.g. kedro run --to-outputs={entry})"
-        return (
-            f"{what} cannot be loaded from {where}: {self.problem}. Nothing on disk was "
-            f"changed; {fix}"
-        )
+    """A saved version that cannot be loaded; the message names the dataset, the version and its
+    directory, what is wrong, and the previous version whose files are complete (or none)."""
 
 
 class VersionChecked(AbstractVersionedDataset):
-    """Base of the project's local versioned datasets: where a version lies (``path_of``) and
-    :meth:`check_load_version`, which tells whether the version ``load`` would read has complete
-    files and names the previous one that has. Only Kedro's public versioning API is used
-    (``resolve_load_version``, ``resolve_save_version``, ``list_versions``).
-
-    A subclass implements :meth:`_problem` (what is wrong with the files at a path, or None) and
-    calls :meth:`check_load_version` first thing in ``load`` and :meth:`_unloadable` for an error
-    the loader raises despite complete files.
-    """
+    """Base of the project's local versioned datasets (Kedro's public versioning API only): where
+    a version lies (:meth:`path_of`) and whether its files are complete. A subclass implements
+    :meth:`_problem`, calls :meth:`check_load_version` in ``load`` and raises :meth:`_unloadable`
+    for an error the loader raises despite complete files."""
 
     #: What a version is on disk, for the error on a remote path.
     stored_as = "files"
@@ -168,10 +124,23 @@ class VersionChecked(AbstractVersionedDataset):
     def _unloadable(
         self, path: Path, problem: str, entry: str | None = None
     ) -> UnloadableVersionError:
+        """The error for the version at ``path``, naming ``entry`` (the catalog name) if known."""
         version = self.resolve_load_version()
         previous = self._previous_complete(version)
+        what = f"catalog entry {entry!r}" if entry else type(self).__name__
+        where = f"version {version} ({path})" if version else str(path)
+        entry = entry or "<catalog entry>"
+        if previous is not None:
+            fix = (
+                f"the previous version with complete files is {previous}: pin it with "
+                f"--load-versions={entry}:{previous} (or move the broken version directory aside)"
+            )
+        else:
+            fix = f"re-run the pipeline that makes {entry} (e.g. kedro run --to-outputs={entry})"
+            if version is not None:
+                fix = f"no older version has complete files: {fix}"
         return UnloadableVersionError(
-            type(self).__name__, str(path), version, problem, previous, entry
+            f"{what} cannot be loaded from {where}: {problem}. Nothing on disk was changed; {fix}"
         )
 
     def _previous_complete(self, version: str | None) -> str | None:

@@ -17,18 +17,11 @@ ChildRun = dict[str, Any]
 
 
 class MlflowChildRunDataset(AbstractDataset[ChildRun, ChildRun]):
-    """Saves params, metrics, tags and artifacts as a child run nested in the active MLflow run.
-
-    kedro-mlflow opens one run per ``kedro run``; each save here opens a child run named
-    ``run_name`` under it, logs the params / metrics / tags and the artifacts and closes it, so
-    the MLflow UI's compare view lines the children up (same names in every child) and each
-    child holds its own files. An artifact is a relative POSIX path (``predictions.parquet``,
-    ``tables/x.txt``) mapped to a DataFrame (written as Parquet; the path must end in
-    ``.parquet``), a str (UTF-8 text) or bytes. Without an active run the child becomes a
-    top-level run of the current experiment. ``load`` returns the params, metrics and tags of
-    the latest run of that name in the current experiment (artifacts stay in MLflow's store).
-
-    Example catalog entry (one per solver through a factory pattern)::
+    """Saves params, metrics, tags and artifacts as a child run ``run_name`` nested in the active
+    MLflow run (kedro-mlflow's one per ``kedro run``; without one, a top-level run), so the MLflow
+    UI's compare view lines the children up. An artifact is a relative POSIX path mapped to a
+    DataFrame (Parquet: the path ends in ``.parquet``), a str (UTF-8) or bytes. ``load`` returns
+    the params, metrics and tags of the latest run of that name. Example catalog entry::
 
         "{solver}.mlflow_run":
           type: weighted_lowrank.kedro_glue.datasets.MlflowChildRunDataset
@@ -106,8 +99,7 @@ def _check_artifact(run_name: str, path: str, value: Any) -> None:
 
 
 def _log_artifacts(artifacts: dict[str, pd.DataFrame | str | bytes]) -> None:
-    """Write each artifact under a temporary directory and log it into the active run at its
-    relative path."""
+    """Log each artifact into the active run at its relative path."""
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
         for path, value in artifacts.items():

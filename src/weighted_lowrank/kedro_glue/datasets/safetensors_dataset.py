@@ -22,16 +22,10 @@ _ALLOWED_KEYS = {"tensors", "metadata"}
 
 
 class SafetensorsDataset(VersionChecked):
-    """Saves/loads ``{"tensors": {name: Tensor}, "metadata": {str: str}}`` as a safetensors file.
-
-    The metadata dict goes into the safetensors header (strings only, as the format requires);
-    tensors are written contiguous and loaded on CPU. No pickle is involved either way. A save
-    writes a temporary file in the target directory and renames it, so readers never see a
-    partial file; a file truncated or damaged anyway fails to load with an
-    :class:`~weighted_lowrank.kedro_glue.datasets.integrity.UnloadableVersionError` naming the version and
-    the previous complete one.
-
-    Example catalog entry::
+    """Saves/loads ``{"tensors": {name: Tensor}, "metadata": {str: str}}`` as a safetensors file
+    (metadata in its header; tensors loaded on CPU; no pickle). A save writes a temporary file and
+    renames it, so readers never see a partial file; a damaged file fails to load naming the
+    previous complete version (:mod:`.integrity`). Example catalog entry::
 
         fisher_information:
           type: weighted_lowrank.kedro_glue.datasets.SafetensorsDataset
@@ -45,9 +39,7 @@ class SafetensorsDataset(VersionChecked):
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        """``filepath``: the local ``.safetensors`` file (optionally ``file://``); ``version``:
-        set by the catalog from ``versioned: true``; ``metadata``: Kedro's free-form metadata
-        (not the file's header metadata)."""
+        """``metadata``: Kedro's free-form metadata (not the file's header metadata)."""
         self.metadata = metadata
         super().__init__(filepath, version)
 
@@ -67,15 +59,12 @@ class SafetensorsDataset(VersionChecked):
         return {"tensors": tensors, "metadata": header_metadata}
 
     def _problem(self, path: Path) -> str | None:
-        """What makes the file ``path`` unloadable (:class:`VersionChecked`); header only."""
         return safetensors_problem(path)
 
     def fingerprint_at(self, version: str) -> str | None:
-        """The lineage fingerprint in the header of the saved ``version`` (None if it has none)."""
+        """The lineage fingerprint of the saved ``version`` (None if none, or the file is damaged)."""
         path = self.path_of(version)
-        if safetensors_problem(path) is not None:
-            return None  # an incomplete version matches nothing
-        return _header_metadata(path).get(FINGERPRINT_KEY)
+        return None if safetensors_problem(path) else _header_metadata(path).get(FINGERPRINT_KEY)
 
     def save(self, data: TensorFile) -> None:
         tensors, header_metadata = _validated(data)

@@ -139,8 +139,7 @@ def parameter_budget(shapes: Mapping[str, tuple[int, int]], budget: float) -> in
 def allocate_ranks(
     curves: Mapping[str, LossCurve], max_parameters: int, *, max_states: int = 50_000_000
 ) -> Allocation:
-    """The ranks minimising Σ predicted loss with Σ kept parameters ≤ ``max_parameters`` (module
-    docstring); every input is checked before any work."""
+    """The ranks minimising Σ predicted loss with Σ kept parameters ≤ ``max_parameters``."""
     if not isinstance(curves, Mapping) or not curves:
         raise ValueError(
             f"curves must be a non-empty mapping {{layer name: LossCurve}}, got {curves!r}"
@@ -245,8 +244,7 @@ def _cost_gcd(curve: LossCurve) -> int:
 
 
 def _capacity(costs: list[np.ndarray], max_parameters: int, quantum: int) -> int:
-    """``max_parameters // quantum``, capped at every layer dense: no optimum changes, and a
-    generous budget does not grow the table."""
+    """``max_parameters // quantum``, capped at every layer dense (changes no optimum)."""
     densest = sum(-(-int(cost[-1]) // quantum) for cost in costs)
     return min(max_parameters // quantum, densest)
 

@@ -9,7 +9,6 @@ layer type; :func:`save_pretrained_model` writes the stock layout back.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +48,7 @@ class Conv1DLinear(nn.Linear):
 
 
 def linearize_conv1d(model: nn.Module) -> list[str]:
-    """Replace every ``Conv1D`` of ``model`` by a :class:`Conv1DLinear` in place (idempotent,
-    works on the ``meta`` device); the names replaced, in model order."""
+    """Replace every ``Conv1D`` by a :class:`Conv1DLinear` in place; the names."""
     replaced: dict[int, Conv1DLinear] = {}
     names = []
     for name, module in model.named_modules(remove_duplicate=False):
@@ -117,10 +115,6 @@ def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-def _holds_linear(module: nn.Module) -> bool:
-    return any(_is_linear_like(sub) for sub in module.modules())
-
-
 def _module_lists(model: nn.Module, length: int) -> list[tuple[str, nn.ModuleList]]:
     """The outermost ``nn.ModuleList`` of ``length`` items that each hold a Linear, in order."""
     found: list[tuple[str, nn.ModuleList]] = []
@@ -129,7 +123,7 @@ def _module_lists(model: nn.Module, length: int) -> list[tuple[str, nn.ModuleLis
             continue
         if any(name.startswith(f"{outer}.") for outer, _ in found):
             continue
-        if all(_holds_linear(item) for item in module):
+        if all(any(map(_is_linear_like, item.modules())) for item in module):
             found.append((name, module))
     return found
 
@@ -230,21 +224,15 @@ def default_target_names(model: nn.Module) -> list[str]:
     return names
 
 
-def describe_projections(model: nn.Module, names: Iterable[str] | None = None) -> str:
-    """A short listing of the default projections (``name (out x in)``, the first block in full
-    and a count) and of the other Linear modules of ``model``, for error messages."""
+def describe_projections(model: nn.Module) -> str:
+    """The default projections and the other Linear modules, for messages."""
     try:
-        projections = default_target_names(model) if names is None else list(names)
+        projections = default_target_names(model)
     except ValueError as exc:
         return f"no default projections ({exc})"
     modules = dict(model.named_modules())
-    try:
-        blocks = [name for name, _ in transformer_blocks(model)]
-    except ValueError:
-        blocks = []
-    first = [
-        name for name in projections if blocks and name.startswith(f"{blocks[0]}.")
-    ] or projections
+    blocks = [name for name, _ in transformer_blocks(model)]  # found: there are projections
+    first = [name for name in projections if name.startswith(f"{blocks[0]}.")] or projections
     listed = ", ".join(f"{name} ({_shape(modules[name])})" for name in first)
     text = f"{len(projections)} projections in {len(blocks)} blocks; block 0: {listed}"
     chosen = set(projections)

@@ -5,7 +5,7 @@
 - ``output_moment``  G = (1/N) Σ_n Σ_t g_nt g_ntᵀ     (out × out), g_nt = ∂ℓ_n/∂y at token t;
 - ``input_abs_mean`` (1/T) Σ_tokens |x|                (in,), ASVD's activation scale.
 
-so that ``½ tr(ΔWᵀ G ΔW A)`` is the Kronecker-factored (K-FAC "expand") task-loss increase in
+With these ``½ tr(ΔWᵀ G ΔW A)`` is the Kronecker-factored (K-FAC "expand") task-loss increase in
 nats per example. Stored as ``"<module>.<statistic>"`` float32 tensors.
 """
 
@@ -112,8 +112,7 @@ class StatisticsAccumulator:
         examples: int,
         live_rows: Mapping[str, list[torch.Tensor]] | None = None,
     ) -> None:
-        """Add one batch: per module, the inputs and output gradients of each of its calls;
-        ``live_rows``, when the caller has them, say which rows of each gradient are non-zero."""
+        """Add one batch (``live_rows``: the non-zero rows of each gradient, when known)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         started = time.perf_counter()
@@ -182,7 +181,8 @@ class StatisticsAccumulator:
             if slot is not None and not slot.members <= group:
                 # The slot is shared with a module outside this batch's group: split it off.
                 moved = slot.members & group
-                split = slot.copy(moved)
+                split = copy.deepcopy(slot)
+                split.members = moved
                 slot.members -= moved
                 for member in moved:
                     self._slot_of[member] = split
@@ -222,11 +222,6 @@ class _InputSums:
             self.moment.add(rows)
         if self.abs_sum is not None and rows.shape[0]:
             self.abs_sum += torch.linalg.vector_norm(rows, ord=1, dim=0)
-
-    def copy(self, members: set[str]) -> _InputSums:
-        duplicate = copy.deepcopy(self)
-        duplicate.members = set(members)
-        return duplicate
 
 
 class _Gram:
@@ -295,8 +290,7 @@ class _RealTokens:
 
 
 class _Scratch:
-    """One reused buffer for selected rows: a fresh multi-megabyte tensor per call would cost a
-    page fault per page on CPU, about as much as copying the rows."""
+    """One reused buffer for selected rows (fresh ones page-fault as much as the copy)."""
 
     def __init__(self, device: torch.device) -> None:
         self.buffer = torch.empty(0, dtype=torch.float32, device=device)
@@ -311,6 +305,5 @@ class _Scratch:
 
 
 def _identity(x: torch.Tensor) -> tuple:
-    """Equal for views of the same memory with the same layout (the hooks' detached copies of
-    one input); the captured tensors stay alive through the batch, so no address is reused."""
+    """Equal for views of one tensor (captured tensors live through the batch)."""
     return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)

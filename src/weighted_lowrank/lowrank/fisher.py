@@ -27,13 +27,11 @@ from weighted_lowrank.lowrank.targets import select_linear_modules
 
 FISHER_MODES = ("per_example", "minibatch")
 
-#: Scratch elements for a block of per-example gradients (float32). On CPU 4 MiB: the block stays
-#: in cache while each example's square is added, so the per-example products cost about what the
-#: weight-gradient GEMM they replace costs. On CUDA larger blocks amortise kernel launches.
+#: Float32 scratch for a block of per-example gradients: on CPU 4 MiB stay in cache while each
+#: square is added (as cheap as the GEMM they replace); on CUDA larger blocks amortise launches.
 _CPU_WORKSPACE_ELEMENTS = 1 << 20
 _CUDA_WORKSPACE_ELEMENTS = 1 << 26
-#: Batches whose per-example squares are summed in float32 before they go into the float64 sums
-#: (each entry: a sum of ≤ 8 × batch-size squares, relative error ~1e-7).
+#: Batches summed in float32 before the float64 sums (≤ 8 × batch-size squares: error ~1e-7).
 _FLUSH_BATCHES = 8
 
 
@@ -107,8 +105,7 @@ def validate_fisher(
     fisher: Mapping[str, torch.Tensor],
     targets: str | Iterable[str] | None = None,
 ) -> dict[str, nn.Linear]:
-    """``{module name: Linear}`` for the keys of ``fisher``, once each is a ``"<Linear>.weight"``
-    of ``model`` of the weight's shape, finite and ≥ 0, and every targeted module has one."""
+    """``{module: Linear}`` of ``fisher``'s keys, each a finite ≥ 0 weight of ``model``."""
     if not fisher:
         raise ValueError("Fisher information is empty; expected one tensor per targeted weight")
     linear = {

@@ -32,8 +32,7 @@ LOSS_MODELS: tuple[str, ...] = tuple(REQUIRED_STATISTICS)
 
 @dataclass(frozen=True)
 class LayerCurvature:
-    """One layer's per-example diagonal Fisher (out × in), A (in × in) and G (out × out); ``None``
-    where not available."""
+    """One layer's per-example diagonal Fisher, A and G (``None``: not available)."""
 
     fisher: torch.Tensor | None = None
     input_moment: torch.Tensor | None = None

@@ -155,7 +155,10 @@ def layer_statistics(
         svd = factorize_batch(matrices, importances, ranks, solver="svd", device=device)
     if curvatures is not None:
         for row, matrix, svd_result, curvature in zip(rows, matrices, svd, curvatures, strict=True):
-            row["svd_kronecker_loss"] = _kronecker_loss(matrix, svd_result, curvature)
+            left, right = svd_result.left.double().cpu(), svd_result.right.double().cpu()
+            residual = matrix.double() - left @ right  # SVD's R: ½ tr(RᵀGRA)
+            loss = predicted_loss_increase(residual, curvature, ["kronecker"])
+            row["svd_kronecker_loss"] = loss["kronecker"]
     if compare_solvers:
         fwsvd = factorize_batch(matrices, importances, ranks, solver="fwsvd", device=device)
         for row, matrix, importance, svd_result, fwsvd_result in zip(
@@ -193,14 +196,6 @@ def _importance_row(
         "top_share": top_share(importance, top_fraction),
         "max_to_mean": max_to_mean(importance),
     }
-
-
-def _kronecker_loss(
-    matrix: torch.Tensor, svd: FactorizationResult, curvature: LayerCurvature
-) -> float:
-    """½ tr(RᵀGRA) for SVD's residual R, in float64."""
-    residual = matrix.double() - svd.left.double().cpu() @ svd.right.double().cpu()
-    return predicted_loss_increase(residual, curvature, ["kronecker"])["kronecker"]
 
 
 def _solver_columns(
@@ -251,8 +246,7 @@ def _curvatures(
 def risk_summary(
     rows: list[dict], statistic: str = "phi", threshold: float = DEFAULT_PHI_THRESHOLD
 ) -> dict:
-    """Per-model aggregates of :func:`layer_statistics` rows (JSON-friendly), with the
-    ``statistic`` and ``threshold`` their ``risk`` column was assigned with."""
+    """Per-model aggregates of :func:`layer_statistics` rows (JSON-friendly)."""
     phis = [row["phi"] for row in rows]
     highest = max(rows, key=lambda row: row["phi"])
     by_kind: dict[str, list[float]] = {}
@@ -287,8 +281,7 @@ def risk_summary(
 
 
 def spearman(first: Sequence[float], second: Sequence[float]) -> float:
-    """Spearman rank correlation as ``scipy.stats.spearmanr`` computes it (tied values share their
-    average rank); NaN for fewer than two pairs or a constant sequence."""
+    """Spearman ρ as scipy computes it; NaN for fewer than two pairs or a constant input."""
     if len(first) < 2:
         return float("nan")
     with warnings.catch_warnings():
@@ -298,11 +291,13 @@ def spearman(first: Sequence[float], second: Sequence[float]) -> float:
 
 def _checked(importance: torch.Tensor) -> torch.Tensor:
     if importance.numel() == 0:
-        raise ValueError("importance is empty")
-    if not torch.isfinite(importance).all():
-        raise ValueError("importance holds NaN or inf")
-    if (importance < 0).any():
-        raise ValueError("importance has negative entries; expected ≥ 0")
-    if not (importance > 0).any():
-        raise ValueError("importance is all zero; φ and shares are undefined")
-    return importance
+        problem = "is empty"
+    elif not torch.isfinite(importance).all():
+        problem = "holds NaN or inf"
+    elif (importance < 0).any():
+        problem = "has negative entries"
+    elif not (importance > 0).any():
+        problem = "is all zero (φ and shares are undefined)"
+    else:
+        return importance
+    raise ValueError(f"importance {problem}; expected finite values ≥ 0, not all zero")

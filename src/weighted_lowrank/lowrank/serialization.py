@@ -63,8 +63,7 @@ class LowRankConfig:
 
     @classmethod
     def from_model(cls, model: nn.Module, tied: Mapping[str, str] | None = None) -> LowRankConfig:
-        """The config of ``model``: its class, the dtype of its first floating tensor (float32 if
-        none) and its :class:`LowRankLinear` layers; ``tied`` from :func:`tensors_for_saving`."""
+        """The config of ``model`` (dtype: its first floating tensor's, else float32)."""
         floating = [
             tensor.dtype for tensor in model.state_dict().values() if tensor.is_floating_point()
         ]
@@ -72,13 +71,8 @@ class LowRankConfig:
             model_class=type(model).__name__,
             dtype=str(floating[0]).removeprefix("torch.") if floating else "float32",
             modules={
-                name: LayerSpec(
-                    rank=module.rank,
-                    in_features=module.in_features,
-                    out_features=module.out_features,
-                    bias=module.left.bias is not None,
-                )
-                for name, module in lowrank_modules(model).items()
+                name: LayerSpec(m.rank, m.in_features, m.out_features, m.left.bias is not None)
+                for name, m in lowrank_modules(model).items()
             },
             tied=dict(tied or {}),
         )
@@ -167,8 +161,7 @@ def parameter_counts(tensors: Mapping[str, torch.Tensor], modules: Iterable[str]
 def save_compressed(
     model: PreTrainedModel, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> None:
-    """Write ``model`` (with its :class:`LowRankLinear` layers) as the directory of the module
-    docstring, with the tokenizer files when ``tokenizer`` is given."""
+    """Write ``model`` as the module docstring's directory (and the tokenizer's)."""
     if not isinstance(model, PreTrainedModel):
         raise ValueError(
             f"save_compressed expects a transformers PreTrainedModel, got {type(model).__name__}"
@@ -191,8 +184,7 @@ def save_compressed(
 
 
 def load_compressed(directory: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
-    """The model :func:`save_compressed` wrote, in eval mode on ``device``; a missing or
-    unexpected tensor key raises ``ValueError``."""
+    """The model :func:`save_compressed` wrote, in eval mode on ``device``."""
     directory = Path(directory)
     for file_name in ("config.json", WEIGHTS_FILE):
         if not (directory / file_name).is_file():
@@ -224,17 +216,13 @@ def _rebuild(directory: Path, lowrank_config: LowRankConfig) -> PreTrainedModel:
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, spec in lowrank_config.modules.items():
         dense = modules.get(name)
-        if not isinstance(dense, nn.Linear) or (dense.out_features, dense.in_features) != (
-            spec.out_features,
-            spec.in_features,
-        ):
+        shape = (spec.out_features, spec.in_features)
+        if not isinstance(dense, nn.Linear) or (dense.out_features, dense.in_features) != shape:
             raise ValueError(
-                f"low-rank module {name!r} ({spec.out_features}x{spec.in_features}) does not "
-                f"replace an nn.Linear of that shape in {model_class.__name__}; found {dense}"
+                f"low-rank module {name!r} ({shape[0]}x{shape[1]}) does not replace an nn.Linear "
+                f"of that shape in {model_class.__name__}; found {dense}"
             )
-        layer = LowRankLinear(
-            spec.in_features, spec.out_features, spec.rank, bias=spec.bias, dtype=dtype
-        )
+        layer = LowRankLinear(spec.in_features, shape[0], spec.rank, bias=spec.bias, dtype=dtype)
         replace_module(model, name, layer)
     return model
 

@@ -25,15 +25,14 @@ def select_linear_modules(
     if targets is None:
         return {name: linear[name] for name in default_target_names(model)}
     if isinstance(targets, str):
-        pattern = targets
         try:
-            regex = re.compile(pattern)
+            regex = re.compile(targets)
         except re.error as exc:
-            raise ValueError(f"targets regex {pattern!r} is invalid: {exc}") from exc
+            raise ValueError(f"targets regex {targets!r} is invalid: {exc}") from exc
         selected = {name: module for name, module in linear.items() if regex.search(name)}
         if not selected:
             raise ValueError(
-                f"targets regex {pattern!r} matches no nn.Linear module; "
+                f"targets regex {targets!r} matches no nn.Linear module; "
                 f"Linear modules are e.g. {sorted(linear)[:5]}{_conv1d_hint(model)}"
             )
         return selected
@@ -119,8 +118,7 @@ def ordered_kinds(kinds: Iterable[str]) -> list[str]:
     return known + sorted(present - set(known))
 
 
-#: The block index in a module name: the first whole numeric component (``encoder.layer.3.…``,
-#: ``transformer.h.3.…``, ``model.layers.3.…``; ALBERT: the layer group).
+#: The block index in a module name: its first whole numeric component.
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 
 

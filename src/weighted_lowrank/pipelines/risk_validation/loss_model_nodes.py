@@ -52,8 +52,7 @@ MEASUREMENTS = {
 def summarize_loss_models(
     loss_model_table: pd.DataFrame, risk_validation_table: pd.DataFrame, *, reference: str
 ) -> dict[str, Any]:
-    """Each loss model's agreement with the KL (top level) and the loss increase
-    (``vs_loss_increase``), and the loss models the statistics did not allow."""
+    """Each loss model's agreement with the KL and (``vs_loss_increase``) the loss."""
     table = loss_model_table
     loss_models = list(dict.fromkeys(table["loss_model"]))
     summary: dict[str, Any] = {
@@ -176,8 +175,7 @@ def loss_model_metrics(loss_model_summary: dict[str, Any], *, reference: str) ->
 
 
 def plot_loss_models(loss_model_table: pd.DataFrame, loss_model_summary: dict[str, Any]) -> Figure:
-    """Predicted (x) against measured (y) per loss model, the KL on top and the loss increase
-    below; layers coloured by solver, whole models as stars."""
+    """Predicted against measured per loss model; KL on top, loss increase below."""
     table = loss_model_table
     loss_models = loss_model_summary["loss_models"]
     solvers = loss_model_summary["solvers"]

@@ -55,8 +55,7 @@ def layer_curvatures(
     fisher_information: Mapping[str, Any],
     calibration_statistics: Mapping[str, Any],
 ) -> tuple[dict[str, LayerCurvature], dict[str, list[str]]]:
-    """Each module's per-example statistics (the stored Fisher divided by its metadata's
-    ``num_examples``), and ``{statistic: [absent keys]}``."""
+    """Each module's per-example statistics, and ``{statistic: [absent keys]}``."""
     fisher = fisher_information.get("tensors") or {}
     calibration = calibration_statistics.get("tensors") or {}
     num_examples = (fisher_information.get("metadata") or {}).get("num_examples")
@@ -294,8 +293,7 @@ def _swap_in(
     evaluate: Callable[[], dict[str, float]],
     mirror: bool,
 ) -> dict[str, Any]:
-    """:func:`measure_damage`'s row for ``working`` with ``name`` replaced by ``layer`` (then
-    restored)."""
+    """:func:`measure_damage`'s row with ``name`` replaced by ``layer`` (then restored)."""
     original = working.get_submodule(name)
     working.set_submodule(name, copy.deepcopy(layer).to(original.weight.device))
     try:
@@ -320,8 +318,7 @@ def collect_damage(
     weighted: str,
     **damage: pd.DataFrame,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``risk_validation_table`` and ``loss_model_table`` (conf/base/catalog_risk_validation.yml)
-    from every solver's :func:`measure_damage` table."""
+    """``risk_validation_table`` and ``loss_model_table`` from every solver's damage."""
     layers = layer_risk.reset_index(drop=True)
     per_layer = {solver: frame.iloc[:-1] for solver, frame in damage.items()}
     fingerprint = fingerprint_of(dense_reference)

@@ -20,8 +20,7 @@ from .statistic_nodes import (
 
 #: The φ comparison: SVD's damage, and the gain of the element-wise weighted solver over it.
 REFERENCE, WEIGHTED = "svd", "tfwsvd"
-#: One solver per loss model (identity, rank-one Fisher, diagonal, Kronecker, activation); cost ∝
-#: their number.
+#: One solver per loss model (identity, rank-one, diagonal, Kronecker, activation); cost ∝ number.
 SOLVERS: tuple[str, ...] = ("svd", "fwsvd", WEIGHTED, "kfwsvd", "svd_llm")
 
 #: What the dense reference and every solver's measurement read (the latter after its own model).

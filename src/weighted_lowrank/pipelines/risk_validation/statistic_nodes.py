@@ -83,8 +83,7 @@ def summarize_risk_validation(
     reference: str,
     weighted: str,
 ) -> dict[str, Any]:
-    """:func:`spearman` of every statistic with each outcome, each outcome's ``best_predictor``
-    and the totals conf/base/catalog_risk_validation.yml lists."""
+    """:func:`spearman` of each statistic with each outcome, and the totals."""
     table = risk_validation_table
     statistics = _statistics(table, risk_validation.statistics, reference)
     correlations = {

@@ -5,6 +5,7 @@ kedro-mlflow logging each typed block key by key."""
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,8 @@ from weighted_lowrank.kedro_glue.parameters import ParameterError, parse_paramet
 
 
 class ParameterChecks:
-    """Parses every parameter block once, at the start of a run, before any node runs.
-
-    Kedro already builds the typed blocks a node's signature names (:mod:`.parameters`) for the
-    pipelines being run; this also checks the solver option blocks, which nodes receive as plain
-    dicts, and the blocks of every other pipeline, so a bad value anywhere in conf/ is reported
-    now and not at the node that reads it.
-    """
+    """Parses every block at the start of a run: Kedro builds only the typed blocks of the nodes
+    being run, not the solver options (plain dicts) nor the blocks of other pipelines."""
 
     @hook_impl
     def before_pipeline_run(
@@ -35,12 +31,8 @@ class ParameterChecks:
 
 
 class TypedParamsMlflowHook(MlflowHook):
-    """kedro-mlflow's hook, registered in its place (``settings.DISABLE_HOOKS_FOR_PLUGINS``).
-
-    kedro-mlflow flattens parameters that are dicts into one MLflow param per key; a typed block
-    (a Pydantic model) is handed to it as its dict, so a run still logs ``model.source``,
-    ``compression.budget``, ``evaluation.latency.repeats``, … and not one string per block.
-    """
+    """kedro-mlflow's hook, registered in its place (``settings.DISABLE_HOOKS_FOR_PLUGINS``): it
+    flattens only dicts, so a typed block is handed over dumped and logs one param per key."""
 
     @hook_impl
     def before_node_run(
@@ -56,33 +48,16 @@ class TypedParamsMlflowHook(MlflowHook):
 #: Nodes (the last part of a namespaced name) that select the targeted layers, or train a model
 #: that later ones compress: a ``targets`` setting that fits no layer fails before them.
 _TARGET_NODES = frozenset(
-    {
-        "initialise_model",
-        "fine_tune",
-        "estimate_fisher",
-        "compute_layer_risk",
-        "measure_dense_reference",
-        "measure_damage",
-        "svd_reference",
-        "loss_curves",
-        "allocate",
-        "compress",
-        "evaluate",
-        "refine",
-    }
+    "initialise_model fine_tune estimate_fisher compute_layer_risk measure_dense_reference "
+    "measure_damage svd_reference loss_curves allocate compress evaluate refine".split()
 )
 
 
 def _check_targets_fit_model(pipeline: Pipeline | None, typed: dict[str, Any]) -> None:
-    """When the run has a node that selects targets (or fine-tunes), ``compression.targets``
-    (and ``fisher_estimation.targets`` when the Fisher is estimated) must select Linear modules
-    of ``model.source``'s structure (config and module tree on the meta device, no weight read):
-    a regex that matches nothing or a missing module fails now, listing the model's projections.
-
-    A source whose config cannot be read here (offline hub name, a directory not made yet)
-    skips the check with a warning: the nodes that load the model report it, and check the
-    targets on the loaded model.
-    """
+    """``compression.targets`` (and ``fisher_estimation.targets`` when the Fisher is estimated)
+    must select Linear modules of ``model.source``'s structure (on the meta device, no weight
+    read). A source unreadable here (offline hub name, a directory not made yet) is skipped with
+    a warning: the nodes that load the model check the targets on it."""
     if pipeline is None:
         return
     node_names = {node.name.rpartition(".")[2] for node in pipeline.nodes}
@@ -92,8 +67,6 @@ def _check_targets_fit_model(pipeline: Pipeline | None, typed: dict[str, Any]) -
     try:
         structure = _model_structure(model.source, model.task)
     except Exception as exc:  # noqa: BLE001 - any unreadable source: skipped, see docstring
-        import logging
-
         logging.getLogger(__name__).warning(
             "compression.targets not checked before the run: model.source=%r cannot be read "
             "here (%s: %s)",
@@ -145,10 +118,8 @@ def _check_targets(structure: Any, key: str, targets: Any, source: str) -> None:
 
 
 def _check_statistics_cover_solvers(pipeline: Pipeline | None, typed: dict[str, Any]) -> None:
-    """When this run estimates the calibration statistics, they must include every statistic a
-    solver compressed in the same run needs (for its factors or its loss curve), and A and G
-    when the risk signal is the Kronecker prediction — else that node would fail after the
-    Fisher pass."""
+    """A run that estimates the calibration statistics must estimate what its solvers (factors,
+    loss curves) and a Kronecker risk signal need, else they would fail after the Fisher pass."""
     from weighted_lowrank.lowrank.risk import KRONECKER_NEEDS, KRONECKER_STATISTICS
     from weighted_lowrank.lowrank.solvers import SOLVERS, curve_needs, solver_needs
 

@@ -349,13 +349,31 @@ def _correct_on_one_test_set(
         and pd.api.types.is_integer_dtype(table["prediction"])
         for table in (first, second)
     )
-    same = len(first) == len(second) and all(
-        np.array_equal(first[column].to_numpy(), second[column].to_numpy())
-        for column in ("id", "label")
-    )
-    if not (classification and same):
+    if not classification or test_set_differences({"global": first, "uniform": second}):
         return None
     return tuple((table["prediction"] == table["label"]).to_numpy() for table in (first, second))
+
+
+def test_set_differences(tables: dict[str, pd.DataFrame]) -> dict[str, str]:
+    """Per predictions table (sorted by id) not on the first's test set, why: other ids or labels
+    (a language model's: tokens)."""
+    names = list(tables)
+    first = tables[names[0]]
+    key = "label" if "label" in first.columns else "tokens"
+    ids, labels = first["id"].to_numpy(), first[key].to_numpy()
+    differing = {}
+    for name in names[1:]:
+        table = tables[name]
+        if len(table) != len(first):
+            differing[name] = f"{len(table)} examples, not {len(first)}"
+        elif not np.array_equal(table["id"].to_numpy(), ids):
+            differing[name] = "other example ids"
+        elif key not in table.columns:
+            differing[name] = f"no {key} column"
+        elif not np.array_equal(table[key].to_numpy(), labels):
+            count = int(np.count_nonzero(table[key].to_numpy() != labels))
+            differing[name] = f"{count} {key}s differ" if key == "label" else f"other {key}"
+    return differing
 
 
 def markdown_table(table: pd.DataFrame) -> str:

@@ -1,16 +1,12 @@
 """Seed sweeps: the default run for several seeds, budgets and allocations, and the comparison
 across seeds.
 
-``python -m weighted_lowrank.analysis.sweep run --seeds 0 1 2 --budgets 0.5 0.3 --allocations
-uniform global`` runs, per seed, the whole default pipeline at the first (budget, allocation)
-pair, then every other pair from :data:`RESTART_NODES` on that seed's fine-tuned model and
-Fisher. Each run is one ``KedroSession`` (one MLflow parent run; child runs carry ``seed``,
-``budget``, ``allocation``); the data split stays the configured one, so every model is scored on
-the same test sentences. Runs that differ in another setting belong in their own store
-(``--tracking-uri``): the report keys rows by solver, budget, allocation and seed only.
-
-``python -m weighted_lowrank.analysis.sweep report`` prints, as Markdown, the task metric's mean ±
-sd over seeds, the per-seed paired differences against ``fwsvd``, and global − uniform.
+``run`` runs, per seed, the whole default pipeline at the first (budget, allocation) pair, then
+every other pair from :data:`RESTART_NODES`; the data split stays the configured one, so every
+model is scored on the same test sentences. Runs that differ in another setting belong in their
+own store (``--tracking-uri``): the report keys rows by solver, budget, allocation and seed only.
+``report`` prints the task metric's mean ± sd over seeds, the per-seed paired differences against
+``fwsvd``, and global − uniform, as Markdown.
 """
 
 from __future__ import annotations
@@ -36,8 +32,7 @@ from weighted_lowrank.analysis.run_history import (
 from weighted_lowrank.kedro_glue.parameters import ALLOCATIONS
 
 #: Where a sweep's later (budget, allocation) pairs restart: every node that reads the budget or
-#: the allocation is one of these or downstream (``allocate`` reads the SVD reference). The dense
-#: row and the loss curves read neither and are reused.
+#: the allocation is one of these or downstream.
 RESTART_NODES: tuple[str, ...] = ("svd_reference", "compute_layer_risk")
 
 
@@ -51,8 +46,7 @@ def run_sweep(
     pipeline: str = "__default__",
     runtime_params: dict[str, Any] | None = None,
 ) -> None:
-    """One Kedro session per (seed, budget, allocation); the first (budget, allocation) pair of a
-    seed runs the whole pipeline."""
+    """One Kedro session per (seed, budget, allocation)."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
@@ -93,9 +87,8 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["data.catalog.label_values=[rotten,fresh,plot]", ...]`` → a nested dict, values parsed
-    as YAML by OmegaConf (as ``kedro run --params`` does, but one item per argument, so a value
-    may hold commas)."""
+    """``["dotted.key=value", ...]`` → a nested dict, values parsed as YAML by OmegaConf (as
+    ``kedro run --params``, but one item per argument, so a value may hold commas)."""
     from omegaconf import OmegaConf
 
     malformed = [item for item in items if "=" not in item or not item.partition("=")[0].strip()]
@@ -114,7 +107,6 @@ def end_active_runs() -> None:
 
 
 def sweep_report(tracking_uri: str, reference: str = "fwsvd") -> str:
-    """The report of ``python -m weighted_lowrank.analysis.sweep report`` (Markdown)."""
     runs = latest_per_seed(child_runs(tracking_uri))
     metric = task_metric(runs)
     lines = [
@@ -134,7 +126,6 @@ def sweep_report(tracking_uri: str, reference: str = "fwsvd") -> str:
 
 
 def _summary_markdown(summary: pd.DataFrame) -> str:
-    """Solver × allocation rows (dense first, uniform before global), one column per budget."""
     cells = summary.assign(
         value=[
             f"{row.mean:.4f} ± {row.sd:.4f} (n={row.n})" if row.n > 1 else f"{row.mean:.4f} (n=1)"
@@ -153,7 +144,6 @@ def _summary_markdown(summary: pd.DataFrame) -> str:
 
 
 def _reference_markdown(tracking_uri: str, runs: pd.DataFrame, reference: str, metric: str) -> str:
-    """The per-seed differences against ``reference`` with the runs' McNemar p per seed."""
     differences = seed_differences(runs, reference, metric)
     if differences.empty:
         return f"(no {reference!r} rows to pair with)"
@@ -168,8 +158,6 @@ def _reference_markdown(tracking_uri: str, runs: pd.DataFrame, reference: str, m
 
 
 def _allocation_markdown(tracking_uri: str, runs: pd.DataFrame, metric: str) -> str:
-    """Per solver and budget, global − uniform of the task metric and test_loss per seed, with
-    the McNemar p of the two models' predictions per seed."""
     differences = allocation_differences(runs, metric)
     if differences.empty:
         return (

@@ -1,10 +1,8 @@
 """``refinement``: fine-tune every compressed model after compression, and report it as its own rows.
 
 Not part of ``__default__`` (Kedro builds pipelines before it reads parameters, so a pipeline,
-not a parameter, switches it on). Per solver, namespace ``refined.<solver>``: ``refine`` its
-``<solver>.compressed_model``, the evaluation template and a child run; then the comparison over
-every row. ``kedro run --pipelines refinement`` after a default run refines its latest models;
-``kedro run --pipelines refined`` is the whole run with refinement.
+not a parameter, switches it on). Per solver, namespace ``refined.<solver>``: ``refine``, the
+evaluation template and a child run; then the comparison over every row.
 """
 
 from kedro.pipeline import Node, Pipeline

@@ -27,6 +27,7 @@ from weighted_lowrank.analysis.run_history import (
     is_refined,
     markdown_table,
     task_metric,
+    test_set_differences,
 )
 from weighted_lowrank.kedro_glue.lineage import FINGERPRINT_KEY, fingerprint_of, with_fingerprint
 from weighted_lowrank.kedro_glue.parameters import (
@@ -255,45 +256,26 @@ def _log_probabilities(predictions: pd.DataFrame) -> np.ndarray | None:
 
 def _check_same_examples(tables: dict[str, pd.DataFrame]) -> None:
     """Raise unless every table has the first's ids and labels (a language model's: tokens)."""
-    names = list(tables)
-    first = tables[names[0]]
-    key = "label" if "label" in first.columns else "tokens"
-    ids, labels = first["id"].to_numpy(), first[key].to_numpy()
-    differing = {}
-    for name in names[1:]:
-        table = tables[name]
-        if len(table) != len(first):
-            differing[name] = f"{len(table)} examples, not {len(first)}"
-        elif not np.array_equal(table["id"].to_numpy(), ids):
-            differing[name] = "other example ids"
-        elif key not in table.columns:
-            differing[name] = f"no {key} column"
-        elif not np.array_equal(table[key].to_numpy(), labels):
-            count = int(np.count_nonzero(table[key].to_numpy() != labels))
-            differing[name] = f"{count} {key}s differ" if key == "label" else f"other {key}"
+    differing = test_set_differences(tables)
     if differing:
+        first = next(iter(tables))
         details = "; ".join(f"{name}: {why}" for name, why in differing.items())
         raise ValueError(
             f"paired tests need every row's predictions on one test set; against "
-            f"{names[0]!r} ({len(first)} examples): {details}. Re-run the evaluation of these "
+            f"{first!r} ({len(tables[first])} examples): {details}. Re-run the evaluation of these "
             "rows on the current test_split (or pin matching versions with --load-versions)"
         )
 
 
 def paired_metrics(paired: pd.DataFrame) -> dict[str, dict[str, float]]:
     """The paired tests as parent-run metrics ``<row>.vs_<reference>.<statistic>`` (step 0)."""
-    metrics = {}
-    for row in paired.to_dict("records"):
-        for reference in PAIRED_REFERENCES:
-            for stat in PAIRED_STATISTICS:
-                value = row.get(f"vs_{reference}_{stat}")
-                if value is None or pd.isna(value):
-                    continue
-                metrics[f"{row['namespace']}.vs_{reference}.{stat}"] = {
-                    "value": float(value),
-                    "step": 0,
-                }
-    return metrics
+    return {
+        f"{row['namespace']}.vs_{reference}.{stat}": {"value": float(value), "step": 0}
+        for row in paired.to_dict("records")
+        for reference in PAIRED_REFERENCES
+        for stat in PAIRED_STATISTICS
+        if (value := row.get(f"vs_{reference}_{stat}")) is not None and not pd.isna(value)
+    }
 
 
 def comparison_table(paired: pd.DataFrame, **evaluations: dict[str, Any]) -> pd.DataFrame:
@@ -367,7 +349,7 @@ def paired_markdown(table: pd.DataFrame, reporting: ReportingParams) -> str:
     header = ["row"]
     for ref in references:
         header += [f"vs {ref}: wins / losses", "p", f"{difference} [{level} CI]"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for row in table.to_dict("records"):
         cells = [str(row["namespace"])]
         for ref in references:
@@ -380,8 +362,8 @@ def paired_markdown(table: pd.DataFrame, reporting: ReportingParams) -> str:
                 f"{row[f'vs_{ref}_diff']:+.{digits}f} [{row[f'vs_{ref}_ci_low']:+.{digits}f}, "
                 f"{row[f'vs_{ref}_ci_high']:+.{digits}f}]",
             ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return title + note + resampling + "\n".join(lines)
+        rows.append(cells)
+    return title + note + resampling + markdown_table(pd.DataFrame(rows, columns=header))
 
 
 def _paired_note(language_model: bool, references: list[str], level: str) -> tuple[str, int, str]:

@@ -1,9 +1,6 @@
-"""``reporting``: evaluations, predictions + layer reports and rank maps → MLflow child runs,
-paired tests, comparison table, plots.
-
-:func:`create_pipeline` (``reporting``, part of ``__default__``) reports the rows ``dense`` and
-one per solver; :func:`create_refined_reporting` (part of ``refinement``) adds the child runs of
-the ``refined.<solver>`` rows and makes the comparison (:data:`SUMMARY_NODES`) over every row.
+"""``reporting``: evaluations, predictions, layer reports and rank maps → MLflow child runs,
+paired tests, comparison table, plots; :func:`create_refined_reporting` (part of ``refinement``)
+adds the ``refined.<solver>`` rows and makes the comparison over every row.
 """
 
 from collections.abc import Callable
@@ -42,15 +39,12 @@ CHILD_RUN_PARAMETERS = ["params:compression", "params:model", "params:data", "pa
 
 
 def _node(func: Callable, inputs: str | list | dict, output: str) -> Node:
-    """A node named after its one output."""
     return Node(func, inputs, output, name=output)
 
 
 def create_child_run_pipeline(namespace: str, refined: bool = False) -> Pipeline:
-    """``<namespace>.evaluation_metrics`` + ``<namespace>.predictions`` (+ the solver's
-    ``<solver>.layer_report`` and ``<solver>.rank_map`` for every row but ``dense``) →
-    ``<namespace>.mlflow_run`` (a refined row also reads ``params:refinement``, which its
-    ``refinement`` param describes)."""
+    """A row's evaluation and predictions (and but for ``dense`` its solver's layer report and
+    rank map; a refined row's ``params:refinement``) → ``<namespace>.mlflow_run``."""
     solver = base_solver(namespace)
     reports = {"layer_report": f"{solver}.layer_report", "rank_map": f"{solver}.rank_map"}
     function = refined_child_run_record if refined else child_run_record
@@ -78,8 +72,8 @@ def create_child_run_pipeline(namespace: str, refined: bool = False) -> Pipeline
 
 
 def create_summary_pipeline(namespaces: tuple[str, ...]) -> Pipeline:
-    """Paired tests, the comparison table, its Markdown and the accuracy-vs-parameters plot over
-    ``namespaces``; the paired tests are also logged to the parent run (``paired_metrics``)."""
+    """Paired tests (also logged to the parent run), the comparison table, its Markdown and the
+    accuracy-vs-parameters plot over ``namespaces``."""
     evaluations = {namespace: f"{namespace}.evaluation_metrics" for namespace in namespaces}
     predictions = {namespace: f"{namespace}.predictions" for namespace in namespaces}
     markdown_inputs = ["comparison_table", "params:compression", "params:reporting"]

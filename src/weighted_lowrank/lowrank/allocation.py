@@ -3,13 +3,9 @@
 :func:`allocate_ranks` chooses per layer (out × in) a rank r ∈ 1..:func:`max_rank` costing
 r·(out+in) parameters, or dense (rank ``None``, out·in parameters, loss 0), minimising the summed
 predicted loss within :func:`parameter_budget` (what :func:`uniform_ranks` keep, so uniform is
-always feasible). A dynamic programme over parameter quanta (the gcd g of all costs), exact for
-any curves, since measured curves are neither convex nor monotone: ``best[c]`` = least loss of
-the layers so far within c quanta, argmins kept (int16, int32 past 32 767 candidates); ties go to
-the first candidate (rank 1, 2, …, dense), the same on any machine. Above ``max_states`` table
-entries the quantum is coarsened and costs rounded *up* (``Allocation.exact`` is ``False``).
-docs/METHOD.md "The programme" and docs/BENCHMARKS.md "Loss curves and allocation" record the
-tests and timings.
+always feasible), by a dynamic programme over parameter quanta, exact for any curves (measured
+ones are neither convex nor monotone); ties go to the lowest rank. Above ``max_states`` entries
+the quantum is coarsened (``Allocation.exact`` is ``False``). docs/METHOD.md "The programme".
 """
 
 from __future__ import annotations
@@ -70,8 +66,7 @@ class LossCurve:
 
 @dataclass(frozen=True)
 class Allocation:
-    """The chosen rank per layer (``None``: dense) in model order, the kept parameters, the
-    summed predicted loss (nats), the programme's ``quantum`` and whether it was the gcd."""
+    """The chosen rank per layer (``None``: dense), what it keeps and predicts."""
 
     ranks: dict[str, int | None]
     parameters: int
@@ -130,8 +125,7 @@ def uniform_ranks(shapes: Mapping[str, tuple[int, int]], budget: float) -> dict[
 
 
 def parameter_budget(shapes: Mapping[str, tuple[int, int]], budget: float) -> int:
-    """Σ r·(out+in) over the :func:`uniform_ranks` (not ⌊budget·Σ out·in⌋): a global model is
-    then never larger than the uniform one, which is always feasible."""
+    """Σ r·(out+in) over the :func:`uniform_ranks`: uniform is always feasible."""
     ranks = uniform_ranks(shapes, budget)
     return sum(rank * (int(shapes[name][0]) + int(shapes[name][1])) for name, rank in ranks.items())
 

@@ -65,8 +65,7 @@ def conv1d_modules(model: nn.Module) -> list[str]:
 
 
 def pretrained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` in its stock class's layout: :class:`Conv1DLinear` weights back to
-    in × out; every other entry the state dict's own tensor, so tied parameters stay tied."""
+    """``model.state_dict()`` in its stock layout (tied parameters stay tied)."""
     state = model.state_dict()
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, Conv1DLinear):
@@ -76,8 +75,7 @@ def pretrained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained_model(model: nn.Module, directory: str | Path, **save_args: Any) -> None:
-    """``model.save_pretrained`` in the layout stock ``from_pretrained`` reloads (``Conv1D`` for
-    :class:`Conv1DLinear`); a low-rank model has none (``serialization.save_compressed``)."""
+    """``model.save_pretrained`` in the layout stock ``from_pretrained`` reloads."""
     compressed = list(lowrank_modules(model))
     if compressed:
         raise ValueError(
@@ -134,11 +132,8 @@ def _children(name: str, module_list: nn.ModuleList) -> list[tuple[str, nn.Modul
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, block)`` of every transformer block, in model order: the items of the outermost
-    ``nn.ModuleList`` as long as the config's layer count whose items hold Linear layers
-    (``bert.encoder.layer``, ``transformer.h``, ``model.layers``, …). ALBERT's blocks are its
-    distinct shared layers (``…albert_layer_groups.<g>.albert_layers.<i>``), each compressed once,
-    their statistics summed over every call."""
+    """``(name, block)`` of every transformer block: the outermost ``nn.ModuleList`` as long as
+    the config's layer count, its items holding Linear layers; ALBERT's distinct shared layers."""
     config = getattr(model, "config", None)
     groups = getattr(config, "num_hidden_groups", None)
     inner = getattr(config, "inner_group_num", None)
@@ -189,9 +184,7 @@ def _describe_linear(model: nn.Module, limit: int = 40) -> str:
 
 
 def default_target_names(model: nn.Module) -> list[str]:
-    """The attention and MLP ``nn.Linear`` projections of every transformer block, in model
-    order (``compression.targets: null``); a compressed layer's factors are not projections.
-    Needs a linearized model (:func:`linearize_conv1d`)."""
+    """The attention and MLP ``nn.Linear`` projections of every block, in order."""
     blocks = transformer_blocks(model)
     names: list[str] = []
     unlinearized: list[str] = []

@@ -68,12 +68,9 @@ def check_statistics(statistics: Iterable[str]) -> tuple[str, ...]:
 
 
 class StatisticsAccumulator:
-    """Sums of the requested statistics over the batches of one pass, then their means.
-
-    Inputs ``(batch, tokens, in)`` matching the attention mask count their real tokens only
-    (other shapes count every row). Modules fed the same input tensor (BERT's query, key and
-    value) share one sum, re-checked every batch.
-    """
+    """Sums of the statistics over one pass, then their means. Inputs matching the attention
+    mask count real tokens only; modules fed one input tensor (BERT's query, key, value) share
+    one sum, re-checked every batch."""
 
     def __init__(
         self,
@@ -134,8 +131,7 @@ class StatisticsAccumulator:
         self.seconds += time.perf_counter() - started
 
     def result(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """``({"<module>.<statistic>": float32 CPU tensor}, {module: T})`` in storage order (an
-        uncalled module: zero input statistics, ``T = 0``; no counts without input statistics)."""
+        """``({"<module>.<statistic>": float32 CPU tensor}, {module: T})`` in storage order."""
         means: dict[str, torch.Tensor] = {}
         for name, module in self.modules.items():
             slot = self._slot_of.get(name)
@@ -225,8 +221,7 @@ class _InputSums:
 
 
 class _Gram:
-    """Σ rowsᵀ rows over batches, float32 products flushed into a float64 total. On CPU only the
-    lower triangle, in column panels (0.6–0.75 of a full GEMM's time); on CUDA a full GEMM."""
+    """Σ rowsᵀ rows, float32 products into a float64 total; on CPU the lower triangle only."""
 
     def __init__(self, size: int, device: torch.device, flush_every: int) -> None:
         self.panel = _panel_width(size) if device.type == "cpu" else size

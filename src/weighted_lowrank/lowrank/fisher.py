@@ -37,10 +37,8 @@ _FLUSH_BATCHES = 8
 
 @dataclass(frozen=True)
 class Calibration:
-    """What one calibration pass found (:func:`calibrate`): the diagonal Fisher summed over
-    examples (``"<module>.weight"``), the requested statistics (``"<module>.<statistic>"``),
-    N, the real tokens of the batches, the ``T`` of each module's input statistics, and the
-    seconds spent on the statistics."""
+    """What :func:`calibrate` found: the diagonal Fisher summed over examples, the statistics,
+    N, the real tokens, each module's ``T`` and the seconds spent on the statistics."""
 
     fisher: dict[str, torch.Tensor]
     statistics: dict[str, torch.Tensor]
@@ -59,15 +57,10 @@ def calibrate(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> Calibration:
-    """One pass over ``batches`` (dicts for ``model(**batch)`` with ``"labels"``): the Fisher of
-    the ``targets`` Linear weights and the calibration ``statistics`` (exact in both modes).
-
-    The loss is summed over a batch's examples and chosen as Hugging Face's heads choose it.
-    ``mode="per_example"``: ``F = Σ_n (∇_W ℓ_n)²``; ``"minibatch"``: ``F = Σ_b (∇_W Σ_{n∈b} ℓ_n)²``,
-    the same in expectation at zero-mean per-example gradients (a converged model). The model
-    runs in eval mode on ``device`` and is restored afterwards; a non-finite loss or gradient
-    raises ``ValueError`` naming the batch (and the module nearest the loss).
-    """
+    """One pass over ``batches`` (``model(**batch)`` inputs with ``"labels"``): the Fisher of the
+    ``targets`` Linear weights and the calibration ``statistics``, with the task loss as Hugging
+    Face's heads choose it. ``per_example``: ``F = Σ_n (∇_W ℓ_n)²``; ``minibatch``:
+    ``F = Σ_b (∇_W Σ_{n∈b} ℓ_n)²``, the same in expectation at a converged model."""
     if mode not in FISHER_MODES:
         raise ValueError(f"mode {mode!r} is not a Fisher mode; expected one of {FISHER_MODES}")
     wanted = check_statistics(statistics)
@@ -380,9 +373,7 @@ def _capture_hook(name: str, captured: dict[str, list[tuple[torch.Tensor, torch.
 
 
 class _PerExampleAccumulator:
-    """Adds ``Σ_n (G_nᵀ X_n)²`` of each batch to float32 totals, and those into the float64
-    sums every ``_FLUSH_BATCHES`` batches (flushing every batch cost ≈ 5 % of the pass). Buffers
-    are allocated once: fresh ones would page-fault as much as the products cost on CPU."""
+    """Adds ``Σ_n (G_nᵀ X_n)²`` to float32 totals in buffers allocated once."""
 
     def __init__(self, modules: dict[str, nn.Linear], device: torch.device) -> None:
         self.modules = modules
@@ -447,8 +438,7 @@ class _PerExampleAccumulator:
         live: torch.Tensor,
         total: torch.Tensor,
     ) -> None:
-        """``total += Σ_n (G_nᵀ X_n)²``; positions not ``live`` (zero output gradient in every
-        example: padding, a classifier's unpooled tokens) add nothing and are dropped."""
+        """``total += Σ_n (G_nᵀ X_n)²`` over the ``live`` positions only."""
         if not bool(live.all()):
             positions = live.nonzero().squeeze(1)
             output_grad, activation = output_grad[:, positions], activation[:, positions]

@@ -55,8 +55,7 @@ def predicted_loss_increase(
     curvature: LayerCurvature,
     loss_models: tuple[str, ...] | list[str] | None = None,
 ) -> dict[str, float]:
-    """``{loss model: ½ vec(ΔW)ᵀ F vec(ΔW)}`` in nats per example, float64, for ΔW = W − AB;
-    ``None``: every model the statistics allow (one named without them: ``ValueError``)."""
+    """``{loss model: ½ vec(ΔW)ᵀ F vec(ΔW)}`` in nats per example (float64)."""
     if delta.ndim != 2:
         raise ValueError(f"ΔW must be 2-D (out, in), got shape {tuple(delta.shape)}")
     requested = curvature.loss_models() if loss_models is None else tuple(loss_models)

@@ -123,14 +123,10 @@ def layer_statistics(
     device: str = "cpu",
     calibration: Mapping[str, torch.Tensor] | None = None,
 ) -> list[dict]:
-    """One row of risk statistics per Fisher key (``"<module>.weight"``), in the Fisher's order.
-
-    For SVD's residual R: with ``compare_solvers``, ``svd_error_alignment`` = Σ I R² / (Ī Σ R²),
-    ``svd_loss_rel_fwsvd`` = SVD's weighted loss / two-sided FWSVD's and, given the N examples
-    the Fisher sums over, ``svd_taylor_loss`` = ½ Σ I R² / N and ``fwsvd_taylor_gain`` =
-    ½ (SVD's − FWSVD's loss) / N; with every layer's A and G in ``calibration``,
-    ``svd_kronecker_loss`` = ½ tr(RᵀGRA). ``risk``: ``"high"`` when ``statistic`` ≥ ``threshold``.
-    """
+    """One row of risk statistics per Fisher key, in its order. For SVD's residual R, with
+    ``compare_solvers``: ``svd_error_alignment`` = Σ I R² / (Ī Σ R²), ``svd_loss_rel_fwsvd``, and
+    with N ``svd_taylor_loss`` = ½ Σ I R² / N, ``fwsvd_taylor_gain``; with A and G,
+    ``svd_kronecker_loss`` = ½ tr(RᵀGRA)."""
     keys = list(fisher)
     modules = [key.removesuffix(".weight") for key in keys]
     calibration = calibration or {}

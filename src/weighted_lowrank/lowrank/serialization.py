@@ -1,10 +1,7 @@
 """Save and reload compressed models: an HF-style directory plus ``lowrank_config.json``.
 
-The directory holds ``config.json``, tokenizer files, ``model.safetensors`` (low-rank layer ``m``
-as ``m.right.weight``, ``m.left.weight``, ``m.left.bias``; ``Conv1D`` weights always out × in)
-and :class:`LowRankConfig`. It is rebuilt from the stock transformers class named there (no
-remote code, no pickle); ``AutoModel*.from_pretrained`` would silently re-initialise the
-low-rank layers, so reload it with :func:`load_compressed`.
+Rebuilt from the stock transformers class named there (no remote code, no pickle);
+``AutoModel*.from_pretrained`` would silently re-initialise the low-rank layers.
 """
 
 from __future__ import annotations
@@ -122,8 +119,7 @@ class LowRankConfig:
 
 
 def tensors_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict as contiguous CPU tensors, one key per storage, and ``{dropped tied alias:
-    key}``; a not yet linearized ``Conv1D`` weight is written out × in like a linearized one."""
+    """The state dict one key per storage, ``Conv1D`` out × in; and tied aliases."""
     # Every name of every Conv1D: a module registered twice has two state-dict keys.
     conv_weights = {
         f"{name}.weight"
@@ -161,7 +157,7 @@ def parameter_counts(tensors: Mapping[str, torch.Tensor], modules: Iterable[str]
 def save_compressed(
     model: PreTrainedModel, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> None:
-    """Write ``model`` as the module docstring's directory (and the tokenizer's)."""
+    """Write ``model``'s config, factors, ``lowrank_config.json`` (and tokenizer)."""
     if not isinstance(model, PreTrainedModel):
         raise ValueError(
             f"save_compressed expects a transformers PreTrainedModel, got {type(model).__name__}"

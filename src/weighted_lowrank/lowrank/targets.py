@@ -123,8 +123,7 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 
 
 def describe_module(name: str) -> tuple[int | None, str]:
-    """``(layer index, kind)`` of a module name: the first numeric component (None without one;
-    ALBERT's layer group) and its :data:`MODULE_KINDS` kind, else its last component."""
+    """``(layer index, kind)`` of a module name (:data:`MODULE_KINDS`)."""
     match = _LAYER_INDEX.search(name)
     layer = int(match.group(1)) if match else None
     for suffix, kind in MODULE_KINDS:

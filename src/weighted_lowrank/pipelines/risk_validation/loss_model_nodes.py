@@ -1,10 +1,8 @@
 """Nodes of ``risk_validation`` that read ``loss_model_table``: which loss model predicts damage?
 
-The primary outcome is the measured KL (``measured_kl``), what the quadratic approximates; the
-validation-loss increase (``measured``, block ``vs_loss_increase``) holds a first-order term no
-quadratic predicts. Agreement is the Spearman ρ (does it rank layers?) and the ratio predicted /
-measured (does it get the scale?), the latter only where the measurement is positive (a
-quadratic form is never negative; how many are not is part of the answer).
+The primary outcome is the measured KL; the loss increase (``vs_loss_increase``) holds a
+first-order term no quadratic predicts. Agreement is Spearman's ρ and the ratio predicted /
+measured where the measurement is positive (a quadratic form never is negative).
 """
 
 from __future__ import annotations
@@ -76,8 +74,7 @@ def summarize_loss_models(
 def _block(
     table: pd.DataFrame, risk_validation_table: pd.DataFrame, measured: str, reference: str
 ) -> dict[str, Any]:
-    """:func:`agreement` with the column ``measured`` per loss model, over single layers (pooled
-    and per solver) and whole models; the ``best_loss_model`` (largest pooled ρ) against φ."""
+    """:func:`agreement` with ``measured`` per loss model, over layers and whole models."""
     ratio = MEASUREMENTS[measured][0]
     layers = table[table["scope"] == "layer"]
     models = table[table["scope"] == "model"]
@@ -119,8 +116,7 @@ def phi_comparison(
     measured: str,
     reference: str,
 ) -> dict[str, Any] | None:
-    """Spearman of φ and of ``loss_model``'s prediction with the ``reference`` solver's
-    single-layer ``measured`` on the same rows; None without φ or a loss model."""
+    """Spearman of φ and of ``loss_model`` with ``reference``'s single-layer damage."""
     if loss_model is None or "phi" not in risk_validation_table.columns:
         return None
     chosen = layers[(layers["solver"] == reference) & (layers["loss_model"] == loss_model)]

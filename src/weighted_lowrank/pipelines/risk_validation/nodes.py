@@ -121,9 +121,7 @@ def resolve_loss_models(requested: list[str] | None, absent: Mapping[str, list[s
 
 
 def predictive_kl(reference: np.ndarray, logits: np.ndarray, config: object) -> np.ndarray:
-    """Per-example KL(p_reference ‖ p_logits) in nats of the head's predictive distributions:
-    categorical, per-label Bernoulli (summed) or unit-variance Gaussian, as ``config`` says. In
-    float64, clipped at 0 (rounding can put near-identical distributions a few ulp below)."""
+    """Per-example KL(p_reference ‖ p_logits) in nats of the head's distributions."""
     a = torch.as_tensor(np.asarray(reference), dtype=torch.float64)
     b = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     if a.shape != b.shape or a.ndim != 2:
@@ -141,7 +139,7 @@ def predictive_kl(reference: np.ndarray, logits: np.ndarray, config: object) -> 
     else:
         log_p, log_q = torch.log_softmax(a, dim=1), torch.log_softmax(b, dim=1)
         kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
-    return kl.clamp_min(0.0).numpy()
+    return kl.clamp_min(0.0).numpy()  # rounding puts near-identical distributions ulp below 0
 
 
 def _validation_pass(
@@ -152,8 +150,7 @@ def _validation_pass(
     risk_validation: RiskValidationParams,
     device: torch.device,
 ) -> tuple[float, float, np.ndarray | None]:
-    """Loss, accuracy and logits of ``network`` on the first ``max_examples`` rows (a language
-    model's mean next-token loss and token accuracy; its vocabulary logits are not kept)."""
+    """Loss, accuracy and logits (None for a language model) of one pass."""
     frame = validation_split.head(risk_validation.max_examples)  # None: every row
     result = predict_examples(
         network,
@@ -179,8 +176,7 @@ def measure_dense_reference(
     risk_validation: RiskValidationParams,
     device: str,
 ) -> dict[str, Any]:
-    """The dense model's validation ``loss``, ``accuracy`` and ``logits`` (None for a language
-    model), the ``examples`` and the ``loss_models`` the statistics allow (checked first)."""
+    """The dense model's validation loss, accuracy, logits and loss models."""
     modules = layer_risk["module"].tolist()
     _, absent = layer_curvatures(modules, fisher_information, calibration_statistics)
     loss_models = resolve_loss_models(risk_validation.loss_models, absent)
@@ -202,8 +198,7 @@ def measure_dense_reference(
 def check_layers(
     solver: str, compressed: torch.nn.Module, layer_risk: pd.DataFrame
 ) -> dict[str, LowRankLinear]:
-    """``{module: layer}`` of ``compressed`` in ``layer_risk`` order, once both name the same
-    modules at the same ranks (lineage does not say they share a budget and targets)."""
+    """``{module: layer}`` of ``compressed``, once it matches ``layer_risk``'s ranks."""
     layers = lowrank_modules(compressed)
     expected = {
         module: int(rank)
@@ -243,9 +238,7 @@ def measure_damage(
     solver: str,
     mirror: bool = False,
 ) -> pd.DataFrame:
-    """One solver's damage per ``layer_risk`` row with that layer alone compressed (``loss``,
-    ``accuracy``, ``kl``, ``mirror_loss`` with ``mirror`` and ``curvature``, ``seconds``, each
-    loss model's prediction), then a :data:`WHOLE_MODEL` row (predictions summed)."""
+    """One solver's damage per ``layer_risk`` row alone, then the whole model's."""
     dense, loss_models = fine_tuned_model.model, dense_reference["loss_models"]
     layers = check_layers(solver, compressed_model.model, layer_risk)
     curvatures, _ = layer_curvatures(list(layers), fisher_information, calibration_statistics)

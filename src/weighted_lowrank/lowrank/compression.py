@@ -1,19 +1,16 @@
 """Compress a model: factorize its targeted ``nn.Linear`` layers and swap in low-rank layers.
 
-:func:`factorize_model` validates the request (budget or explicit ranks, solver, Fisher keys and
-shapes, the calibration statistics the solver needs), turns the budget into one rank per layer
-(:func:`layer_ranks`) — or takes the ranks of an allocation — and factorizes the layers with
-:func:`~weighted_lowrank.lowrank.solvers.factorize_batch`; :func:`apply_factors` swaps the
-factors into a deep copy of the model as :class:`~weighted_lowrank.lowrank.layer.LowRankLinear`;
-:func:`compress_model` does both. :func:`svd_reference_losses` is plain truncated SVD's weighted
-loss per layer, the reference every solver's loss is reported against. :func:`model_loss_curves`
-gives every targeted layer's predicted loss at every rank, what a global rank allocation
-(:mod:`~weighted_lowrank.lowrank.allocation`) spends the budget against.
+:func:`factorize_model` checks the request and factorizes the layers at a budget's uniform ranks
+or an allocation's; :func:`apply_factors` swaps the factors into a deep copy as
+:class:`~weighted_lowrank.lowrank.layer.LowRankLinear`; :func:`compress_model` does both.
+:func:`svd_reference_losses` is the reference every solver's loss is reported against;
+:func:`model_loss_curves` what a global rank allocation spends the budget against.
 """
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -56,23 +53,15 @@ def factorize_model(
 ) -> dict[str, FactorizationResult]:
     """Factorize the targeted Linear layers of ``model``; ``{module name: result}`` in model order.
 
-    ``fisher`` maps ``"<module>.weight"`` to an importance tensor shaped like the weight
-    (``None``: uniform importance, i.e. plain SVD weighting). ``budget`` ∈ (0, 1) is the fraction of
-    each layer's dense weight parameters kept (:func:`layer_ranks`); or ``ranks`` gives every
-    targeted module its rank, ``None`` for a layer kept dense (then absent from the result), as a
-    rank allocation does (:mod:`~weighted_lowrank.lowrank.allocation`) — with ``ranks`` the
-    budget must be ``None``. ``statistics`` maps
-    ``"<module>.<statistic>"`` to the calibration statistics the solver needs
-    (:func:`~weighted_lowrank.lowrank.solvers.solver_needs`); every check — keys, shapes, finite,
-    symmetric moments — runs before any factorization. ``device`` is where the solver runs.
-    Half-precision weights are factorized in float32, float64 ones in float64; the factors stay
-    on ``device`` in that dtype.
-    ``solver_options`` go to :func:`~weighted_lowrank.lowrank.solvers.factorize_batch`, which
-    solves same-(shape, rank) layers as one batch (see :func:`layer_seconds`), each batch through
-    ``map_groups`` with ``threads`` worker threads. ``model`` is not modified. A ``map_groups``
-    other than the builtin ``map`` (e.g. :func:`~weighted_lowrank.lowrank.dask_map.dask_map`)
-    may run the batches elsewhere, each on its own ``device`` (:func:`_staged`), with the same
-    results but the wall-clock fields; the factors then come back on the CPU.
+    ``fisher`` maps ``"<module>.weight"`` to an importance shaped like the weight (``None``:
+    uniform). Either ``budget`` ∈ (0, 1), the fraction of each layer's dense parameters kept
+    (:func:`layer_ranks`), or ``ranks``: every targeted module's rank, ``None`` for a layer kept
+    dense (absent from the result). ``statistics`` maps ``"<module>.<statistic>"`` to what the
+    solver needs; every check runs before any factorization. Weights are factorized on
+    ``device`` in float32 (float64 ones in float64). ``solver_options``, ``map_groups`` and
+    ``threads`` go to :func:`~weighted_lowrank.lowrank.solvers.factorize_batch`; a ``map_groups``
+    other than ``map`` may run the groups elsewhere (:func:`_staged`), the factors then come back
+    on the CPU. ``model`` is not modified.
     """
     device, solver_options = _staged(device, map_groups, solver_options)
     layers = _targeted_layers(model, fisher, targets, device)
@@ -109,15 +98,10 @@ def model_loss_curves(
     threads: int = 1,
     **solver_options: Any,
 ) -> dict[str, LossCurve]:
-    """``{module name: LossCurve}`` of ``solver`` for every targeted layer, in model order.
-
-    Each curve is the predicted loss increase (nats per example) at every rank that saves
-    parameters (:func:`~weighted_lowrank.lowrank.solvers.rank_loss_curves`: the solver's own
-    weighted spectrum, or the FWSVD proxy for the element-wise solvers, priced by the solver's own
-    quadratic or, ``loss_model="kronecker"``, by the Kronecker-factored one), with ``fisher``
-    summed over ``num_examples`` examples. Inputs, their checks and ``map_groups`` / ``threads``
-    are those of :func:`factorize_model` (the same curves wherever the groups run).
-    """
+    """``{module name: LossCurve}`` of ``solver`` for every targeted layer, in model order: the
+    predicted loss increase at every rank that saves parameters
+    (:func:`~weighted_lowrank.lowrank.solvers.rank_loss_curves`). Inputs as
+    :func:`factorize_model`."""
     device, solver_options = _staged(device, map_groups, solver_options)
     layers = _targeted_layers(model, fisher, targets, device)
     needs = curve_needs(solver, loss_model, **solver_options)
@@ -146,9 +130,8 @@ def _staged(
     device: str | torch.device, map_groups: MapGroups, solver_options: dict[str, Any]
 ) -> tuple[str | torch.device, dict[str, Any]]:
     """``(device for the layers here, solver options)``: unchanged with the builtin ``map``;
-    otherwise the layers stay on this process's CPU and ``device`` becomes the solver's
-    ``device`` option (unless set), resolved where each group runs — a driver without a GPU can
-    fan out to workers with one."""
+    otherwise the layers stay on the CPU and ``device`` becomes the solver's ``device`` option
+    (unless set), resolved where each group runs (a driver without a GPU fans out to GPUs)."""
     if map_groups is map:
         return device, solver_options
     if solver_options.get("device") is None:
@@ -232,11 +215,8 @@ def _layer_statistics(
 
 
 def apply_factors(model: nn.Module, results: Mapping[str, FactorizationResult]) -> nn.Module:
-    """A deep copy of ``model`` whose modules named in ``results`` are :class:`LowRankLinear`.
-
-    Each replaced ``nn.Linear`` gives its bias (copied), device, dtype and train/eval mode to the
-    low-rank layer built from the result's ``left`` / ``right``. ``model`` is not modified.
-    """
+    """A deep copy of ``model`` whose modules named in ``results`` are :class:`LowRankLinear`,
+    each with its ``nn.Linear``'s bias (copied), device, dtype and train/eval mode."""
     compressed = copy.deepcopy(model)
     for name, result in results.items():
         dense = model.get_submodule(name)
@@ -269,11 +249,7 @@ def compress_model(
     device: str | torch.device = "cpu",
     **solver_options: Any,
 ) -> tuple[nn.Module, dict[str, FactorizationResult]]:
-    """``(compressed deep copy, {module name: FactorizationResult})``, layers in model order.
-
-    :func:`factorize_model` then :func:`apply_factors`; the arguments are those of
-    :func:`factorize_model`. The factors go back to the model's device and dtype.
-    """
+    """:func:`factorize_model` then :func:`apply_factors`: ``(compressed copy, results)``."""
     results = factorize_model(
         model, fisher, budget, solver, targets, device=device, **solver_options
     )
@@ -291,12 +267,8 @@ def svd_reference_losses(
     map_groups: MapGroups = map,
     threads: int = 1,
 ) -> dict[str, float]:
-    """Plain truncated SVD's weighted loss per factorized layer, ``{module name: loss}``.
-
-    The reference of every solver's ``loss_rel_svd``: the same layers, ranks (from ``budget`` or
-    ``ranks``), dtypes, device and importance as :func:`factorize_model` with ``solver="svd"``
-    (SVD's default options).
-    """
+    """Plain truncated SVD's weighted loss per factorized layer (:func:`factorize_model` with
+    ``solver="svd"``): the reference of every solver's ``loss_rel_svd``."""
     results = factorize_model(
         model,
         fisher,
@@ -312,16 +284,11 @@ def svd_reference_losses(
 
 
 def layer_seconds(results: Mapping[str, FactorizationResult]) -> dict[str, float]:
-    """Each layer's share of the wall time of its batch: ``result.seconds / batch size``.
-
-    ``factorize_batch`` solves the layers of equal (shape, rank) together and gives each of them
-    the batch's wall time; the share splits it evenly.
-    """
+    """Each layer's even share of its batch's wall time (the layers of equal (shape, rank) are
+    solved together and each reports the batch's): ``result.seconds / batch size``."""
 
     def group(result: FactorizationResult) -> tuple[int, int, int]:
         return (result.left.shape[0], result.right.shape[1], result.rank)
 
-    sizes: dict[tuple[int, int, int], int] = {}
-    for result in results.values():
-        sizes[group(result)] = sizes.get(group(result), 0) + 1
+    sizes = Counter(group(result) for result in results.values())
     return {name: float(result.seconds) / sizes[group(result)] for name, result in results.items()}

@@ -1,11 +1,7 @@
 """``map_groups`` on a Dask cluster (``compression.parallel: tcp://host:8786``): each group of
-layers is one task, results in order.
-
-Same groups, code and seeds, so the serial run's results, as long as each task runs with the
-caller's torch thread count (CPU reductions round differently with another) on the same kind of
-device. Tensors travel on the CPU, scattered straight to a worker. From inside a Dask task the
-worker's client is used and the task leaves the worker's pool while it waits, so nested
-fan-outs cannot deadlock one-thread workers. ``distributed`` is imported only when used.
+layers is one task, with the serial run's results (each task runs with the caller's torch thread
+count). Tensors travel on the CPU; inside a Dask task the worker's client is used and the task
+leaves the pool while it waits, so nested fan-outs cannot deadlock one-thread workers.
 """
 
 from __future__ import annotations
@@ -22,8 +18,7 @@ _LOCK = threading.Lock()
 
 
 def dask_map(address: str) -> Callable[..., list[Any]]:
-    """``map`` that runs ``function(*job)`` for each job as a task on the scheduler at
-    ``address``; a task that fails raises its own exception here."""
+    """``map`` running each ``function(*job)`` as a task on the scheduler at ``address``."""
 
     def map_groups(function: Callable[..., Any], *iterables: Any) -> list[Any]:
         import distributed

@@ -36,13 +36,9 @@ def resolve_device(
 
 
 def batched_eigvalsh(matrices: torch.Tensor) -> torch.Tensor:
-    """``torch.linalg.eigvalsh`` of a batch, one torch thread per CPU call (see :func:`split_batch`).
-
-    A CPU batch of small symmetric eigenproblems is solved one LAPACK call per matrix; extra
-    threads only add a fork/join per call, which with ``OMP_WAIT_POLICY=PASSIVE`` (or busy
-    cores) made 24 eigensolves of 384 × 384 take 2.7 s instead of 0.2 s on one thread
-    (docs/BENCHMARKS.md, "Loss curves and allocation").
-    """
+    """``torch.linalg.eigvalsh`` of a batch, one torch thread per CPU call (:func:`split_batch`):
+    extra threads only add a fork/join per small LAPACK call, 2.7 s instead of 0.2 s for 24
+    eigensolves of 384 × 384 (docs/BENCHMARKS.md, "Loss curves and allocation")."""
     return split_batch(torch.linalg.eigvalsh, matrices)
 
 
@@ -71,13 +67,9 @@ _WORKER_POOL: ThreadPoolExecutor | None = None
 
 @contextmanager
 def worker_threads(threads: int) -> Iterator[None]:
-    """Inside the block, small batched CPU work (small LAPACK calls, cache-sized chunks) is split
-    between ``threads`` workers on one torch thread each (``compression.parallel: threads``).
-
-    Two such workers beat OpenMP threads that sleep between small ops (``OMP_WAIT_POLICY=PASSIVE``
-    or busy cores); spinning OpenMP threads steal a worker's core (docs/BENCHMARKS.md, "tfwsvd
-    timing"). Only sums over chunks round differently with another count.
-    """
+    """Inside the block, small batched CPU work is split between ``threads`` workers on one torch
+    thread each (``compression.parallel: threads``): they beat OpenMP threads that sleep between
+    small ops (docs/BENCHMARKS.md, "tfwsvd timing"). Only sums over chunks round differently."""
     token = _THREADS.set(threads)
     try:
         yield
@@ -91,10 +83,8 @@ def cpu_workers(device: torch.device) -> int:
 
 
 def run_on_workers(tasks: list[Callable[[], Result]]) -> list[Result]:
-    """Run ``tasks`` concurrently, each on one torch thread, and return their results in order.
-
-    The calling thread runs the first task; torch's thread count is restored afterwards.
-    """
+    """Run ``tasks`` concurrently, each on one torch thread (the caller's runs the first);
+    results in order."""
     if len(tasks) == 1:
         return [tasks[0]()]
     global _WORKER_POOL

@@ -1,12 +1,8 @@
 """Where a model's layer groups are solved: ``compression.parallel``, parsed (no torch import).
 
-``serial`` runs the groups one after another here on torch's own threads; ``threads`` /
-``threads:N`` also splits each group's small CPU work (batched LAPACK calls, cache-sized chunks)
-between that many worker threads on one torch thread each — faster where OpenMP threads sleep
-between small ops (``OMP_WAIT_POLICY=PASSIVE``, busy cores; docs/BENCHMARKS.md "tfwsvd
-timing"), and the same results up to the rounding of sums over chunks; ``tcp://host:8786`` (any
-``<scheme>://``) solves each group as one task on that Dask cluster
-(:mod:`~weighted_lowrank.lowrank.dask_map`), with the results of the serial run.
+``serial``: one after another on torch's own threads; ``threads`` / ``threads:N``: each group's
+small CPU work split between worker threads (:func:`~.devices.worker_threads`);
+``<scheme>://host:port``: one task per group on that Dask cluster (:mod:`~.dask_map`).
 """
 
 from __future__ import annotations

@@ -58,11 +58,8 @@ def svd_reference(
     fisher_information: dict[str, Any],
     compression: CompressionParams,
 ) -> pd.DataFrame:
-    """Plain truncated SVD's Fisher-weighted loss per targeted layer (module, rank, svd_loss).
-
-    Computed once per run at the shared budget; every solver namespace reports its loss relative
-    to it (``loss_rel_svd``).
-    """
+    """Plain truncated SVD's Fisher-weighted loss per targeted layer (module, rank, svd_loss) at
+    the budget's uniform ranks: what every solver's ``loss_rel_svd`` is relative to."""
     model = fine_tuned_model.model
     losses = svd_reference_losses(
         model,
@@ -93,14 +90,10 @@ def loss_curves(
     *,
     solver: str,
 ) -> pd.DataFrame:
-    """Every targeted layer's predicted loss increase at every rank that saves parameters.
-
-    The solver's own weighted spectrum (the FWSVD proxy for the element-wise solvers), priced by
-    ``compression.curve_loss_model`` (its own quadratic, or the Kronecker-factored one), in nats
-    per example of the Fisher's examples (:func:`~weighted_lowrank.lowrank.compression.model_loss_curves`).
-    Columns :data:`CURVE_COLUMNS` (``loss_model``: what priced the ranks); ``seconds`` is the
-    wall time of all curves, on every row.
-    """
+    """Every targeted layer's predicted loss increase at every rank that saves parameters, priced
+    by ``compression.curve_loss_model``
+    (:func:`~weighted_lowrank.lowrank.compression.model_loss_curves`). Columns
+    :data:`CURVE_COLUMNS`; ``seconds`` is the wall time of all curves, on every row."""
     started = time.perf_counter()
     curves = model_loss_curves(
         fine_tuned_model.model,
@@ -142,16 +135,12 @@ def allocate(
     *,
     solver: str,
 ) -> pd.DataFrame:
-    """The rank map: each targeted layer's rank (or dense) under ``compression.allocation``.
-
-    ``uniform``: ⌊budget·out·in/(out+in)⌋ in every layer — the ranks of ``svd_reference_loss``,
-    which was made at this budget (checked). ``global``: the ranks minimising the summed predicted
-    loss of ``loss_curves`` with at most the parameters the uniform ranks keep
-    (:func:`~weighted_lowrank.lowrank.allocation.allocate_ranks`, exact). One row per layer in
-    model order (:func:`rank_map_table`). Reading the reference also puts this node downstream of
-    ``svd_reference``, so ``--from-nodes svd_reference`` at another budget or allocation makes the
-    rank maps again while the budget-independent curves are reused.
-    """
+    """The rank map (:func:`rank_map_table`): each layer's rank, or dense, under
+    ``compression.allocation``: ``uniform`` the budget's ranks (those of ``svd_reference_loss``,
+    checked), ``global`` the ranks minimising the summed predicted loss within the parameters
+    the uniform ranks keep (:func:`~weighted_lowrank.lowrank.allocation.allocate_ranks`). Reading
+    the reference puts this node downstream of ``svd_reference``, so ``--from-nodes
+    svd_reference`` remakes the rank maps while the budget-independent curves are reused."""
     curves = curves_from_table(loss_curves)
     priced_by = sorted(set(loss_curves["loss_model"]))
     if priced_by != [compression.curve_loss_model]:
@@ -213,10 +202,7 @@ def rank_map_table(
     solver: str,
     curve: str,
 ) -> pd.DataFrame:
-    """One row per layer: module, layer, kind, out_features, in_features, rank (min(out, in)
-    when dense), dense, params_dense, params_kept, kept_fraction, rank_fraction,
-    predicted_loss (the curve at the rank; 0 when dense), allocation, budget, max_parameters,
-    solver, curve."""
+    """One row per layer (rank min(out, in) and predicted_loss 0 when dense)."""
     rows = []
     for name, layer_curve in curves.items():
         rank = ranks[name]
@@ -266,16 +252,9 @@ def compress(
     *,
     solver: str,
 ) -> tuple[ModelBundle, pd.DataFrame, pd.DataFrame]:
-    """Factorize the targeted layers of the fine-tuned model with ``solver`` at the rank map's ranks.
-
-    ``options`` are the solver's own knobs (``<solver>.options``); ``compression.seed`` is the
-    solver's seed unless the options set one. ``calibration_statistics`` holds the input/output
-    moments the activation-aware solvers need (``kfwsvd``, ``svd_llm``, ``asvd``); the others
-    ignore it, and a solver whose statistics are missing fails before any work. Layers the rank
-    map keeps dense stay ``nn.Linear``. Returns the compressed bundle (same tokenizer), the
-    per-layer report of the factorized layers (:func:`layer_report`) and the loss histories
-    (:func:`convergence_table`).
-    """
+    """Factorize the targeted layers with ``solver`` at the rank map's ranks (dense ones stay
+    ``nn.Linear``); ``compression.seed`` is the solver's seed unless its ``options`` set one.
+    Returns the compressed bundle, :func:`layer_report` and :func:`convergence_table`."""
     model = fine_tuned_model.model
     ranks = rank_map_ranks(rank_map)
     torch.manual_seed(compression.seed)
@@ -327,12 +306,9 @@ def layer_report(
 ) -> pd.DataFrame:
     """One row per factorized layer of ``model`` (the dense one), in ``results`` order.
 
-    Columns: module, budget, shape ("out x in"), out_features, in_features, rank, params_before,
-    params_after (weight + bias of that layer), weighted_loss, svd_loss (plain SVD at the same
-    rank under the same importance), loss_rel_svd, initial_loss, seconds (the layer's share of
-    its batch's wall time), total_seconds (wall time of the whole factorization, the same on every
-    row), iterations, stop_reason, solver, then one ``info_<key>`` column per solver-info key
-    (float, NaN where a layer has None; text for non-numeric values).
+    ``params_*`` count weight and bias, ``svd_loss`` is plain SVD's at the same rank, ``seconds``
+    the layer's share of its batch's wall time (``total_seconds``: the whole factorization's),
+    then one ``info_<key>`` column per solver-info key (NaN where a layer has None).
     """
     seconds = layer_seconds(results)
     rows = []
@@ -386,8 +362,8 @@ def _reference_losses(
     fisher_information: dict[str, Any],
     compression: CompressionParams,
 ) -> list[float]:
-    """SVD's loss per factorized layer: from the shared reference where it was made at the same
-    rank (the uniform ranks), computed here for the layers an allocation gave another rank."""
+    """SVD's loss per factorized layer: the shared reference's at the same rank, computed here
+    for the layers an allocation gave another rank."""
     reference = svd_reference_loss.set_index("module")
     differing = {
         name: result.rank

@@ -100,8 +100,7 @@ def check_curves(curves: Mapping[str, LossCurve]) -> None:
 
 
 def uniform_ranks(shapes: Mapping[str, tuple[int, int]], budget: float) -> dict[str, int]:
-    """``{layer: rank_for_budget}`` keeping ``budget`` of each layer's dense parameters; a rank 0
-    or one that saves nothing raises ``ValueError`` naming the layer (uniform has no dense)."""
+    """``{layer: rank_for_budget}``; a layer left at rank 0 or saving nothing is an error."""
     ranks = {}
     for name, shape in shapes.items():
         out_features, in_features = _checked_shape(shape, f"layer {name!r}")

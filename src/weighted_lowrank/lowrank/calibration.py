@@ -276,8 +276,8 @@ class _RealTokens:
                 self.index = flat.nonzero().squeeze(1)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` as float32 rows ``(·, in)``: real tokens when ``x`` is ``(batch, tokens, in)``
-        matching the mask, else every row. Valid until the next call (shared scratch)."""
+        """``x``'s real-token float32 rows (all rows if it does not match the mask); valid until
+        the next call."""
         flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         if self.index is not None and x.dim() == 3 and tuple(x.shape[:2]) == self.shape:
             return self.scratch.select(flat, self.index)

@@ -291,7 +291,10 @@ class _Pass:
             self.statistics.add(activations, output_grads, mask, labels.shape[0], live_rows)
         self.captured.clear()
         self.examples += labels.shape[0]
-        self.tokens += _real_tokens(inputs)
+        if mask is not None:  # real tokens; without a mask every input_ids position
+            self.tokens += int(mask.count_nonzero())
+        elif "input_ids" in inputs:
+            self.tokens += inputs["input_ids"].numel()
 
     def _gradients(
         self, loss: torch.Tensor
@@ -356,13 +359,6 @@ def _single_examples(batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.
         }
         for index in range(size)
     ]
-
-
-def _real_tokens(inputs: Mapping[str, torch.Tensor]) -> int:
-    """Non-padding tokens of a batch: its attention mask's, else every position of input_ids."""
-    if "attention_mask" in inputs:
-        return int(inputs["attention_mask"].count_nonzero())
-    return inputs["input_ids"].numel() if "input_ids" in inputs else 0
 
 
 def _capture_hook(name: str, captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]):

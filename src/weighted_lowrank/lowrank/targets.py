@@ -16,9 +16,8 @@ DEFAULT_TARGETS_DESCRIPTION = "default: attention + MLP projections of every tra
 def select_linear_modules(
     model: nn.Module, targets: str | Iterable[str] | None = None
 ) -> dict[str, nn.Linear]:
-    """``{module name: nn.Linear}`` of the targets, in model order: a regex (``re.search``), exact
-    module names, or ``None`` (:func:`~weighted_lowrank.lowrank.architectures.default_target_names`).
-    """
+    """``{module name: nn.Linear}`` of the targets in model order: a regex (``re.search``), module
+    names, or ``None`` (the default projections, :func:`default_target_names`)."""
     linear = {
         name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)
     }

@@ -2,7 +2,7 @@
 
 The primary outcome is the measured KL; the loss increase (``vs_loss_increase``) holds a
 first-order term no quadratic predicts. Agreement is Spearman's ρ and the ratio predicted /
-measured where the measurement is positive (a quadratic form never is negative).
+measured where the measurement is positive (a quadratic form is never negative).
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""Nodes of ``risk_validation`` that read ``risk_validation_table``: which risk statistic of
-``layer_risk`` (φ by default) predicts the reference solver's damage and the weighted solver's
-gain over it? Every statistic is read as "larger = riskier", so a negative ρ predicts nothing
-useful."""
+"""Nodes of ``risk_validation`` that read ``risk_validation_table``: which risk statistic predicts
+the reference solver's damage? Each reads "larger = riskier": a negative ρ predicts nothing."""
 
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """Which fine-tuned model, and which parameters, a dataset was made from: written and read here.
 
-The fingerprint (:func:`~weighted_lowrank.lowrank.fingerprint.model_fingerprint`) of the model a
-dataset derives from travels in its own metadata: a ``ModelBundle``'s ``model_fingerprint`` field
-(``lineage.json`` beside the weights), a tensor file's header metadata, a table's column, a JSON
-record's top-level key. A node's outputs are stamped (table ``attrs``, which Parquet keeps, or
-tensor-file metadata) with the values of the ``params:`` it read (:func:`parameters_read`), less
-the keys it declares :func:`independent_of`. ``hooks.LineageCheck`` refuses a node whose inputs
-come from different models or were made under other values than the run's.
+The model's fingerprint travels in a dataset's own metadata (a ``ModelBundle`` field saved as
+``lineage.json``, tensor-file header metadata, a table column, a JSON record key); a node's
+outputs are stamped with the values of the ``params:`` it read (:func:`parameters_read`), in
+table ``attrs`` (kept by Parquet) or tensor-file metadata. ``hooks.LineageCheck`` reads both.
 """
 
 from __future__ import annotations

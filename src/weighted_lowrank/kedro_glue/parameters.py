@@ -1,10 +1,7 @@
-"""Typed Kedro parameters: one Pydantic model per block, parsed and checked once per run.
-
-Every key is set in ``conf/`` (no defaults here; an unknown key is an error). Kedro builds the
-blocks a node's signature names with ``model_validate``; ``ParameterChecks`` parses the whole run
-at its start (:func:`parse_parameters`), so nodes trust what they receive. No torch at import
-(``settings.py`` loads this module for every ``kedro`` command): values the numerical core owns
-are checked against it when a block is parsed.
+"""Typed Kedro parameters: one Pydantic model per block (every key set in ``conf/``, none unknown),
+parsed once per run (:func:`parse_parameters`), errors naming key, value and expectation. No torch
+at import (``settings.py`` loads this module for every ``kedro`` command): values the numerical
+core owns are checked against it when a block is parsed.
 """
 
 from __future__ import annotations
@@ -130,17 +127,16 @@ def _expected(kind: Any, metadata: list[Any]) -> str | None:
     if get_origin(kind) in (Union, types.UnionType):
         inner = [_expected(arg, metadata) for arg in get_args(kind) if arg is not type(None)]
         return None if None in inner else " or ".join([*inner, "null"])  # type: ignore[list-item]
-    bounds = {
-        name: getattr(item, name)
-        for item in metadata
-        for name in ("gt", "ge", "lt", "le")
-        if hasattr(item, name)
-    }
-    non_empty = any(isinstance(item, MinLen) for item in metadata)
     if get_origin(kind) is Literal:
         return f"one of {list(get_args(kind))}"
-    if kind is bool:
-        return "true or false"
+    if _is_block(kind):
+        return f"a mapping with the keys {[*kind.model_fields]}"
+    bounds = {
+        bound: getattr(item, bound)
+        for item in metadata
+        for bound in ("gt", "ge", "lt", "le")
+        if hasattr(item, bound)
+    }
     if kind is int:
         low = bounds.get("ge")
         return "a positive int" if low == 1 else "an int" + ("" if low is None else f" >= {low}")
@@ -149,15 +145,10 @@ def _expected(kind: Any, metadata: list[Any]) -> str | None:
         high = bounds.get("lt", bounds.get("le", math.inf))
         left, right = "[" if "ge" in bounds else "(", "]" if "le" in bounds else ")"
         return f"a number in {left}{low:g}, {high:g}{right}"
-    if kind is str:
-        return "a non-empty string" if non_empty else "a string"
-    if get_origin(kind) is list:
-        return "a non-empty list of strings" if non_empty else "a list"
-    if get_origin(kind) is dict:
-        return "a mapping"
-    if _is_block(kind):
-        return f"a mapping with the keys {[*kind.model_fields]}"
-    return None
+    kinds = {bool: "true or false", str: "a string", list: "a list", dict: "a mapping"}
+    if any(isinstance(item, MinLen) for item in metadata):
+        kinds |= {str: "a non-empty string", list: "a non-empty list of strings"}
+    return kinds.get(get_origin(kind) or kind)
 
 
 PositiveInt = Annotated[int, Ge(1)]

@@ -1,9 +1,6 @@
-"""Saved versions that cannot be loaded: what is wrong, and which older version can be.
-
-A version directory can be incomplete (an interrupted save or copy, a full disk, a file removed by
-hand), and the loader's own error names neither dataset, version, nor what to load instead. The
-project's datasets check a version's files first (sizes and headers; no tensor read) and raise
-:class:`UnloadableVersionError`; nothing on disk is changed.
+"""Saved versions that cannot be loaded: what is wrong, and which older version can be. A
+version's files (sizes and headers; no tensor read) are checked before the loader, whose own error
+names neither dataset, version, nor what to load instead; nothing on disk is changed.
 """
 
 from __future__ import annotations

@@ -214,9 +214,14 @@ def evaluate_classifier(
 ) -> dict[str, float]:
     """Task metrics plus mean loss of ``model`` on a split."""
     result = predict_examples(model, tokenizer, frame, max_length, batch_size, device)
+    return {**split_metrics(result, frame), "loss": result.loss}
+
+
+def split_metrics(result: Predictions, frame: pd.DataFrame) -> dict[str, float]:
+    """The task metrics of a pass over ``frame``."""
     if result.causal_lm:
-        return {**language_model_metrics(result), "loss": result.loss}
-    return {**task_metrics(result.logits, frame["label"].to_numpy()), "loss": result.loss}
+        return language_model_metrics(result)
+    return task_metrics(result.logits, frame["label"].to_numpy())
 
 
 def train_classifier(

@@ -18,12 +18,7 @@ from torch import nn
 
 from weighted_lowrank.hf.latency import latency_by_shape_ms
 from weighted_lowrank.hf.models import ModelBundle
-from weighted_lowrank.hf.training import (
-    Predictions,
-    language_model_metrics,
-    predict_examples,
-    task_metrics,
-)
+from weighted_lowrank.hf.training import Predictions, predict_examples, split_metrics
 from weighted_lowrank.kedro_glue.lineage import with_fingerprint
 from weighted_lowrank.kedro_glue.parameters import CompressionParams, EvaluationParams, ModelParams
 from weighted_lowrank.lowrank.devices import resolve_device
@@ -38,15 +33,19 @@ from weighted_lowrank.lowrank.targets import select_linear_modules
 #: Columns of a ``<namespace>.predictions`` table (then, for classification, one float32
 #: ``logit_<k>`` per class: reporting's ``kl_to_dense`` needs them, the argmax cannot tell).
 PREDICTION_COLUMNS = ("id", "label", "prediction", "loss")
-#: Columns of a causal language model's ``<namespace>.predictions`` (one row per token block).
-LM_PREDICTION_COLUMNS = ("id", "tokens", "correct", "loss")
 #: Name prefix of the per-class logit columns of a predictions table.
 LOGIT_PREFIX = "logit_"
 
 
-def predictions_table(predictions: Predictions, labels: np.ndarray) -> pd.DataFrame:
-    """One row per example of the split, in its order; a classification table also holds every
-    class's float32 logit (a regression's prediction is its single output already)."""
+def predictions_table(predictions: Predictions, test_split: pd.DataFrame) -> pd.DataFrame:
+    """One row per example of the split (a language model's: per block), in its order; a
+    classification table also holds every class's float32 logit (a regression's prediction is
+    its single output already)."""
+    ids = np.arange(len(predictions.losses), dtype=np.int64)
+    loss = predictions.losses.astype(np.float64)
+    if predictions.causal_lm:
+        tokens, correct = predictions.tokens.astype(np.int64), predictions.correct.astype(np.int64)
+        return pd.DataFrame({"id": ids, "tokens": tokens, "correct": correct, "loss": loss})
     logits = predictions.logits
     classes: dict[str, np.ndarray] = {}
     if logits.shape[1] == 1:
@@ -56,26 +55,9 @@ def predictions_table(predictions: Predictions, labels: np.ndarray) -> pd.DataFr
         classes = {
             f"{LOGIT_PREFIX}{k}": logits[:, k].astype(np.float32) for k in range(logits.shape[1])
         }
+    labels = test_split["label"].to_numpy()
     return pd.DataFrame(
-        {
-            "id": np.arange(len(labels), dtype=np.int64),
-            "label": labels,
-            "prediction": predicted,
-            "loss": predictions.losses.astype(np.float64),
-            **classes,
-        }
-    )
-
-
-def block_predictions_table(predictions: Predictions) -> pd.DataFrame:
-    """A language model's per-block table (see :data:`LM_PREDICTION_COLUMNS`), in block order."""
-    return pd.DataFrame(
-        {
-            "id": np.arange(len(predictions.losses), dtype=np.int64),
-            "tokens": predictions.tokens.astype(np.int64),
-            "correct": predictions.correct.astype(np.int64),
-            "loss": predictions.losses.astype(np.float64),
-        }
+        {"id": ids, "label": labels, "prediction": predicted, "loss": loss, **classes}
     )
 
 
@@ -93,12 +75,8 @@ def score_examples(
         device=resolve_device(evaluation.device),
     )
     bundle.model.to("cpu")
-    if predictions.causal_lm:
-        scores = {**language_model_metrics(predictions), "test_loss": float(predictions.loss)}
-        return scores, block_predictions_table(predictions)
-    labels = test_split["label"].to_numpy()
-    scores = {**task_metrics(predictions.logits, labels), "test_loss": float(predictions.loss)}
-    return scores, predictions_table(predictions, labels)
+    scores = {**split_metrics(predictions, test_split), "test_loss": float(predictions.loss)}
+    return scores, predictions_table(predictions, test_split)
 
 
 def evaluate_dense(
@@ -131,10 +109,9 @@ def evaluate_compressed(
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """The record of one compressed model (as factorized, or refined) and its predictions.
 
-    The targeted layers are the rank map's (factorized or kept dense); that the model has its
-    ranks is checked before the node runs (``SavedVersionChecks``). Each distinct model shape is timed once per process (``latency_by_shape_ms``). The
-    weighted loss relative to SVD's, the factorization seconds and the predicted loss increase
-    come from the solver's ``layer_report`` and ``rank_map`` (a refined model keeps them).
+    The targeted layers are the rank map's (that the model has its ranks, ``SavedVersionChecks``
+    checks before the node runs). The weighted loss relative to SVD's, the factorization seconds
+    and the predicted loss increase come from the solver's ``layer_report`` and ``rank_map``.
     """
     compressed = compressed_model.model.to("cpu")
     dense = fine_tuned_model.model.to("cpu")

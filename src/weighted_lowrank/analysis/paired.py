@@ -89,16 +89,8 @@ def paired_comparison(
     correctness, same examples in the same order)."""
     wins, losses = discordant_counts(correct_a, correct_b)
     n = len(correct_a)
-    low, high = bootstrap_diff_interval(wins, losses, n, resamples, seed)
-    return PairedComparison(
-        n=n,
-        wins=wins,
-        losses=losses,
-        p_value=mcnemar_exact_p(wins, losses),
-        diff=(wins - losses) / n,
-        ci_low=low,
-        ci_high=high,
-    )
+    interval = bootstrap_diff_interval(wins, losses, n, resamples, seed)
+    return _compared(n, wins, losses, (wins - losses) / n, interval)
 
 
 def paired_loss_comparison(
@@ -123,16 +115,15 @@ def paired_loss_comparison(
         count = min(chunk, resamples - start)
         index = generator.integers(0, len(a), size=(count, len(a)))
         diffs[start : start + count] = weighted[index].sum(axis=1) / weights[index].sum(axis=1)
-    low, high = _interval(diffs, confidence)
-    return PairedComparison(
-        n=len(a),
-        wins=wins,
-        losses=losses,
-        p_value=mcnemar_exact_p(wins, losses),
-        diff=float(weighted.sum() / weights.sum()),
-        ci_low=low,
-        ci_high=high,
-    )
+    diff = float(weighted.sum() / weights.sum())
+    return _compared(len(a), wins, losses, diff, _interval(diffs, confidence))
+
+
+def _compared(
+    n: int, wins: int, losses: int, diff: float, interval: tuple[float, float]
+) -> PairedComparison:
+    """The comparison with its exact two-sided binomial p of the wins among the discordant pairs."""
+    return PairedComparison(n, wins, losses, mcnemar_exact_p(wins, losses), diff, *interval)
 
 
 def _as_outcomes(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

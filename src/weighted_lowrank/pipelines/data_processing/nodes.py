@@ -80,9 +80,7 @@ def _resolve_glue(data: DataParams) -> dict[str, Any]:
     return {
         "type": "glue",
         "task": task,
-        "data_files": glue.data_files,
-        "splits": glue.splits,
-        "cache_dir": glue.cache_dir,
+        **glue.model_dump(exclude={"task"}),
         "text_column": text_column,
         "text_pair_column": pair_column,
         "label_column": "label",

@@ -210,37 +210,29 @@ class SwatsState(IterateState):
 
 
 def _adam_direction(
-    moments: AdamMoments,
+    state: AdamState | SwatsState,
     grad_left: torch.Tensor,
     grad_right: torch.Tensor,
-    count: int,
     options: AdamOptions,
 ) -> tuple[AdamMoments, torch.Tensor, torch.Tensor]:
-    """Adam's moments after step number ``count``; returns (moments, step on A, step on B)."""
-    m_left, v_left, step_left = _adam_update(
-        moments.m_left, moments.v_left, grad_left, count, options
-    )
-    m_right, v_right, step_right = _adam_update(
-        moments.m_right, moments.v_right, grad_right, count, options
-    )
+    """Adam's moments after step number ``state.iteration``, and its steps on A and B."""
+    beta1, beta2, count = options.beta1, options.beta2, state.iteration
+
+    def update(first: torch.Tensor, second: torch.Tensor, grad: torch.Tensor) -> tuple:
+        first = beta1 * first + (1 - beta1) * grad
+        second = beta2 * second + (1 - beta2) * grad * grad
+        corrected_first = first / (1 - beta1**count)
+        corrected_second = second / (1 - beta2**count)
+        return (
+            first,
+            second,
+            -options.lr * corrected_first / (corrected_second.sqrt() + options.eps),
+        )
+
+    m_left, v_left, step_left = update(state.moments.m_left, state.moments.v_left, grad_left)
+    m_right, v_right, step_right = update(state.moments.m_right, state.moments.v_right, grad_right)
     updated = AdamMoments(m_left=m_left, m_right=m_right, v_left=v_left, v_right=v_right)
     return updated, step_left, step_right
-
-
-def _adam_update(
-    first: torch.Tensor,
-    second: torch.Tensor,
-    grad: torch.Tensor,
-    count: int,
-    options: AdamOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One factor's Adam moments after step ``count`` and its bias-corrected step."""
-    beta1, beta2, eps, lr = options.beta1, options.beta2, options.eps, options.lr
-    first = beta1 * first + (1 - beta1) * grad
-    second = beta2 * second + (1 - beta2) * grad * grad
-    corrected_first = first / (1 - beta1**count)
-    corrected_second = second / (1 - beta2**count)
-    return first, second, -lr * corrected_first / (corrected_second.sqrt() + eps)
 
 
 def solve_adam(problem: Problem, options: AdamOptions, started: float) -> list[SolverOutput]:
@@ -256,9 +248,7 @@ def solve_adam(problem: Problem, options: AdamOptions, started: float) -> list[S
 
     def step(state: AdamState) -> tuple[AdamState, torch.Tensor]:
         loss, grad_left, grad_right = loss_and_gradients(state)
-        moments, step_left, step_right = _adam_direction(
-            state.moments, grad_left, grad_right, state.iteration, options
-        )
+        moments, step_left, step_right = _adam_direction(state, grad_left, grad_right, options)
         return replace(
             state, left=state.left + step_left, right=state.right + step_right, moments=moments
         ), loss
@@ -341,22 +331,17 @@ def solve_sgd(problem: Problem, options: SgdOptions, started: float) -> list[Sol
 def solve_adam_sgd(problem: Problem, options: AdamSgdOptions, started: float) -> list[SolverOutput]:
     """Adam, then heavy-ball SGD from the SWATS switching point (Keskar & Socher 2017).
 
-    After each Adam step ``p`` with gradient ``g``: ``γ = (p·p)/(−p·g)``,
-    ``λ ← β₂ λ + (1 − β₂) γ``; switch when ``|λ/(1 − β₂ᵏ) − γ| < switch_eps · λ/(1 − β₂ᵏ)``
-    (relative, because the absolute ε of the paper depends on the loss scale) and at least
-    ``switch_min_iters`` estimates were averaged (right after the start Adam's steps are nearly
-    sign steps whose γ barely changes, which fakes convergence of the estimate). The SGD phase
-    uses ``lr = min(λ/(1 − β₂ᵏ), 1/λ_max)`` with ``λ_max`` the Gauss–Newton curvature at the
-    switching point, momentum ``beta1`` in the SWATS form, and halves ``lr`` whenever the loss
-    rises.
+    After each Adam step ``p`` with gradient ``g``: ``γ = (p·p)/(−p·g)``, ``λ ← β₂ λ + (1 − β₂) γ``;
+    switch when ``|λ/(1 − β₂ᵏ) − γ| < switch_eps · λ/(1 − β₂ᵏ)`` (relative: the paper's absolute ε
+    depends on the loss scale) after at least ``switch_min_iters`` estimates (Adam's first,
+    sign-like steps fake a settled γ). SGD then runs at ``min(λ/(1 − β₂ᵏ), 1/λ_max)`` (Gauss–Newton
+    curvature at the switch), momentum ``beta1``, halving ``lr`` whenever the loss rises.
     """
     state = _swats_start(problem, options)
 
     def step(state: SwatsState) -> tuple[SwatsState, torch.Tensor]:
         loss, grad_left, grad_right = loss_and_gradients(state)
-        moments, adam_left, adam_right = _adam_direction(
-            state.moments, grad_left, grad_right, state.iteration, options
-        )
+        moments, adam_left, adam_right = _adam_direction(state, grad_left, grad_right, options)
         sgd_left, sgd_right, memory = _bounded_sgd_update(
             state, grad_left, grad_right, loss, options.beta1, state.sgd_mode
         )

@@ -143,18 +143,12 @@ class Preconditioner(Batched):
 @dataclass(frozen=True, kw_only=True, eq=False)
 class RotatedPreconditioner(Batched):
     """Block-Jacobi in a shared basis: each row's Hessian block ``H_i = B diag(I_i) Bᵀ`` (and each
-    column's ``Aᵀ diag(I_:j) A``) approximated by its exact diagonal in one r × r basis per side.
+    column's) approximated by its exact diagonal in one r × r basis per side (docs/METHOD.md).
 
-    Row side: ``T = L⁻ᵀ V``, where ``L⁻¹`` whitens the separable Gram ``B D_v Bᵀ`` and ``V``
-    approximately diagonalises every whitened ``C_i = L⁻¹ H_i L⁻ᵀ / u_i`` at once: the
-    eigenvectors of ``Σ_k s_k² C(p_k)²``, ``C(p) = L⁻¹ B diag(p) Bᵀ L⁻ᵀ``, over the leading
-    principal components ``s_k p_k`` of the rows' profiles ``I_i / u_i`` (a cheap stand-in for
-    the second moment ``Σ_i (C_i − C̄)²``). Then ``H_i ≈ T⁻ᵀ diag(d_i) T⁻¹`` with the exact
-    ``d_i = Σ_j I_ij (Tᵀ b_j)²`` (all rows at once: one ``out × in × r`` matmul), and the
-    preconditioned row gradient is ``((g_i T) / d_i) Tᵀ``. Columns likewise (``Aᵀ D_u A``,
-    profiles ``I_:j / v_j``). For a separable importance every ``d_i = u_i`` and it is the
-    separable preconditioner; on the real Fisher it reaches most of exact block-Jacobi (per-row
-    r × r systems, as ALS), docs/METHOD.md.
+    Row side: ``T = L⁻ᵀ V``, ``L⁻¹`` whitening ``B D_v Bᵀ`` and ``V`` the eigenvectors of
+    ``Σ_k s_k² C(p_k)²``, ``C(p) = L⁻¹ B diag(p) Bᵀ L⁻ᵀ``, over the leading principal components
+    ``s_k p_k`` of the rows' profiles ``I_i / u_i``; then ``H_i ≈ T⁻ᵀ diag(d_i) T⁻¹`` with the
+    exact ``d_i = Σ_j I_ij (Tᵀ b_j)²``, and the row gradient becomes ``((g_i T) / d_i) Tᵀ``.
     """
 
     rows: torch.Tensor
@@ -264,9 +258,8 @@ _PRECONDITIONER_CLASSES = {"rotated": RotatedPreconditioner, "separable": Precon
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Gradient(Batched):
-    """Half-gradients ``E Bᵀ``, ``Aᵀ E`` at (A, B) (``E = I ∘ (AB − W)``; CG with an exact line
-    search does not depend on the gradient's scale), preconditioned, and ``gᵀz`` (the
-    Polak–Ribière denominator of the next iteration)."""
+    """Half-gradients ``E Bᵀ``, ``Aᵀ E`` (CG with an exact line search ignores the scale), their
+    preconditioned ``z`` and ``gᵀz`` (the next Polak–Ribière denominator)."""
 
     grad_left: torch.Tensor
     grad_right: torch.Tensor
@@ -293,10 +286,8 @@ class Gradient(Batched):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class TfwsvdState(IterateState):
-    """The CG iterate: preconditioner, gradient at (A, B), the search direction, and the
-    element-wise arrays in *square-root-weighted* form: ``root = √I``, ``scaled_residual =
-    √I ∘ (AB − W)``; the workspace holds ``√I ∘ P`` and ``√I ∘ Q`` of the current line search
-    (overwritten every iteration, so not per layer: dropping a layer copies nothing)."""
+    """The CG iterate: preconditioner, gradient, direction, ``root = √I`` and ``scaled_residual =
+    √I ∘ (AB − W)``; the workspace holds the line search's ``√I ∘ P``, ``√I ∘ Q``."""
 
     root: torch.Tensor
     scaled_residual: torch.Tensor
@@ -308,12 +299,9 @@ class TfwsvdState(IterateState):
 
 
 def quartic_minimiser(coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global minimiser ``t`` and minimum of ``Σ_k c_k t^k`` (k = 0..4) for each row (float64).
-
-    The candidates are the real roots of the derivative (a cubic, via its companion matrix) and
-    ``t = 0``; when the quartic term vanishes the cubic degenerates and the companion matrix is
-    built from the highest non-zero term.
-    """
+    """Global minimiser ``t`` and minimum of ``Σ_k c_k t^k`` (k = 0..4) for each row (float64):
+    the best of ``t = 0`` and the real roots of the cubic derivative (companion matrix), or the
+    quadratic's vertex when the quartic term vanishes."""
     c = coefficients.double().cpu()
     derivative = torch.stack([c[:, 1], 2 * c[:, 2], 3 * c[:, 3], 4 * c[:, 4]], dim=1)
     batch = c.shape[0]
@@ -504,12 +492,9 @@ class Workspace:
 
 
 def _line_search_coefficients(state: TfwsvdState) -> torch.Tensor:
-    """The quartic ``Σ_k c_k t^k`` = loss along ``(dA, dB)``, per layer (float64, (b, 5)).
-
-    With ``R(t) = R + tP + t²Q`` (``P = dA B + A dB``, ``Q = dA dB``) and every array weighted by
-    √I: ``c = (RᵀR, 2 RᵀP, PᵀP + 2 RᵀQ, 2 PᵀQ, QᵀQ)``; ``c_0`` is the loss at the current point.
-    Fills the workspace's line buffers with ``√I ∘ P``, ``√I ∘ Q`` for the update.
-    """
+    """The quartic ``Σ_k c_k t^k`` = loss along ``(dA, dB)``, per layer (float64, (b, 5)): with
+    ``R(t) = R + tP + t²Q`` (``P = dA B + A dB``, ``Q = dA dB``, all weighted by √I),
+    ``c = (RᵀR, 2 RᵀP, PᵀP + 2 RᵀQ, 2 PᵀQ, QᵀQ)``. Fills the workspace's line buffers."""
     left, right, dir_left, dir_right = state.left, state.right, state.dir_left, state.dir_right
     batch, _, in_features = state.root.shape
     scaled_linear, scaled_quadratic = state.workspace.line_buffers(state.root.shape)
@@ -554,12 +539,9 @@ def _update_and_gradient(
     weight: torch.Tensor,
     workspace: Workspace,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move the weighted residual to ``(A, B)`` and return the gradients there.
-
-    With ``step`` (t, shaped (b, 1, 1)) the residual is updated along the line, ``√I∘R +=
-    t √I∘P + t² √I∘Q``; without, it is recomputed as ``√I ∘ (AB − W)``. Then ``E = √I ∘ √I∘R
-    = I ∘ (AB − W)`` and the half-gradients ``E Bᵀ = ∇_A / 2``, ``Aᵀ E = ∇_B / 2``, chunk by
-    chunk (``Aᵀ E`` summed over row blocks, per worker, then over workers).
+    """Move the weighted residual to ``(A, B)`` — along the line with ``step`` (t, (b, 1, 1)),
+    else recomputed as ``√I ∘ (AB − W)`` — and return the half-gradients ``E Bᵀ``, ``Aᵀ E``
+    there, ``E = I ∘ (AB − W)`` (``Aᵀ E`` summed over row blocks, per worker, then over workers).
     """
     batch, out_features, in_features = root.shape
     rank = left.shape[2]

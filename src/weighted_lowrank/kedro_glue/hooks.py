@@ -182,23 +182,19 @@ def _rank_map_mismatch(
 def _newest(catalog: Any, name: str, read: str | Callable[[str], Any], wanted: Any) -> str | None:
     """The newest saved version ``v`` of ``name`` with ``read(v) == wanted``; a str ``read`` names
     a method of the dataset (no match when it has none). An unreadable version matches nothing."""
-    if isinstance(read, str):
-        read = getattr(_dataset(catalog, name), read, None)
-    for version in _versions(catalog, name) if read is not None else []:
+    dataset = _dataset(catalog, name)
+    read = getattr(dataset, read, None) if isinstance(read, str) else read
+    try:
+        versions = dataset.list_versions(full_path=False) if read is not None else []
+    except Exception:  # noqa: BLE001 - not versioned, no version yet, or no such entry
+        versions = []
+    for version in versions:
         try:
             if read(version) == wanted:
                 return version
         except Exception:  # noqa: BLE001 - an unreadable version matches nothing
             continue
     return None
-
-
-def _versions(catalog: Any, name: str) -> list[str]:
-    """The saved versions of ``name``, newest first ([] when it is not versioned)."""
-    try:
-        return _dataset(catalog, name).list_versions(full_path=False)
-    except Exception:  # not versioned, no version yet, or no such entry
-        return []
 
 
 def _dataset(catalog: Any, name: str) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt, MinLen
@@ -174,8 +174,9 @@ def owned_choice(dotted: str) -> AfterValidator:
     return AfterValidator(check_choice)
 
 
-def owned_check(dotted: str, expected: str) -> Callable[[Any], Any]:
-    """A check that the core's function ``dotted`` accepts the value."""
+def owned_check(dotted: str, expected: str, before: bool = False) -> Any:
+    """A check that the core's function ``dotted`` accepts the value (``before`` pydantic's type
+    check, so that its message also covers a value of another type)."""
 
     def check(value: Any) -> Any:
         try:
@@ -184,7 +185,7 @@ def owned_check(dotted: str, expected: str) -> Callable[[Any], Any]:
             raise ValueError(f"{expected} ({error})") from None
         return value
 
-    return check
+    return (BeforeValidator if before else AfterValidator)(check)
 
 
 def check_targets(value: Any) -> str | tuple[str, ...] | None:
@@ -228,8 +229,7 @@ def check_statistics(value: Any) -> tuple[str, ...]:
 
 #: ``auto``, ``cpu`` or ``cuda[:N]``; CUDA without a GPU fails at the start of a run.
 Device = Annotated[
-    str,
-    AfterValidator(owned_check("lowrank.devices.resolve_device", "auto, cpu or an available cuda")),
+    str, owned_check("lowrank.devices.resolve_device", "auto, cpu or an available cuda")
 ]
 Targets = Annotated[str | tuple[str, ...] | None, BeforeValidator(check_targets)]
 
@@ -263,12 +263,7 @@ class CompressionParams(Block):
     seed: int
     device: Device
     parallel: Annotated[
-        str,
-        BeforeValidator(
-            owned_check(
-                "lowrank.parallel.parse_parallel", "one of the forms lowrank.parallel accepts"
-            )
-        ),
+        str, owned_check("lowrank.parallel.parse_parallel", "one of the forms", True)
     ]
 
 

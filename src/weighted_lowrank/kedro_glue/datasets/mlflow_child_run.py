@@ -11,9 +11,8 @@ import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 from mlflow.tracking import MlflowClient
 
+#: ``{"params", "metrics", "tags", "artifacts": {relative path: DataFrame | str | bytes}}``.
 ChildRun = dict[str, Any]
-"""``{"params": {str: scalar}, "metrics": {str: float}, "tags": {str: str}, "artifacts":
-{relative path: DataFrame | str | bytes}}`` (all but metrics optional)."""
 
 
 class MlflowChildRunDataset(AbstractDataset[ChildRun, ChildRun]):

@@ -127,23 +127,19 @@ def _check_statistics_cover_solvers(pipeline: Pipeline | None, typed: dict[str, 
     if "estimate_fisher" not in node_names:
         return
     configured = set(typed["params:fisher_estimation"].statistics)
-    lacking = {}
     curve_loss_model = typed["params:compression"].curve_loss_model
+    needs: dict[str, set[str]] = {}
     for solver in SOLVERS:
         options = typed[f"params:{solver}.options"]
-        needs = set()
+        needs[solver] = set()
         if f"{solver}.compress" in node_names:
-            needs.update(solver_needs(solver, **options))
+            needs[solver].update(solver_needs(solver, **options))
         if f"{solver}.loss_curves" in node_names:
-            needs.update(curve_needs(solver, curve_loss_model, **options))
-        missing = sorted(need for need in needs if need not in configured)
-        if missing:
-            lacking[solver] = missing
+            needs[solver].update(curve_needs(solver, curve_loss_model, **options))
     risk = typed["params:svd_risk"]
     if "compute_layer_risk" in node_names and risk.statistic in KRONECKER_STATISTICS:
-        missing = [need for need in KRONECKER_NEEDS if need not in configured]
-        if missing:
-            lacking[f"svd_risk.statistic={risk.statistic}"] = missing
+        needs[f"svd_risk.statistic={risk.statistic}"] = set(KRONECKER_NEEDS)
+    lacking = {who: sorted(need - configured) for who, need in needs.items() if need - configured}
     if lacking:
         raise ParameterError(
             f"fisher_estimation.statistics={sorted(configured)} lacks what the nodes of this run "

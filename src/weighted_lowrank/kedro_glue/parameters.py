@@ -189,7 +189,6 @@ def owned_check(dotted: str, expected: str, before: bool = False) -> Any:
 
 
 def check_targets(value: Any) -> str | tuple[str, ...] | None:
-    """``null`` (the default projections), a regex over module names, or a list of names."""
     if value is None or (isinstance(value, str) and value):
         return value
     if isinstance(value, list | tuple) and value and all(isinstance(v, str) and v for v in value):
@@ -208,7 +207,6 @@ def check_codec(value: str) -> str:
 
 
 def check_split_size(value: Any) -> int | float:
-    """A count of rows (int >= 1) or a fraction of the cleaned rows (float in (0, 1])."""
     if (type(value) is int and value >= 1) or (type(value) is float and 0.0 < value <= 1.0):
         return value
     raise ValueError("a count >= 1 or a fraction in (0, 1]")

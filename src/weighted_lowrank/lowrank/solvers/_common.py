@@ -258,12 +258,9 @@ def batched_loss(
 def balanced_truncated_svd(
     matrix: torch.Tensor, rank: int, method: str = "svd"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors ``U√S``, ``√S Vᵀ`` of each matrix in a batch.
-
-    ``method="gram"`` takes the eigenvectors of the smaller Gram matrix instead of a full SVD:
-    3–5× faster, and accurate for the leading singular pairs (it squares the condition number,
-    which only hurts pairs near the noise floor); used for starting points of iterative solvers.
-    """
+    """Best rank-``rank`` factors ``U√S``, ``√S Vᵀ`` of each matrix in a batch; ``method="gram"``
+    (starting points) eigendecomposes the smaller Gram matrix: 3–5× faster, and accurate but for
+    pairs near the noise floor."""
     if method == "svd":
         if matrix.shape[1] < matrix.shape[2]:
             # LAPACK's SVD of a wide matrix took 2.2× that of its (tall) transpose on CPU
@@ -300,13 +297,9 @@ def positive_weights(weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def fwsvd_factors(
     weight: torch.Tensor, importance: torch.Tensor, rank: int, axis: str, method: str = "svd"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form Fisher-weighted SVD for a batch.
-
-    ``axis="in"``: one weight per input column (importance summed over outputs);
-    ``axis="out"``: one weight per output row; ``axis="both"``: importance approximated by the
-    product of its marginals ``I ≈ r cᵀ / ΣI`` (the rank-one fit that keeps both marginal sums).
-    Minimises ``‖D_r^½ (W − AB) D_c^½‖²`` exactly: scale, truncated SVD, unscale.
-    """
+    """Closed-form Fisher-weighted SVD for a batch: the exact minimiser of
+    ``‖D_r^½ (W − AB) D_c^½‖²`` with the importance's column sums (``axis="in"``), row sums
+    (``"out"``) or both (``"both"``: ``I ≈ r cᵀ / ΣI``)."""
     rows = positive_weights(importance.sum(dim=2)) if axis in ("out", "both") else None
     cols = positive_weights(importance.sum(dim=1)) if axis in ("in", "both") else None
     scaled = weight
@@ -325,12 +318,8 @@ def fwsvd_factors(
 def initial_factors(
     problem: Problem, init: str, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Starting factors for an iterative solver (see :data:`INITS`).
-
-    "fwsvd" is the two-sided closed form, "best" the lowest-loss of SVD and the three FWSVD
-    forms, "random" small Gaussian factors drawn from ``seed`` (product RMS 0.1 of the weight's),
-    "kfwsvd" the Kronecker-factored closed form (the problem must carry both moments).
-    """
+    """Starting factors for an iterative solver (:data:`INITS`): "best" is the lowest-loss of SVD
+    and the three FWSVD forms, "random" Gaussian factors from ``seed`` (product RMS 0.1)."""
     weight, importance, rank = problem.weight, problem.importance, problem.rank
     if init == "kfwsvd":
         truncation = kronecker_truncation(
@@ -414,10 +403,8 @@ def run_iterations(
 ) -> list[SolverOutput]:
     """Drive ``step`` until each layer stops; return each layer's best iterate.
 
-    A layer stops when its best loss improved by less than ``tol`` (relative) over the last
-    ``window`` iterations ("converged"), after ``max_iters`` steps, or when ``max_seconds`` have
-    elapsed for the batch. Stopped layers leave the batch (:meth:`Batched.select`) so the
-    remaining ones run on smaller matmuls.
+    A layer stops when its best loss improved by less than ``tol`` (relative) over ``window``
+    iterations ("converged"), at ``max_iters`` or ``max_seconds``; it then leaves the batch.
     """
     max_iters, max_seconds = options.max_iters, options.max_seconds
     records = _LayerRecords.start(state, options.tol, window, started)

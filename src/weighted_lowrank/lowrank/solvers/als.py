@@ -1,11 +1,7 @@
 """Alternating weighted least squares with proximal damping, all r × r solves batched.
 
-Half-step for A (B fixed): each row ``a_i`` minimises
-``Σ_j I_ij (W_ij − a_i·b_j)² + δ_i ‖a_i − a_i^old‖²``, i.e. solves
-``(B diag(I_i) Bᵀ + δ_i Id) a_i = B (I_i ∘ W_i) + δ_i a_i^old``; the B half-step is the same on
-columns. The proximal term is the damping: it keeps rows/columns whose importance is zero (or
-too small to pin all r coordinates) well-posed — they simply stay where they are — and, because
-each half-step minimises "loss + damping" exactly from the old point, the loss never increases.
+Each row ``a_i`` minimises ``Σ_j I_ij (W_ij − a_i·b_j)² + δ_i ‖a_i − a_i^old‖²`` (columns of B
+likewise): rows without importance stay put, and the loss never increases (docs/METHOD.md).
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """EM for weighted low-rank approximation (Srebro & Jaakkola 2003).
 
-With the importance scaled into [0, 1] by its maximum, ``X ← P_r(Ĩ ∘ W + (1 − Ĩ) ∘ X)`` where
-``P_r`` is the rank-r truncated SVD. Each step minimises a majoriser of the weighted loss that
-touches it at the current X, so the loss never increases; it is slow when the importance is
-peaked, because most entries then get a tiny ``Ĩ`` and move little per step.
+``X ← P_r(Ĩ ∘ W + (1 − Ĩ) ∘ X)``, ``Ĩ = I / max I``, ``P_r`` the rank-r truncated SVD: a
+majoriser step, so monotone, and slow when the importance is peaked (docs/METHOD.md).
 """
 
 from __future__ import annotations

@@ -27,13 +27,9 @@ from weighted_lowrank.lowrank.solvers.whitening import (
 
 @dataclass
 class Spectrum:
-    """A batch's squared singular values (b, min(out, in)), descending, in the problem's
-    normalised units, and the traces (b,) of the output and input sides of its curvature.
-
-    With ``terms`` asked for, also the truncation path in the normalised weight's units:
-    ``W = Σ_i left[:, :, i] right[:, :, i]ᵀ``, the solver's rank-r solution being the first r
-    terms (what :func:`kronecker_rank_losses` prices under another loss model).
-    """
+    """A batch's squared singular values (b, min(out, in)), descending, in normalised units, the
+    traces (b,) of the two sides of its curvature and, with ``terms``, the truncation path
+    ``W = Σ_i left[:, :, i] right[:, :, i]ᵀ`` (rank r keeps the first r terms)."""
 
     values: torch.Tensor
     trace_output: torch.Tensor
@@ -66,12 +62,9 @@ def proxy_spectrum(problem: Problem, options: Any, terms: bool = False) -> Spect
 def rank_losses(
     spectrum: Spectrum, problem: Problem, importance_totals: torch.Tensor, num_examples: int
 ) -> torch.Tensor:
-    """Predicted loss increase (nats per example) of every rank 1..min(out, in), (b, min(out, in)).
-
-    ``½ · (ΣI / N) / (tr_out · tr_in) · Σ_{i>r} σ_i²`` in the weight's original units: the
-    solver's quadratic rescaled so that its curvature has the trace of the layer's diagonal
-    Fisher (ΣI over N examples). For plain SVD this is the ``identity`` loss model, for FWSVD the
-    ``fwsvd`` one (:mod:`~weighted_lowrank.lowrank.loss_models`).
+    """Predicted loss increase (nats per example) of every rank 1..min(out, in), (b, min(out, in)):
+    ``½ · (ΣI / N) / (tr_out · tr_in) · Σ_{i>r} σ_i²`` in the weight's original units (for SVD
+    and FWSVD the ``identity`` and ``fwsvd`` models of :mod:`~weighted_lowrank.lowrank.loss_models`).
     """
     values = spectrum.values.double().cpu()
     # The tail summed from the smallest value up: no cancellation at high ranks.
@@ -93,14 +86,9 @@ def _fisher_scale(
 def kronecker_rank_losses(
     spectrum: Spectrum, problem: Problem, importance_totals: torch.Tensor, num_examples: int
 ) -> torch.Tensor:
-    """:func:`rank_losses` with each rank's solution priced by the Kronecker-factored model.
-
-    The solver's own truncation path (``spectrum.left`` / ``right``: rank r keeps the first r
-    terms) evaluated under ``½ tr(ΔWᵀ G ΔW A)`` — the loss model that predicts the measured damage
-    best (docs/METHOD.md, loss-model validation) — at every rank from one (k × k) matrix:
-    ``tr(ΔW_rᵀ G ΔW_r A) = Σ_{i,j>r} (p_iᵀ G p_j)(q_jᵀ A q_i)``, a suffix sum of
-    ``(PᵀGP) ⊙ (QᵀAQ)``. Scaled, like every curve, to the trace of the layer's diagonal Fisher.
-    """
+    """:func:`rank_losses` with the solver's truncation path priced by ``½ tr(ΔWᵀ G ΔW A)`` (the
+    best predictor of the measured damage, docs/METHOD.md): ``tr(ΔW_rᵀ G ΔW_r A) =
+    Σ_{i,j>r} (p_iᵀ G p_j)(q_jᵀ A q_i)``, a suffix sum of ``(PᵀGP) ⊙ (QᵀAQ)``."""
     if spectrum.left is None or spectrum.right is None:
         raise ValueError("kronecker_rank_losses needs a spectrum computed with its terms")
     output_moment = Moment(problem.output_moment, 0.0, "output_moment").used()
@@ -161,13 +149,9 @@ def whitened_spectrum(problem: Problem, near: Moment, far: Moment, terms: bool) 
 def _gram_expansion(
     matrix: torch.Tensor, terms: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Squared singular values of each matrix (descending), and with ``terms`` the rank-one
-    terms ``M = Σ (M v_i)(v_i)ᵀ`` (tall) or ``Σ u_i (Mᵀ u_i)ᵀ`` (wide).
-
-    From the eigenvalues of the smaller Gram matrix: 10× faster than ``svdvals`` in float64 on the
-    default model's layers; squaring the condition number costs ~1e-16·σ₁² absolute per value,
-    nothing next to any loss a rank decision turns on.
-    """
+    """Squared singular values of each matrix (descending) and with ``terms`` the rank-one terms
+    ``M = Σ (M v_i)(v_i)ᵀ`` (tall) or ``Σ u_i (Mᵀ u_i)ᵀ`` (wide), from the smaller Gram matrix:
+    10× faster than ``svdvals`` in float64, for ~1e-16·σ₁² absolute error per value."""
     matrix = matrix.double()
     tall = matrix.shape[1] >= matrix.shape[2]
     gram = matrix.transpose(1, 2) @ matrix if tall else matrix @ matrix.transpose(1, 2)

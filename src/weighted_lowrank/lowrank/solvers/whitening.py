@@ -72,11 +72,8 @@ class Moment:
 
 @dataclass
 class Truncation:
-    """Factors of a batch (float64) and, per layer, what the solve did.
-
-    ``objective``: ``tr(ΔWᵀ G ΔW A)`` with the moments as given (undamped, zero kept zero), in the
-    units of the inputs; ``damping_*``: the relative damping used (0 for an identity side);
-    ``identity_*``: the moment was all zero and the identity was used instead.
+    """Factors of a batch (float64) and per layer ``tr(ΔWᵀ G ΔW A)`` under the moments as given
+    (``objective``), the relative damping used and whether a moment was replaced by the identity.
     """
 
     left: torch.Tensor
@@ -113,10 +110,8 @@ def kronecker_truncation(
 
 
 def balance_factors(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rescale so column k of ``left`` and row k of ``right`` have equal norms; same product.
-
-    Balanced factors keep a later gradient refinement well conditioned.
-    """
+    """Equal norms of column k of ``left`` and row k of ``right``, same product (balanced factors
+    keep a later gradient refinement well conditioned)."""
     left_norms = left.norm(dim=-2)
     right_norms = right.norm(dim=-1)
     usable = (left_norms > 0) & (right_norms > 0)
@@ -194,11 +189,8 @@ def _whitened_gram(weight: torch.Tensor, near: Moment, far: Moment, names: list[
 def kronecker_spectrum(
     weight: torch.Tensor, input_moment: Moment, output_moment: Moment, names: list[str]
 ) -> torch.Tensor:
-    """Squared singular values of ``L_Gᵀ W L_A`` per layer, (b, min(out, in)), descending, float64.
-
-    What :func:`kronecker_truncation` solves, with the same damping: the loss of its rank-r
-    solution is the sum of the values after the r-th — every rank's loss from one eigensolve.
-    """
+    """Squared singular values of ``L_Gᵀ W L_A`` per layer, (b, min(out, in)), descending, float64,
+    damped as :func:`kronecker_truncation`: its rank-r loss is the sum after the r-th."""
     weight = weight.double()
     if weight.shape[1] >= weight.shape[2]:
         whitened = _whitened_gram(weight, input_moment, output_moment, names)
@@ -312,12 +304,9 @@ def _solve_root(matrix: torch.Tensor, root: torch.Tensor | None) -> torch.Tensor
 def _objective(
     rooted: torch.Tensor, unrooted: torch.Tensor, far_gram: torch.Tensor, near: torch.Tensor | None
 ) -> torch.Tensor:
-    """``tr(ΔWᵀ Q ΔW P)`` for ΔW = W (I − E F), E = L V_r (n × r), F = V_rᵀ L⁻¹ (r × n).
-
-    With K = Wᵀ Q W: tr(K P) − 2 tr(K E F P) + tr((Eᵀ K E)(F P Fᵀ)) — products with the thin
-    E and F only (3·n²·r instead of 3·n³), the far moment never touched again. The difference
-    loses ~1e-16·tr(K P) absolute: negligible unless the rank leaves almost nothing out.
-    """
+    """``tr(ΔWᵀ Q ΔW P)`` for ΔW = W (I − E F), E = L V_r (n × r), F = V_rᵀ L⁻¹ (r × n), as
+    tr(K P) − 2 tr(K E F P) + tr((Eᵀ K E)(F P Fᵀ)), K = Wᵀ Q W: thin products only (3·n²·r, not
+    3·n³), losing ~1e-16·tr(K P) absolute."""
     far_rooted = far_gram @ rooted  # K E
     near_unrooted = unrooted if near is None else _times_near(unrooted, near)  # F P
     total = _trace_product(far_gram, near)

@@ -222,14 +222,8 @@ def seed_differences(
         for (budget, allocation), group in differences.groupby(level=["budget", "allocation"]):
             values = group.dropna().droplevel(["budget", "allocation"])
             if not values.empty:
-                rows.append(
-                    {
-                        "solver": solver,
-                        "budget": budget,
-                        "allocation": allocation,
-                        **_paired_summary(values),
-                    }
-                )
+                key = {"solver": solver, "budget": budget, "allocation": allocation}
+                rows.append({**key, **_paired_summary(values)})
     return pd.DataFrame(rows)
 
 
@@ -244,16 +238,10 @@ def allocation_differences(table: pd.DataFrame, metric: str | None = None) -> pd
         both = wide[wide[(metric, "global")].notna() & wide[(metric, "uniform")].notna()]
         for (solver, budget), group in both.groupby(level=["solver", "budget"]):
             group = group.droplevel(["solver", "budget"])
+            summary = _paired_summary(group[(metric, "global")] - group[(metric, "uniform")])
             losses = group[("test_loss", "global")] - group[("test_loss", "uniform")]
-            rows.append(
-                {
-                    "solver": solver,
-                    "budget": budget,
-                    **_paired_summary(group[(metric, "global")] - group[(metric, "uniform")]),
-                    "loss_mean_diff": losses.mean(),
-                    "loss_differences": {int(seed): float(v) for seed, v in losses.items()},
-                }
-            )
+            loss = {"loss_mean_diff": losses.mean(), "loss_differences": _by_seed(losses)}
+            rows.append({"solver": solver, "budget": budget, **summary, **loss})
     return pd.DataFrame(rows)
 
 
@@ -264,8 +252,12 @@ def _paired_summary(values: pd.Series) -> dict[str, Any]:
         "mean_diff": values.mean(),
         "sd_diff": values.std(),
         "ahead": int((values > 0).sum()),
-        "differences": {int(seed): float(value) for seed, value in values.items()},
+        "differences": _by_seed(values),
     }
+
+
+def _by_seed(values: pd.Series) -> dict[int, float]:
+    return {int(seed): float(value) for seed, value in values.items()}
 
 
 def paired_p_values(
@@ -312,16 +304,7 @@ def allocation_p_values(tracking_uri: str, table: pd.DataFrame) -> pd.DataFrame:
             if correct is None:
                 continue
             wins, losses = discordant_counts(*correct)
-            rows.append(
-                {
-                    "solver": solver,
-                    "budget": budget,
-                    "seed": seed,
-                    "wins": wins,
-                    "losses": losses,
-                    "p": mcnemar_exact_p(wins, losses),
-                }
-            )
+            rows.append((solver, budget, seed, wins, losses, mcnemar_exact_p(wins, losses)))
     return pd.DataFrame(rows, columns=["solver", "budget", "seed", "wins", "losses", "p"])
 
 

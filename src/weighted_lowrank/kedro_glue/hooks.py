@@ -81,24 +81,20 @@ def _check_parameters(node: Node, catalog: Any, inputs: dict[str, Any]) -> None:
         return
     current = {key[1:]: text for key, text in flatten("", parameters.load()).items()}
     for name, value in inputs.items():
-        found = parameter_differences(value, current)
-        if found is None:
+        if (found := parameter_differences(value, current)) is None:
             continue
         producer, differing = found
-        raise ValueError(
-            "\n".join(
-                [
-                    f"node {node.name!r}: its input {name}{_version_note(catalog, name)} was "
-                    f"made by node {producer!r} under other parameters than this run's:",
-                    *(
-                        f"  {key}: {made or 'unset'} when made, {now or 'unset'} now"
-                        for key, (made, now) in sorted(differing.items())
-                    ),
-                    f"remake it with kedro run --from-nodes={producer} (with this run's "
-                    "--params), or run with the values it was made under",
-                ]
-            )
-        )
+        lines = [
+            f"node {node.name!r}: its input {name}{_version_note(catalog, name)} was made by node "
+            f"{producer!r} under other parameters than this run's:",
+            *(
+                f"  {key}: {made or 'unset'} when made, {now or 'unset'} now"
+                for key, (made, now) in sorted(differing.items())
+            ),
+            f"remake it with kedro run --from-nodes={producer} (with this run's --params), or run "
+            "with the values it was made under",
+        ]
+        raise ValueError("\n".join(lines))
 
 
 class SavedVersionChecks:

@@ -112,9 +112,7 @@ class VersionChecked(AbstractVersionedDataset):
             path = self.load_path()
         except VersionNotFoundError:
             return  # no version at all: load() says so
-        if not path.exists():
-            return  # nothing saved there: load() says so
-        problem = self._problem(path)
+        problem = self._problem(path) if path.exists() else None  # nothing saved: load() says so
         if problem is not None:
             raise self._unloadable(path, problem, entry)
 

@@ -48,11 +48,9 @@ class MlflowChildRunDataset(AbstractDataset[ChildRun, ChildRun]):
         for path, value in artifacts.items():
             _check_artifact(self._run_name, path, value)
         metrics = {key: float(value) for key, value in data["metrics"].items()}
-        parent = mlflow.active_run()
         tags = {str(key): str(value) for key, value in data.get("tags", {}).items()}
-        with mlflow.start_run(
-            run_name=self._run_name, nested=parent is not None, tags=tags
-        ) as child:
+        nested = mlflow.active_run() is not None  # without kedro-mlflow's run: a top-level one
+        with mlflow.start_run(run_name=self._run_name, nested=nested, tags=tags) as child:
             if data.get("params"):
                 mlflow.log_params(data["params"])
             mlflow.log_metrics(metrics)

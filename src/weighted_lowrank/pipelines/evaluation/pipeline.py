@@ -17,46 +17,23 @@ SHARED_INPUTS = {"fine_tuned_model", "test_split"}
 SHARED_PARAMETERS = {"params:model", "params:evaluation"}
 
 
+def _evaluate(function, inputs: list[str]) -> Pipeline:
+    """One ``evaluate`` node: ``inputs`` → ``evaluation_metrics`` + ``predictions``."""
+    outputs = ["evaluation_metrics", "predictions"]
+    return Pipeline([Node(function, inputs, outputs, name="evaluate", tags=["evaluation"])])
+
+
 def create_solver_template() -> Pipeline:
     """The un-namespaced evaluation of one compressed model."""
-    return Pipeline(
-        [
-            Node(
-                evaluate_compressed,
-                inputs=[
-                    "compressed_model",
-                    "fine_tuned_model",
-                    "layer_report",
-                    "rank_map",
-                    "test_split",
-                    "params:model",
-                    "params:evaluation",
-                ],
-                outputs=["evaluation_metrics", "predictions"],
-                name="evaluate",
-                tags=["evaluation"],
-            )
-        ]
-    )
+    models = ["compressed_model", "fine_tuned_model", "layer_report", "rank_map", "test_split"]
+    return _evaluate(evaluate_compressed, [*models, "params:model", "params:evaluation"])
 
 
 def create_dense_pipeline() -> Pipeline:
+    inputs = ["fine_tuned_model", "test_split", "params:model", "params:evaluation"]
     return Pipeline(
-        [
-            Node(
-                independent_of(evaluate_dense, *BUDGET_KEYS),  # reads compression.targets
-                inputs=[
-                    "fine_tuned_model",
-                    "test_split",
-                    "params:model",
-                    "params:evaluation",
-                    "params:compression",
-                ],
-                outputs=["evaluation_metrics", "predictions"],
-                name="evaluate",
-                tags=["evaluation"],
-            )
-        ],
+        # reads compression.targets only
+        _evaluate(independent_of(evaluate_dense, *BUDGET_KEYS), [*inputs, "params:compression"]),
         namespace="dense",
         inputs=SHARED_INPUTS,
         parameters={*SHARED_PARAMETERS, "params:compression"},

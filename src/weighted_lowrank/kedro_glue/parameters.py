@@ -71,8 +71,18 @@ def describe(error: ValidationError, block: type[BaseModel], values: Any, path: 
         if getattr(cause, "key", None):  # a rule across fields that names its key
             loc.append(cause.key)
         holder, depth, field = _locate(block, loc)
-        if item["type"] in ("missing", "extra_forbidden"):
-            lines.append(_key_problem(item["type"], holder, _dotted(path, loc[:-1]), loc[-1]))
+        where = _dotted(path, loc[:-1])
+        if item["type"] == "missing":
+            lines.append(
+                f"parameters {where} lacks keys {loc[-1:]}; every key of a block is set in "
+                "conf/base (defaults live there)"
+            )
+        elif item["type"] == "extra_forbidden":
+            hint = RENAMED.get(f"{where}.{loc[-1]}")
+            lines.append(
+                f"parameters {where} has unknown keys {loc[-1:]}; expected "
+                f"{[*holder.model_fields]}" + (f"; {hint}" if hint else "")
+            )
         elif field is None and cause is not None:  # a rule over a whole block
             lines.append(f"parameters {_dotted(path, loc)}: expected {cause}")
         else:
@@ -106,17 +116,6 @@ def _locate(block: type[BaseModel], loc: list[Any]) -> tuple[type[BaseModel], in
 
 def _is_block(kind: Any) -> bool:
     return isinstance(kind, type) and issubclass(kind, BaseModel)
-
-
-def _key_problem(kind: str, block: type[BaseModel], where: str, key: str) -> str:
-    if kind == "missing":
-        return (
-            f"parameters {where} lacks keys {[key]}; every key of a block is set in conf/base "
-            "(defaults live there)"
-        )
-    hint = RENAMED.get(f"{where}.{key}")
-    expected = f"{[*block.model_fields]}" + (f"; {hint}" if hint else "")
-    return f"parameters {where} has unknown keys {[key]}; expected {expected}"
 
 
 def _expected(kind: Any, metadata: list[Any]) -> str | None:

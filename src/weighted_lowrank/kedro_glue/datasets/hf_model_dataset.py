@@ -106,15 +106,12 @@ class HFModelDataset(VersionChecked):
 
     def lowrank_ranks_at(self, version: str) -> dict[str, int] | None:
         """``{module: rank}`` of the compressed model saved as ``version`` (None when its files are
-        incomplete, or it is not a compressed model)."""
+        incomplete; an error when it is not a compressed model)."""
         path = self.path_of(version)
         if self._problem(path) is not None:
             return None
-        try:
-            modules = json.loads((path / LOWRANK_CONFIG_FILE).read_text())["modules"]
-            return {str(name): int(spec["rank"]) for name, spec in modules.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
+        modules = json.loads((path / LOWRANK_CONFIG_FILE).read_text())["modules"]
+        return {str(name): int(spec["rank"]) for name, spec in modules.items()}
 
     def _load_directory(self, load_path: str) -> ModelBundle:
         from transformers import AutoConfig, AutoTokenizer

@@ -72,17 +72,13 @@ def resolve_model_source(source: str) -> str:
     return source
 
 
-def _causal_lm_classes() -> set[str]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-
-
 def task_of_config(config: PretrainedConfig) -> str:
     """``causal_lm`` when the config's ``architectures`` name a transformers causal-LM class,
     else ``sequence_classification``."""
-    architectures = getattr(config, "architectures", None) or []
-    causal = any(name in _causal_lm_classes() for name in architectures)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal_lms = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    causal = any(name in causal_lms for name in getattr(config, "architectures", None) or [])
     return "causal_lm" if causal else "sequence_classification"
 
 

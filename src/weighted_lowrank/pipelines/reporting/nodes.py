@@ -400,29 +400,20 @@ def accuracy_vs_params_figure(table: pd.DataFrame) -> Figure:
     metric = task_metric(table)
     figure = Figure(figsize=(7, 4.5))
     axis = figure.subplots()
-    rows = table.set_index("namespace")
-    axis.axhline(rows.loc["dense", metric], color="black", linestyle="--", label="dense")
+    points = table.set_index("namespace")[["params_ratio_model", metric]]
+    axis.axhline(points.loc["dense", metric], color="black", linestyle="--", label="dense")
     colours = {}
-    for name, row in rows.iterrows():
-        if name == "dense" or is_refined(name):
-            continue
-        point = (row["params_ratio_model"], row[metric])
-        colours[name] = axis.scatter(*point, s=40).get_facecolor()[0]
-        axis.annotate(name, point, xytext=(4, 4), textcoords="offset points")
-    refined = [name for name in rows.index if is_refined(name)]
+    for name, point in points.iterrows():
+        if name != "dense" and not is_refined(name):
+            colours[name] = axis.scatter(*point, s=40).get_facecolor()[0]
+            axis.annotate(name, tuple(point), xytext=(4, 4), textcoords="offset points")
+    refined = [name for name in points.index if is_refined(name)]
     for name in refined:
-        row, solver = rows.loc[name], base_solver(name)
+        solver = base_solver(name)
         colour = colours.get(solver, "black")
-        point = (row["params_ratio_model"], row[metric])
-        axis.scatter(*point, s=40, facecolors="none", edgecolors=colour)
+        axis.scatter(*points.loc[name], s=40, facecolors="none", edgecolors=colour)
         if solver in colours:
-            base = rows.loc[solver]
-            axis.plot(
-                [base["params_ratio_model"], row["params_ratio_model"]],
-                [base[metric], row[metric]],
-                color=colour,
-                linewidth=0.8,
-            )
+            axis.plot(*points.loc[[solver, name]].to_numpy().T, color=colour, linewidth=0.8)
     axis.set_xlabel("parameters kept (whole model, fraction of dense)")
     axis.set_ylabel(f"test {metric}")
     axis.set_title(

@@ -107,16 +107,9 @@ def plot_risk_heatmap(layer_risk: pd.DataFrame, svd_risk: SvdRiskParams) -> Figu
             value = values[row, column]
             if math.isnan(value):
                 continue
-            bright = value > 0 and image.norm(value) > 0.6  # dark text on the yellow end
-            axes.text(
-                column,
-                row,
-                f"{value:.3g}",
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="black" if bright else "white" if value > 0 else "black",
-            )
+            dark = value > 0 and image.norm(value) <= 0.6  # white text on the dark end
+            colour = "white" if dark else "black"
+            axes.text(column, row, f"{value:.3g}", ha="center", va="center", fontsize=8, c=colour)
             if value >= threshold:
                 axes.add_patch(
                     Rectangle(

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from weighted_lowrank.lowrank.devices import torch_threads
+
 #: This process's clients by address (a handshake each; a model's solves and curves reuse one).
 _CLIENTS: dict[str, Any] = {}
 _LOCK = threading.Lock()
@@ -46,12 +48,8 @@ def _gather(client: Any, function: Callable[..., Any], threads: int, jobs: list)
 
 def _run(function: Callable[..., Any], threads: int, job: tuple) -> Any:
     """``function(*job)`` on the worker with the caller's torch thread count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return function(*job)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _on_cpu(value: Any) -> Any:

@@ -52,12 +52,19 @@ def on_one_cpu_thread(function: Callable[[torch.Tensor], Result], matrices: torc
     small LAPACK calls, or small ops that only pay fork/joins for more threads)."""
     if matrices.device.type != "cpu" or torch.get_num_threads() == 1:
         return function(matrices)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return function(matrices)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Torch on ``count`` threads inside the block; the caller's count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
 #: Worker threads that share small batched CPU work in this context (:func:`worker_threads`).
@@ -90,14 +97,10 @@ def run_on_workers(tasks: list[Callable[[], Result]]) -> list[Result]:
     global _WORKER_POOL
     if _WORKER_POOL is None or _WORKER_POOL._max_workers < len(tasks) - 1:  # noqa: SLF001
         _WORKER_POOL = ThreadPoolExecutor(max_workers=len(tasks) - 1, thread_name_prefix="solver")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         futures = [_WORKER_POOL.submit(_on_one_thread, task) for task in tasks[1:]]
         first = tasks[0]()
         return [first, *(future.result() for future in futures)]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _on_one_thread(task: Callable[[], Result]) -> Result:

@@ -219,7 +219,7 @@ def _by_group(
     device: str | torch.device | None,
     map_groups: MapGroups,
 ) -> list[Any]:
-    """Run ``function(*arguments_of(key), device, *per-layer lists)`` once per group of layers
+    """Run ``function(*arguments_of(key), device, per-layer lists)`` once per group of layers
     ``group_of(index)`` through ``map_groups``; per-layer results in input order.
 
     ``device`` ``None`` runs a group on its layers' device (the key's last element) — its type
@@ -232,7 +232,7 @@ def _by_group(
         (
             *arguments_of(key),
             device if device is not None or map_groups is map else key[-1].type,
-            *([values[i] for i in indices] if values else None for values in per_layer),
+            tuple([values[i] for i in indices] if values else None for values in per_layer),
         )
         for key, indices in groups.items()
     ]
@@ -245,17 +245,11 @@ def _by_group(
 
 
 def _solve_group(
-    solver: str,
-    resolved: Options,
-    rank: int,
-    threads: int,
-    device: str | torch.device | None,
-    weights: list[torch.Tensor],
-    importances: list[torch.Tensor | None],
-    statistics: list[dict[str, torch.Tensor]] | None,
-    labels: list[str],
+    solver: str, resolved: Options, rank: int, threads: int, device: Any, layers: tuple
 ) -> list[FactorizationResult]:
-    """Solve one group of same-(shape, rank, device) layers, already checked; results in order."""
+    """Solve one group of checked same-(shape, rank, device) layers ``(weights, importances,
+    statistics, labels)``; results in order."""
+    weights, importances, statistics, labels = layers
     device = resolve_device(device, weights[0].device)
     started = time.perf_counter()
     problem = build_problem(weights, importances, rank, device, statistics=statistics, names=labels)
@@ -274,15 +268,13 @@ def _curve_group(
     solver: str,
     resolved: Options,
     kronecker: bool,
-    num_examples: int,
+    examples: int,
     threads: int,
-    device: str | torch.device | None,
-    weights: list[torch.Tensor],
-    importances: list[torch.Tensor | None],
-    statistics: list[dict[str, torch.Tensor]] | None,
-    labels: list[str],
+    device: Any,
+    layers: tuple,
 ) -> list[torch.Tensor]:
-    """The loss curves of one group of same-shape layers, already checked."""
+    """The loss curves of one group of checked same-shape layers (as :func:`_solve_group`)."""
+    weights, importances, statistics, labels = layers
     device = resolve_device(device, weights[0].device)
     problem = build_problem(weights, importances, 1, device, statistics=statistics, names=labels)
     totals = torch.tensor(
@@ -295,7 +287,7 @@ def _curve_group(
     with worker_threads(threads):
         spectrum = solver_spec(solver).spectrum(problem, resolved, kronecker)
     price = kronecker_rank_losses if kronecker else rank_losses
-    losses = price(spectrum, problem, totals, num_examples)
+    losses = price(spectrum, problem, totals, examples)
     return [losses[position] for position in range(len(weights))]
 
 

@@ -27,10 +27,8 @@ from weighted_lowrank.lowrank.solvers._common import (
 from weighted_lowrank.lowrank.solvers.spectra import PROXY_CURVE, proxy_spectrum
 
 
-# One sweep costs ≈ 27 s for MiniLM's 36 weights at budget 0.5 on 2 cores and ALS needs ≈ 12 to
-# flatten, so the default is the one sweep that fits the default run's time (stop_reason
-# "max_iters"; 1.8 % above the best solver's loss, docs/METHOD.md "Stopping"); tol is what would
-# stop it near its plateau when max_iters is raised.
+# One sweep (≈ 27 s for MiniLM at budget 0.5) is what fits the default run's time; ALS needs ≈ 12
+# to flatten (docs/METHOD.md "Stopping"); tol stops it near its plateau when max_iters is raised.
 @dataclass(frozen=True)
 class AlsOptions(IterativeOptions):
     max_iters: int = option(1, int_at_least(0))

@@ -1,22 +1,16 @@
 """Closed forms that read calibration statistics: ``kfwsvd``, ``svd_llm`` and ``asvd``.
 
-Each is the exact minimiser of its own quadratic in ΔW = W − left·right (math in
-:mod:`~weighted_lowrank.lowrank.solvers.whitening`), reported in ``info`` in the units of the
-statistics; ``FactorizationResult.loss`` stays the diagonal-importance loss every solver reports.
+Each is the exact minimiser of its own quadratic in ΔW = W − left·right (:mod:`.whitening`),
+reported in ``info`` in the statistics' units; ``loss`` stays the diagonal-importance loss.
 
-- ``kfwsvd``: Kronecker-factored Fisher F ≈ G ⊗ A, ``tr(ΔWᵀ G ΔW A)`` (``info["kronecker_loss"]``).
-- ``svd_llm``: activation whitening, ``tr(ΔW A ΔWᵀ) = ‖ΔW L_A‖²`` (``info["activation_loss"]``),
-  SVD-LLM's truncation-aware closed form. SVD-LLM's public code Cholesky-factorises Σ x xᵀ and,
-  when that fails, shifts it by (1e-6 − λ_min)·I (absolute); here the damping is relative and
-  raised ×10 until the Cholesky succeeds (see ``whitening``).
-- ``asvd``: ASVD's activation scaling, ``‖ΔW diag(s)‖²`` (``info["scaled_loss"]``). Following
-  ASVD's code (``modules/svd_linear.py``, ``act_aware_utils.py``): s = (mean |x|)^alpha per input
-  channel, then ``s += 1e-6`` so no channel divides by zero, SVD of ``W diag(s)``, truncate, and
-  ``right = √S V_rᵀ diag(s)⁻¹``. Two differences: ASVD's mean |x| is a sum over calibration
-  batches of per-sequence token means (our ``input_abs_mean`` is the mean over real tokens — the
-  same direction up to a constant and the padding), so its absolute 1e-6 floor is made relative
-  here, ``s += 1e-6 · mean(s)``; and ASVD uses the randomized ``torch.svd_lowrank``, here the
-  truncation is exact.
+- ``kfwsvd``: Kronecker-factored Fisher F ≈ G ⊗ A, ``tr(ΔWᵀ G ΔW A)`` (``kronecker_loss``).
+- ``svd_llm``: SVD-LLM's activation whitening, ``‖ΔW L_A‖²`` (``activation_loss``); its code
+  shifts a failed Cholesky by an absolute (1e-6 − λ_min)·I, here the damping is relative.
+- ``asvd``: ASVD's scaling, ``‖ΔW diag(s)‖²`` (``scaled_loss``), as ASVD's code
+  (``modules/svd_linear.py``, ``act_aware_utils.py``): s = (mean |x|)^alpha + 1e-6, SVD of
+  ``W diag(s)``, ``right = √S V_rᵀ diag(s)⁻¹``. ASVD's mean |x| sums per-sequence token means
+  (ours: the mean over real tokens), so its floor is made relative, ``s += 1e-6 · mean(s)``; and
+  the truncation is exact where ASVD uses the randomized ``torch.svd_lowrank``.
 """
 
 from __future__ import annotations

@@ -30,12 +30,9 @@ from weighted_lowrank.lowrank.solvers._common import (
 from weighted_lowrank.lowrank.solvers.spectra import PROXY_CURVE, proxy_spectrum
 
 
-# Stopping defaults measured on the default model's Fisher (docs/METHOD.md, "Stopping"): Adam's
-# summed loss flattens after ≈ 170 iterations; tol 3e-4 over 20 iterations stops every layer past
-# that point (45–375 iterations, 0.06 % above a 3,000-iteration run; adam_sgd, which inherits
-# them, 0.04 %); max_iters is a safety net.
-# SGD at 1/λ_max is still improving after 3,000 iterations: 50 is the cap that fits the default
-# run's time (its layers report stop_reason "max_iters").
+# Stopping defaults measured on the default model's Fisher (docs/METHOD.md, "Stopping"): tol 3e-4
+# over 20 iterations stops Adam (and adam_sgd) past its plateau; SGD at 1/λ_max still improves
+# after 3,000 iterations, so 50 is the cap that fits the default run's time.
 @dataclass(frozen=True)
 class AdamOptions(IterativeOptions):
     max_iters: int = option(1000, int_at_least(0))

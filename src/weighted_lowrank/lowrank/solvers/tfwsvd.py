@@ -42,11 +42,9 @@ from weighted_lowrank.lowrank.solvers._common import (
 from weighted_lowrank.lowrank.solvers.spectra import PROXY_CURVE, proxy_spectrum
 
 
-# tol 1e-4 over 3 iterations with the rotated preconditioner: 9–39 iterations per layer on the
-# default model at budget 0.5, every layer within 0.07 % of its best known loss (summed 0.025 %);
-# max_iters is a safety net. The preconditioner is rebuilt only at restarts: between them PR+
-# assumes one metric, and refreshing every 10 iterations bought nothing measurable for 13 % of
-# the CPU time (docs/METHOD.md, tfwsvd).
+# tol 1e-4 over 3 iterations: every layer of the default model within 0.07 % of its best known
+# loss; the preconditioner is rebuilt only at restarts (more often bought nothing for 13 % more
+# CPU time). Measurements: docs/METHOD.md, "tfwsvd".
 @dataclass(frozen=True)
 class TfwsvdOptions(IterativeOptions):
     max_iters: int = option(150, int_at_least(0))

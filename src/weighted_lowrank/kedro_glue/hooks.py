@@ -37,8 +37,7 @@ class LineageCheck:
 
 
 def _check_fingerprints(node: Node, catalog: Any, inputs: dict[str, Any]) -> None:
-    # Imported here: settings.py loads this module for every kedro command, and lineage
-    # pulls in transformers (seconds).
+    # Imported here: lineage pulls in transformers, and settings.py loads this module always.
     from weighted_lowrank.kedro_glue.lineage import fingerprint_of, reference_fingerprint
 
     known = {

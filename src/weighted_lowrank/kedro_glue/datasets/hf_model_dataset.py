@@ -18,8 +18,7 @@ from weighted_lowrank.kedro_glue.lineage import FINGERPRINT_KEY
 
 _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "model.safetensors"
-#: Written by save_compressed beside config.json (lowrank/serialization.py, imported lazily:
-#: importing it loads the whole numerical core).
+#: Written by save_compressed (lowrank/serialization.py, imported lazily: it loads the core).
 LOWRANK_CONFIG_FILE = "lowrank_config.json"
 #: Written beside the weights: which fine-tuned model the saved one derives from (``lineage``).
 LINEAGE_FILE = "lineage.json"
@@ -63,7 +62,6 @@ class HFModelDataset(VersionChecked):
         super().__init__(filepath, version)
 
     def load(self) -> ModelBundle:
-        # Incomplete files fail here, naming the version and the previous complete one.
         self.check_load_version()
         load_path = self.load_path()
         if not (load_path / _CONFIG_FILE).is_file():
@@ -124,8 +122,7 @@ class HFModelDataset(VersionChecked):
 
             model = load_compressed(load_path)
         else:
-            # The class the directory was saved from (config.json's architectures) decides
-            # between a sequence classifier and a causal LM.
+            # The saved class (config.json's architectures): a sequence classifier or a causal LM.
             task = task_of_config(AutoConfig.from_pretrained(load_path))
             model = auto_model_class(task).from_pretrained(load_path, **self._load_args)
             linearize_conv1d(model)

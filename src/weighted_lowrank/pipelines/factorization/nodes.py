@@ -136,11 +136,11 @@ def allocate(
     solver: str,
 ) -> pd.DataFrame:
     """The rank map (:func:`rank_map_table`): each layer's rank, or dense, under
-    ``compression.allocation``: ``uniform`` the budget's ranks (those of ``svd_reference_loss``,
-    checked), ``global`` the ranks minimising the summed predicted loss within the parameters
-    the uniform ranks keep (:func:`~weighted_lowrank.lowrank.allocation.allocate_ranks`). Reading
-    the reference puts this node downstream of ``svd_reference``, so ``--from-nodes
-    svd_reference`` remakes the rank maps while the budget-independent curves are reused."""
+    ``compression.allocation``: ``uniform`` the budget's ranks, ``global`` the ranks minimising
+    the summed predicted loss within the parameters the uniform ranks keep
+    (:func:`~weighted_lowrank.lowrank.allocation.allocate_ranks`). ``svd_reference_loss`` is read
+    only to put this node downstream of ``svd_reference`` (made at the run's budget: the lineage
+    check), so ``--from-nodes svd_reference`` remakes the rank maps and reuses the curves."""
     curves = curves_from_table(loss_curves)
     priced_by = sorted(set(loss_curves["loss_model"]))
     if priced_by != [compression.curve_loss_model]:
@@ -151,13 +151,6 @@ def allocate(
         )
     shapes = {name: (curve.out_features, curve.in_features) for name, curve in curves.items()}
     uniform = uniform_ranks(shapes, compression.budget)
-    reference = dict(zip(svd_reference_loss["module"], svd_reference_loss["rank"], strict=True))
-    if {name: int(rank) for name, rank in reference.items()} != uniform:
-        raise ValueError(
-            f"svd_reference_loss holds ranks for other layers or another budget than "
-            f"compression.budget={compression.budget} over the curves' {len(curves)} layers; "
-            "rerun the svd_reference node (e.g. --from-nodes svd_reference)"
-        )
     max_parameters = parameter_budget(shapes, compression.budget)
     if compression.allocation == "global":
         ranks = allocate_ranks(curves, max_parameters).ranks

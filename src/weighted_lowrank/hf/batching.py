@@ -45,14 +45,8 @@ def make_batches(
     if label_dtype is None:
         label_dtype = torch.long if np.issubdtype(labels_np.dtype, np.integer) else torch.float32
     examples = encode_examples(frame, tokenizer, max_length, label_dtype)
-    order = batch_order(
-        lengths=np.array([example["input_ids"].numel() for example in examples]),
-        batch_size=batch_size,
-        bucket_by_length=bucket_by_length,
-        shuffle=shuffle,
-        seed=seed,
-        pool_batches=pool_batches,
-    )
+    lengths = np.array([example["input_ids"].numel() for example in examples])
+    order = batch_order(lengths, batch_size, bucket_by_length, shuffle, seed, pool_batches)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return [pad_examples([examples[i] for i in indices], pad_id) for indices in order]
 

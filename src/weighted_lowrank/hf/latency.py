@@ -22,13 +22,9 @@ def measure_latency_ms(
 ) -> dict[str, float]:
     """Median CPU milliseconds of one forward pass per model on one random full-length batch,
     timed in turns within each repeat so that load from other processes hits them alike."""
-    generator = torch.Generator().manual_seed(seed)
-    inputs = {
-        "input_ids": torch.randint(
-            0, vocab_size, (batch_size, sequence_length), generator=generator
-        ),
-        "attention_mask": torch.ones(batch_size, sequence_length, dtype=torch.long),
-    }
+    shape = (batch_size, sequence_length)
+    ids = torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(shape, dtype=torch.long)}
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))

@@ -36,7 +36,6 @@ def default_pipeline() -> Pipeline:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """``__default__`` whose comparison over the unrefined rows gives way to ``refinement``'s
-    comparison over every row (dense, solvers, ``refined.<solver>``)."""
+    """``__default__`` whose comparison gives way to ``refinement``'s over every row."""
     default = default_pipeline()
     return (default - default.only_nodes(*SUMMARY_NODES)) + refinement.create_pipeline()

@@ -111,11 +111,8 @@ def plot_risk_heatmap(layer_risk: pd.DataFrame, svd_risk: SvdRiskParams) -> Figu
             colour = "white" if dark else "black"
             axes.text(column, row, f"{value:.3g}", ha="center", va="center", fontsize=8, c=colour)
             if value >= threshold:
-                axes.add_patch(
-                    Rectangle(
-                        (column - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2
-                    )
-                )
+                cell = (column - 0.5, row - 0.5)
+                axes.add_patch(Rectangle(cell, 1, 1, fill=False, edgecolor="red", linewidth=2))
     axes.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right")
     axes.set_yticks(range(len(layers)), [str(layer) if layer >= 0 else "–" for layer in layers])
     axes.set_xlabel("module kind")

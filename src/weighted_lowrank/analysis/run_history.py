@@ -93,10 +93,7 @@ def _split_refined_metrics(table: pd.DataFrame) -> pd.DataFrame:
 
 def task_metric(table: pd.DataFrame) -> str:
     """``accuracy`` (classification), ``perplexity`` (language models), else ``pearson``."""
-    for metric in ("accuracy", "perplexity"):
-        if metric in table:
-            return metric
-    return "pearson"
+    return next((metric for metric in ("accuracy", "perplexity") if metric in table), "pearson")
 
 
 def latest_per_budget(table: pd.DataFrame, refined_only: bool = False) -> pd.DataFrame:

@@ -353,12 +353,13 @@ def paired_markdown(table: pd.DataFrame, reporting: ReportingParams) -> str:
     for row in table.to_dict("records"):
         cells = [str(row["namespace"])]
         for ref in references:
-            if pd.isna(row[f"vs_{ref}_p"]):
+            p = row[f"vs_{ref}_p"]
+            if pd.isna(p):
                 cells += ["–", "–", "–"]
                 continue
             cells += [
                 f"{int(row[f'vs_{ref}_wins'])} / {int(row[f'vs_{ref}_losses'])}",
-                _format_p(row[f"vs_{ref}_p"]),
+                "< 0.001" if p < 0.001 else f"{p:.3f}",
                 f"{row[f'vs_{ref}_diff']:+.{digits}f} [{row[f'vs_{ref}_ci_low']:+.{digits}f}, "
                 f"{row[f'vs_{ref}_ci_high']:+.{digits}f}]",
             ]
@@ -388,10 +389,6 @@ def _paired_note(language_model: bool, references: list[str], level: str) -> tup
             "reference's, with the percentile interval of "
         )
     return difference, digits, note
-
-
-def _format_p(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def accuracy_vs_params_figure(table: pd.DataFrame) -> Figure:

@@ -137,9 +137,7 @@ def load_base_model(
     if task == "causal_lm":
         model = auto_model_class(task).from_pretrained(resolved)
     else:
-        kwargs: dict = {"num_labels": num_labels}
-        if fresh_head:
-            kwargs["ignore_mismatched_sizes"] = True
+        kwargs: dict = {"num_labels": num_labels, "ignore_mismatched_sizes": fresh_head}
         if id2label is not None:
             kwargs["id2label"] = {int(k): str(v) for k, v in id2label.items()}
             kwargs["label2id"] = {str(v): int(k) for k, v in id2label.items()}

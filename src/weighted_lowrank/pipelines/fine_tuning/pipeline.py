@@ -6,21 +6,15 @@ from .nodes import fine_tune, initialise_model
 
 
 def create_pipeline(**kwargs) -> Pipeline:
+    base = ["params:model", "label_names", "params:fine_tuning", "params:seed"]
+    data = ["base_model", "train_split", "validation_split"]
+    parameters = ["params:model", "params:fine_tuning", "params:seed", "params:device"]
+    outputs = ["fine_tuned_model", "fine_tuning_metrics"]
     return Pipeline(
         [
             Node(
-                initialise_model,
-                inputs=["params:model", "label_names", "params:fine_tuning", "params:seed"],
-                outputs="base_model",
-                name="initialise_model",
-                tags=["model_input"],
+                initialise_model, base, "base_model", name="initialise_model", tags=["model_input"]
             ),
-            Node(
-                fine_tune,
-                ["base_model", "train_split", "validation_split"]
-                + ["params:model", "params:fine_tuning", "params:seed", "params:device"],
-                ["fine_tuned_model", "fine_tuning_metrics"],
-                name="fine_tune",
-            ),
+            Node(fine_tune, data + parameters, outputs, name="fine_tune"),
         ]
     )

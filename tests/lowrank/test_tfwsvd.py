@@ -79,7 +79,9 @@ def test_small_chunks_give_the_same_iterates(monkeypatch):
 
 
 def test_chunks_cover_every_element_once():
-    workspace = tfwsvd.Workspace(chunk_elements=100, buffers=[torch.empty(0)] * 2)
+    workspace = tfwsvd.Workspace(
+        chunk_elements=100, buffers=[torch.empty(0)] * 2, line=torch.empty(0)
+    )
     for shape in [(3, 30, 20), (5, 7, 9), (1, 50, 3), (2, 1, 500)]:
         covered = torch.zeros(shape, dtype=torch.int64)
         chunks = workspace.chunks(torch.Size(shape))

@@ -31,7 +31,6 @@ from weighted_lowrank.lowrank.solvers._common import (  # noqa: F401
     SolverSpec,
     build_problem,
     option,
-    statistic_shapes,
     validate_statistic,
 )
 from weighted_lowrank.lowrank.solvers.closed_form import exact_outputs  # noqa: F401
@@ -334,7 +333,12 @@ def _checked_layers(
                 "statistics enabled and pass them as statistics="
             )
     for weight, label, layer in zip(weights, labels, layers, strict=True):
-        shapes = statistic_shapes(*weight.shape)
+        out_features, in_features = weight.shape
+        shapes = {
+            "input_moment": (in_features, in_features),
+            "output_moment": (out_features, out_features),
+            "input_abs_mean": (in_features,),
+        }
         for statistic in needs:
             problem = validate_statistic(statistic, layer[statistic], shapes[statistic])
             if problem is not None:

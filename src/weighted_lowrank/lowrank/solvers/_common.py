@@ -205,15 +205,6 @@ def _stack_statistics(
     return stacked, scales
 
 
-def statistic_shapes(out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
-    """The shape of each calibration statistic of an (out × in) Linear layer."""
-    return {
-        "input_moment": (in_features, in_features),
-        "output_moment": (out_features, out_features),
-        "input_abs_mean": (in_features,),
-    }
-
-
 #: Relative asymmetry ``max |S − Sᵀ| / max |S|`` a moment may have (float32 accumulation noise).
 _SYMMETRY_TOLERANCE = 1e-4
 

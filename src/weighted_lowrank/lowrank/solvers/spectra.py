@@ -107,7 +107,7 @@ def kronecker_rank_losses(
     losses = torch.cat(
         [dropped_from[:, 1:], torch.zeros_like(dropped_from[:, :1])], dim=1
     ).clamp_min(0)
-    traces = _trace_of(output_moment) * _trace_of(input_moment)
+    traces = _trace(output_moment) * _trace(input_moment)
     return losses.cpu() * _fisher_scale(problem, importance_totals, num_examples, traces)[:, None]
 
 
@@ -142,8 +142,10 @@ def whitened_spectrum(problem: Problem, near: Moment, far: Moment, terms: bool) 
     else:
         values = kronecker_spectrum(problem.weight, near, far, problem.names)
         left = right = None
-    trace_output = _full(problem, problem.weight.shape[1]) if far.matrix is None else _trace(far)
-    return Spectrum(_to_cpu(values), trace_output, _trace(near), left, right)
+    trace_output = (
+        _full(problem, problem.weight.shape[1]) if far.matrix is None else _trace(far.used())
+    )
+    return Spectrum(values.double().cpu(), trace_output, _trace(near.used()), left, right)
 
 
 def _gram_expansion(
@@ -156,21 +158,16 @@ def _gram_expansion(
     tall = matrix.shape[1] >= matrix.shape[2]
     gram = matrix.transpose(1, 2) @ matrix if tall else matrix @ matrix.transpose(1, 2)
     if not terms:
-        return _to_cpu(batched_eigvalsh(gram).flip(-1).clamp_min(0)), None, None
+        return batched_eigvalsh(gram).flip(-1).clamp_min(0).double().cpu(), None, None
     eigenvalues, eigenvectors = batched_eigh(gram)
     vectors = eigenvectors.flip(-1)
-    values = _to_cpu(eigenvalues.flip(-1).clamp_min(0))
+    values = eigenvalues.flip(-1).clamp_min(0).double().cpu()
     if tall:
         return values, matrix @ vectors, vectors
     return values, vectors, matrix.transpose(1, 2) @ vectors
 
 
-def _trace(moment: Moment) -> torch.Tensor:
-    """The trace of the moment the solve uses (zero layers: the identity's)."""
-    return _trace_of(moment.used())
-
-
-def _trace_of(matrix: torch.Tensor) -> torch.Tensor:
+def _trace(matrix: torch.Tensor) -> torch.Tensor:
     """Per layer, the trace of a (b, n, n) or diagonal (b, n) moment."""
     values = matrix if matrix.ndim == 2 else matrix.diagonal(dim1=1, dim2=2)
     return values.double().sum(dim=1).cpu()
@@ -178,7 +175,3 @@ def _trace_of(matrix: torch.Tensor) -> torch.Tensor:
 
 def _full(problem: Problem, size: int) -> torch.Tensor:
     return torch.full((problem.batch,), float(size), dtype=torch.float64)
-
-
-def _to_cpu(values: torch.Tensor) -> torch.Tensor:
-    return values.double().cpu()

@@ -424,16 +424,13 @@ class Workspace:
 
     chunk_elements: int | None
     buffers: list[torch.Tensor]
-    line: torch.Tensor | None = None
+    line: torch.Tensor
 
     def line_buffers(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """Two ``shape`` arrays for ``√I ∘ P`` and ``√I ∘ Q`` (views of one buffer that is
         allocated for the first, largest batch)."""
         size = shape[0] * shape[1] * shape[2]
-        if self.line is None or self.line.numel() < 2 * size:
-            self.line = torch.empty(
-                2 * size, dtype=self.buffers[0].dtype, device=self.buffers[0].device
-            )
+        self.line = _at_least(self.line, 2 * size)
         return self.line[:size].view(shape), self.line[size : 2 * size].view(shape)
 
     @classmethod
@@ -441,7 +438,7 @@ class Workspace:
         on_cpu = weight.device.type == "cpu"
         workers = cpu_workers(weight.device)
         empty = [torch.empty(0, dtype=weight.dtype, device=weight.device) for _ in range(workers)]
-        return cls(_CPU_CHUNK_ELEMENTS if on_cpu else None, empty)
+        return cls(_CPU_CHUNK_ELEMENTS if on_cpu else None, empty, empty[0])
 
     @property
     def workers(self) -> int:
@@ -468,12 +465,8 @@ class Workspace:
 
     def scratch(self, worker: int, layers: int, rows: int, columns: int) -> torch.Tensor:
         size = layers * rows * columns
-        buffer = self.buffers[worker]
-        if buffer.numel() < size:
-            buffer = self.buffers[worker] = torch.empty(
-                size, dtype=buffer.dtype, device=buffer.device
-            )
-        return buffer[:size].view(layers, rows, columns)
+        self.buffers[worker] = _at_least(self.buffers[worker], size)
+        return self.buffers[worker][:size].view(layers, rows, columns)
 
     def run(self, shape: torch.Size, work: Callable[[int, list[tuple[slice, slice]]], Any]) -> list:
         """``work(worker, chunks)`` for each worker on its fixed share of the chunks (every
@@ -487,6 +480,11 @@ class Workspace:
                 for worker in range(workers)
             ]
         )
+
+
+def _at_least(buffer: torch.Tensor, size: int) -> torch.Tensor:
+    """``buffer``, or a new one of ``size`` elements when it is smaller."""
+    return buffer if buffer.numel() >= size else buffer.new_empty(size)
 
 
 def _line_search_coefficients(state: TfwsvdState) -> torch.Tensor:

@@ -256,7 +256,7 @@ def _solve_group(
         outputs = solver_spec(solver).solve(problem, resolved, started)
     seconds = time.perf_counter() - started
     return [
-        _to_result(weight, importance, rank, solver, problem, position, output, seconds)
+        _to_result(weight, importance, solver, problem, position, output, seconds)
         for position, (weight, importance, output) in enumerate(
             zip(weights, importances, outputs, strict=True)
         )
@@ -349,7 +349,6 @@ def _checked_layers(
 def _to_result(
     weight: torch.Tensor,
     importance: torch.Tensor | None,
-    rank: int,
     solver: str,
     problem: Problem,
     position: int,
@@ -360,11 +359,8 @@ def _to_result(
     scale = float(problem.scale[position])
     factor_scale = float(problem.weight_scale[position]) ** 0.5
 
-    def original(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            (left * factor_scale).to(weight.device, weight.dtype),
-            (right * factor_scale).to(weight.device, weight.dtype),
-        )
+    def original(*factors: torch.Tensor) -> list[torch.Tensor]:
+        return [(factor * factor_scale).to(weight.device, weight.dtype) for factor in factors]
 
     left, right = original(output.left, output.right)
     loss = weighted_loss(weight, importance, left, right)
@@ -381,7 +377,7 @@ def _to_result(
         loss=loss,
         history=history,
         solver=solver,
-        rank=rank,
+        rank=problem.rank,
         iterations=output.iterations,
         seconds=seconds,
         initial_loss=initial_loss,

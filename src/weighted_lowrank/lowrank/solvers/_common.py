@@ -398,7 +398,7 @@ def run_iterations(
     iterations ("converged"), at ``max_iters`` or ``max_seconds``; it then leaves the batch.
     """
     max_iters, max_seconds = options.max_iters, options.max_seconds
-    records = _LayerRecords.start(state, options.tol, window, started)
+    records = _LayerRecords(state, options.tol, window, started)
     while True:
         if state.iteration >= max_iters:
             records.finish(state, torch.arange(state.left.shape[0]), "max_iters")
@@ -419,39 +419,20 @@ def run_iterations(
     return [output for output in records.outputs if output is not None]
 
 
-@dataclass
 class _LayerRecords:
     """The loop's bookkeeping. ``active`` maps a running layer's position in the shrinking batch
     to its original index; ``best_*`` are indexed by position, the lists by original index."""
 
-    tol: float
-    window: int
-    started: float
-    initial: tuple[torch.Tensor, torch.Tensor]
-    active: torch.Tensor
-    best_left: torch.Tensor
-    best_right: torch.Tensor
-    best_loss: torch.Tensor
-    histories: list[list[tuple[float, float]]]
-    best_traces: list[list[float]]
-    outputs: list[SolverOutput | None]
-
-    @classmethod
-    def start(cls, state: IterateState, tol: float, window: int, started: float) -> _LayerRecords:
+    def __init__(self, state: IterateState, tol: float, window: int, started: float) -> None:
         batch = state.left.shape[0]
-        return cls(
-            tol=tol,
-            window=window,
-            started=started,
-            initial=(state.left, state.right),
-            active=torch.arange(batch),
-            best_left=state.left,
-            best_right=state.right,
-            best_loss=torch.full((batch,), float("inf"), dtype=torch.float64),
-            histories=[[] for _ in range(batch)],
-            best_traces=[[] for _ in range(batch)],
-            outputs=[None] * batch,
-        )
+        self.tol, self.window, self.started = tol, window, started
+        self.initial = (state.left, state.right)
+        self.active = torch.arange(batch)
+        self.best_left, self.best_right = state.left, state.right
+        self.best_loss = torch.full((batch,), float("inf"), dtype=torch.float64)
+        self.histories: list[list[tuple[float, float]]] = [[] for _ in range(batch)]
+        self.best_traces: list[list[float]] = [[] for _ in range(batch)]
+        self.outputs: list[SolverOutput | None] = [None] * batch
 
     def record(self, left: torch.Tensor, right: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """Log the loss of the point (left, right) a step was given; which layers converged."""

@@ -252,14 +252,8 @@ def _damped_root(
         return None, torch.zeros(batch, dtype=torch.float64)
     damping = torch.full((batch,), float(moment.damping), dtype=torch.float64)
     if moment.diagonal:
-        damped = used + damping.to(used.device)[:, None]
-        if bool((damped <= 0).any()):
-            bad = (damped <= 0).any(dim=1).nonzero().flatten().tolist()
-            raise ValueError(
-                f"{moment.name} of layer {names[bad[0]]!r} has entries <= 0 after damping; "
-                "expected a positive scale"
-            )
-        return damped.sqrt(), damping
+        # Positive: ASVD's scale is floored relative to its mean, an all-zero one is the identity.
+        return (used + damping.to(used.device)[:, None]).sqrt(), damping
     identity = torch.eye(used.shape[1], dtype=used.dtype, device=used.device)
     root = torch.empty_like(used)
     pending = torch.arange(batch)

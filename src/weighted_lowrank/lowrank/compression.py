@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,15 +63,15 @@ def factorize_model(
     on the CPU. ``model`` is not modified.
     """
     device, solver_options = _staged(device, map_groups, solver_options)
-    layers = _targeted_layers(model, fisher, targets, device)
-    chosen = _chosen_ranks(budget, ranks, layers.shapes)
+    weights, importances = _targeted_layers(model, fisher, targets, device)
+    chosen = _chosen_ranks(budget, ranks, {name: tuple(w.shape) for name, w in weights.items()})
     needs = solver_needs(solver, **solver_options)
-    names = [name for name in layers.names if chosen[name] is not None]
+    names = [name for name in weights if chosen[name] is not None]
     if not names:
         return {}
     results = factorize_batch(
-        [layers.weights[name] for name in names],
-        [layers.importances[name] for name in names],
+        [weights[name] for name in names],
+        [importances[name] for name in names],
         [chosen[name] for name in names],
         solver=solver,
         statistics=[_layer_statistics(statistics, name, needs) for name in names],
@@ -103,23 +102,23 @@ def model_loss_curves(
     (:func:`~weighted_lowrank.lowrank.solvers.rank_loss_curves`). Inputs as
     :func:`factorize_model`."""
     device, solver_options = _staged(device, map_groups, solver_options)
-    layers = _targeted_layers(model, fisher, targets, device)
+    weights, importances = _targeted_layers(model, fisher, targets, device)
     needs = curve_needs(solver, loss_model, **solver_options)
     losses = rank_loss_curves(
-        [layers.weights[name] for name in layers.names],
-        [layers.importances[name] for name in layers.names],
+        list(weights.values()),
+        list(importances.values()),
         solver,
         num_examples=num_examples,
         loss_model=loss_model,
-        statistics=[_layer_statistics(statistics, name, needs) for name in layers.names],
-        names=layers.names,
+        statistics=[_layer_statistics(statistics, name, needs) for name in weights],
+        names=list(weights),
         map_groups=map_groups,
         threads=threads,
         **solver_options,
     )
     curves = {}
-    for name, values in zip(layers.names, losses, strict=True):
-        out_features, in_features = layers.shapes[name]
+    for (name, weight), values in zip(weights.items(), losses, strict=True):
+        out_features, in_features = weight.shape
         curves[name] = LossCurve(
             out_features, in_features, values[: max_rank(out_features, in_features)].numpy()
         )
@@ -139,23 +138,14 @@ def _staged(
     return "cpu", solver_options
 
 
-@dataclass
-class _TargetedLayers:
-    """The targeted layers' names (model order), shapes, weights and importances, ready to solve."""
-
-    names: list[str]
-    shapes: dict[str, tuple[int, int]]
-    weights: dict[str, torch.Tensor]
-    importances: dict[str, torch.Tensor | None]
-
-
 def _targeted_layers(
     model: nn.Module,
     fisher: Mapping[str, torch.Tensor] | None,
     targets: str | Iterable[str] | None,
     device: str | torch.device,
-) -> _TargetedLayers:
-    """Select the targets and check the Fisher covers them (its shapes: ``factorize_batch``)."""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """The targeted layers' weights and importances on ``device``, in model order; the Fisher
+    must cover them (its shapes: ``factorize_batch``)."""
     modules = select_linear_modules(model, targets)
     if fisher is not None:
         missing = [f"{name}.weight" for name in modules if f"{name}.weight" not in fisher]
@@ -174,8 +164,7 @@ def _targeted_layers(
         importances[name] = (
             None if importance is None else importance.detach().to(run_device, dtype)
         )
-    shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
-    return _TargetedLayers(list(modules), shapes, weights, importances)
+    return weights, importances
 
 
 def _chosen_ranks(

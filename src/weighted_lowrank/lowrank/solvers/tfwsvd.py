@@ -96,15 +96,6 @@ def _inverse_cholesky_factor(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(factor, identity.expand_as(factor), upper=False)
 
 
-def inverse_grams(
-    left: torch.Tensor, right: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``((Aᵀ D_u A)⁻¹, (B D_v Bᵀ)⁻¹)``: the separable Hessian blocks of B's columns and A's rows."""
-    left_inverse = split_batch(_inverse_gram, left.transpose(1, 2) @ (left * rows[:, :, None]))
-    right_inverse = split_batch(_inverse_gram, (right * cols[:, None, :]) @ right.transpose(1, 2))
-    return left_inverse, right_inverse
-
-
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Preconditioner(Batched):
     """The separable importance ``I ≈ u vᵀ`` (``rows`` = u, ``cols`` = v) and the inverse Grams
@@ -120,14 +111,21 @@ class Preconditioner(Batched):
         cls, importance: torch.Tensor, left: torch.Tensor, right: torch.Tensor
     ) -> Preconditioner:
         rows, cols = separable_weights(importance)
-        left_inverse, right_inverse = inverse_grams(left, right, rows, cols)
-        return cls(rows=rows, cols=cols, left_inverse=left_inverse, right_inverse=right_inverse)
+        empty = torch.empty(0, device=left.device)
+        placeholder = cls(rows=rows, cols=cols, left_inverse=empty, right_inverse=empty)
+        return placeholder.refreshed(importance, left, right)
 
     def refreshed(
         self, importance: torch.Tensor, left: torch.Tensor, right: torch.Tensor
     ) -> Preconditioner:
-        left_inverse, right_inverse = inverse_grams(left, right, self.rows, self.cols)
-        return replace(self, left_inverse=left_inverse, right_inverse=right_inverse)
+        """The inverse Grams at (A, B)."""
+        left_gram = left.transpose(1, 2) @ (left * self.rows[:, :, None])
+        right_gram = (right * self.cols[:, None, :]) @ right.transpose(1, 2)
+        return replace(
+            self,
+            left_inverse=split_batch(_inverse_gram, left_gram),
+            right_inverse=split_batch(_inverse_gram, right_gram),
+        )
 
     def apply(
         self, grad_left: torch.Tensor, grad_right: torch.Tensor

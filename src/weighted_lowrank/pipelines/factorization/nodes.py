@@ -109,22 +109,16 @@ def loss_curves(
     )
     seconds = time.perf_counter() - started
     rows = [
-        (
-            name,
-            curve.out_features,
-            curve.in_features,
-            rank,
-            curve.parameters(rank),
-            float(loss),
-            solver_curve(solver),
-            compression.curve_loss_model,
-            seconds,
-        )
+        (name, curve.out_features, curve.in_features, rank, curve.parameters(rank), float(loss))
         for name, curve in curves.items()
         for rank, loss in enumerate(curve.losses, start=1)
     ]
-    table = pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
-    table = table.astype({"rank": "int64", "params": "int64"})
+    table = pd.DataFrame(rows, columns=list(CURVE_COLUMNS[:6])).astype(
+        {"rank": "int64", "params": "int64"}
+    )
+    table = table.assign(
+        curve=solver_curve(solver), loss_model=compression.curve_loss_model, seconds=seconds
+    )
     return with_fingerprint(table, fine_tuned_model.model_fingerprint)
 
 

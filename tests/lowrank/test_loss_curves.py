@@ -19,7 +19,7 @@ from weighted_lowrank.lowrank.solvers import (
     curve_needs,
     factorize_batch,
     rank_loss_curves,
-    solver_curve,
+    solver_spec,
 )
 from weighted_lowrank.lowrank.targets import select_linear_modules
 
@@ -219,9 +219,9 @@ def test_damped_curve_is_the_damped_objective_exactly(solver, damping):
 def test_element_wise_solvers_use_the_two_sided_fwsvd_curve_exactly():
     weights, importances, statistics = make_layers()
     reference = rank_loss_curves(weights, importances, "fwsvd", statistics=statistics)
-    assert solver_curve("fwsvd") == "fwsvd"
+    assert solver_spec("fwsvd").curve == "fwsvd"
     for solver in ELEMENT_WISE:
-        assert solver_curve(solver) == "fwsvd (proxy)", solver
+        assert solver_spec(solver).curve == "fwsvd (proxy)", solver
         curves = rank_loss_curves(weights, importances, solver, statistics=statistics)
         for curve, expected in zip(curves, reference, strict=True):
             assert torch.equal(curve, expected), solver

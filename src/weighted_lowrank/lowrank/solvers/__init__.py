@@ -92,11 +92,6 @@ def solver_options(solver: str) -> dict[str, Any]:
     return {item.name: getattr(defaults, item.name) for item in fields(defaults)}
 
 
-def solver_curve(solver: str) -> str:
-    """Which spectrum ``solver``'s loss-vs-rank curve comes from (its own, or the proxy)."""
-    return solver_spec(solver).curve
-
-
 def solver_needs(solver: str, **options: Any) -> tuple[str, ...]:
     """The calibration statistics ``solver`` reads with these options, in storage order."""
     needs = {*solver_spec(solver).needs, *check_solver_options(solver, options).added_needs()}

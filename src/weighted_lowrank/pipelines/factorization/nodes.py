@@ -33,7 +33,7 @@ from weighted_lowrank.lowrank.compression import (
 )
 from weighted_lowrank.lowrank.objective import FactorizationResult, relative_loss
 from weighted_lowrank.lowrank.parallel import parse_parallel
-from weighted_lowrank.lowrank.solvers import solver_curve
+from weighted_lowrank.lowrank.solvers import solver_spec
 from weighted_lowrank.lowrank.targets import describe_module, select_linear_modules
 from weighted_lowrank.pipelines.fisher_estimation.nodes import recorded_num_examples
 
@@ -117,7 +117,7 @@ def loss_curves(
         {"rank": "int64", "params": "int64"}
     )
     table = table.assign(
-        curve=solver_curve(solver), loss_model=compression.curve_loss_model, seconds=seconds
+        curve=solver_spec(solver).curve, loss_model=compression.curve_loss_model, seconds=seconds
     )
     return with_fingerprint(table, fine_tuned_model.model_fingerprint)
 

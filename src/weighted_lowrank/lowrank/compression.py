@@ -250,25 +250,12 @@ def svd_reference_losses(
     fisher: Mapping[str, torch.Tensor] | None,
     budget: float | None,
     targets: str | Iterable[str] | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    ranks: Mapping[str, int | None] | None = None,
-    map_groups: MapGroups = map,
-    threads: int = 1,
+    **placement: Any,
 ) -> dict[str, float]:
-    """Plain truncated SVD's weighted loss per factorized layer (:func:`factorize_model` with
-    ``solver="svd"``): the reference of every solver's ``loss_rel_svd``."""
-    results = factorize_model(
-        model,
-        fisher,
-        budget,
-        "svd",
-        targets,
-        device=device,
-        ranks=ranks,
-        map_groups=map_groups,
-        threads=threads,
-    )
+    """Plain truncated SVD's weighted loss per factorized layer: :func:`factorize_model` with
+    ``solver="svd"`` and its ``device``, ``ranks``, ``map_groups`` and ``threads`` keywords (SVD's
+    default options). The reference of every solver's ``loss_rel_svd``."""
+    results = factorize_model(model, fisher, budget, "svd", targets, **placement)
     return {name: float(result.loss) for name, result in results.items()}
 
 

@@ -336,7 +336,7 @@ def solve_tfwsvd(problem: Problem, options: TfwsvdOptions, started: float) -> li
     scaled_residual = torch.empty_like(weight)
     workspace = Workspace.for_problem(weight)
     grad_left, grad_right = _update_and_gradient(
-        root, scaled_residual, None, None, None, left, right, weight, workspace
+        root, scaled_residual, weight, workspace, left, right
     )
     gradient = Gradient.of(grad_left, grad_right, preconditioner)
     state = TfwsvdState(
@@ -366,16 +366,9 @@ def _cg_step(state: TfwsvdState, options: TfwsvdOptions) -> tuple[TfwsvdState, t
     left = torch.addcmul(state.left, t, state.dir_left)
     right = torch.addcmul(state.right, t, state.dir_right)
     # The running residual drifts in float32; recompute it now and then.
-    recompute = iteration % options.refresh_every == 0
+    step = None if iteration % options.refresh_every == 0 else t
     grad_left, grad_right = _update_and_gradient(
-        state.root,
-        state.scaled_residual,
-        *state.workspace.line_buffers(state.weight.shape),
-        None if recompute else t,
-        left,
-        right,
-        state.weight,
-        state.workspace,
+        state.root, state.scaled_residual, state.weight, state.workspace, left, right, step
     )
     preconditioner = state.preconditioner
     if iteration % options.precondition_every == 0:
@@ -525,13 +518,11 @@ def _line_search_coefficients(state: TfwsvdState) -> torch.Tensor:
 def _update_and_gradient(
     root: torch.Tensor,
     scaled_residual: torch.Tensor,
-    scaled_linear: torch.Tensor | None,
-    scaled_quadratic: torch.Tensor | None,
-    step: torch.Tensor | None,
-    left: torch.Tensor,
-    right: torch.Tensor,
     weight: torch.Tensor,
     workspace: Workspace,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    step: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the weighted residual to ``(A, B)`` — along the line with ``step`` (t, (b, 1, 1)),
     else recomputed as ``√I ∘ (AB − W)`` — and return the half-gradients ``E Bᵀ``, ``Aᵀ E``
@@ -541,6 +532,8 @@ def _update_and_gradient(
     rank = left.shape[2]
     grad_left = torch.empty(batch, out_features, rank, dtype=left.dtype, device=left.device)
     right_t = right.transpose(1, 2)
+    if step is not None:
+        scaled_linear, scaled_quadratic = workspace.line_buffers(root.shape)
 
     def work(worker: int, chunks: list[tuple[slice, slice]]) -> torch.Tensor:
         grad_right = torch.zeros(batch, rank, in_features, dtype=left.dtype, device=left.device)

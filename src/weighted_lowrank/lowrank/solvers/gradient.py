@@ -82,11 +82,7 @@ def _squared_norm(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 
 
 def gauss_newton_lambda_max(
-    importance: torch.Tensor,
-    left: torch.Tensor,
-    right: torch.Tensor,
-    iterations: int,
-    seed: int,
+    importance: torch.Tensor, left: torch.Tensor, right: torch.Tensor, iterations: int, seed: int
 ) -> torch.Tensor:
     """Power-iteration estimate of the largest eigenvalue of the Gauss–Newton matrix ``JᵀDJ``.
 

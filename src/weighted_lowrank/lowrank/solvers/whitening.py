@@ -86,11 +86,7 @@ class Truncation:
 
 
 def kronecker_truncation(
-    weight: torch.Tensor,
-    rank: int,
-    input_moment: Moment,
-    output_moment: Moment,
-    names: list[str],
+    weight: torch.Tensor, rank: int, input_moment: Moment, output_moment: Moment, names: list[str]
 ) -> Truncation:
     """The exact rank-``rank`` minimiser of ``tr(ΔWᵀ G ΔW A)`` for each layer of a batch, float64."""
     weight = weight.double()
@@ -120,11 +116,7 @@ def balance_factors(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tens
 
 
 def _tall_truncation(
-    weight: torch.Tensor,
-    rank: int,
-    near: Moment,
-    far: Moment,
-    names: list[str],
+    weight: torch.Tensor, rank: int, near: Moment, far: Moment, names: list[str]
 ) -> Truncation:
     """Tall case (out ≥ in): ``near`` (in × in) is factorised, ``far`` enters via ``Wᵀ far W``."""
     batch = weight.shape[0]

@@ -119,13 +119,9 @@ def factorize(
     statistics: Mapping[str, torch.Tensor] | None = None,
     **options: Any,
 ) -> FactorizationResult:
-    """Factorize ``weight ≈ left @ right`` with rank ``rank`` minimising ``Σ I (W − left@right)²``.
-
-    ``importance`` has the weight's shape and is ``>= 0`` (``None`` = uniform); options: see
-    :func:`solver_options`. ``statistics`` holds what the solver needs (:func:`solver_needs`),
-    e.g. ``{"input_moment": A}``: it then minimises its own quadratic, while ``loss`` stays the
-    importance-weighted one.
-    """
+    """Factorize ``weight ≈ left @ right`` with rank ``rank`` minimising ``Σ I (W − left@right)²``
+    (``importance >= 0``, ``None`` = uniform). ``statistics`` holds what the solver needs
+    (:func:`solver_needs`), e.g. ``{"input_moment": A}``; ``loss`` is always the weighted one."""
     return factorize_batch(
         [weight], [importance], [rank], solver=solver, statistics=[statistics], **options
     )[0]

@@ -84,11 +84,8 @@ def _squared_norm(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 def gauss_newton_lambda_max(
     importance: torch.Tensor, left: torch.Tensor, right: torch.Tensor, iterations: int, seed: int
 ) -> torch.Tensor:
-    """Power-iteration estimate of the largest eigenvalue of the Gauss–Newton matrix ``JᵀDJ``.
-
-    ``J(dA, dB) = dA B + A dB`` and ``D = 2 I``; near a good fit this is the Hessian's top
-    eigenvalue, so a step size below ``2 / λ_max`` keeps gradient descent stable.
-    """
+    """Power-iteration estimate of the top eigenvalue of the Gauss–Newton matrix ``JᵀDJ``
+    (``J(dA, dB) = dA B + A dB``, ``D = 2 I``): steps below ``2 / λ_max`` keep descent stable."""
 
     # One draw per layer from the same seed, so a layer's estimate does not depend on its batch.
     def draws(factor: torch.Tensor, offset: int) -> torch.Tensor:
@@ -258,11 +255,8 @@ def _bounded_sgd_update(
     sgd_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, HeavyBallMemory]:
     """Heavy-ball SGD with backtracking for the layers in ``sgd_mask``; returns (A, B, memory).
-
-    A layer whose loss rose since its previous point returns to that point, halves its step size
-    and drops its momentum; the others take ``buf ← μ·buf + g``, ``x ← x − (1 − μ)·lr·buf`` (the
-    SWATS form: in steady state the step is ``lr·g``, so ``lr`` compares with Adam's).
-    """
+    A layer whose loss rose returns to its previous point, halves its step size and drops its
+    momentum; the others take ``buf ← μ·buf + g``, ``x ← x − (1 − μ)·lr·buf`` (SWATS' form)."""
     memory, left, right = state.memory, state.left, state.right
     rose = (loss > memory.previous_loss) & sgd_mask
     keep = sgd_mask & ~rose
@@ -288,11 +282,8 @@ def _bounded_sgd_update(
 
 
 def solve_sgd(problem: Problem, options: SgdOptions, started: float) -> list[SolverOutput]:
-    """Full-batch heavy-ball gradient descent with a curvature bound and backtracking.
-
-    ``lr="auto"`` uses ``1 / λ_max`` of the Gauss–Newton matrix at the start (power iteration);
-    a number is used as given but still halved whenever the loss rises.
-    """
+    """Full-batch heavy-ball gradient descent with backtracking, at ``1 / λ_max`` of the start's
+    Gauss–Newton matrix (``lr="auto"``) or the given ``lr``, halved whenever the loss rises."""
     left, right = initial_factors(problem, options.init, options.seed)
     device = left.device
     if options.lr == "auto":
@@ -330,7 +321,24 @@ def solve_adam_sgd(problem: Problem, options: AdamSgdOptions, started: float) ->
     sign-like steps fake a settled γ). SGD then runs at ``min(λ/(1 − β₂ᵏ), 1/λ_max)`` (Gauss–Newton
     curvature at the switch), momentum ``beta1``, halving ``lr`` whenever the loss rises.
     """
-    state = _swats_start(problem, options)
+    # Adam from the initial factors; no layer has switched yet.
+    left, right = initial_factors(problem, options.init, options.seed)
+    zeros = torch.zeros(problem.batch, dtype=torch.float64, device=left.device)
+    state = SwatsState(
+        weight=problem.weight,
+        importance=problem.importance,
+        left=left,
+        right=right,
+        moments=AdamMoments.zeros(left, right),
+        memory=HeavyBallMemory.start(left, right, zeros),
+        swats_average=zeros,
+        swats_count=zeros,
+        sgd_mode=torch.zeros(problem.batch, dtype=torch.bool, device=left.device),
+        switch_iteration=torch.zeros(problem.batch, dtype=torch.int64, device=left.device),
+        swats_lr=zeros,
+        sgd_lr=zeros,
+        lambda_max=zeros,
+    )
 
     def step(state: SwatsState) -> tuple[SwatsState, torch.Tensor]:
         loss, grad_left, grad_right = loss_and_gradients(state)
@@ -352,27 +360,6 @@ def solve_adam_sgd(problem: Problem, options: AdamSgdOptions, started: float) ->
         return new_state, loss
 
     return run_iterations(state, step, options, started, window=GRADIENT_WINDOW)
-
-
-def _swats_start(problem: Problem, options: AdamSgdOptions) -> SwatsState:
-    """Adam from the initial factors; no layer has switched yet."""
-    left, right = initial_factors(problem, options.init, options.seed)
-    zeros = torch.zeros(problem.batch, dtype=torch.float64, device=left.device)
-    return SwatsState(
-        weight=problem.weight,
-        importance=problem.importance,
-        left=left,
-        right=right,
-        moments=AdamMoments.zeros(left, right),
-        memory=HeavyBallMemory.start(left, right, zeros),
-        swats_average=zeros,
-        swats_count=zeros,
-        sgd_mode=torch.zeros(problem.batch, dtype=torch.bool, device=left.device),
-        switch_iteration=torch.zeros(problem.batch, dtype=torch.int64, device=left.device),
-        swats_lr=zeros,
-        sgd_lr=zeros,
-        lambda_max=zeros,
-    )
 
 
 def _swats_estimate(

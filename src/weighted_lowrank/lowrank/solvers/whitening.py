@@ -34,10 +34,8 @@ _SINGULAR_FLOOR = 1e-12
 
 @dataclass
 class Moment:
-    """One side of the quadratic for a batch: ``None`` (identity), (b, n, n) dense or (b, n) diagonal.
-
-    ``matrix`` is normalised to mean diagonal 1 (or all zero); ``damping`` is relative to that.
-    """
+    """One side of the quadratic for a batch: ``None`` (identity), (b, n, n) dense or (b, n)
+    diagonal, normalised to mean diagonal 1 (or all zero); ``damping`` is relative to that."""
 
     matrix: torch.Tensor | None
     damping: float = 0.0

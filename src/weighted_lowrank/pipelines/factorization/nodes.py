@@ -291,12 +291,9 @@ def layer_report(
     budget: float,
     total_seconds: float,
 ) -> pd.DataFrame:
-    """One row per factorized layer of ``model`` (the dense one), in ``results`` order.
-
-    ``params_*`` count weight and bias, ``svd_loss`` is plain SVD's at the same rank, ``seconds``
-    the layer's share of its batch's wall time (``total_seconds``: the whole factorization's),
-    then one ``info_<key>`` column per solver-info key (NaN where a layer has None).
-    """
+    """One row per factorized layer of ``model`` (the dense one), in ``results`` order:
+    ``svd_loss`` is plain SVD's at the same rank, ``seconds`` the layer's share of its batch's
+    wall time, then one ``info_<key>`` column per solver-info key (NaN where a layer has None)."""
     seconds = layer_seconds(results)
     rows = []
     for (name, result), svd_loss in zip(results.items(), svd_losses, strict=True):
@@ -359,11 +356,10 @@ def _reference_losses(
     }
     computed = {}
     if differing:
-        everything = dict.fromkeys(
-            select_linear_modules(fine_tuned_model.model, compression.targets)
-        )
+        model = fine_tuned_model.model
+        everything = dict.fromkeys(select_linear_modules(model, compression.targets))
         computed = svd_reference_losses(
-            fine_tuned_model.model,
+            model,
             fisher_information["tensors"],
             None,
             compression.targets,

@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 import torch
 from kedro.io import DataCatalog, MemoryDataset
+from kedro.pipeline import Node
 from kedro.runner import SequentialRunner
 from torch import nn
 
 from tests.conftest import TOY_NEGATIVE, TOY_POSITIVE, typed_params
 from tests.pipelines.conftest import BUDGET, factorization_catalog, fast_options
+from weighted_lowrank.kedro_glue.hooks import SavedVersionChecks
 from weighted_lowrank.lowrank.layer import LowRankLinear, lowrank_modules
 from weighted_lowrank.lowrank.objective import rank_for_budget
 from weighted_lowrank.lowrank.serialization import tensors_for_saving
@@ -326,32 +328,36 @@ def evaluate(compressed, bundle, report, rank_map):
     ]["metrics"]
 
 
-def test_evaluation_refuses_the_rank_map_of_the_other_allocation(allocated):
+def test_the_rank_map_of_the_other_allocation_is_refused_before_evaluation(allocated):
+    """The pairing of a compressed model and its rank map is checked by the SavedVersionChecks
+    hook before the evaluation node runs (the node trusts its inputs)."""
     bundle, _, catalog, uniform = allocated
+    checks = SavedVersionChecks()
     for solver in ("svd", "kfwsvd"):
         global_map = catalog.load(f"{solver}.rank_map")
         uniform_map = uniform.load(f"{solver}.rank_map")
         assert global_map["rank"].tolist() != uniform_map["rank"].tolist(), solver
-        for compressed, report, wrong in (
-            (catalog, catalog, uniform_map),
-            (uniform, uniform, global_map),
-        ):
-            with pytest.raises(ValueError, match="--load-versions"):
-                evaluate(
-                    compressed.load(f"{solver}.compressed_model"),
-                    bundle,
-                    report.load(f"{solver}.layer_report"),
-                    wrong,
-                )
+        node = _evaluate_node(solver)
+        for compressed, wrong in ((catalog, uniform_map), (uniform, global_map)):
+            inputs = {
+                f"{solver}.compressed_model": compressed.load(f"{solver}.compressed_model"),
+                f"{solver}.rank_map": wrong,
+            }
+            with pytest.raises(ValueError, match="are not one pair"):
+                checks.before_node_run(node=node, catalog=compressed, inputs=inputs)
     # A layer the map keeps dense but the model factorized is refused too.
     targets = list(select_linear_modules(bundle.model))
+    inputs = {
+        "svd.compressed_model": catalog.load("svd.compressed_model"),
+        "svd.rank_map": forced_dense_rank_map(catalog, "svd", [targets[1]]),
+    }
     with pytest.raises(ValueError, match=re.escape(targets[1])):
-        evaluate(
-            catalog.load("svd.compressed_model"),
-            bundle,
-            catalog.load("svd.layer_report"),
-            forced_dense_rank_map(catalog, "svd", [targets[1]]),
-        )
+        checks.before_node_run(node=_evaluate_node("svd"), catalog=catalog, inputs=inputs)
+
+
+def _evaluate_node(solver: str) -> Node:
+    inputs = [f"{solver}.compressed_model", f"{solver}.rank_map"]
+    return Node(lambda *args: None, inputs, None, name=f"{solver}.evaluate")
 
 
 def test_evaluation_counts_the_layers_kept_dense(allocated):

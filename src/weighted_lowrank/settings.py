@@ -9,6 +9,7 @@ from kedro.utils import find_kedro_project
 
 from weighted_lowrank.kedro_glue.hooks import LineageCheck, SavedVersionChecks
 from weighted_lowrank.kedro_glue.parameter_checks import ParameterChecks, TypedParamsMlflowHook
+from weighted_lowrank.kedro_glue.run_summary import RunSummary
 
 
 def _project_root() -> str:
@@ -20,7 +21,13 @@ def _project_root() -> str:
     return str(Path(found) if found else Path(__file__).resolve().parents[2])
 
 
-HOOKS = (ParameterChecks(), LineageCheck(), SavedVersionChecks(), TypedParamsMlflowHook())
+HOOKS = (
+    ParameterChecks(),
+    LineageCheck(),
+    SavedVersionChecks(),
+    TypedParamsMlflowHook(),
+    RunSummary(),
+)
 # TypedParamsMlflowHook is kedro-mlflow's own hook, handed the typed blocks as dicts so that it
 # flattens them into one MLflow param per key (it registers in the plugin's place).
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow",)

@@ -13,6 +13,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import nbformat
@@ -77,9 +78,12 @@ def copy_project(project: Path, bundle: ModelBundle | None = None) -> Path:
     return model_dir
 
 
-def kedro_run(project: Path, pipeline: str, runtime_params: dict) -> None:
-    """``kedro run --env smoke --pipelines <pipeline>`` of ``project`` in this process, MLflow's
-    tracking URI and active runs restored afterwards (also when the run fails)."""
+def kedro_run(
+    project: Path, pipeline: str | list[str], runtime_params: dict, **options: Any
+) -> None:
+    """``kedro run --env smoke --pipelines <pipeline>`` (``options``: ``session.run``'s, e.g.
+    ``node_names``) of ``project`` in this process, MLflow's tracking URI and active runs
+    restored afterwards (also when the run fails)."""
     previous_uri = mlflow.get_tracking_uri()
     try:
         with pytest.MonkeyPatch.context() as patch:
@@ -88,7 +92,8 @@ def kedro_run(project: Path, pipeline: str, runtime_params: dict) -> None:
             with KedroSession.create(
                 project_path=project, env="smoke", runtime_params=runtime_params
             ) as session:
-                session.run(pipeline_names=[pipeline])
+                names = [pipeline] if isinstance(pipeline, str) else pipeline
+                session.run(pipeline_names=names, **options)
     finally:
         end_active_runs()
         mlflow.set_tracking_uri(previous_uri)

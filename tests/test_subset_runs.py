@@ -4,35 +4,20 @@ after a node whose parameters changed are refused."""
 
 from __future__ import annotations
 
-import mlflow
 import pytest
-from kedro.framework.session import KedroSession
-from kedro.framework.startup import bootstrap_project
 
 from tests.test_session import copy_project
-from weighted_lowrank.analysis.sweep import end_active_runs
+from tests.test_session import kedro_run as session_run
 
 
 def kedro_run(project, model_dir, pipelines: list[str], params=None, **options) -> None:
-    """``kedro run --env smoke --pipelines <pipelines> [--params ...] [--namespaces ...]`` in
-    this process."""
-    previous_uri = mlflow.get_tracking_uri()
+    """``kedro run --env smoke --pipelines <pipelines> [--params ...] [--namespaces ...]``."""
     runtime_params = {
         "mlflow_tracking_uri": f"sqlite:///{project / 'mlflow.db'}",
         "model": {"source": str(model_dir)},
         **(params or {}),
     }
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.chdir(project)
-            bootstrap_project(project)
-            with KedroSession.create(
-                project_path=project, env="smoke", runtime_params=runtime_params
-            ) as session:
-                session.run(pipeline_names=pipelines, **options)
-    finally:
-        end_active_runs()
-        mlflow.set_tracking_uri(previous_uri)
+    session_run(project, pipelines, runtime_params, **options)
 
 
 def test_one_solver_runs_after_only_the_upstream_pipelines(tmp_path):

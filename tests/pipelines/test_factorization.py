@@ -49,7 +49,12 @@ REPORT_COLUMNS = [
     "diagonal_loss",
 ]
 COMPRESSION = typed_params(
-    "compression", budget=BUDGET, curve_loss_model="own", seed=0, device="cpu"
+    "compression",
+    budget=BUDGET,
+    allocation="uniform",
+    curve_loss_model="own",
+    seed=0,
+    device="cpu",
 )
 #: The svd solver needs no calibration statistics.
 STATISTICS = {"tensors": {}, "metadata": {}}
@@ -190,9 +195,7 @@ def test_layers_missing_from_the_svd_reference_or_at_another_rank_get_their_svd_
     bundle, fisher_information, catalog = factorized
     rank_map = rank_map_for(bundle, fisher_information, COMPRESSION)
     expected = catalog.load("svd.layer_report")["svd_loss"].tolist()
-    other = typed_params(
-        "compression", budget=BUDGET / 2, curve_loss_model="own", seed=0, device="cpu"
-    )
+    other = COMPRESSION.model_copy(update={"budget": BUDGET / 2})
     for reference in (
         svd_reference(bundle, fisher_information, COMPRESSION).iloc[1:],
         svd_reference(bundle, fisher_information, other),

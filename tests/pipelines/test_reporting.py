@@ -169,7 +169,9 @@ def fake_convergence(index: int) -> pd.DataFrame:
 def reporting_catalog(tmp_path, namespaces) -> tuple[DataCatalog, dict[str, dict]]:
     catalog = DataCatalog(
         {
-            "params:compression": MemoryDataset(typed_params("compression", budget=0.5)),
+            "params:compression": MemoryDataset(
+                typed_params("compression", budget=0.5, allocation="uniform")
+            ),
             "params:model": MemoryDataset(typed_params("model")),
             "params:data": MemoryDataset(typed_params("data")),
             "params:seed": MemoryDataset(7),
@@ -361,7 +363,7 @@ def test_refined_rows_are_child_runs_and_rows_of_their_own(tmp_path) -> None:
 def test_child_run_params_come_from_the_typed_blocks() -> None:
     data = typed_params("data", source="glue")
     targets = ["bert.encoder.layer.0.attention.self.query"]
-    compression = typed_params("compression", budget=0.3, targets=targets)
+    compression = typed_params("compression", budget=0.3, allocation="uniform", targets=targets)
     model = typed_params("model")
     predictions, report, rank_map = fake_predictions(1), fake_report(1), fake_rank_map(1)
     record = refined_child_run_record(
@@ -624,7 +626,9 @@ def test_regression_rows_get_no_paired_test_and_the_markdown_says_so(tmp_path) -
     # Records without a predicted loss (older evaluations) give NaN, not a missing column.
     assert table["predicted_loss_increase"].isna().all()
     assert table["test_loss_increase"].tolist() == [0.0, 0.0, 0.0]
-    markdown = comparison_markdown(table, typed_params("compression", budget=0.5), REPORTING)
+    markdown = comparison_markdown(
+        table, typed_params("compression", budget=0.5, allocation="uniform"), REPORTING
+    )
     assert "Not computed: this is a regression task" in markdown
     assert "| dense |" in main_table(markdown)
 

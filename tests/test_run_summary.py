@@ -8,7 +8,7 @@ import pandas as pd
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 
-from weighted_lowrank.kedro_glue.run_summary import RunSummary, comparison_summary
+from weighted_lowrank.analysis.run_summary import RunSummary, comparison_summary
 
 
 def _comparison() -> pd.DataFrame:

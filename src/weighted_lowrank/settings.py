@@ -7,9 +7,9 @@ from pathlib import Path
 from kedro.config import OmegaConfigLoader
 from kedro.utils import find_kedro_project
 
+from weighted_lowrank.analysis.run_summary import RunSummary
 from weighted_lowrank.kedro_glue.hooks import LineageCheck, SavedVersionChecks
 from weighted_lowrank.kedro_glue.parameter_checks import ParameterChecks, TypedParamsMlflowHook
-from weighted_lowrank.kedro_glue.run_summary import RunSummary
 
 
 def _project_root() -> str:

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from weighted_lowrank.hf.models import ModelBundle
-from weighted_lowrank.hf.training import language_model_metrics, predict_examples, task_metrics
+from weighted_lowrank.hf.training import predict_examples, split_metrics
 from weighted_lowrank.kedro_glue.lineage import fingerprint_of, with_fingerprint
 from weighted_lowrank.kedro_glue.parameters import ModelParams, RiskValidationParams
 from weighted_lowrank.lowrank.calibration import statistic_key
@@ -160,9 +160,9 @@ def _validation_pass(
         batch_size=risk_validation.batch_size,
         device=device,
     )
+    scores = split_metrics(result, frame)
     if result.causal_lm:
-        return result.loss, language_model_metrics(result)["token_accuracy"], None
-    scores = task_metrics(result.logits, frame["label"].to_numpy())
+        return result.loss, scores["token_accuracy"], None
     return result.loss, scores.get("accuracy", math.nan), result.logits
 
 

@@ -10,8 +10,6 @@ import pandas as pd
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 
-from weighted_lowrank.analysis.run_history import markdown_table, task_metric
-
 #: The catalog entries the summary reads and points to (conf/base/catalog_reporting.yml).
 COMPARISON = "comparison_table"
 REPORT = "comparison_markdown"
@@ -22,6 +20,9 @@ REFERENCES = ("fwsvd", "svd")
 def comparison_summary(table: pd.DataFrame) -> pd.DataFrame:
     """One line per row of the comparison: task metric, share of the model's parameters kept,
     latency relative to dense, and the paired test's p against the reference row."""
+    # Imported here: run_history pulls in matplotlib and scipy, and settings.py loads this module.
+    from weighted_lowrank.analysis.run_history import task_metric
+
     metric = task_metric(table)
     rows = table.set_index("namespace")
     reference = next((name for name in REFERENCES if f"vs_{name}_p" in rows), None)
@@ -59,6 +60,8 @@ class RunSummary:
     def after_pipeline_run(self, pipeline: Pipeline, catalog: Any) -> None:
         if COMPARISON not in pipeline.all_outputs():
             return
+        from weighted_lowrank.analysis.run_history import markdown_table
+
         table = comparison_summary(catalog.load(COMPARISON))
         print(
             f"\nCompression results ({len(table)} rows):\n{markdown_table(table)}\n\n"

@@ -26,7 +26,6 @@ from weighted_lowrank.lowrank.allocation import (
 from weighted_lowrank.lowrank.compression import (
     apply_factors,
     factorize_model,
-    layer_ranks,
     layer_seconds,
     model_loss_curves,
     svd_reference_losses,
@@ -70,7 +69,7 @@ def svd_reference(
         **vars(parse_parallel(compression.parallel)),
     )
     shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in losses}
-    ranks = layer_ranks(shapes, compression.budget)
+    ranks = uniform_ranks(shapes, compression.budget)
     table = pd.DataFrame(
         {
             "module": list(losses),
@@ -144,12 +143,11 @@ def allocate(
             "to --from-nodes)"
         )
     shapes = {name: (curve.out_features, curve.in_features) for name, curve in curves.items()}
-    uniform = uniform_ranks(shapes, compression.budget)
-    max_parameters = parameter_budget(shapes, compression.budget)
+    max_parameters = parameter_budget(shapes, compression.budget)  # checks the uniform ranks
     if compression.allocation == "global":
         ranks = allocate_ranks(curves, max_parameters).ranks
     else:
-        ranks = dict(uniform)
+        ranks = uniform_ranks(shapes, compression.budget)
     curve = str(loss_curves["curve"].iloc[0])
     if compression.curve_loss_model != "own":
         curve = f"{curve} priced by {compression.curve_loss_model}"

@@ -5,7 +5,7 @@ ranks (``svd_reference_loss``; ``fisher_estimation`` makes it too, so that a run
 finds it after the upstream pipelines). Then one namespace per solver in ``SOLVERS`` (the list
 lives in code because pipelines are built before parameters are read): ``loss_curves`` (every
 layer's predicted loss at every rank, ``<solver>.loss_curves``) → ``allocate`` (the ranks under
-``compression.allocation``, ``<solver>.rank_map``; it reads the SVD reference's uniform ranks, so
+``compression.allocation``, ``<solver>.rank_map``; it takes the SVD reference as an input, so
 ``--from-nodes svd_reference`` redoes every allocation) → ``compress``. Every namespace shares
 ``fine_tuned_model``, ``fisher_information``, ``calibration_statistics``, ``svd_reference_loss``
 and ``params:compression``; its own knobs are ``params:<solver>.options``; its outputs are

@@ -24,12 +24,11 @@ def make_batches(
     shuffle: bool = False,
     seed: int = 0,
     pool_batches: int = 50,
-    label_dtype: torch.dtype | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenize ``frame`` into batches ``model(**batch)`` accepts, right-padded to each batch's
     longest example. ``bucket_by_length`` sorts examples by token length: the whole frame without
     ``shuffle``; with it, pools of ``pool_batches × batch_size`` permuted examples, then the batch
-    order shuffled. ``label_dtype``: long for integer labels, else float32, unless given.
+    order shuffled. Labels: long for an integer column, else float32.
     """
     missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
     if missing:
@@ -41,9 +40,8 @@ def make_batches(
     for column in ("label", "text"):
         if frame[column].isna().any():
             raise ValueError(f"column {column!r} has missing values")
-    labels_np = frame["label"].to_numpy()
-    if label_dtype is None:
-        label_dtype = torch.long if np.issubdtype(labels_np.dtype, np.integer) else torch.float32
+    integer = np.issubdtype(frame["label"].to_numpy().dtype, np.integer)
+    label_dtype = torch.long if integer else torch.float32
     examples = encode_examples(frame, tokenizer, max_length, label_dtype)
     lengths = np.array([example["input_ids"].numel() for example in examples])
     order = batch_order(lengths, batch_size, bucket_by_length, shuffle, seed, pool_batches)

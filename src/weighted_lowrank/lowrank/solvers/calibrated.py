@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from weighted_lowrank.lowrank.solvers._common import (
+    KFWSVD_NEEDS,
     POSITIVE,
     Options,
     Problem,
@@ -171,7 +172,7 @@ SPECS = {
         DampedOptions,
         _spectrum(kfwsvd_moments),
         "kfwsvd",
-        ("input_moment", "output_moment"),
+        KFWSVD_NEEDS,
     ),
     "svd_llm": SolverSpec(
         solve_svd_llm, DampedOptions, _spectrum(svd_llm_moments), "svd_llm", ("input_moment",)

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from weighted_lowrank.lowrank.objective import rank_for_budget  # noqa: E402
 from weighted_lowrank.lowrank.parallel import parse_parallel  # noqa: E402
-from weighted_lowrank.lowrank.solvers import factorize_batch  # noqa: E402
+from weighted_lowrank.lowrank.solvers import factorize_batch, solver_needs  # noqa: E402
 
 BUDGET = 0.5
 SOLVERS = (
@@ -68,11 +68,6 @@ DEFAULT_ITERATIONS = {
     "adam_sgd": (88, 349),
     "sgd": (50, 50),
     "em": (5, 5),
-}
-NEEDS = {
-    "kfwsvd": ("input_moment", "output_moment"),
-    "svd_llm": ("input_moment",),
-    "asvd": ("input_abs_mean",),
 }
 BERT_SHAPES = ((768, 768), (3072, 768), (768, 3072))
 LLAMA_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
@@ -149,7 +144,7 @@ def random_layer(out_features: int, in_features: int, seed: int = 0) -> dict:
 def solve(layer: dict, solver: str, **options) -> tuple[float, int]:
     out_features, in_features = layer["weight"].shape
     rank = rank_for_budget((out_features, in_features), BUDGET)
-    statistics_ = {name: layer["statistics"][name] for name in NEEDS.get(solver, ())}
+    statistics_ = {name: layer["statistics"][name] for name in solver_needs(solver)}
     with PeakMemory() as memory:
         started = time.perf_counter()
         factorize_batch(

@@ -14,7 +14,7 @@ import statistics
 import time
 
 import torch
-from project_catalog import project_catalog  # benchmarks/ is the script directory
+from project_catalog import load_calibrated, project_catalog  # benchmarks/ is the script directory
 
 from weighted_lowrank.lowrank.compression import factorize_model
 
@@ -26,11 +26,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
     arguments = parser.parse_args()
-    catalog = project_catalog()
-    model = catalog.load("fine_tuned_model").model
-    fisher = catalog.load("fisher_information")["tensors"]
-    statistics_tensors = catalog.load("calibration_statistics")["tensors"]
-    names = [key[: -len(".weight")] for key in fisher]
+    calibrated = load_calibrated(project_catalog())
+    model, fisher, names = calibrated.model, calibrated.fisher, calibrated.names
+    statistics_tensors = calibrated.statistics
     print(f"torch threads: {torch.get_num_threads()}, layers: {len(names)}")
     print("| solver | median s | runs (s) |\n|---|---|---|")
     for solver in SOLVERS:

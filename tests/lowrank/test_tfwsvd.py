@@ -151,7 +151,7 @@ def test_rotated_preconditioner_is_exact_for_one_row_block():
     hessian = (right * problem.importance[0, 0]) @ right.transpose(1, 2)
     gradient = torch.randn(1, 1, 1, dtype=torch.float64)
     direction, _ = rotated.apply(gradient, torch.zeros_like(right))
-    # Up to the relative floor (1e-6 × the mean) that ``_positive`` adds to every diagonal entry.
+    # Up to the relative floor (1e-6 × the mean) that ``positive_weights`` adds to every diagonal entry.
     torch.testing.assert_close(
         direction, gradient @ torch.linalg.inv(hessian), rtol=1e-5, atol=1e-12
     )

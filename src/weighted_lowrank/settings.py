@@ -1,4 +1,4 @@
-"""Project settings: config loader resolvers, hooks and the session store."""
+"""Project settings: the hooks (kedro-mlflow's in its plugin's place) and the config loader."""
 
 from __future__ import annotations
 

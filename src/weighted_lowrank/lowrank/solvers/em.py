@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from weighted_lowrank.lowrank.solvers._common import (
-    NON_NEGATIVE,
     IterateState,
     IterativeOptions,
     Problem,
@@ -32,7 +31,6 @@ from weighted_lowrank.lowrank.solvers.spectra import PROXY_CURVE, proxy_spectrum
 @dataclass(frozen=True)
 class EmOptions(IterativeOptions):
     max_iters: int = option(5, int_at_least(0))
-    tol: float = option(1e-6, NON_NEGATIVE)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

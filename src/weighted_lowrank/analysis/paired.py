@@ -18,6 +18,8 @@ from scipy import stats
 
 #: Confidence level of the bootstrap interval.
 CONFIDENCE = 0.95
+#: Every row of a comparison is tested against these rows (when they are among the rows).
+REFERENCES = ("fwsvd", "svd")
 
 
 @dataclass(frozen=True)

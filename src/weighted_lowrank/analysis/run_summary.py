@@ -13,14 +13,14 @@ from kedro.pipeline import Pipeline
 #: The catalog entries the summary reads and points to (conf/base/catalog_reporting.yml).
 COMPARISON = "comparison_table"
 REPORT = "comparison_markdown"
-#: The paired test shown: against the first of these rows the run has (reporting's references).
-REFERENCES = ("fwsvd", "svd")
 
 
 def comparison_summary(table: pd.DataFrame) -> pd.DataFrame:
     """One line per row of the comparison: task metric, share of the model's parameters kept,
-    latency relative to dense, and the paired test's p against the reference row."""
-    # Imported here: run_history pulls in matplotlib and scipy, and settings.py loads this module.
+    latency relative to dense, and the paired test's p against the first reference row the run
+    has."""
+    # Imported here: they pull in matplotlib and scipy, and settings.py loads this module.
+    from weighted_lowrank.analysis.paired import REFERENCES
     from weighted_lowrank.analysis.run_history import task_metric
 
     metric = task_metric(table)

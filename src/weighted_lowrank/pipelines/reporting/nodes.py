@@ -21,6 +21,9 @@ from weighted_lowrank.analysis.paired import (
     paired_comparison,
     paired_loss_comparison,
 )
+from weighted_lowrank.analysis.paired import (
+    REFERENCES as PAIRED_REFERENCES,
+)
 from weighted_lowrank.analysis.run_history import (
     PREDICTIONS_ARTIFACT,
     base_solver,
@@ -51,8 +54,6 @@ _TABLE_COLUMNS = (
     "params_ratio_layers params_ratio_model size_on_disk_bytes latency_ms latency_ratio "
     "latency_dense_ms factorization_seconds"
 ).split()
-#: Every row is tested against these rows (when they are among the rows).
-PAIRED_REFERENCES = ("fwsvd", "svd")
 #: Columns ``vs_<reference>_<statistic>``, parent-run metrics ``paired.<row>.vs_<ref>.<stat>``.
 PAIRED_STATISTICS = STATISTICS
 _COUNTS = ("disagreements", "wins", "losses")
